@@ -1,0 +1,19 @@
+"""LlamaForCausalLM: GQA or MHA, tied or untied embeddings, default/linear/llama3 rope."""
+
+from llmbuild.models.llama.model import LlamaDims, build, expected_shapes
+
+
+def check_config(config: dict) -> list[str]:
+    """Problems that make this config unbuildable by this architecture's graph."""
+    problems = []
+    if config.get("attention_bias"):
+        problems.append("attention_bias=true is not supported for LlamaForCausalLM yet")
+    if config.get("mlp_bias"):
+        problems.append("mlp_bias=true is not supported for LlamaForCausalLM yet")
+    act = config.get("hidden_act", "silu")
+    if act != "silu":
+        problems.append(f"hidden_act={act!r} is not supported (expected 'silu')")
+    return problems
+
+
+__all__ = ["LlamaDims", "build", "check_config", "expected_shapes"]

@@ -1,0 +1,106 @@
+"""`load_recipe`: YAML -> extends -> overrides -> schema -> model checks, in one step,
+raising one `RecipeError` with every problem found."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+from pydantic import ValidationError
+
+from llmbuild.errors import UserError
+from llmbuild.recipe.messages import validation_problems
+from llmbuild.recipe.model_source import SourceError, resolve_source
+from llmbuild.recipe.problems import COMMAND_LINE, Problem, RecipeError
+from llmbuild.recipe.schema import Limits, Recipe
+from llmbuild.recipe.tree import Tree, apply_overrides, read_tree
+
+
+def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = (), *, check_model: bool = True) -> Recipe:
+    """Load, resolve and validate a recipe.
+
+    `overrides` are `a.b=value` (value parsed as YAML) or `~a.b` (delete, i.e. back to
+    the default). With `check_model`, the model's config is read to check the limits
+    and the architecture against it. Raises `RecipeError` listing every problem.
+    """
+    file = os.fspath(path)
+    problems: list[Problem] = []
+    if not os.path.isfile(file):
+        raise RecipeError([Problem("", "recipe file does not exist", file)])
+    tree = read_tree(file, problems)
+    if tree is None:  # unreadable YAML or broken extends: nothing sensible to validate
+        raise RecipeError(problems)
+    apply_overrides(tree, overrides, problems)
+    recipe = None
+    try:
+        recipe = Recipe.model_validate(tree.data)
+    except ValidationError as exc:
+        problems += validation_problems(exc, tree)
+    source_path = _check_source(tree, check_model, problems)
+    if problems or recipe is None:
+        order = {f: i for i, f in enumerate(tree.files + [COMMAND_LINE])}
+        problems.sort(key=lambda p: (order.get(p.file, -1), p.line, p.column))
+        raise RecipeError(problems)
+    recipe._path = Path(file)
+    recipe._source_path = source_path
+    return recipe
+
+
+def _check_source(tree: Tree, check_model: bool, problems: list[Problem]) -> Path | None:
+    """Resolve model.source (relative to the file that set it) and, with `check_model`,
+    check the recipe against the model's config. Runs even if other keys are invalid."""
+    source = tree.get(("model", "source"))
+    if not isinstance(source, str):
+        return None  # the schema reports it
+    loc = tree.where(("model", "source"))
+    base = Path.cwd() if loc.file == COMMAND_LINE else Path(loc.file).parent
+    try:
+        path = resolve_source(source, base)
+    except SourceError as e:
+        problems.append(Problem("model.source", str(e), *loc))
+        return None
+    if check_model:
+        _check_model(path, tree, problems)
+    return path
+
+
+def _check_model(path: Path, tree: Tree, problems: list[Problem]) -> None:
+    from llmbuild.source import read_config
+
+    source_loc = tree.where(("model", "source"))
+    try:
+        config = read_config(path)
+    except UserError as e:
+        problems.append(Problem("model.source", f"cannot read the model config: {e}", *source_loc))
+        return
+
+    limit = config.get("max_position_embeddings")
+    default = Limits.model_fields["max_seq_len"].default
+    max_seq_len = tree.get(("limits", "max_seq_len"), default)
+    if _is_int(limit) and _is_int(max_seq_len) and max_seq_len > limit:
+        note = "" if tree.get(("limits", "max_seq_len")) is not None else " (the default)"
+        problems.append(Problem(
+            "limits.max_seq_len",
+            f"max_seq_len {max_seq_len}{note} is larger than the model's"
+            f" max_position_embeddings {limit}; expected at most {limit}",
+            *tree.where(("limits", "max_seq_len")),
+        ))
+
+    try:
+        from llmbuild.models import SUPPORTED_ARCHITECTURES
+    except ImportError:
+        return
+    architectures = config.get("architectures") or []
+    arch = architectures[0] if architectures else None
+    if arch not in SUPPORTED_ARCHITECTURES:
+        problems.append(Problem(
+            "model.source",
+            f"model architecture {arch!r} is not supported;"
+            f" supported: {', '.join(SUPPORTED_ARCHITECTURES)}",
+            *source_loc,
+        ))
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

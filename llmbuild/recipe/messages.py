@@ -1,0 +1,149 @@
+"""Human messages for schema problems: pydantic errors -> `Problem`s that say what was
+expected, what was found, where, and the valid choices."""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel
+
+from llmbuild.recipe.problems import Problem, describe
+from llmbuild.recipe.schema import Recipe
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
+
+    from llmbuild.recipe.tree import Tree
+
+YamlPath = tuple[str | int, ...]
+
+# Cross-field errors raised by the schema on a whole section: the key they are about.
+SUBPATH = {
+    "input_longer_than_sequence": lambda ctx: "max_input_len",
+    "duplicate_engine": lambda ctx: ctx["index"],
+}
+
+
+def dotted(path: YamlPath) -> str:
+    """`("engines", 1)` -> `engines[1]`; `("limits", "max_seq_len")` -> `limits.max_seq_len`."""
+    out = ""
+    for seg in path:
+        out += f"[{seg}]" if isinstance(seg, int) else (f".{seg}" if out else str(seg))
+    return out
+
+
+def section_at(path: YamlPath) -> type[BaseModel] | None:
+    """The schema model of the mapping at `path`, or None if `path` is not a section."""
+    model: type[BaseModel] = Recipe
+    for seg in path:
+        field = model.model_fields.get(seg) if isinstance(seg, str) else None
+        if field is None:
+            return None
+        ann = field.annotation
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        model = ann
+    return model
+
+
+def did_you_mean(found: object, choices: typing.Iterable[str]) -> str:
+    if not isinstance(found, str):
+        return ""
+    close = difflib.get_close_matches(found, list(choices), n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def unknown_key(key: str, section: YamlPath) -> str:
+    """`unknown key 'limts'; did you mean 'limits'? (valid keys: ...)`."""
+    model = section_at(section)
+    valid = list(model.model_fields) if model is not None else []
+    where = f" under {dotted(section)!r}" if section else ""
+    hint = did_you_mean(key, valid)
+    return f"unknown key {key!r}{where}{hint} (valid keys: {', '.join(valid)})"
+
+
+def override_path_problem(path: tuple[str, ...]) -> str | None:
+    """Why `path` (from `a.b=value` / `~a.b`) names no key of the schema, or None."""
+    for i, key in enumerate(path):
+        model = section_at(path[:i])
+        if model is None:
+            return f"{dotted(path[:i])!r} is not a mapping, so it has no key {key!r}"
+        if key not in model.model_fields:
+            return unknown_key(key, path[:i])
+    return None
+
+
+def choices_at(path: YamlPath) -> tuple[str, ...]:
+    """The allowed values of the enum-like (Literal) field at `path`."""
+    keys = [seg for seg in path if isinstance(seg, str)]
+    model = section_at(tuple(keys[:-1])) if keys else None
+    if model is None or keys[-1] not in model.model_fields:
+        return ()
+    ann: Any = model.model_fields[keys[-1]].annotation
+    while typing.get_origin(ann) in (list, typing.Union, types.UnionType):
+        ann = next(a for a in typing.get_args(ann) if a is not type(None))
+    return typing.get_args(ann) if typing.get_origin(ann) is Literal else ()
+
+
+def _is_int_field(path: YamlPath) -> bool:
+    model = section_at(path[:-1])
+    field = model.model_fields.get(path[-1]) if model is not None else None
+    return field is not None and field.annotation is int
+
+
+def _message(kind: str, path: YamlPath, value: object, ctx: dict, default: str) -> str:
+    found = describe(value)
+    if kind == "extra_forbidden":
+        return unknown_key(str(path[-1]), path[:-1])
+    if kind == "missing":
+        return f"required key {path[-1]!r} is missing"
+    if kind == "literal_error":
+        choices = choices_at(path) or (ctx.get("expected", "?"),)
+        return f"expected one of {', '.join(choices)}; found {found}{did_you_mean(value, choices)}"
+    expected = {
+        "int_type": "an integer",
+        "float_type": "a number",
+        "bool_type": "true or false",
+        "string_type": "a string",
+        "list_type": "a list",
+        "model_type": "a mapping",
+        "dict_type": "a mapping",
+    }.get(kind)
+    if expected:
+        return f"expected {expected}, found {found}"
+    if kind == "greater_than" and ctx.get("gt") == 0:
+        what = "integer" if _is_int_field(path) else "number"
+        return f"expected a positive {what}, found {found}"
+    bounds = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+    if kind in bounds:
+        limit = next(iter(ctx.values()), "?")
+        return f"expected a number {bounds[kind]} {limit}, found {found}"
+    if kind == "string_pattern_mismatch" and path == ("name",):
+        return (
+            "expected a name of lowercase letters, digits, '.', '_' or '-' starting with"
+            f" a letter or digit, found {found}"
+        )
+    if kind == "too_short":
+        return f"expected at least {ctx.get('min_length', 1)} item(s), found {found}"
+    if kind in SUBPATH:
+        return default
+    return f"{default}; found {found}"
+
+
+def validation_problems(exc: ValidationError, tree: Tree) -> list[Problem]:
+    problems = []
+    for err in exc.errors():
+        path: YamlPath = tuple(err["loc"])
+        kind, ctx, value = err["type"], err.get("ctx") or {}, err.get("input")
+        if kind in SUBPATH:
+            path += (SUBPATH[kind](ctx),)
+        if kind == "missing":
+            loc = tree.where(path[:-1], key=True)
+        else:
+            loc = tree.where(path, key=kind == "extra_forbidden")
+        message = _message(kind, path, value, ctx, err["msg"])
+        problems.append(Problem(dotted(path), message, loc.file, loc.line, loc.column))
+    return problems

@@ -1,0 +1,224 @@
+"""The raw recipe tree: YAML read with positions, `extends:` merged, overrides applied.
+
+A `Tree` is plain data (dicts, lists, scalars) plus, for every mapping key and list
+item, where it was written: file, line and column of the key and of the value. Merging
+and overrides keep those positions, so a problem always points at the file that set the
+offending value (a parent recipe, or `<command line>`).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Sequence
+
+from llmbuild.recipe.messages import YamlPath, dotted, override_path_problem
+from llmbuild.recipe.problems import COMMAND_LINE, Problem, describe
+
+
+class Loc(NamedTuple):
+    file: str
+    line: int  # 1-based
+    column: int  # 1-based
+
+
+@dataclass
+class Tree:
+    data: dict[str, Any]
+    file: str  # the recipe file that was loaded (the child of any extends chain)
+    # path -> (position of the key, position of the value); list items have both equal
+    positions: dict[YamlPath, tuple[Loc, Loc]] = field(default_factory=dict)
+    files: list[str] = field(default_factory=list)  # every file read, child first
+
+    def where(self, path: YamlPath, *, key: bool = False) -> Loc:
+        """Position of the key (or value) at `path`, or of the nearest enclosing key."""
+        if path in self.positions:
+            return self.positions[path][0 if key else 1]
+        while path:
+            path = path[:-1]
+            if path in self.positions:
+                return self.positions[path][0]
+        return Loc(self.file, 1, 1)
+
+    def get(self, path: YamlPath, default: Any = None) -> Any:
+        node: Any = self.data
+        for seg in path:
+            if not isinstance(node, dict) or seg not in node:
+                return default
+            node = node[seg]
+        return node
+
+    def replace(self, path: YamlPath, value: Any, positions: dict[YamlPath, tuple[Loc, Loc]]) -> None:
+        """Set `path` to `value` (a copy), with `positions` for it and everything below."""
+        self._drop(path)
+        parent = self.data
+        for seg in path[:-1]:
+            parent = parent[seg]
+        parent[path[-1]] = copy.deepcopy(value)
+        self.positions.update(positions)
+
+    def delete(self, path: YamlPath) -> None:
+        parent = self.get(path[:-1])
+        if isinstance(parent, dict) and path[-1] in parent:
+            del parent[path[-1]]
+            self._drop(path)
+
+    def _drop(self, path: YamlPath) -> None:
+        n = len(path)
+        for p in [p for p in self.positions if p[:n] == path]:
+            del self.positions[p]
+
+
+def read_tree(file: str, problems: list[Problem], _chain: tuple[str, ...] = ()) -> Tree | None:
+    """Read `file` and, recursively, the recipes it extends; the merged tree, or None
+    with `problems` filled in if any file could not be read."""
+    tree = _read_yaml(file, problems)
+    if tree is None or "extends" not in tree.data:
+        return tree
+    value = tree.data["extends"]
+    loc = tree.positions[("extends",)][1]
+    tree.delete(("extends",))
+    if not isinstance(value, str) or not value:
+        problems.append(_problem("extends", f"expected a recipe file name, found {describe(value)}", loc))
+        return None
+    parent = os.path.normpath(os.path.join(os.path.dirname(file), value))
+    chain = _chain + (os.path.realpath(file),)
+    if os.path.realpath(parent) in chain:
+        cycle = " -> ".join([*(os.path.basename(f) for f in chain), os.path.basename(parent)])
+        problems.append(_problem("extends", f"recipes extend each other in a cycle: {cycle}", loc))
+        return None
+    if not os.path.isfile(parent):
+        problems.append(_problem("extends", f"extended recipe {parent} does not exist", loc))
+        return None
+    base = read_tree(parent, problems, chain)
+    if base is None:
+        return None
+    base.file = tree.file
+    base.files = tree.files + base.files
+    _merge(base, tree.data, (), tree.positions)
+    return base
+
+
+def _merge(dst: Tree, src: dict, prefix: YamlPath, src_positions: dict) -> None:
+    """Deep merge: mappings merge key by key, anything else (lists too) is replaced."""
+    for key, value in src.items():
+        path = prefix + (key,)
+        if isinstance(value, dict) and isinstance(dst.get(path), dict):
+            dst.positions[path] = src_positions[path]
+            _merge(dst, value, path, src_positions)
+        else:
+            n = len(path)
+            dst.replace(path, value, {p: l for p, l in src_positions.items() if p[:n] == path})
+
+
+def _read_yaml(file: str, problems: list[Problem]) -> Tree | None:
+    from ruamel.yaml import YAML
+    from ruamel.yaml.error import MarkedYAMLError, YAMLError
+
+    try:
+        with open(file, encoding="utf-8") as f:
+            doc = YAML(typ="rt", pure=True).load(f)
+    except MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        what = "; ".join(str(s) for s in (e.context, e.problem) if s)
+        line, col = (mark.line + 1, mark.column + 1) if mark is not None else (0, 0)
+        problems.append(Problem("", f"invalid YAML: {what}", file, line, col))
+        return None
+    except (YAMLError, OSError, UnicodeDecodeError) as e:
+        problems.append(Problem("", f"cannot read recipe: {e}", file))
+        return None
+    tree = Tree({}, file, files=[file])
+    data = _plain(doc, (), tree)
+    if not isinstance(data, dict):
+        problems.append(Problem("", f"expected a mapping of recipe keys, found {describe(data)}", file, 1, 1))
+        return None
+    tree.data = data
+    return tree
+
+
+def _plain(node: Any, path: YamlPath, tree: Tree) -> Any:
+    """ruamel round-trip nodes -> plain Python data, recording positions in `tree`."""
+    from ruamel.yaml.comments import CommentedMap, CommentedSeq
+
+    if isinstance(node, CommentedMap):
+        out = {}
+        for key, value in node.items():
+            (kl, kc), (vl, vc) = node.lc.key(key), node.lc.value(key)
+            key = key if isinstance(key, str) else str(key)
+            tree.positions[path + (key,)] = (Loc(tree.file, kl + 1, kc + 1), Loc(tree.file, vl + 1, vc + 1))
+            out[key] = _plain(value, path + (key,), tree)
+        return out
+    if isinstance(node, CommentedSeq):
+        out_list = []
+        for i, value in enumerate(node):
+            line, col = node.lc.item(i)
+            loc = Loc(tree.file, line + 1, col + 1)
+            tree.positions[path + (i,)] = (loc, loc)
+            out_list.append(_plain(value, path + (i,), tree))
+        return out_list
+    for kind in (bool, int, float, str):  # drop ruamel's Scalar* subclasses
+        if isinstance(node, kind):
+            return kind(node)
+    return node
+
+
+_KEY_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+
+
+def apply_overrides(tree: Tree, overrides: Sequence[str], problems: list[Problem]) -> None:
+    """Apply `a.b=value` (value parsed as YAML) and `~a.b` (delete: back to the default).
+
+    Problems are reported at file `<command line>`, line 1, column = 1-based index of
+    the override.
+    """
+    from ruamel.yaml import YAML
+    from ruamel.yaml.error import YAMLError
+
+    for index, text in enumerate(overrides, start=1):
+        loc = Loc(COMMAND_LINE, 1, index)
+        if text.startswith("~"):
+            key, raw = text[1:].strip(), None
+        elif "=" in text:
+            key, raw = (s.strip() for s in text.split("=", 1))
+        else:
+            key, raw = "", None
+        if not _KEY_PATH.match(key):
+            message = f"expected an override 'key.path=value' or '~key.path', found {text!r}"
+            problems.append(_problem("", message, loc))
+            continue
+        path = tuple(key.split("."))
+        bad_path = override_path_problem(path)
+        if bad_path is not None:
+            problems.append(_problem(key, f"override {text!r}: {bad_path}", loc))
+            continue
+        if raw is None:
+            tree.delete(path)
+            continue
+        try:
+            value = YAML(typ="safe", pure=True).load(raw) if raw else None
+        except YAMLError as e:
+            reason = getattr(e, "problem", None) or e
+            problems.append(_problem(key, f"override {text!r}: cannot parse {raw!r} as YAML ({reason})", loc))
+            continue
+        for i in range(1, len(path)):  # make the enclosing mappings exist
+            if not isinstance(tree.get(path[:i]), dict):
+                tree.replace(path[:i], {}, {path[:i]: (loc, loc)})
+        tree.replace(path, value, {p: (loc, loc) for p in _paths(value, path)})
+
+
+def _paths(value: Any, path: YamlPath) -> list[YamlPath]:
+    out = [path]
+    if isinstance(value, dict):
+        for k, v in value.items():
+            out += _paths(v, path + (str(k),))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            out += _paths(v, path + (i,))
+    return out
+
+
+def _problem(path: YamlPath | str, message: str, loc: Loc) -> Problem:
+    name = path if isinstance(path, str) else dotted(path)
+    return Problem(name, message, loc.file, loc.line, loc.column)
