@@ -20,10 +20,10 @@ if TYPE_CHECKING:
 
 YamlPath = tuple[str | int, ...]
 
-# Cross-field errors raised by the schema on a whole section: the key they are about.
-SUBPATH = {
-    "input_longer_than_sequence": lambda ctx: "max_input_len",
-    "duplicate_engine": lambda ctx: ctx["index"],
+# Cross-field errors raised by the schema: error loc -> the key they are about.
+RELOCATE = {
+    "input_longer_than_sequence": lambda path, ctx: path[:-1] + ("max_input_len",),
+    "duplicate_engine": lambda path, ctx: path + (ctx["index"],),
 }
 
 
@@ -128,7 +128,7 @@ def _message(kind: str, path: YamlPath, value: object, ctx: dict, default: str) 
         )
     if kind == "too_short":
         return f"expected at least {ctx.get('min_length', 1)} item(s), found {found}"
-    if kind in SUBPATH:
+    if kind in RELOCATE:
         return default
     return f"{default}; found {found}"
 
@@ -138,8 +138,8 @@ def validation_problems(exc: ValidationError, tree: Tree) -> list[Problem]:
     for err in exc.errors():
         path: YamlPath = tuple(err["loc"])
         kind, ctx, value = err["type"], err.get("ctx") or {}, err.get("input")
-        if kind in SUBPATH:
-            path += (SUBPATH[kind](ctx),)
+        if kind in RELOCATE:
+            path = RELOCATE[kind](path, ctx)
         if kind == "missing":
             loc = tree.where(path[:-1], key=True)
         else:

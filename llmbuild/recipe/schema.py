@@ -2,7 +2,7 @@
 
 Strict: values are not coerced (`"512"` is not an integer, `1` is not `true`), and
 unknown keys are errors at every level. Cross-field rules raise `PydanticCustomError`s
-whose `type` is listed in `messages.SUBPATH` so the problem points at the right key.
+whose `type` is listed in `messages.RELOCATE` so the problem points at the right key.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
 PRECISIONS = ("float32", "float16", "bfloat16")
@@ -40,16 +40,20 @@ class Limits(_Section):
     max_input_len: PositiveInt = 512
     max_seq_len: PositiveInt = 2048
 
-    @model_validator(mode="after")
-    def _input_fits_sequence(self) -> Limits:
-        if self.max_input_len > self.max_seq_len:
+    # A field validator (not a model validator) so that it runs even when another
+    # limit is invalid; it sees max_input_len in `info.data` only if that one is valid.
+    @field_validator("max_seq_len")
+    @classmethod
+    def _input_fits_sequence(cls, max_seq_len: int, info: ValidationInfo) -> int:
+        max_input_len = info.data.get("max_input_len")
+        if max_input_len is not None and max_input_len > max_seq_len:
             raise PydanticCustomError(
                 "input_longer_than_sequence",
                 "max_input_len {max_input_len} is larger than max_seq_len {max_seq_len};"
                 " expected max_input_len <= max_seq_len",
-                {"max_input_len": self.max_input_len, "max_seq_len": self.max_seq_len},
+                {"max_input_len": max_input_len, "max_seq_len": max_seq_len},
             )
-        return self
+        return max_seq_len
 
 
 class Verify(_Section):
@@ -84,7 +88,7 @@ class Recipe(_Section):
             if engine in engines[:i]:
                 raise PydanticCustomError(
                     "duplicate_engine",
-                    "engine {engine!r} is listed twice (first at engines[{first}])",
+                    "engine '{engine}' is listed twice (first at engines[{first}])",
                     {"engine": engine, "index": i, "first": engines.index(engine)},
                 )
         return engines

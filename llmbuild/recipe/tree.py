@@ -145,7 +145,7 @@ def _plain(node: Any, path: YamlPath, tree: Tree) -> Any:
     if isinstance(node, CommentedMap):
         out = {}
         for key, value in node.items():
-            (kl, kc), (vl, vc) = node.lc.key(key), node.lc.value(key)
+            (kl, kc), (vl, vc) = _key_value_position(node, key)
             key = key if isinstance(key, str) else str(key)
             tree.positions[path + (key,)] = (Loc(tree.file, kl + 1, kc + 1), Loc(tree.file, vl + 1, vc + 1))
             out[key] = _plain(value, path + (key,), tree)
@@ -162,6 +162,18 @@ def _plain(node: Any, path: YamlPath, tree: Tree) -> Any:
         if isinstance(node, kind):
             return kind(node)
     return node
+
+
+def _key_value_position(node: Any, key: Any) -> tuple[tuple[int, int], tuple[int, int]]:
+    """0-based positions of a key and its value; a key brought in by a YAML merge
+    (`<<: *anchor`) is found in the anchored mapping."""
+    merged = list(getattr(node, "merge", None) or [])
+    for mapping in [node, *(m[1] if isinstance(m, tuple) else m for m in merged)]:
+        try:
+            return mapping.lc.key(key), mapping.lc.value(key)
+        except (AttributeError, KeyError, TypeError):
+            continue
+    return (node.lc.line, node.lc.col), (node.lc.line, node.lc.col)
 
 
 _KEY_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")

@@ -1,0 +1,21 @@
+"""llmbuild: declarative recipes compiled into TensorRT engines and ONNX artifacts.
+
+Heavy libraries (onnx, onnxruntime, TensorRT, torch) are imported only by the functions
+that need them, so `import llmbuild` and the CLI start fast.
+"""
+
+__version__ = "0.1.0"
+
+
+def load(artifact, backend: str = "auto", threads: int | None = None):
+    """Load a compiled artifact for generation: `llmbuild.load(path).generate([...])`."""
+    from llmbuild.runtime import load as _load
+
+    return _load(artifact, backend=backend, threads=threads)
+
+
+def compile(recipe, overrides=(), out_dir="out", **kwargs):
+    """Compile a recipe file into an artifact directory; returns the artifact path."""
+    from llmbuild.compile import compile_recipe
+
+    return compile_recipe(recipe, overrides=overrides, out_dir=out_dir, **kwargs)

@@ -1,0 +1,209 @@
+"""The `llmbuild` command line. Commands import their heavy libraries lazily, so that
+`llmbuild --help` and `llmbuild validate` start fast.
+
+Exit status: 0 success, 1 build or verification failure, 2 bad input, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from llmbuild import __version__
+from llmbuild.errors import LlmbuildError
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except LlmbuildError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="llmbuild")
+def cli():
+    """Compile declarative LLM recipes into TensorRT engines and ONNX artifacts."""
+
+
+def _emit_json(data) -> None:
+    click.echo(json.dumps(data, indent=2))
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.argument("overrides", nargs=-1)
+@click.option("--json", "as_json", is_flag=True, help="Print the resolved recipe as JSON.")
+def validate(recipe, overrides, as_json):
+    """Check a recipe (and OVERRIDES like limits.max_seq_len=4096 or ~engines) without building."""
+    from llmbuild.recipe import load_recipe
+
+    r = load_recipe(recipe, overrides)
+    if as_json:
+        _emit_json({"valid": True, "recipe": r.to_dict(), "source": str(r.source_path)})
+    else:
+        click.echo(f"{recipe}: valid ({r.name}, {r.precision}, engines: {', '.join(r.engines) or 'none'})")
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.argument("overrides", nargs=-1)
+@click.option("-o", "--out", "out_dir", default="out", show_default=True, help="Output directory for artifacts.")
+@click.option("--verify/--no-verify", default=None, help="Force or skip the check against HF transformers "
+              "(default: run it when torch and transformers are installed).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
+def compile(recipe, overrides, out_dir, verify, quiet, as_json):
+    """Compile RECIPE into an artifact directory OUT/<name>."""
+    from llmbuild.artifact import read_manifest
+    from llmbuild.compile import compile_recipe
+
+    path = compile_recipe(recipe, overrides, out_dir, quiet=quiet or as_json, verify=verify)
+    m = read_manifest(path)
+    if as_json:
+        _emit_json({"artifact": str(path), "engines": [e["file"] for e in m["engines"]],
+                    "verification": m["verification"], "timings": m["timings"]})
+    else:
+        click.echo(f"artifact: {path}")
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the whole manifest as JSON.")
+def inspect(artifact, as_json):
+    """Show an artifact's manifest: model, limits, engines and their I/O contract."""
+    from llmbuild.artifact import read_manifest
+
+    m = read_manifest(artifact)
+    if as_json:
+        _emit_json(m)
+        return
+    md, lim = m["model"], m["limits"]
+    click.echo(f"{m['name']}  (schema {m['schema_version']}, llmbuild {m['toolchain']['llmbuild']})")
+    click.echo(f"  model     {md['architecture']}  {md['num_layers']} layers, hidden {md['hidden_size']}, "
+               f"heads {md['num_attention_heads']}/{md['num_key_value_heads']}, vocab {md['vocab_size']}, "
+               f"{md['precision']}")
+    click.echo(f"  limits    batch {lim['max_batch_size']}, input {lim['max_input_len']}, seq {lim['max_seq_len']}")
+    click.echo(f"  graph     {m['graph']['file']}  opset {m['graph']['opset']}")
+    v = m.get("verification")
+    if v and "skipped" not in v:
+        click.echo(f"  verified  {'passed' if v['passed'] else 'FAILED'}: max |Δlogit| {v['max_abs_logit_diff']:.3g}, "
+                   f"top-1 {v['top1_agreement']:.3f}, greedy {v['greedy_agreement']:.3f}")
+    elif v:
+        click.echo(f"  verified  skipped: {v['skipped']}")
+    for e in m["engines"]:
+        click.echo(f"  engine    {e['file']}  {e['backend']} {e['trt_version']}  {e['bytes'] / 1e6:.1f} MB  "
+                   f"targets {e.get('targets')}")
+        for t in e["io"]:
+            extra = f"  profile {t['profile_shapes']}" if t["mode"] == "input" and t.get("profile_shapes") else ""
+            alias = f"  (aliases {e['aliases'][t['name']]})" if t["name"] in e.get("aliases", {}) else ""
+            click.echo(f"    {t['mode']:<6} {t['name']:<16} {t['dtype']:<8} {t['shape']}{alias}{extra}")
+    for stage, t in m.get("timings", {}).items():
+        click.echo(f"  timing    {stage:<20} {t['seconds']:8.2f} s  peak RSS {t['peak_rss_bytes'] / 2**20:7.0f} MiB")
+
+
+def _sampling_options(f):
+    f = click.option("--seed", default=0, show_default=True, help="Sampling seed.")(f)
+    f = click.option("--top-p", default=1.0, show_default=True)(f)
+    f = click.option("--top-k", default=0, show_default=True, help="0 = no top-k cut.")(f)
+    f = click.option("--temperature", default=0.0, show_default=True, help="0 = greedy.")(f)
+    f = click.option("--max-new-tokens", default=128, show_default=True)(f)
+    return f
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path())
+@click.option("--prompt", required=True, help="Prompt text.")
+@_sampling_options
+@click.option("--chat/--raw", default=True, show_default=True, help="Apply the artifact's chat template.")
+@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto", show_default=True)
+@click.option("--threads", type=int, default=None, help="CPU threads for ONNX Runtime.")
+def run(artifact, prompt, max_new_tokens, temperature, top_k, top_p, seed, chat, backend, threads):
+    """Generate a reply to PROMPT, streaming tokens to stdout."""
+    import llmbuild
+
+    model = llmbuild.load(artifact, backend=backend, threads=threads)
+    for delta in model.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                              top_p=top_p, seed=seed, chat=chat):
+        click.echo(delta, nl=False)
+        sys.stdout.flush()
+    click.echo()
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path())
+@click.option("--reference", required=True, type=click.Path(), help="HF checkpoint dir or .gguf file.")
+@click.option("--prompt", "prompts", multiple=True, help="Prompt(s) to compare on (default: three built-in ones).")
+@click.option("--max-abs-logit-diff", type=float, default=None, help="Threshold (default per precision).")
+@click.option("--min-top1-agreement", type=float, default=None)
+@click.option("--min-greedy-agreement", type=float, default=None)
+@click.option("--max-new-tokens", default=16, show_default=True, help="Greedy tokens compared per prompt.")
+@click.option("--json", "as_json", is_flag=True)
+def verify(artifact, reference, prompts, max_abs_logit_diff, min_top1_agreement, min_greedy_agreement,
+           max_new_tokens, as_json):
+    """Compare ARTIFACT's ONNX graph on ONNX Runtime with HF transformers; exit 1 past thresholds."""
+    from llmbuild.artifact import read_manifest
+    from llmbuild.verify import DEFAULT_PROMPTS, default_thresholds, verify_artifact
+
+    m = read_manifest(artifact)
+    thresholds = default_thresholds(m["model"]["precision"], {
+        "max_abs_logit_diff": max_abs_logit_diff, "min_top1_agreement": min_top1_agreement,
+        "min_greedy_agreement": min_greedy_agreement})
+    report = verify_artifact(artifact, reference, prompts=prompts or DEFAULT_PROMPTS, thresholds=thresholds,
+                             max_new_tokens=max_new_tokens)
+    if as_json:
+        _emit_json(report)
+    else:
+        for row in report["prompts"]:
+            click.echo(f"{row['prompt'][:40]!r:<44} max|Δ| {row['max_abs_logit_diff']:.3g}  "
+                       f"top-1 {row['top1_agreement']:.3f}  greedy {row['greedy_tokens_equal']}/{row['greedy_tokens']}")
+        click.echo(f"max |Δlogit| {report['max_abs_logit_diff']:.3g} (≤ {thresholds.max_abs_logit_diff:g}), "
+                   f"top-1 {report['top1_agreement']:.3f} (≥ {thresholds.min_top1_agreement:g}), "
+                   f"greedy {report['greedy_agreement']:.3f} (≥ {thresholds.min_greedy_agreement:g}): "
+                   f"{'PASSED' if report['passed'] else 'FAILED'}")
+    if not report["passed"]:
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path())
+@click.argument("text")
+@click.option("--chat/--raw", default=False, show_default=True, help="Apply the chat template first.")
+def tokenize(artifact, text, chat):
+    """Print the token ids of TEXT (space-separated), e.g. for the C++ runtime."""
+    from llmbuild.artifact import TOKENIZER_DIR, read_manifest
+    from llmbuild.runtime.tokenizer import Tokenizer
+    from pathlib import Path
+
+    m = read_manifest(artifact)
+    tok = Tokenizer(Path(artifact) / TOKENIZER_DIR, m["tokenizer"])
+    ids = tok.encode_chat([{"role": "user", "content": text}]) if chat else tok.encode(text)
+    click.echo(" ".join(map(str, ids)))
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path())
+@click.argument("ids", nargs=-1, type=int)
+def detokenize(artifact, ids):
+    """Print the text of token IDS."""
+    from llmbuild.artifact import TOKENIZER_DIR, read_manifest
+    from llmbuild.runtime.tokenizer import Tokenizer
+    from pathlib import Path
+
+    m = read_manifest(artifact)
+    click.echo(Tokenizer(Path(artifact) / TOKENIZER_DIR, m["tokenizer"]).decode(list(ids)))
+
+
+def main():
+    cli(prog_name="llmbuild")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,222 @@
+"""`llmbuild compile`: recipe → source → ONNX → (verify) → engines → artifact.
+
+Every stage writes into a staging directory that becomes the artifact only when the
+manifest is complete (`llmbuild.artifact.writer`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from importlib import metadata
+from pathlib import Path
+from typing import Sequence
+
+from llmbuild import __version__
+from llmbuild.artifact import (
+    ENGINES_DIR,
+    MODEL_DIR,
+    SCHEMA_VERSION,
+    TOKENIZER_DIR,
+    engine_file_name,
+    file_sha256,
+    staged_artifact,
+    write_manifest,
+)
+from llmbuild.errors import BuildError
+from llmbuild.progress import Reporter
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def toolchain() -> dict:
+    return {
+        "llmbuild": __version__,
+        "python": platform.python_version(),
+        "onnx": _version("onnx"),
+        "onnx_ir": _version("onnx-ir"),
+        "onnxruntime": _version("onnxruntime"),
+        "gguf": _version("gguf"),
+    }
+
+
+def recipe_hash(recipe_dict: dict) -> str:
+    return hashlib.sha256(json.dumps(recipe_dict, sort_keys=True).encode()).hexdigest()
+
+
+def model_dims(config: dict, precision: str) -> dict:
+    from llmbuild.models import architecture_of, get_architecture
+
+    arch = get_architecture(config)
+    d = arch.LlamaDims.from_config(config)
+    return {
+        "architecture": architecture_of(config),
+        "precision": precision,
+        "num_layers": d.layers,
+        "hidden_size": d.hidden,
+        "intermediate_size": d.intermediate,
+        "num_attention_heads": d.heads,
+        "num_key_value_heads": d.kv_heads,
+        "head_dim": d.head_dim,
+        "vocab_size": d.vocab,
+        "tie_word_embeddings": d.tied,
+        "max_position_embeddings": config.get("max_position_embeddings"),
+        "rope_theta": config.get("rope_theta"),
+        "rope_scaling": config.get("rope_scaling"),
+    }
+
+
+def graph_contract(model_path: Path) -> dict:
+    """Inputs/outputs of the saved ONNX graph (names, dtypes, symbolic shapes)."""
+    import onnx
+
+    m = onnx.load(str(model_path), load_external_data=False)
+
+    def describe(v):
+        t = v.type.tensor_type
+        dims = [d.dim_param if d.dim_param else d.dim_value for d in t.shape.dim]
+        return {"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, "shape": dims}
+
+    return {"inputs": [describe(v) for v in m.graph.input], "outputs": [describe(v) for v in m.graph.output]}
+
+
+def compile_recipe(
+    recipe_path: str | Path, overrides: Sequence[str] = (), out_dir: str | Path = "out", *, quiet: bool = False,
+    verify: bool | None = None,
+) -> Path:
+    """Compile a recipe; returns the artifact directory. `verify=None` verifies when the
+    HF reference (torch + transformers) is installed and the recipe enables it."""
+    from llmbuild.recipe import load_recipe
+
+    recipe = load_recipe(recipe_path, overrides)
+    return compile_loaded(recipe, Path(out_dir), quiet=quiet, verify=verify)
+
+
+def compile_loaded(recipe, out_dir: Path, *, quiet: bool = False, verify: bool | None = None) -> Path:
+    from llmbuild.graph.export import MODEL_FILE, WEIGHTS_FILE, build_model, save_model
+    from llmbuild.source import open_source
+
+    rd = recipe.to_dict()
+    limits = dict(rd["limits"])
+    precision = rd["precision"]
+    with Reporter(quiet=quiet) as rep, staged_artifact(out_dir, recipe.name) as stage:
+        with rep.stage("source") as update:
+            source = open_source(recipe.source_path)
+            fingerprint = source.fingerprint()
+            dims = model_dims(source.config, precision)
+            update(1, 1)
+        with rep.stage("onnx") as update:
+            model = build_model(source, precision, limits["max_seq_len"])
+            model_path = save_model(model, stage / MODEL_DIR, progress=lambda d, t: update(d, t))
+            del model
+            graph_hash = hashlib.sha256(
+                (file_sha256(model_path) + file_sha256(stage / MODEL_DIR / WEIGHTS_FILE)).encode()
+            ).hexdigest()
+        with rep.stage("tokenizer") as update:
+            tokenizer = source.export_tokenizer(stage / TOKENIZER_DIR)
+            update(1, 1)
+        tokenizer_info = {
+            "dir": TOKENIZER_DIR,
+            "bos_token_id": tokenizer.get("bos_token_id"),
+            "eos_token_ids": _eos_ids(tokenizer, source.config),
+            "add_bos_token": bool(tokenizer.get("add_bos_token", False)),
+            "chat_template": tokenizer.get("chat_template"),
+        }
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "name": recipe.name,
+            "recipe": rd,
+            "hashes": {"recipe": recipe_hash(rd), "source": fingerprint, "graph": graph_hash},
+            "toolchain": toolchain(),
+            "model": dims,
+            "limits": limits,
+            "graph": {
+                "file": f"{MODEL_DIR}/{MODEL_FILE}",
+                "weights": f"{MODEL_DIR}/{WEIGHTS_FILE}",
+                "opset": 24,
+                **graph_contract(model_path),
+            },
+            "tokenizer": tokenizer_info,
+            "engines": [],
+            "verification": None,
+            "timings": rep.stages,
+        }
+        # The runtime reads the manifest: write a provisional one into the staging dir.
+        write_manifest(stage, manifest)
+
+        verification = _maybe_verify(recipe, rd, stage, source, rep, verify)
+        manifest["verification"] = verification
+        source.close()
+
+        for backend in rd["engines"]:
+            from llmbuild.engine.build import build_engine
+
+            with rep.stage(f"engine:{backend}") as update:
+                (stage / ENGINES_DIR).mkdir(exist_ok=True)
+                tmp_name = engine_file_name(backend, "build")
+                info = build_engine(
+                    model_path, stage / ENGINES_DIR / tmp_name, backend=backend, precision=precision,
+                    limits=limits, num_layers=dims["num_layers"],
+                    progress=lambda phase, done, total: update(done, total, phase),
+                )
+                final_name = engine_file_name(backend, _target_label(info))
+                (stage / ENGINES_DIR / tmp_name).rename(stage / ENGINES_DIR / final_name)
+                info["file"] = f"{ENGINES_DIR}/{final_name}"
+                manifest["engines"].append(info)
+        manifest["timings"] = rep.stages
+        write_manifest(stage, manifest)
+        if verification is not None and not verification["passed"]:
+            raise BuildError(
+                "verification against HF transformers failed: " + "; ".join(verification["failures"])
+                + "\n(figures per prompt: llmbuild verify ARTIFACT --reference SOURCE --json)"
+            )
+    return out_dir / recipe.name
+
+
+def _target_label(info: dict) -> str:
+    targets = info.get("targets") or []
+    if isinstance(targets, str):
+        return targets
+    return "-".join(targets) if targets else "default"
+
+
+def _eos_ids(tokenizer: dict, config: dict) -> list[int]:
+    ids = []
+    for value in (tokenizer.get("eos_token_id"), config.get("eos_token_id")):
+        for v in value if isinstance(value, list) else [value]:
+            if v is not None and int(v) not in ids:
+                ids.append(int(v))
+    return ids
+
+
+def _maybe_verify(recipe, rd, stage: Path, source, rep: Reporter, verify: bool | None) -> dict | None:
+    from llmbuild.verify.reference import reference_available
+
+    settings = rd.get("verify") or {}
+    if verify is False or not settings.get("enabled", True):
+        return None
+    if rd["precision"] == "bfloat16":
+        rep.log("verification skipped: ONNX Runtime's CPU provider has no bfloat16 kernels")
+        return {"skipped": "bfloat16 graphs cannot run on ONNX Runtime's CPU provider", "passed": True}
+    if not reference_available():
+        if verify:
+            from llmbuild.errors import UserError
+
+            raise UserError("--verify needs the HF reference: pip install 'llmbuild[reference]'")
+        rep.log("verification skipped: torch/transformers not installed (pip install 'llmbuild[reference]')")
+        return None
+    from llmbuild.verify import DEFAULT_PROMPTS, default_thresholds, verify_artifact
+
+    with rep.stage("verify") as update:
+        thresholds = default_thresholds(rd["precision"], settings)
+        report = verify_artifact(
+            stage, recipe.source_path, prompts=settings.get("prompts") or DEFAULT_PROMPTS, thresholds=thresholds
+        )
+        update(1, 1, "passed" if report["passed"] else "FAILED")
+    return report

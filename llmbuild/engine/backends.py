@@ -1,0 +1,131 @@
+"""TensorRT flavours that can build an engine, keyed by the recipe's backend name.
+
+Both flavours share one Python API (`Builder`, `OnnxParser`, `IBuilderConfig`, ...);
+only the module name and a few small behaviours differ. The build flow is written
+once against that API and receives the imported module; the differences live here,
+as fields and small functions of a `Backend`:
+
+    tensorrt-rtx   module tensorrt_rtx   builds ahead of time on a CPU; the engine's
+                                         target compute capabilities are chosen at build
+                                         time (SM75 .. SM121, no datacenter SM90/SM100)
+    tensorrt       module tensorrt       builds on (and for) the GPU it runs on; covers
+                                         H100/H200/B200
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Callable
+
+from llmbuild.errors import UserError
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    module: str  # importable Python module
+    pip: str  # what to install when the module is missing
+    min_version: tuple[int, ...]
+    # The network needs NetworkDefinitionCreationFlag.STRONGLY_TYPED. TensorRT-RTX (like
+    # TensorRT 11) is always strongly typed and ignores the deprecated flag; TensorRT 10.x
+    # needs it, or it builds a weakly typed fp32 network.
+    strongly_typed_flag: bool
+    # Applies the requested targets to an IBuilderConfig and returns what to record.
+    set_targets: Callable[[ModuleType, object, list[str] | None], dict]
+
+
+# -- compute-capability targets ------------------------------------------------------
+
+# What TensorRT-RTX builds for when no compute capability is set (num_compute_capabilities
+# stays 0): one portable engine for Ampere and later ("8.0, 8.6, 8.9, 12.0, and later",
+# TensorRT-RTX docs, CPU-only AOT engines). Turing (sm75) must be asked for explicitly.
+RTX_DEFAULT_TARGETS = ["sm80", "sm86", "sm89", "sm120"]
+
+
+def _rtx_set_targets(trt: ModuleType, config, targets: list[str] | None) -> dict:
+    """Compute capabilities the engine is compiled for, via IBuilderConfig (TensorRT-RTX).
+
+    targets=None keeps TensorRT-RTX's default portable set. "current" (the GPU of this
+    machine) is accepted but needs a GPU at build time.
+    """
+    if targets is None:
+        return {"compute_capabilities": list(RTX_DEFAULT_TARGETS), "source": "tensorrt-rtx default (portable)"}
+    choices = {name.lower(): member for name, member in trt.ComputeCapability.__members__.items() if name != "NONE"}
+    wanted = [t.lower() for t in targets]
+    unknown = [t for t in wanted if t not in choices]
+    if unknown or not wanted:
+        raise UserError(
+            f"engine targets {targets!r}: unknown or empty; valid compute capabilities for "
+            f"tensorrt-rtx {trt.__version__}: {', '.join(sorted(choices))}"
+        )
+    if "current" in wanted and len(wanted) > 1:
+        raise UserError("engine target 'current' cannot be combined with other targets")
+    config.num_compute_capabilities = len(wanted)
+    for index, target in enumerate(wanted):
+        if not config.set_compute_capability(choices[target], index):
+            raise UserError(f"tensorrt-rtx rejected engine target {target!r}")
+    recorded = [config.get_compute_capability(i).name.lower() for i in range(config.num_compute_capabilities)]
+    return {"compute_capabilities": recorded, "source": "requested"}
+
+
+def _gpu_set_targets(trt: ModuleType, config, targets: list[str] | None) -> dict:
+    """TensorRT compiles for the GPU it builds on; there is nothing to choose."""
+    if targets is not None:
+        raise UserError(
+            f"engine targets {targets!r}: the tensorrt backend builds for the GPU of the build "
+            "machine; choosing compute capabilities is a tensorrt-rtx option"
+        )
+    return {"compute_capabilities": ["current"], "source": "build GPU"}
+
+
+BACKENDS: dict[str, Backend] = {
+    "tensorrt-rtx": Backend(
+        name="tensorrt-rtx",
+        module="tensorrt_rtx",
+        pip="tensorrt-rtx-cu13",
+        min_version=(1, 7),
+        strongly_typed_flag=False,
+        set_targets=_rtx_set_targets,
+    ),
+    "tensorrt": Backend(
+        name="tensorrt",
+        module="tensorrt",
+        pip="tensorrt (TensorRT >= 10.15, from NVIDIA's index)",
+        min_version=(10, 15),
+        strongly_typed_flag=True,
+        set_targets=_gpu_set_targets,
+    ),
+}
+
+
+def get_backend(name: str) -> Backend:
+    if name not in BACKENDS:
+        raise UserError(f"unknown engine backend {name!r}; choose one of: {', '.join(BACKENDS)}")
+    return BACKENDS[name]
+
+
+def import_backend(name: str) -> ModuleType:
+    """Import the backend's TensorRT module, or say which package to install."""
+    backend = get_backend(name)
+    try:
+        trt = importlib.import_module(backend.module)
+    except ImportError as e:
+        raise UserError(
+            f"engine backend {name!r} needs the Python module {backend.module!r}, which is not "
+            f"importable ({e}); install it with: pip install {backend.pip}"
+        ) from None
+    found = _version_tuple(getattr(trt, "__version__", "0"))
+    if found < backend.min_version:
+        need = ".".join(map(str, backend.min_version))
+        raise UserError(
+            f"engine backend {name!r} needs {backend.module} >= {need}, found {trt.__version__}; "
+            f"install: pip install {backend.pip}"
+        )
+    return trt
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", version)[:3])

@@ -1,0 +1,83 @@
+"""Stage reporting for long work: a progress bar per stage (rich, on stderr), and the
+wall time and peak resident memory of every stage (recorded in the manifest)."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from typing import Iterator
+
+import psutil
+
+
+class _PeakRSS:
+    """Samples this process's RSS in a background thread; `peak` is the maximum seen."""
+
+    def __init__(self, interval: float = 0.02):
+        self.process = psutil.Process()
+        self.interval = interval
+        self.peak = self.process.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, self.process.memory_info().rss)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.process.memory_info().rss)
+
+
+class Reporter:
+    """`with reporter.stage("onnx") as update: update(done, total, detail)`."""
+
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
+        self.stages: dict[str, dict] = {}
+        self._progress = None
+
+    def __enter__(self):
+        if not self.quiet:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._progress = Progress(
+                TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                TextColumn("{task.fields[detail]}"), console=Console(stderr=True), transient=False,
+            )
+            self._progress.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self._progress is not None:
+            self._progress.stop()
+
+    def log(self, message: str) -> None:
+        if self._progress is not None:
+            self._progress.console.print(message)
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator:
+        task = None
+        if self._progress is not None:
+            task = self._progress.add_task(name, total=None, detail="")
+
+        def update(done: int | None = None, total: int | None = None, detail: str = "") -> None:
+            if task is not None:
+                self._progress.update(task, completed=done, total=total, detail=detail)
+
+        start = time.perf_counter()
+        with _PeakRSS() as rss:
+            yield update
+        self.stages[name] = {"seconds": round(time.perf_counter() - start, 3), "peak_rss_bytes": rss.peak}
+        if task is not None:
+            t = self._progress.tasks[task]
+            total = t.total if t.total is not None else 1
+            self._progress.update(task, total=total, completed=total, detail=f"{self.stages[name]['seconds']:.1f}s")

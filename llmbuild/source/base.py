@@ -1,0 +1,169 @@
+"""What every weight source offers: named tensors in HF layout, the config, a fingerprint.
+
+A source is opened once, asked for names and shapes without reading data, and then
+loads one tensor at a time. Concrete sources (`HFSource`, `GGUFSource`) differ only in
+how they find and decode bytes; the shared pieces (fingerprint hashing, shape checks)
+live here as functions and a tiny base class.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, NamedTuple
+
+import numpy as np
+
+from llmbuild.errors import UserError
+
+# Fingerprint sampling: every tensor contributes up to _SAMPLES blocks of _BLOCK bytes,
+# evenly spaced and always including its first and last block. Tensors up to
+# _SAMPLES * _BLOCK bytes (64 KiB) are therefore hashed completely.
+_BLOCK = 4096
+_SAMPLES = 16
+
+
+class TensorInfo(NamedTuple):
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+
+@dataclass(frozen=True)
+class ByteSpan:
+    """A byte range of one source file that the fingerprint samples."""
+
+    start: int
+    end: int
+
+
+class ModelSource:
+    """Base of the per-format sources. Subclasses set `format`, `path`, `config`."""
+
+    format: str = ""
+    path: Path
+    config: dict
+
+    # -- implemented per format -------------------------------------------------
+    def names(self) -> list[str]:
+        raise NotImplementedError
+
+    def info(self, name: str) -> TensorInfo:
+        raise NotImplementedError
+
+    def load(self, name: str) -> np.ndarray:
+        raise NotImplementedError
+
+    def export_tokenizer(self, dst_dir: Path) -> dict:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def _fingerprint_files(self) -> Iterable[tuple[str, Path, list[ByteSpan]]]:
+        """(stable relative name, file, spans to sample) for every file that matters."""
+        raise NotImplementedError
+
+    # -- shared -----------------------------------------------------------------
+    def __contains__(self, name: str) -> bool:
+        return name in set(self.names())
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.path)!r})"
+
+    def fingerprint(self) -> str:
+        """sha256 over format, config, tensor table and sampled file content.
+
+        No mtimes and no absolute paths, so a copied or re-downloaded model keeps
+        its fingerprint; any change to a tensor's shape/dtype, to the config, to the
+        file sizes, or to the sampled bytes changes it.
+        """
+        h = hashlib.sha256()
+        table = sorted((n, list(i.shape), str(i.dtype)) for n, i in ((n, self.info(n)) for n in self.names()))
+        h.update(json.dumps({"format": self.format, "config": self.config, "tensors": table},
+                            sort_keys=True, default=str).encode())
+        for rel, file, spans in sorted(self._fingerprint_files(), key=lambda t: t[0]):
+            size = file.stat().st_size
+            h.update(f"\0{rel}\0{size}\0".encode())
+            with open(file, "rb") as f:
+                for span in spans:
+                    for start, end in sample_ranges(span.start, min(span.end, size)):
+                        f.seek(start)
+                        h.update(f.read(end - start))
+        return h.hexdigest()
+
+
+def sample_ranges(start: int, end: int, block: int = _BLOCK, samples: int = _SAMPLES):
+    """Evenly spaced [a, b) blocks covering start..end, the whole range if it is small."""
+    n = end - start
+    if n <= 0:
+        return []
+    if n <= block * samples:
+        return [(start, end)]
+    step = (n - block) / (samples - 1)
+    return [(start + int(i * step), start + int(i * step) + block) for i in range(samples)]
+
+
+def whole_file(path: Path) -> ByteSpan:
+    return ByteSpan(0, path.stat().st_size)
+
+
+def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """Shapes of the standard Llama-family decoder parameters (HF names, [out, in])."""
+    h = config["hidden_size"]
+    v = config["vocab_size"]
+    nq = config["num_attention_heads"]
+    nkv = config.get("num_key_value_heads") or nq
+    d = config.get("head_dim") or h // nq
+    inter = config.get("intermediate_size")
+    shapes: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (v, h),
+        "model.norm.weight": (h,),
+    }
+    if not config.get("tie_word_embeddings", False):
+        shapes["lm_head.weight"] = (v, h)
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        shapes[p + "self_attn.q_proj.weight"] = (nq * d, h)
+        shapes[p + "self_attn.k_proj.weight"] = (nkv * d, h)
+        shapes[p + "self_attn.v_proj.weight"] = (nkv * d, h)
+        shapes[p + "self_attn.o_proj.weight"] = (h, nq * d)
+        if inter:
+            shapes[p + "mlp.gate_proj.weight"] = (inter, h)
+            shapes[p + "mlp.up_proj.weight"] = (inter, h)
+            shapes[p + "mlp.down_proj.weight"] = (h, inter)
+        shapes[p + "input_layernorm.weight"] = (h,)
+        shapes[p + "post_attention_layernorm.weight"] = (h,)
+    return shapes
+
+
+def check_shapes(source: ModelSource) -> None:
+    """Raise one UserError listing every missing or mis-shaped standard decoder tensor."""
+    cfg = source.config
+    required = ("hidden_size", "vocab_size", "num_attention_heads", "num_hidden_layers")
+    absent = [k for k in required if not cfg.get(k)]
+    if absent:
+        raise UserError(f"{source.path}: model config lacks {', '.join(absent)}")
+    have = set(source.names())
+    problems = []
+    for name, shape in expected_shapes(cfg).items():
+        if name not in have:
+            problems.append(f"tensor {name!r} is missing (expected shape {list(shape)})")
+            continue
+        found = tuple(source.info(name).shape)
+        if found != shape:
+            problems.append(f"tensor {name!r} has shape {list(found)}, expected {list(shape)} from the config")
+    if problems:
+        head = f"{source.path}: {len(problems)} weight problem(s):"
+        raise UserError("\n  ".join([head, *problems]))
+
+
+def missing_tensor(name: str, where: Path) -> UserError:
+    return UserError(f"tensor {name!r} not found in {where}")

@@ -1,0 +1,57 @@
+"""The HF transformers reference model (float32, CPU) for a checkpoint dir or GGUF file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from llmbuild.errors import UserError
+
+
+def reference_available() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers"))
+
+
+def load_reference(path: str | Path):
+    if not reference_available():
+        raise UserError(
+            "verification needs the HF reference: pip install 'llmbuild[reference]' (torch, transformers)"
+        )
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"reference {path} does not exist")
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if path.is_file():
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return model.eval()
+
+
+def reference_logits(model, ids: list[int]):
+    """Float32 logits [S, vocab] of one sequence."""
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+def reference_greedy(model, ids: list[int], max_new_tokens: int, eos_token_ids: list[int]) -> list[int]:
+    """Greedy continuation with HF's own KV-cached decoding loop."""
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=max_new_tokens, min_new_tokens=0, do_sample=False, num_beams=1,
+            eos_token_id=eos_token_ids or None, pad_token_id=(eos_token_ids or [0])[0],
+        )
+    tokens = out[0, len(ids):].tolist()
+    for i, t in enumerate(tokens):
+        if t in eos_token_ids:
+            return tokens[:i]
+    return tokens

@@ -1,0 +1,194 @@
+"""Tiny random HF models for tests: made in-process with transformers, fixed seed.
+
+    from tests.tiny import make_tiny_hf
+    model_dir = make_tiny_hf(tmp_path / "m", tie=True, dtype="bfloat16", shards=2)
+
+The directory is what `save_pretrained` writes (config.json in transformers 5 format,
+i.e. rope settings under "rope_parameters" and "dtype" instead of "torch_dtype"), plus
+a character-level tokenizer (tokenizer.json, tokenizer_config.json with a chat
+template) whose vocabulary has exactly `vocab` entries, so every id the random model
+can produce decodes. `load_tiny_hf(model_dir)` gives the reference torch model back.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+# Ids of the special tokens in the tiny tokenizer (and in the config).
+UNK, BOS, EOS, IM_START, IM_END = range(5)
+SPECIALS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def make_tiny_hf(
+    dst: Path,
+    arch: str = "LlamaForCausalLM",
+    *,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    hidden: int = 64,
+    layers: int = 2,
+    vocab: int = 256,
+    intermediate: int = 128,
+    tie: bool = False,
+    rope_scaling: dict | None = None,
+    max_pos: int = 256,
+    dtype: str = "float32",
+    seed: int = 0,
+    shards: int = 1,
+    rope_theta: float = 10000.0,
+) -> Path:
+    """Write a random `arch` model with the given dims to `dst` and return `dst`."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+    classes = {
+        "LlamaForCausalLM": (LlamaConfig, LlamaForCausalLM, {}),
+        "MistralForCausalLM": (MistralConfig, MistralForCausalLM, {"sliding_window": None}),
+    }
+    config_cls, model_cls, extra = classes[arch]
+    rope = {"rope_type": "default", **(rope_scaling or {}), "rope_theta": rope_theta}
+    config = config_cls(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        head_dim=hidden // num_heads,
+        vocab_size=vocab,
+        max_position_embeddings=max_pos,
+        tie_word_embeddings=tie,
+        rope_parameters=rope,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+        pad_token_id=None,
+        **extra,
+    )
+    torch.manual_seed(seed)
+    model = model_cls(config).to(getattr(torch, dtype)).eval()
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    max_shard = max(1, -(-total // shards)) if shards > 1 else "50GB"
+    model.save_pretrained(dst, max_shard_size=max_shard)
+    if shards > 1 and not (dst / "model.safetensors.index.json").is_file():
+        raise RuntimeError(f"save_pretrained did not shard {dst}")
+    write_tiny_tokenizer(dst, vocab, max_pos)
+    return dst
+
+
+def load_tiny_hf(model_dir: Path):
+    """The reference torch model of a tiny model directory (eval mode, stored dtype)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto").eval()
+
+
+def write_tiny_tokenizer(dst: Path, vocab: int, max_pos: int = 256) -> None:
+    """A reversible character-level tokenizer with exactly `vocab` tokens.
+
+    Ids 0-4 are the special tokens, then printable ASCII and newline one character per
+    token, then `<extra_i>` fillers up to `vocab`.
+    """
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    chars = ["\n"] + [chr(c) for c in range(32, 127)]
+    tokens = (SPECIALS + chars)[:vocab]
+    tokens += [f"<extra_{i}>" for i in range(vocab - len(tokens))]
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS])
+    tok.save(str(Path(dst) / "tokenizer.json"))
+    tok_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": SPECIALS[BOS],
+        "eos_token": SPECIALS[EOS],
+        "unk_token": SPECIALS[UNK],
+        "add_bos_token": False,
+        "model_max_length": max_pos,
+        "chat_template": CHAT_TEMPLATE,
+    }
+    (Path(dst) / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2))
+
+
+def make_tiny_gguf(hf_dir: Path, dst: Path, *, matrix_type: str = "Q8_0", llama3_rope: dict | None = None) -> Path:
+    """Convert a tiny HF Llama directory to a GGUF file the way llama.cpp does.
+
+    Matrices are stored as `matrix_type` (a ggml type name), the embedding as F16,
+    norms as F32; q_proj/k_proj rows get llama.cpp's rotary permutation. With
+    `llama3_rope` (HF rope_scaling dict) a `rope_freqs.weight` tensor is written as
+    llama.cpp does for Llama 3.x models. No tokenizer metadata is written.
+    """
+    import gguf
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    config = json.loads((Path(hf_dir) / "config.json").read_text())
+    weights = {}
+    for f in sorted(Path(hf_dir).glob("*.safetensors")):
+        weights.update(load_file(f))
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    head_dim = config["head_dim"]
+    theta = config["rope_parameters"]["rope_theta"]
+
+    writer = gguf.GGUFWriter(str(dst), "llama")
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_freq_base(theta)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_vocab_size(config["vocab_size"])
+    writer.add_bos_token_id(config["bos_token_id"])
+    writer.add_eos_token_id(config["eos_token_id"])
+
+    def permute(w, n):
+        return w.reshape(n, 2, w.shape[0] // n // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    qtype = gguf.GGMLQuantizationType[matrix_type]
+    renames = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+               "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+               "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
+               "post_attention_layernorm": "ffn_norm"}
+    if llama3_rope:
+        factor, low, high = llama3_rope["factor"], llama3_rope["low_freq_factor"], llama3_rope["high_freq_factor"]
+        original = llama3_rope["original_max_position_embeddings"]
+        freqs = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+        wavelen = 2 * np.pi / freqs
+        smooth = (original / wavelen - low) / (high - low)
+        factors = np.where(wavelen > original / low, factor,
+                           np.where(wavelen < original / high, 1.0, 1.0 / ((1 - smooth) / factor + smooth)))
+        writer.add_tensor("rope_freqs.weight", factors.astype(np.float32))
+    for name, w in weights.items():
+        w = np.asarray(w, dtype=np.float32)
+        if name == "model.embed_tokens.weight":
+            writer.add_tensor("token_embd.weight", w.astype(np.float16))
+            continue
+        if name in ("model.norm.weight", "lm_head.weight"):
+            gname = {"model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}[name]
+        else:
+            _, _, layer, rest = name.split(".", 3)
+            module = rest.rsplit(".", 1)[0]
+            gname = f"blk.{layer}.{renames[module]}.weight"
+            if module == "self_attn.q_proj":
+                w = permute(w, heads)
+            elif module == "self_attn.k_proj":
+                w = permute(w, kv_heads)
+        if w.ndim == 1:
+            writer.add_tensor(gname, w)
+        else:
+            q = gguf.quants.quantize(w, qtype)
+            writer.add_tensor(gname, q, raw_shape=q.shape, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return Path(dst)
