@@ -180,10 +180,9 @@ def compile_loaded(recipe, out_dir: Path, *, quiet: bool = False, verify: bool |
 
 
 def _target_label(info: dict) -> str:
-    targets = info.get("targets") or []
-    if isinstance(targets, str):
-        return targets
-    return "-".join(targets) if targets else "default"
+    """`portable` for TensorRT-RTX's default multi-architecture engine, else `sm86-sm89`…"""
+    ccs = (info.get("targets") or {}).get("compute_capabilities") or []
+    return "-".join(c.lower() for c in ccs) if ccs else "portable"
 
 
 def _eos_ids(tokenizer: dict, config: dict) -> list[int]:

@@ -37,7 +37,9 @@ GRAPH_MAX_SEQ_LEN = 128  # rotary tables; the engine's cache length (64) may be 
 
 
 def tiny_onnx(dst: Path, precision: str, *, tie: bool) -> Path:
-    model_dir = make_tiny_hf(dst / "hf", tie=tie, layers=LAYERS, num_heads=4, num_kv_heads=KV_HEADS, hidden=64, vocab=VOCAB)
+    model_dir = make_tiny_hf(
+        dst / "hf", tie=tie, layers=LAYERS, num_heads=4, num_kv_heads=KV_HEADS, hidden=64, vocab=VOCAB, seed=0
+    )
     with open_source(model_dir) as source:
         return save_model(build_model(source, precision, GRAPH_MAX_SEQ_LEN), dst / "onnx")
 
@@ -269,7 +271,9 @@ def test_cache_pairs_must_match_exactly():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(shutil.which("nvidia-smi") is None, reason="no NVIDIA GPU (nvidia-smi not found): deserializing an engine needs one")
+@pytest.mark.skipif(
+    shutil.which("nvidia-smi") is None, reason="no NVIDIA GPU (nvidia-smi not found): deserializing an engine needs one"
+)
 def test_engine_deserializes_with_the_recorded_contract(built):
     runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
     engine = runtime.deserialize_cuda_engine(built["engine"].read_bytes())

@@ -93,7 +93,8 @@ def profiles_from_limits(limits: dict, *, num_layers: int, kv_heads: int, head_d
         io.LOGITS_INDICES: ((1, 1), (batch, 1), (batch, input_len)),
     }
     for past, _present in io.cache_pairs(num_layers):
-        profile[past] = ((1, kv_heads, seq_len, head_dim), (batch, kv_heads, seq_len, head_dim), (batch, kv_heads, seq_len, head_dim))
+        full = (batch, kv_heads, seq_len, head_dim)
+        profile[past] = ((1, kv_heads, seq_len, head_dim), full, full)
     return [profile]
 
 
@@ -169,7 +170,9 @@ def graph_max_seq_len(onnx_path: Path) -> int | None:
     return int(value) if value and value.isdigit() else None
 
 
-def parse_onnx(trt: ModuleType, onnx_path: Path, *, cache_len: int, strongly_typed_flag: bool = False) -> ParsedNetwork:
+def parse_onnx(
+    trt: ModuleType, onnx_path: Path, *, cache_len: int, strongly_typed_flag: bool = False
+) -> ParsedNetwork:
     """Parse the decoder graph into a fresh network; all parser errors in one BuildError."""
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
@@ -206,10 +209,10 @@ def dtype_name(dtype) -> str:
 def describe_network(network) -> list[dict]:
     """Inputs then outputs of a parsed network: name, mode, dtype, shape (-1 = dynamic)."""
     described = []
-    for mode, count, get in (("input", network.num_inputs, network.get_input), ("output", network.num_outputs, network.get_output)):
-        for i in range(count):
-            t = get(i)
-            described.append({"name": t.name, "mode": mode, "dtype": dtype_name(t.dtype), "shape": [int(d) for d in t.shape]})
+    tensors = [("input", network.get_input(i)) for i in range(network.num_inputs)]
+    tensors += [("output", network.get_output(i)) for i in range(network.num_outputs)]
+    for mode, t in tensors:
+        described.append({"name": t.name, "mode": mode, "dtype": dtype_name(t.dtype), "shape": [int(d) for d in t.shape]})
     return described
 
 

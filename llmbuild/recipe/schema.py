@@ -60,6 +60,7 @@ class Verify(_Section):
     # null = the per-precision default of the verify stage.
     max_abs_logit_diff: Annotated[float, Field(gt=0)] | None = None
     min_top1_agreement: Annotated[float, Field(ge=0, le=1)] | None = None
+    min_greedy_agreement: Annotated[float, Field(ge=0, le=1)] | None = None
     prompts: Annotated[list[str], Field(min_length=1)] | None = None
     enabled: bool = True
 

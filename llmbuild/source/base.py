@@ -67,7 +67,7 @@ class ModelSource:
 
     # -- shared -----------------------------------------------------------------
     def __contains__(self, name: str) -> bool:
-        return name in set(self.names())
+        return name in self.names()
 
     def __enter__(self):
         return self

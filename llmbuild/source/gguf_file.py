@@ -356,6 +356,9 @@ class GGUFSource(ModelSource):
         """Convert the GGUF vocabulary with transformers, as the HF reference does."""
         try:
             from transformers import AutoTokenizer
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
         except ImportError as e:
             raise UserError("exporting the tokenizer of a GGUF model needs transformers "
                             "(pip install 'llmbuild[reference]')") from e

@@ -22,11 +22,11 @@ DEFAULT_PROMPTS = (
 )
 
 # Chosen from measured figures (docs/architecture.md, "Verification thresholds"):
-# float32 sits orders of magnitude below its bound; float16 rounding over 30 layers
-# moves logits by a few tenths at most on SmolLM2.
+# float32 sits orders of magnitude below its bound; float16 moved SmolLM2's logits by
+# 0.083 at most (top-1 and 48-token greedy identical), so 0.5 leaves a 6x margin.
 _DEFAULTS = {
     "float32": (1e-3, 0.99, 1.0),
-    "float16": (1.0, 0.95, 0.75),
+    "float16": (0.5, 0.95, 0.75),
     "bfloat16": (2.0, 0.90, 0.5),
 }
 

@@ -20,7 +20,9 @@ def load_reference(path: str | Path):
         )
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     path = Path(path)
     if not path.exists():
         raise UserError(f"reference {path} does not exist")
