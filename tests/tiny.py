@@ -192,3 +192,18 @@ def make_tiny_gguf(hf_dir: Path, dst: Path, *, matrix_type: str = "Q8_0", llama3
     writer.write_tensors_to_file()
     writer.close()
     return Path(dst)
+
+
+def compile_tiny(model_dir: Path, out_dir: Path, *, name: str = "tiny", precision: str = "float32",
+                 engines: tuple[str, ...] = (), limits: dict | None = None, verify: bool = False) -> Path:
+    """Write a recipe for `model_dir` and compile it (no progress output); returns the artifact."""
+    from llmbuild.compile import compile_recipe
+
+    limits = limits or {"max_batch_size": 4, "max_input_len": 64, "max_seq_len": 128}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    recipe = out_dir / f"{name}.yaml"
+    recipe.write_text(
+        f"name: {name}\nmodel:\n  source: {model_dir}\nprecision: {precision}\n"
+        f"limits: {json.dumps(limits)}\nengines: {json.dumps(list(engines))}\n"
+    )
+    return compile_recipe(recipe, out_dir=out_dir, quiet=True, verify=verify)
