@@ -75,15 +75,19 @@ def test_defaults_and_to_dict(tmp_path):
     file = write(tmp_path / "r.yaml", "name: tiny\nmodel:\n  source: m.gguf\n")
     recipe = load_recipe(file, check_model=False)
     assert isinstance(recipe, Recipe)
-    assert recipe.to_dict() == {
+    d = recipe.to_dict()
+    # Sections added by later features (quantization, parallel, ...) carry their own
+    # defaults; the spine's keys and defaults are pinned here.
+    assert {k: d[k] for k in ("name", "model", "precision", "limits", "engines")} == {
         "name": "tiny",
         "model": {"source": "m.gguf"},
         "precision": "float16",
         "limits": {"max_batch_size": 4, "max_input_len": 512, "max_seq_len": 2048},
         "engines": [],
-        "verify": {"max_abs_logit_diff": None, "min_top1_agreement": None, "prompts": None, "enabled": True},
     }
-    assert list(recipe.to_dict()) == ["name", "model", "precision", "limits", "engines", "verify"]
+    assert d["verify"]["enabled"] is True
+    assert d["verify"]["max_abs_logit_diff"] is None and d["verify"]["min_top1_agreement"] is None
+    assert list(d)[:5] == ["name", "model", "precision", "limits", "engines"]
     json.dumps(recipe.to_dict())  # JSON-able
     assert recipe.path == file
     assert recipe.source_path == (tmp_path / "m.gguf").resolve()

@@ -15,10 +15,27 @@ from __future__ import annotations
 from pathlib import Path
 
 from llmbuild.errors import UserError
-from llmbuild.source.base import ModelSource, TensorInfo, check_shapes, expected_shapes
 from llmbuild.source.config import normalize_config, read_hf_config
-from llmbuild.source.gguf_file import MAGIC, GGUFSource, config_from_gguf, read_gguf_header
-from llmbuild.source.hf_dir import HFSource
+from llmbuild.source.gguf_header import MAGIC, config_from_gguf, read_gguf_header
+
+# numpy-backed classes, imported on first use so `read_config` (recipe validation)
+# does not pay for numpy.
+_LAZY = {
+    "ModelSource": "llmbuild.source.base",
+    "TensorInfo": "llmbuild.source.base",
+    "check_shapes": "llmbuild.source.base",
+    "expected_shapes": "llmbuild.source.base",
+    "GGUFSource": "llmbuild.source.gguf_file",
+    "HFSource": "llmbuild.source.hf_dir",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "GGUFSource",
@@ -55,11 +72,16 @@ def read_config(path) -> dict:
     path = Path(path).expanduser()
     if _kind(path) == "hf":
         return read_hf_config(path)
-    return config_from_gguf(read_gguf_header(path), path)
+    return config_from_gguf(read_gguf_header(path, arrays=False), path)
 
 
-def open_source(path, *, check: bool = True) -> ModelSource:
-    """Open a model for lazy tensor access; `check` validates the standard decoder shapes."""
+def open_source(path, *, check: bool = True):
+    """Open a model (a `ModelSource`) for lazy tensor access; `check` validates the
+    standard decoder shapes."""
+    from llmbuild.source.base import check_shapes
+    from llmbuild.source.gguf_file import GGUFSource
+    from llmbuild.source.hf_dir import HFSource
+
     path = Path(path).expanduser()
     source = HFSource(path) if _kind(path) == "hf" else GGUFSource(path)
     if check:

@@ -1,0 +1,274 @@
+"""GGUF header: metadata and tensor table parsed with `struct`, and the HF-style config
+synthesized from it. Free of numpy and the `gguf` package (both imported only where
+tensor data or quantized sizes are needed), so `read_config` stays fast.
+
+`gguf.GGUFReader` builds numpy views for every token string and takes about 2 s on a
+49k-token vocabulary; with `arrays=False` this parser skips the vocabulary and merges
+and reads SmolLM2's header in a few milliseconds.
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from llmbuild.errors import UserError
+
+MAGIC = b"GGUF"
+
+# GGUF metadata value types: id -> struct format (8 = string, 9 = array).
+_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+_F32, _F16, _BF16 = 0, 1, 30
+# general.architecture -> HF architectures[0]. llama.cpp also writes Mistral models as
+# "llama"; they load as LlamaForCausalLM (without sliding window), which is fine.
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+
+@dataclass(frozen=True)
+class GGUFTensor:
+    gguf_name: str
+    ne: tuple[int, ...]  # GGUF order, innermost first
+    ggml_type: int
+    offset: int  # absolute offset in the file
+    nbytes: int
+
+
+@dataclass
+class GGUFHeader:
+    version: int
+    metadata: dict
+    tensors: dict[str, GGUFTensor]  # by GGUF name, file order
+    data_start: int
+
+
+class SkippedArray(list):
+    """Placeholder for a metadata array not decoded (`read_gguf_header(..., arrays=False)`):
+    only its length is known, which is all a config needs (e.g. the vocabulary size)."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class _Cursor:
+    def __init__(self, buf, path: Path, arrays: bool = True):
+        self.buf, self.pos, self.path, self.arrays = buf, 0, path, arrays
+
+    def unpack(self, fmt: str):
+        try:
+            (value,) = struct.unpack_from(fmt, self.buf, self.pos)
+        except struct.error as e:
+            raise UserError(f"{self.path}: truncated GGUF header") from e
+        self.pos += struct.calcsize(fmt)
+        return value
+
+    def string(self) -> str:
+        n = self.unpack("<Q")
+        raw = self.buf[self.pos:self.pos + n]
+        self.pos += n
+        return bytes(raw).decode("utf-8", errors="replace")
+
+    def value(self, vtype: int):
+        if vtype in _SCALAR:
+            return self.unpack(_SCALAR[vtype])
+        if vtype == _STRING:
+            return self.string()
+        if vtype == _ARRAY:
+            etype, n = self.unpack("<I"), self.unpack("<Q")
+            if not self.arrays and etype in _SCALAR:
+                self.pos += n * struct.calcsize(_SCALAR[etype])
+                return SkippedArray(n)
+            if not self.arrays and etype == _STRING:
+                for _ in range(n):
+                    self.pos += 8 + struct.unpack_from("<Q", self.buf, self.pos)[0]
+                return SkippedArray(n)
+            if etype in _SCALAR:
+                fmt = f"<{n}{_SCALAR[etype][1:]}"
+                values = list(struct.unpack_from(fmt, self.buf, self.pos))
+                self.pos += struct.calcsize(fmt)
+                return values
+            return [self.value(etype) for _ in range(n)]
+        raise UserError(f"{self.path}: unknown GGUF metadata type {vtype}")
+
+
+# (block size, bytes per block) of the unquantized ggml types, enough for `read_config`.
+_PLAIN_SIZES = {_F32: (1, 4), _F16: (1, 2), _BF16: (1, 2)}
+
+
+def read_gguf_header(path: Path, *, arrays: bool = True) -> GGUFHeader:
+    """Metadata and tensor table of a GGUF file, without touching tensor data.
+
+    `arrays=False` skips decoding metadata arrays (the vocabulary, merges) and the
+    quantized tensors' sizes: enough for a config, in a fraction of the time.
+    """
+    if arrays:
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != MAGIC:
+                raise UserError(f"{path}: not a GGUF file (expected a .gguf model or a Hugging Face model directory)")
+            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from e
+    try:
+        cur = _Cursor(buf, path, arrays)
+        cur.pos = 4
+        version = cur.unpack("<I")
+        if version not in (2, 3):
+            raise UserError(f"{path}: GGUF version {version} is not supported (2 and 3 are; "
+                            "big-endian files are not)")
+        n_tensors, n_kv = cur.unpack("<Q"), cur.unpack("<Q")
+        metadata = {}
+        for _ in range(n_kv):
+            key = cur.string()
+            metadata[key] = cur.value(cur.unpack("<I"))
+        infos = []
+        for _ in range(n_tensors):
+            name = cur.string()
+            ne = tuple(cur.unpack("<Q") for _ in range(cur.unpack("<I")))
+            infos.append((name, ne, cur.unpack("<I"), cur.unpack("<Q")))
+        align = int(metadata.get("general.alignment", 32))
+        data_start = -(-cur.pos // align) * align
+        size = len(buf)
+    finally:
+        buf.close()
+
+    tensors = {}
+    for name, ne, ggml_type, offset in infos:
+        if not arrays:
+            block, type_size = _PLAIN_SIZES.get(ggml_type, (1, 0))
+            n = 1
+            for d in ne:
+                n *= d
+            tensors[name] = GGUFTensor(name, ne, ggml_type, data_start + offset, n // block * type_size)
+            continue
+        try:
+            block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
+        except (ValueError, KeyError):
+            raise UserError(f"{path}: tensor {name!r} has unknown ggml type {ggml_type}") from None
+        n = 1
+        for d in ne:
+            n *= d
+        nbytes = n // block * type_size
+        start = data_start + offset
+        if ne[0] % block or start + nbytes > size:
+            raise UserError(f"{path}: tensor {name!r} does not fit the file (truncated or corrupt GGUF?)")
+        tensors[name] = GGUFTensor(name, ne, ggml_type, start, nbytes)
+    return GGUFHeader(version, metadata, tensors, data_start)
+
+
+def config_from_gguf(header: GGUFHeader, path: Path) -> dict:
+    """An HF-style config synthesized from GGUF metadata."""
+    md = header.metadata
+    arch = md.get("general.architecture")
+    if not isinstance(arch, str):
+        raise UserError(f"{path}: GGUF metadata has no general.architecture")
+
+    def get(key, default=None):
+        return md.get(f"{arch}.{key}", default)
+
+    def need(key):
+        value = get(key)
+        if value is None:
+            raise UserError(f"{path}: GGUF metadata key {arch}.{key} is missing")
+        return value
+
+    hidden = int(need("embedding_length"))
+    heads = int(need("attention.head_count"))
+    kv_heads = get("attention.head_count_kv", heads)
+    tokens = md.get("tokenizer.ggml.tokens")
+    if tokens is not None:
+        vocab = len(tokens)
+    elif get("vocab_size") is not None:
+        vocab = int(get("vocab_size"))
+    else:
+        vocab = header.tensors["token_embd.weight"].ne[-1] if "token_embd.weight" in header.tensors else None
+    tensors = header.tensors
+    matrix_types = {t.ggml_type for t in tensors.values() if len(t.ne) == 2}
+    dtype = {frozenset({_F16}): "float16", frozenset({_BF16}): "bfloat16"}.get(frozenset(matrix_types), "float32")
+    return {
+        "architectures": [ARCHITECTURES.get(arch, f"gguf:{arch}")],
+        "model_type": arch if arch in ARCHITECTURES else None,
+        "hidden_size": hidden,
+        "intermediate_size": get("feed_forward_length"),
+        "num_hidden_layers": int(need("block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(kv_heads),
+        "head_dim": int(get("attention.key_length", hidden // heads)),
+        "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_theta": float(get("rope.freq_base", 10000.0)),
+        "rope_scaling": _rope_scaling(header, arch, path),
+        "max_position_embeddings": get("context_length"),
+        "vocab_size": vocab,
+        "tie_word_embeddings": "output.weight" not in tensors,
+        "hidden_act": "silu",
+        "attention_bias": "blk.0.attn_q.bias" in tensors,
+        "mlp_bias": False,
+        "bos_token_id": md.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": md.get("tokenizer.ggml.eos_token_id"),
+        "pad_token_id": md.get("tokenizer.ggml.padding_token_id"),
+        "torch_dtype": dtype,
+        "dtype": dtype,
+    }
+
+
+def _rope_scaling(header: GGUFHeader, arch: str, path: Path) -> dict | None:
+    md = header.metadata
+    kind = md.get(f"{arch}.rope.scaling.type")
+    factor = md.get(f"{arch}.rope.scaling.factor")
+    original = md.get(f"{arch}.rope.scaling.original_context_length")
+    if kind in ("linear", "yarn") and factor:
+        scaling = {"rope_type": kind, "factor": float(factor)}
+        if original:
+            scaling["original_max_position_embeddings"] = int(original)
+        return scaling
+    if kind not in (None, "none"):
+        raise UserError(f"{path}: rope scaling type {kind!r} in GGUF metadata is not supported")
+    if "rope_freqs.weight" in header.tensors:
+        return _llama3_scaling_from_freqs(header, arch, path)
+    return None
+
+
+def _llama3_scaling_from_freqs(header: GGUFHeader, arch: str, path: Path) -> dict:
+    """Recover HF's llama3 rope_scaling from llama.cpp's rope_freqs tensor.
+
+    llama.cpp stores the per-frequency divisors that HF computes from (factor,
+    low_freq_factor, high_freq_factor, original_max_position_embeddings). The
+    published Llama 3.x settings are tried and accepted only if they reproduce the
+    stored divisors.
+    """
+    import numpy as np
+
+    t = header.tensors["rope_freqs.weight"]
+    with open(path, "rb") as f:
+        f.seek(t.offset)
+        stored = np.frombuffer(f.read(t.nbytes), dtype=np.float32)
+    md = header.metadata
+    theta = float(md.get(f"{arch}.rope.freq_base", 10000.0))
+    dim = int(md.get(f"{arch}.rope.dimension_count", 2 * stored.size))
+    inv_freq = 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    factor = float(stored.max())
+    for low, high, original in ((1.0, 4.0, 8192), (1.0, 4.0, 4096)):
+        wavelen = 2 * np.pi / inv_freq
+        low_wl, high_wl = original / low, original / high
+        smooth = (original / wavelen - low) / (high - low)
+        divisor = np.where(wavelen > low_wl, factor,
+                           np.where(wavelen < high_wl, 1.0, 1.0 / ((1 - smooth) / factor + smooth)))
+        if divisor.shape == stored.shape and np.allclose(divisor, stored, rtol=1e-4):
+            return {"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
+                    "high_freq_factor": high, "original_max_position_embeddings": original}
+    raise UserError(f"{path}: rope_freqs.weight does not match any known llama3 rope scaling; "
+                    "convert the model from its Hugging Face checkpoint instead")
+
+
