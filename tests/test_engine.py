@@ -114,24 +114,30 @@ def test_io_names_dtypes_and_shapes_follow_the_graph_contract(built):
 
 
 def test_profile_ranges_are_the_limits(built):
+    """Profile 0 (prefill) spans every prompt chunk, profile 1 (decode) one token per sequence."""
     b, s, t = LIMITS["max_batch_size"], LIMITS["max_input_len"], LIMITS["max_seq_len"]
-    entries = {t_["name"]: t_ for t_ in built["result"]["io"]}
-    assert len(built["result"]["profiles"]) == 1
-    for name in (io.INPUT_IDS, io.POSITION_IDS, io.LOGITS_INDICES):
-        (lo, opt, hi), = entries[name]["profile_shapes"]
+    result = built["result"]
+    entries = {t_["name"]: t_ for t_ in result["io"]}
+    assert result["profile_names"] == ["prefill", "decode"]
+    assert len(result["profiles"]) == 2
+    for name in (io.INPUT_IDS, io.POSITION_IDS):
+        (lo, opt, hi), (dlo, dopt, dhi) = entries[name]["profile_shapes"]
         assert lo == [1, 1] and hi == [b, s]
         assert opt[0] == b and 1 <= opt[1] <= s
-    assert entries[io.WRITE_INDICES]["profile_shapes"] == [[[1], [b], [b]]]
+        assert (dlo, dopt, dhi) == ([1, 1], [b, 1], [b, 1])
+    assert entries[io.LOGITS_INDICES]["profile_shapes"] == [[[1, 1], [b, 1], [b, s]], [[1, 1], [b, 1], [b, 1]]]
+    assert entries[io.WRITE_INDICES]["profile_shapes"] == [[[1], [b], [b]]] * 2
     for i in range(LAYERS):
         for name in (io.past_key(i), io.past_value(i)):
             assert entries[name]["profile_shapes"] == [
                 [[1, KV_HEADS, t, HEAD_DIM], [b, KV_HEADS, t, HEAD_DIM], [b, KV_HEADS, t, HEAD_DIM]]
-            ]
-    for t_ in built["result"]["io"]:
+            ] * 2
+    for t_ in result["io"]:
         assert ("profile_shapes" in t_) == (t_["mode"] == "input")
-    assert built["result"]["profiles"][0] == {
-        name: entries[name]["profile_shapes"][0] for name in entries if entries[name]["mode"] == "input"
-    }
+    for k in range(2):
+        assert result["profiles"][k] == {
+            name: entries[name]["profile_shapes"][k] for name in entries if entries[name]["mode"] == "input"
+        }
 
 
 def test_aliases_cover_every_cache_pair(built):
@@ -142,6 +148,7 @@ def test_default_targets_are_the_portable_rtx_set(built):
     assert built["result"]["targets"] == {
         "compute_capabilities": ["sm80", "sm86", "sm89", "sm120"],
         "source": "tensorrt-rtx default (portable)",
+        "hardware_compatibility": None,
     }
 
 
@@ -160,7 +167,9 @@ def test_bf16_untied_with_explicit_targets(tmp_path):
         limits={"max_batch_size": 1, "max_input_len": 8, "max_seq_len": 16}, num_layers=LAYERS,
         targets=["sm86", "SM89"],
     )
-    assert result["targets"] == {"compute_capabilities": ["sm86", "sm89"], "source": "requested"}
+    assert result["targets"] == {"compute_capabilities": ["sm86", "sm89"], "source": "requested",
+                                 "hardware_compatibility": None}
+    assert result["label"] == "sm86-sm89"
     dtypes = {t["name"]: t["dtype"] for t in result["io"]}
     assert dtypes[io.LOGITS] == "float32" and dtypes[io.present_value(1)] == "bfloat16"
     assert (tmp_path / "e.engine").stat().st_size == result["bytes"]

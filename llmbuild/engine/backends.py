@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Callable
 
+from llmbuild.engine import options as options_mod
 from llmbuild.errors import UserError
 
 
@@ -34,7 +35,7 @@ class Backend:
     # needs it, or it builds a weakly typed fp32 network.
     strongly_typed_flag: bool
     # Applies the requested targets to an IBuilderConfig and returns what to record.
-    set_targets: Callable[[ModuleType, object, list[str] | None], dict]
+    set_targets: Callable[..., dict]  # (trt, config, targets, hardware_compatibility) -> record
 
 
 # -- compute-capability targets ------------------------------------------------------
@@ -42,19 +43,22 @@ class Backend:
 # What TensorRT-RTX builds for when no compute capability is set (num_compute_capabilities
 # stays 0): one portable engine for Ampere and later ("8.0, 8.6, 8.9, 12.0, and later",
 # TensorRT-RTX docs, CPU-only AOT engines). Turing (sm75) must be asked for explicitly.
-RTX_DEFAULT_TARGETS = ["sm80", "sm86", "sm89", "sm120"]
+RTX_DEFAULT_TARGETS = list(options_mod.RTX_DEFAULT_TARGETS)
 
 
-def _rtx_set_targets(trt: ModuleType, config, targets: list[str] | None) -> dict:
+def _rtx_set_targets(trt: ModuleType, config, targets: list[str] | None, hardware_compatibility=None) -> dict:
     """Compute capabilities the engine is compiled for, via IBuilderConfig (TensorRT-RTX).
 
     targets=None keeps TensorRT-RTX's default portable set. "current" (the GPU of this
     machine) is accepted but needs a GPU at build time.
     """
+    if hardware_compatibility not in (None, "none"):
+        raise UserError(options_mod.backend_option_problem("tensorrt-rtx", "hardware_compatibility", hardware_compatibility))
     if targets is None:
-        return {"compute_capabilities": list(RTX_DEFAULT_TARGETS), "source": "tensorrt-rtx default (portable)"}
+        return {"compute_capabilities": list(RTX_DEFAULT_TARGETS), "source": "tensorrt-rtx default (portable)",
+                "hardware_compatibility": None}
     choices = {name.lower(): member for name, member in trt.ComputeCapability.__members__.items() if name != "NONE"}
-    wanted = [t.lower() for t in targets]
+    wanted = options_mod.normalize_compute_capabilities(list(targets))
     unknown = [t for t in wanted if t not in choices]
     if unknown or not wanted:
         raise UserError(
@@ -68,17 +72,53 @@ def _rtx_set_targets(trt: ModuleType, config, targets: list[str] | None) -> dict
         if not config.set_compute_capability(choices[target], index):
             raise UserError(f"tensorrt-rtx rejected engine target {target!r}")
     recorded = [config.get_compute_capability(i).name.lower() for i in range(config.num_compute_capabilities)]
-    return {"compute_capabilities": recorded, "source": "requested"}
+    if recorded == ["current"]:
+        from llmbuild.engine.compat import current_compute_capability
+
+        recorded = [current_compute_capability() or "current"]
+    # hardware_compatibility: not a TensorRT-RTX setting ("setHardwareCompatibilityLevel()
+    # is unsupported in TensorRT-RTX"); its engines run on the compute capabilities above.
+    return {"compute_capabilities": recorded, "source": "requested", "hardware_compatibility": None}
 
 
-def _gpu_set_targets(trt: ModuleType, config, targets: list[str] | None) -> dict:
-    """TensorRT compiles for the GPU it builds on; there is nothing to choose."""
+def _gpu_set_targets(trt: ModuleType, config, targets: list[str] | None, hardware_compatibility=None) -> dict:
+    """TensorRT compiles for the GPU it builds on; `hardware_compatibility` widens that
+    to other GPUs (ampere+: every Ampere or later GPU, same-compute-capability)."""
     if targets is not None:
+        raise UserError(options_mod.backend_option_problem("tensorrt", "compute_capabilities", list(targets)))
+    level = hardware_compatibility or "none"
+    if level not in options_mod.HARDWARE_COMPATIBILITY:
         raise UserError(
-            f"engine targets {targets!r}: the tensorrt backend builds for the GPU of the build "
-            "machine; choosing compute capabilities is a tensorrt-rtx option"
+            f"hardware_compatibility {level!r}: choose one of {', '.join(options_mod.HARDWARE_COMPATIBILITY)}"
         )
-    return {"compute_capabilities": ["current"], "source": "build GPU"}
+    config.hardware_compatibility_level = getattr(trt.HardwareCompatibilityLevel, options_mod.HARDWARE_COMPATIBILITY[level])
+    from llmbuild.engine.compat import current_compute_capability
+
+    build_gpu = current_compute_capability()
+    return {"compute_capabilities": [build_gpu or "current"], "source": "build GPU", "hardware_compatibility": level}
+
+
+def apply_builder_options(trt: ModuleType, config, options: dict) -> dict:
+    """Builder settings of an engine entry (options.py) applied to an IBuilderConfig;
+    returns the settings as recorded in the manifest (only what was set)."""
+    applied = {}
+    if options.get("optimization_level") is not None:
+        config.builder_optimization_level = int(options["optimization_level"])
+        applied["optimization_level"] = config.builder_optimization_level
+    if options.get("workspace_limit_mib") is not None:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options["workspace_limit_mib"]) << 20)
+        applied["workspace_limit_mib"] = int(options["workspace_limit_mib"])
+    if options.get("tiling_optimization_level") is not None:
+        level = options_mod.TILING_LEVELS[options["tiling_optimization_level"]]
+        config.tiling_optimization_level = getattr(trt.TilingOptimizationLevel, level)
+        applied["tiling_optimization_level"] = options["tiling_optimization_level"]
+    if options.get("l2_limit_for_tiling_kib") is not None:
+        config.l2_limit_for_tiling = int(options["l2_limit_for_tiling_kib"]) << 10
+        applied["l2_limit_for_tiling_kib"] = int(options["l2_limit_for_tiling_kib"])
+    if options.get("weight_streaming"):
+        config.set_flag(trt.BuilderFlag.WEIGHT_STREAMING)
+        applied["weight_streaming"] = True
+    return applied
 
 
 BACKENDS: dict[str, Backend] = {

@@ -6,7 +6,8 @@
     OnnxParser ──► INetworkDefinition ──► describe_network() ── the I/O contract
         │                                       │ cache_aliases() checks past/present pairs
         ▼                                       ▼
-    IBuilderConfig: profiles_from_limits(), compute-capability targets, progress monitor
+    IBuilderConfig: profiles_from_limits() (prefill + decode), targets, builder options
+                    (options.py), progress monitor
         │
         ▼
     build_serialized_network ──► <engine>.tmp ──os.replace──► <engine>
@@ -28,15 +29,22 @@ from pathlib import Path
 from types import ModuleType
 from typing import Callable
 
-from llmbuild.engine.backends import get_backend, import_backend
+from llmbuild.engine.backends import apply_builder_options, get_backend, import_backend
+from llmbuild.engine.options import DEFAULTS as OPTION_DEFAULTS
+from llmbuild.engine.options import option_problems, target_label
+from llmbuild.engine.profiles import (  # noqa: F401 - re-exported
+    OPT_SEQ_LEN,
+    PROFILE_NAMES,
+    Profile,
+    Shape,
+    check_limits,
+    profiles_from_limits,
+)
 from llmbuild.errors import BuildError, UserError
 from llmbuild.graph import io
 
 log = logging.getLogger(__name__)
 
-Shape = tuple[int, ...]
-# One optimization profile: network input name -> (min, opt, max) shapes.
-Profile = dict[str, tuple[Shape, Shape, Shape]]
 Progress = Callable[[str, int, int], None]  # (phase, steps done, steps in phase)
 
 ENGINE_PRECISIONS = ("float16", "bfloat16")
@@ -56,48 +64,6 @@ _DTYPE_NAMES = {
     "INT4": "int4",
     "FP4": "float4_e2m1fn",
 }
-# Most common prompt chunk the kernels are tuned for; TensorRT-RTX re-specializes
-# at run time anyway, so this only has to be a plausible middle.
-OPT_SEQ_LEN = 128
-
-
-# -- limits → optimization profiles ----------------------------------------------------
-
-
-def check_limits(limits: dict) -> tuple[int, int, int]:
-    try:
-        batch, input_len, seq_len = (int(limits[k]) for k in ("max_batch_size", "max_input_len", "max_seq_len"))
-    except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"engine limits {limits!r}: need integer max_batch_size, max_input_len, max_seq_len ({e})")
-    if min(batch, input_len, seq_len) < 1 or input_len > seq_len:
-        raise UserError(
-            f"engine limits {limits!r}: all must be >= 1 and max_input_len ({input_len}) "
-            f"<= max_seq_len ({seq_len})"
-        )
-    return batch, input_len, seq_len
-
-
-def profiles_from_limits(limits: dict, *, num_layers: int, kv_heads: int, head_dim: int) -> list[Profile]:
-    """The optimization profiles for the decoder graph's inputs (io.py), one for now.
-
-    Token inputs range over [1..max_batch, 1..max_input_len]; the caches have a fixed
-    length max_seq_len. opt: the full batch, a moderate prompt chunk, one logit row
-    per sequence (the decode case).
-    """
-    batch, input_len, seq_len = check_limits(limits)
-    opt_seq = min(input_len, OPT_SEQ_LEN)
-    profile: Profile = {
-        io.INPUT_IDS: ((1, 1), (batch, opt_seq), (batch, input_len)),
-        io.POSITION_IDS: ((1, 1), (batch, opt_seq), (batch, input_len)),
-        io.WRITE_INDICES: ((1,), (batch,), (batch,)),
-        io.LOGITS_INDICES: ((1, 1), (batch, 1), (batch, input_len)),
-    }
-    for past, _present in io.cache_pairs(num_layers):
-        full = (batch, kv_heads, seq_len, head_dim)
-        profile[past] = ((1, kv_heads, seq_len, head_dim), full, full)
-    return [profile]
-
-
 # -- parsing -----------------------------------------------------------------------------
 
 
@@ -328,17 +294,21 @@ def build_engine(
     limits: dict,
     num_layers: int,
     targets: list[str] | None = None,
+    options: dict | None = None,
     progress: Progress | None = None,
 ) -> dict:
     """Build and serialize one engine; returns its manifest entry.
 
-    targets: compute capabilities such as ["sm86", "sm89"] (tensorrt-rtx only). None
-    keeps the backend's default: TensorRT-RTX's portable engine for sm80/86/89/120 and
-    later, or the build GPU for tensorrt.
+    targets: compute capabilities such as ["sm86", "sm89"] (tensorrt-rtx only), the same
+    as options["compute_capabilities"]. None keeps the backend's default: TensorRT-RTX's
+    portable engine for sm80/86/89/120 and later, or the build GPU for tensorrt.
+    options: the recipe's engine-entry settings (llmbuild.engine.options.DEFAULTS keys:
+    hardware_compatibility, optimization_level, workspace_limit_mib, weight_streaming...).
     """
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
+    options = _resolve_options(backend, targets, options)
     check_precision(precision)
-    batch, input_len, seq_len = check_limits(limits)
+    batch, input_len, seq_len, _ = check_limits(limits)
     graph_len = graph_max_seq_len(onnx_path)
     if graph_len is not None and seq_len > graph_len:
         raise UserError(
@@ -347,9 +317,14 @@ def build_engine(
         )
     spec = get_backend(backend)
     trt = import_backend(backend)
+    strongly_typed_flag = spec.strongly_typed_flag and options["strongly_typed"]
+    weak_precision_flag = _weak_typing_flag(trt, backend, precision) if not options["strongly_typed"] else None
 
     start = time.perf_counter()
-    parsed = parse_onnx(trt, onnx_path, cache_len=seq_len, strongly_typed_flag=spec.strongly_typed_flag)
+    parsed = parse_onnx(trt, onnx_path, cache_len=seq_len, strongly_typed_flag=strongly_typed_flag)
+    from llmbuild.engine.collectives import collectives_for
+
+    parallel = collectives_for(parsed, onnx_path)  # tensor parallelism: ALL_REDUCE at marked points
     described = describe_network(parsed.network)
     aliases = cache_aliases(described, num_layers)
     cache = next(t for t in described if t["name"] == io.past_key(0))
@@ -364,7 +339,11 @@ def build_engine(
             trt_profile.set_shape(name, lo, opt, hi)
         if config.add_optimization_profile(trt_profile) < 0:
             raise BuildError(f"TensorRT rejected optimization profile {profile}: {parsed.logger.errors}")
-    recorded_targets = spec.set_targets(trt, config, targets)
+    recorded_targets = spec.set_targets(trt, config, options["compute_capabilities"], options["hardware_compatibility"])
+    applied = apply_builder_options(trt, config, options)
+    if weak_precision_flag is not None:
+        config.set_flag(weak_precision_flag)
+        applied["strongly_typed"] = False
     monitor = make_progress_monitor(trt, progress)
     config.progress_monitor = monitor
 
@@ -395,11 +374,58 @@ def build_engine(
         "bytes": size,
         "build_seconds": round(seconds, 3),
         "precision": precision,
+        "label": target_label(backend, options),
+        "profile_names": list(PROFILE_NAMES),
         "profiles": [{name: [list(s) for s in shapes] for name, shapes in p.items()} for p in profiles],
         "io": io_entries,
         "aliases": aliases,
         "targets": recorded_targets,
+        "builder_options": applied,
+        "weight_streaming": {
+            "enabled": bool(options["weight_streaming"]),
+            "budget_mib": options["weight_streaming_budget_mib"],
+        },
+        **parallel,
     }
+
+
+def _resolve_options(backend: str, targets: list[str] | None, options: dict | None) -> dict:
+    """Every engine option with its default filled in; UserError listing every setting
+    `backend` does not support (the recipe schema reports the same, with positions)."""
+    given = dict(options or {})
+    if targets is not None:
+        given["compute_capabilities"] = list(targets)
+    problems = option_problems(backend, given)
+    if problems:
+        raise UserError(f"engine backend {backend}: " + "; ".join(problems))
+    resolved = {**OPTION_DEFAULTS, **given}
+    if resolved["compute_capabilities"] is not None:
+        from llmbuild.engine.options import CURRENT, normalize_compute_capabilities
+
+        resolved["compute_capabilities"] = normalize_compute_capabilities(resolved["compute_capabilities"])
+        if resolved["compute_capabilities"] == [CURRENT]:
+            from llmbuild.engine.compat import current_compute_capability
+
+            if current_compute_capability() is None:
+                raise UserError(
+                    "compute capability 'current' means the GPU of the build machine, and this machine "
+                    "has none (no CUDA device, nvidia-smi not found); name the targets instead, e.g. "
+                    "compute_capabilities: [sm86, sm89], or leave them out for the portable default"
+                )
+    return resolved
+
+
+def _weak_typing_flag(trt: ModuleType, backend: str, precision: str):
+    """The builder flag that lets a weakly typed network (strongly_typed: false) run in
+    the engine precision; TensorRT 11 has no weak typing."""
+    name = {"float16": "FP16", "bfloat16": "BF16"}[precision]
+    flag = getattr(trt.BuilderFlag, name, None)
+    if flag is None:
+        raise UserError(
+            f"strongly_typed: false is not available with {trt.__name__} {trt.__version__}: its "
+            "networks are always strongly typed"
+        )
+    return flag
 
 
 def _write_atomically(data, path: Path) -> tuple[str, int]:

@@ -14,6 +14,8 @@ import numpy as np
 import onnx_ir as ir
 
 OPSET = 24
+# Value.meta key of a weight initializer's source loader: () -> np.ndarray in graph layout.
+SOURCE_LOADER = "llmbuild.source_loader"
 IR_VERSION = 11
 
 DTYPES = {
@@ -66,7 +68,11 @@ class GraphBuilder:
             return ir.tensor(np.ascontiguousarray(array.astype(np_dtype, copy=False)), name=name)
 
         tensor = ir.LazyTensor(materialize, dtype=self.dtype, shape=ir.Shape(shape), name=name)
-        return self.tape.initializer(tensor, name=name)
+        value = self.tape.initializer(tensor, name=name)
+        # The source-precision loader (not serialized): the quantize stage reads weights
+        # through it, before any rounding to the graph dtype (llmbuild.quantize).
+        value.meta[SOURCE_LOADER] = load
+        return value
 
     def const(self, array: np.ndarray, name: str | None = None) -> ir.Value:
         """A small constant stored as an initializer (kept inline when saved)."""

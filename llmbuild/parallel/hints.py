@@ -17,7 +17,12 @@ is where the query heads of rank r look for their keys and values under GQA.
 
 from __future__ import annotations
 
+import importlib
+import math
 from dataclasses import dataclass
+from types import ModuleType
+
+from llmbuild.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -55,8 +60,7 @@ def count_problem(name: str, n: int, tp: int, replicate: bool) -> str | None:
     if replicate and n < tp and tp % n == 0:
         return None
     if replicate:
-        return (f"tp={tp} must divide {name}={n}, or be a multiple of it"
-                f" (then each KV head is replicated on tp/{name} ranks)")
+        return f"tp={tp} neither divides {name}={n} nor is a multiple of it (KV heads would be replicated)"
     return f"tp={tp} does not divide {name}={n}"
 
 
@@ -66,3 +70,133 @@ def replication_note(name: str, n: int, tp: int) -> str | None:
         return (f"{name}={n} < tp={tp}: each rank holds 1 of them, every one replicated on "
                 f"{tp // n} ranks (KV cache per rank: 1 head)")
     return None
+
+
+_LAYER_PREFIX = "model.layers."
+
+
+def sharding_module(config: dict) -> ModuleType:
+    """`models/<arch>/sharding.py` of the config's architecture."""
+    from llmbuild.models import ARCHITECTURES, architecture_of
+
+    arch = architecture_of(config)
+    if arch not in ARCHITECTURES:
+        raise UserError(f"unsupported architecture {arch!r}; supported: {', '.join(ARCHITECTURES)}")
+    try:
+        return importlib.import_module(ARCHITECTURES[arch] + ".sharding")
+    except ModuleNotFoundError:
+        raise UserError(f"{arch} declares no sharding hints; tensor parallelism (tp > 1) is not available") from None
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """How one model splits over tp ranks: its hints and named sizes."""
+
+    tp: int
+    hints: dict[str, Shard]
+    sizes: dict[str, int]
+    config_keys: dict[str, str]
+
+    @classmethod
+    def for_config(cls, config: dict, tp: int) -> "ShardPlan":
+        module = sharding_module(config)
+        return cls(tp=tp, hints=dict(module.WEIGHTS), sizes=module.sizes(config), config_keys=dict(module.CONFIG_KEYS))
+
+    # -- checks ----------------------------------------------------------------------
+    def problems(self) -> list[str]:
+        """Every reason this tp cannot shard the model, naming the numbers."""
+        if self.tp < 1:
+            return [f"tp must be >= 1, found {self.tp}"]
+        found: dict[str, str] = {}
+        for hint in self.hints.values():
+            problem = count_problem(self.config_keys.get(hint.count, hint.count), self.sizes[hint.count], self.tp,
+                                    hint.replicate)
+            if problem:
+                found.setdefault(hint.count, problem)
+        return list(found.values())
+
+    def notes(self) -> list[str]:
+        """Explanations of what is replicated (e.g. KV heads when tp > kv_heads)."""
+        notes = []
+        for count in dict.fromkeys(h.count for h in self.hints.values() if h.replicate):
+            note = replication_note(self.config_keys.get(count, count), self.sizes[count], self.tp)
+            if note:
+                notes.append(note)
+        return notes
+
+    def check(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise UserError(f"parallel.tp={self.tp} cannot shard this model: " + "; ".join(problems))
+
+    # -- per weight -----------------------------------------------------------------------
+    def hint(self, name: str) -> Shard | None:
+        if name.startswith(_LAYER_PREFIX):
+            parts = name.split(".", 3)
+            if len(parts) == 4 and parts[2].isdigit():
+                return self.hints.get(parts[3])
+        return self.hints.get(name)
+
+    def blocks(self, hint: Shard, rank: int) -> tuple[int, int]:
+        return blocks_of_rank(self.sizes[hint.count], self.tp, rank, replicate=hint.replicate)
+
+    def rank_range(self, hint: Shard, rank: int) -> tuple[int, int]:
+        """[start, stop) along the hint's dim, in rows/columns of the HF tensor."""
+        unit = self.sizes[hint.block] if hint.block else 1
+        first, end = self.blocks(hint, rank)
+        return first * unit, end * unit
+
+    def rank_shape(self, name: str, shape: tuple[int, ...], rank: int) -> tuple[int, ...]:
+        hint = self.hint(name)
+        if hint is None:
+            return tuple(shape)
+        start, stop = self.rank_range(hint, rank)
+        out = list(shape)
+        out[hint.dim] = stop - start
+        return tuple(out)
+
+    # -- per rank ---------------------------------------------------------------------------
+    def rank_sizes(self) -> dict[str, int]:
+        """Named sizes as each rank sees them (e.g. heads 9 -> 3 at tp=3)."""
+        out = dict(self.sizes)
+        for hint in self.hints.values():
+            first, end = blocks_of_rank(self.sizes[hint.count], self.tp, 0, replicate=hint.replicate)
+            out[hint.count] = end - first
+        return out
+
+    def rank_config(self, config: dict) -> dict:
+        """The HF config of one rank's decoder: per-rank counts, block sizes pinned."""
+        rank = dict(config)
+        per_rank = self.rank_sizes()
+        for hint in self.hints.values():
+            rank[self.config_keys[hint.count]] = per_rank[hint.count]
+            if hint.block:
+                rank[self.config_keys[hint.block]] = self.sizes[hint.block]
+        return rank
+
+    def weight_bytes(self, shapes: dict[str, tuple[int, ...]], itemsize: int) -> dict:
+        """Weight bytes of each rank: its share of the sharded weights plus the replicated ones."""
+        sharded = replicated = 0
+        per_rank = [0] * self.tp
+        for name, shape in shapes.items():
+            full = math.prod(shape) * itemsize
+            if self.hint(name) is None:
+                replicated += full
+                per_rank = [b + full for b in per_rank]
+                continue
+            sharded += full
+            for r in range(self.tp):
+                per_rank[r] += math.prod(self.rank_shape(name, shape, r)) * itemsize
+        return {"sharded": sharded, "replicated": replicated, "per_rank": per_rank}
+
+
+def tp_problems(config: dict, tp: int) -> tuple[list[str], list[str]]:
+    """(problems, notes) of splitting the model of `config` over `tp` ranks; a problem
+    names the numbers and the tp values that would work."""
+    plan = ShardPlan.for_config(config, tp)
+    problems = plan.problems()
+    if problems:
+        heads = plan.sizes.get("heads", 64)
+        valid = [t for t in range(1, heads + 1) if not ShardPlan(t, plan.hints, plan.sizes, plan.config_keys).problems()]
+        problems = [f"{p}; tp values that fit this model: {', '.join(map(str, valid))}" for p in problems]
+    return problems, plan.notes()

@@ -100,6 +100,23 @@ def _check_model(path: Path, tree: Tree, problems: list[Problem]) -> None:
             f" supported: {', '.join(SUPPORTED_ARCHITECTURES)}",
             *source_loc,
         ))
+    else:
+        _check_parallel(config, tree, problems)
+
+
+def _check_parallel(config: dict, tree: Tree, problems: list[Problem]) -> None:
+    """parallel.tp must split the model's heads, KV heads and MLP into whole parts."""
+    tp = tree.get(("parallel", "tp"))
+    if not _is_int(tp) or tp <= 1:
+        return  # tp = 1 (or a type error the schema reports)
+    from llmbuild.parallel.hints import tp_problems
+
+    try:
+        found, _notes = tp_problems(config, tp)
+    except (UserError, KeyError, ValueError) as e:
+        found = [f"cannot shard this model: {e}"]
+    for message in found:
+        problems.append(Problem("parallel.tp", message, *tree.where(("parallel", "tp"))))
 
 
 def _is_int(value: object) -> bool:

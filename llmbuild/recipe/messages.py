@@ -24,7 +24,19 @@ YamlPath = tuple[str | int, ...]
 RELOCATE = {
     "input_longer_than_sequence": lambda path, ctx: path[:-1] + ("max_input_len",),
     "duplicate_engine": lambda path, ctx: path + (ctx["index"],),
+    # engine entries (llmbuild.engine.options): the message already says what was found
+    "backend_option": lambda path, ctx: path,
+    "compute_capability": lambda path, ctx: path + (ctx["index"],),
+    "engine_option": lambda path, ctx: path,
+    "too_few_tokens": lambda path, ctx: path,
+    "matrix": lambda path, ctx: path + tuple(ctx.get("at", ())),
+    "quantization": lambda path, ctx: path,  # llmbuild.quantize settings: message says what was found
 }
+
+# List items that may be written as a plain string standing for a one-key mapping:
+# `engines: [tensorrt-rtx]` is `engines: [{backend: tensorrt-rtx}]`. A problem with that
+# key is reported at the string itself.
+SHORTHAND = {("engines",): "backend"}
 
 
 def dotted(path: YamlPath) -> str:
@@ -35,17 +47,42 @@ def dotted(path: YamlPath) -> str:
     return out
 
 
+def _list_item_model(ann: Any) -> type[BaseModel] | None:
+    """`list[Model]` (or `list[Model] | None`) -> Model."""
+    while typing.get_origin(ann) in (typing.Union, types.UnionType):
+        ann = next(a for a in typing.get_args(ann) if a is not type(None))
+    if typing.get_origin(ann) is list:
+        (item,) = typing.get_args(ann)
+        if isinstance(item, type) and issubclass(item, BaseModel):
+            return item
+    return None
+
+
 def section_at(path: YamlPath) -> type[BaseModel] | None:
-    """The schema model of the mapping at `path`, or None if `path` is not a section."""
-    model: type[BaseModel] = Recipe
+    """The schema model of the mapping at `path`, or None if `path` is not a section.
+
+    An integer segment steps into an item of a list of mappings (`("engines", 0)`); a
+    list itself is not a section, so override paths (no integers) never enter one.
+    """
+    model: type[BaseModel] | None = Recipe
+    item: type[BaseModel] | None = None  # item model of the list field just passed
     for seg in path:
-        field = model.model_fields.get(seg) if isinstance(seg, str) else None
+        if isinstance(seg, int):
+            if item is None:
+                return None
+            model, item = item, None
+            continue
+        field = model.model_fields.get(seg) if model is not None else None
         if field is None:
             return None
         ann = field.annotation
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            model = ann
+            continue
+        item = _list_item_model(ann)
+        if item is None:
             return None
-        model = ann
+        model = None
     return model
 
 
@@ -78,11 +115,11 @@ def override_path_problem(path: tuple[str, ...]) -> str | None:
 
 def choices_at(path: YamlPath) -> tuple[str, ...]:
     """The allowed values of the enum-like (Literal) field at `path`."""
-    keys = [seg for seg in path if isinstance(seg, str)]
-    model = section_at(tuple(keys[:-1])) if keys else None
-    if model is None or keys[-1] not in model.model_fields:
+    last = max((i for i, seg in enumerate(path) if isinstance(seg, str)), default=None)
+    model = section_at(path[:last]) if last is not None else None
+    if model is None or path[last] not in model.model_fields:
         return ()
-    ann: Any = model.model_fields[keys[-1]].annotation
+    ann: Any = model.model_fields[path[last]].annotation
     while typing.get_origin(ann) in (list, typing.Union, types.UnionType):
         ann = next(a for a in typing.get_args(ann) if a is not type(None))
     return typing.get_args(ann) if typing.get_origin(ann) is Literal else ()
@@ -91,7 +128,14 @@ def choices_at(path: YamlPath) -> tuple[str, ...]:
 def _is_int_field(path: YamlPath) -> bool:
     model = section_at(path[:-1])
     field = model.model_fields.get(path[-1]) if model is not None else None
-    return field is not None and field.annotation is int
+    if field is None:
+        return False
+    ann: Any = field.annotation
+    while typing.get_origin(ann) in (typing.Union, types.UnionType):
+        ann = next(a for a in typing.get_args(ann) if a is not type(None))
+    if typing.get_origin(ann) is typing.Annotated:
+        ann = typing.get_args(ann)[0]
+    return ann is int
 
 
 def _message(kind: str, path: YamlPath, value: object, ctx: dict, default: str) -> str:
@@ -140,10 +184,22 @@ def validation_problems(exc: ValidationError, tree: Tree) -> list[Problem]:
         kind, ctx, value = err["type"], err.get("ctx") or {}, err.get("input")
         if kind in RELOCATE:
             path = RELOCATE[kind](path, ctx)
+        message = _message(kind, path, value, ctx, err["msg"])
+        path = _shorthand(path, tree)
         if kind == "missing":
             loc = tree.where(path[:-1], key=True)
         else:
             loc = tree.where(path, key=kind == "extra_forbidden")
-        message = _message(kind, path, value, ctx, err["msg"])
         problems.append(Problem(dotted(path), message, loc.file, loc.line, loc.column))
     return problems
+
+
+def _shorthand(path: YamlPath, tree: Tree) -> YamlPath:
+    """`engines.1.backend` -> `engines.1` when the recipe wrote that item as a string."""
+    for prefix, key in SHORTHAND.items():
+        n = len(prefix)
+        if len(path) == n + 2 and path[:n] == prefix and isinstance(path[n], int) and path[n + 1] == key:
+            items = tree.get(prefix)
+            if isinstance(items, list) and path[n] < len(items) and isinstance(items[path[n]], str):
+                return path[: n + 1]
+    return path

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 PRECISIONS = ("float32", "float16", "bfloat16")
@@ -39,6 +39,9 @@ class Limits(_Section):
     max_batch_size: PositiveInt = 4
     max_input_len: PositiveInt = 512
     max_seq_len: PositiveInt = 2048
+    # Tokens of one forward pass (all sequences together); null = max_batch_size x
+    # max_input_len. Bounds the prefill optimization profile (llmbuild.engine.profiles).
+    max_num_tokens: PositiveInt | None = None
 
     # A field validator (not a model validator) so that it runs even when another
     # limit is invalid; it sees max_input_len in `info.data` only if that one is valid.
@@ -55,6 +58,125 @@ class Limits(_Section):
             )
         return max_seq_len
 
+    @field_validator("max_num_tokens")
+    @classmethod
+    def _tokens_fit_one_pass(cls, max_num_tokens: int | None, info: ValidationInfo) -> int | None:
+        need = [(info.data.get(k), k) for k in ("max_input_len", "max_batch_size")]
+        need = [(v, k) for v, k in need if v is not None]
+        if max_num_tokens is not None and need and max_num_tokens < max(need)[0]:
+            value, key = max(need)
+            why = "a whole prompt" if key == "max_input_len" else "a decode step of every sequence"
+            raise PydanticCustomError(
+                "too_few_tokens",
+                "max_num_tokens {found} is smaller than {key} {value}; expected at least {value}"
+                " ({why} must fit one forward pass)",
+                {"found": max_num_tokens, "key": key, "value": value, "why": why},
+            )
+        return max_num_tokens
+
+
+class EngineEntry(_Section):
+    """One engine to build. `engines: [tensorrt-rtx]` is short for
+    `engines: [{backend: tensorrt-rtx}]`. Which backend offers which setting, and why,
+    is in llmbuild.engine.options; a setting the backend lacks is a recipe problem."""
+
+    backend: EngineBackend
+    # tensorrt-rtx: GPUs to compile for (sm75 sm80 sm86 sm89 sm120 sm121, or current);
+    # null = one portable engine for sm80, sm86, sm89, sm120 and later.
+    compute_capabilities: Annotated[list[str], Field(min_length=1)] | None = None
+    # tensorrt: null/none = the build GPU only; ampere+ = any Ampere or later GPU.
+    hardware_compatibility: Literal["none", "ampere+", "same-compute-capability"] | None = None
+    optimization_level: Annotated[int, Field(ge=0, le=5)] | None = None  # null = backend default (3)
+    workspace_limit_mib: PositiveInt | None = None  # null = the GPU's memory
+    tiling_optimization_level: Literal["none", "fast", "moderate", "full"] | None = None  # tensorrt
+    l2_limit_for_tiling_kib: PositiveInt | None = None  # tensorrt
+    strongly_typed: bool = True  # false: tensorrt 10.x only (weakly typed network)
+    # Keep weights in host memory and stream them to the GPU (TensorRT WEIGHT_STREAMING);
+    # budget = MiB of weights kept on the GPU, null = TensorRT's automatic budget at load.
+    weight_streaming: bool = False
+    weight_streaming_budget_mib: PositiveInt | None = None
+
+    @field_validator(
+        "hardware_compatibility", "optimization_level", "workspace_limit_mib", "tiling_optimization_level",
+        "l2_limit_for_tiling_kib", "strongly_typed",
+    )
+    @classmethod
+    def _offered_by_backend(cls, value, info: ValidationInfo):
+        from llmbuild.engine.options import backend_option_problem
+
+        backend = info.data.get("backend")
+        problem = backend_option_problem(backend, info.field_name, value) if backend else None
+        if problem:
+            raise PydanticCustomError("backend_option", problem)
+        return value
+
+    @field_validator("compute_capabilities")
+    @classmethod
+    def _rtx_targets(cls, values: list[str] | None, info: ValidationInfo):
+        from llmbuild.engine.options import (
+            backend_option_problem,
+            compute_capability_problem,
+            normalize_compute_capabilities,
+        )
+
+        backend = info.data.get("backend")
+        if values is None or backend is None:
+            return values
+        problem = backend_option_problem(backend, "compute_capabilities", values)
+        if problem:
+            raise PydanticCustomError("backend_option", problem)
+        values = normalize_compute_capabilities(values)
+        for i, value in enumerate(values):
+            problem = compute_capability_problem(value, values)
+            if problem is None and value in values[:i]:
+                problem = f"compute capability {value} is listed twice (first at [{values.index(value)}])"
+            if problem:
+                raise PydanticCustomError("compute_capability", problem, {"index": i})
+        return values
+
+    @field_validator("weight_streaming")
+    @classmethod
+    def _streaming_needs_strong_types(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and info.data.get("strongly_typed") is False:
+            raise PydanticCustomError(
+                "engine_option", "weight_streaming needs a strongly typed network; remove strongly_typed: false"
+            )
+        return value
+
+    @field_validator("weight_streaming_budget_mib")
+    @classmethod
+    def _budget_needs_streaming(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and info.data.get("weight_streaming") is False:
+            raise PydanticCustomError(
+                "engine_option", "weight_streaming_budget_mib is set but weight_streaming is false; expected"
+                " weight_streaming: true"
+            )
+        return value
+
+    def options(self) -> dict[str, Any]:
+        """The settings besides `backend` (llmbuild.engine.build_engine's `options`)."""
+        return {k: v for k, v in self.model_dump(mode="json").items() if k != "backend"}
+
+    @property
+    def label(self) -> str:
+        """The engine's target as in its file name: portable, sm86-sm89, native, ampere-plus."""
+        from llmbuild.engine.options import target_label
+
+        return target_label(self.backend, self.options())
+
+
+# `matrix:` keys are override paths (`precision`, `limits.max_seq_len`); values are a
+# list of scalars (labelled by their value) or a mapping label -> value; checked by
+# llmbuild.recipe.matrix.axis_problem.
+MatrixValues = Any
+
+
+class Parallel(_Section):
+    # Tensor parallelism: every layer split over `tp` GPUs, one engine per rank
+    # (llmbuild.parallel). `tp` must divide the attention heads and the MLP size, and
+    # divide the KV heads or be a multiple of them (KV heads are then replicated).
+    tp: PositiveInt = 1
+
 
 class Verify(_Section):
     # null = the per-precision default of the verify stage.
@@ -63,6 +185,112 @@ class Verify(_Section):
     min_greedy_agreement: Annotated[float, Field(ge=0, le=1)] | None = None
     prompts: Annotated[list[str], Field(min_length=1)] | None = None
     enabled: bool = True
+    # Accuracy gate of a quantized artifact against the unquantized graph, on held-out
+    # text (llmbuild.quantize.stage.quality_gate). min_top1_agreement above applies to it
+    # too. max_perplexity_increase is relative: 0.05 = at most 5 % above the reference.
+    max_perplexity_increase: Annotated[float, Field(ge=0)] | None = None
+    max_kl_divergence: Annotated[float, Field(ge=0)] | None = None  # nats per token
+    eval_dataset: str | None = None  # null = the bundled corpus's evaluation split
+    eval_tokens: PositiveInt | None = None  # null = 4096
+
+    @field_validator("eval_dataset")
+    @classmethod
+    def _known_eval_dataset(cls, value: str | None) -> str | None:
+        return _check_dataset(value)
+
+
+# -- quantization (llmbuild.quantize) -----------------------------------------------------
+
+QuantScheme = Literal["int8", "int4", "fp8", "none"]
+QuantAlgorithm = Literal["rtn", "awq", "gptq"]
+GroupSize = Literal[32, 64, 128]
+
+
+def _check_dataset(value: str | None) -> str | None:
+    from llmbuild.eval.corpus import dataset_problem
+
+    problem = dataset_problem(value) if value is not None else None
+    if problem:
+        raise PydanticCustomError("quantization", problem)
+    return value
+
+
+def _int4_only(field: str, value, scheme: str | None):
+    """group_size / symmetric / awq / gptq exist for int4 only."""
+    if scheme is not None and scheme != "int4":
+        raise PydanticCustomError(
+            "quantization", "{field} {value!r} applies to scheme int4 only; the scheme here is {scheme}",
+            {"field": field, "value": value, "scheme": scheme},
+        )
+    return value
+
+
+class QuantWeights(_Section):
+    scheme: QuantScheme
+    algorithm: QuantAlgorithm = "rtn"
+    group_size: GroupSize | None = None  # int4 blocks along the input dim; null = 128
+    symmetric: bool = True  # int4: false = zero points
+
+    @field_validator("algorithm")
+    @classmethod
+    def _algorithm_for_int4(cls, value: str, info: ValidationInfo) -> str:
+        return value if value == "rtn" else _int4_only("algorithm", value, info.data.get("scheme"))
+
+    @field_validator("group_size")
+    @classmethod
+    def _group_for_int4(cls, value, info: ValidationInfo):
+        return value if value is None else _int4_only("group_size", value, info.data.get("scheme"))
+
+    @field_validator("symmetric")
+    @classmethod
+    def _zero_points_for_int4(cls, value: bool, info: ValidationInfo) -> bool:
+        return value if value else _int4_only("symmetric", value, info.data.get("scheme"))
+
+
+class QuantOverride(_Section):
+    """Weights whose module name matches the glob `match` (e.g. `lm_head`,
+    `*.mlp.down_proj`) and/or lie in `layers` (negative = from the end) take these
+    settings; unset ones are inherited. Later overrides win."""
+
+    match: Annotated[str, Field(min_length=1)] | None = None
+    layers: Annotated[list[int], Field(min_length=1)] | None = None
+    scheme: QuantScheme | None = None
+    algorithm: QuantAlgorithm | None = None
+    group_size: GroupSize | None = None
+    symmetric: bool | None = None
+
+    @model_validator(mode="after")
+    def _selects_something(self):
+        if self.match is None and self.layers is None:
+            raise PydanticCustomError("quantization", "an override needs `match` (a glob on module names) or"
+                                      " `layers` (layer indices); found neither")
+        return self
+
+    @field_validator("algorithm", "group_size")
+    @classmethod
+    def _int4_settings(cls, value, info: ValidationInfo):
+        scheme = info.data.get("scheme")
+        if value is None or value == "rtn" or scheme is None:
+            return value
+        return _int4_only(info.field_name, value, scheme)
+
+
+class Calibration(_Section):
+    dataset: str = "kjv"  # a bundled corpus (its calibration split) or a .txt / .jsonl file
+    samples: PositiveInt = 128  # sequences
+    seq_len: PositiveInt = 512  # tokens per sequence
+    seed: Annotated[int, Field(ge=0)] = 0
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, value: str) -> str:
+        return _check_dataset(value)
+
+
+class Quantization(_Section):
+    weights: QuantWeights
+    overrides: list[QuantOverride] = []
+    calibration: Calibration = Calibration()
 
 
 class Recipe(_Section):
@@ -76,23 +304,70 @@ class Recipe(_Section):
     model: ModelSpec
     precision: Precision = "float16"
     limits: Limits = Limits()
-    engines: list[EngineBackend] = []
+    engines: list[EngineEntry] = []
+    parallel: Parallel = Parallel()
+    quantization: Quantization | None = None
     verify: Verify = Verify()
+    # Variants `llmbuild compile` expands into separately named artifacts
+    # (llmbuild.recipe.matrix): {override path: [values] or {label: value}}.
+    matrix: dict[str, MatrixValues] = {}
 
     _path: Path | None = PrivateAttr(default=None)
     _source_path: Path | None = PrivateAttr(default=None)
+    _variant: dict | None = PrivateAttr(default=None)
+
+    @field_validator("engines", mode="before")
+    @classmethod
+    def _backend_shorthand(cls, engines: Any) -> Any:
+        """`- tensorrt-rtx` stands for `- backend: tensorrt-rtx`."""
+        if isinstance(engines, list):
+            return [{"backend": e} if isinstance(e, str) else e for e in engines]
+        return engines
 
     @field_validator("engines")
     @classmethod
-    def _no_duplicate_engines(cls, engines: list[str]) -> list[str]:
+    def _no_duplicate_engines(cls, engines: list[EngineEntry]) -> list[EngineEntry]:
         for i, engine in enumerate(engines):
-            if engine in engines[:i]:
-                raise PydanticCustomError(
-                    "duplicate_engine",
-                    "engine '{engine}' is listed twice (first at engines[{first}])",
-                    {"engine": engine, "index": i, "first": engines.index(engine)},
-                )
+            first = next((j for j, other in enumerate(engines[:i]) if (other.backend, other.label)
+                          == (engine.backend, engine.label)), None)
+            if first is None:
+                continue
+            if engine == engines[first]:
+                name = engine.backend if engine == EngineEntry(backend=engine.backend) else (
+                    f"{engine.backend} ({engine.label})")
+                message = "engine '{engine}' is listed twice (first at engines[{first}])"
+            else:
+                name = f"{engine.backend} ({engine.label})"
+                message = ("engine '{engine}' is listed twice with different settings (first at "
+                           "engines[{first}]); an artifact holds one engine per backend and target")
+            raise PydanticCustomError("duplicate_engine", message, {"engine": name, "index": i, "first": first})
         return engines
+
+    @field_validator("quantization")
+    @classmethod
+    def _quantization_single_rank(cls, value, info: ValidationInfo):
+        parallel = info.data.get("parallel")
+        if value is not None and parallel is not None and parallel.tp > 1:
+            raise PydanticCustomError("quantization", "quantization with parallel.tp > 1 is not supported yet;"
+                                      " expected parallel.tp: 1")
+        return value
+
+    @field_validator("matrix")
+    @classmethod
+    def _matrix_axes(cls, matrix: dict[str, Any]) -> dict[str, Any]:
+        from llmbuild.recipe.matrix import axis_problem
+
+        for key, values in matrix.items():
+            problem = axis_problem(key, values)
+            if problem is not None:
+                message, at = problem
+                raise PydanticCustomError("matrix", message, {"at": (key, *at)})
+        return matrix
+
+    @property
+    def variant(self) -> dict | None:
+        """For a matrix variant: {"of": base recipe name, "values": {key: label}}."""
+        return self._variant
 
     @property
     def path(self) -> Path | None:

@@ -1,9 +1,8 @@
-"""Batched generation over an executor: one prefill pass, then lockstep decode steps.
+"""Requests and their results: what a caller asks for, what it gets back, and the text
+side of generation (incremental detokenization and stop strings).
 
-Prompts of one batch are right-padded to a common length for the prefill pass; the
-graph's per-sequence write indices and causal alignment keep padding out of every
-real token's attention (see `llmbuild.graph.io`), and each sequence's logits are taken
-at its own last prompt token.
+The work itself (slots, prefill, decode) is done by `llmbuild.runtime.scheduler`,
+driven by the thread in `llmbuild.runtime.engine`.
 """
 
 from __future__ import annotations
@@ -11,11 +10,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
-import numpy as np
-
 from llmbuild.errors import UserError
-from llmbuild.runtime.executors.base import Executor, StepInputs
-from llmbuild.runtime.sampling import SamplingParams, SplitMix64, sample
+from llmbuild.runtime.sampling import SamplingParams
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)  # (id, logprob), most likely first
 
 
 @dataclass
@@ -23,7 +26,10 @@ class Generation:
     prompt_token_ids: list[int]
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
-    finish_reason: str | None = None  # "eos" | "length"
+    finish_reason: str | None = None  # "eos" | "length" | "stop" | "cancelled"
+    logprobs: list[TokenLogprob] | None = None
+    time_to_first_token: float | None = None  # seconds from submission
+    seconds: float | None = None  # submission to finish
 
 
 @dataclass(frozen=True)
@@ -33,101 +39,125 @@ class Limits:
     max_seq_len: int
 
 
-def check_request(prompt_ids: Sequence[int], max_new_tokens: int, limits: Limits) -> None:
+@dataclass(frozen=True)
+class Request:
+    """One generation request. `logprobs`: None = none; n >= 0 = the chosen token's
+    logprob plus the n most likely alternatives at every step."""
+
+    prompt_ids: tuple[int, ...]
+    max_new_tokens: int = 64
+    params: SamplingParams = SamplingParams()
+    stop: tuple[str, ...] = ()
+    logprobs: int | None = None
+    stream: bool = False  # deliver text deltas as they are produced
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise UserError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.logprobs is not None and self.logprobs < 0:
+            raise UserError(f"logprobs must be None or >= 0, got {self.logprobs}")
+        if any(not s for s in self.stop):
+            raise UserError("stop strings must not be empty")
+
+
+def check_request(prompt_ids: Sequence[int], max_new_tokens: int, limits: Limits, vocab_size: int | None = None) -> None:
+    """A request the engine can serve, or a UserError saying which limit it breaks.
+
+    Prompts longer than one forward pass are prefilled in chunks, so the bound on a
+    prompt is the cache: prompt + max_new_tokens <= max_seq_len."""
     if not prompt_ids:
         raise UserError("empty prompt: at least one token is needed")
-    if len(prompt_ids) > limits.max_input_len:
-        raise UserError(
-            f"prompt has {len(prompt_ids)} tokens; this artifact accepts at most "
-            f"max_input_len={limits.max_input_len}"
-        )
     if len(prompt_ids) + max_new_tokens > limits.max_seq_len:
         raise UserError(
             f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
-            f"max_seq_len={limits.max_seq_len}"
+            f"this artifact's max_seq_len={limits.max_seq_len}; shorten the prompt or lower max_new_tokens"
         )
+    if vocab_size is not None:
+        bad = [t for t in prompt_ids if not 0 <= int(t) < vocab_size]
+        if bad:
+            raise UserError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
 
 
-def generate_batch(
-    executor: Executor,
-    prompts: Sequence[Sequence[int]],
-    *,
-    max_new_tokens: int,
-    params: SamplingParams,
-    eos_token_ids: Sequence[int],
-    limits: Limits,
-    on_token: Callable[[int, int], None] | None = None,
-) -> list[Generation]:
-    """Generate for up to `limits.max_batch_size` prompts together.
+class IncrementalDetokenizer:
+    """Text deltas of a growing token sequence, decoding only a short window each time.
 
-    `on_token(sequence_index, token_id)` is called for every generated token as it is
-    produced (streaming). Each sequence stops at EOS or after max_new_tokens.
+    Decodes ids[prefix:read] and ids[prefix:] and emits the difference (the window
+    keeps one already-emitted token before the new ones, so tokenizers that drop a
+    leading space at the start of a decode still join correctly); an incomplete UTF-8
+    sequence (U+FFFD at the end) waits for the next token.
     """
-    if len(prompts) > limits.max_batch_size:
-        raise UserError(f"{len(prompts)} prompts in one batch; max_batch_size is {limits.max_batch_size}")
-    for p in prompts:
-        check_request(p, max_new_tokens, limits)
-    batch = len(prompts)
-    if executor.batch_size != batch:
-        executor.reset(batch)
-    gens = [Generation(prompt_token_ids=list(p)) for p in prompts]
-    rngs = [SplitMix64(params.seed) for _ in prompts]
-    eos = set(eos_token_ids)
-    lengths = np.array([len(p) for p in prompts], np.int64)
 
-    # Prefill: right-padded, logits at each sequence's last prompt token.
-    width = int(lengths.max())
-    ids = np.zeros((batch, width), np.int64)
-    for b, p in enumerate(prompts):
-        ids[b, : len(p)] = p
-    positions = np.broadcast_to(np.arange(width, dtype=np.int64), (batch, width))
-    logits = executor.forward(
-        StepInputs(ids, np.ascontiguousarray(positions), np.zeros(batch, np.int64), (lengths - 1)[:, None])
-    )
+    def __init__(self, decode: Callable[[list[int]], str]):
+        self.decode = decode
+        self.ids: list[int] = []
+        self.prefix = 0
+        self.read = 0
+        self.text = ""
 
-    active = np.ones(batch, bool)
-    for step in range(max_new_tokens):
-        next_ids = np.zeros(batch, np.int64)
-        for b in range(batch):
-            if not active[b]:
-                continue
-            token = sample(logits[b, 0], params, rngs[b])
-            next_ids[b] = token
-            if token in eos:
-                gens[b].finish_reason = "eos"
-                active[b] = False
-                continue
-            gens[b].token_ids.append(token)
-            if on_token is not None:
-                on_token(b, token)
-            if len(gens[b].token_ids) >= max_new_tokens:
-                gens[b].finish_reason = "length"
-                active[b] = False
-        if not active.any():
-            break
-        # Decode: one token per sequence at position `lengths`. Finished sequences keep
-        # their slot; they rewrite one row past their end and their results are ignored.
-        logits = executor.forward(
-            StepInputs(next_ids[:, None], lengths[:, None].copy(), lengths.copy(), np.zeros((batch, 1), np.int64))
-        )
-        lengths = lengths + active
-    for g in gens:
-        g.finish_reason = g.finish_reason or "length"
-    return gens
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        before = self.decode(self.ids[self.prefix : self.read])
+        after = self.decode(self.ids[self.prefix :])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            delta = after[len(before):]
+            self.prefix, self.read = self.read, len(self.ids)
+            self.text += delta
+            return delta
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is still held back (an incomplete character at the very end)."""
+        after = self.decode(self.ids[self.prefix :])
+        before = self.decode(self.ids[self.prefix : self.read])
+        delta = after[len(before):] if len(after) > len(before) else ""
+        self.prefix = self.read = len(self.ids)
+        self.text += delta
+        return delta
+
+
+class TextTracker:
+    """A request's output text, its stop strings, and how much of it may be streamed.
+
+    Text that could still turn out to be the start of a stop string is held back, so a
+    stream never shows a stop string or a part of one."""
+
+    def __init__(self, decode: Callable[[list[int]], str], stop: Sequence[str]):
+        self.detok = IncrementalDetokenizer(decode)
+        self.stop = tuple(stop)
+        self.hold = max((len(s) for s in self.stop), default=1) - 1
+        self.text = ""
+        self.emitted = 0
+        self.stopped = False
+
+    def add(self, token: int) -> str:
+        """Feed a token; returns the new streamable text (may be empty)."""
+        self.text += self.detok.add(token)
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        self.text += self.detok.flush()
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        if self.stop and not self.stopped:
+            start = max(0, self.emitted - self.hold)
+            hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+            if hits:
+                self.text = self.text[: min(hits)]
+                self.stopped = True
+        end = len(self.text) if (final or self.stopped) else max(self.emitted, len(self.text) - self.hold)
+        delta = self.text[self.emitted : end]
+        self.emitted = end
+        return delta
 
 
 def stream_text(decode: Callable[[list[int]], str], tokens: Iterator[int]) -> Iterator[str]:
     """Text deltas of a token stream; holds back incomplete UTF-8 sequences."""
-    ids: list[int] = []
-    emitted = ""
+    detok = IncrementalDetokenizer(decode)
     for token in tokens:
-        ids.append(token)
-        text = decode(ids)
-        if text.endswith("\ufffd"):
-            continue
-        if len(text) > len(emitted) and text.startswith(emitted):
-            yield text[len(emitted):]
-            emitted = text
-    text = decode(ids)
-    if len(text) > len(emitted) and text.startswith(emitted):
-        yield text[len(emitted):]
+        delta = detok.add(token)
+        if delta:
+            yield delta
+    delta = detok.flush()
+    if delta:
+        yield delta

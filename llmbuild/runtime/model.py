@@ -1,22 +1,39 @@
-"""`llmbuild.load(artifact)`: an artifact's tokenizer + an executor + generation."""
+"""`llmbuild.load(artifact)`: an artifact's tokenizer + an executor + the generation engine.
+
+    model = llmbuild.load("out/smollm2-135m-instruct")
+    model.generate(["Hi", "Hello"], max_new_tokens=32)      # list in, list of Generations out
+    for delta in model.stream("Tell me a story"): ...        # text deltas as they come
+    model.chat([{"role": "user", "content": "Hi"}])         # the artifact's chat template
+
+All calls go through one engine (llmbuild.runtime.engine) with continuous batching, so
+they may be made from several threads at once.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from llmbuild.artifact import MODEL_DIR, TOKENIZER_DIR, read_manifest
+from llmbuild.artifact import TOKENIZER_DIR, read_manifest
 from llmbuild.errors import UserError
-from llmbuild.runtime.generator import Generation, Limits, generate_batch, stream_text
+from llmbuild.runtime.engine import Engine, RequestHandle
+from llmbuild.runtime.generator import Generation, Limits, Request
 from llmbuild.runtime.sampling import SamplingParams
 from llmbuild.runtime.tokenizer import Tokenizer
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
+_SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                  "frequency_penalty", "seed")
 
 
-def _open_executor(directory: Path, manifest: dict, backend: str, threads: int | None):
+def _open_executor(directory: Path, manifest: dict, backend: str, threads: int | None, slots: int,
+                   cpu_lowering: bool | None):
     if backend not in BACKENDS:
         raise UserError(f"unknown runtime backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if manifest.get("parallel", {}).get("tp", 1) > 1:  # one graph/engine per rank
+        from llmbuild.parallel.runtime import open_parallel_executor
+
+        return open_parallel_executor(directory, manifest, backend, threads)
     if backend == "auto":
         from llmbuild.runtime.executors.tensorrt import gpu_available
 
@@ -26,22 +43,44 @@ def _open_executor(directory: Path, manifest: dict, backend: str, threads: int |
     if backend == "tensorrt":
         from llmbuild.runtime.executors.tensorrt import TensorRTExecutor
 
-        return TensorRTExecutor(directory, manifest)
+        return TensorRTExecutor(directory, manifest, batch_size=slots)
     from llmbuild.runtime.executors.onnxruntime import OnnxRuntimeExecutor
 
     return OnnxRuntimeExecutor(
-        directory / manifest["graph"]["file"], num_layers=layers, cache_len=limits["max_seq_len"], threads=threads
+        directory / manifest["graph"]["file"], num_layers=layers, cache_len=limits["max_seq_len"], threads=threads,
+        batch_size=slots, cpu_lowering=cpu_lowering,
     )
 
 
 class LoadedModel:
-    def __init__(self, artifact: str | Path, backend: str = "auto", threads: int | None = None):
+    def __init__(self, artifact: str | Path, backend: str = "auto", threads: int | None = None, *,
+                 max_batch_size: int | None = None, max_num_tokens: int | None = None,
+                 cpu_lowering: bool | None = None):
+        """max_batch_size: cache slots (default: the artifact's limit; more only on ONNX
+        Runtime, whose graph has no fixed batch). max_num_tokens: tokens of one prefill
+        pass; longer prompts are prefilled in chunks (default and maximum for an engine:
+        the artifact's max_input_len). cpu_lowering: see OnnxRuntimeExecutor."""
         self.path = Path(artifact)
         self.manifest = read_manifest(self.path)
         info = self.manifest["tokenizer"]
         self.tokenizer = Tokenizer(self.path / TOKENIZER_DIR, info)
-        self.limits = Limits(**{k: self.manifest["limits"][k] for k in ("max_batch_size", "max_input_len", "max_seq_len")})
-        self.executor = _open_executor(self.path, self.manifest, backend, threads)
+        lim = self.manifest["limits"]
+        self.limits = Limits(**{k: lim[k] for k in ("max_batch_size", "max_input_len", "max_seq_len")})
+        slots = max_batch_size or self.limits.max_batch_size
+        chunk = max_num_tokens or self.limits.max_input_len
+        self.executor = _open_executor(self.path, self.manifest, backend, threads, slots, cpu_lowering)
+        if getattr(self.executor, "name", "") not in ("onnxruntime", "onnxruntime-tp"):  # engine profiles bound both
+            if slots > self.limits.max_batch_size or chunk > self.limits.max_input_len:
+                raise UserError(
+                    f"max_batch_size={slots}, max_num_tokens={chunk}: the {self.executor.name} engine of "
+                    f"{self.path} takes at most max_batch_size={self.limits.max_batch_size} and "
+                    f"max_input_len={self.limits.max_input_len} (its optimization profiles)"
+                )
+        self.engine = Engine(
+            self.executor, limits=Limits(slots, chunk, self.limits.max_seq_len), num_slots=slots,
+            max_num_tokens=chunk, eos_token_ids=self.eos_token_ids, decode=self.tokenizer.decode,
+            vocab_size=self.manifest["model"].get("vocab_size"),
+        )
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -52,71 +91,90 @@ class LoadedModel:
             return self.tokenizer.encode_chat([{"role": "user", "content": prompt}])
         return self.tokenizer.encode(prompt)
 
+    # -- requests -----------------------------------------------------------------------------
+    def submit(self, prompt_ids: Sequence[int], *, max_new_tokens: int = 64, params: SamplingParams = SamplingParams(),
+               stop: Sequence[str] = (), logprobs: int | None = None, stream: bool = False) -> RequestHandle:
+        """Queue one request of token ids (thread-safe); see RequestHandle."""
+        request = Request(tuple(int(t) for t in prompt_ids), max_new_tokens, params, tuple(stop), logprobs, stream)
+        return self.engine.submit(request)
+
     def generate_ids(
-        self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64, params: SamplingParams = SamplingParams(),
-        on_token=None,
+        self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64, params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
+        stop: Sequence[str] = (), logprobs: int | None = None,
     ) -> list[Generation]:
-        results: list[Generation] = []
-        step = self.limits.max_batch_size
-        for start in range(0, len(prompts), step):
-            chunk = prompts[start : start + step]
-            callback = None if on_token is None else (lambda b, t, s=start: on_token(s + b, t))
-            results += generate_batch(
-                self.executor, chunk, max_new_tokens=max_new_tokens, params=params,
-                eos_token_ids=self.eos_token_ids, limits=self.limits, on_token=callback,
-            )
-        for g in results:
-            g.text = self.tokenizer.decode(g.token_ids)
-        return results
+        """Token ids in, Generations out; all prompts run together (continuous batching)."""
+        per_prompt = list(params) if not isinstance(params, SamplingParams) else [params] * len(prompts)
+        if len(per_prompt) != len(prompts):
+            raise UserError(f"{len(per_prompt)} sampling settings for {len(prompts)} prompts")
+        handles = [self.submit(p, max_new_tokens=max_new_tokens, params=sp, stop=stop, logprobs=logprobs)
+                   for p, sp in zip(prompts, per_prompt)]
+        return [h.result() for h in handles]
 
     def generate(
         self, prompts: str | Sequence[str], *, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
-        top_p: float = 1.0, seed: int = 0, chat: bool = False,
+        top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0, presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0, seed: int | Sequence[int] = 0, stop: str | Sequence[str] = (),
+        logprobs: int | None = None, chat: bool = False,
     ) -> list[Generation]:
-        """Text in, `Generation`s (text, token ids, finish reason) out; greedy at temperature 0."""
+        """Text in, `Generation`s (text, token ids, finish reason, logprobs) out; greedy at
+        temperature 0. `seed` may be one per prompt; a seeded request gives the same
+        text alone or batched with others."""
         if isinstance(prompts, str):
             prompts = [prompts]
-        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        seeds = [seed] * len(prompts) if isinstance(seed, int) else list(seed)
+        if len(seeds) != len(prompts):
+            raise UserError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+        params = [SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=s, min_p=min_p,
+                                 repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                                 frequency_penalty=frequency_penalty) for s in seeds]
         ids = [self.encode(p, chat=chat) for p in prompts]
-        return self.generate_ids(ids, max_new_tokens=max_new_tokens, params=params)
+        return self.generate_ids(ids, max_new_tokens=max_new_tokens, params=params, stop=_stops(stop),
+                                 logprobs=logprobs)
 
-    def stream(
-        self, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-        seed: int = 0, chat: bool = False,
-    ) -> Iterator[str]:
-        """Text deltas of one generation, as tokens are produced."""
-        import queue
-        import threading
+    def stream(self, prompt: str | list[dict], *, max_new_tokens: int = 64, stop: str | Sequence[str] = (),
+               chat: bool = False, **sampling) -> Iterator[str]:
+        """Text deltas of one generation, as tokens are produced. `prompt` may also be a
+        list of chat messages (then the chat template applies)."""
+        if isinstance(prompt, list):
+            ids = self.tokenizer.encode_chat(prompt)
+        else:
+            ids = self.encode(prompt, chat=chat)
+        handle = self.submit(ids, max_new_tokens=max_new_tokens, params=_params(sampling), stop=_stops(stop),
+                             stream=True)
+        return iter(handle)
 
-        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-        ids = self.encode(prompt, chat=chat)
-        tokens: queue.Queue = queue.Queue()
-        done = object()
-        failure: list[BaseException] = []
-
-        def work():
-            try:
-                self.generate_ids([ids], max_new_tokens=max_new_tokens, params=params, on_token=lambda b, t: tokens.put(t))
-            except BaseException as e:  # re-raised in the consumer
-                failure.append(e)
-            finally:
-                tokens.put(done)
-
-        thread = threading.Thread(target=work, daemon=True)
-        thread.start()
-        yield from stream_text(self.tokenizer.decode, iter(tokens.get, done))
-        thread.join()
-        if failure:
-            raise failure[0]
-
-    def chat(self, messages: list[dict], **kwargs) -> Generation:
+    def chat(self, messages: list[dict], *, stream: bool = False, max_new_tokens: int = 256,
+             stop: str | Sequence[str] = (), logprobs: int | None = None, **sampling):
+        """Reply to chat `messages` (the artifact's chat template): a Generation, or with
+        stream=True an iterator of text deltas."""
+        if stream:
+            return self.stream(messages, max_new_tokens=max_new_tokens, stop=stop, **sampling)
         ids = self.tokenizer.encode_chat(messages)
-        params = SamplingParams(**{k: kwargs.pop(k) for k in ("temperature", "top_k", "top_p", "seed") if k in kwargs})
-        return self.generate_ids([ids], params=params, **kwargs)[0]
+        return self.submit(ids, max_new_tokens=max_new_tokens, params=_params(sampling), stop=_stops(stop),
+                           logprobs=logprobs).result()
 
     def close(self) -> None:
+        self.engine.close()
         self.executor.close()
 
+    def __enter__(self):
+        return self
 
-def load(artifact: str | Path, backend: str = "auto", threads: int | None = None) -> LoadedModel:
-    return LoadedModel(artifact, backend=backend, threads=threads)
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _stops(stop: str | Sequence[str]) -> tuple[str, ...]:
+    return (stop,) if isinstance(stop, str) else tuple(stop)
+
+
+def _params(sampling: dict) -> SamplingParams:
+    unknown = set(sampling) - set(_SAMPLING_KEYS)
+    if unknown:
+        raise TypeError(f"unknown sampling option(s) {sorted(unknown)}; known: {', '.join(_SAMPLING_KEYS)}")
+    return SamplingParams(**sampling)
+
+
+def load(artifact: str | Path, backend: str = "auto", threads: int | None = None, **options) -> LoadedModel:
+    """Load an artifact; options: max_batch_size, max_num_tokens, cpu_lowering (LoadedModel)."""
+    return LoadedModel(artifact, backend=backend, threads=threads, **options)

@@ -14,11 +14,26 @@ Given float32 logits over the vocabulary and parameters (temperature, top_k, top
 
 RNG: SplitMix64 seeded with the request's 64-bit seed; each sampled token consumes one
 draw, `uniform = (next_u64 >> 11) * 2**-53`. Greedy steps consume no draw.
+
+Python-only extensions (not in the C++ runtime; each is a no-op at its default, so
+the steps above are unchanged when they are off):
+
+0. Penalties, applied to the float32 logits before step 1 (so greedy sees them too):
+   repetition_penalty r != 1 (HF/CTRL style) over every token id in the prompt and the
+   output so far: a logit l becomes l / r if l > 0 else l * r; then, over the output
+   tokens only, presence_penalty (subtracted once per distinct token) and
+   frequency_penalty (subtracted once per occurrence), as in the OpenAI API.
+6b. min_p > 0: after step 6, keep the candidates whose probability is >= min_p times
+   the top candidate's probability, and renormalise.
+
+Log-probabilities reported to the caller (`logprobs`) are those of the model's own
+distribution, log_softmax(float64(logits)), before penalties and truncation.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
@@ -46,32 +61,75 @@ class SamplingParams:
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 0
+    # Python-only extensions (see the module docstring); defaults are no-ops.
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        problems = []
+        if not self.temperature >= 0:
+            problems.append(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+            problems.append(f"top_k must be >= 0, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            problems.append(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0.0 <= self.min_p <= 1.0:
+            problems.append(f"min_p must be in [0, 1], got {self.min_p}")
+        if not self.repetition_penalty > 0:
+            problems.append(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if problems:
+            raise ValueError("; ".join(problems))
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+def apply_penalties(
+    logits: np.ndarray, params: SamplingParams, prompt_ids: Sequence[int], output_ids: Sequence[int]
+) -> np.ndarray:
+    """Step 0: the penalised copy of `logits` (the input itself when no penalty is set)."""
+    if not params.penalized:
+        return logits
+    logits = np.array(logits, dtype=np.float32, copy=True)
+    if params.repetition_penalty != 1.0:
+        seen = np.unique(np.fromiter((*prompt_ids, *output_ids), np.int64))
+        values = logits[seen]
+        logits[seen] = np.where(values > 0, values / params.repetition_penalty, values * params.repetition_penalty)
+    if output_ids and (params.presence_penalty != 0.0 or params.frequency_penalty != 0.0):
+        ids, counts = np.unique(np.asarray(output_ids, np.int64), return_counts=True)
+        logits[ids] -= params.presence_penalty + params.frequency_penalty * counts
+    return logits
+
 
 def candidate_probabilities(logits: np.ndarray, params: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
-    """(token ids, probabilities) of the candidates left after temperature/top-k/top-p."""
+    """(token ids, probabilities) of the candidates left after temperature/top-k/top-p/min-p."""
     x = logits.astype(np.float64) / params.temperature
-    order = np.argsort(-x, kind="stable")
-    if 0 < params.top_k < order.size:
-        order = order[: params.top_k]
+    if 0 < params.top_k < x.size:
+        # Same candidates and order as a full stable sort, without sorting the whole
+        # vocabulary: everything > the k-th value, then ties at it by ascending id.
+        kth = np.partition(x, x.size - params.top_k)[x.size - params.top_k]
+        above = np.flatnonzero(x > kth)
+        ties = np.flatnonzero(x == kth)[: params.top_k - above.size]
+        pool = np.concatenate([above, ties])
+        order = pool[np.argsort(-x[pool], kind="stable")]
+    else:
+        order = np.argsort(-x, kind="stable")
     kept = x[order]
     p = np.exp(kept - kept[0])
     p /= p.sum()
     if params.top_p < 1.0:
         cum = np.cumsum(p)
         n = int(np.searchsorted(cum, params.top_p, side="left")) + 1
+        order, p = order[:n], p[:n] / p[:n].sum()
+    if params.min_p > 0.0:
+        n = int(np.count_nonzero(p >= params.min_p * p[0]))
         order, p = order[:n], p[:n] / p[:n].sum()
     return order, p
 
@@ -83,3 +141,18 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: SplitMix64 | None) -
     u = rng.uniform()
     index = int(np.searchsorted(np.cumsum(p), u, side="right"))
     return int(ids[min(index, ids.size - 1)])
+
+
+def logprobs_of(logits: np.ndarray, token: int, top: int = 0) -> tuple[float, list[tuple[int, float]]]:
+    """log p(token) under log_softmax(float64(logits)), and the `top` most likely
+    (id, logprob) pairs, most likely first (ties by ascending id)."""
+    x = logits.astype(np.float64)
+    m = x.max()
+    log_z = m + np.log(np.exp(x - m).sum())
+    alternatives: list[tuple[int, float]] = []
+    if top > 0:
+        top = min(top, x.size)
+        pool = np.argpartition(-x, top - 1)[:top]
+        pool = pool[np.lexsort((pool, -x[pool]))]
+        alternatives = [(int(i), float(x[i] - log_z)) for i in pool]
+    return float(x[token] - log_z), alternatives

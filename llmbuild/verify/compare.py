@@ -65,7 +65,7 @@ def verify_artifact(
     from llmbuild.verify.reference import load_reference, reference_greedy, reference_logits
 
     start = time.perf_counter()
-    model = load(artifact, backend="onnxruntime")
+    model = load(artifact, backend="onnxruntime", cpu_lowering=False)  # the graph TensorRT parses
     precision = model.manifest["model"]["precision"]
     thresholds = thresholds or default_thresholds(precision)
     ref = reference_model if reference_model is not None else load_reference(reference)

@@ -3,6 +3,12 @@
 Executors own their KV-cache buffers (host memory for ONNX Runtime, device memory for
 TensorRT) so that the cache is updated in place; the generator only hands over token
 ids, positions and write indices, and receives float32 logits.
+
+The cache has `batch_size` slots. A pass covers a contiguous range of them,
+`first_slot .. first_slot + B - 1` for a step of batch B: the executor binds the
+graph's `past_*`/`present_*` to that range of its buffers (the slots are the leading,
+contiguous dimension), so one sequence can be prefilled alone (B = 1) without padding
+and without touching the other slots.
 """
 
 from __future__ import annotations
@@ -30,13 +36,20 @@ class StepInputs:
             raise ValueError(f"logits_indices shape {self.logits_indices.shape} must be ({b}, K)")
 
 
+def check_slots(step: StepInputs, first_slot: int, slots: int) -> None:
+    b = step.input_ids.shape[0]
+    if first_slot < 0 or b < 1 or first_slot + b > slots:
+        raise ValueError(f"a batch of {b} from slot {first_slot} does not fit the cache's {slots} slots")
+
+
 class Executor(Protocol):
     name: str
     batch_size: int  # cache slots
     cache_len: int  # cache rows per slot
 
-    def forward(self, step: StepInputs) -> np.ndarray:
-        """Run one pass; returns logits float32 [B, K, vocab]. B must equal batch_size."""
+    def forward(self, step: StepInputs, first_slot: int = 0) -> np.ndarray:
+        """Run one pass over cache slots first_slot .. first_slot+B-1; returns logits
+        float32 [B, K, vocab]."""
 
     def reset(self, batch_size: int) -> None:
         """(Re)allocate the KV cache for `batch_size` slots."""

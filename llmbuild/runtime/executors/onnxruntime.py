@@ -1,37 +1,93 @@
 """ONNX Runtime executor (CPU): the artifact's ONNX graph with an in-place KV cache.
 
 Each layer's `past_*` input and `present_*` output are bound (IOBinding) to the same
-preallocated buffer, so `TensorScatter` writes the new rows into it instead of
-copying the whole cache every step.
+preallocated buffer, so the cache update writes the new rows into it instead of
+copying the whole cache every step. A pass over slots a..a+B-1 binds views of those
+slots (the slot dimension is the buffers' leading one, so the views are contiguous
+and no bytes move); one IOBinding per slot range is built once and reused, with a
+preallocated logits buffer, so a step allocates nothing but its small token arrays.
+
+By default the graph is first lowered for the CPU (llmbuild.runtime.cpu_lowering:
+ONNX Runtime's fused GroupQueryAttention, 16-bit weights promoted to float32);
+`cpu_lowering=False` runs the standard graph exactly as TensorRT would parse it.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 import numpy as np
 
 from llmbuild.graph import io
-from llmbuild.runtime.executors.base import StepInputs
+from llmbuild.runtime.executors.base import StepInputs, check_slots
+
+log = logging.getLogger(__name__)
 
 _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
+def default_threads() -> int:
+    """Physical cores available to this process (ONNX Runtime's own default), at most 8."""
+    try:
+        available = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        available = os.cpu_count() or 1
+    try:
+        import psutil
+
+        physical = psutil.cpu_count(logical=False) or available
+    except Exception:  # noqa: BLE001 - psutil can fail in containers
+        physical = available
+    return max(1, min(available, physical, 8))
+
+
+def session_options(threads: int | None, log_severity: int = 3):
+    """Session options tuned for decoding: one intra-op pool, sequential graph, all
+    graph optimizations, denormals flushed (they appear in softmax tails and are slow)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or default_threads()
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = log_severity
+    opts.add_session_config_entry("session.set_denormal_as_zero", "1")
+    return opts
+
+
 class OnnxRuntimeExecutor:
     name = "onnxruntime"
+    slot_ranges = True  # forward() may cover any contiguous range of cache slots
 
     def __init__(self, model_path: Path, *, num_layers: int, cache_len: int, batch_size: int = 1,
-                 threads: int | None = None):
+                 threads: int | None = None, cpu_lowering: bool | None = None, log_severity: int = 3):
+        """cpu_lowering: True = lowered graph or an error, False = the standard graph,
+        None = lowered when the graph allows it (else the standard graph, logged)."""
         import onnxruntime as ort
 
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or min(os.cpu_count() or 1, 8)
-        opts.inter_op_num_threads = 1
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.log_severity_level = 3
         self._ort = ort
-        self.session = ort.InferenceSession(str(model_path), sess_options=opts, providers=["CPUExecutionProvider"])
+        model_path = Path(model_path)
+        opts = session_options(threads, log_severity)
+        self.threads = opts.intra_op_num_threads
+        self.lowered = False
+        source: str | bytes = str(model_path)
+        if cpu_lowering is not False:
+            from llmbuild.runtime.cpu_lowering import LoweringError, lowered_model_bytes
+
+            try:
+                source = lowered_model_bytes(model_path)
+                # Weights stay in the artifact's external data file, read from there.
+                opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                              str(model_path.parent))
+                self.lowered = True
+            except LoweringError as e:
+                if cpu_lowering:
+                    raise
+                log.info("CPU lowering not applied (%s); running the standard graph", e)
+        self.session = ort.InferenceSession(source, sess_options=opts, providers=["CPUExecutionProvider"])
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.num_layers = num_layers
         cache_in = inputs[io.past_key(0)]
@@ -42,33 +98,55 @@ class OnnxRuntimeExecutor:
             )
         self.cache_dtype = _NP[cache_in.type]
         self.kv_heads, self.head_dim = int(cache_in.shape[1]), int(cache_in.shape[3])
+        self.vocab = int(self.session.get_outputs()[0].shape[-1])
         self.cache_len = cache_len
         self.batch_size = 0
         self.reset(batch_size)
 
+    @property
+    def cache_bytes(self) -> int:
+        return sum(b.nbytes for b in self._buffers)
+
     def reset(self, batch_size: int) -> None:
         """Fresh zeroed cache buffers for `batch_size` slots, bound as past and present."""
-        ort = self._ort
         shape = (batch_size, self.kv_heads, self.cache_len, self.head_dim)
         self._buffers = [np.zeros(shape, self.cache_dtype) for _ in range(2 * self.num_layers)]
-        self._values = [ort.OrtValue.ortvalue_from_numpy(b) for b in self._buffers]
-        self.binding = self.session.io_binding()
-        self.binding.bind_output(io.LOGITS, "cpu")  # first output: get_outputs()[0]
-        for (past, present), value in zip(io.cache_pairs(self.num_layers), self._values):
-            self.binding.bind_ortvalue_input(past, value)
-            self.binding.bind_ortvalue_output(present, value)
+        self._bindings: dict[tuple[int, int, int], tuple[object, np.ndarray | None]] = {}
         self.batch_size = batch_size
 
-    def forward(self, step: StepInputs) -> np.ndarray:
-        if step.input_ids.shape[0] != self.batch_size:
-            raise ValueError(f"batch {step.input_ids.shape[0]} != cache slots {self.batch_size}")
-        b = self.binding
+    def _binding(self, first_slot: int, batch: int, num_logits: int):
+        key = (first_slot, batch, num_logits)
+        cached = self._bindings.get(key)
+        if cached is not None:
+            return cached
+        ort = self._ort
+        binding = self.session.io_binding()
+        # Logits first: get_outputs() lists outputs in binding order.
+        logits = None
+        if num_logits == 1:  # decode steps and prefill ends: a reusable output buffer
+            logits = np.empty((batch, 1, self.vocab), np.float32)
+            binding.bind_ortvalue_output(io.LOGITS, ort.OrtValue.ortvalue_from_numpy(logits))
+        else:
+            binding.bind_output(io.LOGITS, "cpu")
+        for (past, present), buf in zip(io.cache_pairs(self.num_layers), self._buffers):
+            value = ort.OrtValue.ortvalue_from_numpy(buf[first_slot : first_slot + batch])
+            binding.bind_ortvalue_input(past, value)
+            binding.bind_ortvalue_output(present, value)
+        if num_logits == 1:
+            self._bindings[key] = (binding, logits)
+        return binding, logits
+
+    def forward(self, step: StepInputs, first_slot: int = 0) -> np.ndarray:
+        """Logits [B, K, vocab] (a fresh array the caller may keep)."""
+        check_slots(step, first_slot, self.batch_size)
+        b, logits = self._binding(first_slot, step.input_ids.shape[0], step.logits_indices.shape[1])
         b.bind_cpu_input(io.INPUT_IDS, np.ascontiguousarray(step.input_ids, np.int64))
         b.bind_cpu_input(io.POSITION_IDS, np.ascontiguousarray(step.position_ids, np.int64))
         b.bind_cpu_input(io.WRITE_INDICES, np.ascontiguousarray(step.write_indices, np.int64))
         b.bind_cpu_input(io.LOGITS_INDICES, np.ascontiguousarray(step.logits_indices, np.int64))
-        b.bind_output(io.LOGITS, "cpu")  # re-bound: its shape changes between steps
         self.session.run_with_iobinding(b)
+        if logits is not None:
+            return logits.copy()
         return b.get_outputs()[0].numpy()
 
     def cache_arrays(self) -> list[np.ndarray]:
@@ -76,5 +154,5 @@ class OnnxRuntimeExecutor:
         return self._buffers
 
     def close(self) -> None:
-        self.binding = None
+        self._bindings = {}
         self.session = None

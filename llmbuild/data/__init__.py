@@ -1,0 +1,1 @@
+"""Data files shipped inside the package (the `kjv` text corpus: corpus/README.md)."""

@@ -1,0 +1,151 @@
+"""Content-addressed engine cache: an unchanged build reuses its engine.
+
+    cache = EngineCache(default_cache_dir())
+    key = engine_key(recipe=rd, source=fingerprint, graph=graph_hash, toolchain=tc,
+                     engine=entry, trt_module="tensorrt_rtx", trt_version="1.7.1.116")
+    info, hit = cache.get_or_build(key, engine_path, build)   # build(path) -> manifest entry
+
+The key is a sha256 over everything that decides the engine: the resolved recipe (less
+its name, the engine list and the verify settings, which do not), the source weights'
+fingerprint (headers plus sampled content; no mtimes or absolute paths), the ONNX graph's
+hash, the toolchain (llmbuild, onnx, onnx-ir), the TensorRT flavour and version, and the
+engine entry (backend, targets, builder options) and rank. Change any of them and the key
+changes.
+
+Layout: `<dir>/engines/<key[:2]>/<key>/{engine, entry.json}`, written into a temporary
+sibling and renamed, so a reader never sees half an entry. A per-key lock file
+(`<dir>/locks/<key>.lock`, `filelock`) makes concurrent compiles of the same engine
+build it once: the second waits, then reuses it. An entry whose engine no longer
+matches its recorded sha256 is treated as a miss and rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+KEY_VERSION = 1  # bump when the key's composition or the entry layout changes
+ENGINE_FILE = "engine"
+ENTRY_FILE = "entry.json"
+ENV_VAR = "LLMBUILD_CACHE_DIR"
+# Recipe keys that do not change an engine (the engine list: each engine has its own key).
+_NOT_ENGINE_INPUTS = ("name", "engines", "verify", "matrix")
+
+
+def default_cache_dir() -> Path:
+    """$LLMBUILD_CACHE_DIR, else $XDG_CACHE_HOME/llmbuild, else ~/.cache/llmbuild."""
+    if os.environ.get(ENV_VAR):
+        return Path(os.environ[ENV_VAR]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "llmbuild"
+
+
+def engine_key(
+    *,
+    recipe: dict,
+    source: str,
+    graph: str,
+    toolchain: dict,
+    engine: dict,
+    trt_module: str,
+    trt_version: str,
+    rank: int = 0,
+) -> str:
+    """sha256 over every input that decides one engine (see the module docstring)."""
+    data = {
+        "key_version": KEY_VERSION,
+        "recipe": {k: v for k, v in recipe.items() if k not in _NOT_ENGINE_INPUTS},
+        "source": source,
+        "graph": graph,
+        "toolchain": {k: toolchain.get(k) for k in ("llmbuild", "onnx", "onnx_ir")},
+        "engine": engine,
+        "trt": [trt_module, trt_version],
+        "rank": rank,
+    }
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _copy_hashed(src: Path, dst: Path, chunk: int = 1 << 22) -> str:
+    """Copy src to dst (via a temporary sibling) and return the sha256 of the bytes copied."""
+    digest = hashlib.sha256()
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    try:
+        with open(src, "rb") as fin, open(tmp, "wb") as fout:
+            while block := fin.read(chunk):
+                digest.update(block)
+                fout.write(block)
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return digest.hexdigest()
+
+
+class EngineCache:
+    """Engines by key in one directory; safe for concurrent processes."""
+
+    def __init__(self, directory: Path, *, lock_timeout: float = -1):
+        self.dir = Path(directory)
+        self.lock_timeout = lock_timeout  # seconds; -1 waits as long as the other build takes
+
+    def entry_dir(self, key: str) -> Path:
+        return self.dir / "engines" / key[:2] / key
+
+    def lock(self, key: str):
+        from filelock import FileLock
+
+        path = self.dir / "locks" / f"{key}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return FileLock(str(path), timeout=self.lock_timeout, thread_local=False)
+
+    def _load(self, key: str, engine_path: Path) -> dict | None:
+        """Copy a cached engine to engine_path; its manifest entry, or None (miss)."""
+        entry_dir = self.entry_dir(key)
+        try:
+            info = json.loads((entry_dir / ENTRY_FILE).read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        engine_path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            digest = _copy_hashed(entry_dir / ENGINE_FILE, engine_path)
+        except OSError:
+            return None
+        if digest != info.get("sha256"):  # damaged entry: rebuild and replace it
+            engine_path.unlink(missing_ok=True)
+            shutil.rmtree(entry_dir, ignore_errors=True)
+            return None
+        os.utime(entry_dir)  # last use, for whoever prunes the cache
+        return info
+
+    def _store(self, key: str, engine_path: Path, info: dict) -> None:
+        final = self.entry_dir(key)
+        tmp = final.with_name(f".{key}.{os.getpid()}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            digest = _copy_hashed(engine_path, tmp / ENGINE_FILE)
+            if digest != info.get("sha256"):
+                raise OSError(f"{engine_path} changed while it was stored in the cache")
+            (tmp / ENTRY_FILE).write_text(json.dumps({**info, "cache_key": key, "stored": time.time()}, indent=1))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def get_or_build(self, key: str, engine_path: Path, build: Callable[[Path], dict]) -> tuple[dict, bool]:
+        """(manifest entry, hit). On a miss `build(engine_path)` writes the engine and
+        returns its entry, which is stored under `key`. Holds the key's lock throughout."""
+        engine_path = Path(engine_path)
+        with self.lock(key):
+            info = self._load(key, engine_path)
+            if info is not None:
+                info.pop("stored", None)
+                return info, True
+            info = build(engine_path)
+            self._store(key, engine_path, info)
+            return info, False

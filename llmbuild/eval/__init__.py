@@ -1,0 +1,114 @@
+"""Accuracy of an artifact on held-out text: perplexity, and against a reference model
+the mean KL divergence of the next-token distributions and top-1 agreement.
+
+    report = evaluate("out/smollm2-int4", reference="out/smollm2-fp16")
+
+Every metric is taken over the same positions: in each chunk of `seq_len` tokens,
+positions 0..S-2 predict tokens 1..S-1 (no context carried between chunks).
+
+    perplexity        exp(mean −log p(next token))
+    kl_divergence     mean over positions of KL(p_ref ‖ p) in nats
+    top1_agreement    fraction of positions where argmax p == argmax p_ref
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from llmbuild.eval.corpus import DEFAULT_DATASET, read_text, token_chunks
+
+DEFAULT_SEQ_LEN = 512
+DEFAULT_TOKENS = 16384
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = np.asarray(logits, np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def chunk_metrics(logits: np.ndarray, ids: np.ndarray, ref_logits: np.ndarray | None = None) -> dict:
+    """Sums over one chunk: nll, kl, top-1 hits, positions."""
+    lp = log_softmax(logits[:-1])
+    targets = np.asarray(ids[1:], np.int64)
+    out = {"nll": float(-lp[np.arange(len(targets)), targets].sum()), "positions": len(targets)}
+    if ref_logits is not None:
+        lr = log_softmax(ref_logits[:-1])
+        out["ref_nll"] = float(-lr[np.arange(len(targets)), targets].sum())
+        out["kl"] = float((np.exp(lr) * (lr - lp)).sum())
+        out["top1"] = int((lp.argmax(-1) == lr.argmax(-1)).sum())
+    return out
+
+
+def summarize(totals: dict) -> dict:
+    n = max(totals["positions"], 1)
+    out = {"positions": totals["positions"], "perplexity": float(np.exp(totals["nll"] / n))}
+    if "kl" in totals:
+        ref_ppl = float(np.exp(totals["ref_nll"] / n))
+        out |= {
+            "reference_perplexity": ref_ppl,
+            "perplexity_increase": out["perplexity"] / ref_ppl - 1.0,
+            "kl_divergence": totals["kl"] / n,
+            "top1_agreement": totals["top1"] / n,
+        }
+    return out
+
+
+def dataset_tokens(tokenizer_json: Path, dataset: str = DEFAULT_DATASET, split: str = "evaluation",
+                   base_dir: Path | None = None) -> list[int]:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    return tok.encode(read_text(dataset, split, base_dir), add_special_tokens=False).ids
+
+
+def evaluate_runners(candidate, reference, chunks: np.ndarray, progress=None) -> dict:
+    """Metrics of `candidate` (and against `reference`, if given) over token `chunks`."""
+    totals = {"nll": 0.0, "positions": 0}
+    if reference is not None:
+        totals |= {"kl": 0.0, "top1": 0, "ref_nll": 0.0}
+    for i, ids in enumerate(chunks):
+        ref = reference.logits(ids) if reference is not None else None
+        m = chunk_metrics(candidate.logits(ids), ids, ref)
+        for k, v in m.items():
+            totals[k] += v
+        if progress is not None:
+            progress(i + 1, len(chunks))
+    return summarize(totals)
+
+
+def evaluate(
+    artifact: str | Path, reference: str | Path | None = None, *, dataset: str = DEFAULT_DATASET,
+    tokens: int = DEFAULT_TOKENS, seq_len: int = DEFAULT_SEQ_LEN, threads: int | None = None, progress=None,
+) -> dict:
+    """Evaluate an artifact (or .onnx graph) on `dataset`'s evaluation text."""
+    from llmbuild.errors import UserError
+    from llmbuild.eval.runners import artifact_graph, open_runner
+
+    start = time.perf_counter()
+    artifact = Path(artifact)
+    graph = artifact_graph(artifact) if artifact.is_dir() else None
+    if graph is None:
+        raise UserError(f"{artifact} is not an artifact directory (no manifest.json)")
+    tokenizer_json = artifact / "tokenizer" / "tokenizer.json"
+    ids = dataset_tokens(tokenizer_json, dataset, "evaluation", Path.cwd())
+    count = max(1, tokens // seq_len)
+    chunks = token_chunks(ids, seq_len, min(count, len(ids) // seq_len) if len(ids) >= seq_len else count,
+                          where=f"dataset {dataset!r}")
+    cand = open_runner(artifact, threads)
+    ref = open_runner(reference, threads) if reference is not None else None
+    try:
+        report = evaluate_runners(cand, ref, chunks, progress)
+    finally:
+        cand.close()
+        if ref is not None:
+            ref.close()
+    return {"artifact": str(artifact), "reference": str(reference) if reference is not None else None,
+            "dataset": dataset, "split": "evaluation", "seq_len": seq_len, "chunks": len(chunks), **report,
+            "seconds": round(time.perf_counter() - start, 2)}
+
+
+__all__ = ["evaluate", "evaluate_runners", "chunk_metrics", "summarize", "log_softmax", "dataset_tokens"]

@@ -1,0 +1,126 @@
+"""Per-rank ONNX graphs with their all-reduce points marked.
+
+Rank r's graph is the architecture's own graph code run on `RankSource` (fewer heads,
+a narrower MLP, sliced weights). Then every MatMul whose weight is row parallel gets
+an all-reduce marker after it:
+
+    attn ──MatMul(o_proj[r])──► allreduce.<k>.partial ──Identity "allreduce.<k>"──► allreduce.<k> ──► Add(residual)
+
+The marker is an ONNX `Identity` node named `allreduce.<k>` (metadata
+`llmbuild.collective = all_reduce_sum`), k counting in graph order. Consumers of the
+partial sum read the marker's output, so one place in each rank graph stands for
+"the sum over all ranks of this tensor":
+
+  * engine (`llmbuild.engine.collectives`): after parsing, the marker layer's input
+    feeds an `ALL_REDUCE/SUM` DistCollective layer that replaces it;
+  * CPU (`llmbuild.parallel.simulate`): the N rank graphs side by side in one ONNX
+    graph, each marker replaced by one `Sum` over the ranks' partials.
+
+A rank graph run alone on ONNX Runtime computes only its partial sums: use the
+simulator (the runtime does so for tp > 1 artifacts).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import onnx_ir as ir
+
+from llmbuild.parallel.sharder import RankSource, ShardPlan
+
+MARKER_PREFIX = "allreduce."
+COLLECTIVE_KEY = "llmbuild.collective"
+ALL_REDUCE_SUM = "all_reduce_sum"
+META_TP = "llmbuild.tp"
+META_RANK = "llmbuild.rank"
+META_POINTS = "llmbuild.allreduce_points"
+# Nodes a weight may pass through between its initializer and the MatMul
+# (quantized weights: DequantizeLinear; layout changes).
+_WEIGHT_PATH_OPS = ("DequantizeLinear", "Cast", "Transpose", "Reshape", "Identity")
+
+
+def rank_dir(rank: int) -> str:
+    return f"rank{rank}"
+
+
+def marker_name(k: int) -> str:
+    return f"{MARKER_PREFIX}{k}"
+
+
+def _weight_name(value: ir.Value | None) -> str | None:
+    """The initializer a MatMul operand comes from, through dequantize/layout nodes."""
+    while value is not None:
+        if value.is_initializer():
+            return value.name
+        producer = value.producer()
+        if producer is None or producer.op_type not in _WEIGHT_PATH_OPS or not producer.inputs:
+            return None
+        value = producer.inputs[0]
+    return None
+
+
+def _hf_name(initializer: str) -> str:
+    """`...down_proj.weight` from a possibly suffixed initializer name (`...weight.q4`)."""
+    cut = initializer.find(".weight")
+    return initializer[: cut + len(".weight")] if cut >= 0 else initializer
+
+
+def mark_allreduce_points(model: ir.Model, plan: ShardPlan) -> list[dict]:
+    """Insert an `allreduce.<k>` marker after every row-parallel MatMul; returns the
+    collective plan [{name, op, reduce, weight}] in graph order."""
+    graph = model.graph
+    points = []
+    for node in list(graph):
+        if node.op_type != "MatMul" or len(node.inputs) < 2:
+            continue
+        weight = _weight_name(node.inputs[1])
+        hint = plan.hint(_hf_name(weight)) if weight else None
+        if hint is None or not hint.row_parallel:
+            continue
+        name = marker_name(len(points))
+        partial = node.outputs[0]
+        partial.name = f"{name}.partial"
+        reduced = ir.Value(name=name, type=partial.type, shape=partial.shape)
+        partial.replace_all_uses_with(reduced)
+        marker = ir.node("Identity", [partial], outputs=[reduced], name=name,
+                         metadata_props={COLLECTIVE_KEY: ALL_REDUCE_SUM})
+        graph.insert_after(node, marker)
+        points.append({"name": name, "op": "all_reduce", "reduce": "sum", "weight": _hf_name(weight)})
+    model.metadata_props[META_POINTS] = json.dumps([p["name"] for p in points])
+    return points
+
+
+def build_rank_model(source, plan: ShardPlan, rank: int, precision: str, max_seq_len: int) -> tuple[ir.Model, list[dict]]:
+    """Rank `rank`'s decoder graph (lazy weights) and its collective plan."""
+    from llmbuild.graph.export import build_model
+
+    model = build_model(RankSource(source, plan, rank), precision, max_seq_len)
+    model.metadata_props[META_TP] = str(plan.tp)
+    model.metadata_props[META_RANK] = str(rank)
+    points = mark_allreduce_points(model, plan)
+    return model, points
+
+
+def save_rank_models(
+    source, plan: ShardPlan, out_dir: Path, precision: str, max_seq_len: int,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[dict]:
+    """Write rank<r>/model.onnx (+ .data) for every rank, one rank at a time.
+
+    Returns per rank: {rank, dir, graph path, collective plan}. Weights stream from the
+    source (read, sliced, written, dropped), so memory stays near one rank's in-flight
+    window plus one full tensor.
+    """
+    from llmbuild.graph.export import save_model
+
+    ranks = []
+    for rank in range(plan.tp):
+        model, points = build_rank_model(source, plan, rank, precision, max_seq_len)
+        directory = Path(out_dir) / rank_dir(rank)
+        report = None if progress is None else (lambda d, t, r=rank: progress(r * t + d, plan.tp * t))
+        path = save_model(model, directory, progress=report)
+        del model
+        ranks.append({"rank": rank, "dir": directory, "path": path, "collectives": points})
+    return ranks

@@ -1,0 +1,264 @@
+"""`llmbuild plan`: what `compile` would do and need, from the recipe and model config only.
+
+    plans = plan_recipe("recipes/smollm2-135m-instruct.yaml")   # one dict per matrix variant
+    print(format_plan(plans[0]))
+
+No weights are read and nothing heavy is imported (no torch, onnx or TensorRT), so a
+70B-class config plans in well under a second. The figures, per tensor-parallel rank:
+
+    parameters      embeddings + (untied) lm_head + layers x (q, k, v, o, gate, up, down, 2 norms) + norm
+    weight bytes    layer matrices / tp + replicated embeddings, lm_head, norms, at the precision
+    KV cache        2 (K and V) x layers x kv_heads/tp x head_dim x bytes, per token; the engine
+                    allocates max_batch_size x max_seq_len tokens of it
+    activations     the largest forward pass of the engine's profiles (llmbuild.engine.profiles):
+                    T tokens x (3 hidden + (q + k + v)/tp + 3 intermediate/tp) x bytes for one
+                    layer's intermediates (TensorRT reuses them across layers), plus the logits of
+                    L rows x vocab in the compute dtype and as float32
+    GPU memory      weights + KV cache + activations + RUNTIME_RESERVE (CUDA context, TensorRT
+                    runtime and kernels)
+
+For each GPU of a short table: which engine of the recipe runs there, whether it fits,
+the largest batch at max_seq_len and the longest sequence at max_batch_size that fit,
+and, for engines with weight streaming, the weight budget (bytes of weights the GPU can
+keep resident) when the weights do not fit whole.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+GiB = 1 << 30
+# CUDA context, TensorRT runtime, kernels and allocator slack: an allowance, not a measurement.
+RUNTIME_RESERVE = GiB
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+@dataclass(frozen=True)
+class GPU:
+    name: str
+    memory_gib: int  # nominal memory
+    cc: str  # compute capability
+
+
+# Common GPUs, nominal memory; RTX-class first, then datacenter.
+GPUS = (
+    GPU("GeForce RTX 3060", 12, "sm86"),
+    GPU("GeForce RTX 4080", 16, "sm89"),
+    GPU("GeForce RTX 4090", 24, "sm89"),
+    GPU("GeForce RTX 5090", 32, "sm120"),
+    GPU("RTX 6000 Ada", 48, "sm89"),
+    GPU("A100 80GB", 80, "sm80"),
+    GPU("H100 80GB", 80, "sm90"),
+    GPU("H200", 141, "sm90"),
+    GPU("B200", 180, "sm100"),
+)
+
+
+def _dims(config: dict) -> dict:
+    heads = int(config["num_attention_heads"])
+    hidden = int(config["hidden_size"])
+    return {
+        "hidden": hidden,
+        "intermediate": int(config["intermediate_size"]),
+        "layers": int(config["num_hidden_layers"]),
+        "heads": heads,
+        "kv_heads": int(config.get("num_key_value_heads") or heads),
+        "head_dim": int(config.get("head_dim") or hidden // heads),
+        "vocab": int(config["vocab_size"]),
+        "tied": bool(config.get("tie_word_embeddings", False)),
+    }
+
+
+def parameter_groups(config: dict) -> dict[str, int]:
+    """Parameter counts: `layer_matrices` (split by tensor parallelism) and `replicated`
+    (embeddings, lm_head, norms)."""
+    d = _dims(config)
+    h, q, kv, i = d["hidden"], d["heads"] * d["head_dim"], d["kv_heads"] * d["head_dim"], d["intermediate"]
+    per_layer = h * q + 2 * h * kv + q * h + 3 * h * i
+    embed = d["vocab"] * h
+    replicated = embed + (0 if d["tied"] else embed) + d["layers"] * 2 * h + h
+    return {"layer_matrices": d["layers"] * per_layer, "replicated": replicated}
+
+
+def kv_heads_per_rank(kv_heads: int, tp: int) -> int:
+    """KV heads one rank holds: split when tp divides them, else replicated (one each)."""
+    return kv_heads // tp if kv_heads % tp == 0 else 1
+
+
+def activation_bytes(config: dict, *, tokens: int, logit_rows: int, precision: str, tp: int = 1) -> int:
+    """Estimate of one forward pass's activation memory (see the module docstring)."""
+    d = _dims(config)
+    b = DTYPE_BYTES[precision]
+    qkv = (d["heads"] + 2 * d["kv_heads"]) * d["head_dim"] // tp
+    per_token = 3 * d["hidden"] + qkv + 3 * d["intermediate"] // tp
+    return b * tokens * per_token + logit_rows * d["vocab"] * (b + 4)
+
+
+def _profile_passes(limits: dict) -> dict[str, dict]:
+    from llmbuild.engine.profiles import check_limits, prefill_batch
+
+    batch, input_len, _, num_tokens = check_limits(limits)
+    pbatch = prefill_batch(limits)
+    return {
+        "prefill": {"batch": pbatch, "tokens_per_sequence": input_len, "tokens": pbatch * input_len,
+                    "logit_rows": pbatch * input_len},
+        "decode": {"batch": batch, "tokens_per_sequence": 1, "tokens": batch, "logit_rows": batch},
+        "max_num_tokens": num_tokens,
+    }
+
+
+def _engine_runs_on(entry: dict, cc: str) -> bool:
+    from llmbuild.engine.compat import sm_tuple
+    from llmbuild.engine.options import NOT_RTX, RTX_DEFAULT_TARGETS, normalize_compute_capabilities
+
+    device = sm_tuple(cc)
+    if entry["backend"] == "tensorrt-rtx":
+        ccs = entry.get("compute_capabilities")
+        if ccs:
+            return cc in normalize_compute_capabilities(ccs)
+        return cc in RTX_DEFAULT_TARGETS or (device is not None and device >= (12, 0) and cc not in NOT_RTX)
+    if (entry.get("hardware_compatibility") or "none") == "ampere+":
+        return device is not None and device >= (8, 0)
+    return device is not None and device >= (7, 5)  # built on that GPU (TensorRT 10.15+: Turing and later)
+
+
+def plan_config(config: dict, recipe: dict) -> dict:
+    """The plan of one resolved recipe (`Recipe.to_dict()`) for a model config (pure)."""
+    from llmbuild.engine.options import target_label
+    from llmbuild.artifact.layout import engine_file_name
+
+    d = _dims(config)
+    precision = recipe["precision"]
+    limits = dict(recipe["limits"])
+    tp = int((recipe.get("parallel") or {}).get("tp", 1))
+    b = DTYPE_BYTES[precision]
+    groups = parameter_groups(config)
+    params = groups["layer_matrices"] + groups["replicated"]
+    weights_per_rank = b * (groups["layer_matrices"] // tp + groups["replicated"])
+
+    kv_per_token = 2 * d["layers"] * kv_heads_per_rank(d["kv_heads"], tp) * d["head_dim"] * b
+    passes = _profile_passes(limits)
+    act = max(
+        activation_bytes(config, tokens=p["tokens"], logit_rows=p["logit_rows"], precision=precision, tp=tp)
+        for p in (passes["prefill"], passes["decode"])
+    )
+    batch, seq_len = limits["max_batch_size"], limits["max_seq_len"]
+    kv_at_limits = kv_per_token * batch * seq_len
+    need = weights_per_rank + kv_at_limits + act + RUNTIME_RESERVE
+
+    engines = recipe.get("engines") or []
+    files = [engine_file_name(e["backend"], target_label(e["backend"], e), rank) for e in engines for rank in range(tp)]
+    max_positions = config.get("max_position_embeddings")
+
+    gpus = []
+    for gpu in GPUS:
+        memory = gpu.memory_gib * GiB
+        runnable = [e for e in engines if _engine_runs_on(e, gpu.cc)]
+        free_for_kv = memory - RUNTIME_RESERVE - weights_per_rank - act
+        row = {
+            "name": gpu.name,
+            "memory_bytes": memory,
+            "compute_capability": gpu.cc,
+            "engine": (f"{runnable[0]['backend']} ({target_label(runnable[0]['backend'], runnable[0])})"
+                       if runnable else None),
+            "fits": need <= memory,
+            "max_cache_tokens": max(0, free_for_kv // kv_per_token),
+            "max_batch_at_max_seq_len": max(0, free_for_kv // (kv_per_token * seq_len)),
+            "max_seq_len_at_max_batch": max(0, free_for_kv // (kv_per_token * batch)),
+            "weight_streaming_budget_bytes": None,
+        }
+        if max_positions:
+            row["max_seq_len_at_max_batch"] = min(row["max_seq_len_at_max_batch"], int(max_positions))
+        streaming = [e for e in runnable if e.get("weight_streaming")]
+        if streaming and not row["fits"]:
+            # Weights the GPU can keep resident beside the cache and activations at the limits.
+            budget = memory - RUNTIME_RESERVE - kv_at_limits - act
+            wanted = streaming[0].get("weight_streaming_budget_mib")
+            row["weight_streaming_budget_bytes"] = max(0, min(budget, weights_per_rank))
+            row["fits_with_weight_streaming"] = budget > 0 and (wanted is None or wanted * (1 << 20) <= budget)
+        gpus.append(row)
+
+    return {
+        "name": recipe["name"],
+        "model": {"architecture": (config.get("architectures") or ["?"])[0], "num_layers": d["layers"],
+                  "hidden_size": d["hidden"], "intermediate_size": d["intermediate"],
+                  "num_attention_heads": d["heads"], "num_key_value_heads": d["kv_heads"],
+                  "head_dim": d["head_dim"], "vocab_size": d["vocab"], "tie_word_embeddings": d["tied"],
+                  "max_position_embeddings": max_positions},
+        "precision": precision,
+        "tensor_parallel": tp,
+        "limits": limits,
+        "parameters": params,
+        "weight_bytes": b * params,
+        "weight_bytes_per_rank": weights_per_rank,
+        "kv_cache": {"bytes_per_token": kv_per_token, "bytes_at_limits": kv_at_limits,
+                     "tokens_at_limits": batch * seq_len},
+        "activations": {"bytes": act, "profiles": passes},
+        "runtime_reserve_bytes": RUNTIME_RESERVE,
+        "gpu_memory_per_rank_bytes": need,
+        "engines": {"count": len(files), "files": files},
+        "weight_streaming": any(e.get("weight_streaming") for e in engines),
+        # ONNX weights (every rank's) plus one engine per rank per entry, each about its weights.
+        "disk_bytes_estimate": b * params + weights_per_rank * len(files),
+        "gpus": gpus,
+    }
+
+
+def plan_recipe(path: str | os.PathLike, overrides: Sequence[str] = ()) -> list[dict]:
+    """The plan of every variant of the recipe (one, without a matrix)."""
+    from llmbuild.recipe.matrix import load_variants
+    from llmbuild.source import read_config
+
+    plans = []
+    for recipe in load_variants(path, overrides):
+        plan = plan_config(read_config(recipe.source_path), recipe.to_dict())
+        if recipe.variant:
+            plan["variant"] = recipe.variant
+        plans.append(plan)
+    return plans
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def _count(n: float) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"
+
+
+def format_plan(p: dict) -> str:
+    m, lim, act = p["model"], p["limits"], p["activations"]
+    pre, dec = act["profiles"]["prefill"], act["profiles"]["decode"]
+    tp = p["tensor_parallel"]
+    lines = [
+        f"{p['name']}  {m['architecture']}: {m['num_layers']} layers, hidden {m['hidden_size']}, "
+        f"heads {m['num_attention_heads']}/{m['num_key_value_heads']}, vocab {m['vocab_size']}",
+        f"  parameters    {_count(p['parameters'])}; {p['precision']} weights {_size(p['weight_bytes_per_rank'])}"
+        f" per rank ({tp} rank{'s' if tp > 1 else ''})",
+        f"  KV cache      {_size(p['kv_cache']['bytes_per_token'])} per token; "
+        f"{_size(p['kv_cache']['bytes_at_limits'])} at batch {lim['max_batch_size']} x {lim['max_seq_len']}",
+        f"  activations   ~{_size(act['bytes'])} (prefill {pre['batch']} x {pre['tokens_per_sequence']} tokens "
+        f"per pass, decode {dec['batch']} x 1)",
+        f"  GPU memory    ~{_size(p['gpu_memory_per_rank_bytes'])} per rank "
+        f"(incl. {_size(p['runtime_reserve_bytes'])} runtime reserve)",
+        f"  engines       {p['engines']['count']}: {', '.join(p['engines']['files']) or 'none (ONNX only)'}",
+        f"  disk          ~{_size(p['disk_bytes_estimate'])} (ONNX weights + engines)",
+        "",
+        f"  {'GPU':<18} {'memory':>8}  {'engine':<26} {'fits':<5} {'batch@' + str(lim['max_seq_len']):>11} "
+        f"{'seq@' + str(lim['max_batch_size']):>9}",
+    ]
+    for g in p["gpus"]:
+        fits = "yes" if g["fits"] else "no"
+        if not g["fits"] and g.get("fits_with_weight_streaming"):
+            fits = f"stream ({_size(g['weight_streaming_budget_bytes'])} resident)"
+        engine = g["engine"] or "none targets " + g["compute_capability"]
+        lines.append(
+            f"  {g['name']:<18} {g['memory_bytes'] // GiB:>4} GiB  {engine:<26} {fits:<5} "
+            f"{g['max_batch_at_max_seq_len']:>11} {g['max_seq_len_at_max_batch']:>9}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,346 @@
+"""Layer-by-layer calibration on ONNX Runtime, from our own float32 graph.
+
+    tokens [N, S] ─► prefix slice (embedding) ─► h₀ [N, S, H]
+    for layer i:
+        slice i = the nodes between hᵢ and hᵢ₊₁ (+ the inputs of its linears as outputs);
+                  its weights are graph *inputs*, fed from numpy
+        pass 1: float weights, chunk by chunk → per linear input: max |x|, mean |x|,
+                Σ xᵀx (GPTQ), a fixed random sample of rows (AWQ)
+        quantize the layer (RTN / AWQ / GPTQ), fold AWQ scales into norms / up_proj
+        pass 2: the quantized weights → hᵢ₊₁ (later layers calibrate on what the
+                quantized model really feeds them, as GPTQ does)
+
+Only one layer's weights, the hidden states of the calibration set (two [N, S, H]
+float32 buffers) and one chunk's activations are in memory at a time; the peak RSS of
+the whole stage is measured and reported next to those sizes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from llmbuild.graph import io
+from llmbuild.quantize.algorithms import awq_search_clip, awq_search_scales, gptq_quantize
+from llmbuild.quantize.plan import ModuleSpec, layer_index, module_name
+from llmbuild.quantize.schemes import QuantizedTensor
+
+AWQ_SAMPLE_TOKENS = 2048
+CHUNK_TOKENS = 4096
+# Linears whose outputs form attention scores: AWQ's clipping search skips them (as AutoAWQ).
+_NO_CLIP = re.compile(r"(^|\.)(q_proj|k_proj)$")
+
+
+@dataclass
+class ActStats:
+    """Statistics of one linear input (shared by every linear that reads it)."""
+
+    width: int
+    amax: float = 0.0
+    abs_sum: np.ndarray | None = None
+    rows: int = 0
+    xtx: np.ndarray | None = None
+    sample: list = field(default_factory=list)
+
+    def update(self, x: np.ndarray, need_xtx: bool, sample_rows: np.ndarray | None) -> None:
+        x = x.reshape(-1, self.width)
+        self.amax = max(self.amax, float(np.abs(x).max()))
+        s = np.abs(x).sum(axis=0, dtype=np.float64)
+        self.abs_sum = s if self.abs_sum is None else self.abs_sum + s
+        self.rows += x.shape[0]
+        if need_xtx:
+            p = (x.T @ x).astype(np.float64)
+            self.xtx = p if self.xtx is None else self.xtx + p
+        if sample_rows is not None and len(sample_rows):
+            self.sample.append(x[sample_rows].copy())
+
+    @property
+    def mean_abs(self) -> np.ndarray:
+        return (self.abs_sum / max(self.rows, 1)).astype(np.float32)
+
+    def samples(self) -> np.ndarray:
+        return np.concatenate(self.sample, axis=0) if self.sample else np.zeros((0, self.width), np.float32)
+
+
+class GraphSlices:
+    """Cut a saved float32 decoder graph (weights external) into per-layer ONNX models."""
+
+    def __init__(self, model_path: Path, layer_weights: Callable[[str], bool]):
+        self.path = model_path
+        self.proto = onnx.load(str(model_path), load_external_data=False)
+        g = self.proto.graph
+        self.nodes = list(g.node)
+        self.producer = {out: i for i, n in enumerate(self.nodes) for out in n.output if out}
+        self.inits = {t.name: t for t in g.initializer}
+        self.graph_inputs = {v.name: v for v in g.input}
+        self.is_weight = layer_weights
+        self.num_layers = 1 + max(layer_index(n) for n in self.inits if layer_index(n) is not None)
+        self.layer_inputs = [self._layer_input(i) for i in range(self.num_layers)]
+
+    def _first_node_of_layer(self, i: int) -> onnx.NodeProto:
+        for n in self.nodes:
+            if any(layer_index(x) == i and x in self.inits for x in n.input):
+                return n
+        raise ValueError(f"no node reads a weight of layer {i}")
+
+    def _layer_input(self, i: int) -> str:
+        return self._first_node_of_layer(i).input[0]
+
+    def linear_inputs(self, i: int) -> dict[str, str]:
+        """weight name -> name of the activation its MatMul multiplies (layer i)."""
+        return {n.input[1]: n.input[0] for n in self.nodes
+                if n.op_type == "MatMul" and n.input[1] in self.inits and layer_index(n.input[1]) == i}
+
+    def producer_of(self, value: str) -> onnx.NodeProto | None:
+        i = self.producer.get(value)
+        return None if i is None else self.nodes[i]
+
+    def fold_target(self, activation: str, layer: int) -> tuple[str, str] | None:
+        """Where a per-channel 1/s on `activation` can be folded: ("norm", weight name)
+        for an RMSNormalization's scale, ("columns", weight name) for the output columns
+        of a linear multiplied in by a Mul (silu(gate) * up); None otherwise."""
+        node = self.producer_of(activation)
+        if node is None:
+            return None
+        if node.op_type == "RMSNormalization" and len(node.input) > 1 and layer_index(node.input[1]) == layer:
+            return ("norm", node.input[1])
+        if node.op_type == "Mul":
+            for inp in node.input:
+                p = self.producer_of(inp)
+                if p is not None and p.op_type == "MatMul" and layer_index(p.input[1]) == layer:
+                    return ("columns", p.input[1])
+        return None
+
+    def slice(self, outputs: list[str], cut: str | None, dst: Path, layer: int | None) -> tuple[Path, list[str]]:
+        """Write the subgraph computing `outputs` from `cut` (an input) to `dst` (next to
+        the full model, so external weights resolve). Layer `layer`'s weights become graph
+        inputs. Returns the path and the names of the weight inputs."""
+        needed, stack, leaves = set(), list(outputs), set()
+        while stack:
+            v = stack.pop()
+            if v == cut or v in self.graph_inputs or v in self.inits or not v:
+                leaves.add(v)
+                continue
+            i = self.producer[v]
+            if i in needed:
+                continue
+            needed.add(i)
+            stack.extend(self.nodes[i].input)
+        nodes = [self.nodes[i] for i in sorted(needed)]
+        inputs, inits, weight_inputs = [], [], []
+        if cut is not None:
+            inputs.append(helper.make_tensor_value_info(cut, TensorProto.FLOAT, None))
+        for v in sorted(leaves):
+            if not v or v == cut:
+                continue
+            if v in self.graph_inputs:
+                inputs.append(self.graph_inputs[v])
+            elif layer is not None and layer_index(v) == layer and self.is_weight(v):
+                t = self.inits[v]
+                inputs.append(helper.make_tensor_value_info(v, t.data_type, list(t.dims)))
+                weight_inputs.append(v)
+            else:
+                inits.append(self.inits[v])
+        outs = [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs]
+        graph = helper.make_graph(nodes, f"slice-{dst.stem}", inputs, outs, inits)
+        model = helper.make_model(graph, opset_imports=self.proto.opset_import, ir_version=self.proto.ir_version)
+        onnx.save(model, str(dst))
+        return dst, weight_inputs
+
+
+def _session(path: Path, threads: int | None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or min(os.cpu_count() or 1, 8)
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def _feeds(sess, tokens: np.ndarray, kv_heads: int, head_dim: int) -> dict[str, np.ndarray]:
+    """The decoder's own inputs for full sequences written from cache row 0."""
+    b, s = tokens.shape
+    feeds = {}
+    for inp in sess.get_inputs():
+        name = inp.name
+        if name == io.INPUT_IDS:
+            feeds[name] = tokens
+        elif name == io.POSITION_IDS:
+            feeds[name] = np.broadcast_to(np.arange(s, dtype=np.int64), (b, s)).copy()
+        elif name == io.WRITE_INDICES:
+            feeds[name] = np.zeros(b, np.int64)
+        elif name.startswith(("past_key", "past_value")):
+            feeds[name] = np.zeros((b, kv_heads, s, head_dim), np.float32)
+    return feeds
+
+
+@dataclass
+class CalibrationResult:
+    results: dict[str, QuantizedTensor]  # calibrated weights (AWQ, GPTQ, and RTN when run here)
+    floats: dict[str, np.ndarray]  # replaced float weights (AWQ-scaled norms)
+    activation_amax: dict[str, float]  # weight name -> max |input| (fp8)
+    report: dict
+
+
+def calibrate(
+    model_path: Path, tokens: np.ndarray, plan: dict[str, ModuleSpec], loaders: dict[str, Callable[[], np.ndarray]],
+    *, kv_heads: int, head_dim: int, work_dir: Path, scale_dtype=np.float16, seed: int = 0,
+    threads: int | None = None, progress: Callable[[int, int, str], None] | None = None,
+) -> CalibrationResult:
+    """Run the calibration set through the float32 graph at `model_path` layer by layer
+    and quantize every planned weight that needs calibration data."""
+    import psutil
+
+    proc = psutil.Process()
+    start = time.perf_counter()
+    rss0 = peak = proc.memory_info().rss
+
+    def note_rss():
+        nonlocal peak
+        peak = max(peak, proc.memory_info().rss)
+
+    slices = GraphSlices(model_path, lambda name: name in loaders)
+    n, s = tokens.shape
+    chunk = max(1, CHUNK_TOKENS // s)
+    rng = np.random.default_rng(seed)
+    sample_idx = np.sort(rng.choice(n * s, min(AWQ_SAMPLE_TOKENS, n * s), replace=False))
+    results, floats, amax, layer_reports = {}, {}, {}, []
+
+    # h0: the embedding (prefix slice), [N, S, H]
+    path, _ = slices.slice([slices.layer_inputs[0]], None, work_dir / "prefix.onnx", None)
+    sess = _session(path, threads)
+    hidden = None
+    for c0 in range(0, n, chunk):
+        out = sess.run(None, _feeds(sess, tokens[c0:c0 + chunk], kv_heads, head_dim))[0]
+        if hidden is None:
+            hidden = np.empty((n, s, out.shape[-1]), np.float32)
+        hidden[c0:c0 + chunk] = out
+    del sess
+    nxt = np.empty_like(hidden)
+    act_bytes_chunk = 0
+
+    for layer in range(slices.num_layers):
+        t0 = time.perf_counter()
+        lin = {w: a for w, a in slices.linear_inputs(layer).items() if w in plan}
+        acts = sorted(set(lin.values()))
+        last = layer == slices.num_layers - 1
+        outputs = acts + ([] if last else [slices.layer_inputs[layer + 1]])
+        path, weight_inputs = slices.slice(outputs, slices.layer_inputs[layer], work_dir / f"layer{layer}.onnx", layer)
+        sess = _session(path, threads)
+        weights = {w: np.ascontiguousarray(np.asarray(loaders[w](), np.float32)) for w in weight_inputs}
+        needs_gptq = {a for w, a in lin.items() if plan[w].algorithm == "gptq"}
+        needs_sample = {a for w, a in lin.items() if plan[w].algorithm == "awq"}
+        stats = {}
+        # pass 1: statistics of every linear input under float weights
+        for c0 in range(0, n, chunk):
+            feeds = _feeds(sess, tokens[c0:c0 + chunk], kv_heads, head_dim)
+            feeds[slices.layer_inputs[layer]] = hidden[c0:c0 + chunk]
+            feeds.update(weights)
+            outs = sess.run(acts, feeds)
+            note_rss()
+            act_bytes_chunk = max(act_bytes_chunk, sum(o.nbytes for o in outs))
+            lo, hi = c0 * s, min(c0 + chunk, n) * s
+            rows = sample_idx[(sample_idx >= lo) & (sample_idx < hi)] - lo
+            for a, x in zip(acts, outs):
+                st = stats.setdefault(a, ActStats(x.shape[-1]))
+                st.update(x, a in needs_gptq, rows if a in needs_sample else None)
+            del outs
+        for w, a in lin.items():
+            amax[w] = stats[a].amax
+        # quantize this layer
+        info = _quantize_layer(slices, layer, lin, stats, weights, plan, results, floats, scale_dtype, seed)
+        note_rss()
+        # pass 2: hᵢ₊₁ under the quantized weights
+        if not last:
+            qweights = dict(weights)
+            for w in weight_inputs:
+                if w in results:
+                    qweights[w] = results[w].dequantize()
+                elif w in floats:
+                    qweights[w] = floats[w]
+            nxt_name = slices.layer_inputs[layer + 1]
+            for c0 in range(0, n, chunk):
+                feeds = _feeds(sess, tokens[c0:c0 + chunk], kv_heads, head_dim)
+                feeds[slices.layer_inputs[layer]] = hidden[c0:c0 + chunk]
+                feeds.update(qweights)
+                nxt[c0:c0 + chunk] = sess.run([nxt_name], feeds)[0]
+                note_rss()
+            hidden, nxt = nxt, hidden
+            del qweights
+        del sess, weights, stats
+        layer_reports.append({"layer": layer, "seconds": round(time.perf_counter() - t0, 2), **info})
+        if progress is not None:
+            progress(layer + 1, slices.num_layers, f"layer {layer}")
+    note_rss()
+    report = {
+        "samples": int(n), "seq_len": int(s), "tokens": int(n * s), "chunk_sequences": int(chunk),
+        "seconds": round(time.perf_counter() - start, 2),
+        "peak_rss_bytes": int(peak), "rss_before_bytes": int(rss0),
+        "hidden_state_bytes": int(hidden.nbytes),
+        "layer_activation_bytes_per_chunk": int(act_bytes_chunk),
+        "layer_activation_bytes_all_tokens": int(act_bytes_chunk * -(-n // chunk)),
+        "layers": layer_reports,
+    }
+    return CalibrationResult(results, floats, amax, report)
+
+
+def _quantize_layer(slices, layer, lin, stats, weights, plan, results, floats, scale_dtype, seed) -> dict:
+    """Quantize the planned weights of one layer in place of `results` / `floats`."""
+    info = {"awq": {}, "gptq": []}
+    by_act: dict[str, list[str]] = {}
+    for w, a in lin.items():
+        by_act.setdefault(a, []).append(w)
+    work = {w: weights[w] for w in lin}  # float weights, AWQ-scaled below
+    for a, ws in by_act.items():
+        specs = [plan[w] for w in ws]
+        if all(sp.algorithm == "awq" for sp in specs):
+            scheme = specs[0].make()
+            target = slices.fold_target(a, layer)
+            x = stats[a].samples()
+            if target is not None and target[1] in weights and all(sp == specs[0] for sp in specs):
+                s, how = awq_search_scales(x, stats[a].mean_abs, [work[w] for w in ws], scheme, scale_dtype)
+                for w in ws:
+                    work[w] = work[w] * s[:, None]
+                kind, tname = target
+                base = floats.get(tname, work.get(tname, weights[tname]))
+                if kind == "norm":
+                    floats[tname] = (base / s).astype(np.float32)
+                else:  # output columns of the linear before
+                    if tname in work:
+                        work[tname] = work[tname] / s[None, :]
+                    else:
+                        floats[tname] = (base / s[None, :]).astype(np.float32)
+                stats[a].sample = [x / s[None, :]]
+                info["awq"][module_name(ws[0]) + "+" + str(len(ws) - 1)] = {
+                    "alpha": how["alpha"], "loss": how["loss"], "loss_alpha0": how["loss_alpha0"],
+                    "folded_into": module_name(tname)}
+    # down_proj's scale may have changed up_proj after up_proj's group was searched: the
+    # clip search and quantization below use the final float weights.
+    for w, a in lin.items():
+        spec = plan[w]
+        if spec.scheme == "none":
+            continue
+        scheme = spec.make()
+        if spec.algorithm == "awq":
+            shrink = None
+            if not _NO_CLIP.search(module_name(w)):
+                shrink = awq_search_clip(stats[a].samples(), work[w], scheme, scale_dtype, seed)
+            results[w] = scheme.quantize(work[w], scale_dtype, shrink=shrink)
+        elif spec.algorithm == "gptq":
+            results[w] = gptq_quantize(work[w], stats[a].xtx, scheme, scale_dtype)
+            info["gptq"].append(module_name(w))
+        else:
+            results[w] = scheme.quantize(work[w], scale_dtype)
+    for w in lin:  # an unquantized linear whose columns absorbed an AWQ scale
+        if plan[w].scheme == "none" and work[w] is not weights[w]:
+            floats[w] = work[w].astype(np.float32)
+    return info

@@ -1,0 +1,219 @@
+"""Rewrite a decoder graph's linear weights into quantized initializers + DequantizeLinear.
+
+Nothing is computed here: every new initializer is an `onnx_ir.LazyTensor`, so that
+`ir.save` quantizes one weight at a time while it streams the weights to disk (the
+weight's codes, scales and zero-point offsets are computed once, handed out as the
+saver asks for them, then dropped).
+
+Symmetric weights (int8, int4, fp8):
+
+    W_q [in,out] int8|int4|fp8 ─┐
+    scale ──────────────────────┴─DequantizeLinear(axis, block_size)─► W ─┐
+    x ────────────────────────────────────────────────────────────────────┴─MatMul─► y
+
+Asymmetric int4 (w = s·(q − z)): TensorRT's DequantizeLinear takes no zero point, so
+the zero point is folded into a second, tiny product (G = blocks per column):
+
+    x ──MatMul(x, DequantizeLinear(q, s))──────────────────────────────┐
+     └─MatMul(x, indicator [in, G])──MatMul(·, −s·z [G, out])─────────(+)─► y
+
+fp8 also quantizes the activation entering the MatMul (per-tensor scale from
+calibration; inputs shared by several linears are quantized once):
+
+    x ─QuantizeLinear(s_x, fp8 zero)─DequantizeLinear(s_x)─► x̂ ─MatMul(x̂, W)─► y
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable
+
+import ml_dtypes
+import numpy as np
+import onnx_ir as ir
+
+from llmbuild.graph.builder import SOURCE_LOADER
+from llmbuild.quantize.plan import ModuleSpec
+from llmbuild.quantize.schemes import QuantizedTensor, fp8_activation_scale
+
+_ONNX_CODES = {"int8": ir.DataType.INT8, "int4": ir.DataType.INT4, "fp8": ir.DataType.FLOAT8E4M3FN}
+
+
+def linear_weights(model: ir.Model) -> dict[str, ir.Value]:
+    """Weight name -> initializer for every MatMul whose B input is a 2-D weight with a
+    source loader (the decoder's linears; the tied lm_head's Gemm is not a MatMul)."""
+    found = {}
+    for node in model.graph:
+        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
+            continue
+        w = node.inputs[1]
+        if w is not None and w.is_initializer() and SOURCE_LOADER in w.meta and len(w.shape) == 2:
+            found[w.name] = w
+    return found
+
+
+def stored_bytes(spec: ModuleSpec, shape: tuple[int, int], dtype_bytes: int) -> int:
+    """Bytes the weight takes in the graph (codes + scales + zero-point terms)."""
+    k, n = shape
+    if spec.scheme == "none":
+        return k * n * dtype_bytes
+    if spec.scheme == "int8":
+        return k * n + n * dtype_bytes
+    if spec.scheme == "fp8":
+        return k * n + dtype_bytes
+    g = -(-k // spec.group_size)
+    extra = (g * n + k * g) * dtype_bytes if not spec.symmetric else 0
+    return (k * n + 1) // 2 + g * n * dtype_bytes + extra
+
+
+class _SharedResult:
+    """One weight's QuantizedTensor, computed on the first request for any of its parts
+    and released once every part was read (recomputed if a part is read again)."""
+
+    def __init__(self, compute: Callable[[], QuantizedTensor], parts: int):
+        self._compute = compute
+        self._parts = parts
+        self._taken: set[str] = set()
+        self._value: QuantizedTensor | None = None
+        self._lock = threading.Lock()
+
+    def part(self, key: str, extract: Callable[[QuantizedTensor], np.ndarray]) -> Callable[[], ir.TensorProtocol]:
+        def load() -> ir.TensorProtocol:
+            with self._lock:
+                if self._value is None:
+                    self._value = self._compute()
+                    self._taken = set()
+                array = extract(self._value)
+                self._taken.add(key)
+                if len(self._taken) >= self._parts:
+                    self._value = None
+            return ir.tensor(np.ascontiguousarray(array))
+
+        return load
+
+
+def quantize_graph(
+    model: ir.Model,
+    plan: dict[str, ModuleSpec],
+    *,
+    results: Callable[[str], QuantizedTensor | None] = lambda name: None,
+    replaced_floats: Callable[[str], np.ndarray | None] | None = None,
+    replaced_names: tuple[str, ...] = (),
+    activation_amax: dict[str, float] | None = None,
+) -> dict[str, int]:
+    """Rewrite `model` in place following `plan`; returns weight name -> stored bytes.
+
+    `results(name)` gives a calibrated QuantizedTensor (AWQ, GPTQ) or None (quantize the
+    source weight to nearest here). `replaced_names` are float initializers (AWQ-scaled
+    norm weights …) whose values `replaced_floats(name)` supplies. `activation_amax`
+    (weight name -> max |input|) is required for fp8.
+    """
+    graph = model.graph
+    weights = linear_weights(model)
+    unknown = sorted(set(plan) - set(weights))
+    if unknown:
+        raise ValueError(f"plan names weights that are not linear weights of the graph: {unknown[:5]}")
+    compute = weights[next(iter(weights))].dtype if weights else ir.DataType.FLOAT
+    scale_np = compute.numpy()
+    stored = {}
+    act_cache: dict[int, ir.Value] = {}
+    for name, value in weights.items():
+        spec = plan.get(name, ModuleSpec("none"))
+        k, n = (int(d) for d in value.shape)
+        stored[name] = stored_bytes(spec, (k, n), compute.itemsize)
+        if spec.scheme == "none":
+            continue
+        loader = value.meta[SOURCE_LOADER]
+        scheme = spec.make()
+
+        def make(name=name, loader=loader, scheme=scheme):
+            qt = results(name)
+            if qt is None:
+                qt = scheme.quantize(np.asarray(loader(), np.float32), scale_np)
+            return qt
+
+        asym = spec.scheme == "int4" and not spec.symmetric
+        shared = _SharedResult(make, 3 if asym else 2)
+        code_type = _ONNX_CODES[spec.scheme]
+        q = _lazy(name, code_type, (k, n), shared.part("q", lambda qt: _codes(qt)))
+        scale_shape = {"int8": (n,), "fp8": (), "int4": (-(-k // (spec.group_size or 1)), n)}[spec.scheme]
+        s = _lazy(name + ".scale", compute, scale_shape, shared.part("s", lambda qt: qt.scale.astype(scale_np)))
+        attrs = {"axis": 1} if spec.scheme == "int8" else {"axis": 0, "block_size": spec.group_size} if (
+            spec.scheme == "int4") else {}
+        consumers = [u.node for u in value.uses()]
+        matmuls = [c for c in consumers if c.op_type == "MatMul"]
+        first = matmuls[0]
+        graph.initializers.pop(name)
+        for v in (q, s):
+            graph.register_initializer(v)
+        dq = ir.node("DequantizeLinear", [q, s], attrs, name=name + ".dequantize")
+        new_nodes = [dq]
+        w_out = dq.outputs[0]
+        w_out.name = name + ".dequantized"
+        value.replace_all_uses_with(w_out)
+        x = first.inputs[0]
+        if spec.scheme == "fp8":
+            if activation_amax is None or name not in activation_amax:
+                raise ValueError(f"fp8 needs a calibrated activation scale for {name}")
+            key = id(x)
+            if key not in act_cache:
+                sa = ir.Value(name=name + ".input_scale", type=ir.TensorType(compute), shape=ir.Shape([]),
+                              const_value=ir.tensor(fp8_activation_scale(activation_amax[name], scale_np).astype(scale_np)))
+                za = ir.Value(name=name + ".input_zero", type=ir.TensorType(ir.DataType.FLOAT8E4M3FN),
+                              shape=ir.Shape([]),
+                              const_value=ir.tensor(np.zeros((), ml_dtypes.float8_e4m3fn)))
+                graph.register_initializer(sa)
+                graph.register_initializer(za)
+                qa = ir.node("QuantizeLinear", [x, sa, za], name=name + ".input_quantize")
+                da = ir.node("DequantizeLinear", [qa.outputs[0], sa], name=name + ".input_dequantize")
+                new_nodes += [qa, da]
+                act_cache[key] = da.outputs[0]
+            for mm in matmuls:
+                mm.replace_input_with(0, act_cache[key])
+        graph.insert_before(first, new_nodes)
+        if asym:
+            _add_zero_point_term(graph, first, name, k, n, spec.group_size, compute, shared, scale_np)
+    for name in replaced_names:
+        old = graph.initializers[name]
+        getter = replaced_floats
+
+        def load(name=name, getter=getter, dtype=old.dtype.numpy()):
+            return ir.tensor(np.ascontiguousarray(np.asarray(getter(name)).astype(dtype)))
+
+        old.const_value = ir.LazyTensor(load, dtype=old.dtype, shape=old.shape, name=name)
+    return stored
+
+
+def _add_zero_point_term(graph, matmul, name, k, n, block, compute, shared, scale_np):
+    """
+    x ─MatMul(x, indicator [k, G])─► xs [.., G] ─MatMul(xs, offset [G, n])─► c ─┐
+    MatMul(x, W) ─► y ───────────────────────────────────────────────────────(+)─► y'
+    """
+    g = -(-k // block)
+    indicator = np.zeros((k, g), scale_np)
+    indicator[np.arange(k), np.arange(k) // block] = 1
+    ind = ir.Value(name=name + ".block_indicator", type=ir.TensorType(compute), shape=ir.Shape([k, g]),
+                   const_value=ir.tensor(indicator))
+    off = _lazy(name + ".zero_offset", compute, (g, n),
+                shared.part("z", lambda qt: (-(qt.scale * qt.zero_point.astype(np.float32))).astype(scale_np)))
+    graph.register_initializer(ind)
+    graph.register_initializer(off)
+    x = matmul.inputs[0]
+    y = matmul.outputs[0]
+    sums = ir.node("MatMul", [x, ind], name=name + ".block_sums")
+    corr = ir.node("MatMul", [sums.outputs[0], off], name=name + ".zero_correction")
+    add = ir.node("Add", [y, corr.outputs[0]], name=name + ".zero_point_add")
+    y.replace_all_uses_with(add.outputs[0])
+    add.replace_input_with(0, y)
+    graph.insert_after(matmul, [sums, corr, add])
+
+
+def _codes(qt: QuantizedTensor) -> np.ndarray:
+    if qt.scheme == "int4":
+        return qt.data.astype(ml_dtypes.int4)
+    return qt.data
+
+
+def _lazy(name: str, dtype: ir.DataType, shape, load) -> ir.Value:
+    tensor = ir.LazyTensor(load, dtype=dtype, shape=ir.Shape(list(shape)), name=name)
+    return ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape(list(shape)), const_value=tensor)

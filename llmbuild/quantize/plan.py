@@ -1,0 +1,131 @@
+"""Which linear weight gets which scheme: the recipe's `quantization:` section resolved
+against the graph's linear weights, and a readable summary of the result.
+
+    quantization:
+      weights: {scheme: int4, algorithm: awq, group_size: 128}
+      overrides:
+        - {match: "lm_head", scheme: none}            # glob on the module name
+        - {layers: [0, -1], scheme: int8}             # first and last decoder layer
+        - {match: "*.mlp.down_proj", group_size: 64}  # unset keys inherit
+
+A module name is the weight's HF name without `.weight` (`model.layers.3.mlp.down_proj`).
+Overrides apply in order; a later one wins. Only linear (MatMul) weights are
+quantized: embeddings (and an lm_head tied to them) always keep the graph dtype.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass, replace
+
+from llmbuild.quantize.schemes import make_scheme
+
+ALGORITHMS = ("rtn", "awq", "gptq")
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class ModuleSpec:
+    scheme: str  # a SCHEMES name or "none"
+    algorithm: str = "rtn"
+    group_size: int | None = None
+    symmetric: bool = True
+
+    def make(self):
+        params = {"group_size": self.group_size, "symmetric": self.symmetric} if self.scheme == "int4" else {}
+        return make_scheme(self.scheme, **params)
+
+    @property
+    def label(self) -> str:
+        if self.scheme == "none":
+            return "none (graph dtype)"
+        s = self.make().describe()
+        return s if self.algorithm == "rtn" else f"{s} {self.algorithm}"
+
+    @property
+    def calibrated(self) -> bool:
+        return self.scheme == "fp8" or self.algorithm in ("awq", "gptq")
+
+
+def module_name(weight_name: str) -> str:
+    return weight_name[: -len(".weight")] if weight_name.endswith(".weight") else weight_name
+
+
+def layer_index(name: str) -> int | None:
+    m = _LAYER.search(name)
+    return int(m.group(1)) if m else None
+
+
+def default_spec(weights: dict) -> ModuleSpec:
+    scheme = weights["scheme"]
+    return ModuleSpec(
+        scheme=scheme,
+        algorithm=weights.get("algorithm") or "rtn",
+        group_size=(weights.get("group_size") or 128) if scheme == "int4" else None,
+        symmetric=weights.get("symmetric", True) if weights.get("symmetric") is not None else True,
+    )
+
+
+def resolve_plan(quantization: dict, weight_names: list[str], num_layers: int) -> dict[str, ModuleSpec]:
+    """weight name -> ModuleSpec for every linear weight of the graph."""
+    base = default_spec(quantization["weights"])
+    plan = {}
+    for name in weight_names:
+        spec = base
+        module, layer = module_name(name), layer_index(name)
+        for ov in quantization.get("overrides") or []:
+            if not _matches(ov, module, layer, num_layers):
+                continue
+            changes = {k: ov[k] for k in ("scheme", "algorithm", "group_size", "symmetric") if ov.get(k) is not None}
+            if "scheme" in changes and changes["scheme"] != spec.scheme:
+                # A new scheme starts from its own defaults, not the other scheme's settings.
+                spec = ModuleSpec(scheme=changes["scheme"], algorithm="rtn",
+                                  group_size=128 if changes["scheme"] == "int4" else None)
+            spec = replace(spec, **changes)
+            if spec.scheme == "int4" and spec.group_size is None:
+                spec = replace(spec, group_size=128)
+            if spec.scheme != "int4":
+                spec = replace(spec, group_size=None, symmetric=True)
+            if spec.scheme in ("none", "fp8", "int8") and spec.algorithm != "rtn":
+                spec = replace(spec, algorithm="rtn")
+        plan[name] = spec
+    return plan
+
+
+def _matches(override: dict, module: str, layer: int | None, num_layers: int) -> bool:
+    pattern = override.get("match")
+    if pattern is not None and not fnmatch.fnmatchcase(module, pattern):
+        return False
+    layers = override.get("layers")
+    if layers is not None:
+        wanted = {i % num_layers for i in layers}
+        if layer is None or layer not in wanted:
+            return False
+    return True
+
+
+def summarize(plan: dict[str, ModuleSpec], shapes: dict[str, tuple[int, ...]], stored: dict[str, int]) -> dict:
+    """JSON-able summary: per distinct setting, how many weights / parameters / bytes, and
+    the per-module list (compact: module name → label)."""
+    groups: dict[str, dict] = {}
+    for name, spec in plan.items():
+        g = groups.setdefault(spec.label, {"setting": spec.label, "weights": 0, "parameters": 0, "bytes": 0})
+        n = 1
+        for d in shapes[name]:
+            n *= int(d)
+        g["weights"] += 1
+        g["parameters"] += n
+        g["bytes"] += int(stored.get(name, 0))
+    return {
+        "groups": sorted(groups.values(), key=lambda g: -g["parameters"]),
+        "modules": {module_name(n): spec.label for n, spec in plan.items()},
+    }
+
+
+def format_summary(summary: dict) -> str:
+    """The summary as a small text table (compile's log, `llmbuild inspect`)."""
+    lines = [f"{'setting':<34} {'weights':>7} {'params':>12} {'bytes':>12}"]
+    for g in summary["groups"]:
+        lines.append(f"{g['setting']:<34} {g['weights']:>7} {g['parameters']:>12,} {g['bytes']:>12,}")
+    return "\n".join(lines)

@@ -1,0 +1,217 @@
+"""The quantize stage of `compile`: plan → (calibrate) → rewrite the graph before save;
+and the accuracy gate after it (perplexity / KL / top-1 against the unquantized graph).
+
+    model = build_model(source, precision, max_seq_len)          # lazy weights
+    info = quantize_model(model, source, recipe, work_dir, rep)  # rewrites `model`
+    save_model(model, ...)                                       # quantizes while streaming
+    ...
+    report = quality_gate(artifact_stage, recipe, work_dir)      # after the manifest exists
+
+`work_dir` (inside the staging directory) holds the float32 reference graph that
+calibration slices and the gate compares against; `cleanup(work_dir)` removes it before
+the artifact is finalised.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from llmbuild.errors import BuildError, UserError
+from llmbuild.graph.builder import SOURCE_LOADER
+from llmbuild.quantize.graph import linear_weights, quantize_graph
+from llmbuild.quantize.plan import format_summary, resolve_plan, summarize
+
+WORK_DIR = ".quantize-work"
+GATE_TOKENS = 4096
+GATE_SEQ_LEN = 512
+
+
+def reference_graph(source, work_dir: Path, max_seq_len: int) -> Path:
+    """The unquantized float32 graph of `source` (built once per work dir)."""
+    from llmbuild.graph.export import MODEL_FILE, build_model, save_model
+
+    path = work_dir / "reference" / MODEL_FILE
+    if not path.is_file():
+        save_model(build_model(source, "float32", max_seq_len), path.parent)
+    return path
+
+
+def cleanup(work_dir: Path) -> None:
+    shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def _base_dir(recipe) -> Path:
+    return recipe.path.parent if recipe.path is not None else Path.cwd()
+
+
+def calibration_tokens(source, calibration: dict, base_dir: Path, work_dir: Path) -> np.ndarray:
+    from llmbuild.eval import dataset_tokens
+    from llmbuild.eval.corpus import token_chunks
+
+    tok_dir = work_dir / "tokenizer"
+    source.export_tokenizer(tok_dir)
+    ids = dataset_tokens(tok_dir / "tokenizer.json", calibration["dataset"], "calibration", base_dir)
+    return token_chunks(ids, calibration["seq_len"], calibration["samples"], seed=calibration["seed"],
+                        where=f"calibration dataset {calibration['dataset']!r}")
+
+
+def quantize_model(model, source, recipe, work_dir: Path, rep=None, threads: int | None = None) -> dict:
+    """Rewrite `model` (lazy, not yet saved) as the recipe's `quantization:` says; returns
+    the manifest's `quantization` entry."""
+    from llmbuild.compile import model_dims
+
+    rd = recipe.to_dict()
+    q = rd["quantization"]
+    dims = model_dims(source.config, rd["precision"])
+    weights = linear_weights(model)
+    plan = resolve_plan(q, list(weights), dims["num_layers"])
+    shapes = {n: tuple(int(d) for d in v.shape) for n, v in weights.items()}
+    for name, spec in plan.items():
+        if spec.scheme == "int4" and shapes[name][0] < 1:
+            raise UserError(f"{name}: cannot quantize an empty weight")
+    compute = next(iter(weights.values())).dtype if weights else None
+    scale_dtype = compute.numpy() if compute is not None else np.float32
+    cal = None
+    if any(spec.calibrated for spec in plan.values()):
+        from llmbuild.quantize.calibration import calibrate
+
+        c = q["calibration"]
+        work_dir.mkdir(parents=True, exist_ok=True)
+        stage = rep.stage("calibrate") if rep is not None else _null_stage()
+        with stage as update:
+            tokens = calibration_tokens(source, c, _base_dir(recipe), work_dir)
+            ref = reference_graph(source, work_dir, max(rd["limits"]["max_seq_len"], c["seq_len"]))
+            loaders = {n: v.meta[SOURCE_LOADER] for n, v in model.graph.initializers.items()
+                       if SOURCE_LOADER in v.meta}
+            cal = calibrate(ref, tokens, plan, loaders, kv_heads=dims["num_key_value_heads"],
+                            head_dim=dims["head_dim"], work_dir=ref.parent, scale_dtype=scale_dtype,
+                            seed=c["seed"], threads=threads,
+                            progress=lambda d, t, msg: update(d, t, msg))
+    stored = quantize_graph(
+        model, plan,
+        results=(lambda name: cal.results.pop(name, None)) if cal is not None else (lambda name: None),
+        replaced_floats=(lambda name: cal.floats[name]) if cal is not None else None,
+        replaced_names=tuple(cal.floats) if cal is not None else (),
+        activation_amax=cal.activation_amax if cal is not None else None,
+    )
+    summary = summarize(plan, shapes, stored)
+    if rep is not None:
+        rep.log("quantization:\n" + format_summary(summary))
+    out = {"weights": q["weights"], "overrides": q.get("overrides") or [], "summary": summary,
+           "linear_weight_bytes": int(sum(stored.values()))}
+    if cal is not None:
+        out["calibration"] = {"dataset": q["calibration"]["dataset"], **cal.report}
+    return out
+
+
+class _null_stage:
+    def __enter__(self):
+        return lambda *a, **k: None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def gate_thresholds(verify: dict) -> dict:
+    return {k: verify.get(k) for k in ("max_perplexity_increase", "max_kl_divergence", "min_top1_agreement")}
+
+
+def quality_gate(stage: Path, recipe, source, work_dir: Path, rep=None, threads: int | None = None) -> dict:
+    """Evaluate the staged artifact against the unquantized float32 graph on the
+    evaluation text; `passed` is False when a `verify:` threshold is missed."""
+    from llmbuild.eval import evaluate_runners
+    from llmbuild.eval.corpus import token_chunks
+    from llmbuild.eval.runners import OrtGraphRunner, artifact_graph
+
+    rd = recipe.to_dict()
+    v = rd.get("verify") or {}
+    seq_len = min(GATE_SEQ_LEN, rd["limits"]["max_seq_len"])
+    tokens = v.get("eval_tokens") or GATE_TOKENS
+    dataset = v.get("eval_dataset") or "kjv"
+    start = time.perf_counter()
+    ctx = rep.stage("accuracy") if rep is not None else _null_stage()
+    with ctx as update:
+        from llmbuild.eval import dataset_tokens
+
+        ids = dataset_tokens(stage / "tokenizer" / "tokenizer.json", dataset, "evaluation", _base_dir(recipe))
+        count = max(1, tokens // seq_len)
+        chunks = token_chunks(ids, seq_len, min(count, max(1, len(ids) // seq_len)), where=f"dataset {dataset!r}")
+        ref_path = reference_graph(source, work_dir, rd["limits"]["max_seq_len"])
+        cand, ref = OrtGraphRunner(artifact_graph(stage), threads), OrtGraphRunner(ref_path, threads)
+        try:
+            metrics = evaluate_runners(cand, ref, chunks, progress=lambda d, t: update(d, t))
+        finally:
+            cand.close()
+            ref.close()
+    thresholds = gate_thresholds(v)
+    failures = []
+    t = thresholds
+    if t["max_perplexity_increase"] is not None and metrics["perplexity_increase"] > t["max_perplexity_increase"]:
+        failures.append(f"perplexity +{metrics['perplexity_increase']:.2%} (reference {metrics['reference_perplexity']:.3f}"
+                        f" → {metrics['perplexity']:.3f}) > max_perplexity_increase {t['max_perplexity_increase']:g}")
+    if t["max_kl_divergence"] is not None and metrics["kl_divergence"] > t["max_kl_divergence"]:
+        failures.append(f"KL divergence {metrics['kl_divergence']:.4f} > max_kl_divergence {t['max_kl_divergence']:g}")
+    if t["min_top1_agreement"] is not None and metrics["top1_agreement"] < t["min_top1_agreement"]:
+        failures.append(f"top-1 agreement {metrics['top1_agreement']:.4f} < min_top1_agreement"
+                        f" {t['min_top1_agreement']:g}")
+    return {
+        "kind": "accuracy", "passed": not failures, "failures": failures,
+        "reference": "unquantized float32 graph of the same source (ONNX Runtime, CPU)",
+        "dataset": dataset, "split": "evaluation", "seq_len": seq_len, "chunks": len(chunks),
+        "thresholds": thresholds, **metrics, "seconds": round(time.perf_counter() - start, 2),
+    }
+
+
+def format_gate(report: dict) -> str:
+    lines = [
+        f"accuracy against the unquantized graph ({report['dataset']}, {report['positions']} positions):",
+        f"  perplexity {report['reference_perplexity']:.4f} → {report['perplexity']:.4f}"
+        f" ({report['perplexity_increase']:+.2%})",
+        f"  KL divergence {report['kl_divergence']:.5f} nats/token",
+        f"  top-1 agreement {report['top1_agreement']:.4f}",
+    ]
+    return "\n".join(lines + [f"  FAILED: {f}" for f in report["failures"]])
+
+
+def maybe_gate(recipe, stage: Path, source, rep, verify: bool | None) -> dict | None:
+    """compile's verification of a quantized artifact: the accuracy gate (unless
+    `--no-verify` or `verify.enabled: false`); removes the work dir either way."""
+    work_dir = stage / WORK_DIR
+    try:
+        rd = recipe.to_dict()
+        settings = rd.get("verify") or {}
+        if verify is False or not settings.get("enabled", True):
+            return None
+        if rd["precision"] == "bfloat16":
+            return {"kind": "accuracy", "passed": True,
+                    "skipped": "bfloat16 graphs cannot run on ONNX Runtime's CPU provider"}
+        report = quality_gate(stage, recipe, source, work_dir, rep)
+        if rep is not None:
+            rep.log(format_gate(report))
+        return report
+    finally:
+        cleanup(work_dir)
+
+
+def quantize_for_compile(recipe, model, source, stage: Path, rep) -> dict | None:
+    """compile's quantize step: None when the recipe has no `quantization:`."""
+    if recipe.quantization is None:
+        return None
+    return quantize_model(model, source, recipe, stage / WORK_DIR, rep)
+
+
+def raise_if_failed(report: dict | None, artifact: Path) -> None:
+    """A missed accuracy gate: BuildError (exit 1) with the figures; the full report is
+    also written to `<artifact>.accuracy.json` (the artifact itself is not kept)."""
+    if report is None or report.get("kind") != "accuracy" or report["passed"]:
+        return
+    import json
+
+    path = artifact.parent / f"{artifact.name}.accuracy.json"
+    path.write_text(json.dumps(report, indent=2))
+    raise BuildError("quantized artifact misses its verify: thresholds\n" + format_gate(report)
+                     + f"\n(report: {path})")

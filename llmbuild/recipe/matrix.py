@@ -1,0 +1,131 @@
+"""Matrix builds: one recipe, several separately named variants.
+
+    name: smollm2
+    matrix:
+      precision: [float16, bfloat16]          # labels: the values
+      engines:                                 # labels: the keys
+        portable: [tensorrt-rtx]
+        turing: [{backend: tensorrt-rtx, compute_capabilities: [sm75]}]
+
+expands into smollm2-float16-portable, smollm2-float16-turing, smollm2-bfloat16-portable
+and smollm2-bfloat16-turing: the cartesian product, keys in the order written. A variant
+is the recipe with those values set exactly as command-line overrides would set them
+(`precision=bfloat16`), `matrix` removed and the name extended by the labels, and it is
+validated in full; a problem in a variant points at the matrix value that caused it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+from typing import TYPE_CHECKING, Any, Sequence
+
+from llmbuild.recipe.problems import COMMAND_LINE, Problem, RecipeError, describe
+
+if TYPE_CHECKING:
+    from llmbuild.recipe.schema import Recipe
+
+LABEL = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+_KEY_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+_NOT_AXES = ("name", "matrix")
+
+
+def label_of(value: Any) -> str:
+    """The label of a scalar matrix value: `float16`, `4096`, `true`."""
+    text = json.dumps(value) if isinstance(value, bool) else str(value)
+    return re.sub(r"[^a-z0-9._-]+", "-", text.lower()).strip("-")
+
+
+def axis_labels(values: Any) -> list[tuple[str, Any]]:
+    """(label, value) pairs of one matrix axis (assumed valid: see axis_problem)."""
+    if isinstance(values, dict):
+        return list(values.items())
+    return [(label_of(v), v) for v in values]
+
+
+def axis_problem(key: str, values: Any) -> tuple[str, tuple] | None:
+    """(message, path below matrix.<key>) for an axis that cannot be expanded, or None."""
+    from llmbuild.recipe.messages import override_path_problem
+
+    if not _KEY_PATH.match(key):
+        return f"matrix key {key!r} is not a key path like 'precision' or 'limits.max_seq_len'", ()
+    if key.split(".")[0] in _NOT_AXES:
+        return f"matrix key {key!r}: a variant's name is the recipe name plus its labels; expected another key", ()
+    bad_path = override_path_problem(tuple(key.split(".")))
+    if bad_path is not None:
+        return f"matrix key {key!r}: {bad_path}", ()
+    if isinstance(values, list):
+        if not values:
+            return "expected at least one value, found an empty list", ()
+        for i, value in enumerate(values):
+            if not isinstance(value, (str, int, float, bool)):
+                return (
+                    f"expected a scalar value (it becomes the variant's label), found {describe(value)};"
+                    " give such values labels with a mapping `label: value`",
+                    (i,),
+                )
+    elif isinstance(values, dict):
+        if not values:
+            return "expected at least one value, found an empty mapping", ()
+    else:
+        return f"expected a list of values or a mapping label: value, found {describe(values)}", ()
+    labels = [label for label, _ in axis_labels(values)]
+    for i, label in enumerate(labels):
+        at = (list(values)[i],) if isinstance(values, dict) else (i,)
+        if not LABEL.match(label):
+            return (f"label {label!r} is not usable in an artifact name: expected lowercase letters, digits,"
+                    " '.', '_' or '-'"), at
+        if label in labels[:i]:
+            return f"label {label!r} appears twice on this axis", at
+    return None
+
+
+def variant_names(recipe: Recipe) -> list[tuple[str, dict[str, tuple[str, Any]]]]:
+    """(variant name, {key: (label, value)}) for every combination, in order."""
+    axes = [(key, axis_labels(values)) for key, values in recipe.matrix.items()]
+    out = []
+    for combo in itertools.product(*(pairs for _, pairs in axes)):
+        chosen = {key: pair for (key, _), pair in zip(axes, combo)}
+        out.append(("-".join([recipe.name, *(label for label, _ in combo)]), chosen))
+    return out
+
+
+def load_variants(path: str | os.PathLike, overrides: Sequence[str] = (), *, check_model: bool = True) -> list[Recipe]:
+    """The recipe's variants, each loaded and validated; [the recipe] without a matrix.
+
+    Raises one RecipeError with the problems of every variant.
+    """
+    from llmbuild.recipe.loader import load_recipe
+    from llmbuild.recipe.tree import Loc, apply_overrides, read_tree
+
+    base = load_recipe(path, overrides, check_model=check_model)
+    if not base.matrix:
+        return [base]
+    tree = read_tree(os.fspath(path), [])
+    if tree is not None:
+        apply_overrides(tree, overrides, [])
+    fixed = [*overrides, "~matrix"]
+    variants, problems = [], []
+    for name, chosen in variant_names(base):
+        axis_overrides = [f"{key}={json.dumps(value)}" for key, (_, value) in chosen.items()]
+        try:
+            recipe = load_recipe(path, [*fixed, f"name={name}", *axis_overrides], check_model=check_model)
+        except RecipeError as e:
+            first_axis = len(fixed) + 2  # 1-based column of the first axis override
+            for p in e.problems:
+                loc = Loc(p.file, p.line, p.column)
+                if p.file == COMMAND_LINE and p.column >= first_axis and tree is not None:
+                    key = list(chosen)[p.column - first_axis]
+                    label = chosen[key][0]
+                    item = label if isinstance(base.matrix[key], dict) else [lbl for lbl, _ in
+                                                                             axis_labels(base.matrix[key])].index(label)
+                    loc = tree.where(("matrix", key, item))
+                problems.append(Problem(p.path, f"matrix variant {name!r}: {p.message}", *loc))
+            continue
+        recipe._variant = {"of": base.name, "values": {key: label for key, (label, _) in chosen.items()}}
+        variants.append(recipe)
+    if problems:
+        raise RecipeError(problems)
+    return variants

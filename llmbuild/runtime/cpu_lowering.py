@@ -1,0 +1,232 @@
+"""CPU lowering: the artifact's standard decoder graph rewritten for ONNX Runtime's CPU
+executor, at load time, in memory (the artifact is not changed; weights are not copied).
+
+The standard graph (llmbuild.graph) is what TensorRT parses. ONNX Runtime's CPU kernels
+for two of its parts are slow: the opset-24 `Attention` reads the whole cache
+(`cache_len` rows) whatever the sequences' lengths, and 16-bit graphs run through Cast
+nodes around fp32 kernels. The lowering keeps the I/O contract (llmbuild.graph.io)
+except for the cache dtype, and
+
+1. rewrites each layer's attention core into ONNX Runtime's fused contrib operator,
+   which reads only each sequence's own rows of a shared past/present buffer:
+
+       q_lin [B,S,Hq*D] ─RotaryEmbedding(3-D, position_ids)─┐
+       k_lin [B,S,Hkv*D] ─RotaryEmbedding(3-D, position_ids)─┤
+       v_lin [B,S,Hkv*D] ────────────────────────────────────┤
+       past_key.i, past_value.i ─────────────────────────────┤
+       seqlens_k = kv_len-1, total = max(kv_len), query_seqlens = S ─┴─►
+           com.microsoft.GroupQueryAttention ─► attn [B,S,Hq*D], present_key.i, present_value.i
+
+   replacing Reshape/Transpose ─► RotaryEmbedding ─► TensorScatter ─► Attention ─►
+   Transpose/Reshape. Rows are never padded (query_seqlens = S), so new row s of
+   sequence b is written at write_indices[b] + s and attends causally to the rows
+   before it, exactly the standard graph's semantics;
+2. promotes float16/bfloat16 graphs to float32 (every 16-bit initializer gets a Cast
+   that ONNX Runtime folds once at session creation; the KV cache becomes float32).
+   CPU kernels compute in float32 anyway, so this only removes per-step casts.
+
+Anything the rewrite does not recognise raises `LoweringError`; the executor then runs
+the standard graph instead. Both are checked against HF transformers in the tests.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from llmbuild.graph import io
+
+MS_DOMAIN = "com.microsoft"
+_SIXTEEN_BIT = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+
+
+class LoweringError(ValueError):
+    """The graph does not have the shape the lowering expects."""
+
+
+def _producer(value: ir.Value | None, op_type: str) -> ir.Node:
+    node = value.producer() if value is not None else None
+    if node is None or node.op_type != op_type or node.domain not in ("", "ai.onnx"):
+        found = "a graph input/initializer" if node is None else node.op_type
+        raise LoweringError(f"expected {op_type} producing {value.name if value else None}, found {found}")
+    return node
+
+
+def _only_consumer(value: ir.Value, op_type: str) -> ir.Node:
+    users = [u for u, _ in value.uses()]
+    if len(users) != 1 or users[0].op_type != op_type:
+        raise LoweringError(f"expected {value.name} to feed one {op_type}, found {[u.op_type for u in users]}")
+    return users[0]
+
+
+def _unheaded(x4: ir.Value) -> ir.Value:
+    """The [B,S,H*D] value before split_heads' Reshape -> Transpose(0,2,1,3)."""
+    t = _producer(x4, "Transpose")
+    return _producer(t.inputs[0], "Reshape").inputs[0]
+
+
+def lower_for_cpu(model: ir.Model) -> ir.Model:
+    """Rewrite `model` in place (see the module docstring) and return it."""
+    graph = model.graph
+    inputs = {v.name: v for v in graph.inputs}
+    for name in (io.INPUT_IDS, io.POSITION_IDS, io.WRITE_INDICES):
+        if name not in inputs:
+            raise LoweringError(f"graph has no input {name}")
+    attentions = [n for n in graph if n.op_type == "Attention" and n.domain in ("", "ai.onnx")]
+    if not attentions:
+        raise LoweringError("graph has no Attention node")
+    _promote_to_float32(graph)
+
+    tape = ir.tape.Tape()
+    kv_len = attentions[0].inputs[6]
+    if kv_len is None or any(a.inputs[6] is not kv_len for a in attentions):
+        raise LoweringError("Attention nodes do not share one nonpad_kv_seqlen input")
+    one = tape.initializer(ir.tensor(np.array(1, np.int64), name="cpu.one"), name="cpu.one")
+    seqlens_k = tape.op("Cast", [tape.op("Sub", [kv_len, one])], {"to": ir.DataType.INT32})
+    total = tape.op("Cast", [tape.op("ReduceMax", [kv_len], {"keepdims": 0})], {"to": ir.DataType.INT32})
+    query_lens = tape.op("Cast", [tape.op("Sub", [kv_len, inputs[io.WRITE_INDICES]])], {"to": ir.DataType.INT32})
+    position_ids = inputs[io.POSITION_IDS]
+
+    rewired: list[tuple[ir.Value, ir.Value]] = []  # (old value, new value)
+    dead: list[ir.Node] = []
+    for attn in attentions:
+        q4, present_k, present_v = attn.inputs[:3]
+        if any(attn.inputs[i] is not None for i in (3, 4, 5)):
+            raise LoweringError(f"{attn.name}: attention mask/past inputs are not supported")
+        attrs = {k: v.value for k, v in attn.attributes.items()}
+        if attrs.get("is_causal") != 1 or attrs.get("softcap", 0.0) or attrs.get("qk_matmul_output_mode", 0):
+            raise LoweringError(f"{attn.name}: only plain causal attention is supported ({attrs})")
+        rope_q = _producer(q4, "RotaryEmbedding")
+        scatter_k = _producer(present_k, "TensorScatter")
+        scatter_v = _producer(present_v, "TensorScatter")
+        rope_k = _producer(scatter_k.inputs[1], "RotaryEmbedding")
+        past_k, past_v = scatter_k.inputs[0], scatter_v.inputs[0]
+        for rope in (rope_q, rope_k):
+            if rope.inputs[3] is not position_ids or rope.attributes.get_int("interleaved", 0) != 0:
+                raise LoweringError(f"{rope.name}: expected non-interleaved rotary at position_ids")
+            if rope.attributes.get_int("rotary_embedding_dim", 0) not in (0, q4.shape[-1] if q4.shape else 0):
+                raise LoweringError(f"{rope.name}: partial rotary is not supported")
+        cos, sin = rope_q.inputs[1], rope_q.inputs[2]
+        q_lin, k_lin, v_lin = _unheaded(rope_q.inputs[0]), _unheaded(rope_k.inputs[0]), _unheaded(scatter_v.inputs[1])
+        out_t = _only_consumer(attn.outputs[0], "Transpose")
+        merged = _only_consumer(out_t.outputs[0], "Reshape").outputs[0]
+        heads, kv_heads, head_dim = _heads(past_k, q_lin, k_lin)
+
+        q_rot = tape.op("RotaryEmbedding", [q_lin, cos, sin, position_ids], {"interleaved": 0, "num_heads": heads})
+        k_rot = tape.op("RotaryEmbedding", [k_lin, cos, sin, position_ids], {"interleaved": 0, "num_heads": kv_heads})
+        gqa_attrs = {"num_heads": heads, "kv_num_heads": kv_heads, "do_rotary": 0}
+        if "scale" in attrs:
+            gqa_attrs["scale"] = float(attrs["scale"])
+        out, new_k, new_v = tape.op_multi_out(
+            "GroupQueryAttention",
+            [q_rot, k_rot, v_lin, past_k, past_v, seqlens_k, total, None, None, None, None, None, None, None, None,
+             None, query_lens],
+            gqa_attrs, domain=MS_DOMAIN, num_outputs=3,
+        )
+        rewired += [(merged, out), (present_k, new_k), (present_v, new_v)]
+        dead += [merged.producer(), out_t, attn, scatter_k, scatter_v]
+
+    # Insert the new nodes before the first attention's consumers need them: the tape's
+    # nodes go right after the node producing the last value they read.
+    for value in tape.initializers:
+        graph.register_initializer(value)
+    _insert_in_order(graph, tape.nodes)
+    for old, new in rewired:
+        for i, out in enumerate(graph.outputs):
+            if out is old:
+                new.name, new.shape, new.type = old.name, old.shape, old.type
+                old.name = f"{old.name}.standard"
+                graph.outputs[i] = new
+        ir.convenience.replace_all_uses_with(old, new)
+    for node in dead:
+        graph.remove(node, safe=True)
+    _remove_unused(graph)
+    model.opset_imports.setdefault(MS_DOMAIN, 1)
+    graph.opset_imports.setdefault(MS_DOMAIN, 1)
+    return model
+
+
+def _heads(past_k: ir.Value, q_lin: ir.Value, k_lin: ir.Value) -> tuple[int, int, int]:
+    shape = past_k.shape
+    if shape is None or len(shape) != 4 or not all(isinstance(d, int) for d in (shape[1], shape[3])):
+        raise LoweringError(f"{past_k.name}: expected [B, kv_heads, cache_len, head_dim], got {shape}")
+    kv_heads, head_dim = int(shape[1]), int(shape[3])
+    q_width = _split_width(q_lin)
+    return q_width // head_dim, kv_heads, head_dim
+
+
+def _split_width(x: ir.Value) -> int:
+    """H*D of a [B,S,H*D] value, from the split_heads Reshape that consumes it."""
+    for user, _ in x.uses():
+        if user.op_type == "Reshape":
+            shape = user.inputs[1].const_value
+            if shape is not None:
+                dims = shape.numpy()
+                return int(dims[2] * dims[3])
+    raise LoweringError(f"cannot find the head split of {x.name}")
+
+
+def _promote_to_float32(graph: ir.Graph) -> None:
+    """16-bit graph -> float32: Cast after 16-bit initializers (folded by ONNX Runtime at
+    session creation), float32 cache inputs/outputs."""
+    for node in graph:
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.INT and node.op_type == "Cast" and attr.value in _SIXTEEN_BIT:
+                raise LoweringError(f"{node.name}: casts to a 16-bit type")
+            if attr.type == ir.AttributeType.TENSOR and attr.value.dtype in _SIXTEEN_BIT:
+                raise LoweringError(f"{node.name}: has a 16-bit tensor attribute")
+    for value in [*graph.inputs, *graph.outputs]:
+        if value.dtype in _SIXTEEN_BIT:
+            value.type = ir.TensorType(ir.DataType.FLOAT)
+    casts = []
+    for name, init in list(graph.initializers.items()):
+        if init.dtype not in _SIXTEEN_BIT or not init.uses():
+            continue
+        cast = ir.node("Cast", [init], {"to": ir.DataType.FLOAT}, name=f"cpu.cast.{name}")
+        cast.outputs[0].name = f"{name}.float32"
+        cast.outputs[0].dtype = ir.DataType.FLOAT
+        cast.outputs[0].shape = init.shape
+        for user, index in list(init.uses()):
+            if user is not cast:
+                user.replace_input_with(index, cast.outputs[0])
+        casts.append(cast)
+    graph.insert_before(next(iter(graph)), casts) if casts else None
+    for node in graph:
+        for out in node.outputs:
+            if out.dtype in _SIXTEEN_BIT:
+                out.type = ir.TensorType(ir.DataType.FLOAT)
+
+
+def _insert_in_order(graph: ir.Graph, nodes: list[ir.Node]) -> None:
+    """Insert tape nodes, each after the last graph node that produces one of its inputs."""
+    position = {id(n): i for i, n in enumerate(graph)}
+    for node in nodes:
+        anchors = [v.producer() for v in node.inputs if v is not None and v.producer() is not None]
+        anchors = [a for a in anchors if id(a) in position]
+        if anchors:
+            graph.insert_after(max(anchors, key=lambda a: position[id(a)]), node)
+        else:
+            graph.insert_before(next(iter(graph)), node)
+        position = {id(n): i for i, n in enumerate(graph)}
+
+
+def _remove_unused(graph: ir.Graph) -> None:
+    live_outputs = set(id(v) for v in graph.outputs)
+    changed = True
+    while changed:
+        changed = False
+        for node in reversed(list(graph)):
+            if all(not out.uses() and id(out) not in live_outputs for out in node.outputs):
+                graph.remove(node, safe=True)
+                changed = True
+    for name in [n for n, v in graph.initializers.items() if not v.uses() and v not in graph.inputs]:
+        del graph.initializers[name]
+
+
+def lowered_model_bytes(model_path) -> bytes:
+    """The lowered graph of an artifact's model.onnx, serialized; its initializers still
+    point into the artifact's external data file (load it with ONNX Runtime's
+    `session.model_external_initializers_file_folder_path` set to the model's folder)."""
+    model = ir.load(str(model_path))
+    lower_for_cpu(model)
+    return ir.serde.serialize_model(model).SerializeToString()
