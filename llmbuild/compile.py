@@ -124,6 +124,7 @@ def compile_loaded(
     cache: bool | str | Path | None = True,
 ) -> Path:
     from llmbuild.graph.export import MODEL_FILE, WEIGHTS_FILE, build_model, save_model
+    from llmbuild.quantize.stage import quantize_for_compile, raise_if_failed
     from llmbuild.source import open_source
 
     rd = recipe.to_dict()
@@ -144,6 +145,7 @@ def compile_loaded(
                 model_paths, model_path, graph_hash = ranks["paths"], ranks["paths"][0], ranks["graph_hash"]
             else:
                 model = build_model(source, precision, limits["max_seq_len"])
+                quantization = quantize_for_compile(recipe, model, source, stage, rep)  # llmbuild.quantize
                 model_path = save_model(model, stage / MODEL_DIR, progress=lambda d, t: update(d, t))
                 del model
                 graph_hash = hashlib.sha256(
@@ -178,6 +180,7 @@ def compile_loaded(
                 **(ranks["graph"] if tp > 1 else {}),
             },
             **({"parallel": ranks["parallel"]} if tp > 1 else {}),
+            **({"quantization": quantization} if tp == 1 and quantization else {}),
             "tokenizer": tokenizer_info,
             "engines": [],
             "verification": None,
@@ -197,6 +200,7 @@ def compile_loaded(
             manifest["toolchain"][info["trt_module"]] = info["trt_version"]
         manifest["timings"] = rep.stages
         write_manifest(stage, manifest)
+        raise_if_failed(verification, out_dir / recipe.name)  # quantized: the accuracy gate
         if verification is not None and not verification["passed"]:
             raise BuildError(
                 "verification against HF transformers failed: " + "; ".join(verification["failures"])
@@ -269,8 +273,11 @@ def _eos_ids(tokenizer: dict, config: dict) -> list[int]:
 
 
 def _maybe_verify(recipe, rd, stage: Path, source, rep: Reporter, verify: bool | None) -> dict | None:
+    from llmbuild.quantize.stage import maybe_gate
     from llmbuild.verify.reference import reference_available
 
+    if rd.get("quantization"):  # quantized graphs: the accuracy gate replaces the HF logit check
+        return maybe_gate(recipe, stage, source, rep, verify)
     settings = rd.get("verify") or {}
     if verify is False or not settings.get("enabled", True):
         return None

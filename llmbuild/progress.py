@@ -4,11 +4,16 @@ wall time and peak resident memory of every stage (recorded in the manifest)."""
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 from typing import Iterator
 
 import psutil
+
+# Lingers at the end of every stage: a debugging aid that lets tests deliver a signal in
+# the middle of a compile (tests/test_artifact.py). Not for production use.
+_STAGE_DELAY = float(os.environ.get("LLMBUILD_TEST_STAGE_DELAY", "0") or 0)
 
 
 class _PeakRSS:
@@ -76,6 +81,8 @@ class Reporter:
         start = time.perf_counter()
         with _PeakRSS() as rss:
             yield update
+            if _STAGE_DELAY:
+                time.sleep(_STAGE_DELAY)
         self.stages[name] = {"seconds": round(time.perf_counter() - start, 3), "peak_rss_bytes": rss.peak}
         if task is not None:
             t = self._progress.tasks[task]

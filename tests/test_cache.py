@@ -53,7 +53,6 @@ def with_change(path: str, value):
     ("recipe.precision", "bfloat16"),
     ("recipe.limits.max_seq_len", 128),
     ("recipe.limits.max_num_tokens", 32),
-    ("recipe.model.source", "other"),
     ("recipe.parallel.tp", 2),
     ("source", "e" * 64),
     ("graph", "h" * 64),
@@ -73,6 +72,7 @@ def test_each_key_input_flips_the_key(path, value):
 
 @pytest.mark.parametrize("path, value", [
     ("recipe.name", "renamed"),  # a renamed or re-verified recipe builds the same engine
+    ("recipe.model.source", "/elsewhere/m"),  # the weights' content is `source` (their fingerprint)
     ("recipe.verify.enabled", False),
     ("recipe.engines", [{"backend": "tensorrt-rtx"}, {"backend": "tensorrt"}]),  # each engine has its own key
     ("recipe.matrix", {"precision": ["float16"]}),

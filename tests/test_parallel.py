@@ -123,7 +123,7 @@ def test_manifest_records_ranks_files_and_collective_plan(tiny):
     assert par["tp"] == 2 and [r["graph"] for r in par["ranks"]] == ["rank0/model.onnx", "rank1/model.onnx"]
     assert m["graph"]["ranks"] == ["rank0/model.onnx", "rank1/model.onnx"]
     assert [c["name"] for c in par["collectives"]] == [f"allreduce.{k}" for k in range(4)]
-    assert [c["weight"].rsplit(".", 2)[0] for c in par["collectives"]] == [
+    assert [c["weight"].rsplit(".", 1)[0] for c in par["collectives"]] == [
         "model.layers.0.self_attn.o_proj", "model.layers.0.mlp.down_proj",
         "model.layers.1.self_attn.o_proj", "model.layers.1.mlp.down_proj"]
     for r in range(2):

@@ -6,8 +6,8 @@
     info, hit = cache.get_or_build(key, engine_path, build)   # build(path) -> manifest entry
 
 The key is a sha256 over everything that decides the engine: the resolved recipe (less
-its name, the engine list and the verify settings, which do not), the source weights'
-fingerprint (headers plus sampled content; no mtimes or absolute paths), the ONNX graph's
+its name, the engine list, the verify settings and the model's location, which do not),
+the source weights' fingerprint (headers plus sampled content; no mtimes or absolute paths), the ONNX graph's
 hash, the toolchain (llmbuild, onnx, onnx-ir), the TensorRT flavour and version, and the
 engine entry (backend, targets, builder options) and rank. Change any of them and the key
 changes.
@@ -57,9 +57,12 @@ def engine_key(
     rank: int = 0,
 ) -> str:
     """sha256 over every input that decides one engine (see the module docstring)."""
+    recipe = {k: v for k, v in recipe.items() if k not in _NOT_ENGINE_INPUTS}
+    if isinstance(recipe.get("model"), dict):  # where the weights are is not what they are
+        recipe["model"] = {k: v for k, v in recipe["model"].items() if k != "source"}
     data = {
         "key_version": KEY_VERSION,
-        "recipe": {k: v for k, v in recipe.items() if k not in _NOT_ENGINE_INPUTS},
+        "recipe": recipe,
         "source": source,
         "graph": graph,
         "toolchain": {k: toolchain.get(k) for k in ("llmbuild", "onnx", "onnx_ir")},
@@ -141,6 +144,7 @@ class EngineCache:
         """(manifest entry, hit). On a miss `build(engine_path)` writes the engine and
         returns its entry, which is stored under `key`. Holds the key's lock throughout."""
         engine_path = Path(engine_path)
+        engine_path.parent.mkdir(parents=True, exist_ok=True)
         with self.lock(key):
             info = self._load(key, engine_path)
             if info is not None:

@@ -91,4 +91,25 @@ def collectives_for(parsed, onnx_path: Path) -> dict:
     if meta is None:
         return {}
     inserted = insert_collectives(parsed.trt, parsed.network, meta["points"], meta["tp"])
-    return {"rank": meta["rank"], "num_ranks": meta["tp"], "collectives": inserted}
+    decomposable = allow_decomposed_attention(parsed.trt, parsed.network)
+    return {"rank": meta["rank"], "num_ranks": meta["tp"], "collectives": inserted,
+            "attention_decomposable": decomposable}
+
+
+def allow_decomposed_attention(trt, network) -> int:
+    """Mark every attention of a rank network decomposable; returns how many.
+
+    A rank has 1/tp of the query heads, and TensorRT-RTX 1.7.1 has no dedicated
+    one-token (decode profile) attention kernel for fewer than 4 query heads (measured:
+    1, 2 and 3 heads fail with "Attention operation was not supported by a dedicated
+    kernel"; 4, 5, 8, 9 build). Decomposable lets the builder fall back to plain
+    layers where no fused kernel exists.
+    """
+    count = 0
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if layer.type == trt.LayerType.ATTENTION_OUTPUT:
+            layer.__class__ = trt.IAttentionOutputLayer  # the TensorRT Python idiom for a layer's own API
+            layer.attention.decomposable = True
+            count += 1
+    return count

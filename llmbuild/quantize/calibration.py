@@ -236,7 +236,10 @@ def calibrate(
         outputs = acts + ([] if last else [slices.layer_inputs[layer + 1]])
         path, weight_inputs = slices.slice(outputs, slices.layer_inputs[layer], work_dir / f"layer{layer}.onnx", layer)
         sess = _session(path, threads)
-        weights = {w: np.ascontiguousarray(np.asarray(loaders[w](), np.float32)) for w in weight_inputs}
+        # the slice's weight inputs, plus linears it does not need to run (the last layer's
+        # down_proj: its output is not asked for) but that are quantized all the same
+        weights = {w: np.ascontiguousarray(np.asarray(loaders[w](), np.float32))
+                   for w in dict.fromkeys([*weight_inputs, *lin])}
         needs_gptq = {a for w, a in lin.items() if plan[w].algorithm == "gptq"}
         needs_sample = {a for w, a in lin.items() if plan[w].algorithm == "awq"}
         stats = {}
@@ -244,7 +247,7 @@ def calibrate(
         for c0 in range(0, n, chunk):
             feeds = _feeds(sess, tokens[c0:c0 + chunk], kv_heads, head_dim)
             feeds[slices.layer_inputs[layer]] = hidden[c0:c0 + chunk]
-            feeds.update(weights)
+            feeds.update({w: weights[w] for w in weight_inputs})
             outs = sess.run(acts, feeds)
             note_rss()
             act_bytes_chunk = max(act_bytes_chunk, sum(o.nbytes for o in outs))

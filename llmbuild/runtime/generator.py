@@ -131,11 +131,14 @@ class TextTracker:
 
     def add(self, token: int) -> str:
         """Feed a token; returns the new streamable text (may be empty)."""
+        if self.stopped:
+            return ""
         self.text += self.detok.add(token)
         return self._release(final=False)
 
     def finish(self) -> str:
-        self.text += self.detok.flush()
+        if not self.stopped:
+            self.text += self.detok.flush()
         return self._release(final=True)
 
     def _release(self, final: bool) -> str:

@@ -1,0 +1,92 @@
+"""Artifacts are written atomically: an interrupted compile leaves nothing that looks
+complete, and a rerun succeeds. Manifests are checked when read."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from llmbuild.artifact import read_manifest
+from llmbuild.errors import UserError
+from tests.tiny import compile_tiny, make_tiny_hf
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return make_tiny_hf(tmp_path_factory.mktemp("hf") / "m", layers=4, hidden=128, intermediate=256, vocab=256)
+
+
+def _start_compile(recipe: Path, out: Path) -> subprocess.Popen:
+    # LLMBUILD_TEST_STAGE_DELAY makes each stage linger so the signal lands mid-compile.
+    env = dict(os.environ, LLMBUILD_TEST_STAGE_DELAY="1.5")
+    return subprocess.Popen(
+        [sys.executable, "-m", "llmbuild.cli", "compile", str(recipe), "-o", str(out), "--no-verify", "-q"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def _wait_for_stage_dir(out: Path, timeout: float = 60) -> Path:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        partial = [p for p in out.glob(".tiny.partial-*") if (p / "model").exists()]
+        if partial:
+            return partial[0]
+        time.sleep(0.05)
+    raise AssertionError("compile never reached the ONNX stage")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
+def test_interrupted_compile_leaves_no_complete_artifact(tiny_dir, tmp_path, sig):
+    out = tmp_path / "out"
+    out.mkdir()
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(f"name: tiny\nmodel:\n  source: {tiny_dir}\nprecision: float32\nengines: []\n"
+                      "limits: {max_batch_size: 2, max_input_len: 32, max_seq_len: 64}\n")
+    proc = _start_compile(recipe, out)
+    _wait_for_stage_dir(out)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert "Traceback" not in stderr
+    assert not (out / "tiny").exists()
+    with pytest.raises(UserError, match="not a complete llmbuild artifact|does not exist"):
+        read_manifest(out / "tiny")
+    if sig != signal.SIGKILL:  # cleanup ran: nothing left behind
+        assert list(out.iterdir()) == []
+    # A rerun succeeds (and removes a killed run's leftovers).
+    art = compile_tiny(tiny_dir, out, name="tiny", limits={"max_batch_size": 2, "max_input_len": 32, "max_seq_len": 64})
+    assert read_manifest(art)["name"] == "tiny"
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".tiny")) == []
+
+
+def test_recompile_replaces_artifact(tiny_dir, tmp_path):
+    art = compile_tiny(tiny_dir, tmp_path, name="tiny")
+    first = read_manifest(art)["hashes"]
+    art = compile_tiny(tiny_dir, tmp_path, name="tiny", precision="float16")
+    m = read_manifest(art)
+    assert m["model"]["precision"] == "float16" and m["hashes"]["graph"] != first["graph"]
+    assert m["hashes"]["source"] == first["source"]
+
+
+def test_manifest_checks(tiny_dir, tmp_path):
+    art = compile_tiny(tiny_dir, tmp_path, name="tiny")
+    m = json.loads((art / "manifest.json").read_text())
+    assert m["graph"]["opset"] == 24
+    names = [i["name"] for i in m["graph"]["inputs"]]
+    assert names[:4] == ["input_ids", "position_ids", "write_indices", "logits_indices"]
+    assert (art / m["graph"]["file"]).is_file() and (art / m["graph"]["weights"]).stat().st_size > 0
+    assert (art / "tokenizer" / "tokenizer.json").is_file()
+    assert set(m["timings"]) >= {"source", "onnx", "tokenizer"}
+    m["schema_version"] = 99
+    (art / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(UserError, match="schema version 99 is not supported"):
+        read_manifest(art)
+    with pytest.raises(UserError, match="does not exist"):
+        read_manifest(tmp_path / "nope")
