@@ -222,6 +222,34 @@ def verify(artifact, reference, prompts, max_abs_logit_diff, min_top1_agreement,
         sys.exit(1)
 
 
+@cli.command(name="eval")
+@click.argument("artifact", type=click.Path())
+@click.option("--reference", type=click.Path(), default=None,
+              help="Artifact dir, .onnx graph, HF checkpoint dir or .gguf file to compare with (KL, top-1).")
+@click.option("--dataset", default="kjv", show_default=True,
+              help="Bundled corpus (its evaluation split) or a .txt / .jsonl file.")
+@click.option("--tokens", default=16384, show_default=True, help="Tokens to evaluate (whole chunks).")
+@click.option("--seq-len", default=512, show_default=True, help="Tokens per chunk (no context across chunks).")
+@click.option("--threads", type=int, default=None, help="CPU threads for ONNX Runtime.")
+@click.option("--json", "as_json", is_flag=True)
+def eval_command(artifact, reference, dataset, tokens, seq_len, threads, as_json):
+    """Perplexity of ARTIFACT on held-out text; with --reference also the mean KL divergence
+    of its next-token distributions from the reference's and their top-1 agreement."""
+    from llmbuild.eval import evaluate
+
+    report = evaluate(artifact, reference, dataset=dataset, tokens=tokens, seq_len=seq_len, threads=threads)
+    if as_json:
+        _emit_json(report)
+        return
+    click.echo(f"{report['dataset']} ({report['split']}): {report['chunks']} chunks x {report['seq_len']} tokens,"
+               f" {report['positions']} positions")
+    click.echo(f"  perplexity       {report['perplexity']:.4f}")
+    if reference is not None:
+        click.echo(f"  reference ppl    {report['reference_perplexity']:.4f}  ({report['perplexity_increase']:+.2%})")
+        click.echo(f"  KL divergence    {report['kl_divergence']:.5f} nats/token")
+        click.echo(f"  top-1 agreement  {report['top1_agreement']:.4f}")
+
+
 @cli.command()
 @click.argument("artifact", type=click.Path())
 @click.argument("text")

@@ -79,11 +79,16 @@ class Reporter:
                 self._progress.update(task, completed=done, total=total, detail=detail)
 
         start = time.perf_counter()
+        start_rss = psutil.Process().memory_info().rss
         with _PeakRSS() as rss:
             yield update
             if _STAGE_DELAY:
                 time.sleep(_STAGE_DELAY)
-        self.stages[name] = {"seconds": round(time.perf_counter() - start, 3), "peak_rss_bytes": rss.peak}
+        self.stages[name] = {
+            "seconds": round(time.perf_counter() - start, 3),
+            "start_rss_bytes": start_rss,
+            "peak_rss_bytes": rss.peak,
+        }
         if task is not None:
             t = self._progress.tasks[task]
             total = t.total if t.total is not None else 1

@@ -261,7 +261,7 @@ def test_smollm2_tp3_greedy_equals_tp1(smollm2_artifact, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("smollm2-tp3")
     tp3 = compile_recipe(ROOT / "recipes" / "smollm2-135m-instruct.yaml",
-                         ["~engines", "name=smollm2-tp3", "parallel.tp=3", "limits.max_seq_len=256"], out,
+                         ["~engines", "name=smollm2-tp3", "parallel.tp=3", "limits.max_input_len=128", "limits.max_seq_len=256"], out,
                          quiet=True, verify=False)
     par = read_manifest(tp3)["parallel"]
     assert par["per_rank"] == {"num_attention_heads": 3, "num_key_value_heads": 1, "intermediate_size": 512,

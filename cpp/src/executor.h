@@ -46,8 +46,8 @@ class Executor {
 };
 
 #ifdef LLMBUILD_WITH_ONNXRUNTIME
-// The artifact's ONNX graph on ONNX Runtime (CPU); threads 0 = min(cores, 8).
-std::unique_ptr<Executor> open_onnxruntime_executor(const Manifest& manifest, int threads);
+// The artifact's ONNX graph (or `graph_file`, see LoadOptions) on ONNX Runtime (CPU).
+std::unique_ptr<Executor> open_onnxruntime_executor(const Manifest& manifest, const LoadOptions& options);
 #endif
 
 #ifdef LLMBUILD_WITH_TENSORRT

@@ -32,16 +32,17 @@ Ort::Env& environment() {
 
 class OnnxRuntimeExecutor : public Executor {
  public:
-  OnnxRuntimeExecutor(const Manifest& manifest, int threads)
+  OnnxRuntimeExecutor(const Manifest& manifest, const LoadOptions& load)
       : num_layers_(manifest.num_layers), cache_len_(manifest.limits.max_seq_len) {
-    const auto path = manifest.directory / manifest.graph_file;
+    const std::string& file = load.graph_file.empty() ? manifest.graph_file : load.graph_file;
+    const auto path = manifest.directory / file;  // an absolute `file` replaces the directory
     if (!std::filesystem::is_regular_file(path)) {
-      throw ArtifactError(path.string() + ": the artifact's ONNX graph is missing (manifest graph.file = " +
-                          manifest.graph_file + ")");
+      throw ArtifactError(path.string() + ": the artifact's ONNX graph is missing (" +
+                          (load.graph_file.empty() ? "manifest graph.file" : "graph_file") + " = " + file + ")");
     }
     Ort::SessionOptions options;
     const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-    options.SetIntraOpNumThreads(threads > 0 ? threads : std::min(cores, 8));
+    options.SetIntraOpNumThreads(load.threads > 0 ? load.threads : std::min(cores, 8));
     options.SetInterOpNumThreads(1);
     options.SetGraphOptimizationLevel(GraphOptimizationLevel::ORT_ENABLE_ALL);
     options.SetLogSeverityLevel(3);
@@ -143,8 +144,8 @@ class OnnxRuntimeExecutor : public Executor {
 
 }  // namespace
 
-std::unique_ptr<Executor> open_onnxruntime_executor(const Manifest& manifest, int threads) {
-  return std::make_unique<OnnxRuntimeExecutor>(manifest, threads);
+std::unique_ptr<Executor> open_onnxruntime_executor(const Manifest& manifest, const LoadOptions& options) {
+  return std::make_unique<OnnxRuntimeExecutor>(manifest, options);
 }
 
 }  // namespace llmbuild

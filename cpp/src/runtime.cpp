@@ -36,7 +36,7 @@ std::unique_ptr<Executor> open_executor(const Manifest& manifest, const LoadOpti
   if (backend == "tensorrt") return open_tensorrt_executor(manifest);
 #endif
 #ifdef LLMBUILD_WITH_ONNXRUNTIME
-  if (backend == "onnxruntime") return open_onnxruntime_executor(manifest, options.threads);
+  if (backend == "onnxruntime") return open_onnxruntime_executor(manifest, options);
 #endif
   std::string built;
   for (const std::string& b : available_backends()) built += (built.empty() ? "" : ", ") + b;

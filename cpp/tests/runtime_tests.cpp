@@ -318,11 +318,11 @@ TEST_CASE(missing_or_broken_graph_is_a_clear_error) {
   require_onnxruntime();
   TempDir dir;
   dir.write("manifest.json", manifest_json("1"));
-  CHECK_THROWS(ArtifactError, Model(dir.path.string(), {"onnxruntime", 1}), "model/model.onnx",
+  CHECK_THROWS(ArtifactError, Model(dir.path.string(), {"onnxruntime", 1, ""}), "model/model.onnx",
                "the artifact's ONNX graph is missing");
   dir.write("model/model.onnx", "not a protobuf");
-  CHECK_THROWS(ArtifactError, Model(dir.path.string(), {"onnxruntime", 1}), "ONNX Runtime cannot load the graph");
-  CHECK_THROWS(RequestError, Model(dir.path.string(), {"bogus", 1}), "runtime backend 'bogus' is not available");
+  CHECK_THROWS(ArtifactError, Model(dir.path.string(), {"onnxruntime", 1, ""}), "ONNX Runtime cannot load the graph");
+  CHECK_THROWS(RequestError, Model(dir.path.string(), {"bogus", 1, ""}), "runtime backend 'bogus' is not available");
 }
 
 // -- TensorRT binding plan and profile choice (no GPU needed) -------------------------------------------
@@ -410,7 +410,7 @@ TEST_CASE(tensorrt_plan_of_a_built_engine) {
 
 TEST_CASE(model_generates_repeatably_and_streams) {
   require_onnxruntime();
-  Model model(env_path("LLMBUILD_TEST_ARTIFACT"), {"auto", 1});
+  Model model(env_path("LLMBUILD_TEST_ARTIFACT"), {"auto", 1, ""});
   CHECK_EQ(model.backend(), std::string("onnxruntime"));
   GenerateOptions greedy;
   greedy.max_new_tokens = 12;
@@ -432,7 +432,7 @@ TEST_CASE(model_generates_repeatably_and_streams) {
 
 TEST_CASE(model_rejects_requests_beyond_its_limits) {
   require_onnxruntime();
-  Model model(env_path("LLMBUILD_TEST_ARTIFACT"), {"onnxruntime", 1});
+  Model model(env_path("LLMBUILD_TEST_ARTIFACT"), {"onnxruntime", 1, ""});
   const Limits l = model.limits();
   GenerateOptions options;
   options.max_new_tokens = 1;

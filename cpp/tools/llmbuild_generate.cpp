@@ -32,6 +32,7 @@ options:
   --seed S                default 0
   --backend NAME          auto (default), onnxruntime or tensorrt
   --threads N             ONNX Runtime threads (default min(cores, 8))
+  --graph FILE            ONNX Runtime: run FILE instead of the manifest's graph.file
   --stream                print each id as it is generated
   --json                  print one JSON object: ids, finish reason, timings
   -h, --help
@@ -94,6 +95,8 @@ Args parse(int argc, char** argv) {
                                                              : number<uint64_t>(arg, text);
     } else if (arg == "--backend") {
       args.load.backend = value();
+    } else if (arg == "--graph") {
+      args.load.graph_file = value();
     } else if (arg == "--threads") {
       args.load.threads = number<int>(arg, value());
     } else if (arg == "--stream") {

@@ -30,6 +30,7 @@ class Generation:
     logprobs: list[TokenLogprob] | None = None
     time_to_first_token: float | None = None  # seconds from submission
     seconds: float | None = None  # submission to finish
+    token_times: list[float] = field(default_factory=list)  # seconds from submission, per output token
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class Request:
     stop: tuple[str, ...] = ()
     logprobs: int | None = None
     stream: bool = False  # deliver text deltas as they are produced
+    ignore_eos: bool = False  # generate max_new_tokens whatever the model says (benchmarks)
 
     def __post_init__(self):
         if self.max_new_tokens < 1:

@@ -93,9 +93,11 @@ class LoadedModel:
 
     # -- requests -----------------------------------------------------------------------------
     def submit(self, prompt_ids: Sequence[int], *, max_new_tokens: int = 64, params: SamplingParams = SamplingParams(),
-               stop: Sequence[str] = (), logprobs: int | None = None, stream: bool = False) -> RequestHandle:
+               stop: Sequence[str] = (), logprobs: int | None = None, stream: bool = False,
+               ignore_eos: bool = False) -> RequestHandle:
         """Queue one request of token ids (thread-safe); see RequestHandle."""
-        request = Request(tuple(int(t) for t in prompt_ids), max_new_tokens, params, tuple(stop), logprobs, stream)
+        request = Request(tuple(int(t) for t in prompt_ids), max_new_tokens, params, tuple(stop), logprobs, stream,
+                          ignore_eos)
         return self.engine.submit(request)
 
     def generate_ids(

@@ -56,6 +56,7 @@ class EngineStats:
     decode_step_seconds: float = 0.0  # whole steps that only decoded (no prefill chunk)
     decode_step_executor_seconds: float = 0.0  # executor time within those steps
     decode_only_steps: int = 0
+    decode_only_tokens: int = 0  # real tokens decoded in those steps
     padded_tokens: int = 0  # tokens computed that belong to no request (dummy rows, padding)
 
     @property
@@ -92,6 +93,7 @@ class Sequence:
     text: TextTracker | None = None
     logprobs: list[TokenLogprob] | None = None
     first_token_at: float | None = None
+    token_times: list[float] = field(default_factory=list)
     finish_reason: str | None = None
     cancelled: bool = False
 
@@ -167,6 +169,7 @@ class Scheduler:
             executor_seconds += self._mixed_pass(prefill, decoding)
         if prefill is None and decoding:
             self.stats.decode_only_steps += 1
+            self.stats.decode_only_tokens += len(decoding)
             self.stats.decode_step_seconds += time.perf_counter() - start
             self.stats.decode_step_executor_seconds += executor_seconds
 
@@ -278,13 +281,14 @@ class Scheduler:
         if seq.logprobs is not None:
             lp, top = logprobs_of(logits, token, req.logprobs)
             seq.logprobs.append(TokenLogprob(token, lp, top))
-        if token in self.eos:
+        if token in self.eos and not req.ignore_eos:
             if seq.logprobs:
                 seq.logprobs.pop()  # EOS is not part of the output
             self._finish(seq, "eos")
             return
         seq.tokens.append(token)
         seq.output.append(token)
+        seq.token_times.append(time.perf_counter() - seq.submitted)
         if seq.text is not None:
             delta = seq.text.add(token)
             if delta and seq.emit is not None:
@@ -311,7 +315,7 @@ class Scheduler:
             prompt_token_ids=list(seq.request.prompt_ids), token_ids=list(seq.output), text=text,
             finish_reason=reason, logprobs=seq.logprobs,
             time_to_first_token=None if seq.first_token_at is None else seq.first_token_at - seq.submitted,
-            seconds=now - seq.submitted,
+            seconds=now - seq.submitted, token_times=seq.token_times,
         )
         if seq.done is not None:
             seq.done(gen)
