@@ -160,6 +160,10 @@ def inspect(artifact, as_json):
 
 
 def _sampling_options(f):
+    f = click.option("--stop", multiple=True, help="Stop string (repeatable); not part of the output.")(f)
+    f = click.option("--presence-penalty", default=0.0, show_default=True)(f)
+    f = click.option("--repetition-penalty", default=1.0, show_default=True, help="1 = none.")(f)
+    f = click.option("--min-p", default=0.0, show_default=True, help="0 = no min-p cut.")(f)
     f = click.option("--seed", default=0, show_default=True, help="Sampling seed.")(f)
     f = click.option("--top-p", default=1.0, show_default=True)(f)
     f = click.option("--top-k", default=0, show_default=True, help="0 = no top-k cut.")(f)
@@ -168,23 +172,128 @@ def _sampling_options(f):
     return f
 
 
+def _runtime_options(f):
+    f = click.option("--threads", type=int, default=None, help="CPU threads for ONNX Runtime (default: physical cores).")(f)
+    f = click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto",
+                     show_default=True)(f)
+    return f
+
+
+def _sampling(kw: dict) -> dict:
+    """The sampling keyword arguments of LoadedModel.stream/chat from the CLI options."""
+    keys = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty", "seed")
+    return {k: kw[k] for k in keys}
+
+
+def _stream_out(deltas) -> None:
+    for delta in deltas:
+        click.echo(delta, nl=False)
+        sys.stdout.flush()
+    click.echo()
+
+
 @cli.command()
 @click.argument("artifact", type=click.Path())
 @click.option("--prompt", required=True, help="Prompt text.")
 @_sampling_options
 @click.option("--chat/--raw", default=True, show_default=True, help="Apply the artifact's chat template.")
-@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto", show_default=True)
-@click.option("--threads", type=int, default=None, help="CPU threads for ONNX Runtime.")
-def run(artifact, prompt, max_new_tokens, temperature, top_k, top_p, seed, chat, backend, threads):
+@_runtime_options
+def run(artifact, prompt, max_new_tokens, stop, chat, backend, threads, **sampling):
     """Generate a reply to PROMPT, streaming tokens to stdout."""
     import llmbuild
 
     model = llmbuild.load(artifact, backend=backend, threads=threads)
-    for delta in model.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                              top_p=top_p, seed=seed, chat=chat):
-        click.echo(delta, nl=False)
-        sys.stdout.flush()
-    click.echo()
+    try:
+        _stream_out(model.stream(prompt, max_new_tokens=max_new_tokens, stop=stop, chat=chat, **_sampling(sampling)))
+    finally:
+        model.close()
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path())
+@_sampling_options
+@click.option("--system", default=None, help="System message that starts the conversation.")
+@_runtime_options
+def chat(artifact, max_new_tokens, stop, system, backend, threads, **sampling):
+    """Talk to ARTIFACT: one line per message, replies stream. /reset starts over,
+    /exit (or Ctrl-D) leaves; Ctrl-C stops a reply."""
+    import llmbuild
+
+    model = llmbuild.load(artifact, backend=backend, threads=threads)
+    if not model.tokenizer.chat_template:
+        from llmbuild.errors import UserError
+
+        raise UserError(f"{artifact}: the tokenizer has no chat template; use `llmbuild run --raw`")
+    interactive = sys.stdin.isatty()
+    if interactive:
+        try:
+            import readline  # noqa: F401 - line editing and history for input()
+        except ImportError:
+            pass
+        click.echo(f"{model.manifest['name']}: /reset to start over, /exit or Ctrl-D to leave", err=True)
+    start = [{"role": "system", "content": system}] if system else []
+    messages = list(start)
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            break
+        except KeyboardInterrupt:
+            click.echo()
+            continue
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            messages = list(start)
+            continue
+        messages.append({"role": "user", "content": text})
+        reply = []
+        handle = model.chat(messages, stream=True, max_new_tokens=max_new_tokens, stop=stop, **_sampling(sampling))
+        try:
+            for delta in handle:
+                reply.append(delta)
+                click.echo(delta, nl=False)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            handle.close()
+            click.echo(" [stopped]", nl=False)
+        click.echo()
+        messages.append({"role": "assistant", "content": "".join(reply)})
+    model.close()
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path())
+@_runtime_options
+@click.option("--new-tokens", default=64, show_default=True, help="Tokens generated per request in decode runs.")
+@click.option("--batch", default=8, show_default=True, help="The larger decode batch.")
+@click.option("--repeats", default=3, show_default=True, help="Runs per figure (the best is kept).")
+@click.option("--no-cpu-lowering", is_flag=True, help="ONNX Runtime: run the standard graph, not the CPU lowering.")
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+def bench(artifact, backend, threads, new_tokens, batch, repeats, no_cpu_lowering, as_json):
+    """Measure prefill/decode tokens/s, time to first token, inter-token latency,
+    Python overhead per decode step, padding and peak RSS on this machine."""
+    import llmbuild
+    from llmbuild.runtime.bench import format_results, run_bench
+
+    options = {"cpu_lowering": False} if no_cpu_lowering else {}
+    probe = llmbuild.load(artifact, backend=backend, threads=threads, **options)
+    slots = probe.limits.max_batch_size
+    if probe.executor.name == "onnxruntime" and batch > slots:  # ONNX Runtime: slots are a runtime choice
+        probe.close()
+        probe = llmbuild.load(artifact, backend=backend, threads=threads, max_batch_size=batch, **options)
+    try:
+        results = run_bench(probe, new_tokens=new_tokens, batch=batch, repeats=repeats,
+                            progress=None if as_json else (lambda msg: click.echo(f"  ... {msg}", err=True)))
+    finally:
+        probe.close()
+    if as_json:
+        _emit_json(results)
+    else:
+        click.echo(format_results(results))
 
 
 @cli.command()

@@ -130,6 +130,7 @@ def compile_loaded(
     rd = recipe.to_dict()
     limits = dict(rd["limits"])
     precision = rd["precision"]
+    check_engines_before_work(rd)
     with Reporter(quiet=quiet) as rep, staged_artifact(out_dir, recipe.name) as stage:
         with rep.stage("source") as update:
             source = open_source(recipe.source_path)
@@ -207,6 +208,22 @@ def compile_loaded(
                 + "\n(figures per prompt: llmbuild verify ARTIFACT --reference SOURCE --json)"
             )
     return out_dir / recipe.name
+
+
+def check_engines_before_work(rd: dict) -> None:
+    """What would stop the engine stage, found before the source is read: a precision no
+    engine can be built at, a backend whose TensorRT package is missing or too old."""
+    from llmbuild.engine.backends import import_backend
+    from llmbuild.engine.options import precision_problem
+    from llmbuild.errors import UserError
+
+    if not rd["engines"]:
+        return
+    problem = precision_problem(rd["precision"])
+    if problem:
+        raise UserError(problem)
+    for backend in dict.fromkeys(e["backend"] for e in rd["engines"]):
+        import_backend(backend)
 
 
 def _engine_cache(cache: bool | str | Path | None):

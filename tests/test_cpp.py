@@ -3,6 +3,11 @@ ctest suite run against tiny artifacts compiled here, and its CLI `llmbuild-gene
 compared with the Python runtime on the same artifacts: greedy and seeded sampled token
 ids must be identical, and user errors must be clear (exit status 2).
 
+The Python runtime runs, by default, the graph lowered for ONNX Runtime's CPU kernels at
+load time (llmbuild/runtime/cpu_lowering.py); the C++ runtime runs the artifact's graph
+as written. Ids are compared graph for graph: C++ on graph.file against Python with
+cpu_lowering=False, and C++ given the lowered graph (--graph) against Python's default.
+
 A failing configure or build fails these tests (it is never a skip)."""
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -68,6 +74,43 @@ def generate_cpp(artifact: Path, prompt: list[int], max_new_tokens: int, params:
     return json.loads(result.stdout)
 
 
+def python_model(artifact: Path, *, lowered: bool):
+    """The Python runtime on ONNX Runtime, on the lowered graph (its default) or graph.file."""
+    model = load(artifact, backend="onnxruntime", threads=2, cpu_lowering=lowered)
+    assert model.executor.lowered == lowered
+    return model
+
+
+def save_lowered_graph(artifact: Path, dst: Path) -> Path:
+    """The CPU-lowered graph the Python runtime builds at load time, saved as dst/model.onnx
+    beside a hard link to the artifact's weights (the artifact itself is left unchanged)."""
+    from llmbuild.runtime.cpu_lowering import lowered_model_bytes
+
+    graph = json.loads((artifact / "manifest.json").read_text())["graph"]
+    dst.mkdir(parents=True, exist_ok=True)
+    weights = dst / Path(graph["weights"]).name
+    try:  # ONNX Runtime rejects weights behind a symlink that leads out of the graph's folder
+        os.link(artifact / graph["weights"], weights)
+    except OSError:
+        shutil.copyfile(artifact / graph["weights"], weights)
+    (dst / "model.onnx").write_bytes(lowered_model_bytes(artifact / graph["file"]))
+    return dst / "model.onnx"
+
+
+def assert_same_ids(model, artifact: Path, prompts, max_new_tokens: int, params: SamplingParams,
+                    *extra: str) -> list[dict]:
+    """Python's and C++'s generations for each prompt have the same ids; C++'s results."""
+    results = []
+    for prompt in prompts:
+        (expected,) = model.generate_ids([prompt], max_new_tokens=max_new_tokens, params=params)
+        got = generate_cpp(artifact, prompt, max_new_tokens, params, *extra)
+        assert got["token_ids"] == expected.token_ids, (prompt, params)
+        assert got["finish_reason"] == expected.finish_reason
+        assert got["backend"] == "onnxruntime"
+        results.append(got)
+    return results
+
+
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(CLI), *map(str, args)], capture_output=True, text=True)
 
@@ -93,31 +136,32 @@ def test_ctest_suite(cpp_build, tiny):
 
 @pytest.mark.parametrize("precision", ["float32", "float16"])
 def test_greedy_ids_equal_python(cpp_build, tiny, precision):
-    model = load(tiny[precision], backend="onnxruntime", threads=2)
-    for prompt in TINY_PROMPTS:
-        (expected,) = model.generate_ids([prompt], max_new_tokens=40)
-        got = generate_cpp(tiny[precision], prompt, 40)
-        assert got["token_ids"] == expected.token_ids
-        assert got["finish_reason"] == expected.finish_reason
-        assert got["backend"] == "onnxruntime"
+    model = python_model(tiny[precision], lowered=False)
+    assert_same_ids(model, tiny[precision], TINY_PROMPTS, 40, SamplingParams())
     model.close()
 
 
 @pytest.mark.parametrize("params", SAMPLING, ids=lambda p: f"t{p.temperature}-k{p.top_k}-p{p.top_p}")
 def test_seeded_sampled_ids_equal_python(cpp_build, tiny, params):
-    model = load(tiny["float32"], backend="onnxruntime", threads=2)
-    for prompt in TINY_PROMPTS:
-        (expected,) = model.generate_ids([prompt], max_new_tokens=30, params=params)
-        got = generate_cpp(tiny["float32"], prompt, 30, params)
-        assert got["token_ids"] == expected.token_ids
-        assert got["finish_reason"] == expected.finish_reason
+    model = python_model(tiny["float32"], lowered=False)
+    assert_same_ids(model, tiny["float32"], TINY_PROMPTS, 30, params)
+    model.close()
+
+
+@pytest.mark.parametrize("precision", ["float32", "float16"])
+def test_lowered_graph_ids_equal_python_default(cpp_build, tiny, precision, tmp_path):
+    """C++ on the lowered graph (float32 cache, GroupQueryAttention) = Python as loaded by default."""
+    graph = save_lowered_graph(tiny[precision], tmp_path / "lowered")
+    model = python_model(tiny[precision], lowered=True)
+    for params in (SamplingParams(), SAMPLING[1]):
+        assert_same_ids(model, tiny[precision], TINY_PROMPTS, 30, params, "--graph", str(graph))
     model.close()
 
 
 def test_eos_stops_both_runtimes_at_the_same_token(cpp_build, tiny, tmp_path):
     """An artifact whose EOS is the 6th greedy token: both stop before it."""
     source = tiny["float32"]
-    (greedy,) = load(source, backend="onnxruntime").generate_ids([TINY_PROMPTS[0]], max_new_tokens=20)
+    (greedy,) = python_model(source, lowered=False).generate_ids([TINY_PROMPTS[0]], max_new_tokens=20)
     eos = greedy.token_ids[5]
     cut = greedy.token_ids.index(eos)
     variant = tmp_path / "eos-variant"
@@ -127,7 +171,7 @@ def test_eos_stops_both_runtimes_at_the_same_token(cpp_build, tiny, tmp_path):
     (variant / "manifest.json").write_text(json.dumps(manifest))
     for sub in ("model", "tokenizer"):
         (variant / sub).symlink_to(source / sub)
-    (expected,) = load(variant, backend="onnxruntime").generate_ids([TINY_PROMPTS[0]], max_new_tokens=20)
+    (expected,) = python_model(variant, lowered=False).generate_ids([TINY_PROMPTS[0]], max_new_tokens=20)
     got = generate_cpp(variant, TINY_PROMPTS[0], 20)
     assert expected.token_ids == greedy.token_ids[:cut] and expected.finish_reason == "eos"
     assert got["token_ids"] == expected.token_ids and got["finish_reason"] == "eos"
@@ -142,19 +186,18 @@ def test_stream_prints_the_same_ids(cpp_build, tiny):
     assert 1 <= len(plain.stdout.split()) <= 16
 
 
-def test_smollm2_ids_equal_python(cpp_build, smollm2_artifact):
-    model = load(smollm2_artifact, backend="onnxruntime", threads=2)
+def test_smollm2_ids_equal_python(cpp_build, smollm2_artifact, tmp_path):
+    model = python_model(smollm2_artifact, lowered=False)
     prompt = model.encode("What is the capital of France?", chat=True)
-    (expected,) = model.generate_ids([prompt], max_new_tokens=16)
-    got = generate_cpp(smollm2_artifact, prompt, 16)
-    assert got["token_ids"] == expected.token_ids
+    (got,) = assert_same_ids(model, smollm2_artifact, [prompt], 16, SamplingParams())
     assert model.tokenizer.decode(got["token_ids"]) == "The capital of France is Paris."
     assert got["finish_reason"] == "eos"
+    assert_same_ids(model, smollm2_artifact, [prompt], 8, SamplingParams(temperature=0.7, top_k=50, top_p=0.9, seed=11))
+    model.close()
 
-    params = SamplingParams(temperature=0.7, top_k=50, top_p=0.9, seed=11)
-    (expected,) = model.generate_ids([prompt], max_new_tokens=8, params=params)
-    got = generate_cpp(smollm2_artifact, prompt, 8, params)
-    assert got["token_ids"] == expected.token_ids
+    graph = save_lowered_graph(smollm2_artifact, tmp_path / "lowered")
+    model = python_model(smollm2_artifact, lowered=True)
+    assert_same_ids(model, smollm2_artifact, [prompt], 16, SamplingParams(), "--graph", str(graph))
     model.close()
 
 

@@ -214,3 +214,37 @@ def test_option_problems_and_labels_are_pure():
     assert target_label("tensorrt-rtx", {}) == "portable"
     assert target_label("tensorrt-rtx", {"compute_capabilities": ["8.9", "SM120"]}) == "sm89-sm120"
     assert target_label("tensorrt", {"hardware_compatibility": "same-compute-capability"}) == "same-cc"
+
+
+def test_bfloat16_has_no_turing_engine(tmp_path):
+    file, problems = problems_of(tmp_path, (
+        "precision: bfloat16\n"
+        "engines:\n"
+        "  - {backend: tensorrt-rtx, compute_capabilities: [sm86, sm75]}\n"
+    ))
+    [(path, problem)] = problems.items()
+    assert path == "engines[0].compute_capabilities[1]"
+    assert problem.message == "sm75 (Turing) has no bfloat16 kernels in TensorRT-RTX; build sm75 engines at precision float16"
+    assert (problem.line, problem.column) == line_col(file, "sm75")
+
+
+@pytest.mark.parametrize("precision, engines, message", [
+    ("float32", "[tensorrt-rtx]", "engines need precision float16 or bfloat16, found float32"),
+    ("float16", "[tensorrt]", "pip install tensorrt (TensorRT >= 10.15"),
+])
+def test_compile_stops_before_reading_the_model(tmp_path, monkeypatch, precision, engines, message):
+    """A config-only model dir: had the source stage run, it would fail on missing weights."""
+    from llmbuild.compile import compile_recipe
+
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(
+        '{"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128, '
+        '"num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 128, "max_position_embeddings": 256}')
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: r\nmodel: {{source: m}}\nprecision: {precision}\nengines: {engines}\n"
+                      "limits: {max_batch_size: 1, max_input_len: 8, max_seq_len: 16}\n")
+    with pytest.raises(UserError) as e:
+        compile_recipe(recipe, out_dir=tmp_path / "out", quiet=True, verify=False)
+    assert message in str(e.value)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

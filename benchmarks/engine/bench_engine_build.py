@@ -46,13 +46,15 @@ def make_random_llama(dst: Path, config: dict, seed: int = 0) -> Path:
     import numpy as np
     from safetensors.numpy import save_file
 
-    from llmbuild.source.base import expected_shapes
+    from llmbuild.models import get_architecture
+
+    arch = get_architecture(config)
 
     dst.mkdir(parents=True, exist_ok=True)
     (dst / "config.json").write_text(json.dumps(config, indent=1))
     rng = np.random.default_rng(seed)
     tensors = {}
-    for name, shape in expected_shapes(config).items():
+    for name, shape in arch.expected_shapes(arch.LlamaDims.from_config(config)).items():
         if name.endswith("norm.weight"):
             tensors[name] = np.ones(shape, np.float16)
         else:

@@ -321,7 +321,10 @@ TEST_CASE(missing_or_broken_graph_is_a_clear_error) {
   CHECK_THROWS(ArtifactError, Model(dir.path.string(), {"onnxruntime", 1, ""}), "model/model.onnx",
                "the artifact's ONNX graph is missing");
   dir.write("model/model.onnx", "not a protobuf");
-  CHECK_THROWS(ArtifactError, Model(dir.path.string(), {"onnxruntime", 1, ""}), "ONNX Runtime cannot load the graph");
+  CHECK_THROWS(ArtifactError, Model(dir.path.string(), {"onnxruntime", 1, ""}),
+               "ONNX Runtime cannot load the graph");
+  CHECK_THROWS(ArtifactError, Model(dir.path.string(), {"onnxruntime", 1, "model/lowered.onnx"}),
+               "model/lowered.onnx: the artifact's ONNX graph is missing (graph_file = model/lowered.onnx)");
   CHECK_THROWS(RequestError, Model(dir.path.string(), {"bogus", 1, ""}), "runtime backend 'bogus' is not available");
 }
 

@@ -118,6 +118,33 @@ def compute_capability_problem(value: str, others: list[str]) -> str | None:
     return f"unknown compute capability {value!r}; TensorRT-RTX builds for {valid} (or current){hint}"
 
 
+# Engine precisions: TensorRT's fused attention needs 16-bit Q/K/V (see build.check_precision).
+ENGINE_PRECISIONS = ("float16", "bfloat16")
+# Targets without bfloat16 kernels (TensorRT-RTX support matrix: Turing has FP16 only).
+NO_BFLOAT16 = {"sm75": "Turing"}
+
+
+def precision_problem(precision: str) -> str | None:
+    """Why no engine can be built at `precision`, or None."""
+    if precision in ENGINE_PRECISIONS:
+        return None
+    return (
+        f"engines need precision float16 or bfloat16, found {precision}: the fused attention kernels "
+        "TensorRT uses need 16-bit Q/K/V; use `engines: []` for a CPU-only (ONNX Runtime) artifact"
+    )
+
+
+def precision_target_problem(precision: str, compute_capabilities: list[str] | None) -> tuple[int, str] | None:
+    """(index, why) of the first target that cannot run `precision`, or None."""
+    if precision != "bfloat16":
+        return None
+    for i, cc in enumerate(normalize_compute_capabilities(list(compute_capabilities or []))):
+        if cc in NO_BFLOAT16:
+            return i, (f"{cc} ({NO_BFLOAT16[cc]}) has no bfloat16 kernels in TensorRT-RTX; build {cc} "
+                       "engines at precision float16")
+    return None
+
+
 def normalize_compute_capabilities(values: list[str]) -> list[str]:
     """`SM86` -> `sm86`, `8.6` -> `sm86` (the forms people write)."""
     out = []

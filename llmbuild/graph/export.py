@@ -10,6 +10,7 @@ import onnx_ir as ir
 
 from llmbuild.graph.builder import GraphBuilder
 from llmbuild.models import architecture_of, get_architecture
+from llmbuild.source.base import check_shapes
 
 MODEL_FILE = "model.onnx"
 WEIGHTS_FILE = "model.onnx.data"
@@ -22,31 +23,13 @@ def build_model(source, precision: str, max_seq_len: int) -> ir.Model:
     """The decoder graph for `source` with lazy weights (nothing read yet)."""
     config = source.config
     arch = get_architecture(config)
-    check_tensors(source, arch.expected_shapes(arch.LlamaDims.from_config(config)))
+    check_shapes(source)  # every tensor the graph reads, before any work
     gb = GraphBuilder(precision)
     arch.build(gb, config, source, max_seq_len)
     return gb.model(
         architecture_of(config),
         metadata={"llmbuild.precision": precision, "llmbuild.max_seq_len": str(max_seq_len)},
     )
-
-
-def check_tensors(source, expected: dict[str, tuple[int, ...]]) -> None:
-    """Fail before any work if a tensor the graph needs is missing or misshapen."""
-    from llmbuild.errors import UserError
-
-    available = set(source.names())
-    problems = []
-    for name, shape in expected.items():
-        if name not in available:
-            problems.append(f"missing tensor {name} (expected shape {list(shape)})")
-            continue
-        found = tuple(source.info(name).shape)
-        if found != tuple(shape):
-            problems.append(f"tensor {name}: expected shape {list(shape)}, found {list(found)}")
-    if problems:
-        shown = problems[:10] + ([f"... and {len(problems) - 10} more"] if len(problems) > 10 else [])
-        raise UserError(f"model source {source.path} does not match its config:\n  " + "\n  ".join(shown))
 
 
 def save_model(

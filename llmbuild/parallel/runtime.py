@@ -135,7 +135,8 @@ def _worker(directory: str, manifest: dict, rank: int, unique_id: bytes, conn): 
         while True:
             command, payload = conn.recv()
             if command == "forward":
-                logits = executor.forward(StepInputs(*payload))
+                arrays, first_slot = payload
+                logits = executor.forward(StepInputs(*arrays), first_slot)
                 conn.send(("ok", logits if rank == 0 else None))
             elif command == "reset":
                 executor.reset(payload)
@@ -152,6 +153,7 @@ class MultiRankTensorRTExecutor:  # pragma: no cover - needs tp NVIDIA GPUs
     """The Executor interface over N worker processes, one engine and GPU each."""
 
     name = "tensorrt-tp"
+    slot_ranges = True  # passed on to every rank's TensorRTExecutor
 
     def __init__(self, directory: Path, manifest: dict):
         tp = _parallel(manifest)["tp"]
@@ -188,8 +190,9 @@ class MultiRankTensorRTExecutor:  # pragma: no cover - needs tp NVIDIA GPUs
         self._all("reset", batch_size)
         self.batch_size = batch_size
 
-    def forward(self, step: StepInputs) -> np.ndarray:
-        return self._all("forward", (step.input_ids, step.position_ids, step.write_indices, step.logits_indices))
+    def forward(self, step: StepInputs, first_slot: int = 0) -> np.ndarray:
+        arrays = (step.input_ids, step.position_ids, step.write_indices, step.logits_indices)
+        return self._all("forward", (arrays, first_slot))
 
     def close(self) -> None:
         for c in self.conns:

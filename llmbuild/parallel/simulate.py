@@ -29,7 +29,7 @@ import numpy as np
 
 from llmbuild.graph import io
 from llmbuild.parallel.export import COLLECTIVE_KEY, rank_dir
-from llmbuild.runtime.executors.base import StepInputs
+from llmbuild.runtime.executors.base import StepInputs, check_slots
 
 SHARED_INPUTS = (io.INPUT_IDS, io.POSITION_IDS, io.WRITE_INDICES, io.LOGITS_INDICES)
 _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
@@ -150,6 +150,7 @@ class TensorParallelSimulator:
     each rank's KV cache bound in place (IOBinding), all-reduce as Sum."""
 
     name = "onnxruntime-tp"
+    slot_ranges = True  # forward() may cover any contiguous range of cache slots
 
     def __init__(self, artifact_dir: Path, graph_files: list[str], *, num_layers: int, cache_len: int,
                  batch_size: int = 1, threads: int | None = None):
@@ -182,27 +183,27 @@ class TensorParallelSimulator:
         return [(rank_name(r, p), rank_name(r, q)) for r in range(self.tp) for p, q in io.cache_pairs(self.num_layers)]
 
     def reset(self, batch_size: int) -> None:
-        ort = self._ort
+        """Fresh zeroed cache buffers (every rank's) for `batch_size` slots."""
         shape = (batch_size, self.kv_heads, self.cache_len, self.head_dim)
-        pairs = self.cache_names()
-        self._buffers = [np.zeros(shape, self.cache_dtype) for _ in pairs]
-        self._values = [ort.OrtValue.ortvalue_from_numpy(b) for b in self._buffers]
-        self.binding = self.session.io_binding()
-        self.binding.bind_output(io.LOGITS, "cpu")
-        for (past, present), value in zip(pairs, self._values):
-            self.binding.bind_ortvalue_input(past, value)
-            self.binding.bind_ortvalue_output(present, value)
+        self._buffers = [np.zeros(shape, self.cache_dtype) for _ in self.cache_names()]
         self.batch_size = batch_size
 
-    def forward(self, step: StepInputs) -> np.ndarray:
-        if step.input_ids.shape[0] != self.batch_size:
-            raise ValueError(f"batch {step.input_ids.shape[0]} != cache slots {self.batch_size}")
-        b = self.binding
+    def forward(self, step: StepInputs, first_slot: int = 0) -> np.ndarray:
+        """Logits [B, K, vocab] of a pass over cache slots first_slot .. first_slot+B-1;
+        each rank's past/present bound in place to that range of its buffers."""
+        check_slots(step, first_slot, self.batch_size)
+        ort = self._ort
+        batch = step.input_ids.shape[0]
+        b = self.session.io_binding()
+        b.bind_output(io.LOGITS, "cpu")
+        for (past, present), buf in zip(self.cache_names(), self._buffers):
+            value = ort.OrtValue.ortvalue_from_numpy(buf[first_slot : first_slot + batch])
+            b.bind_ortvalue_input(past, value)
+            b.bind_ortvalue_output(present, value)
         b.bind_cpu_input(io.INPUT_IDS, np.ascontiguousarray(step.input_ids, np.int64))
         b.bind_cpu_input(io.POSITION_IDS, np.ascontiguousarray(step.position_ids, np.int64))
         b.bind_cpu_input(io.WRITE_INDICES, np.ascontiguousarray(step.write_indices, np.int64))
         b.bind_cpu_input(io.LOGITS_INDICES, np.ascontiguousarray(step.logits_indices, np.int64))
-        b.bind_output(io.LOGITS, "cpu")
         self.session.run_with_iobinding(b)
         return b.get_outputs()[0].numpy()
 
@@ -211,5 +212,4 @@ class TensorParallelSimulator:
         return self._buffers
 
     def close(self) -> None:
-        self.binding = None
         self.session = None

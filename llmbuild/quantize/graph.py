@@ -203,8 +203,13 @@ def _add_zero_point_term(graph, matmul, name, k, n, block, compute, shared, scal
     sums = ir.node("MatMul", [x, ind], name=name + ".block_sums")
     corr = ir.node("MatMul", [sums.outputs[0], off], name=name + ".zero_correction")
     add = ir.node("Add", [y, corr.outputs[0]], name=name + ".zero_point_add")
-    y.replace_all_uses_with(add.outputs[0])
+    out = add.outputs[0]
+    was_output, y_name = y.is_graph_output(), y.name
+    y.replace_all_uses_with(out, replace_graph_outputs=True)
     add.replace_input_with(0, y)
+    if was_output:  # an untied lm_head in a float32 graph: `logits` keeps its name
+        y.name, out.name = f"{y_name}.before_zero_point", y_name
+        out.type, out.shape = y.type, y.shape
     graph.insert_after(matmul, [sums, corr, add])
 
 

@@ -11,7 +11,7 @@ Weights arrive as the graph stores them, `[in, out]` (the HF `[out, in]` transpo
 | fp8    | float8e4m3fn   | one per tensor: []           | (per tensor)              |
 
 int4 is symmetric (w ≈ s·q, s = max|w|/7) or asymmetric (w ≈ s·(q − z), 16 levels
-from min to max; codes and zero points are stored shifted by −8 as signed int4,
+from min(w, 0) to max(w, 0); codes and zero points are stored shifted by −8 as signed int4,
 because TensorRT reads only signed int4). The last block may be shorter than the group
 (576 input rows in groups of 128: four full blocks and one of 64); ONNX allows that
 and both ONNX Runtime and TensorRT accept it.
@@ -140,7 +140,9 @@ class Int4:
             if shrink is not None:
                 amax = amax * shrink
             return _round_scale(amax / 7.0, scale_dtype), None
-        lo, hi = blocks.min(axis=1), blocks.max(axis=1)
+        # the range always includes 0 (as GPTQ's quantizer): an all-positive block would
+        # otherwise need a zero point outside the 16 codes and clip its largest values
+        lo, hi = np.minimum(blocks.min(axis=1), 0), np.maximum(blocks.max(axis=1), 0)
         if shrink is not None:
             lo, hi = lo * shrink, hi * shrink
         scale = _round_scale((hi - lo) / 15.0, scale_dtype)

@@ -27,7 +27,7 @@ RELOCATE = {
     # engine entries (llmbuild.engine.options): the message already says what was found
     "backend_option": lambda path, ctx: path,
     "compute_capability": lambda path, ctx: path + (ctx["index"],),
-    "engine_option": lambda path, ctx: path,
+    "engine_option": lambda path, ctx: path + tuple(ctx.get("at", ())),
     "too_few_tokens": lambda path, ctx: path,
     "matrix": lambda path, ctx: path + tuple(ctx.get("at", ())),
     "quantization": lambda path, ctx: path,  # llmbuild.quantize settings: message says what was found

@@ -326,7 +326,15 @@ class Recipe(_Section):
 
     @field_validator("engines")
     @classmethod
-    def _no_duplicate_engines(cls, engines: list[EngineEntry]) -> list[EngineEntry]:
+    def _no_duplicate_engines(cls, engines: list[EngineEntry], info: ValidationInfo) -> list[EngineEntry]:
+        from llmbuild.engine.options import precision_target_problem
+
+        precision = info.data.get("precision")
+        if precision is not None:  # the graph's precision is the engines' precision
+            for i, engine in enumerate(engines):
+                found = precision_target_problem(precision, engine.compute_capabilities)
+                if found:
+                    raise PydanticCustomError("engine_option", found[1], {"at": (i, "compute_capabilities", found[0])})
         for i, engine in enumerate(engines):
             first = next((j for j, other in enumerate(engines[:i]) if (other.backend, other.label)
                           == (engine.backend, engine.label)), None)

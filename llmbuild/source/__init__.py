@@ -24,7 +24,6 @@ _LAZY = {
     "ModelSource": "llmbuild.source.base",
     "TensorInfo": "llmbuild.source.base",
     "check_shapes": "llmbuild.source.base",
-    "expected_shapes": "llmbuild.source.base",
     "GGUFSource": "llmbuild.source.gguf_file",
     "HFSource": "llmbuild.source.hf_dir",
 }
@@ -43,7 +42,6 @@ __all__ = [
     "ModelSource",
     "TensorInfo",
     "check_shapes",
-    "expected_shapes",
     "normalize_config",
     "open_source",
     "read_config",

@@ -115,45 +115,20 @@ def whole_file(path: Path) -> ByteSpan:
     return ByteSpan(0, path.stat().st_size)
 
 
-def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
-    """Shapes of the standard Llama-family decoder parameters (HF names, [out, in])."""
-    h = config["hidden_size"]
-    v = config["vocab_size"]
-    nq = config["num_attention_heads"]
-    nkv = config.get("num_key_value_heads") or nq
-    d = config.get("head_dim") or h // nq
-    inter = config.get("intermediate_size")
-    shapes: dict[str, tuple[int, ...]] = {
-        "model.embed_tokens.weight": (v, h),
-        "model.norm.weight": (h,),
-    }
-    if not config.get("tie_word_embeddings", False):
-        shapes["lm_head.weight"] = (v, h)
-    for i in range(config["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        shapes[p + "self_attn.q_proj.weight"] = (nq * d, h)
-        shapes[p + "self_attn.k_proj.weight"] = (nkv * d, h)
-        shapes[p + "self_attn.v_proj.weight"] = (nkv * d, h)
-        shapes[p + "self_attn.o_proj.weight"] = (h, nq * d)
-        if inter:
-            shapes[p + "mlp.gate_proj.weight"] = (inter, h)
-            shapes[p + "mlp.up_proj.weight"] = (inter, h)
-            shapes[p + "mlp.down_proj.weight"] = (h, inter)
-        shapes[p + "input_layernorm.weight"] = (h,)
-        shapes[p + "post_attention_layernorm.weight"] = (h,)
-    return shapes
-
-
 def check_shapes(source: ModelSource) -> None:
-    """Raise one UserError listing every missing or mis-shaped standard decoder tensor."""
+    """Raise one UserError listing every missing or mis-shaped tensor the model's
+    architecture (llmbuild.models registry) reads."""
     cfg = source.config
     required = ("hidden_size", "vocab_size", "num_attention_heads", "num_hidden_layers")
     absent = [k for k in required if not cfg.get(k)]
     if absent:
         raise UserError(f"{source.path}: model config lacks {', '.join(absent)}")
+    from llmbuild.models import get_architecture
+
+    arch = get_architecture(cfg)  # the architecture's own table of tensors and shapes
     have = set(source.names())
     problems = []
-    for name, shape in expected_shapes(cfg).items():
+    for name, shape in arch.expected_shapes(arch.LlamaDims.from_config(cfg)).items():
         if name not in have:
             problems.append(f"tensor {name!r} is missing (expected shape {list(shape)})")
             continue

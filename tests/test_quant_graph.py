@@ -1,0 +1,279 @@
+"""Quantized graphs end to end on a tiny random Llama (GQA, hidden 96: int4 groups of
+64 leave a short last block): compiled from recipes, run on ONNX Runtime and checked
+against the numpy reference of the stored quantized weights in HF transformers;
+parsed and built by TensorRT-RTX; calibrated by layer slices of our own graph; and
+the `verify:` accuracy gate failing `compile` with exit 1."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import numpy_helper
+
+from llmbuild.eval.runners import OrtGraphRunner, artifact_graph
+from llmbuild.quantize.schemes import Fp8, Int4, Int8, fp8_fake_quant
+from tests.tiny import load_tiny_hf, make_tiny_hf
+
+torch = pytest.importorskip("torch")
+
+HIDDEN, LAYERS, INTER = 96, 2, 160
+CASES = {
+    "int8": {"scheme": "int8"},
+    "int4-g32": {"scheme": "int4", "group_size": 32},
+    "int4-g64-asym": {"scheme": "int4", "group_size": 64, "symmetric": False},
+    "fp8": {"scheme": "fp8"},
+    "int4-awq": {"scheme": "int4", "group_size": 32, "algorithm": "awq"},
+    "int4-gptq": {"scheme": "int4", "group_size": 32, "algorithm": "gptq"},
+}
+OVERRIDES = {"int4-g32": [{"match": "lm_head", "scheme": "none"}, {"layers": [-1], "match": "*.down_proj",
+                                                                    "scheme": "int8"}]}
+IDS = np.array([5, 40, 77, 12, 90, 33, 61, 7, 88, 21, 54, 66], np.int64)
+
+
+def write_recipe(dst: Path, name: str, model_dir: Path, weights: dict | None, *, precision="float32",
+                 engines=(), overrides=None, verify=None) -> Path:
+    recipe = {
+        "name": name, "model": {"source": str(model_dir)}, "precision": precision,
+        "limits": {"max_batch_size": 1, "max_input_len": 64, "max_seq_len": 128}, "engines": list(engines),
+    }
+    if weights is not None:
+        recipe["quantization"] = {"weights": weights, "overrides": overrides or [],
+                                  "calibration": {"samples": 8, "seq_len": 64, "seed": 0}}
+    if verify is not None:
+        recipe["verify"] = verify
+    path = dst / f"{name}.yaml"
+    path.write_text(json.dumps(recipe))  # JSON is YAML
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("quant")
+    model_dir = make_tiny_hf(root / "hf", hidden=HIDDEN, num_heads=6, num_kv_heads=2, layers=LAYERS,
+                             intermediate=INTER, vocab=256, tie=False, seed=0)
+    return root, model_dir
+
+
+@pytest.fixture(scope="module")
+def artifacts(tiny):
+    from llmbuild.compile import compile_recipe
+
+    root, model_dir = tiny
+    out = {}
+    for name, weights in CASES.items():
+        recipe = write_recipe(root, f"q-{name}", model_dir, weights, overrides=OVERRIDES.get(name))
+        out[name] = compile_recipe(recipe, out_dir=root / "out", quiet=True)
+    return out
+
+
+def stored(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def dequantized_weights(artifact: Path) -> tuple[dict[str, np.ndarray], dict[str, float], dict[str, str]]:
+    """HF-layout float weights computed in numpy from the artifact's stored codes and
+    scales; fp8 input scales; each weight's DequantizeLinear attributes."""
+    model = onnx.load(str(artifact_graph(artifact)))
+    init = stored(model)
+    dq = {n.input[0]: n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in init}
+    weights, act_scales, forms = {}, {}, {}
+    for name, node in dq.items():
+        if not name.endswith(".weight"):
+            continue
+        codes = init[name].astype(np.float32)
+        scale = init[name + ".scale"].astype(np.float32)
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if "block_size" in attrs:
+            b = attrs["block_size"]
+            w = codes * np.repeat(scale, b, axis=0)[: codes.shape[0]]
+            if name + ".zero_offset" in init:
+                w = w + np.repeat(init[name + ".zero_offset"].astype(np.float32), b, axis=0)[: codes.shape[0]]
+        elif attrs.get("axis") == 1:
+            w = codes * scale[None, :]
+        else:
+            w = codes * scale
+        weights[name] = w.T  # graph [in, out] -> HF [out, in]
+        forms[name] = str(init[name].dtype)
+        if name + ".input_scale" in init:
+            act_scales[name] = float(init[name + ".input_scale"])
+    for name, t in init.items():  # float weights (norms: AWQ folds its scales into them)
+        if name.endswith("norm.weight"):
+            weights[name] = t.astype(np.float32)
+    return weights, act_scales, forms
+
+
+def reference_logits(model_dir: Path, weights: dict, act_scales: dict) -> np.ndarray:
+    """HF transformers with the numpy-dequantized weights (and fp8 activation fake-quant)."""
+    hf = load_tiny_hf(model_dir).float()
+    state = hf.state_dict()
+    for name, w in weights.items():
+        assert state[name].shape == w.shape, name
+        state[name] = torch.from_numpy(np.ascontiguousarray(w))
+    hf.load_state_dict(state)
+    for name, s in act_scales.items():
+        module = hf.get_submodule(name[: -len(".weight")])
+        module.register_forward_pre_hook(
+            lambda m, args, s=s: (torch.from_numpy(fp8_fake_quant(args[0].numpy(), np.float32(s))),))
+    with torch.no_grad():
+        return hf(torch.from_numpy(IDS[None])).logits[0].numpy()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_onnxruntime_logits_match_numpy_reference(case, tiny, artifacts):
+    _, model_dir = tiny
+    weights, act_scales, forms = dequantized_weights(artifacts[case])
+    ours = OrtGraphRunner(artifact_graph(artifacts[case])).logits(IDS)
+    ref = reference_logits(model_dir, weights, act_scales)
+    np.testing.assert_allclose(ours, ref, atol=2e-4, rtol=1e-4)
+    expected = {"int8": "int8", "fp8": "float8_e4m3fn"}.get(CASES[case]["scheme"], "int4")
+    linears = [n for n in forms if "layers" in n]
+    assert len(linears) >= 7 * LAYERS - 1
+    if case == "int4-g32":  # the overrides: lm_head kept, last down_proj int8
+        assert "lm_head.weight" not in forms and forms[f"model.layers.{LAYERS - 1}.mlp.down_proj.weight"] == "int8"
+        assert forms["model.layers.0.mlp.down_proj.weight"] == "int4"
+    else:
+        assert {forms[n] for n in forms} == {expected}
+    if case == "fp8":
+        assert len(act_scales) == len(forms)
+
+
+@pytest.mark.parametrize("case", ["int8", "int4-g32", "int4-g64-asym", "fp8"])
+def test_round_to_nearest_codes_equal_the_numpy_reference(case, tiny, artifacts):
+    """What compile stored is bit for bit the scheme's numpy quantization of the source."""
+    from safetensors.numpy import load_file
+
+    _, model_dir = tiny
+    source = load_file(str(model_dir / "model.safetensors"))
+    init = stored(onnx.load(str(artifact_graph(artifacts[case]))))
+    c = CASES[case]
+    scheme = {"int8": Int8(), "fp8": Fp8()}.get(c["scheme"]) or Int4(c["group_size"], c.get("symmetric", True))
+    name = "model.layers.1.mlp.up_proj.weight"  # [in 96, out 160]
+    qt = scheme.quantize(source[name].T.astype(np.float32), np.float32)
+    codes = init[name]
+    if c["scheme"] == "fp8":
+        np.testing.assert_array_equal(codes.view(np.uint8), qt.data.view(np.uint8))
+    else:
+        np.testing.assert_array_equal(codes.astype(np.int8), qt.data)
+    np.testing.assert_allclose(init[name + ".scale"], qt.scale, rtol=1e-7)
+    if qt.zero_point is not None:
+        np.testing.assert_allclose(init[name + ".zero_offset"], -qt.scale * qt.zero_point, rtol=1e-6, atol=1e-9)
+        assert qt.scale.shape == (2, 160)  # 96 rows in groups of 64: one short block
+
+
+def test_manifest_records_quantization_and_accuracy(artifacts):
+    m = json.loads((artifacts["int4-gptq"] / "manifest.json").read_text())
+    q = m["quantization"]
+    assert q["weights"]["algorithm"] == "gptq"
+    assert q["summary"]["groups"][0]["setting"] == "int4 g32 sym gptq"
+    assert q["summary"]["modules"]["model.layers.0.self_attn.q_proj"] == "int4 g32 sym gptq"
+    c = q["calibration"]
+    assert (c["samples"], c["seq_len"], c["tokens"]) == (8, 64, 512)
+    assert c["hidden_state_bytes"] == 8 * 64 * HIDDEN * 4 and c["peak_rss_bytes"] > c["hidden_state_bytes"]
+    assert len(c["layers"]) == LAYERS and len(c["layers"][0]["gptq"]) == 7
+    v = m["verification"]
+    assert v["kind"] == "accuracy" and v["passed"] and v["positions"] == 32 * 63
+    assert 0 < v["kl_divergence"] < 0.01 and v["top1_agreement"] > 0.95
+    assert not (artifacts["int4-gptq"] / ".quantize-work").exists()
+    # bytes in the graph: half a byte per int4 code + one float32 scale per 32 rows and column
+    shapes = [(HIDDEN, HIDDEN), (HIDDEN, 32), (HIDDEN, 32), (HIDDEN, HIDDEN), (HIDDEN, INTER), (HIDDEN, INTER),
+              (INTER, HIDDEN)] * LAYERS + [(HIDDEN, 256)]
+    assert q["linear_weight_bytes"] == sum((k * n + 1) // 2 + -(-k // 32) * n * 4 for k, n in shapes)
+
+
+def test_awq_and_gptq_beat_round_to_nearest(tiny):
+    """Same group size (32), same calibration: KL to the float model on held-out text."""
+    from llmbuild.compile import compile_recipe
+
+    root, model_dir = tiny
+    rtn = compile_recipe(write_recipe(root, "q-rtn32", model_dir, {"scheme": "int4", "group_size": 32}),
+                         out_dir=root / "out", quiet=True)
+    kl = {}
+    for name, path in (("rtn", rtn), ("awq", root / "out" / "q-int4-awq"), ("gptq", root / "out" / "q-int4-gptq")):
+        kl[name] = json.loads((path / "manifest.json").read_text())["verification"]["kl_divergence"]
+    assert kl["awq"] < kl["rtn"] * 0.9 and kl["gptq"] < kl["rtn"] * 0.9, kl
+
+
+def test_calibration_slices_match_transformers_hidden_states(tiny, tmp_path):
+    """Layer by layer on ONNX Runtime == HF's hidden states (the calibration's inputs)."""
+    from llmbuild.graph.export import build_model, save_model
+    from llmbuild.quantize.calibration import GraphSlices, _feeds, _session
+    from llmbuild.source import open_source
+
+    _, model_dir = tiny
+    with open_source(model_dir) as source:
+        model = build_model(source, "float32", 64)
+        path = save_model(model, tmp_path / "ref")
+        loaders = {n: v.meta["llmbuild.source_loader"] for n, v in model.graph.initializers.items()
+                   if "llmbuild.source_loader" in v.meta}
+        slices = GraphSlices(path, lambda n: n in loaders)
+        tokens = IDS[None, :8]
+        prefix, _ = slices.slice([slices.layer_inputs[0]], None, tmp_path / "ref" / "p.onnx", None)
+        s = _session(prefix, 1)
+        h = s.run(None, _feeds(s, tokens, 2, 16))[0]
+        with torch.no_grad():
+            hf = load_tiny_hf(model_dir).float()(torch.from_numpy(tokens), output_hidden_states=True)
+        for layer in range(LAYERS - 1):
+            p, weights = slices.slice([slices.layer_inputs[layer + 1]], slices.layer_inputs[layer],
+                                      tmp_path / "ref" / f"l{layer}.onnx", layer)
+            assert len(weights) == 9  # 7 linears + 2 norms are inputs, fed from numpy
+            s = _session(p, 1)
+            feeds = _feeds(s, tokens, 2, 16) | {slices.layer_inputs[layer]: h}
+            feeds |= {w: np.asarray(loaders[w](), np.float32) for w in weights}
+            h = s.run(None, feeds)[0]
+            np.testing.assert_allclose(h, hf.hidden_states[layer + 1].numpy(), atol=1e-5)
+
+
+def test_failing_gate_fails_compile_with_exit_1_and_a_report(tiny):
+    from llmbuild.cli import cli
+
+    root, model_dir = tiny
+    recipe = write_recipe(root, "q-gate", model_dir, {"scheme": "int4", "group_size": 64},
+                          verify={"max_kl_divergence": 1e-9, "min_top1_agreement": 0.5})
+    result = CliRunner().invoke(cli, ["compile", str(recipe), "-o", str(root / "gate"), "-q"])
+    assert result.exit_code == 1, result.output
+    assert "misses its verify: thresholds" in result.output
+    assert "KL divergence" in result.output and "> max_kl_divergence 1e-09" in result.output
+    report = json.loads((root / "gate" / "q-gate.accuracy.json").read_text())
+    assert report["passed"] is False and report["kl_divergence"] > 1e-9 and report["top1_agreement"] >= 0.5
+    assert len(report["failures"]) == 1
+    assert not (root / "gate" / "q-gate").exists()  # no artifact that looks complete
+
+
+
+@pytest.mark.parametrize("case", ["int8", "int4-g64-asym", "fp8", "int4-awq"])
+def test_tensorrt_rtx_parses_and_builds(case, tiny):
+    """fp16 graph of every form (int8 per channel, int4 blocks with the zero-point term,
+    fp8 weights + activations; AWQ = int4 + rescaled norms) → a TensorRT-RTX engine,
+    whose parsed network keeps the quantized weights (DEQUANTIZE layers)."""
+    trt = pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu13 is not installed")
+    from llmbuild.compile import compile_recipe
+    from llmbuild.engine.build import parse_onnx
+
+    root, model_dir = tiny
+    recipe = write_recipe(root, f"trt-{case}", model_dir, CASES[case], precision="float16",
+                          engines=["tensorrt-rtx"], verify={"enabled": False})
+    art = compile_recipe(recipe, out_dir=root / "trt", quiet=True)
+    m = json.loads((art / "manifest.json").read_text())
+    assert len(m["engines"]) == 1 and (art / m["engines"][0]["file"]).stat().st_size > 10_000
+    parsed = parse_onnx(trt, artifact_graph(art), cache_len=128)
+    net = parsed.network
+    dq = [net.get_layer(i) for i in range(net.num_layers) if net.get_layer(i).type == trt.LayerType.DEQUANTIZE]
+    expected = 7 * LAYERS + 1  # every linear + lm_head
+    if case == "fp8":  # + one activation Q/DQ per distinct input: qkv, o, gate/up, down; lm_head
+        expected += 4 * LAYERS + 1
+    assert len(dq) == expected
+    inputs = {str(layer.get_input(0).dtype) for layer in dq}
+    want = {"int8": "DataType.INT8", "int4-g64-asym": "DataType.INT4", "fp8": "DataType.FP8",
+            "int4-awq": "DataType.INT4"}[case]
+    assert want in inputs
+    # the fp16 artifact also runs on ONNX Runtime, close to the float32 numpy reference
+    _, model_dir = tiny
+    ours = OrtGraphRunner(artifact_graph(art)).logits(IDS)
+    assert np.isfinite(ours).all()
+    ref = reference_logits(model_dir, *dequantized_weights(art)[:2])
+    np.testing.assert_allclose(ours, ref, atol=0.05)

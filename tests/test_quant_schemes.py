@@ -1,0 +1,206 @@
+"""Numpy references of the quantization schemes and algorithms: round-trip error
+bounds, code ranges and packing, zero points, group edges, and that AWQ / GPTQ reduce
+the output error of round-to-nearest on data where they should."""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from llmbuild.quantize.algorithms import awq_search_clip, awq_search_scales, gptq_quantize
+from llmbuild.quantize.plan import ModuleSpec, resolve_plan
+from llmbuild.quantize.schemes import FP8_MAX, SCHEMES, Fp8, Int4, Int8, fp8_fake_quant, make_scheme
+
+RNG = np.random.default_rng(0)
+
+
+def weight(k=96, n=40, seed=0):
+    return np.random.default_rng(seed).standard_normal((k, n)).astype(np.float32) * 0.05
+
+
+# -- int8 -----------------------------------------------------------------------------------
+
+
+def test_int8_per_channel_round_trip():
+    w = weight()
+    w[:, 3] *= 50  # one loud output channel must not hurt the others
+    qt = Int8().quantize(w, np.float32)
+    assert qt.data.dtype == np.int8 and qt.scale.shape == (40,) and qt.axis == 1 and qt.block_size is None
+    assert np.abs(qt.data).max() == 127 and qt.data.min() >= -127
+    np.testing.assert_allclose(qt.scale, np.abs(w).max(axis=0) / 127, rtol=1e-6)
+    err = np.abs(qt.dequantize() - w)
+    assert (err <= qt.scale[None, :] / 2 + 1e-7).all()
+    assert err[:, 0].max() < err[:, 3].max() / 10
+
+
+def test_int8_float16_scales_are_what_the_graph_stores():
+    qt = Int8().quantize(weight(), np.float16)
+    assert (qt.scale.astype(np.float16).astype(np.float32) == qt.scale).all()
+
+
+def test_all_zero_channel_gets_a_safe_scale():
+    w = weight()
+    w[:, 5] = 0
+    for scheme in (Int8(), Int4(32), Int4(32, symmetric=False), Fp8()):
+        qt = scheme.quantize(w, np.float16)
+        assert np.isfinite(qt.dequantize()).all() and (qt.scale > 0).all()
+        assert np.abs(qt.dequantize()[:, 5]).max() == 0
+
+
+# -- int4 -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_int4_symmetric_blocks(group):
+    w = weight(k=256)
+    qt = Int4(group).quantize(w, np.float32)
+    g = 256 // group
+    assert qt.scale.shape == (g, 40) and qt.block_size == group and qt.axis == 0 and qt.zero_point is None
+    assert qt.data.min() >= -8 and qt.data.max() <= 7
+    blocks = w.reshape(g, group, 40)
+    np.testing.assert_allclose(qt.scale, np.abs(blocks).max(axis=1) / 7, rtol=1e-6)
+    err = np.abs(qt.dequantize() - w)
+    assert (err <= np.repeat(qt.scale, group, axis=0) / 2 + 1e-7).all()
+
+
+def test_int4_group_edge_not_divisible():
+    """576 rows in groups of 128 (SmolLM2's hidden size): 4 full blocks + one of 64."""
+    w = weight(k=576, n=8)
+    w[512:] *= 100  # the short last block has its own scale, the others are unaffected
+    qt = Int4(128).quantize(w, np.float32)
+    assert qt.scale.shape == (5, 8) and qt.data.shape == (576, 8)
+    np.testing.assert_allclose(qt.scale[4], np.abs(w[512:]).max(axis=0) / 7, rtol=1e-6)
+    np.testing.assert_allclose(qt.scale[3], np.abs(w[384:512]).max(axis=0) / 7, rtol=1e-6)
+    err = np.abs(qt.dequantize() - w)
+    assert (err[:512] <= np.repeat(qt.scale[:4], 128, axis=0) / 2 + 1e-7).all()
+    assert (err[512:] <= qt.scale[4] / 2 + 1e-6).all()
+
+
+def test_int4_asymmetric_zero_points():
+    w = weight(k=128, n=16) + 0.2  # all-positive blocks: zero points pay off
+    asym = Int4(64, symmetric=False).quantize(w, np.float32)
+    sym = Int4(64).quantize(w, np.float32)
+    assert asym.zero_point.shape == (2, 16) and asym.zero_point.dtype == np.int8
+    assert asym.zero_point.min() >= -8 and asym.zero_point.max() <= 7
+    assert asym.data.min() >= -8 and asym.data.max() <= 7
+    blocks = w.reshape(2, 64, 16)
+    lo, hi = np.minimum(blocks.min(1), 0), np.maximum(blocks.max(1), 0)  # the range includes 0
+    np.testing.assert_allclose(asym.scale, (hi - lo) / 15, rtol=1e-6)
+    z = asym.zero_point.astype(np.float32) + 8  # unsigned zero point in [0, 15]
+    np.testing.assert_array_equal(z, np.clip(np.rint(-lo / asym.scale), 0, 15))
+    err_a = np.abs(asym.dequantize() - w)
+    assert (err_a <= np.repeat(asym.scale, 64, axis=0) * 0.5 + 1e-6).all()
+    assert err_a.mean() < np.abs(sym.dequantize() - w).mean() / 1.5
+
+
+def test_int4_rejects_unsupported_groups_and_shapes():
+    with pytest.raises(ValueError, match="group_size 48"):
+        Int4(48)
+    with pytest.raises(ValueError, match="2-D"):
+        Int4(32).quantize(np.zeros(64, np.float32))
+    with pytest.raises(ValueError, match="non-finite"):
+        Int4(32).quantize(np.full((64, 4), np.nan, np.float32))
+    with pytest.raises(ValueError, match="unknown quantization scheme 'int3'"):
+        make_scheme("int3")
+
+
+def test_int4_packing_is_low_nibble_first():
+    """ONNX packs int4 two per byte, element 0 in the low nibble (as TensorRT and ONNX
+    Runtime read it); the codes go into the graph through ml_dtypes.int4."""
+    codes = np.array([[1, -2], [7, -8], [0, 3]], np.int8)
+    packed = ir.tensor(codes.astype(ml_dtypes.int4)).tobytes()
+    assert packed == bytes([0xE1, 0x87, 0x30])
+
+
+def test_shrink_narrows_the_range():
+    w = weight(k=64, n=8)
+    full = Int4(32).quantize(w, np.float32)
+    half = Int4(32).quantize(w, np.float32, shrink=np.full((2, 8), 0.5, np.float32))
+    np.testing.assert_allclose(half.scale, full.scale * 0.5, rtol=1e-6)
+    assert np.abs(half.dequantize()).max() <= np.abs(w).max() * 0.5 * 8 / 7 + 1e-6
+
+
+# -- fp8 ------------------------------------------------------------------------------------
+
+
+def test_fp8_per_tensor_round_trip():
+    w = weight()
+    qt = Fp8().quantize(w, np.float32)
+    assert qt.data.dtype == ml_dtypes.float8_e4m3fn and qt.scale.shape == ()
+    np.testing.assert_allclose(qt.scale, np.abs(w).max() / FP8_MAX, rtol=1e-6)
+    d = qt.dequantize()
+    normal = np.abs(w) > qt.scale * 2.0**-6  # e4m3 normal range (subnormals are absolute-error bound)
+    rel = np.abs(d - w)[normal] / np.abs(w)[normal]
+    assert rel.max() <= 2.0**-4 + 1e-6  # 3 mantissa bits: half an ulp
+    assert (np.abs(d - w)[~normal] <= qt.scale * 2.0**-10 + 1e-12).all()
+    assert float(np.abs(d).max()) == pytest.approx(float(np.abs(w).max()), rel=1e-6)
+
+
+def test_fp8_activation_quantization_saturates():
+    x = np.array([0.0, 1.0, -3.0, 1000.0], np.float32)
+    y = fp8_fake_quant(x, np.float32(1.0 / 100))  # representable up to ±4.48
+    assert y[-1] == pytest.approx(4.48) and y[0] == 0 and y[1] == pytest.approx(1.0, rel=2**-4)
+
+
+def test_registry_and_plan_overrides():
+    assert set(SCHEMES) == {"int8", "int4", "fp8"}
+    names = [f"model.layers.{i}.{m}.weight" for i in range(4) for m in ("self_attn.q_proj", "mlp.down_proj")]
+    names.append("lm_head.weight")
+    q = {"weights": {"scheme": "int4", "algorithm": "awq", "group_size": 64},
+         "overrides": [{"match": "lm_head", "scheme": "none"}, {"layers": [0, -1], "scheme": "int8"},
+                       {"match": "*.mlp.down_proj", "group_size": 32}]}
+    plan = resolve_plan(q, names, 4)
+    assert plan["lm_head.weight"] == ModuleSpec("none")
+    assert plan["model.layers.0.self_attn.q_proj.weight"] == ModuleSpec("int8")
+    assert plan["model.layers.3.mlp.down_proj.weight"] == ModuleSpec("int8")  # int8 has no groups
+    assert plan["model.layers.1.self_attn.q_proj.weight"] == ModuleSpec("int4", "awq", 64, True)
+    assert plan["model.layers.2.mlp.down_proj.weight"] == ModuleSpec("int4", "awq", 32, True)
+
+
+# -- AWQ / GPTQ -----------------------------------------------------------------------------
+
+
+def correlated_inputs(tokens=2048, k=128, seed=1):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((tokens, k)).astype(np.float32)
+    x = x @ (np.eye(k) + 0.5 * rng.standard_normal((k, k)) / np.sqrt(k)).astype(np.float32)
+    x[:, :4] *= 20  # outlier channels, as in LLM activations
+    return x
+
+
+def output_error(x, w, deq):
+    return float(np.mean((x @ w - x @ deq) ** 2))
+
+
+def test_gptq_beats_round_to_nearest():
+    x, w = correlated_inputs(), weight(k=128, n=64, seed=3)
+    scheme = Int4(32)
+    rtn = scheme.quantize(w, np.float32)
+    gptq = gptq_quantize(w, x.T.astype(np.float64) @ x, scheme, np.float32)
+    assert gptq.data.min() >= -8 and gptq.data.max() <= 7 and gptq.scale.shape == rtn.scale.shape
+    assert output_error(x, w, gptq.dequantize()) < 0.7 * output_error(x, w, rtn.dequantize())
+
+
+def test_gptq_asymmetric_and_partial_block():
+    x, w = correlated_inputs(k=96), weight(k=96, n=16, seed=4)
+    scheme = Int4(64, symmetric=False)
+    gptq = gptq_quantize(w, x.T.astype(np.float64) @ x, scheme, np.float32)
+    assert gptq.scale.shape == (2, 16) and gptq.zero_point.shape == (2, 16)
+    assert output_error(x, w, gptq.dequantize()) < output_error(x, w, scheme.quantize(w, np.float32).dequantize())
+
+
+def test_awq_scales_and_clipping_beat_round_to_nearest():
+    x, w = correlated_inputs(), weight(k=128, n=64, seed=5)
+    scheme = Int4(32)
+    s, info = awq_search_scales(x, np.abs(x).mean(0), [w], scheme, np.float32)
+    assert info["loss"] <= info["loss_alpha0"] and s.shape == (128,)
+    # the scaled problem: (x / s) @ Q(s * w); alpha 0 with w_mean = 1 would be plain RTN
+    awq = scheme.quantize(w * s[:, None], np.float32).dequantize() / s[:, None]
+    rtn = scheme.quantize(w, np.float32).dequantize()
+    assert output_error(x, w, awq) < output_error(x, w, rtn)
+    shrink = awq_search_clip(x / s, w * s[:, None], scheme, np.float32)
+    assert shrink.shape == (4, 64) and shrink.min() >= 0.55 and shrink.max() == 1.0
+    clipped = scheme.quantize(w * s[:, None], np.float32, shrink=shrink).dequantize() / s[:, None]
+    assert output_error(x, w, clipped) <= output_error(x, w, awq) * 1.0001
