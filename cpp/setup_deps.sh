@@ -82,6 +82,11 @@ if [[ -z "$ort_lib" ]]; then
   ort_lib="$(ls "$capi"/libonnxruntime.so.1.* 2>/dev/null | head -n1 || true)"
   if [[ -z "$ort_lib" ]]; then
     log "no onnxruntime wheel in $py; downloading onnxruntime==$ORT_WHEEL_VERSION"
+    if ! "$py" -m pip --version >/dev/null 2>&1; then
+      apt-get update -qq
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-pip >/dev/null
+      py=python3
+    fi
     "$py" -m pip download -q --no-deps --only-binary=:all: -d "$DEPS/wheel" "onnxruntime==$ORT_WHEEL_VERSION"
     "$py" -m zipfile -e "$DEPS"/wheel/onnxruntime-*.whl "$DEPS/wheel/unpacked"
     ort_lib="$(ls "$DEPS"/wheel/unpacked/onnxruntime/capi/libonnxruntime.so.1.* | head -n1)"

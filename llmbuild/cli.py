@@ -151,12 +151,35 @@ def inspect(artifact, as_json):
     for e in m["engines"]:
         click.echo(f"  engine    {e['file']}  {e['backend']} {e['trt_version']}  {e['bytes'] / 1e6:.1f} MB  "
                    f"targets {e.get('targets')}")
-        for t in e["io"]:
-            extra = f"  profile {t['profile_shapes']}" if t["mode"] == "input" and t.get("profile_shapes") else ""
-            alias = f"  (aliases {e['aliases'][t['name']]})" if t["name"] in e.get("aliases", {}) else ""
-            click.echo(f"    {t['mode']:<6} {t['name']:<16} {t['dtype']:<8} {t['shape']}{alias}{extra}")
+        for line in _contract_lines(e):
+            click.echo(line)
     for stage, t in m.get("timings", {}).items():
         click.echo(f"  timing    {stage:<20} {t['seconds']:8.2f} s  peak RSS {t['peak_rss_bytes'] / 2**20:7.0f} MiB")
+
+
+def _contract_lines(engine: dict) -> list[str]:
+    """One line per I/O tensor; per-layer tensors (`past_key.0` … `past_key.29`) with the
+    same dtype, shape and profile are folded into one line (`past_key.{0..29}`)."""
+    import re
+
+    aliases = engine.get("aliases", {})
+    groups: dict[tuple, list] = {}
+    for t in engine["io"]:
+        m = re.fullmatch(r"(.*)\.(\d+)", t["name"])
+        stem, index = (m.group(1), int(m.group(2))) if m else (t["name"], None)
+        alias = aliases.get(t["name"])
+        alias_stem = re.sub(r"\.\d+$", "", alias) if alias else None
+        key = (t["mode"], stem, t["dtype"], str(t["shape"]), str(t.get("profile_shapes")), alias_stem)
+        groups.setdefault(key, []).append(index)
+    lines = []
+    for (mode, stem, dtype, shape, profiles, alias_stem), indices in groups.items():
+        name = stem if indices == [None] else f"{stem}.{{{min(indices)}..{max(indices)}}}"
+        if alias_stem:
+            suffix = "" if indices == [None] else f".{{{min(indices)}..{max(indices)}}}"
+            name += f" (aliases {alias_stem}{suffix})"
+        extra = f"  profile {profiles}" if mode == "input" and profiles != "None" else ""
+        lines.append(f"    {mode:<6} {name:<44} {dtype:<8} {shape}{extra}")
+    return lines
 
 
 def _sampling_options(f):

@@ -87,6 +87,15 @@ def kv_heads_per_rank(kv_heads: int, tp: int) -> int:
     return kv_heads // tp if kv_heads % tp == 0 else 1
 
 
+def layer_parameters_per_rank(config: dict, tp: int) -> int:
+    """Layer-matrix parameters one rank holds (llmbuild.parallel's hints): q, o, gate, up,
+    down split tp ways; k and v by KV head (one whole head when KV heads are replicated)."""
+    d = _dims(config)
+    h, q, i = d["hidden"], d["heads"] * d["head_dim"], d["intermediate"]
+    kv = kv_heads_per_rank(d["kv_heads"], tp) * d["head_dim"]
+    return d["layers"] * (2 * h * q // tp + 2 * h * kv + 3 * h * i // tp)
+
+
 def activation_bytes(config: dict, *, tokens: int, logit_rows: int, precision: str, tp: int = 1) -> int:
     """Estimate of one forward pass's activation memory (see the module docstring)."""
     d = _dims(config)
@@ -136,7 +145,7 @@ def plan_config(config: dict, recipe: dict) -> dict:
     b = DTYPE_BYTES[precision]
     groups = parameter_groups(config)
     params = groups["layer_matrices"] + groups["replicated"]
-    weights_per_rank = b * (groups["layer_matrices"] // tp + groups["replicated"])
+    weights_per_rank = b * (layer_parameters_per_rank(config, tp) + groups["replicated"])
 
     kv_per_token = 2 * d["layers"] * kv_heads_per_rank(d["kv_heads"], tp) * d["head_dim"] * b
     passes = _profile_passes(limits)

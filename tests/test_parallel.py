@@ -157,6 +157,45 @@ def test_weight_bytes_per_rank_are_a_share_plus_replicated(tiny):
                 "replicated"]
 
 
+def test_plan_shows_the_weight_bytes_per_rank_of_the_artifact(tiny):
+    from llmbuild.plan import plan_config
+    from llmbuild.source import read_config
+
+    config = read_config(tiny["dir"])
+    for tp in (1, 2, 4):
+        m = read_manifest(tiny[tp])
+        planned = plan_config(config, m["recipe"])["weight_bytes_per_rank"]
+        if tp == 1:
+            assert planned == 2 * (64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 128) * 4 + (2 * 256 * 64 + 5 * 64) * 4
+        else:
+            assert planned == m["parallel"]["weight_bytes"]["per_rank"][0]
+
+
+def test_sharding_sizes_read_the_config_as_the_graph_does():
+    from llmbuild.models.llama import LlamaDims
+    from llmbuild.models.llama.sharding import sizes
+
+    for config in ({"num_attention_heads": 9, "num_key_value_heads": 3, "hidden_size": 576, "intermediate_size": 1536},
+                   {"num_attention_heads": 4, "hidden_size": 64, "intermediate_size": 96, "head_dim": 32}):
+        full = dict(config, num_hidden_layers=1, vocab_size=8)
+        d = LlamaDims.from_config(full)
+        assert sizes(full) == {"heads": d.heads, "kv_heads": d.kv_heads, "head_dim": d.head_dim,
+                               "intermediate": d.intermediate}
+
+
+def test_slot_ranges_match_tp1(tiny):
+    """A prefill of slot 1 alone (the scheduler's prefill pass) leaves slot 0 untouched."""
+    ref, sim = _executor(tiny[1]), _executor(tiny[2])
+    for ex in (ref, sim):
+        ex.reset(2)
+    ids = np.array([PROMPTS[0]])
+    ar = np.arange(ids.shape[1])[None]
+    step = StepInputs(ids, ar, np.zeros(1, np.int64), ar)
+    a, b = sim.forward(step, 1), ref.forward(step, 1)
+    np.testing.assert_allclose(a, b, atol=2e-5, rtol=0)
+    assert all(not buf[0].any() and buf[1].any() for buf in sim.cache_arrays())
+
+
 def test_tp1_output_is_unchanged_by_the_parallel_section(tiny):
     explicit = compile_tp(tiny["dir"], tiny["root"] / "explicit", "tp1", 1)
     for f in ("model.onnx", "model.onnx.data"):

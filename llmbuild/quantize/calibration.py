@@ -94,8 +94,9 @@ class GraphSlices:
     def _layer_input(self, i: int) -> str:
         return self._first_node_of_layer(i).input[0]
 
-    def linear_inputs(self, i: int) -> dict[str, str]:
-        """weight name -> name of the activation its MatMul multiplies (layer i)."""
+    def linear_inputs(self, i: int | None) -> dict[str, str]:
+        """weight name -> name of the activation its MatMul multiplies (layer i; None =
+        the linears outside the layers, e.g. an untied lm_head)."""
         return {n.input[1]: n.input[0] for n in self.nodes
                 if n.op_type == "MatMul" and n.input[1] in self.inits and layer_index(n.input[1]) == i}
 
@@ -119,10 +120,11 @@ class GraphSlices:
                     return ("columns", p.input[1])
         return None
 
-    def slice(self, outputs: list[str], cut: str | None, dst: Path, layer: int | None) -> tuple[Path, list[str]]:
+    def slice(self, outputs: list[str], cut: str | None, dst: Path,
+              as_input: Callable[[str], bool] = lambda name: False) -> tuple[Path, list[str]]:
         """Write the subgraph computing `outputs` from `cut` (an input) to `dst` (next to
-        the full model, so external weights resolve). Layer `layer`'s weights become graph
-        inputs. Returns the path and the names of the weight inputs."""
+        the full model, so external weights resolve). Weights for which `as_input(name)`
+        holds become graph inputs. Returns the path and the names of the weight inputs."""
         needed, stack, leaves = set(), list(outputs), set()
         while stack:
             v = stack.pop()
@@ -143,7 +145,7 @@ class GraphSlices:
                 continue
             if v in self.graph_inputs:
                 inputs.append(self.graph_inputs[v])
-            elif layer is not None and layer_index(v) == layer and self.is_weight(v):
+            elif self.is_weight(v) and as_input(v):
                 t = self.inits[v]
                 inputs.append(helper.make_tensor_value_info(v, t.data_type, list(t.dims)))
                 weight_inputs.append(v)
@@ -178,6 +180,8 @@ def _feeds(sess, tokens: np.ndarray, kv_heads: int, head_dim: int) -> dict[str, 
             feeds[name] = np.broadcast_to(np.arange(s, dtype=np.int64), (b, s)).copy()
         elif name == io.WRITE_INDICES:
             feeds[name] = np.zeros(b, np.int64)
+        elif name == io.LOGITS_INDICES:  # every position
+            feeds[name] = np.broadcast_to(np.arange(s, dtype=np.int64), (b, s)).copy()
         elif name.startswith(("past_key", "past_value")):
             feeds[name] = np.zeros((b, kv_heads, s, head_dim), np.float32)
     return feeds
@@ -216,7 +220,7 @@ def calibrate(
     results, floats, amax, layer_reports = {}, {}, {}, []
 
     # h0: the embedding (prefix slice), [N, S, H]
-    path, _ = slices.slice([slices.layer_inputs[0]], None, work_dir / "prefix.onnx", None)
+    path, _ = slices.slice([slices.layer_inputs[0]], None, work_dir / "prefix.onnx")
     sess = _session(path, threads)
     hidden = None
     for c0 in range(0, n, chunk):
@@ -228,25 +232,37 @@ def calibrate(
     nxt = np.empty_like(hidden)
     act_bytes_chunk = 0
 
-    for layer in range(slices.num_layers):
+    head = {w for w in slices.linear_inputs(None) if w in plan and plan[w].scheme != "none"}
+    steps = list(range(slices.num_layers)) + (["head"] if head else [])
+    last_layer = slices.num_layers - 1
+    for layer in steps:
         t0 = time.perf_counter()
-        lin = {w: a for w, a in slices.linear_inputs(layer).items() if w in plan}
+        if layer == "head":  # linears after the last layer (untied lm_head): re-run it, quantized
+            lin = {w: a for w, a in slices.linear_inputs(None).items() if w in plan}
+            cut, fold_layer, last = slices.layer_inputs[last_layer], None, True
+            as_input = lambda v: layer_index(v) in (last_layer, None)  # noqa: E731
+        else:
+            lin = {w: a for w, a in slices.linear_inputs(layer).items() if w in plan}
+            cut, fold_layer, last = slices.layer_inputs[layer], layer, layer == last_layer
+            as_input = lambda v, layer=layer: layer_index(v) == layer  # noqa: E731
         acts = sorted(set(lin.values()))
-        last = layer == slices.num_layers - 1
         outputs = acts + ([] if last else [slices.layer_inputs[layer + 1]])
-        path, weight_inputs = slices.slice(outputs, slices.layer_inputs[layer], work_dir / f"layer{layer}.onnx", layer)
+        path, weight_inputs = slices.slice(outputs, cut, work_dir / f"layer{layer}.onnx", as_input)
         sess = _session(path, threads)
         # the slice's weight inputs, plus linears it does not need to run (the last layer's
         # down_proj: its output is not asked for) but that are quantized all the same
         weights = {w: np.ascontiguousarray(np.asarray(loaders[w](), np.float32))
                    for w in dict.fromkeys([*weight_inputs, *lin])}
+        for w in weights:  # the head step runs the last layer as already quantized
+            if layer == "head" and layer_index(w) == last_layer:
+                weights[w] = results[w].dequantize() if w in results else floats.get(w, weights[w])
         needs_gptq = {a for w, a in lin.items() if plan[w].algorithm == "gptq"}
         needs_sample = {a for w, a in lin.items() if plan[w].algorithm == "awq"}
         stats = {}
         # pass 1: statistics of every linear input under float weights
         for c0 in range(0, n, chunk):
             feeds = _feeds(sess, tokens[c0:c0 + chunk], kv_heads, head_dim)
-            feeds[slices.layer_inputs[layer]] = hidden[c0:c0 + chunk]
+            feeds[cut] = hidden[c0:c0 + chunk]
             feeds.update({w: weights[w] for w in weight_inputs})
             outs = sess.run(acts, feeds)
             note_rss()
@@ -260,7 +276,7 @@ def calibrate(
         for w, a in lin.items():
             amax[w] = stats[a].amax
         # quantize this layer
-        info = _quantize_layer(slices, layer, lin, stats, weights, plan, results, floats, scale_dtype, seed)
+        info = _quantize_layer(slices, fold_layer, lin, stats, weights, plan, results, floats, scale_dtype, seed)
         note_rss()
         # pass 2: hᵢ₊₁ under the quantized weights
         if not last:
@@ -273,8 +289,8 @@ def calibrate(
             nxt_name = slices.layer_inputs[layer + 1]
             for c0 in range(0, n, chunk):
                 feeds = _feeds(sess, tokens[c0:c0 + chunk], kv_heads, head_dim)
-                feeds[slices.layer_inputs[layer]] = hidden[c0:c0 + chunk]
-                feeds.update(qweights)
+                feeds[cut] = hidden[c0:c0 + chunk]
+                feeds.update({w: qweights[w] for w in weight_inputs})
                 nxt[c0:c0 + chunk] = sess.run([nxt_name], feeds)[0]
                 note_rss()
             hidden, nxt = nxt, hidden
@@ -282,7 +298,7 @@ def calibrate(
         del sess, weights, stats
         layer_reports.append({"layer": layer, "seconds": round(time.perf_counter() - t0, 2), **info})
         if progress is not None:
-            progress(layer + 1, slices.num_layers, f"layer {layer}")
+            progress(len(layer_reports), len(steps), f"layer {layer}")
     note_rss()
     report = {
         "samples": int(n), "seq_len": int(s), "tokens": int(n * s), "chunk_sequences": int(chunk),

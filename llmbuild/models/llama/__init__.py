@@ -1,6 +1,16 @@
 """LlamaForCausalLM: GQA or MHA, tied or untied embeddings, default/linear/llama3 rope."""
 
-from llmbuild.models.llama.model import LlamaDims, build, expected_shapes
+# The graph code (numpy, onnx_ir) is imported on first use, so that recipe validation
+# and `llmbuild plan` can read check_config and the sharding hints cheaply.
+_MODEL_NAMES = ("LlamaDims", "build", "expected_shapes")
+
+
+def __getattr__(name: str):
+    if name in _MODEL_NAMES:
+        from llmbuild.models.llama import model
+
+        return getattr(model, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def check_config(config: dict) -> list[str]:

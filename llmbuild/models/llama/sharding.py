@@ -8,7 +8,6 @@ down_proj row parallel. Embeddings, norms and lm_head are replicated. Applied by
 
 from __future__ import annotations
 
-from llmbuild.models.llama.model import LlamaDims
 from llmbuild.parallel.hints import Shard
 
 # HF weight name (after "model.layers.<i>.") -> hint. Anything else is replicated.
@@ -32,5 +31,12 @@ CONFIG_KEYS = {
 
 
 def sizes(config: dict) -> dict[str, int]:
-    d = LlamaDims.from_config(config)
-    return {"heads": d.heads, "kv_heads": d.kv_heads, "head_dim": d.head_dim, "intermediate": d.intermediate}
+    """The named sizes, read from the HF config as `LlamaDims.from_config` reads them
+    (repeated here so that checking a tp needs no numpy/onnx import)."""
+    heads = int(config["num_attention_heads"])
+    return {
+        "heads": heads,
+        "kv_heads": int(config.get("num_key_value_heads") or heads),
+        "head_dim": int(config.get("head_dim") or int(config["hidden_size"]) // heads),
+        "intermediate": int(config["intermediate_size"]),
+    }

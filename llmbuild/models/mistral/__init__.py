@@ -1,7 +1,12 @@
 """MistralForCausalLM without sliding-window attention: the Llama graph."""
 
 from llmbuild.models import llama
-from llmbuild.models.llama import LlamaDims, build, expected_shapes
+
+
+def __getattr__(name: str):  # LlamaDims, build, expected_shapes: the Llama graph, imported on first use
+    if name in ("LlamaDims", "build", "expected_shapes"):
+        return getattr(llama, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def check_config(config: dict) -> list[str]:
