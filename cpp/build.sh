@@ -9,6 +9,9 @@ BUILD="${1:-$HERE/build}"
 shift $(( $# > 0 ? 1 : 0 ))
 export LLMBUILD_DEPS_DIR="${LLMBUILD_DEPS_DIR:-$HERE/build/_deps}"
 
+mkdir -p "$BUILD"
+exec 9>"$BUILD/.build.lock"
+flock 9  # one build of this directory at a time (e.g. two test sessions)
 "$HERE/setup_deps.sh"
 generator=()
 command -v ninja >/dev/null && generator=(-G Ninja)

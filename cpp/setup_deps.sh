@@ -23,9 +23,12 @@ MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 ORT_WHEEL_VERSION="1.32.0"  # pyproject.toml pins the same
 STAMP="$DEPS/.complete-v1"
 
-if [[ -f "$STAMP" && -e "$DEPS/onnxruntime/lib/libonnxruntime.so.1" ]]; then
-  exit 0
-fi
+done_already() { [[ -f "$STAMP" && -e "$DEPS/onnxruntime/lib/libonnxruntime.so.1" ]]; }
+done_already && exit 0
+mkdir -p "$DEPS"
+exec 8>"$DEPS/.lock"
+flock 8  # another build may be fetching right now
+done_already && exit 0
 
 log() { echo "setup_deps: $*" >&2; }
 

@@ -142,6 +142,14 @@ def inspect(artifact, as_json):
                f"{md['precision']}")
     click.echo(f"  limits    batch {lim['max_batch_size']}, input {lim['max_input_len']}, seq {lim['max_seq_len']}")
     click.echo(f"  graph     {m['graph']['file']}  opset {m['graph']['opset']}")
+    if m.get("parallel"):  # tensor parallelism: one graph (and engine) per rank
+        par = m["parallel"]
+        per = par["per_rank"]
+        click.echo(f"  parallel  tp {par['tp']}: per rank heads {per['num_attention_heads']}/"
+                   f"{per['num_key_value_heads']}, MLP {per['intermediate_size']}, weights "
+                   f"{par['weight_bytes']['per_rank'][0] / 1e6:.1f} MB; {len(par['collectives'])} all-reduce points")
+        for note in par.get("notes", []):
+            click.echo(f"            {note}")
     v = m.get("verification")
     if v and "skipped" not in v:
         click.echo(f"  verified  {'passed' if v['passed'] else 'FAILED'}: max |Δlogit| {v['max_abs_logit_diff']:.3g}, "
@@ -151,6 +159,7 @@ def inspect(artifact, as_json):
     for e in m["engines"]:
         click.echo(f"  engine    {e['file']}  {e['backend']} {e['trt_version']}  {e['bytes'] / 1e6:.1f} MB  "
                    f"targets {e.get('targets')}")
+        click.echo(_engine_details(e))
         for line in _contract_lines(e):
             click.echo(line)
     for stage, t in m.get("timings", {}).items():
@@ -180,6 +189,21 @@ def _contract_lines(engine: dict) -> list[str]:
         extra = f"  profile {profiles}" if mode == "input" and profiles != "None" else ""
         lines.append(f"    {mode:<6} {name:<44} {dtype:<8} {shape}{extra}")
     return lines
+
+
+def _engine_details(e: dict) -> str:
+    """Profiles, builder options, weight streaming and cache use of one engine entry."""
+    parts = [f"profiles {', '.join(e.get('profile_names') or [str(len(e.get('profiles', [])))])}"]
+    if e.get("builder_options"):
+        parts.append("options " + ", ".join(f"{k}={v}" for k, v in e["builder_options"].items()))
+    ws = e.get("weight_streaming") or {}
+    if ws.get("enabled"):
+        budget = f"{ws['budget_mib']} MiB" if ws.get("budget_mib") is not None else "automatic"
+        parts.append(f"weight streaming (budget {budget})")
+    cache = e.get("cache") or {}
+    if cache.get("key"):
+        parts.append(f"cache {'hit' if cache.get('hit') else 'miss'} {cache['key'][:12]}")
+    return "            " + "; ".join(parts)
 
 
 def _sampling_options(f):
@@ -221,13 +245,18 @@ def _stream_out(deltas) -> None:
 @_sampling_options
 @click.option("--chat/--raw", default=True, show_default=True, help="Apply the artifact's chat template.")
 @_runtime_options
-def run(artifact, prompt, max_new_tokens, stop, chat, backend, threads, **sampling):
+@click.option("--json", "as_json", is_flag=True, help="Print {artifact, prompt, text} as JSON instead of streaming.")
+def run(artifact, prompt, max_new_tokens, stop, chat, backend, threads, as_json, **sampling):
     """Generate a reply to PROMPT, streaming tokens to stdout."""
     import llmbuild
 
     model = llmbuild.load(artifact, backend=backend, threads=threads)
     try:
-        _stream_out(model.stream(prompt, max_new_tokens=max_new_tokens, stop=stop, chat=chat, **_sampling(sampling)))
+        deltas = model.stream(prompt, max_new_tokens=max_new_tokens, stop=stop, chat=chat, **_sampling(sampling))
+        if as_json:
+            _emit_json({"artifact": str(artifact), "prompt": prompt, "text": "".join(deltas)})
+        else:
+            _stream_out(deltas)
     finally:
         model.close()
 
@@ -386,7 +415,8 @@ def eval_command(artifact, reference, dataset, tokens, seq_len, threads, as_json
 @click.argument("artifact", type=click.Path())
 @click.argument("text")
 @click.option("--chat/--raw", default=False, show_default=True, help="Apply the chat template first.")
-def tokenize(artifact, text, chat):
+@click.option("--json", "as_json", is_flag=True, help="Print {ids} as JSON.")
+def tokenize(artifact, text, chat, as_json):
     """Print the token ids of TEXT (space-separated), e.g. for the C++ runtime."""
     from llmbuild.artifact import TOKENIZER_DIR, read_manifest
     from llmbuild.runtime.tokenizer import Tokenizer
@@ -395,20 +425,28 @@ def tokenize(artifact, text, chat):
     m = read_manifest(artifact)
     tok = Tokenizer(Path(artifact) / TOKENIZER_DIR, m["tokenizer"])
     ids = tok.encode_chat([{"role": "user", "content": text}]) if chat else tok.encode(text)
-    click.echo(" ".join(map(str, ids)))
+    if as_json:
+        _emit_json({"ids": [int(i) for i in ids]})
+    else:
+        click.echo(" ".join(map(str, ids)))
 
 
 @cli.command()
 @click.argument("artifact", type=click.Path())
 @click.argument("ids", nargs=-1, type=int)
-def detokenize(artifact, ids):
+@click.option("--json", "as_json", is_flag=True, help="Print {text} as JSON.")
+def detokenize(artifact, ids, as_json):
     """Print the text of token IDS."""
     from llmbuild.artifact import TOKENIZER_DIR, read_manifest
     from llmbuild.runtime.tokenizer import Tokenizer
     from pathlib import Path
 
     m = read_manifest(artifact)
-    click.echo(Tokenizer(Path(artifact) / TOKENIZER_DIR, m["tokenizer"]).decode(list(ids)))
+    text = Tokenizer(Path(artifact) / TOKENIZER_DIR, m["tokenizer"]).decode(list(ids))
+    if as_json:
+        _emit_json({"text": text})
+    else:
+        click.echo(text)
 
 
 def main():

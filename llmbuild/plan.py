@@ -120,7 +120,11 @@ def _profile_passes(limits: dict) -> dict[str, dict]:
 
 def _engine_runs_on(entry: dict, cc: str) -> bool:
     from llmbuild.engine.compat import sm_tuple
-    from llmbuild.engine.options import NOT_RTX, RTX_DEFAULT_TARGETS, normalize_compute_capabilities
+    from llmbuild.engine.options import (
+        NOT_RTX,
+        RTX_DEFAULT_TARGETS,
+        normalize_compute_capabilities,
+    )
 
     device = sm_tuple(cc)
     if entry["backend"] == "tensorrt-rtx":
@@ -135,8 +139,8 @@ def _engine_runs_on(entry: dict, cc: str) -> bool:
 
 def plan_config(config: dict, recipe: dict) -> dict:
     """The plan of one resolved recipe (`Recipe.to_dict()`) for a model config (pure)."""
-    from llmbuild.engine.options import target_label
     from llmbuild.artifact.layout import engine_file_name
+    from llmbuild.engine.options import target_label
 
     d = _dims(config)
     precision = recipe["precision"]

@@ -182,6 +182,10 @@ def test_second_compile_of_an_unchanged_recipe_reuses_the_engine(tiny):
     assert (a["cache"]["hit"], b["cache"]["hit"]) == (False, True)
     assert a["cache"]["key"] == b["cache"]["key"] and a["sha256"] == b["sha256"]
     assert (tiny["second"] / b["file"]).read_bytes() == (tiny["first"] / a["file"]).read_bytes()
+    # a hit is a hard link to the cached engine (read-only), not a pass over its bytes
+    cached = next((tiny["cache"] / "engines").glob(f"*/{b['cache']['key']}/engine"))
+    assert os.stat(tiny["second"] / b["file"]).st_ino == os.stat(cached).st_ino
+    assert os.stat(cached).st_mode & 0o777 == 0o444
     timing = read_manifest(tiny["second"])["timings"]["engine:tensorrt-rtx:portable"]
     assert timing["seconds"] < read_manifest(tiny["first"])["timings"]["engine:tensorrt-rtx:portable"]["seconds"]
 

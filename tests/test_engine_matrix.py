@@ -118,3 +118,43 @@ def test_exit_status_bad_input_is_2_and_build_failure_is_1(model, tmp_path):
     assert not (tmp_path / "out" / "tiny").exists()  # nothing that looks complete
     valid = runner.invoke(cli, ["validate", str(recipe_file(tmp_path / "c", model, MATRIX)), "--json"])
     assert valid.exit_code == 0 and len(json.loads(valid.stdout)["variants"]) == 4
+
+
+def test_progress_bars_on_stderr_and_quiet_silences_them(model, tmp_path):
+    import subprocess
+    import sys
+
+    file = recipe_file(tmp_path, model)
+    base = [sys.executable, "-m", "llmbuild.cli", "compile", str(file), "--no-verify", "--no-cache"]
+    loud = subprocess.run([*base, "-o", str(tmp_path / "a")], capture_output=True, text=True)
+    quiet = subprocess.run([*base, "-o", str(tmp_path / "b"), "--quiet"], capture_output=True, text=True)
+    assert loud.returncode == quiet.returncode == 0, loud.stderr + quiet.stderr
+    bar = next(line for line in loud.stderr.splitlines() if line.startswith("engine:tensorrt-rtx:portable"))
+    done, total = bar.split()[2].split("/")  # TensorRT's progress monitor: phases of the build
+    assert done == total and int(total) > 1
+    assert quiet.stderr == ""
+    assert quiet.stdout.strip() == f"artifact: {tmp_path / 'b' / 'tiny'}"
+
+
+def test_json_on_every_command(model, tmp_path):
+    runner = CliRunner()
+    file = recipe_file(tmp_path, model)
+
+    def run(*args):
+        result = runner.invoke(cli, [*args, "--json"])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)
+
+    assert run("validate", str(file))["recipe"]["engines"][0]["backend"] == "tensorrt-rtx"
+    assert run("plan", str(file))["engines"]["files"] == ["tensorrt-rtx-portable-rank0.engine"]
+    built = run("compile", str(file), "-o", str(tmp_path / "out"), "--no-verify", "--cache-dir", str(tmp_path / "c"))
+    artifact = built["artifact"]
+    assert built["engines"] == ["engines/tensorrt-rtx-portable-rank0.engine"]
+    assert run("inspect", artifact)["engines"][0]["profile_names"] == ["prefill", "decode"]
+    ids = run("tokenize", artifact, "hi")["ids"]
+    assert ids == [ord("h") - 26, ord("i") - 26]  # tiny tokenizer: 5 specials, "\n", then chr(32)...
+    assert run("detokenize", artifact, *map(str, ids))["text"] == "hi"
+    reply = run("run", artifact, "--prompt", "hi", "--max-new-tokens", "2", "--backend", "onnxruntime", "--raw")
+    assert reply["prompt"] == "hi" and isinstance(reply["text"], str)
+    missing = runner.invoke(cli, ["inspect", str(tmp_path / "nope"), "--json"])
+    assert missing.exit_code == 2 and json.loads(missing.stdout)["error"].startswith("artifact ")

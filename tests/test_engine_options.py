@@ -112,7 +112,8 @@ def test_engine_entry_key_typos_and_values(tmp_path):
 
 
 def test_duplicate_targets_with_different_settings(tmp_path):
-    _, problems = problems_of(tmp_path, "engines:\n  - tensorrt-rtx\n  - {backend: tensorrt-rtx, weight_streaming: true}\n")
+    engines = "engines:\n  - tensorrt-rtx\n  - {backend: tensorrt-rtx, weight_streaming: true}\n"
+    _, problems = problems_of(tmp_path, engines)
     assert problems["engines[1]"].message == (
         "engine 'tensorrt-rtx (portable)' is listed twice with different settings (first at engines[0]); an "
         "artifact holds one engine per backend and target")
@@ -200,7 +201,8 @@ def test_current_compute_capability_needs_a_gpu(tmp_path):
 
 def test_missing_tensorrt_package_is_named_when_the_settings_are_fine(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)
-    with pytest.raises(UserError, match=r"needs the Python module 'tensorrt'.*pip install tensorrt \(TensorRT >= 10.15"):
+    needs = r"needs the Python module 'tensorrt'.*pip install tensorrt \(TensorRT >= 10.15"
+    with pytest.raises(UserError, match=needs):
         build_engine(tmp_path / "missing.onnx", tmp_path / "e.engine", backend="tensorrt", precision="float16",
                      limits={"max_batch_size": 1, "max_input_len": 8, "max_seq_len": 16}, num_layers=1,
                      options={"hardware_compatibility": "ampere+", "tiling_optimization_level": "full"})
@@ -224,7 +226,8 @@ def test_bfloat16_has_no_turing_engine(tmp_path):
     ))
     [(path, problem)] = problems.items()
     assert path == "engines[0].compute_capabilities[1]"
-    assert problem.message == "sm75 (Turing) has no bfloat16 kernels in TensorRT-RTX; build sm75 engines at precision float16"
+    assert problem.message == (
+        "sm75 (Turing) has no bfloat16 kernels in TensorRT-RTX; build sm75 engines at precision float16")
     assert (problem.line, problem.column) == line_col(file, "sm75")
 
 

@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from llmbuild.cli import cli
-from llmbuild.plan import GiB, RUNTIME_RESERVE, format_plan, plan_recipe
+from llmbuild.plan import RUNTIME_RESERVE, GiB, format_plan, plan_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 

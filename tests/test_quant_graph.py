@@ -44,8 +44,7 @@ def write_recipe(dst: Path, name: str, model_dir: Path, weights: dict | None, *,
     if weights is not None:
         recipe["quantization"] = {"weights": weights, "overrides": overrides or [],
                                   "calibration": {"samples": 8, "seq_len": 64, "seed": 0}}
-    if verify is not None:
-        recipe["verify"] = verify
+    recipe["verify"] = {"eval_tokens": 1024, **(verify or {})}  # 8 chunks of 128 tokens
     path = dst / f"{name}.yaml"
     path.write_text(json.dumps(recipe))  # JSON is YAML
     return path
@@ -99,8 +98,13 @@ def dequantized_weights(artifact: Path) -> tuple[dict[str, np.ndarray], dict[str
             w = codes * scale
         weights[name] = w.T  # graph [in, out] -> HF [out, in]
         forms[name] = str(init[name].dtype)
-        if name + ".input_scale" in init:
-            act_scales[name] = float(init[name + ".input_scale"])
+    # fp8: the scale of the Quantize/DequantizeLinear pair in front of each weight's MatMul
+    producer = {o: n for n in model.graph.node for o in n.output}
+    for n in model.graph.node:
+        w_dq = producer.get(n.input[1]) if n.op_type == "MatMul" else None
+        x_dq = producer.get(n.input[0]) if w_dq is not None else None
+        if x_dq is not None and x_dq.op_type == "DequantizeLinear" and w_dq.input[0] in forms:
+            act_scales[w_dq.input[0]] = float(init[x_dq.input[1]])
     for name, t in init.items():  # float weights (norms: AWQ folds its scales into them)
         if name.endswith("norm.weight"):
             weights[name] = t.astype(np.float32)
@@ -174,9 +178,10 @@ def test_manifest_records_quantization_and_accuracy(artifacts):
     c = q["calibration"]
     assert (c["samples"], c["seq_len"], c["tokens"]) == (8, 64, 512)
     assert c["hidden_state_bytes"] == 8 * 64 * HIDDEN * 4 and c["peak_rss_bytes"] > c["hidden_state_bytes"]
-    assert len(c["layers"]) == LAYERS and len(c["layers"][0]["gptq"]) == 7
+    assert [r["layer"] for r in c["layers"]] == [*range(LAYERS), "head"]  # head: the untied lm_head
+    assert len(c["layers"][0]["gptq"]) == 7 and c["layers"][-1]["gptq"] == ["lm_head"]
     v = m["verification"]
-    assert v["kind"] == "accuracy" and v["passed"] and v["positions"] == 32 * 63
+    assert v["kind"] == "accuracy" and v["passed"] and v["positions"] == 8 * 127
     assert 0 < v["kl_divergence"] < 0.01 and v["top1_agreement"] > 0.95
     assert not (artifacts["int4-gptq"] / ".quantize-work").exists()
     # bytes in the graph: half a byte per int4 code + one float32 scale per 32 rows and column

@@ -72,16 +72,21 @@ def export_onnx(source_path: Path, dst: Path, max_seq_len: int) -> tuple[Path, i
         return save_model(build_model(source, "float16", max_seq_len), dst), layers
 
 
-def build_in_fresh_process(onnx_path: Path, layers: int, out: Path) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--build", str(onnx_path), str(layers), str(out)],
+def build_in_fresh_process(onnx_path: Path, layers: int, out: Path, profiles: str = "both") -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--build", str(onnx_path), str(layers), str(out), profiles],
                           capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
         raise SystemExit(f"engine build failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def child_build(onnx_path: str, layers: str, out: str) -> None:
+def child_build(onnx_path: str, layers: str, out: str, profiles: str = "both") -> None:
+    from llmbuild.engine import build as build_mod
     from llmbuild.engine.build import build_engine
+
+    if profiles == "prefill-only":  # for comparison: the single profile engines had before
+        both = build_mod.profiles_from_limits
+        build_mod.profiles_from_limits = lambda *a, **k: both(*a, **k)[:1]
 
     start = time.perf_counter()
     info = build_engine(Path(onnx_path), Path(out), backend="tensorrt-rtx", precision="float16", limits=LIMITS,
@@ -140,6 +145,9 @@ def main() -> None:
         r = build_in_fresh_process(smollm2_onnx, layers, tmp / "smollm2.engine")
         rows.append({"model": "SmolLM2-135M-Instruct (fp16)", "parameters": 134_515_008,
                      "onnx_bytes": onnx_bytes(smollm2_onnx), **r})
+        r = build_in_fresh_process(smollm2_onnx, layers, tmp / "smollm2-1.engine", "prefill-only")
+        rows.append({"model": "SmolLM2-135M-Instruct (fp16), prefill profile only", "parameters": 134_515_008,
+                     "onnx_bytes": onnx_bytes(smollm2_onnx), **r})
 
         t = time.perf_counter()
         one_b = make_random_llama(tmp / "llama-1b", ONE_B)
@@ -166,13 +174,13 @@ def main() -> None:
         f"from an existing ONNX graph; limits {LIMITS}, two optimization profiles (prefill + decode), the "
         "portable default target. Peak RSS is the whole build process's (getrusage).",
         "",
-        "| model | parameters | ONNX on disk | engine | build wall time | peak RSS | TensorRT-RTX |",
-        "|---|---:|---:|---:|---:|---:|---|",
+        "| model | parameters | ONNX on disk | profiles | engine | build wall time | peak RSS | TensorRT-RTX |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         lines.append(f"| {r['model']} | {r['parameters'] / 1e6:,.0f} M | {r['onnx_bytes'] / MiB:,.0f} MiB | "
-                     f"{r['engine_bytes'] / MiB:,.0f} MiB | {r['seconds']:.1f} s | {r['peak_rss'] / MiB:,.0f} MiB | "
-                     f"{r['trt_version']} |")
+                     f"{r['profiles']} | {r['engine_bytes'] / MiB:,.0f} MiB | {r['seconds']:.1f} s | "
+                     f"{r['peak_rss'] / MiB:,.0f} MiB | {r['trt_version']} |")
     first, second = cache["first"], cache["second"]
     lines += [
         "",
@@ -194,6 +202,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--build":
-        child_build(*sys.argv[2:5])
+        child_build(*sys.argv[2:6])
     else:
         main()

@@ -53,6 +53,7 @@ std::unique_ptr<Executor> open_onnxruntime_executor(const Manifest& manifest, co
 #ifdef LLMBUILD_WITH_TENSORRT
 // The artifact's first engine built with this runtime's TensorRT flavour.
 std::unique_ptr<Executor> open_tensorrt_executor(const Manifest& manifest);
+const char* tensorrt_flavour();  // "tensorrt" or "tensorrt-rtx": the engines this build runs
 bool cuda_device_available();
 #endif
 

@@ -1,6 +1,8 @@
 // llmbuild::Model: an artifact's manifest + an executor + generation.
 #include "llmbuild/runtime.h"
 
+#include <algorithm>
+
 #include "executor.h"
 #include "generator.h"
 #include "manifest.h"
@@ -22,14 +24,17 @@ std::vector<std::string> available_backends() {
 
 namespace {
 
-// "auto": TensorRT when it is compiled in, the artifact has engines and a GPU answers;
-// otherwise ONNX Runtime.
+// "auto": TensorRT when it is compiled in, the artifact has an engine of its flavour and
+// a GPU answers; otherwise ONNX Runtime.
 std::unique_ptr<Executor> open_executor(const Manifest& manifest, const LoadOptions& options) {
   std::string backend = options.backend;
   if (backend == "auto") {
     backend = "onnxruntime";
 #ifdef LLMBUILD_WITH_TENSORRT
-    if (!manifest.engines.empty() && cuda_device_available()) backend = "tensorrt";
+    const auto& engines = manifest.engines;
+    const bool runnable = std::any_of(engines.begin(), engines.end(),
+                                      [](const EngineEntry& e) { return e.backend == tensorrt_flavour(); });
+    if (runnable && cuda_device_available()) backend = "tensorrt";
 #endif
   }
 #ifdef LLMBUILD_WITH_TENSORRT

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <numeric>
+#include <sstream>
 #include <string>
 
 namespace llmbuild {
@@ -51,11 +52,16 @@ void normalise(std::vector<double>& p) {
 }  // namespace
 
 void check_sampling(const SamplingOptions& o) {
+  auto str = [](double v) {
+    std::ostringstream out;
+    out << v;
+    return out.str();
+  };
   std::string problems;
   auto problem = [&problems](const std::string& text) { problems += (problems.empty() ? "" : "; ") + text; };
-  if (!(o.temperature >= 0.0)) problem("temperature must be >= 0, got " + std::to_string(o.temperature));
+  if (!(o.temperature >= 0.0)) problem("temperature must be >= 0, got " + str(o.temperature));
   if (o.top_k < 0) problem("top_k must be >= 0, got " + std::to_string(o.top_k));
-  if (!(o.top_p > 0.0 && o.top_p <= 1.0)) problem("top_p must be in (0, 1], got " + std::to_string(o.top_p));
+  if (!(o.top_p > 0.0 && o.top_p <= 1.0)) problem("top_p must be in (0, 1], got " + str(o.top_p));
   if (!problems.empty()) throw RequestError(problems);
 }
 

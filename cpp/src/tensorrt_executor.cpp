@@ -15,6 +15,7 @@
 #include <iterator>
 #include <map>
 #include <memory>
+#include <type_traits>
 
 #include <NvInfer.h>
 #include <cuda_runtime_api.h>
@@ -36,6 +37,16 @@ void check_cuda(cudaError_t status, const char* what) {
 class Logger : public nvinfer1::ILogger {
   void log(Severity severity, const char* msg) noexcept override {
     if (severity <= Severity::kWARNING) std::cerr << "[TensorRT] " << msg << "\n";
+  }
+};
+
+struct CudaFree {
+  void operator()(void* ptr) const { cudaFree(ptr); }
+};
+struct StreamDestroy {
+  void operator()(cudaStream_t stream) const {
+    cudaStreamSynchronize(stream);
+    cudaStreamDestroy(stream);
   }
 };
 
@@ -62,12 +73,14 @@ class TensorRTExecutor : public Executor {
     check_contract();
     context_.reset(engine_->createExecutionContext());
     if (!context_) throw Error("TensorRT could not create an execution context");
-    check_cuda(cudaStreamCreate(&stream_), "cudaStreamCreate");
+    cudaStream_t stream = nullptr;
+    check_cuda(cudaStreamCreate(&stream), "cudaStreamCreate");
+    stream_.reset(stream);
     for (const Binding& b : plan_) {
       if (!b.alias_of.empty()) continue;
       void* ptr = nullptr;
       check_cuda(cudaMalloc(&ptr, b.nbytes()), "cudaMalloc");
-      owned_.push_back(ptr);
+      owned_.emplace_back(ptr);
       buffers_[b.name] = ptr;
     }
     for (const Binding& b : plan_) {
@@ -76,24 +89,21 @@ class TensorRTExecutor : public Executor {
     reset(1);
   }
 
-  ~TensorRTExecutor() override {
-    if (stream_) cudaStreamSynchronize(stream_);
-    for (void* ptr : owned_) cudaFree(ptr);
-    if (stream_) cudaStreamDestroy(stream_);
-  }
-
   const std::string& name() const override { return name_; }
 
   void reset(int64_t batch) override {
     for (const Binding& b : plan_) {
       if (b.name.rfind("past_", 0) == 0) {
-        check_cuda(cudaMemsetAsync(buffers_.at(b.name), 0, b.nbytes(), stream_), "cudaMemsetAsync");
+        check_cuda(cudaMemsetAsync(buffers_.at(b.name), 0, b.nbytes(), stream_.get()), "cudaMemsetAsync");
       }
     }
     batch_ = batch;
   }
 
   std::vector<float> forward(const StepInputs& step) override {
+    if (step.batch != batch_) {
+      throw Error("executor: batch " + std::to_string(step.batch) + " != cache slots " + std::to_string(batch_));
+    }
     const std::map<std::string, const std::vector<int64_t>*> host = {
         {io::kInputIds, &step.input_ids},
         {io::kPositionIds, &step.position_ids},
@@ -111,14 +121,14 @@ class TensorRTExecutor : public Executor {
     }
     const int profile = select_profile(entry_, step.batch, step.seq, step.num_logits);
     if (profile != profile_) {
-      if (!context_->setOptimizationProfileAsync(profile, stream_)) {
+      if (!context_->setOptimizationProfileAsync(profile, stream_.get())) {
         throw Error("TensorRT rejected optimization profile " + std::to_string(profile));
       }
       profile_ = profile;
     }
     for (const auto& [name, values] : host) {
       check_cuda(cudaMemcpyAsync(buffers_.at(name), values->data(), values->size() * sizeof(int64_t),
-                                 cudaMemcpyHostToDevice, stream_),
+                                 cudaMemcpyHostToDevice, stream_.get()),
                  "cudaMemcpyAsync (inputs)");
     }
     for (const auto& [name, shape] : shapes) {
@@ -127,16 +137,16 @@ class TensorRTExecutor : public Executor {
       }
     }
     for (const auto& [name, ptr] : buffers_) context_->setTensorAddress(name.c_str(), ptr);
-    if (!context_->enqueueV3(stream_)) throw Error("TensorRT execution failed (enqueueV3)");
+    if (!context_->enqueueV3(stream_.get())) throw Error("TensorRT execution failed (enqueueV3)");
 
     const Binding& logits = *std::find_if(plan_.begin(), plan_.end(), [](const Binding& b) {
       return b.name == io::kLogits;
     });
     std::vector<float> out(step.batch * step.num_logits * logits.max_shape[2]);
     check_cuda(cudaMemcpyAsync(out.data(), buffers_.at(io::kLogits), out.size() * sizeof(float),
-                               cudaMemcpyDeviceToHost, stream_),
+                               cudaMemcpyDeviceToHost, stream_.get()),
                "cudaMemcpyAsync (logits)");
-    check_cuda(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+    check_cuda(cudaStreamSynchronize(stream_.get()), "cudaStreamSynchronize");
     return out;
   }
 
@@ -165,14 +175,17 @@ class TensorRTExecutor : public Executor {
   std::unique_ptr<nvinfer1::IRuntime> runtime_;
   std::unique_ptr<nvinfer1::ICudaEngine> engine_;
   std::unique_ptr<nvinfer1::IExecutionContext> context_;
-  cudaStream_t stream_ = nullptr;
+  // Declared after the TensorRT objects, so destroyed first: synchronize, then free.
+  std::vector<std::unique_ptr<void, CudaFree>> owned_;
+  std::unique_ptr<std::remove_pointer_t<cudaStream_t>, StreamDestroy> stream_;
   std::map<std::string, void*> buffers_;
-  std::vector<void*> owned_;
   int profile_ = 0;
   int64_t batch_ = 1;
 };
 
 }  // namespace
+
+const char* tensorrt_flavour() { return LLMBUILD_TENSORRT_FLAVOUR; }
 
 bool cuda_device_available() {
   int count = 0;

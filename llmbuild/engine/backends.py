@@ -9,7 +9,11 @@ as fields and small functions of a `Backend`:
                                          target compute capabilities are chosen at build
                                          time (SM75 .. SM121, no datacenter SM90/SM100)
     tensorrt       module tensorrt       builds on (and for) the GPU it runs on; covers
-                                         H100/H200/B200
+                                         H100/H200/B200; hardware_compatibility widens it
+
+Which recipe settings each backend takes is decided in `options.py` (no TensorRT import);
+`apply_builder_options` applies the shared ones (optimization level, workspace limit,
+tiling, weight streaming) to an IBuilderConfig of either module.
 """
 
 from __future__ import annotations
@@ -53,7 +57,9 @@ def _rtx_set_targets(trt: ModuleType, config, targets: list[str] | None, hardwar
     machine) is accepted but needs a GPU at build time.
     """
     if hardware_compatibility not in (None, "none"):
-        raise UserError(options_mod.backend_option_problem("tensorrt-rtx", "hardware_compatibility", hardware_compatibility))
+        raise UserError(
+            options_mod.backend_option_problem("tensorrt-rtx", "hardware_compatibility", hardware_compatibility)
+        )
     if targets is None:
         return {"compute_capabilities": list(RTX_DEFAULT_TARGETS), "source": "tensorrt-rtx default (portable)",
                 "hardware_compatibility": None}
@@ -91,7 +97,8 @@ def _gpu_set_targets(trt: ModuleType, config, targets: list[str] | None, hardwar
         raise UserError(
             f"hardware_compatibility {level!r}: choose one of {', '.join(options_mod.HARDWARE_COMPATIBILITY)}"
         )
-    config.hardware_compatibility_level = getattr(trt.HardwareCompatibilityLevel, options_mod.HARDWARE_COMPATIBILITY[level])
+    member = options_mod.HARDWARE_COMPATIBILITY[level]
+    config.hardware_compatibility_level = getattr(trt.HardwareCompatibilityLevel, member)
     from llmbuild.engine.compat import current_compute_capability
 
     build_gpu = current_compute_capability()

@@ -28,6 +28,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from llmbuild.eval.runners import float_matmuls
 from llmbuild.graph import io
 from llmbuild.quantize.algorithms import awq_search_clip, awq_search_scales, gptq_quantize
 from llmbuild.quantize.plan import ModuleSpec, layer_index, module_name
@@ -165,6 +166,7 @@ def _session(path: Path, threads: int | None):
     opts.intra_op_num_threads = threads or min(os.cpu_count() or 1, 8)
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
+    float_matmuls(opts)
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 

@@ -141,6 +141,7 @@ def lower_for_cpu(model: ir.Model) -> ir.Model:
     for node in dead:
         graph.remove(node, safe=True)
     _remove_unused(graph)
+    _fuse_sibling_matmuls(graph)
     model.opset_imports.setdefault(MS_DOMAIN, 1)
     graph.opset_imports.setdefault(MS_DOMAIN, 1)
     return model
@@ -195,6 +196,49 @@ def _promote_to_float32(graph: ir.Graph) -> None:
         for out in node.outputs:
             if out.dtype in _SIXTEEN_BIT:
                 out.type = ir.TensorType(ir.DataType.FLOAT)
+
+
+def _fuse_sibling_matmuls(graph: ir.Graph) -> None:
+    """
+    x ─┬─MatMul(W1)─► y1          x ─MatMul(Concat(W1, W2, W3, axis=1))─Split(-1)─► y1, y2, y3
+       ├─MatMul(W2)─► y2    ==>
+       └─MatMul(W3)─► y3
+    For float weights stored as initializers (q/k/v, gate/up): one GEMM instead of
+    three; ONNX Runtime folds the Concat once at session creation. Quantized weights
+    (computed by DequantizeLinear) are left alone.
+    """
+    def constant(w: ir.Value | None) -> bool:  # an initializer, or a Cast of one (promoted weights)
+        if w is None:
+            return False
+        p = w.producer()
+        return w.is_initializer() or (p is not None and p.op_type == "Cast" and p.inputs[0].is_initializer())
+
+    position = {id(n): i for i, n in enumerate(graph)}
+    for x in [v for n in list(graph) for v in n.outputs] + list(graph.inputs):
+        group = []
+        for user, index in x.uses():
+            w = user.inputs[1] if len(user.inputs) > 1 else None
+            if (user.op_type == "MatMul" and user.domain in ("", "ai.onnx") and index == 0 and constant(w)
+                    and w.shape is not None and len(w.shape) == 2 and w.dtype == ir.DataType.FLOAT):
+                group.append((user, w))
+        group.sort(key=lambda g: position.get(id(g[0]), 0))
+        if len(group) < 2 or len({int(w.shape[0]) for _, w in group}) != 1:
+            continue
+        widths = [int(w.shape[1]) for _, w in group]
+        name = "+".join(w.name for _, w in group)
+        sizes = ir.Value(name=f"{name}.split", const_value=ir.tensor(np.array(widths, np.int64), name=f"{name}.split"))
+        graph.register_initializer(sizes)
+        concat = ir.node("Concat", [w for _, w in group], {"axis": 1}, name=f"cpu.concat.{name}")
+        matmul = ir.node("MatMul", [x, concat.outputs[0]], name=f"cpu.matmul.{name}")
+        split = ir.node("Split", [matmul.outputs[0], sizes], {"axis": -1}, num_outputs=len(group),
+                        name=f"cpu.split.{name}")
+        first = group[0][0]
+        graph.insert_before(first, [concat, matmul, split])
+        for (user, _), out in zip(group, split.outputs):
+            out.dtype = ir.DataType.FLOAT
+            ir.convenience.replace_all_uses_with(user.outputs[0], out)
+        for user, _ in group:
+            graph.remove(user, safe=True)
 
 
 def _insert_in_order(graph: ir.Graph, nodes: list[ir.Node]) -> None:

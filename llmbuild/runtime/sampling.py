@@ -120,6 +120,9 @@ def candidate_probabilities(logits: np.ndarray, params: SamplingParams) -> tuple
         pool = np.concatenate([above, ties])
         order = pool[np.argsort(-x[pool], kind="stable")]
     else:
+        fast = _nucleus(x, params) if params.top_p < 1.0 else None
+        if fast is not None:
+            return fast
         order = np.argsort(-x, kind="stable")
     kept = x[order]
     p = np.exp(kept - kept[0])
@@ -132,6 +135,34 @@ def candidate_probabilities(logits: np.ndarray, params: SamplingParams) -> tuple
         n = int(np.count_nonzero(p >= params.min_p * p[0]))
         order, p = order[:n], p[:n] / p[:n].sum()
     return order, p
+
+
+def _nucleus(x: np.ndarray, params: SamplingParams) -> tuple[np.ndarray, np.ndarray] | None:
+    """Steps 3-6b for top_k = 0, top_p < 1 without sorting the whole vocabulary: the
+    same candidates in the same order (ties by ascending id), found by sorting ever
+    larger top groups (64, 512, ...) until their cumulative probability reaches top_p.
+    The softmax denominator is summed over the whole vocabulary in id order rather
+    than in sorted order, which changes probabilities only in the last bits. None when
+    the nucleus is too large for this to pay (then the caller sorts everything)."""
+    e = np.exp(x - x.max())
+    total = e.sum()
+    size = 64
+    while size < x.size:
+        kth = np.partition(x, x.size - size)[x.size - size]
+        pool = np.flatnonzero(x >= kth)  # every tie of the boundary value is in
+        order = pool[np.lexsort((pool, -x[pool]))]
+        cum = np.cumsum(e[order]) / total
+        if cum[-1] >= params.top_p:
+            n = int(np.searchsorted(cum, params.top_p, side="left")) + 1
+            order = order[:n]
+            p = e[order] / total
+            p /= p.sum()
+            if params.min_p > 0.0:
+                n = int(np.count_nonzero(p >= params.min_p * p[0]))
+                order, p = order[:n], p[:n] / p[:n].sum()
+            return order, p
+        size *= 8
+    return None
 
 
 def sample(logits: np.ndarray, params: SamplingParams, rng: SplitMix64 | None) -> int:
