@@ -150,8 +150,15 @@ def inspect(artifact, as_json):
                    f"{par['weight_bytes']['per_rank'][0] / 1e6:.1f} MB; {len(par['collectives'])} all-reduce points")
         for note in par.get("notes", []):
             click.echo(f"            {note}")
+    for g in (m.get("quantization") or {}).get("summary", {}).get("groups", []):  # llmbuild.quantize
+        click.echo(f"  quantized {g['setting']}: {g['weights']} weights, {g['parameters']:,} parameters, "
+                   f"{g['bytes'] / 1e6:.1f} MB")
     v = m.get("verification")
-    if v and "skipped" not in v:
+    if v and v.get("kind") == "accuracy" and "skipped" not in v:
+        click.echo(f"  accuracy  {'passed' if v['passed'] else 'FAILED'}: perplexity {v['reference_perplexity']:.3f}"
+                   f" -> {v['perplexity']:.3f} ({v['perplexity_increase']:+.2%}), KL {v['kl_divergence']:.4f},"
+                   f" top-1 {v['top1_agreement']:.3f} (vs the unquantized graph, {v['positions']} positions)")
+    elif v and "skipped" not in v:
         click.echo(f"  verified  {'passed' if v['passed'] else 'FAILED'}: max |Δlogit| {v['max_abs_logit_diff']:.3g}, "
                    f"top-1 {v['top1_agreement']:.3f}, greedy {v['greedy_agreement']:.3f}")
     elif v:
@@ -247,7 +254,11 @@ def _stream_out(deltas) -> None:
 @_runtime_options
 @click.option("--json", "as_json", is_flag=True, help="Print {artifact, prompt, text} as JSON instead of streaming.")
 def run(artifact, prompt, max_new_tokens, stop, chat, backend, threads, as_json, **sampling):
-    """Generate a reply to PROMPT, streaming tokens to stdout."""
+    """Generate a reply to PROMPT, streaming tokens to stdout.
+
+    A tensor-parallel artifact (parallel.tp = N) runs one worker process per GPU
+    (GPUs 0..N-1, or CUDA_VISIBLE_DEVICES) with NCCL, or, without N GPUs, all ranks on
+    ONNX Runtime; no torchrun/mpirun needed (docs/tensor-parallel.md)."""
     import llmbuild
 
     model = llmbuild.load(artifact, backend=backend, threads=threads)

@@ -142,7 +142,8 @@ def compile_loaded(
             if tp > 1:  # one graph per tensor-parallel rank: rank<r>/ (llmbuild.parallel)
                 from llmbuild.parallel.artifact import export_ranks
 
-                ranks = export_ranks(source, tp, stage, precision, limits["max_seq_len"], progress=update)
+                ranks = export_ranks(source, tp, stage, precision, limits["max_seq_len"], progress=update,
+                                     quantization=rd.get("quantization"))
                 model_paths, model_path, graph_hash = ranks["paths"], ranks["paths"][0], ranks["graph_hash"]
             else:
                 model = build_model(source, precision, limits["max_seq_len"])

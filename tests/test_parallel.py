@@ -241,6 +241,17 @@ def test_tp_that_does_not_divide_is_rejected_naming_the_numbers(tiny, tmp_path):
         ShardPlan.for_config(dict(config, intermediate_size=99), 4).check()
 
 
+def test_tp_with_quantization_is_rejected(tiny, tmp_path):
+    from llmbuild.recipe import RecipeError, load_recipe
+
+    recipe = tmp_path / "q.yaml"
+    recipe.write_text(f"name: q\nmodel:\n  source: {tiny['dir']}\nparallel:\n  tp: 2\n"
+                      "quantization:\n  weights: {scheme: int8}\n")
+    with pytest.raises(RecipeError, match=r"q.yaml:5:7: parallel.tp: parallel.tp > 1 cannot be combined with "
+                                          r"quantization yet"):
+        load_recipe(recipe)
+
+
 @pytest.fixture(scope="module")
 def tp2_engines(tiny):
     pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu13 is not installed")

@@ -136,9 +136,12 @@ def plan_70b(tmp: Path, repeats: int = 5) -> float:
 
 
 def main() -> None:
+    import os
+
     from tests.conftest import smollm2_gguf
 
     rows = []
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bench-engine-") as tmp:
         tmp = Path(tmp)
         smollm2_onnx, layers = export_onnx(smollm2_gguf(), tmp / "smollm2-onnx", LIMITS["max_seq_len"])
@@ -164,7 +167,9 @@ def main() -> None:
         cache = compile_twice(tmp / "compile")
         plan_seconds = plan_70b(tmp)
 
-    results = {"machine": f"{platform.machine()}, {platform.python_version()}", "limits": LIMITS, "builds": rows,
+    load = (round(load_before, 1), round(os.getloadavg()[0], 1))
+    results = {"machine": f"{platform.machine()}, {platform.python_version()}", "load_average": load,
+               "limits": LIMITS, "builds": rows,
                "smollm2_compile_twice": cache, "plan_70b_seconds": plan_seconds}
     (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     lines = [
@@ -194,7 +199,8 @@ def main() -> None:
         f"`llmbuild plan` on a Llama-3-70B-shaped config (config.json only, tp 8): {plan_seconds:.2f} s wall "
         "(median of 5, whole process incl. Python start-up).",
         "",
-        f"Machine: 2 cores, 24 GB, no GPU ({results['machine']}).",
+        f"Machine: 2 cores, 24 GB, no GPU ({results['machine']}); 1-minute load average {load[0]} at the start, "
+        f"{load[1]} at the end (other work on the same cores stretches wall times).",
     ]
     (HERE / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

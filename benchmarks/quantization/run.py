@@ -39,6 +39,8 @@ ROWS = {  # name -> quantization.weights
     "int4-awq-g128": {"scheme": "int4", "algorithm": "awq", "group_size": 128},
     "int4-gptq-g128": {"scheme": "int4", "algorithm": "gptq", "group_size": 128},
     "fp8": {"scheme": "fp8"},
+    # context: the same round-to-nearest at llama.cpp's block size (Q4_0 = 32, symmetric)
+    "int4-rtn-g32": {"scheme": "int4", "algorithm": "rtn", "group_size": 32},
 }
 LLAMA_CPP = ("F16", "Q8_0", "Q4_0", "Q4_K_M")
 
@@ -156,9 +158,11 @@ def main():
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--only", default=None, help="comma-separated rows")
     ap.add_argument("--skip-llama-cpp", action="store_true")
+    ap.add_argument("--cal-samples", type=int, default=CALIBRATION["samples"])
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    CALIBRATION["samples"] = args.cal_samples
     results_path = work / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     only = set(args.only.split(",")) if args.only else None

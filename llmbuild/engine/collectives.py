@@ -19,10 +19,7 @@ import json
 from pathlib import Path
 
 from llmbuild.errors import BuildError
-
-META_TP = "llmbuild.tp"
-META_RANK = "llmbuild.rank"
-META_POINTS = "llmbuild.allreduce_points"
+from llmbuild.parallel.export import META_POINTS, META_RANK, META_TP
 
 
 def rank_metadata(onnx_path: Path) -> dict | None:

@@ -13,6 +13,7 @@ positions 0..S-2 predict tokens 1..S-1 (no context carried between chunks).
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 
@@ -59,10 +60,23 @@ def summarize(totals: dict) -> dict:
 
 def dataset_tokens(tokenizer_json: Path, dataset: str = DEFAULT_DATASET, split: str = "evaluation",
                    base_dir: Path | None = None) -> list[int]:
+    """The token ids of a dataset's text under a tokenizer (cached per process: several
+    compiles of one model tokenize the same corpus once)."""
+    import hashlib
+
+    tok_bytes = Path(tokenizer_json).read_bytes()
+    key = (hashlib.sha256(tok_bytes).hexdigest(), dataset, split, str(base_dir))
+    return list(_tokens(key, tok_bytes))
+
+
+@functools.lru_cache(maxsize=8)
+def _tokens(key: tuple, tok_bytes: bytes) -> tuple[int, ...]:
     from tokenizers import Tokenizer
 
-    tok = Tokenizer.from_file(str(tokenizer_json))
-    return tok.encode(read_text(dataset, split, base_dir), add_special_tokens=False).ids
+    _, dataset, split, base_dir = key
+    tok = Tokenizer.from_str(tok_bytes.decode("utf-8"))
+    text = read_text(dataset, split, Path(base_dir) if base_dir != "None" else None)
+    return tuple(tok.encode(text, add_special_tokens=False).ids)
 
 
 def evaluate_runners(candidate, reference, chunks: np.ndarray, progress=None) -> dict:

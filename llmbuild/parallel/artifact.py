@@ -24,6 +24,12 @@ from typing import Callable
 
 from llmbuild.parallel.hints import ShardPlan
 
+QUANTIZATION_UNSUPPORTED = (
+    "parallel.tp > 1 cannot be combined with quantization yet (quantized weights are made from the "
+    "whole model's tensors and calibration; the rank graphs are not quantized): remove `quantization:` "
+    "or set parallel.tp to 1"
+)
+
 
 def precision_itemsize(precision: str) -> int:
     return {"float32": 4, "float16": 2, "bfloat16": 2}[precision]
@@ -43,10 +49,14 @@ def weight_bytes(config: dict, tp: int, precision: str) -> dict:
 
 def export_ranks(
     source, tp: int, stage: Path, precision: str, max_seq_len: int,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[[int, int], None] | None = None, quantization: dict | None = None,
 ) -> dict:
     """Write every rank's graph into `stage`; returns {paths, graph, parallel, graph_hash}
     where `graph` and `parallel` are manifest entries (graph: rank 0's contract)."""
+    if quantization:
+        from llmbuild.errors import UserError
+
+        raise UserError(QUANTIZATION_UNSUPPORTED)
     from llmbuild.artifact import file_sha256
     from llmbuild.graph.export import MODEL_FILE, WEIGHTS_FILE
     from llmbuild.models import get_architecture
@@ -67,7 +77,10 @@ def export_ranks(
                         "weights_file_bytes": data.stat().st_size})
     collectives = ranks[0]["collectives"]
     if any(r["collectives"] != collectives for r in ranks):
-        raise AssertionError("rank graphs disagree on their all-reduce points")
+        from llmbuild.errors import BuildError
+
+        raise BuildError("the rank graphs disagree on their all-reduce points; the model's sharding hints "
+                         "do not fit its graph")
     per_rank = plan.rank_config(source.config)
     parallel = {
         "tp": tp,

@@ -78,20 +78,20 @@ def awq_search_clip(x: np.ndarray, w: np.ndarray, scheme: Int4, scale_dtype=np.f
     group = scheme.group_size
     g = scheme.num_groups(k)
     pad = g * group - k
-    xb = np.concatenate([x, np.zeros((x.shape[0], pad), np.float32)], axis=1).reshape(x.shape[0], g, group)
+    # xb [G, T, group]: each block's slice of the inputs (zero columns pad the last block)
+    xb = np.concatenate([x, np.zeros((x.shape[0], pad), np.float32)], axis=1)
+    xb = np.ascontiguousarray(xb.reshape(x.shape[0], g, group).transpose(1, 0, 2))
 
-    def block_out(weight):  # [T, G, out]: each block's contribution to the output
-        wb = np.concatenate([weight, np.zeros((pad, n), np.float32)], axis=0).reshape(g, group, n)
-        return np.einsum("tgb,gbn->tgn", xb, wb, optimize=True)
+    def block_error(delta):  # [G, out]: mean over tokens of (block's output error)²
+        db = np.concatenate([delta, np.zeros((pad, n), np.float32)], axis=0).reshape(g, group, n)
+        return np.mean(np.matmul(xb, db) ** 2, axis=1)
 
-    org = block_out(w)
     best_err = np.full((g, n), np.inf, np.float32)
     best = np.ones((g, n), np.float32)
     for i in range(int(CLIP_MAX_SHRINK * CLIP_GRID)):
         ratio = 1.0 - i / CLIP_GRID
         shrink = np.full((g, n), ratio, np.float32)
-        deq = scheme.quantize(w, scale_dtype, shrink=shrink).dequantize()
-        err = np.mean((block_out(deq) - org) ** 2, axis=0)
+        err = block_error(scheme.quantize(w, scale_dtype, shrink=shrink).dequantize() - w)
         better = err < best_err
         best_err[better] = err[better]
         best[better] = ratio

@@ -11,6 +11,12 @@ Symmetric weights (int8, int4, fp8):
     scale ──────────────────────┴─DequantizeLinear(axis, block_size)─► W ─┐
     x ────────────────────────────────────────────────────────────────────┴─MatMul─► y
 
+int4 with a short last block (576 input rows in groups of 128): TensorRT derives the
+block size as rows / scale rows, so the codes are stored padded with zero rows to whole
+blocks and the activation gets as many zero columns (one Pad per distinct input):
+
+    x [.., 576] ─Pad(axes=[-1], 0..64)─► x' [.., 640] ─MatMul(x', DequantizeLinear(q [640, out], s [5, out]))
+
 Asymmetric int4 (w = s·(q − z)): TensorRT's DequantizeLinear takes no zero point, so
 the zero point is folded into a second, tiny product (G = blocks per column):
 
@@ -62,8 +68,9 @@ def stored_bytes(spec: ModuleSpec, shape: tuple[int, int], dtype_bytes: int) -> 
     if spec.scheme == "fp8":
         return k * n + dtype_bytes
     g = -(-k // spec.group_size)
-    extra = (g * n + k * g) * dtype_bytes if not spec.symmetric else 0
-    return (k * n + 1) // 2 + g * n * dtype_bytes + extra
+    kp = g * spec.group_size  # stored padded to whole blocks
+    extra = (g * n + kp * g) * dtype_bytes if not spec.symmetric else 0
+    return (kp * n + 1) // 2 + g * n * dtype_bytes + extra
 
 
 class _SharedResult:
@@ -117,6 +124,7 @@ def quantize_graph(
     scale_np = compute.numpy()
     stored = {}
     act_cache: dict[int, ir.Value] = {}
+    pad_cache: dict[tuple[int, int], ir.Value] = {}
     for name, value in weights.items():
         spec = plan.get(name, ModuleSpec("none"))
         k, n = (int(d) for d in value.shape)
@@ -135,7 +143,8 @@ def quantize_graph(
         asym = spec.scheme == "int4" and not spec.symmetric
         shared = _SharedResult(make, 3 if asym else 2)
         code_type = _ONNX_CODES[spec.scheme]
-        q = _lazy(name, code_type, (k, n), shared.part("q", lambda qt: _codes(qt)))
+        kp = -(-k // spec.group_size) * spec.group_size if spec.scheme == "int4" else k
+        q = _lazy(name, code_type, (kp, n), shared.part("q", lambda qt, kp=kp: _codes(qt, kp)))
         scale_shape = {"int8": (n,), "fp8": (), "int4": (-(-k // (spec.group_size or 1)), n)}[spec.scheme]
         s = _lazy(name + ".scale", compute, scale_shape, shared.part("s", lambda qt: qt.scale.astype(scale_np)))
         attrs = {"axis": 1} if spec.scheme == "int8" else {"axis": 0, "block_size": spec.group_size} if (
@@ -170,9 +179,23 @@ def quantize_graph(
                 act_cache[key] = da.outputs[0]
             for mm in matmuls:
                 mm.replace_input_with(0, act_cache[key])
+        if kp != k:
+            key = (id(x), kp)
+            if key not in pad_cache:
+                pads = ir.Value(name=name + ".input_pads", type=ir.TensorType(ir.DataType.INT64),
+                                shape=ir.Shape([2]), const_value=ir.tensor(np.array([0, kp - k], np.int64)))
+                axes = ir.Value(name=name + ".input_pad_axes", type=ir.TensorType(ir.DataType.INT64),
+                                shape=ir.Shape([1]), const_value=ir.tensor(np.array([-1], np.int64)))
+                graph.register_initializer(pads)
+                graph.register_initializer(axes)
+                pad = ir.node("Pad", [x, pads, None, axes], name=name + ".input_pad")
+                new_nodes.append(pad)
+                pad_cache[key] = pad.outputs[0]
+            for mm in matmuls:
+                mm.replace_input_with(0, pad_cache[key])
         graph.insert_before(first, new_nodes)
         if asym:
-            _add_zero_point_term(graph, first, name, k, n, spec.group_size, compute, shared, scale_np)
+            _add_zero_point_term(graph, first, name, kp, n, spec.group_size, compute, shared, scale_np)
     for name in replaced_names:
         old = graph.initializers[name]
         getter = replaced_floats
@@ -213,9 +236,13 @@ def _add_zero_point_term(graph, matmul, name, k, n, block, compute, shared, scal
     graph.insert_after(matmul, [sums, corr, add])
 
 
-def _codes(qt: QuantizedTensor) -> np.ndarray:
+def _codes(qt: QuantizedTensor, rows: int) -> np.ndarray:
+    """Codes as stored: int4 padded with zero rows to `rows` (whole blocks)."""
     if qt.scheme == "int4":
-        return qt.data.astype(ml_dtypes.int4)
+        data = qt.data
+        if rows > data.shape[0]:
+            data = np.concatenate([data, np.zeros((rows - data.shape[0], data.shape[1]), np.int8)])
+        return data.astype(ml_dtypes.int4)
     return qt.data
 
 

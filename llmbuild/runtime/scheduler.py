@@ -227,9 +227,10 @@ class Scheduler:
         self.stats.decode_tokens += len(decoding)
         self.stats.padded_tokens += width - len(decoding)
         self.stats.decode_seconds += seconds
+        greedy = logits[:, 0].argmax(-1)  # one vectorized argmax for every plain greedy row
         for seq in decoding:
             seq.cached += 1
-            self._sample(seq, logits[seq.slot - lo, 0])
+            self._sample(seq, logits[seq.slot - lo, 0], int(greedy[seq.slot - lo]))
         return seconds
 
     def _mixed_pass(self, prefill: Sequence | None, decoding: list[Sequence]) -> float:
@@ -271,13 +272,16 @@ class Scheduler:
         return seconds
 
     # -- tokens -------------------------------------------------------------------------------
-    def _sample(self, seq: Sequence, logits: np.ndarray) -> None:
+    def _sample(self, seq: Sequence, logits: np.ndarray, argmax: int | None = None) -> None:
         req = seq.request
         params = req.params
         if seq.first_token_at is None:
             seq.first_token_at = time.perf_counter()
-        scores = apply_penalties(logits, params, req.prompt_ids, seq.output) if params.penalized else logits
-        token = sample(scores, params, seq.rng)
+        if argmax is not None and params.greedy and not params.penalized:
+            token = argmax  # sample() would return the same first maximum
+        else:
+            scores = apply_penalties(logits, params, req.prompt_ids, seq.output) if params.penalized else logits
+            token = sample(scores, params, seq.rng)
         if seq.logprobs is not None:
             lp, top = logprobs_of(logits, token, req.logprobs)
             seq.logprobs.append(TokenLogprob(token, lp, top))
