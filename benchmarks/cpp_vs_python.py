@@ -164,6 +164,18 @@ def table(rows: list[tuple[str, dict]], tokens: int) -> str:
                 f"| {name} | {label} | {statistics.median(decode):.2f} | {min(decode):.2f} - {max(decode):.2f} | "
                 f"{statistics.median(first):.3f} | {len(runs)} | {mean_tokens:.0f} (max {tokens}) |"
             )
+    lines += [
+        "",
+        "Paired runs (same prompt, back to back), which cancels most of the drift in machine load:",
+        "",
+        "| artifact | graph | C++ / Python decode tokens/s (median of pairs) | min - max |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name, results in rows:
+        for graph, cpp, python in (("graph.file", "cpp", "python"), ("CPU-lowered", "cpp-lowered", "python-lowered")):
+            ratios = [c["decode"] / p["decode"] for c, p in zip(results[cpp], results[python])]
+            median = statistics.median(ratios)
+            lines.append(f"| {name} | {graph} | {median:.2f} | {min(ratios):.2f} - {max(ratios):.2f} |")
     return "\n".join(lines)
 
 

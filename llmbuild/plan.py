@@ -7,6 +7,10 @@ No weights are read and nothing heavy is imported (no torch, onnx or TensorRT), 
 70B-class config plans in well under a second. The figures, per tensor-parallel rank:
 
     parameters      embeddings + (untied) lm_head + layers x (q, k, v, o, gate, up, down, 2 norms) + norm
+    quantization    with `quantization:` each linear weight is counted at its scheme
+                    (llmbuild.quantize.plan resolves the overrides): int8 = 1 byte + a 2-byte scale per
+                    output channel, int4 = 1/2 byte + 2-byte scales (and offsets) per group x output
+                    channel, fp8 = 1 byte + one scale; embeddings and norms stay at the precision
     weight bytes    layer matrices / tp + replicated embeddings, lm_head, norms, at the precision
     KV cache        2 (K and V) x layers x kv_heads/tp x head_dim x bytes, per token; the engine
                     allocates max_batch_size x max_seq_len tokens of it
@@ -96,6 +100,63 @@ def layer_parameters_per_rank(config: dict, tp: int) -> int:
     return d["layers"] * (2 * h * q // tp + 2 * h * kv + 3 * h * i // tp)
 
 
+def linear_weights(config: dict) -> dict[str, tuple[int, int]]:
+    """HF name -> (in, out) of every linear (MatMul) weight of the graph."""
+    d = _dims(config)
+    h, q, kv, i = d["hidden"], d["heads"] * d["head_dim"], d["kv_heads"] * d["head_dim"], d["intermediate"]
+    shapes = {}
+    for layer in range(d["layers"]):
+        p = f"model.layers.{layer}."
+        shapes.update({p + "self_attn.q_proj.weight": (h, q), p + "self_attn.k_proj.weight": (h, kv),
+                       p + "self_attn.v_proj.weight": (h, kv), p + "self_attn.o_proj.weight": (q, h),
+                       p + "mlp.gate_proj.weight": (h, i), p + "mlp.up_proj.weight": (h, i),
+                       p + "mlp.down_proj.weight": (i, h)})
+    if not d["tied"]:
+        shapes["lm_head.weight"] = (h, d["vocab"])
+    return shapes
+
+
+def _stored_bytes(spec, shape: tuple[int, int], dtype_bytes: int) -> int:
+    """Bytes of one linear weight as the graph stores it (llmbuild.quantize.schemes layout)."""
+    rows, cols = shape
+    n = rows * cols
+    if spec is None or spec.scheme == "none":
+        return n * dtype_bytes
+    if spec.scheme == "int8":
+        return n + 2 * cols
+    if spec.scheme == "fp8":
+        return n + 2
+    groups = -(-rows // spec.group_size) * cols  # int4
+    return (n * 4 + 7) // 8 + 2 * groups * (1 if spec.symmetric else 2)
+
+
+def weight_bytes(config: dict, recipe: dict, tp: int = 1) -> tuple[int, int]:
+    """(all weights, one rank's weights) in bytes at the recipe's precision and quantization.
+    A rank holds 1/tp of q, o, gate, up, down, its KV heads' share of k and v, and the
+    embeddings, lm_head and norms whole (as layer_parameters_per_rank)."""
+    d = _dims(config)
+    b = DTYPE_BYTES[recipe["precision"]]
+    linear = linear_weights(config)
+    specs = {}
+    if recipe.get("quantization"):
+        from llmbuild.quantize.plan import resolve_plan
+
+        specs = resolve_plan(recipe["quantization"], list(linear), d["layers"])
+    kv_share = kv_heads_per_rank(d["kv_heads"], tp) / d["kv_heads"]
+    replicated = b * (d["vocab"] * d["hidden"] + (2 * d["layers"] + 1) * d["hidden"])  # embeddings, norms
+    total, per_rank = replicated, replicated
+    for name, shape in linear.items():
+        stored = _stored_bytes(specs.get(name), shape, b)
+        total += stored
+        if name == "lm_head.weight":
+            per_rank += stored
+        elif name.endswith(("k_proj.weight", "v_proj.weight")):
+            per_rank += round(stored * kv_share)
+        else:
+            per_rank += stored // tp
+    return total, per_rank
+
+
 def activation_bytes(config: dict, *, tokens: int, logit_rows: int, precision: str, tp: int = 1) -> int:
     """Estimate of one forward pass's activation memory (see the module docstring)."""
     d = _dims(config)
@@ -149,7 +210,7 @@ def plan_config(config: dict, recipe: dict) -> dict:
     b = DTYPE_BYTES[precision]
     groups = parameter_groups(config)
     params = groups["layer_matrices"] + groups["replicated"]
-    weights_per_rank = b * (layer_parameters_per_rank(config, tp) + groups["replicated"])
+    weights_total, weights_per_rank = weight_bytes(config, recipe, tp)
 
     kv_per_token = 2 * d["layers"] * kv_heads_per_rank(d["kv_heads"], tp) * d["head_dim"] * b
     passes = _profile_passes(limits)
@@ -203,8 +264,9 @@ def plan_config(config: dict, recipe: dict) -> dict:
         "precision": precision,
         "tensor_parallel": tp,
         "limits": limits,
+        "quantization": _quantization_label(recipe.get("quantization")),
         "parameters": params,
-        "weight_bytes": b * params,
+        "weight_bytes": weights_total,
         "weight_bytes_per_rank": weights_per_rank,
         "kv_cache": {"bytes_per_token": kv_per_token, "bytes_at_limits": kv_at_limits,
                      "tokens_at_limits": batch * seq_len},
@@ -214,9 +276,18 @@ def plan_config(config: dict, recipe: dict) -> dict:
         "engines": {"count": len(files), "files": files},
         "weight_streaming": any(e.get("weight_streaming") for e in engines),
         # ONNX weights (every rank's) plus one engine per rank per entry, each about its weights.
-        "disk_bytes_estimate": b * params + weights_per_rank * len(files),
+        "disk_bytes_estimate": weights_total + weights_per_rank * len(files),
         "gpus": gpus,
     }
+
+
+def _quantization_label(quantization: dict | None) -> str | None:
+    if not quantization:
+        return None
+    w = quantization["weights"]
+    label = w["scheme"] + (f" g{w.get('group_size') or 128}" if w["scheme"] == "int4" else "")
+    n = len(quantization.get("overrides") or [])
+    return label + (f" ({n} override{'s' if n > 1 else ''})" if n else "")
 
 
 def plan_recipe(path: str | os.PathLike, overrides: Sequence[str] = ()) -> list[dict]:
@@ -251,7 +322,8 @@ def format_plan(p: dict) -> str:
     lines = [
         f"{p['name']}  {m['architecture']}: {m['num_layers']} layers, hidden {m['hidden_size']}, "
         f"heads {m['num_attention_heads']}/{m['num_key_value_heads']}, vocab {m['vocab_size']}",
-        f"  parameters    {_count(p['parameters'])}; {p['precision']} weights {_size(p['weight_bytes_per_rank'])}"
+        f"  parameters    {_count(p['parameters'])}; {p['precision']}"
+        f"{' + ' + p['quantization'] if p.get('quantization') else ''} weights {_size(p['weight_bytes_per_rank'])}"
         f" per rank ({tp} rank{'s' if tp > 1 else ''})",
         f"  KV cache      {_size(p['kv_cache']['bytes_per_token'])} per token; "
         f"{_size(p['kv_cache']['bytes_at_limits'])} at batch {lim['max_batch_size']} x {lim['max_seq_len']}",

@@ -101,6 +101,21 @@ def test_llama3_8b_figures(llama3):
     assert "stream (14.3 GB resident)" in text
 
 
+def test_llama3_8b_int4_weights(llama3):
+    [p] = plan_recipe(llama3, ["quantization={weights: {scheme: int4, group_size: 128}, "
+                               "overrides: [{match: lm_head, scheme: none}]}"])
+    # per layer, int4 codes (1/2 byte) + fp16 scales per 128 input rows x output channel:
+    #   q, o [4096 x 4096]: 8,388,608 + 2*32*4096 = 8,650,752
+    #   k, v [4096 x 1024]: 2,097,152 + 2*32*1024 = 2,162,688
+    #   gate, up [4096 x 14336], down [14336 x 4096]: 29,360,128 + 917,504 = 30,277,632
+    #   = 112,459,776; x 32 layers = 3,598,712,832
+    # + lm_head (override: none) and embeddings at bf16: 2 * 1,050,673,152; + norms 532,480
+    assert p["weight_bytes"] == p["weight_bytes_per_rank"] == 5_700_591_616
+    assert p["quantization"] == "int4 g128 (1 override)"
+    assert p["parameters"] == 8_030_261_248  # quantization changes bytes, not parameters
+    assert "bfloat16 + int4 g128 (1 override) weights 5.7 GB per rank" in format_plan(p)
+
+
 def test_matrix_over_tensor_parallelism(llama3, tmp_path):
     recipe = tmp_path / "tp.yaml"
     recipe.write_text(llama3.read_text().replace("model: {source: llama3-8b}",

@@ -129,12 +129,14 @@ class ScriptedExecutor : public Executor {
 
 }  // namespace
 
-#define TEST_CASE(name)                         \
-  static void name();                           \
+#define TEST_CASE(name)                              \
+  static void name();                                \
   static const Register name##_register(#name, name); \
   static void name()
-#define CHECK(cond) \
-  if (!(cond)) throw Failure("line " + std::to_string(__LINE__) + ": " #cond " is false")
+#define CHECK(cond)                                                                          \
+  do {                                                                                       \
+    if (!(cond)) throw Failure("line " + std::to_string(__LINE__) + ": " #cond " is false"); \
+  } while (0)
 #define CHECK_EQ(a, b) check_equal((a), (b), #a " == " #b, __LINE__)
 #define CHECK_THROWS(E, stmt, ...) check_throws<E>([&] { stmt; }, {__VA_ARGS__}, __LINE__)
 

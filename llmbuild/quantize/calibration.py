@@ -34,7 +34,7 @@ from llmbuild.quantize.algorithms import awq_search_clip, awq_search_scales, gpt
 from llmbuild.quantize.plan import ModuleSpec, layer_index, module_name
 from llmbuild.quantize.schemes import QuantizedTensor
 
-AWQ_SAMPLE_TOKENS = 2048
+AWQ_SAMPLE_TOKENS = 512  # rows kept per linear input for the AWQ searches (CPU cost)
 CHUNK_TOKENS = 4096
 # Linears whose outputs form attention scores: AWQ's clipping search skips them (as AutoAWQ).
 _NO_CLIP = re.compile(r"(^|\.)(q_proj|k_proj)$")
@@ -277,9 +277,11 @@ def calibrate(
             del outs
         for w, a in lin.items():
             amax[w] = stats[a].amax
+        t1 = time.perf_counter()
         # quantize this layer
         info = _quantize_layer(slices, fold_layer, lin, stats, weights, plan, results, floats, scale_dtype, seed)
         note_rss()
+        t2 = time.perf_counter()
         # pass 2: hᵢ₊₁ under the quantized weights
         if not last:
             qweights = dict(weights)
@@ -298,7 +300,11 @@ def calibrate(
             hidden, nxt = nxt, hidden
             del qweights
         del sess, weights, stats
-        layer_reports.append({"layer": layer, "seconds": round(time.perf_counter() - t0, 2), **info})
+        t3 = time.perf_counter()
+        layer_reports.append({"layer": layer, "seconds": round(t3 - t0, 2), "statistics_s": round(t1 - t0, 2),
+                              "quantize_s": round(t2 - t1, 2), "propagate_s": round(t3 - t2, 2), **info})
+        if os.environ.get("LLMBUILD_CALIBRATION_LOG"):
+            print(f"calibration layer {layer}: {layer_reports[-1]}", flush=True)
         if progress is not None:
             progress(len(layer_reports), len(steps), f"layer {layer}")
     note_rss()
