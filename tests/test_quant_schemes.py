@@ -193,14 +193,18 @@ def test_gptq_asymmetric_and_partial_block():
 
 def test_awq_scales_and_clipping_beat_round_to_nearest():
     x, w = correlated_inputs(), weight(k=128, n=64, seed=5)
+    h = x.T @ x
     scheme = Int4(32)
-    s, info = awq_search_scales(x, np.abs(x).mean(0), [w], scheme, np.float32)
+    s, info = awq_search_scales(h, np.abs(x).mean(0), [w], scheme, np.float32)
     assert info["loss"] <= info["loss_alpha0"] and s.shape == (128,)
-    # the scaled problem: (x / s) @ Q(s * w); alpha 0 with w_mean = 1 would be plain RTN
+    assert info["loss"] == pytest.approx(x.shape[0] * w.shape[1] * output_error(  # tr(ΔᵀHΔ) = Σ ‖xΔ‖²
+        x, w, scheme.quantize(w * s[:, None], np.float32).dequantize() / s[:, None]), rel=1e-3)
+    # the scaled problem: (x / s) @ Q(s * w)
     awq = scheme.quantize(w * s[:, None], np.float32).dequantize() / s[:, None]
     rtn = scheme.quantize(w, np.float32).dequantize()
     assert output_error(x, w, awq) < output_error(x, w, rtn)
-    shrink = awq_search_clip(x / s, w * s[:, None], scheme, np.float32)
+    hs = h / s[:, None] / s[None, :]
+    shrink = awq_search_clip(hs, w * s[:, None], scheme, np.float32)
     assert shrink.shape == (4, 64) and shrink.min() >= 0.55 and shrink.max() == 1.0
     clipped = scheme.quantize(w * s[:, None], np.float32, shrink=shrink).dequantize() / s[:, None]
     assert output_error(x, w, clipped) <= output_error(x, w, awq) * 1.0001

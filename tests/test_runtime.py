@@ -391,3 +391,39 @@ def test_incremental_detokenizer_handles_multibyte_text(smollm2_path, tmp_path):
     tracker = TextTracker(tok.decode, ["東京"])
     streamed = "".join([tracker.add(t) for t in ids] + [tracker.finish()])
     assert tracker.stopped and streamed == tracker.text == "Grüße — naïve café "
+
+
+# -- CLI: chat and bench -----------------------------------------------------------------------------
+
+
+def test_cli_chat_reads_messages_until_eof(tiny):
+    from click.testing import CliRunner
+
+    from llmbuild.cli import cli
+
+    art, _ = tiny
+    m = load(art, backend="onnxruntime")
+    first = m.chat([{"role": "user", "content": "hi"}], max_new_tokens=8).text
+    m.close()
+    result = CliRunner().invoke(cli, ["chat", str(art), "--max-new-tokens", "8"], input="hi\n/reset\nhi\n")
+    assert result.exit_code == 0, result.output
+    assert result.output.count(first) == 2  # /reset: the second "hi" starts a fresh conversation
+
+
+def test_cli_bench_reports_every_figure(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from llmbuild.cli import cli
+
+    model_dir = make_tiny_hf(tmp_path / "hf", seed=2)
+    art = compile_tiny(model_dir, tmp_path / "out", limits={"max_batch_size": 4, "max_input_len": 64, "max_seq_len": 256})
+    result = CliRunner().invoke(cli, ["bench", str(art), "--repeats", "1", "--new-tokens", "4", "--batch", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    r = json.loads(result.output)
+    assert r["prefill_128_tokens_per_s"] > 0 and r["prefill_1024_tokens_per_s"] is None  # max_seq_len 256
+    assert r["decode_batch1_tokens_per_s"] > 0 and r["decode_batch2_tokens_per_s"] > 0
+    assert 0 < r["itl_batch1_median_ms"] <= r["itl_batch1_p90_ms"]
+    assert r["python_overhead_ms_batch1"] >= 0 and 0 <= r["staggered_padding_fraction"] < 1
+    assert r["peak_rss_mib"] > 0

@@ -225,7 +225,7 @@ def _weight_bytes(artifact: Path) -> int:
 
 def write_table(results: dict, chunks: int, work: Path) -> None:
     lines = [
-        f"| artifact | perplexity | Δ ppl vs fp16 | KL vs fp16 (nats/token) | top-1 vs fp16 | weight bytes |",
+        "| artifact | perplexity | Δ ppl vs fp16 | KL vs fp16 (nats/token) | top-1 vs fp16 | weight bytes |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for name, r in results.items():

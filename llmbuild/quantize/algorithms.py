@@ -10,7 +10,8 @@ search α ∈ {0, 1/20, …, 19/20} for per-input-channel scales
 minimising ‖x·W − (x/s)·Q(s·W)‖²; the 1/s is folded into whatever produced x (the
 RMSNorm weight, or the output columns of the linear before it). Then, per linear
 except q/k, search a clipping ratio per block and output channel that minimises that
-block's output error. RTN is the same quantizer without either search.
+block's output error. RTN is the same quantizer without either search. Output errors are computed from
+H = Σ xᵀx over every calibration row (‖xΔ‖² summed = tr(ΔᵀHΔ)), not from a sample.
 
 GPTQ (Frantar et al. 2022): quantize input rows one at a time, and push each row's
 rounding error onto the rows not yet quantized through the inverse Hessian
@@ -27,7 +28,6 @@ from llmbuild.quantize.schemes import Int4, QuantizedTensor
 AWQ_GRID = 20
 CLIP_GRID = 20
 CLIP_MAX_SHRINK = 0.5
-CLIP_TOKENS = 512
 GPTQ_DAMP = 0.01
 GPTQ_BLOCK = 128
 
@@ -47,12 +47,17 @@ def _block_normalized_mean(w: np.ndarray, group: int) -> np.ndarray:
     return norm.mean(axis=1)
 
 
-def awq_search_scales(x: np.ndarray, x_mean_abs: np.ndarray, weights: list[np.ndarray], scheme: Int4,
+def _output_error(h: np.ndarray, delta: np.ndarray) -> float:
+    """Σ over calibration rows of ‖x·Δ‖² = tr(Δᵀ H Δ), H = Σ xᵀx (exact, all rows)."""
+    return float(np.sum((h @ delta) * delta))
+
+
+def awq_search_scales(h: np.ndarray, x_mean_abs: np.ndarray, weights: list[np.ndarray], scheme: Int4,
                       scale_dtype=np.float16) -> tuple[np.ndarray, dict]:
-    """Best per-input-channel scales [in] for the linears `weights` sharing input `x`."""
-    w = np.concatenate(weights, axis=1)
-    x = np.asarray(x, np.float32)
-    ref = x @ w
+    """Best per-input-channel scales [in] for the linears `weights` sharing one input,
+    whose rows give H = Σ xᵀx [in, in] and mean |x| [in]."""
+    w = np.concatenate(weights, axis=1).astype(np.float32)
+    h = np.asarray(h, np.float32)
     w_mean = _block_normalized_mean(w, scheme.group_size)
     best, best_loss, losses = np.ones(w.shape[0], np.float32), np.inf, []
     for r in range(AWQ_GRID):
@@ -61,30 +66,27 @@ def awq_search_scales(x: np.ndarray, x_mean_abs: np.ndarray, weights: list[np.nd
         s = np.maximum(s, 1e-4)
         s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)
         wq = scheme.quantize(w * s[:, None], scale_dtype).dequantize() / s[:, None]
-        loss = float(np.mean((ref - x @ wq) ** 2))
+        loss = _output_error(h, w - wq)
         losses.append(loss)
         if loss < best_loss:
             best_loss, best = loss, s
     return best, {"alpha": float(np.argmin(losses)) / AWQ_GRID, "loss": best_loss, "loss_alpha0": losses[0]}
 
 
-def awq_search_clip(x: np.ndarray, w: np.ndarray, scheme: Int4, scale_dtype=np.float16,
-                    seed: int = 0) -> np.ndarray:
-    """Best range shrink [G, out] per block and output channel (1.0 = no clipping)."""
-    x = np.asarray(x, np.float32)
-    if x.shape[0] > CLIP_TOKENS:
-        x = x[np.random.default_rng(seed).choice(x.shape[0], CLIP_TOKENS, replace=False)]
+def awq_search_clip(h: np.ndarray, w: np.ndarray, scheme: Int4, scale_dtype=np.float16) -> np.ndarray:
+    """Best range shrink [G, out] per block and output channel (1.0 = no clipping), by
+    each block's own output error Δ_gᵀ H_gg Δ_g (H's diagonal blocks: all rows)."""
     k, n = w.shape
     group = scheme.group_size
     g = scheme.num_groups(k)
     pad = g * group - k
-    # xb [G, T, group]: each block's slice of the inputs (zero columns pad the last block)
-    xb = np.concatenate([x, np.zeros((x.shape[0], pad), np.float32)], axis=1)
-    xb = np.ascontiguousarray(xb.reshape(x.shape[0], g, group).transpose(1, 0, 2))
+    hp = np.zeros((g * group, g * group), np.float32)
+    hp[:k, :k] = h
+    hb = np.stack([hp[i * group:(i + 1) * group, i * group:(i + 1) * group] for i in range(g)])  # [G, B, B]
 
-    def block_error(delta):  # [G, out]: mean over tokens of (block's output error)²
+    def block_error(delta):  # [G, out]
         db = np.concatenate([delta, np.zeros((pad, n), np.float32)], axis=0).reshape(g, group, n)
-        return np.mean(np.matmul(xb, db) ** 2, axis=1)
+        return np.sum(np.matmul(hb, db) * db, axis=1)
 
     best_err = np.full((g, n), np.inf, np.float32)
     best = np.ones((g, n), np.float32)

@@ -5,7 +5,7 @@
         slice i = the nodes between hᵢ and hᵢ₊₁ (+ the inputs of its linears as outputs);
                   its weights are graph *inputs*, fed from numpy
         pass 1: float weights, chunk by chunk → per linear input: max |x|, mean |x|,
-                Σ xᵀx (GPTQ), a fixed random sample of rows (AWQ)
+                Σ xᵀx (GPTQ, and AWQ's output errors)
         quantize the layer (RTN / AWQ / GPTQ), fold AWQ scales into norms / up_proj
         pass 2: the quantized weights → hᵢ₊₁ (later layers calibrate on what the
                 quantized model really feeds them, as GPTQ does)
@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -34,7 +34,6 @@ from llmbuild.quantize.algorithms import awq_search_clip, awq_search_scales, gpt
 from llmbuild.quantize.plan import ModuleSpec, layer_index, module_name
 from llmbuild.quantize.schemes import QuantizedTensor
 
-AWQ_SAMPLE_TOKENS = 512  # rows kept per linear input for the AWQ searches (CPU cost)
 CHUNK_TOKENS = 4096
 # Linears whose outputs form attention scores: AWQ's clipping search skips them (as AutoAWQ).
 _NO_CLIP = re.compile(r"(^|\.)(q_proj|k_proj)$")
@@ -49,9 +48,8 @@ class ActStats:
     abs_sum: np.ndarray | None = None
     rows: int = 0
     xtx: np.ndarray | None = None
-    sample: list = field(default_factory=list)
 
-    def update(self, x: np.ndarray, need_xtx: bool, sample_rows: np.ndarray | None) -> None:
+    def update(self, x: np.ndarray, need_xtx: bool) -> None:
         x = x.reshape(-1, self.width)
         self.amax = max(self.amax, float(np.abs(x).max()))
         s = np.abs(x).sum(axis=0, dtype=np.float64)
@@ -60,15 +58,11 @@ class ActStats:
         if need_xtx:
             p = (x.T @ x).astype(np.float64)
             self.xtx = p if self.xtx is None else self.xtx + p
-        if sample_rows is not None and len(sample_rows):
-            self.sample.append(x[sample_rows].copy())
 
     @property
     def mean_abs(self) -> np.ndarray:
         return (self.abs_sum / max(self.rows, 1)).astype(np.float32)
 
-    def samples(self) -> np.ndarray:
-        return np.concatenate(self.sample, axis=0) if self.sample else np.zeros((0, self.width), np.float32)
 
 
 class GraphSlices:
@@ -217,8 +211,6 @@ def calibrate(
     slices = GraphSlices(model_path, lambda name: name in loaders)
     n, s = tokens.shape
     chunk = max(1, CHUNK_TOKENS // s)
-    rng = np.random.default_rng(seed)
-    sample_idx = np.sort(rng.choice(n * s, min(AWQ_SAMPLE_TOKENS, n * s), replace=False))
     results, floats, amax, layer_reports = {}, {}, {}, []
 
     # h0: the embedding (prefix slice), [N, S, H]
@@ -258,8 +250,7 @@ def calibrate(
         for w in weights:  # the head step runs the last layer as already quantized
             if layer == "head" and layer_index(w) == last_layer:
                 weights[w] = results[w].dequantize() if w in results else floats.get(w, weights[w])
-        needs_gptq = {a for w, a in lin.items() if plan[w].algorithm == "gptq"}
-        needs_sample = {a for w, a in lin.items() if plan[w].algorithm == "awq"}
+        needs_xtx = {a for w, a in lin.items() if plan[w].algorithm in ("gptq", "awq")}
         stats = {}
         # pass 1: statistics of every linear input under float weights
         for c0 in range(0, n, chunk):
@@ -269,11 +260,9 @@ def calibrate(
             outs = sess.run(acts, feeds)
             note_rss()
             act_bytes_chunk = max(act_bytes_chunk, sum(o.nbytes for o in outs))
-            lo, hi = c0 * s, min(c0 + chunk, n) * s
-            rows = sample_idx[(sample_idx >= lo) & (sample_idx < hi)] - lo
             for a, x in zip(acts, outs):
                 st = stats.setdefault(a, ActStats(x.shape[-1]))
-                st.update(x, a in needs_gptq, rows if a in needs_sample else None)
+                st.update(x, a in needs_xtx)
             del outs
         for w, a in lin.items():
             amax[w] = stats[a].amax
@@ -332,9 +321,9 @@ def _quantize_layer(slices, layer, lin, stats, weights, plan, results, floats, s
         if all(sp.algorithm == "awq" for sp in specs):
             scheme = specs[0].make()
             target = slices.fold_target(a, layer)
-            x = stats[a].samples()
             if target is not None and target[1] in weights and all(sp == specs[0] for sp in specs):
-                s, how = awq_search_scales(x, stats[a].mean_abs, [work[w] for w in ws], scheme, scale_dtype)
+                s, how = awq_search_scales(stats[a].xtx, stats[a].mean_abs, [work[w] for w in ws], scheme,
+                                           scale_dtype)
                 for w in ws:
                     work[w] = work[w] * s[:, None]
                 kind, tname = target
@@ -346,7 +335,7 @@ def _quantize_layer(slices, layer, lin, stats, weights, plan, results, floats, s
                         work[tname] = work[tname] / s[None, :]
                     else:
                         floats[tname] = (base / s[None, :]).astype(np.float32)
-                stats[a].sample = [x / s[None, :]]
+                stats[a].xtx = stats[a].xtx / s[:, None] / s[None, :]  # H of the scaled input x/s
                 info["awq"][module_name(ws[0]) + "+" + str(len(ws) - 1)] = {
                     "alpha": how["alpha"], "loss": how["loss"], "loss_alpha0": how["loss_alpha0"],
                     "folded_into": module_name(tname)}
@@ -360,7 +349,7 @@ def _quantize_layer(slices, layer, lin, stats, weights, plan, results, floats, s
         if spec.algorithm == "awq":
             shrink = None
             if not _NO_CLIP.search(module_name(w)):
-                shrink = awq_search_clip(stats[a].samples(), work[w], scheme, scale_dtype, seed)
+                shrink = awq_search_clip(stats[a].xtx, work[w], scheme, scale_dtype)
             results[w] = scheme.quantize(work[w], scale_dtype, shrink=shrink)
         elif spec.algorithm == "gptq":
             results[w] = gptq_quantize(work[w], stats[a].xtx, scheme, scale_dtype)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llmbuild.errors import BuildError, UserError
+from llmbuild.errors import BuildError
 from llmbuild.graph.builder import SOURCE_LOADER
 from llmbuild.quantize.graph import linear_weights, quantize_graph
 from llmbuild.quantize.plan import format_summary, resolve_plan, summarize
@@ -70,9 +70,6 @@ def quantize_model(model, source, recipe, work_dir: Path, rep=None, threads: int
     weights = linear_weights(model)
     plan = resolve_plan(q, list(weights), dims["num_layers"])
     shapes = {n: tuple(int(d) for d in v.shape) for n, v in weights.items()}
-    for name, spec in plan.items():
-        if spec.scheme == "int4" and shapes[name][0] < 1:
-            raise UserError(f"{name}: cannot quantize an empty weight")
     compute = next(iter(weights.values())).dtype if weights else None
     scale_dtype = compute.numpy() if compute is not None else np.float32
     cal = None

@@ -219,8 +219,8 @@ def _int4_only(field: str, value, scheme: str | None):
     """group_size / symmetric / awq / gptq exist for int4 only."""
     if scheme is not None and scheme != "int4":
         raise PydanticCustomError(
-            "quantization", "{field} {value!r} applies to scheme int4 only; the scheme here is {scheme}",
-            {"field": field, "value": value, "scheme": scheme},
+            "quantization", "{field} {value} applies to scheme int4 only; the scheme here is {scheme}",
+            {"field": field, "value": repr(value), "scheme": scheme},
         )
     return value
 

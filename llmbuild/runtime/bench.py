@@ -66,6 +66,8 @@ def run_bench(model, *, new_tokens: int = 64, batch: int = 8, repeats: int = 3, 
         if n == 128:
             results["ttft_128_s"] = best
 
+    decode_prompt = max(1, min(128, seq_len - new_tokens))
+    results["decode_prompt_tokens"] = decode_prompt
     for b in (1, batch):
         if b > engine.scheduler.num_slots:
             results[f"decode_batch{b}_tokens_per_s"] = None
@@ -74,7 +76,8 @@ def run_bench(model, *, new_tokens: int = 64, batch: int = 8, repeats: int = 3, 
         runs = []
         for r in range(repeats):
             engine.reset_stats()
-            handles = [model.submit(_prompt(model, 128, 100 + 10 * r + i), max_new_tokens=new_tokens, ignore_eos=True)
+            handles = [model.submit(_prompt(model, decode_prompt, 100 + 10 * r + i), max_new_tokens=new_tokens,
+                                    ignore_eos=True)
                        for i in range(b)]
             gens = [h.result() for h in handles]
             s = engine.stats
@@ -89,8 +92,9 @@ def run_bench(model, *, new_tokens: int = 64, batch: int = 8, repeats: int = 3, 
     engine.reset_stats()
     rng = np.random.default_rng(7)
     handles = []
+    longest = max(2, min(400, seq_len - 48))
     for i in range(16):  # arrivals while others decode, prompts of 16..400 tokens
-        handles.append(model.submit(_prompt(model, int(rng.integers(16, 400)), 200 + i),
+        handles.append(model.submit(_prompt(model, int(rng.integers(min(16, longest - 1), longest)), 200 + i),
                                     max_new_tokens=int(rng.integers(8, 48)), ignore_eos=True))
         time.sleep(float(rng.uniform(0, 0.05)))
     for h in handles:

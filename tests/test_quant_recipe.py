@@ -1,0 +1,71 @@
+"""The recipe's `quantization:` section and the `verify:` gate keys: valid forms resolve
+to the documented defaults; every mistake is reported at its YAML line with the choices."""
+
+from __future__ import annotations
+
+import pytest
+
+from llmbuild.recipe import load_recipe
+from llmbuild.recipe.problems import RecipeError
+
+HEAD = "name: q\nmodel: {source: ./m}\n"
+
+
+def load(tmp_path, body: str, overrides=()):
+    path = tmp_path / "r.yaml"
+    path.write_text(HEAD + body)
+    (tmp_path / "m").mkdir(exist_ok=True)
+    (tmp_path / "m" / "config.json").write_text("{}")
+    return load_recipe(path, overrides, check_model=False)
+
+
+def problems(tmp_path, body: str) -> dict[str, str]:
+    with pytest.raises(RecipeError) as e:
+        load(tmp_path, body)
+    return {p.path: f"{p.line}: {p.message}" for p in e.value.problems}
+
+
+def test_issue_example_resolves_with_defaults(tmp_path):
+    r = load(tmp_path, (
+        "quantization:\n"
+        "  weights: {scheme: int4, algorithm: awq, group_size: 128}\n"
+        "  overrides: [{match: \"lm_head\", scheme: none}, {layers: [0, -1], scheme: int8}]\n"
+        "  calibration: {dataset: kjv, samples: 128, seq_len: 512, seed: 0}\n"
+        "verify: {max_perplexity_increase: 0.05, min_top1_agreement: 0.9}\n"))
+    q = r.to_dict()["quantization"]
+    assert q["weights"] == {"scheme": "int4", "algorithm": "awq", "group_size": 128, "symmetric": True}
+    assert q["overrides"][1] == {"match": None, "layers": [0, -1], "scheme": "int8", "algorithm": None,
+                                 "group_size": None, "symmetric": None}
+    v = r.to_dict()["verify"]
+    assert (v["max_perplexity_increase"], v["min_top1_agreement"], v["max_kl_divergence"]) == (0.05, 0.9, None)
+    assert load(tmp_path, "").quantization is None
+    # the section can be switched on from the command line
+    r = load(tmp_path, "", ["quantization={weights: {scheme: fp8}}"])
+    assert r.to_dict()["quantization"]["calibration"] == {"dataset": "kjv", "samples": 128, "seq_len": 512, "seed": 0}
+
+
+def test_mistakes_are_reported_where_they_are(tmp_path):
+    found = problems(tmp_path, (
+        "quantization:\n"
+        "  weights: {scheme: int8, algorithm: gptq, group_size: 64}\n"
+        "  overrides:\n"
+        "    - {scheme: none}\n"
+        "    - {match: '*.q_proj', scheme: int5}\n"
+        "  calibration: {dataset: wikitext, samples: 0}\n"
+        "verify: {max_perplexity_increase: -1, eval_dataset: 'kjv:test'}\n"))
+    assert found["quantization.weights.algorithm"].startswith(
+        "4: algorithm 'gptq' applies to scheme int4 only; the scheme here is int8")
+    assert found["quantization.weights.group_size"].startswith("4: group_size 64 applies to scheme int4 only")
+    assert "an override needs `match`" in found["quantization.overrides[0]"]
+    assert "int5" in found["quantization.overrides[1].scheme"] and "'int4'" in found["quantization.overrides[1].scheme"]
+    assert "expected a bundled corpus (kjv) or a path to a .txt or .jsonl file" in found["quantization.calibration.dataset"]
+    assert found["quantization.calibration.samples"].startswith("8: ")
+    assert found["verify.max_perplexity_increase"].startswith("9: ")
+    assert "has splits ['calibration', 'evaluation'], not 'test'" in found["verify.eval_dataset"]
+    found = problems(tmp_path, "quantization: {weights: {scheme: int4, group_size: 48}}\n")
+    assert found["quantization.weights.group_size"] == "3: expected one of 32, 64 or 128; found 48 (integer)"
+
+
+def test_quantization_with_tensor_parallelism_is_refused(tmp_path):
+    found = problems(tmp_path, "parallel: {tp: 2}\nquantization: {weights: {scheme: int8}}\n")
+    assert "quantization with parallel.tp > 1 is not supported yet" in found["quantization"]
