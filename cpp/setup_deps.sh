@@ -19,7 +19,15 @@ set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(dirname "$HERE")"
 DEPS="${LLMBUILD_DEPS_DIR:-$HERE/build/_deps}"
-MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
+# The Debian archive this machine's apt already uses (its first "URIs:" entry whose suite is
+# the main archive), so no host is hard-coded here; DEBIAN_MIRROR overrides it.
+system_mirror() {
+  local files=(/etc/apt/sources.list.d/*.sources /etc/apt/sources.list)
+  awk '/^URIs:/ {u=$2} /^Suites:/ && u != "" && $0 !~ /security/ {print u; exit}
+       /^deb [a-z]+:\/\// && $0 !~ /security/ {print $2; exit}' "${files[@]}" 2>/dev/null || true
+}
+MIRROR="${DEBIAN_MIRROR:-$(system_mirror)}"
+[[ -n "$MIRROR" ]] || { echo "setup_deps: no Debian archive in /etc/apt sources; set DEBIAN_MIRROR" >&2; exit 1; }
 ORT_WHEEL_VERSION="1.32.0"  # pyproject.toml pins the same
 STAMP="$DEPS/.complete-v1"
 
