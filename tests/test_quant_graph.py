@@ -290,3 +290,23 @@ def test_tensorrt_rtx_parses_and_builds(case, tiny):
     assert np.isfinite(ours).all()
     ref = reference_logits(model_dir, *dequantized_weights(art)[:2])
     np.testing.assert_allclose(ours, ref, atol=0.05)
+
+
+@pytest.mark.parametrize("case", ["int8", "int4-g64-asym", "int4-gptq"])
+def test_cpu_lowering_to_matmulnbits(case, artifacts, tmp_path):
+    """DequantizeLinear → MatMul as com.microsoft.MatMulNBits (int8 per channel packed in
+    blocks of 128): exact at accuracy level 1, close at level 4 (int8 activations)."""
+    import onnx_ir as ir
+
+    from llmbuild.quantize.cpu_lowering import lower_quantized_matmuls
+
+    path = artifact_graph(artifacts[case])
+    standard = OrtGraphRunner(path).logits(IDS)
+    for level, atol in ((1, 1e-5), (4, 0.05)):
+        model = ir.load(path)
+        n = lower_quantized_matmuls(model, int4_accuracy_level=level, int8_accuracy_level=level)
+        assert n == 7 * LAYERS + 1
+        ops = [node.op_type for node in model.graph]
+        assert ops.count("MatMulNBits") == n and "DequantizeLinear" not in ops
+        ir.save(model, tmp_path / f"l{level}.onnx", external_data=f"l{level}.onnx.data")
+        np.testing.assert_allclose(OrtGraphRunner(tmp_path / f"l{level}.onnx").logits(IDS), standard, atol=atol)

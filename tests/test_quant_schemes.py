@@ -10,7 +10,7 @@ import onnx_ir as ir
 import pytest
 
 from llmbuild.quantize.algorithms import awq_search_clip, awq_search_scales, gptq_quantize
-from llmbuild.quantize.plan import ModuleSpec, resolve_plan
+from llmbuild.quantize.plan import ModuleSpec, resolve_plan, unmatched_overrides
 from llmbuild.quantize.schemes import FP8_MAX, SCHEMES, Fp8, Int4, Int8, fp8_fake_quant, make_scheme
 
 RNG = np.random.default_rng(0)
@@ -157,6 +157,8 @@ def test_registry_and_plan_overrides():
     assert plan["model.layers.3.mlp.down_proj.weight"] == ModuleSpec("int8")  # int8 has no groups
     assert plan["model.layers.1.self_attn.q_proj.weight"] == ModuleSpec("int4", "awq", 64, True)
     assert plan["model.layers.2.mlp.down_proj.weight"] == ModuleSpec("int4", "awq", 32, True)
+    q["overrides"].append({"match": "model.embed_tokens", "scheme": "none"})
+    assert unmatched_overrides(q, names, 4) == [3]
 
 
 # -- AWQ / GPTQ -----------------------------------------------------------------------------
@@ -208,3 +210,18 @@ def test_awq_scales_and_clipping_beat_round_to_nearest():
     assert shrink.shape == (4, 64) and shrink.min() >= 0.55 and shrink.max() == 1.0
     clipped = scheme.quantize(w * s[:, None], np.float32, shrink=shrink).dequantize() / s[:, None]
     assert output_error(x, w, clipped) <= output_error(x, w, awq) * 1.0001
+
+
+def test_matmulnbits_packing():
+    """B [N, blocks, block·bits/8]: unsigned codes (signed + 2^(bits-1)), low nibble first,
+    a short last block padded with zero codes; scales [N·blocks] column-major over blocks."""
+    from llmbuild.quantize.cpu_lowering import pack_matmulnbits
+
+    codes = np.array([[-8, 7], [1, -1], [0, 3]], np.int8)  # K=3, N=2
+    scales = np.array([[0.5, 2.0]], np.float32)  # one block of 16 rows
+    b, s = pack_matmulnbits(codes, scales, 4, 16)
+    assert b.shape == (2, 1, 8) and b.dtype == np.uint8
+    assert list(b[0, 0, :2]) == [0x90, 0x88] and list(b[1, 0, :2]) == [0x7F, 0x8B]
+    np.testing.assert_array_equal(s, [0.5, 2.0])
+    b8, s8 = pack_matmulnbits(codes, np.array([[0.5, 2.0]] * 1, np.float32), 8, 16)
+    assert b8.shape == (2, 1, 16) and list(b8[0, 0, :4]) == [120, 129, 128, 128]

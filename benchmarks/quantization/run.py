@@ -159,11 +159,12 @@ def main():
     ap.add_argument("--only", default=None, help="comma-separated rows")
     ap.add_argument("--skip-llama-cpp", action="store_true")
     ap.add_argument("--cal-samples", type=int, default=CALIBRATION["samples"])
+    ap.add_argument("--results", default="results.json", help="file name in WORK (parallel runs: one each)")
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     CALIBRATION["samples"] = args.cal_samples
-    results_path = work / "results.json"
+    results_path = work / args.results
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     only = set(args.only.split(",")) if args.only else None
 
@@ -172,7 +173,7 @@ def main():
     chunks = token_chunks(ids, SEQ_LEN, args.tokens // SEQ_LEN)
     ref_runner = OrtGraphRunner(artifact_graph(fp16), threads=2)
     ref = reference_logits(ref_runner, chunks, work)
-    if "fp16" not in results:
+    if "fp16" not in results and (only is None or "fp16" in only):
         results["fp16"] = {**measure(ref_runner.logits, chunks, ref), "weight_bytes": _weight_bytes(fp16)}
         results_path.write_text(json.dumps(results, indent=2))
     ref_runner.close()
@@ -216,14 +217,14 @@ def main():
             results[key] = row
             results_path.write_text(json.dumps(results, indent=2))
             print(json.dumps(row), flush=True)
-    write_table(results, len(chunks), work)
+    write_table(results, work, args.results)
 
 
 def _weight_bytes(artifact: Path) -> int:
     return (artifact / "model" / "model.onnx.data").stat().st_size
 
 
-def write_table(results: dict, chunks: int, work: Path) -> None:
+def write_table(results: dict, work: Path, name: str) -> None:
     lines = [
         "| artifact | perplexity | Δ ppl vs fp16 | KL vs fp16 (nats/token) | top-1 vs fp16 | weight bytes |",
         "|---|---:|---:|---:|---:|---:|",
@@ -233,7 +234,9 @@ def write_table(results: dict, chunks: int, work: Path) -> None:
             f"| {name} | {r['perplexity']:.3f} | {r['perplexity_increase']:+.2%} | {r['kl_divergence']:.5f} | "
             f"{r['top1_agreement']:.4f} | {r['weight_bytes'] / 1e6:.1f} MB |"
         )
-    (Path(__file__).parent / "results.json").write_text(json.dumps(results, indent=2))
+    merged_path = Path(__file__).parent / "results.json"  # every run's rows, for report.py
+    merged = json.loads(merged_path.read_text()) if merged_path.is_file() else {}
+    merged_path.write_text(json.dumps(merged | results, indent=2))
     table = "\n".join(lines)
     print(table)
     (work / "table.md").write_text(table + "\n")

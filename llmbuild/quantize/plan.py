@@ -93,6 +93,13 @@ def resolve_plan(quantization: dict, weight_names: list[str], num_layers: int) -
     return plan
 
 
+def unmatched_overrides(quantization: dict, weight_names: list[str], num_layers: int) -> list[int]:
+    """Indices of overrides that select no linear weight (e.g. `lm_head` on a model whose
+    lm_head is the tied embedding, which is never quantized)."""
+    return [i for i, ov in enumerate(quantization.get("overrides") or [])
+            if not any(_matches(ov, module_name(n), layer_index(n), num_layers) for n in weight_names)]
+
+
 def _matches(override: dict, module: str, layer: int | None, num_layers: int) -> bool:
     pattern = override.get("match")
     if pattern is not None and not fnmatch.fnmatchcase(module, pattern):

@@ -23,7 +23,7 @@ import numpy as np
 from llmbuild.errors import BuildError
 from llmbuild.graph.builder import SOURCE_LOADER
 from llmbuild.quantize.graph import linear_weights, quantize_graph
-from llmbuild.quantize.plan import format_summary, resolve_plan, summarize
+from llmbuild.quantize.plan import format_summary, resolve_plan, summarize, unmatched_overrides
 
 WORK_DIR = ".quantize-work"
 GATE_TOKENS = 4096
@@ -96,8 +96,13 @@ def quantize_model(model, source, recipe, work_dir: Path, rep=None, threads: int
         activation_amax=cal.activation_amax if cal is not None else None,
     )
     summary = summarize(plan, shapes, stored)
+    unmatched = unmatched_overrides(q, list(weights), dims["num_layers"])
+    if unmatched:
+        summary["unmatched_overrides"] = unmatched
     if rep is not None:
-        rep.log("quantization:\n" + format_summary(summary))
+        rep.log("quantization:\n" + format_summary(summary) + "".join(
+            f"\n  overrides[{i}] selects no linear weight (embeddings and a tied lm_head stay unquantized)"
+            for i in unmatched))
     out = {"weights": q["weights"], "overrides": q.get("overrides") or [], "summary": summary,
            "linear_weight_bytes": int(sum(stored.values()))}
     if cal is not None:

