@@ -84,7 +84,7 @@ def main():
     print(table(results))
 
 
-LOWER_IS_BETTER = ("_s", "_ms", "_mib", "fraction", "loadavg_1min")
+LOWER_IS_BETTER = ("_s", "_ms", "_mib", "overhead", "fraction", "loadavg")  # (key fragments)
 
 
 def best(old: dict | None, new: dict) -> dict:
@@ -95,7 +95,7 @@ def best(old: dict | None, new: dict) -> dict:
     for key, value in new.items():
         prev = old.get(key)
         if isinstance(value, (int, float)) and isinstance(prev, (int, float)) and key != "runs":
-            lower = key.endswith(LOWER_IS_BETTER) and not key.endswith("tokens_per_s")
+            lower = any(f in key for f in LOWER_IS_BETTER) and not key.endswith("tokens_per_s")
             out[key] = min(value, prev) if lower else max(value, prev)
     out["runs"] = old.get("runs", 1) + 1
     return out
