@@ -54,11 +54,13 @@ def calibration_table(results: dict) -> str:
 
 
 def speed_table(speed: dict) -> str:
-    lines = ["| runtime / artifact | decode tok/s, batch 1 (2 threads) | prefill 128 tok/s |", "|---|---:|---:|"]
+    lines = ["| runtime / artifact | decode tokens/s, batch 1 (2 threads) | prefill 128 tokens/s |", "|---|---:|---:|"]
     for key, r in speed.items():
         dec = r.get("decode_batch1_tokens_per_s")
         pre = r.get("prefill_128_tokens_per_s")
-        lines.append(f"| {key} | {dec:.1f} | {pre:.0f} |" if dec is not None and pre is not None else f"| {key} | ? | ? |")
+        name, _, flag = key.partition("+")
+        label = LABELS.get(name, name).split(" (")[0] + (" + quantize.cpu_lowering (nbits)" if flag else "")
+        lines.append(f"| {label} | {dec:.1f} | {pre:.0f} |")
     return "\n".join(lines)
 
 
@@ -71,9 +73,16 @@ def main():
     clean = ""
     if clean_path.is_file():
         c = json.loads(clean_path.read_text())
-        clean = (f"A clean `llmbuild compile {c['recipe']}` ({c['samples']} × {c['seq_len']} tokens) recorded a peak "
-                 f"RSS of {c['calibrate_peak_rss_bytes'] / 2**20:.0f} MiB for its calibrate stage, starting from "
-                 f"{c['calibrate_start_rss_bytes'] / 2**20:.0f} MiB (manifest timings).")
+        mib = 2**20
+        layer = c["layer_activation_bytes_all_tokens"]
+        clean = (f"\n\n**Clean measurement.** `llmbuild compile {c['recipe']}` ({c['samples']} × {c['seq_len']} tokens, "
+                 f"calibrate stage {c['calibrate_seconds']:.0f} s) recorded a peak RSS of "
+                 f"{c['calibrate_peak_rss_bytes'] / mib:.0f} MiB for the whole calibrate stage (process start "
+                 f"{c['calibrate_start_rss_bytes'] / mib:.0f} MiB; manifest `timings.calibrate`). For scale: the model in "
+                 f"float32 is {c['fp32_model_bytes'] / mib:.0f} MiB, one layer's linear inputs over the whole calibration "
+                 f"set {layer / mib:.0f} MiB, all 30 layers' {30 * layer / 2**30:.1f} GiB. The peak is the process "
+                 f"baseline plus about {(c['calibrate_peak_rss_bytes'] - c['calibrate_start_rss_bytes']) / layer:.1f}x "
+                 "one layer's activations, independent of the number of layers.")
     text = f"""# Quantization accuracy on SmolLM2-135M-Instruct
 
 Produced by `python benchmarks/quantization/run.py --cal-samples 64` then

@@ -1,0 +1,160 @@
+"""All runtimes in one process, taking turns in short bursts: the comparison that holds
+up on a shared machine (other work slows every runtime alike within a round).
+
+    python benchmarks/runtime/interleaved.py --models /tmp/llmbuild-bench [--rounds 3] [--threads 2]
+
+Per round and runtime: prefill of a 128- and a 1024-token prompt (random ids, fixed
+seeds; ours in chunks of the artifact's max_input_len = 512), then 32 greedy decode
+steps after a 128-token prompt (the first of them not counted). Each step is one forward pass plus the argmax, as the
+peers do it (llmbuild's engine adds its scheduling on top: `llmbuild bench` reports that
+Python overhead, about 0.1-0.5 ms per step). Prints a markdown table: tokens/s of the
+best pass / step, and of the median.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def ours(artifact: Path, threads: int):
+    from llmbuild.artifact import read_manifest
+    from llmbuild.runtime.executors.base import StepInputs
+    from llmbuild.runtime.executors.onnxruntime import OnnxRuntimeExecutor
+
+    m = read_manifest(artifact)
+    ex = OnnxRuntimeExecutor(artifact / m["graph"]["file"], num_layers=m["model"]["num_layers"],
+                             cache_len=m["limits"]["max_seq_len"], threads=threads)
+    chunk = m["limits"]["max_input_len"]
+
+    def prefill(ids):
+        for c in range(0, len(ids), chunk):
+            part = ids[c : c + chunk]
+            n = len(part)
+            logits = ex.forward(StepInputs(np.array([part]), np.arange(c, c + n)[None], np.array([c]),
+                                           np.array([[n - 1]])))
+        return int(logits[0, -1].argmax())
+
+    def step(token, pos):
+        p = np.array([pos])
+        return int(ex.forward(StepInputs(np.array([[token]]), p[:, None], p, np.zeros((1, 1), np.int64)))[0, 0].argmax())
+
+    return prefill, step
+
+
+def genai(path: Path, threads: int):
+    import json
+
+    import onnxruntime_genai as og
+
+    got = json.loads((path / "genai_config.json").read_text())["model"]["decoder"]["session_options"]
+    assert got.get("intra_op_num_threads") == threads, got
+    model = og.Model(str(path))
+    state = {}
+
+    def prefill(ids):
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(ids) + 40, do_sample=False)
+        state["g"] = og.Generator(model, params)
+        state["g"].append_tokens(ids)
+        return 0
+
+    def step(token, pos):
+        state["g"].generate_next_token()
+        return 0
+
+    return prefill, step
+
+
+def llama_cpp(path: Path, threads: int):
+    import llama_cpp as lc
+
+    llm = lc.Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads, n_ctx=2048, n_batch=1024,
+                   verbose=False)
+
+    def prefill(ids):
+        llm.reset()
+        llm.eval(ids)
+        return int(np.argmax(llm.scores[llm.n_tokens - 1]))
+
+    def step(token, pos):
+        llm.eval([token])
+        return int(np.argmax(llm.scores[llm.n_tokens - 1]))
+
+    return prefill, step
+
+
+def transformers(path: Path, threads: int):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(threads)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    state = {}
+
+    def prefill(ids):
+        with torch.no_grad():
+            out = model(torch.tensor([ids]), use_cache=True)
+        state["past"] = out.past_key_values
+        return int(out.logits[0, -1].argmax())
+
+    def step(token, pos):
+        with torch.no_grad():
+            out = model(torch.tensor([[token]]), past_key_values=state["past"], use_cache=True)
+        state["past"] = out.past_key_values
+        return int(out.logits[0, -1].argmax())
+
+    return prefill, step
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", type=Path, default=Path("/tmp/llmbuild-bench"))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    m, t = args.models, args.threads
+    runtimes = {
+        "llmbuild ORT executor, fp32 artifact (CPU lowering)": lambda: ours(m / "smollm2-135m-instruct-fp32", t),
+        "llmbuild ORT executor, fp16 artifact (CPU lowering)": lambda: ours(m / "smollm2-135m-instruct-fp16", t),
+        "onnxruntime-genai fp32": lambda: genai(m / "genai-fp32", t),
+        "llama.cpp F16": lambda: llama_cpp(m / "gguf" / "smollm2-f16.gguf", t),
+        "llama.cpp Q4_0": lambda: llama_cpp(m / "gguf" / "smollm2-q4_0.gguf", t),
+        "HF transformers (torch) fp32": lambda: transformers(m / "hf", t),
+    }
+    loaded = {name: make() for name, make in runtimes.items()}
+    rng = np.random.default_rng(0)
+    times = {name: {"p128": [], "p1024": [], "step": []} for name in loaded}
+    loads = []
+    for _ in range(args.rounds):
+        p128, p1024 = (rng.integers(20, 40000, n).tolist() for n in (128, 1024))
+        for name, (prefill, step) in loaded.items():
+            for key, ids in (("p128", p128), ("p1024", p1024)):
+                start = time.perf_counter()
+                prefill(ids)
+                times[name][key].append(time.perf_counter() - start)
+            token = prefill(p128)
+            for k in range(33):  # the first step is not counted (genai returns the prefill's token)
+                start = time.perf_counter()
+                token = step(token, 128 + k)
+                if k:
+                    times[name]["step"].append(time.perf_counter() - start)
+        loads.append(os.getloadavg()[0])
+    print(f"{args.rounds} rounds, {t} threads each, 1-min load average during the rounds: "
+          + ", ".join(f"{x:.1f}" for x in loads) + "\n")
+    print("| runtime | prefill 128 (tok/s) best / median | prefill 1024 (tok/s) best / median "
+          "| decode b1 (tok/s) best / median |")
+    print("|---|---:|---:|---:|")
+    for name, d in times.items():
+        cells = [f"{n / min(d[k]):.0f} / {n / statistics.median(d[k]):.0f}" for k, n in (("p128", 128), ("p1024", 1024))]
+        cells.append(f"{1 / min(d['step']):.1f} / {1 / statistics.median(d['step']):.1f}")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
