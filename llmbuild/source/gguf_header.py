@@ -60,6 +60,17 @@ class SkippedArray(list):
         return self.n
 
 
+_U64 = struct.Struct("<Q").unpack_from
+
+
+def _skip_strings(buf, pos: int, n: int) -> int:
+    """Offset after n length-prefixed strings (the hot loop of `read_config` on GGUF)."""
+    unpack = _U64
+    for _ in range(n):
+        pos += 8 + unpack(buf, pos)[0]
+    return pos
+
+
 class _Cursor:
     def __init__(self, buf, path: Path, arrays: bool = True):
         self.buf, self.pos, self.path, self.arrays = buf, 0, path, arrays
@@ -89,8 +100,7 @@ class _Cursor:
                 self.pos += n * struct.calcsize(_SCALAR[etype])
                 return SkippedArray(n)
             if not self.arrays and etype == _STRING:
-                for _ in range(n):
-                    self.pos += 8 + struct.unpack_from("<Q", self.buf, self.pos)[0]
+                self.pos = _skip_strings(self.buf, self.pos, n)
                 return SkippedArray(n)
             if etype in _SCALAR:
                 fmt = f"<{n}{_SCALAR[etype][1:]}"
