@@ -75,6 +75,12 @@ def lower_for_cpu(model: ir.Model) -> ir.Model:
     attentions = [n for n in graph if n.op_type == "Attention" and n.domain in ("", "ai.onnx")]
     if not attentions:
         raise LoweringError("graph has no Attention node")
+    # Quantized weights first: MatMulNBits with int8 packed in blocks of 128, so ONNX
+    # Runtime's int8-activation kernels keep per-block activation scales (no-op for
+    # unquantized graphs).
+    from llmbuild.quantize.cpu_lowering import lower_quantized_matmuls
+
+    lower_quantized_matmuls(model)
     _promote_to_float32(graph)
 
     tape = ir.tape.Tape()
