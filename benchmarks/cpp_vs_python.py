@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -87,23 +86,6 @@ def run_cpp(artifact: Path, prompt: list[int], tokens: int, threads: int, graph:
             "decode": out["decode_tokens_per_second"]}
 
 
-def save_lowered_graph(artifact: Path) -> Path:
-    """Python's CPU-lowered graph as a file, beside a hard link to the artifact's weights."""
-    from llmbuild.runtime.cpu_lowering import lowered_model_bytes
-
-    graph = json.loads((artifact / "manifest.json").read_text())["graph"]
-    dst = WORK / f"{artifact.name}-lowered"
-    dst.mkdir(parents=True, exist_ok=True)
-    weights = dst / Path(graph["weights"]).name
-    if not weights.exists():
-        try:  # ONNX Runtime rejects weights behind a symlink that leads out of the graph's folder
-            os.link(artifact / graph["weights"], weights)
-        except OSError:
-            shutil.copyfile(artifact / graph["weights"], weights)
-    (dst / "model.onnx").write_bytes(lowered_model_bytes(artifact / graph["file"]))
-    return dst / "model.onnx"
-
-
 def _rates(start: float, times: list[float]) -> dict:
     decode = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else 0.0
     return {"first": times[0] - start if times else 0.0, "decode": decode}
@@ -119,8 +101,9 @@ SIDES = {
 
 def bench(artifact: Path, tokens: int, repeats: int, threads: int) -> dict:
     from llmbuild.runtime import load
+    from llmbuild.runtime.cpu_lowering import save_lowered_graph
 
-    lowered_graph = save_lowered_graph(artifact)
+    lowered_graph = save_lowered_graph(artifact, WORK / f"{artifact.name}-lowered")
     models = {
         "python": load(artifact, backend="onnxruntime", threads=threads, cpu_lowering=False),
         "python-lowered": load(artifact, backend="onnxruntime", threads=threads, cpu_lowering=True),

@@ -15,13 +15,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from llmbuild.runtime import load
+from llmbuild.runtime.cpu_lowering import save_lowered_graph
 from llmbuild.runtime.sampling import SamplingParams
 from tests.conftest import ROOT
 from tests.tiny import EOS, compile_tiny, make_tiny_hf
@@ -79,22 +79,6 @@ def python_model(artifact: Path, *, lowered: bool):
     model = load(artifact, backend="onnxruntime", threads=2, cpu_lowering=lowered)
     assert model.executor.lowered == lowered
     return model
-
-
-def save_lowered_graph(artifact: Path, dst: Path) -> Path:
-    """The CPU-lowered graph the Python runtime builds at load time, saved as dst/model.onnx
-    beside a hard link to the artifact's weights (the artifact itself is left unchanged)."""
-    from llmbuild.runtime.cpu_lowering import lowered_model_bytes
-
-    graph = json.loads((artifact / "manifest.json").read_text())["graph"]
-    dst.mkdir(parents=True, exist_ok=True)
-    weights = dst / Path(graph["weights"]).name
-    try:  # ONNX Runtime rejects weights behind a symlink that leads out of the graph's folder
-        os.link(artifact / graph["weights"], weights)
-    except OSError:
-        shutil.copyfile(artifact / graph["weights"], weights)
-    (dst / "model.onnx").write_bytes(lowered_model_bytes(artifact / graph["file"]))
-    return dst / "model.onnx"
 
 
 def assert_same_ids(model, artifact: Path, prompts, max_new_tokens: int, params: SamplingParams,

@@ -280,3 +280,25 @@ def lowered_model_bytes(model_path) -> bytes:
     model = ir.load(str(model_path))
     lower_for_cpu(model)
     return ir.serde.serialize_model(model).SerializeToString()
+
+
+def save_lowered_graph(artifact, dst):
+    """The lowered graph of an artifact, written as dst/model.onnx beside a hard link (or a
+    copy) of the artifact's weights; the artifact itself is left unchanged. For runtimes
+    that load a graph file rather than lowering at load time (the C++ runtime's --graph)."""
+    import json
+    import os
+    import shutil
+    from pathlib import Path
+
+    artifact, dst = Path(artifact), Path(dst)
+    graph = json.loads((artifact / "manifest.json").read_text())["graph"]
+    dst.mkdir(parents=True, exist_ok=True)
+    weights = dst / Path(graph["weights"]).name
+    if not weights.exists():
+        try:  # ONNX Runtime rejects weights behind a symlink that leads out of the graph's folder
+            os.link(artifact / graph["weights"], weights)
+        except OSError:
+            shutil.copyfile(artifact / graph["weights"], weights)
+    (dst / "model.onnx").write_bytes(lowered_model_bytes(artifact / graph["file"]))
+    return dst / "model.onnx"

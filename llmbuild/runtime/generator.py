@@ -8,7 +8,7 @@ driven by the thread in `llmbuild.runtime.engine`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 from llmbuild.errors import UserError
 from llmbuild.runtime.sampling import SamplingParams
@@ -155,14 +155,3 @@ class TextTracker:
         self.emitted = end
         return delta
 
-
-def stream_text(decode: Callable[[list[int]], str], tokens: Iterator[int]) -> Iterator[str]:
-    """Text deltas of a token stream; holds back incomplete UTF-8 sequences."""
-    detok = IncrementalDetokenizer(decode)
-    for token in tokens:
-        delta = detok.add(token)
-        if delta:
-            yield delta
-    delta = detok.flush()
-    if delta:
-        yield delta
