@@ -116,20 +116,6 @@ def linear_weights(config: dict) -> dict[str, tuple[int, int]]:
     return shapes
 
 
-def _stored_bytes(spec, shape: tuple[int, int], dtype_bytes: int) -> int:
-    """Bytes of one linear weight as the graph stores it (llmbuild.quantize.schemes layout)."""
-    rows, cols = shape
-    n = rows * cols
-    if spec is None or spec.scheme == "none":
-        return n * dtype_bytes
-    if spec.scheme == "int8":
-        return n + 2 * cols
-    if spec.scheme == "fp8":
-        return n + 2
-    groups = -(-rows // spec.group_size) * cols  # int4
-    return (n * 4 + 7) // 8 + 2 * groups * (1 if spec.symmetric else 2)
-
-
 def weight_bytes(config: dict, recipe: dict, tp: int = 1) -> tuple[int, int]:
     """(all weights, one rank's weights) in bytes at the recipe's precision and quantization.
     A rank holds 1/tp of q, o, gate, up, down, its KV heads' share of k and v, and the
@@ -138,15 +124,19 @@ def weight_bytes(config: dict, recipe: dict, tp: int = 1) -> tuple[int, int]:
     b = DTYPE_BYTES[recipe["precision"]]
     linear = linear_weights(config)
     specs = {}
-    if recipe.get("quantization"):
-        from llmbuild.quantize.plan import resolve_plan
+    if recipe.get("quantization"):  # (imports numpy: only for quantized recipes)
+        from llmbuild.quantize.plan import TIED_LM_HEAD, resolve_plan, stored_bytes, tied_lm_head_spec
 
         specs = resolve_plan(recipe["quantization"], list(linear), d["layers"])
+        if d["tied"]:  # a tied lm_head an override names gets its own quantized copy
+            named = tied_lm_head_spec(recipe["quantization"], d["layers"])
+            if named is not None and named[0].scheme != "none":
+                linear[TIED_LM_HEAD], specs[TIED_LM_HEAD] = (d["hidden"], d["vocab"]), named[0]
     kv_share = kv_heads_per_rank(d["kv_heads"], tp) / d["kv_heads"]
     replicated = b * (d["vocab"] * d["hidden"] + (2 * d["layers"] + 1) * d["hidden"])  # embeddings, norms
     total, per_rank = replicated, replicated
     for name, shape in linear.items():
-        stored = _stored_bytes(specs.get(name), shape, b)
+        stored = stored_bytes(specs[name], shape, b) if name in specs else shape[0] * shape[1] * b
         total += stored
         if name == "lm_head.weight":
             per_rank += stored

@@ -75,6 +75,19 @@ def test_smollm2_figures(smollm2_path):
     assert gpu(p, "H100 80GB")["engine"] is None  # TensorRT-RTX does not target sm90
 
 
+def test_smollm2_int4_with_its_tied_lm_head_in_int8(smollm2_path):
+    [p] = plan_recipe(ROOT / "recipes" / "smollm2-135m-instruct.yaml", [
+        "quantization={weights: {scheme: int4, group_size: 128}, overrides: [{match: lm_head, scheme: int8}]}"])
+    # embeddings + norms fp16: 2 * (28,311,552 + 61 * 576) = 56,693,376
+    # per layer, int4 g128 codes padded to whole blocks + fp16 scales [blocks, out]:
+    #   576 rows -> 640 (5 blocks): q, o (576 out), k, v (192 out), gate, up (1536 out)
+    #   q,o: 2 * (640*576/2 + 5*576*2) = 380,160; k,v: 2 * (640*192/2 + 5*192*2) = 126,720
+    #   gate,up: 2 * (640*1536/2 + 5*1536*2) = 1,013,760; down 1536 rows (12 blocks): 1536*576/2 + 12*576*2 = 456,192
+    #   = 1,976,832; x30 = 59,304,960
+    # lm_head int8 per channel, its own copy of E^T: 576*49152 + 2*49152 = 28,409,856
+    assert p["weight_bytes"] == 56_693_376 + 59_304_960 + 28_409_856
+
+
 def test_llama3_8b_figures(llama3):
     [p] = plan_recipe(llama3)
     # 2 * 128256*4096 (untied) + 32 * (2*4096*4096 + 2*4096*1024 + 3*4096*14336 + 2*4096) + 4096

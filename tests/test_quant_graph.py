@@ -195,6 +195,64 @@ def test_manifest_records_quantization_and_accuracy(artifacts):
     assert q["linear_weight_bytes"] == sum((k * n + 1) // 2 + -(-k // 32) * n * 4 for k, n in shapes)
 
 
+@pytest.fixture(scope="module")
+def tied(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tied")
+    return root, make_tiny_hf(root / "hf", hidden=HIDDEN, num_heads=6, num_kv_heads=2, layers=LAYERS,
+                              intermediate=INTER, vocab=256, tie=True, seed=1)
+
+
+def test_tied_lm_head_quantized_by_an_override_gets_its_own_weight(tied):
+    """`{match: lm_head, scheme: int8}` on a tied model: the lm_head becomes a MatMul on
+    an int8 copy of E^T, the embedding lookup keeps the float table; logits equal HF
+    with the dequantized lm_head (and the float embedding)."""
+    from llmbuild.compile import compile_recipe
+
+    root, model_dir = tied
+    art = compile_recipe(write_recipe(root, "tied-int8-head", model_dir, {"scheme": "int4", "group_size": 32},
+                                      overrides=[{"match": "lm_head", "scheme": "int8"}]),
+                         out_dir=root / "out", quiet=True)
+    model = onnx.load(str(artifact_graph(art)))
+    init = stored(model)
+    assert init["lm_head.weight"].dtype == np.int8 and init["lm_head.weight"].shape == (HIDDEN, 256)
+    assert init["model.embed_tokens.weight"].dtype == np.float32
+    assert "Gemm" not in [n.op_type for n in model.graph.node]
+    weights, _, forms = dequantized_weights(art)
+    assert forms["lm_head.weight"] == "int8" and forms["model.layers.0.mlp.up_proj.weight"] == "int4"
+    head = weights.pop("lm_head.weight")
+    hf = load_tiny_hf(model_dir).float()
+    state = hf.state_dict()
+    for name, w in weights.items():
+        state[name] = torch.from_numpy(np.ascontiguousarray(w[:, : state[name].shape[1]] if w.ndim == 2 else w))
+    hf.load_state_dict(state)
+    hf.lm_head.weight = torch.nn.Parameter(torch.from_numpy(np.ascontiguousarray(head)))  # unties it
+    with torch.no_grad():
+        ref = hf(torch.from_numpy(IDS[None])).logits[0].numpy()
+    np.testing.assert_allclose(OrtGraphRunner(artifact_graph(art)).logits(IDS), ref, atol=2e-4, rtol=1e-4)
+    q = json.loads((art / "manifest.json").read_text())["quantization"]
+    assert q["summary"]["modules"]["lm_head"] == "int8 per-channel"
+    assert "unmatched_overrides" not in q["summary"]
+
+
+def test_tied_lm_head_stays_tied_unless_named_and_refuses_calibration(tied):
+    from llmbuild.cli import cli
+    from llmbuild.compile import compile_recipe
+
+    root, model_dir = tied
+    art = compile_recipe(write_recipe(root, "tied-plain", model_dir, {"scheme": "int8"},
+                                      overrides=[{"match": "lm_head", "scheme": "none"}]),
+                         out_dir=root / "out", quiet=True)
+    model = onnx.load(str(artifact_graph(art)))
+    assert "lm_head.weight" not in stored(model) and "Gemm" in [n.op_type for n in model.graph.node]
+    assert json.loads((art / "manifest.json").read_text())["quantization"]["summary"]["unmatched_overrides"] == [0]
+    recipe = write_recipe(root, "tied-awq-head", model_dir, {"scheme": "int4", "group_size": 32, "algorithm": "awq"},
+                          overrides=[{"match": "lm_*", "group_size": 64}])
+    result = CliRunner().invoke(cli, ["compile", str(recipe), "-o", str(root / "bad"), "-q"])
+    assert result.exit_code == 2, result.output
+    assert "quantization.overrides[0]" in result.output and "round-to-nearest only" in result.output
+    assert "int4 g64 sym awq" in result.output
+
+
 def test_awq_and_gptq_beat_round_to_nearest(tiny):
     """Same group size (32), same calibration: KL to the float model on held-out text."""
     from llmbuild.compile import compile_recipe

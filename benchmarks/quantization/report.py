@@ -10,7 +10,8 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 
-ORDER = ["fp16", "int8", "fp8", "int4-rtn-g128", "int4-awq-g128", "int4-gptq-g128", "int4-rtn-g32",
+ORDER = ["fp16", "int8", "fp8", "int4-rtn-g128", "int4-awq-g128", "int4-awq-g128-head8", "int4-gptq-g128",
+         "int4-rtn-g32", "int4-rtn-g32-head4",
          "llama.cpp F16", "llama.cpp Q8_0", "llama.cpp Q4_K_M", "llama.cpp Q4_0"]
 LABELS = {
     "fp16": "llmbuild fp16 (reference)",
@@ -18,7 +19,11 @@ LABELS = {
     "fp8": "llmbuild fp8 e4m3 (W8A8, per-tensor)",
     "int4-rtn-g128": "llmbuild int4 g128 RTN",
     "int4-awq-g128": "llmbuild int4 g128 AWQ",
+    "int4-awq-g128-head8": "llmbuild int4 g128 AWQ + lm_head int8 (recipes/smollm2-135m-instruct-int4-awq.yaml)",
     "int4-gptq-g128": "llmbuild int4 g128 GPTQ",
+    "int4-rtn-g32-head4": "llmbuild int4 g32 RTN + lm_head int4 g32 (context: onnxruntime-genai's int4 layout)",
+    "int4-rtn-g128-head8": "llmbuild int4 g128 RTN + lm_head int8",
+    "genai int4": "onnxruntime-genai int4 (its builder: MatMulNBits g32, embedding + lm_head int4)",
     "int4-rtn-g32": "llmbuild int4 g32 RTN (context: Q4_0's block size)",
     "llama.cpp F16": "llama.cpp F16",
     "llama.cpp Q8_0": "llama.cpp Q8_0",
@@ -58,8 +63,7 @@ def speed_table(speed: dict) -> str:
     for key, r in speed.items():
         dec = r.get("decode_batch1_tokens_per_s")
         pre = r.get("prefill_128_tokens_per_s")
-        name, _, flag = key.partition("+")
-        label = LABELS.get(name, name).split(" (")[0] + (" + quantize.cpu_lowering (nbits)" if flag else "")
+        label = LABELS.get(key, key).split(" (")[0]
         lines.append(f"| {label} | {dec:.1f} | {pre:.0f} |")
     return "\n".join(lines)
 

@@ -42,6 +42,11 @@ ROWS = {  # name -> quantization.weights
     # context: the same round-to-nearest at llama.cpp's block size (Q4_0 = 32, symmetric)
     "int4-rtn-g32": {"scheme": "int4", "algorithm": "rtn", "group_size": 32},
 }
+OVERRIDES = {  # name -> quantization.overrides (the tied lm_head gets its own quantized copy)
+    "int4-awq-g128-head8": [{"match": "lm_head", "scheme": "int8"}],
+    "int4-rtn-g32-head4": [{"match": "lm_head", "scheme": "int4", "group_size": 32}],
+}
+ROWS |= {"int4-awq-g128-head8": ROWS["int4-awq-g128"], "int4-rtn-g32-head4": ROWS["int4-rtn-g32"]}
 LLAMA_CPP = ("F16", "Q8_0", "Q4_0", "Q4_K_M")
 
 
@@ -56,6 +61,7 @@ def compile_row(name: str, weights: dict | None, work: Path) -> Path:
     text = f"extends: {BASE_RECIPE}\nname: smollm2-{name}\nengines: []\nverify: {{enabled: false}}\n"
     if weights is not None:
         text += "quantization:\n  weights: " + json.dumps(weights) + "\n  calibration: " + json.dumps(CALIBRATION) + "\n"
+        text += "  overrides: " + json.dumps(OVERRIDES.get(name, [])) + "\n"
     recipe.write_text(text)
     return compile_recipe(recipe, out_dir=out, quiet=True, verify=False)
 

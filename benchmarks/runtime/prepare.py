@@ -10,7 +10,7 @@ writes into OUT:
     gguf/smollm2-q4_0.gguf        llama.cpp: matrices requantized to Q4_0
     hf/                           HF checkpoint (safetensors, float32) + tokenizer, for
                                   transformers and the onnxruntime-genai builder
-    genai-fp32/                   onnxruntime-genai's builder output (-p fp32 -e cpu), 2 threads
+    genai-fp32/, genai-int4/      onnxruntime-genai's builder output (-p fp32 / -p int4, -e cpu), 2 threads
 """
 
 from __future__ import annotations
@@ -85,9 +85,11 @@ def hf_checkpoint(src: Path, dst: Path) -> Path:
     return dst
 
 
-def genai_model(hf_dir: Path, dst: Path, threads: int = 2) -> Path:
+def genai_model(hf_dir: Path, dst: Path, threads: int = 2, precision: str = "fp32") -> Path:
+    """onnxruntime-genai's builder on the HF checkpoint: `-p fp32` or `-p int4` (its
+    default int4 recipe for the CPU: MatMulNBits blocks of 32, accuracy level 4)."""
     subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(dst),
-                    "-p", "fp32", "-e", "cpu", "-c", str(dst.parent / "genai-cache")], check=True)
+                    "-p", precision, "-e", "cpu", "-c", str(dst.parent / "genai-cache")], check=True)
     config_path = dst / "genai_config.json"
     config = json.loads(config_path.read_text())
     options = config["model"]["decoder"].setdefault("session_options", {})
@@ -116,8 +118,9 @@ def main():
             print(requantized_gguf(src, out / "gguf" / fname, qtype))
     if not (out / "hf" / "config.json").exists():
         print(hf_checkpoint(src, out / "hf"))
-    if not args.skip_genai and not (out / "genai-fp32" / "genai_config.json").exists():
-        print(genai_model(out / "hf", out / "genai-fp32"))
+    for precision in ("fp32", "int4"):
+        if not args.skip_genai and not (out / f"genai-{precision}" / "genai_config.json").exists():
+            print(genai_model(out / "hf", out / f"genai-{precision}", precision=precision))
 
 
 if __name__ == "__main__":

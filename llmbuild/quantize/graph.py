@@ -39,7 +39,7 @@ import numpy as np
 import onnx_ir as ir
 
 from llmbuild.graph.builder import SOURCE_LOADER
-from llmbuild.quantize.plan import ModuleSpec
+from llmbuild.quantize.plan import TIED_LM_HEAD, ModuleSpec, stored_bytes
 from llmbuild.quantize.schemes import QuantizedTensor, fp8_activation_scale
 
 _ONNX_CODES = {"int8": ir.DataType.INT8, "int4": ir.DataType.INT4, "fp8": ir.DataType.FLOAT8E4M3FN}
@@ -47,7 +47,8 @@ _ONNX_CODES = {"int8": ir.DataType.INT8, "int4": ir.DataType.INT4, "fp8": ir.Dat
 
 def linear_weights(model: ir.Model) -> dict[str, ir.Value]:
     """Weight name -> initializer for every MatMul whose B input is a 2-D weight with a
-    source loader (the decoder's linears; the tied lm_head's Gemm is not a MatMul)."""
+    source loader (the decoder's linears; a tied lm_head's Gemm is not a MatMul until
+    `untie_lm_head` makes it one)."""
     found = {}
     for node in model.graph:
         if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
@@ -58,19 +59,53 @@ def linear_weights(model: ir.Model) -> dict[str, ir.Value]:
     return found
 
 
-def stored_bytes(spec: ModuleSpec, shape: tuple[int, int], dtype_bytes: int) -> int:
-    """Bytes the weight takes in the graph (codes + scales + zero-point terms)."""
-    k, n = shape
-    if spec.scheme == "none":
-        return k * n * dtype_bytes
-    if spec.scheme == "int8":
-        return k * n + n * dtype_bytes
-    if spec.scheme == "fp8":
-        return k * n + dtype_bytes
-    g = -(-k // spec.group_size)
-    kp = g * spec.group_size  # stored padded to whole blocks
-    extra = (g * n + kp * g) * dtype_bytes if not spec.symmetric else 0
-    return (kp * n + 1) // 2 + g * n * dtype_bytes + extra
+def tied_lm_head(model: ir.Model) -> ir.Node | None:
+    """The lm_head of a model whose output projection is its embedding: the
+    `Gemm(x, E, transB=1)` over the embedding initializer, or None."""
+    for node in model.graph:
+        if node.op_type != "Gemm" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
+            continue
+        e = node.inputs[1]
+        if (e is not None and e.is_initializer() and SOURCE_LOADER in e.meta and node.attributes.get_int("transB", 0)
+                and not node.attributes.get_int("transA", 0) and (len(node.inputs) < 3 or node.inputs[2] is None)):
+            return node
+    return None
+
+
+def untie_lm_head(model: ir.Model) -> bool:
+    """Give a tied lm_head its own weight so that it can be quantized apart from the
+    embedding (which the Gather keeps reading in the graph dtype):
+
+        x ─Gemm(x, E [V, H], transB=1)─► y    ==>    x ─MatMul(x, lm_head.weight [H, V])─► y
+
+    The new weight is E^T, read from the source only on save (or by the quantize
+    stage). Returns False when the model has no tied lm_head."""
+    gemm = tied_lm_head(model)
+    if gemm is None:
+        return False
+    e = gemm.inputs[1]
+    vocab, hidden = (int(d) for d in e.shape)
+    source_load = e.meta[SOURCE_LOADER]
+    np_dtype = e.dtype.numpy()
+
+    def load() -> np.ndarray:
+        return np.asarray(source_load()).T
+
+    def materialize() -> ir.TensorProtocol:
+        return ir.tensor(np.ascontiguousarray(load().astype(np_dtype, copy=False)), name=TIED_LM_HEAD)
+
+    w = _lazy(TIED_LM_HEAD, e.dtype, (hidden, vocab), materialize)
+    w.meta[SOURCE_LOADER] = load
+    model.graph.register_initializer(w)
+    matmul = ir.node("MatMul", [gemm.inputs[0], w], name="lm_head")
+    out = matmul.outputs[0]
+    out.type, out.shape = gemm.outputs[0].type, gemm.outputs[0].shape
+    model.graph.insert_before(gemm, matmul)
+    name = gemm.outputs[0].name
+    gemm.outputs[0].replace_all_uses_with(out, replace_graph_outputs=True)
+    model.graph.remove(gemm, safe=True)
+    out.name = name
+    return True
 
 
 class _SharedResult:

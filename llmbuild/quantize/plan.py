@@ -10,7 +10,11 @@ against the graph's linear weights, and a readable summary of the result.
 
 A module name is the weight's HF name without `.weight` (`model.layers.3.mlp.down_proj`).
 Overrides apply in order; a later one wins. Only linear (MatMul) weights are
-quantized: embeddings (and an lm_head tied to them) always keep the graph dtype.
+quantized: embeddings always keep the graph dtype. An lm_head tied to the embedding
+does too, unless an override's `match` names it (`{match: lm_head, scheme: int8}`):
+it then gets its own transposed copy of the embedding, quantized round-to-nearest
+(llmbuild.quantize.graph.untie_lm_head), while the embedding lookup keeps the
+unquantized table.
 """
 
 from __future__ import annotations
@@ -46,6 +50,21 @@ class ModuleSpec:
     @property
     def calibrated(self) -> bool:
         return self.scheme == "fp8" or self.algorithm in ("awq", "gptq")
+
+
+def stored_bytes(spec: ModuleSpec, shape: tuple[int, int], dtype_bytes: int) -> int:
+    """Bytes the weight takes in the graph (codes + scales + zero-point terms)."""
+    k, n = shape
+    if spec.scheme == "none":
+        return k * n * dtype_bytes
+    if spec.scheme == "int8":
+        return k * n + n * dtype_bytes
+    if spec.scheme == "fp8":
+        return k * n + dtype_bytes
+    g = -(-k // spec.group_size)
+    kp = g * spec.group_size  # stored padded to whole blocks
+    extra = (g * n + kp * g) * dtype_bytes if not spec.symmetric else 0
+    return (kp * n + 1) // 2 + g * n * dtype_bytes + extra
 
 
 def module_name(weight_name: str) -> str:
@@ -93,9 +112,24 @@ def resolve_plan(quantization: dict, weight_names: list[str], num_layers: int) -
     return plan
 
 
+TIED_LM_HEAD = "lm_head.weight"
+
+
+def tied_lm_head_spec(quantization: dict, num_layers: int) -> tuple[ModuleSpec, int] | None:
+    """For a model whose lm_head is tied to the embedding: (its spec, index of the last
+    override naming it) when an override's `match` selects `lm_head`, else None (the
+    tied lm_head stays in the graph dtype)."""
+    named = [i for i, ov in enumerate(quantization.get("overrides") or [])
+             if ov.get("match") is not None and ov.get("layers") is None
+             and fnmatch.fnmatchcase("lm_head", ov["match"])]
+    if not named:
+        return None
+    return resolve_plan(quantization, [TIED_LM_HEAD], num_layers)[TIED_LM_HEAD], named[-1]
+
+
 def unmatched_overrides(quantization: dict, weight_names: list[str], num_layers: int) -> list[int]:
-    """Indices of overrides that select no linear weight (e.g. `lm_head` on a model whose
-    lm_head is the tied embedding, which is never quantized)."""
+    """Indices of overrides that select no linear weight (e.g. `{match: lm_head, scheme:
+    none}` on a model whose lm_head is the tied embedding)."""
     return [i for i, ov in enumerate(quantization.get("overrides") or [])
             if not any(_matches(ov, module_name(n), layer_index(n), num_layers) for n in weight_names)]
 

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from llmbuild.errors import BuildError
+from llmbuild.errors import BuildError, UserError
 from llmbuild.graph.builder import SOURCE_LOADER
-from llmbuild.quantize.graph import linear_weights, quantize_graph
-from llmbuild.quantize.plan import format_summary, resolve_plan, summarize, unmatched_overrides
+from llmbuild.quantize.graph import linear_weights, quantize_graph, tied_lm_head, untie_lm_head
+from llmbuild.quantize.plan import format_summary, resolve_plan, summarize, tied_lm_head_spec, unmatched_overrides
 
 WORK_DIR = ".quantize-work"
 GATE_TOKENS = 4096
@@ -67,6 +67,8 @@ def quantize_model(model, source, recipe, work_dir: Path, rep=None, threads: int
     rd = recipe.to_dict()
     q = rd["quantization"]
     dims = model_dims(source.config, rd["precision"])
+    if tied_lm_head(model) is not None:
+        _untie_if_quantized(model, q, dims["num_layers"])
     weights = linear_weights(model)
     plan = resolve_plan(q, list(weights), dims["num_layers"])
     shapes = {n: tuple(int(d) for d in v.shape) for n, v in weights.items()}
@@ -101,13 +103,26 @@ def quantize_model(model, source, recipe, work_dir: Path, rep=None, threads: int
         summary["unmatched_overrides"] = unmatched
     if rep is not None:
         rep.log("quantization:\n" + format_summary(summary) + "".join(
-            f"\n  overrides[{i}] selects no linear weight (embeddings and a tied lm_head stay unquantized)"
+            f"\n  overrides[{i}] selects no linear weight (embeddings stay unquantized)"
             for i in unmatched))
     out = {"weights": q["weights"], "overrides": q.get("overrides") or [], "summary": summary,
            "linear_weight_bytes": int(sum(stored.values()))}
     if cal is not None:
         out["calibration"] = {"dataset": q["calibration"]["dataset"], **cal.report}
     return out
+
+
+def _untie_if_quantized(model, quantization: dict, num_layers: int) -> None:
+    """A tied lm_head that an override names gets its own (quantized) weight."""
+    named = tied_lm_head_spec(quantization, num_layers)
+    if named is None or named[0].scheme == "none":
+        return
+    spec, index = named
+    if spec.calibrated:
+        raise UserError(
+            f"quantization.overrides[{index}]: this model's lm_head is tied to its embedding; it can be "
+            f"quantized round-to-nearest only (scheme int8, or int4 with algorithm: rtn), not {spec.label}")
+    untie_lm_head(model)
 
 
 class _null_stage:
