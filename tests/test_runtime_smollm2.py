@@ -56,3 +56,29 @@ def test_cpu_lowering_equals_the_standard_graph(smollm2_fp32_artifact):
         ex.close()
     assert np.abs(out[0] - out[1]).max() < 2e-3
     assert (out[0].argmax(-1) == out[1].argmax(-1)).all()
+
+
+def test_int8_recipe_with_its_int8_lm_head_answers_on_the_cpu(tmp_path):
+    """The shipped int8 recipe (linears and the tied lm_head int8 per channel): the CPU
+    lowering runs every linear, the lm_head included, as an 8-bit MatMulNBits with int8
+    activations (blocks of 64 inputs), and the model still answers."""
+    import onnx
+
+    from llmbuild.compile import compile_recipe
+    from llmbuild.runtime.cpu_lowering import lowered_model_bytes
+    from tests.conftest import ROOT
+
+    art = compile_recipe(ROOT / "recipes" / "smollm2-135m-instruct-int8.yaml", ["~engines", "verify.enabled=false"],
+                         tmp_path, quiet=True, verify=False)
+    lowered = onnx.load_from_string(lowered_model_bytes(art / "model" / "model.onnx"))
+    ops = [n.op_type for n in lowered.graph.node]
+    assert "Gemm" not in ops and "DequantizeLinear" not in ops
+    head = [n for n in lowered.graph.node if n.op_type == "MatMulNBits"
+            and {a.name: a.i for a in n.attribute}.get("N") == 49152]
+    assert len(head) == 1 and {a.name: a.i for a in head[0].attribute}["bits"] == 8
+    model = load(art, backend="onnxruntime")
+    try:
+        answer = model.chat([{"role": "user", "content": "What is the capital of France?"}], max_new_tokens=12)
+    finally:
+        model.close()
+    assert "Paris" in answer.text, answer.text

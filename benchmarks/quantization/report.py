@@ -10,7 +10,7 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 
-ORDER = ["fp16", "int8", "fp8", "int4-rtn-g128", "int4-awq-g128", "int4-awq-g128-head8", "int4-gptq-g128",
+ORDER = ["fp16", "int8", "int8-head8", "fp8", "int4-rtn-g128", "int4-awq-g128", "int4-awq-g128-head8", "int4-gptq-g128",
          "int4-rtn-g32", "int4-rtn-g32-head4",
          "llama.cpp F16", "llama.cpp Q8_0", "llama.cpp Q4_K_M", "llama.cpp Q4_0"]
 LABELS = {
@@ -19,6 +19,7 @@ LABELS = {
     "fp8": "llmbuild fp8 e4m3 (W8A8, per-tensor)",
     "int4-rtn-g128": "llmbuild int4 g128 RTN",
     "int4-awq-g128": "llmbuild int4 g128 AWQ",
+    "int8-head8": "llmbuild int8 per-channel + lm_head int8 (recipes/smollm2-135m-instruct-int8.yaml)",
     "int4-awq-g128-head8": "llmbuild int4 g128 AWQ + lm_head int8 (recipes/smollm2-135m-instruct-int4-awq.yaml)",
     "int4-gptq-g128": "llmbuild int4 g128 GPTQ",
     "int4-rtn-g32-head4": "llmbuild int4 g32 RTN + lm_head int4 g32 (context: onnxruntime-genai's int4 layout)",

@@ -45,8 +45,10 @@ ROWS = {  # name -> quantization.weights
 OVERRIDES = {  # name -> quantization.overrides (the tied lm_head gets its own quantized copy)
     "int4-awq-g128-head8": [{"match": "lm_head", "scheme": "int8"}],
     "int4-rtn-g32-head4": [{"match": "lm_head", "scheme": "int4", "group_size": 32}],
+    "int8-head8": [{"match": "lm_head", "scheme": "int8"}],
 }
-ROWS |= {"int4-awq-g128-head8": ROWS["int4-awq-g128"], "int4-rtn-g32-head4": ROWS["int4-rtn-g32"]}
+ROWS |= {"int4-awq-g128-head8": ROWS["int4-awq-g128"], "int4-rtn-g32-head4": ROWS["int4-rtn-g32"],
+         "int8-head8": ROWS["int8"]}
 LLAMA_CPP = ("F16", "Q8_0", "Q4_0", "Q4_K_M")
 
 

@@ -2,6 +2,7 @@
 up on a shared machine (other work slows every runtime alike within a round).
 
     python benchmarks/runtime/interleaved.py --models /tmp/llmbuild-bench [--rounds 3] [--threads 2]
+        [--quantized /tmp/llmbuild-quant-bench/artifacts]
 
 Per round and runtime: prefill of a 128- and a 1024-token prompt (random ids, fixed
 seeds; ours in chunks of the artifact's max_input_len = 512), then 32 greedy decode
@@ -117,8 +118,15 @@ def main():
     parser.add_argument("--models", type=Path, default=Path("/tmp/llmbuild-bench"))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quantized", type=Path, default=Path("/tmp/llmbuild-quant-bench/artifacts"),
+                        help="quantized artifacts (benchmarks/quantization/run.py); rows run when present")
     args = parser.parse_args()
-    m, t = args.models, args.threads
+    m, t, q = args.models, args.threads, args.quantized
+    quantized = {
+        "llmbuild ORT executor, int8 artifact + int8 lm_head": q / "smollm2-int8-head8",
+        "llmbuild ORT executor, int4 AWQ g128 artifact + int8 lm_head": q / "smollm2-int4-awq-g128-head8",
+        "llmbuild ORT executor, int4 g32 artifact + int4 lm_head": q / "smollm2-int4-rtn-g32-head4",
+    }
     runtimes = {
         "llmbuild ORT executor, fp32 artifact (CPU lowering)": lambda: ours(m / "smollm2-135m-instruct-fp32", t),
         "llmbuild ORT executor, fp16 artifact (CPU lowering)": lambda: ours(m / "smollm2-135m-instruct-fp16", t),
@@ -126,6 +134,8 @@ def main():
         "llama.cpp F16": lambda: llama_cpp(m / "gguf" / "smollm2-f16.gguf", t),
         "llama.cpp Q4_0": lambda: llama_cpp(m / "gguf" / "smollm2-q4_0.gguf", t),
         "HF transformers (torch) fp32": lambda: transformers(m / "hf", t),
+        **{name: (lambda path=path: ours(path, t)) for name, path in quantized.items() if path.is_dir()},
+        **({"onnxruntime-genai int4": lambda: genai(m / "genai-int4", t)} if (m / "genai-int4").is_dir() else {}),
     }
     loaded = {name: make() for name, make in runtimes.items()}
     rng = np.random.default_rng(0)
