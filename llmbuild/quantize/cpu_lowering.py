@@ -11,17 +11,30 @@ but one session-wide accuracy level applies to all of them. Level 4 (int8 dot pr
 activations quantized once per block of `block_size` inputs) is what makes int4 fast;
 for int8 *per-channel* weights its block is the whole input row (576 or 1536 values),
 one activation scale per row, and SmolLM2 then answers "L'Étoile, la Cité…" instead of
-"Paris". Here int8 per-channel weights are packed in blocks of `int8_block` (the
-channel's scale repeated per block: the same weights) so level 4 quantizes activations
-per 128 inputs, as for int4.
+"Paris". Here int8 per-channel weights are packed in blocks of the largest power of two
+in [16, `int8_block`] that divides K (576 → 64, 1536 → 128; `int8_block` if none does,
+the last block then padded), the channel's scale repeated per block (the same weights),
+so level 4 quantizes activations per block of at most 128 inputs, as for int4.
+
+int4 codes stored padded to whole blocks come with a Pad that widens the activation by
+as many zero columns (llmbuild.quantize.graph); MatMulNBits takes a short last block
+itself, so the MatMulNBits reads the unpadded activation (K = its width) and only the
+first K rows of codes are packed. The dropped rows only ever multiplied zeros: exact.
+
+    x [.., 576] ─Pad(0..64)─► x' [.., 640] ─MatMul(x', DQ(q [640, N]))  ==>  x ─MatMulNBits(K=576)─►
 
 Codes are stored unsigned with MatMulNBits' default zero point (8 for 4 bits, 128 for
 8 bits), i.e. the graph's signed codes + 2^(bits−1); a short last block is padded with
 zero codes. DequantizeLinear nodes with a zero point, fp8, or other layouts are left
 alone. Operates in memory on an `onnx_ir` model (weights are read to be repacked).
+
+`fuse_sibling_matmulnbits` then makes one MatMulNBits of those reading the same
+activation (q/k/v, gate/up), as the float lowering does for plain MatMuls.
 """
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import onnx_ir as ir
@@ -55,12 +68,57 @@ def pack_matmulnbits(codes: np.ndarray, scales: np.ndarray, bits: int, block: in
     return np.ascontiguousarray(u), np.ascontiguousarray(scales.T).reshape(-1)
 
 
+def int8_block_size(k: int, largest: int = 128) -> int:
+    """MatMulNBits block for int8 per-channel weights of K input rows: the largest power of
+    two in [16, largest] that divides K (no padded block), else `largest`."""
+    blk = largest
+    while blk >= 16:
+        if k % blk == 0:
+            return blk
+        blk //= 2
+    return largest
+
+
+def _block_pad(x: ir.Value, rows: int) -> tuple[ir.Node, int] | None:
+    """(the Pad, its width) when `x` is `Pad(x0, pads=[0, w], axes=[-1])` with zeros, i.e. the
+    activation widened to `rows` stored code rows (llmbuild.quantize.graph); else None."""
+    pad = x.producer()
+    if pad is None or pad.op_type != "Pad" or pad.domain not in ("", "ai.onnx"):
+        return None
+    if _attr(pad, "mode", "constant") != "constant" or len(pad.inputs) < 2:
+        return None
+    pads = _initializer(pad.inputs[1])
+    fill = _initializer(pad.inputs[2]) if len(pad.inputs) > 2 and pad.inputs[2] is not None else np.zeros(())
+    axes = _initializer(pad.inputs[3]) if len(pad.inputs) > 3 and pad.inputs[3] is not None else None
+    if pads is None or fill is None or np.any(fill != 0):
+        return None
+    pads = [int(p) for p in np.asarray(pads).reshape(-1)]
+    if axes is not None:
+        if [int(a) for a in np.asarray(axes).reshape(-1)] != [-1] or len(pads) != 2:
+            return None
+    elif len(pads) < 2 or any(pads[: len(pads) // 2]) or any(pads[len(pads) // 2 : -1]):
+        return None
+    width = pads[-1]
+    if pads[len(pads) // 2 - 1] != 0 or not 0 < width < rows:
+        return None
+    shape = pad.inputs[0].shape
+    if shape is not None and len(shape) and isinstance(shape[-1], int) and shape[-1] != rows - width:
+        return None
+    return pad, width
+
+
+def _const(name: str, array: np.ndarray, like: ir.Value | None = None) -> ir.Value:
+    dtype = like.type if like is not None else ir.TensorType(ir.DataType.from_numpy(array.dtype))
+    return ir.Value(name=name, type=dtype, shape=ir.Shape(array.shape), const_value=ir.tensor(array, name=name))
+
+
 def lower_quantized_matmuls(model: ir.Model, *, int4_accuracy_level: int = 4, int8_accuracy_level: int = 4,
                             int8_block: int = 128) -> int:
     """Rewrite every eligible DequantizeLinear → MatMul of `model` in place; returns how many
     MatMuls became MatMulNBits."""
     graph = model.graph
     lowered = 0
+    bypassed: list[ir.Node] = []  # Pads whose MatMuls now read their input
     for dq in list(graph):
         if dq.op_type != "DequantizeLinear" or dq.domain not in ("", "ai.onnx"):
             continue
@@ -80,7 +138,7 @@ def lower_quantized_matmuls(model: ir.Model, *, int4_accuracy_level: int = 4, in
         if q.dtype == ir.DataType.INT4 and axis == 0 and block:
             bits, blk, per_block, level = 4, int(block), scale, int4_accuracy_level
         elif q.dtype == ir.DataType.INT8 and axis in (1, -1) and not block and scale.shape == (n,):
-            bits, blk, level = 8, int8_block, int8_accuracy_level
+            bits, blk, level = 8, int8_block_size(k, int8_block), int8_accuracy_level
             per_block = np.repeat(scale[None, :], -(-k // blk), axis=0)
         elif q.dtype == ir.DataType.INT8 and axis == 0 and block:
             bits, blk, per_block, level = 8, int(block), scale, int8_accuracy_level
@@ -88,17 +146,28 @@ def lower_quantized_matmuls(model: ir.Model, *, int4_accuracy_level: int = 4, in
             continue
         if blk < 16 or blk & (blk - 1):
             continue  # MatMulNBits blocks are powers of two >= 16
-        packed, flat_scales = pack_matmulnbits(np.asarray(codes).astype(np.int16), np.asarray(per_block), bits, blk)
-        b_val = ir.Value(name=f"{q.name}.nbits", type=ir.TensorType(ir.DataType.UINT8), shape=ir.Shape(packed.shape),
-                         const_value=ir.tensor(packed, name=f"{q.name}.nbits"))
-        s_val = ir.Value(name=f"{q.name}.nbits_scales", type=s.type, shape=ir.Shape(flat_scales.shape),
-                         const_value=ir.tensor(flat_scales.astype(scale.dtype), name=f"{q.name}.nbits_scales"))
-        graph.register_initializer(b_val)
-        graph.register_initializer(s_val)
+        packed: dict[int, tuple[ir.Value, ir.Value]] = {}  # K -> (B, scales)
         for use in users:
             mm = use.node
-            node = ir.node("MatMulNBits", [mm.inputs[0], b_val, s_val],
-                           {"K": k, "N": n, "bits": bits, "block_size": blk, "accuracy_level": level},
+            a, width = mm.inputs[0], k
+            found = _block_pad(a, k) if a is not None else None
+            if found is not None:
+                pad, pad_width = found
+                a, width = pad.inputs[0], k - pad_width
+                bypassed.append(pad)
+            if width not in packed:
+                g = -(-width // blk)
+                b, flat = pack_matmulnbits(np.asarray(codes[:width]).astype(np.int16), np.asarray(per_block[:g]),
+                                           bits, blk)
+                suffix = f".k{width}" if packed else ""  # one width per weight in practice
+                b_val = _const(f"{q.name}.nbits{suffix}", b)
+                s_val = _const(f"{q.name}.nbits_scales{suffix}", flat.astype(scale.dtype), like=s)
+                graph.register_initializer(b_val)
+                graph.register_initializer(s_val)
+                packed[width] = b_val, s_val
+            b_val, s_val = packed[width]
+            node = ir.node("MatMulNBits", [a, b_val, s_val],
+                           {"K": width, "N": n, "bits": bits, "block_size": blk, "accuracy_level": level},
                            domain=MS_DOMAIN, name=f"{mm.name or q.name}.nbits")
             out, new = mm.outputs[0], node.outputs[0]
             new.type, new.shape = out.type, out.shape
@@ -109,10 +178,78 @@ def lower_quantized_matmuls(model: ir.Model, *, int4_accuracy_level: int = 4, in
             new.name = name
             lowered += 1
         graph.remove(dq, safe=True)
-        for v in (q, s):
-            if not v.uses() and v.name in graph.initializers:
-                graph.initializers.pop(v.name)
+        _drop_unused_initializers(graph, (q, s))
+    for pad in {id(p): p for p in bypassed}.values():
+        if not pad.outputs[0].uses() and not pad.outputs[0].is_graph_output():
+            graph.remove(pad, safe=True)
+            _drop_unused_initializers(graph, pad.inputs[1:])
     if lowered:
         graph.opset_imports.setdefault(MS_DOMAIN, 1)
         model.opset_imports.setdefault(MS_DOMAIN, 1)
     return lowered
+
+
+def fuse_sibling_matmulnbits(model: ir.Model) -> int:
+    """
+    A ─┬─MatMulNBits(B1, s1, N1)─► y1         A ─MatMulNBits(B1‖B2‖B3, s1‖s2‖s3, N1+N2+N3)─Split(-1)─► y1, y2, y3
+       ├─MatMulNBits(B2, s2, N2)─► y2   ==>
+       └─MatMulNBits(B3, s3, N3)─► y3
+    MatMulNBits nodes reading the same A with the same K, bits, block size, accuracy level
+    and scale dtype, without zero points, g_idx or bias (q/k/v; gate/up): one kernel call
+    (and, at accuracy level 4, one quantization of A) instead of several. B [N, G, ·] and
+    the scales [N·G] are N-major, so they concatenate along N; the result is the same
+    per output column. Returns how many nodes were merged away.
+    """
+    graph = model.graph
+    groups: dict[tuple, list[ir.Node]] = {}
+    for node in graph:
+        if node.op_type != "MatMulNBits" or node.domain != MS_DOMAIN or node.inputs[0] is None:
+            continue
+        if len(node.inputs) < 3 or any(v is not None for v in node.inputs[3:]):
+            continue
+        b, s = _initializer(node.inputs[1]), _initializer(node.inputs[2])
+        if b is None or s is None or b.ndim != 3:
+            continue
+        key = (id(node.inputs[0]), _attr(node, "K"), _attr(node, "bits", 4), _attr(node, "block_size"),
+               _attr(node, "accuracy_level", 0), node.inputs[2].dtype)
+        groups.setdefault(key, []).append(node)
+    merged = 0
+    for nodes in groups.values():
+        if len(nodes) < 2:
+            continue
+        widths = [int(_attr(n, "N")) for n in nodes]
+        bs = [n.inputs[1] for n in nodes]
+        ss = [n.inputs[2] for n in nodes]
+        prefix = os.path.commonprefix([b.name for b in bs]).rpartition(".")[0] + "."  # model.layers.0.mlp.
+        name = prefix + "+".join(b.name[len(prefix):] for b in bs)
+        b_val = _const(name, np.concatenate([_initializer(b) for b in bs], axis=0))
+        s_val = _const(f"{name}.scales", np.concatenate([_initializer(s).reshape(-1) for s in ss]), like=ss[0])
+        sizes = _const(f"{name}.split", np.array(widths, np.int64))
+        for v in (b_val, s_val, sizes):
+            graph.register_initializer(v)
+        first = nodes[0]
+        attrs = {k: a.value for k, a in first.attributes.items()}
+        fused = ir.node("MatMulNBits", [first.inputs[0], b_val, s_val], {**attrs, "N": sum(widths)},
+                        domain=MS_DOMAIN, name=f"{first.name}+{len(nodes) - 1}")
+        fused.outputs[0].type = first.outputs[0].type
+        split = ir.node("Split", [fused.outputs[0], sizes], {"axis": -1}, num_outputs=len(nodes),
+                        name=f"{first.name}.split")
+        graph.insert_before(first, [fused, split])
+        for node, out in zip(nodes, split.outputs):
+            old = node.outputs[0]
+            out.type, out.shape = old.type, old.shape
+            name = old.name
+            old.replace_all_uses_with(out, replace_graph_outputs=True)
+            old.name = f"{name}.unfused"
+            out.name = name
+        for node in nodes:
+            graph.remove(node, safe=True)
+        _drop_unused_initializers(graph, [*bs, *ss])
+        merged += len(nodes) - 1
+    return merged
+
+
+def _drop_unused_initializers(graph: ir.Graph, values) -> None:
+    for v in values:
+        if v is not None and not v.uses() and v.name in graph.initializers and v not in graph.inputs:
+            graph.initializers.pop(v.name)

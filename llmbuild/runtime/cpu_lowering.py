@@ -4,26 +4,33 @@ executor, at load time, in memory (the artifact is not changed; weights are not 
 The standard graph (llmbuild.graph) is what TensorRT parses. ONNX Runtime's CPU kernels
 for two of its parts are slow: the opset-24 `Attention` reads the whole cache
 (`cache_len` rows) whatever the sequences' lengths, and 16-bit graphs run through Cast
-nodes around fp32 kernels. The lowering keeps the I/O contract (llmbuild.graph.io)
-except for the cache dtype, and
+nodes around fp32 kernels; and at batch 1 a decode step costs per node as much as per
+FLOP. The lowering keeps the I/O contract (llmbuild.graph.io) except for the cache
+dtype, and
 
-1. rewrites each layer's attention core into ONNX Runtime's fused contrib operator,
-   which reads only each sequence's own rows of a shared past/present buffer:
-
-       q_lin [B,S,Hq*D] ─RotaryEmbedding(3-D, position_ids)─┐
-       k_lin [B,S,Hkv*D] ─RotaryEmbedding(3-D, position_ids)─┤
-       v_lin [B,S,Hkv*D] ────────────────────────────────────┤
-       past_key.i, past_value.i ─────────────────────────────┤
-       seqlens_k = kv_len-1, total = max(kv_len), query_seqlens = S ─┴─►
-           com.microsoft.GroupQueryAttention ─► attn [B,S,Hq*D], present_key.i, present_value.i
-
-   replacing Reshape/Transpose ─► RotaryEmbedding ─► TensorScatter ─► Attention ─►
-   Transpose/Reshape. Rows are never padded (query_seqlens = S), so new row s of
-   sequence b is written at write_indices[b] + s and attends causally to the rows
-   before it, exactly the standard graph's semantics;
+1. lowers quantized linears to `com.microsoft.MatMulNBits` (llmbuild.quantize.cpu_lowering:
+   int4 without the Pad to whole blocks; siblings reading one activation fused);
 2. promotes float16/bfloat16 graphs to float32 (every 16-bit initializer gets a Cast
    that ONNX Runtime folds once at session creation; the KV cache becomes float32).
-   CPU kernels compute in float32 anyway, so this only removes per-step casts.
+   CPU kernels compute in float32 anyway, so this only removes per-step casts;
+3. fuses float sibling MatMuls (q/k/v, gate/up) into one MatMul and a Split;
+4. rewrites each layer's attention core into ONNX Runtime's fused contrib operator,
+   which reads only each sequence's own rows of a shared past/present buffer and
+   applies the rotary embedding itself, at the graph's position_ids:
+
+       qkv [B,S,(Hq+2Hkv)*D] (the fused projection; else q, k, v apart) ─────┐
+       past_key.i, past_value.i, rope.cos, rope.sin, position_ids ─────────────┤
+       seqlens_k = kv_len-1, total = max(kv_len), query_seqlens = S ───────────┴─►
+           com.microsoft.GroupQueryAttention(do_rotary=1) ─► attn [B,S,Hq*D], present_key.i, present_value.i
+
+   replacing Split ─► Reshape/Transpose ─► RotaryEmbedding ─► TensorScatter ─►
+   Attention ─► Transpose/Reshape. Rows are never padded (query_seqlens = S), so new
+   row s of sequence b is written at write_indices[b] + s and attends causally to the
+   rows before it, exactly the standard graph's semantics; its rotary embedding reads
+   position_ids as given (the same cos/sin rows and arithmetic as RotaryEmbedding:
+   bit-identical, checked in tests/test_cpu_lowering.py);
+5. fuses each residual Add with the RMSNormalization that reads it into
+   `com.microsoft.SkipSimplifiedLayerNormalization`.
 
 Anything the rewrite does not recognise raises `LoweringError`; the executor then runs
 the standard graph instead. Both are checked against HF transformers in the tests.
@@ -65,8 +72,9 @@ def _unheaded(x4: ir.Value) -> ir.Value:
     return _producer(t.inputs[0], "Reshape").inputs[0]
 
 
-def lower_for_cpu(model: ir.Model) -> ir.Model:
-    """Rewrite `model` in place (see the module docstring) and return it."""
+def lower_for_cpu(model: ir.Model, *, int4_accuracy_level: int = 4, int8_accuracy_level: int = 4) -> ir.Model:
+    """Rewrite `model` in place (see the module docstring) and return it. The accuracy
+    levels are MatMulNBits' (4: int8 activations, 1: float32; tests compare both)."""
     graph = model.graph
     inputs = {v.name: v for v in graph.inputs}
     for name in (io.INPUT_IDS, io.POSITION_IDS, io.WRITE_INDICES):
@@ -75,13 +83,16 @@ def lower_for_cpu(model: ir.Model) -> ir.Model:
     attentions = [n for n in graph if n.op_type == "Attention" and n.domain in ("", "ai.onnx")]
     if not attentions:
         raise LoweringError("graph has no Attention node")
-    # Quantized weights first: MatMulNBits with int8 packed in blocks of 128, so ONNX
-    # Runtime's int8-activation kernels keep per-block activation scales (no-op for
-    # unquantized graphs).
-    from llmbuild.quantize.cpu_lowering import lower_quantized_matmuls
+    # Quantized weights first: MatMulNBits with int8 packed in blocks of at most 128, so
+    # ONNX Runtime's int8-activation kernels keep per-block activation scales; siblings
+    # reading one activation (q/k/v, gate/up) as one MatMulNBits (no-op for unquantized
+    # graphs).
+    from llmbuild.quantize.cpu_lowering import fuse_sibling_matmulnbits, lower_quantized_matmuls
 
-    lower_quantized_matmuls(model)
+    lower_quantized_matmuls(model, int4_accuracy_level=int4_accuracy_level, int8_accuracy_level=int8_accuracy_level)
+    fuse_sibling_matmulnbits(model)
     _promote_to_float32(graph)
+    _fuse_sibling_matmuls(graph)
 
     tape = ir.tape.Tape()
     kv_len = attentions[0].inputs[6]
@@ -118,15 +129,15 @@ def lower_for_cpu(model: ir.Model) -> ir.Model:
         merged = _only_consumer(out_t.outputs[0], "Reshape").outputs[0]
         heads, kv_heads, head_dim = _heads(past_k, q_lin, k_lin)
 
-        q_rot = tape.op("RotaryEmbedding", [q_lin, cos, sin, position_ids], {"interleaved": 0, "num_heads": heads})
-        k_rot = tape.op("RotaryEmbedding", [k_lin, cos, sin, position_ids], {"interleaved": 0, "num_heads": kv_heads})
-        gqa_attrs = {"num_heads": heads, "kv_num_heads": kv_heads, "do_rotary": 0}
+        packed = _packed_qkv(q_lin, k_lin, v_lin)
+        qkv = [packed, None, None] if packed is not None else [q_lin, k_lin, v_lin]
+        gqa_attrs = {"num_heads": heads, "kv_num_heads": kv_heads, "do_rotary": 1, "rotary_interleaved": 0}
         if "scale" in attrs:
             gqa_attrs["scale"] = float(attrs["scale"])
         out, new_k, new_v = tape.op_multi_out(
             "GroupQueryAttention",
-            [q_rot, k_rot, v_lin, past_k, past_v, seqlens_k, total, None, None, None, None, None, None, None, None,
-             None, query_lens],
+            [*qkv, past_k, past_v, seqlens_k, total, cos, sin, position_ids, None, None, None, None, None, None,
+             query_lens],
             gqa_attrs, domain=MS_DOMAIN, num_outputs=3,
         )
         rewired += [(merged, out), (present_k, new_k), (present_v, new_v)]
@@ -147,10 +158,19 @@ def lower_for_cpu(model: ir.Model) -> ir.Model:
     for node in dead:
         graph.remove(node, safe=True)
     _remove_unused(graph)
-    _fuse_sibling_matmuls(graph)
+    _fuse_skip_norms(graph)
     model.opset_imports.setdefault(MS_DOMAIN, 1)
     graph.opset_imports.setdefault(MS_DOMAIN, 1)
     return model
+
+
+def _packed_qkv(q: ir.Value, k: ir.Value, v: ir.Value) -> ir.Value | None:
+    """The [B,S,(Hq+2Hkv)*D] value that q, k and v were split from (the fused projection), or None."""
+    split = q.producer()
+    if (split is None or split.op_type != "Split" or split.domain not in ("", "ai.onnx")
+            or list(split.outputs) != [q, k, v] or split.attributes.get_int("axis", 0) not in (-1, 2)):
+        return None
+    return split.inputs[0]
 
 
 def _heads(past_k: ir.Value, q_lin: ir.Value, k_lin: ir.Value) -> tuple[int, int, int]:
@@ -247,6 +267,54 @@ def _fuse_sibling_matmuls(graph: ir.Graph) -> None:
             graph.remove(user, safe=True)
 
 
+def _fuse_skip_norms(graph: ir.Graph) -> None:
+    """
+    h ─┬──────────────────(+)─► h' ─┬─► (next residual Add)            h ─┐
+    y ─┴───────────────────┘        └─RMSNormalization(γ)─► n   ==>    y ─┴─SkipSimplifiedLayerNormalization(γ)─► n, h'
+
+    The residual Add and the RMSNormalization that reads its sum (axis -1, statistics in
+    float32) as ONNX Runtime's fused kernel, whose fourth output is the sum itself (the
+    residual stream). Norms without such an Add (the first layer's; the final norm, which
+    reads the gathered rows) stay as they are. Runs on the float32 graph.
+    """
+    position = {id(n): i for i, n in enumerate(graph)}
+    for norm in list(graph):
+        if norm.op_type != "RMSNormalization" or norm.domain not in ("", "ai.onnx"):
+            continue
+        x, gamma = norm.inputs[0], norm.inputs[1]
+        if norm.attributes.get_int("axis", -1) != -1 or norm.attributes.get_int("stash_type", 1) != 1:
+            continue
+        if gamma is None or gamma.shape is None or len(gamma.shape) != 1 or gamma.dtype != ir.DataType.FLOAT:
+            continue
+        add = x.producer() if x is not None else None
+        if add is None or add.op_type != "Add" or add.domain not in ("", "ai.onnx") or x.is_graph_output():
+            continue
+        a, b = add.inputs
+        # Both operands are activations of one shape (the residual stream and a sublayer's
+        # output); an Add with a constant (a bias) may broadcast.
+        if any(v is None or v.is_initializer() or v.const_value is not None or v.producer() is None
+               or v.producer().op_type == "Constant" for v in (a, b)):
+            continue
+        g = gamma.producer()
+        if g is not None and position.get(id(g), len(position)) > position[id(add)]:
+            continue  # the fused node takes the Add's place (the sum may have readers before the norm)
+        eps = norm.attributes.get_float("epsilon", 1e-5)
+        fused = ir.node("SkipSimplifiedLayerNormalization", [b, a, gamma], {"epsilon": eps}, domain=MS_DOMAIN,
+                        num_outputs=4, name=f"cpu.skip_norm.{norm.name or gamma.name}")
+        out, _, _, total = fused.outputs
+        graph.insert_before(add, fused)
+        for old, new in ((norm.outputs[0], out), (x, total)):
+            name = old.name
+            old.replace_all_uses_with(new)
+            old.name = f"{name}.unfused"
+            new.name, new.type, new.shape = name, ir.TensorType(ir.DataType.FLOAT), old.shape
+        graph.remove(norm, safe=True)
+        graph.remove(add, safe=True)
+        for unused in fused.outputs[1:]:
+            if not unused.uses():
+                unused.name = ""  # omitted output: not computed
+
+
 def _insert_in_order(graph: ir.Graph, nodes: list[ir.Node]) -> None:
     """Insert tape nodes, each after the last graph node that produces one of its inputs."""
     position = {id(n): i for i, n in enumerate(graph)}
@@ -273,32 +341,34 @@ def _remove_unused(graph: ir.Graph) -> None:
         del graph.initializers[name]
 
 
-def lowered_model_bytes(model_path) -> bytes:
+def lowered_model_bytes(model_path, **options) -> bytes:
     """The lowered graph of an artifact's model.onnx, serialized; its initializers still
     point into the artifact's external data file (load it with ONNX Runtime's
-    `session.model_external_initializers_file_folder_path` set to the model's folder)."""
+    `session.model_external_initializers_file_folder_path` set to the model's folder).
+    `options` go to lower_for_cpu."""
     model = ir.load(str(model_path))
-    lower_for_cpu(model)
+    lower_for_cpu(model, **options)
     return ir.serde.serialize_model(model).SerializeToString()
 
 
-def save_lowered_graph(artifact, dst):
-    """The lowered graph of an artifact, written as dst/model.onnx beside a hard link (or a
-    copy) of the artifact's weights; the artifact itself is left unchanged. For runtimes
-    that load a graph file rather than lowering at load time (the C++ runtime's --graph)."""
+def save_lowered_graph(artifact, dst, **options):
+    """The lowered graph of an artifact, written as dst/model.onnx beside a copy of the
+    artifact's weights; the artifact itself is left unchanged. For runtimes
+    that load a graph file rather than lowering at load time (the C++ runtime's --graph).
+    `options` go to lower_for_cpu."""
     import json
-    import os
     import shutil
     from pathlib import Path
 
     artifact, dst = Path(artifact), Path(dst)
     graph = json.loads((artifact / "manifest.json").read_text())["graph"]
     dst.mkdir(parents=True, exist_ok=True)
+    lowered = lowered_model_bytes(artifact / graph["file"], **options)
     weights = dst / Path(graph["weights"]).name
     if not weights.exists():
-        try:  # ONNX Runtime rejects weights behind a symlink that leads out of the graph's folder
-            os.link(artifact / graph["weights"], weights)
-        except OSError:
-            shutil.copyfile(artifact / graph["weights"], weights)
-    (dst / "model.onnx").write_bytes(lowered_model_bytes(artifact / graph["file"]))
+        # A copy: ONNX Runtime rejects weights behind a symlink that leads out of the graph's
+        # folder, and a hard link would make onnx_ir refuse to read the artifact's weights
+        # (a possible hard-link attack) when a quantized graph is lowered again.
+        shutil.copyfile(artifact / graph["weights"], weights)
+    (dst / "model.onnx").write_bytes(lowered)
     return dst / "model.onnx"
