@@ -46,7 +46,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", default="/tmp/llmbuild-quant-bench")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rows", default="fp16,int8,int4-awq-g128,int4-awq-g128-head8,int4-rtn-g32-head4,genai int4,"
+    ap.add_argument("--rows", default="fp16,int8,int8-head8,int4-awq-g128,int4-awq-g128-head8,int4-rtn-g32-head4,genai int4,"
                                       "llama.cpp Q4_0,llama.cpp Q8_0")
     ap.add_argument("--genai", default="/tmp/llmbuild-bench/genai-int4",
                     help="onnxruntime-genai int4 model (benchmarks/runtime/prepare.py)")

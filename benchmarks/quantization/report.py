@@ -111,8 +111,9 @@ then llama.cpp's own `llama_model_quantize`).
 
 {accuracy_table(results)}
 
-Weight bytes: llmbuild = `model.onnx.data` (the embedding, tied to the lm_head, stays
-fp16: 56.6 MB of every llmbuild row); llama.cpp = the GGUF file.
+Weight bytes: llmbuild = `model.onnx.data` (the embedding stays fp16: 56.6 MB of every
+llmbuild row; "+ lm_head" rows add the lm_head's own quantized copy of it, 28.4 MB in
+int8); llama.cpp = the GGUF file.
 
 ## Calibration memory (SmolLM2, 30 layers, hidden 576)
 

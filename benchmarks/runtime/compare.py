@@ -52,6 +52,8 @@ def main():
     parser.add_argument("--only", nargs="*", help="run only these rows (names as in results.json)")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--out", type=Path, default=HERE / "results.json")
+    parser.add_argument("--quantized", type=Path, default=Path("/tmp/llmbuild-quant-bench/artifacts"),
+                        help="quantized artifacts (benchmarks/quantization/run.py); rows run when present")
     parser.add_argument("--table", action="store_true", help="print the markdown table of --out and exit")
     args = parser.parse_args()
     if args.table:
@@ -67,6 +69,14 @@ def main():
         "llama.cpp Q4_0": lambda: peer("llama.cpp", m / "gguf" / "smollm2-q4_0.gguf", t, r),
         "onnxruntime-genai fp32": lambda: peer("onnxruntime-genai", m / "genai-fp32", t, r),
     }
+    q = args.quantized
+    for name, path in (("llmbuild ORT, int8 artifact + int8 lm_head", q / "smollm2-int8-head8"),
+                       ("llmbuild ORT, int4 AWQ g128 artifact + int8 lm_head", q / "smollm2-int4-awq-g128-head8")):
+        if path.is_dir():
+            rows[name] = lambda path=path: ours(path, t, r)
+    rows["llama.cpp Q8_0"] = lambda: peer("llama.cpp", q.parent / "smollm2-Q8_0.gguf", t, r)
+    if (m / "genai-int4").is_dir():
+        rows["onnxruntime-genai int4"] = lambda: peer("onnxruntime-genai", m / "genai-int4", t, r)
     results = json.loads(args.out.read_text()) if args.out.exists() else {}
     results.setdefault("rows", {})
     results["machine"] = {"cpu": _cpu(), "threads": t, "python": platform.python_version()}

@@ -1,5 +1,6 @@
 """CPU lowering: the artifact's standard decoder graph rewritten for ONNX Runtime's CPU
-executor, at load time, in memory (the artifact is not changed; weights are not copied).
+executor, at load time, in memory (the artifact is not changed; float weights are read
+from its file, quantized ones repacked in memory).
 
 The standard graph (llmbuild.graph) is what TensorRT parses. ONNX Runtime's CPU kernels
 for two of its parts are slow: the opset-24 `Attention` reads the whole cache
