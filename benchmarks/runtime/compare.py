@@ -66,15 +66,19 @@ def main():
         "llmbuild ORT, fp32 artifact, standard graph": lambda: ours(m / "smollm2-135m-instruct-fp32", t, r, lowering=False),
         "HF transformers (torch) fp32": lambda: peer("transformers", m / "hf", t, r),
         "llama.cpp F16": lambda: peer("llama.cpp", m / "gguf" / "smollm2-f16.gguf", t, r),
-        "llama.cpp Q4_0": lambda: peer("llama.cpp", m / "gguf" / "smollm2-q4_0.gguf", t, r),
+        "llama.cpp Q4_0 (every matrix Q4_0, output too)": lambda: peer("llama.cpp", m / "gguf" / "smollm2-q4_0.gguf",
+                                                                       t, r),
         "onnxruntime-genai fp32": lambda: peer("onnxruntime-genai", m / "genai-fp32", t, r),
     }
     q = args.quantized
     for name, path in (("llmbuild ORT, int8 artifact + int8 lm_head", q / "smollm2-int8-head8"),
-                       ("llmbuild ORT, int4 AWQ g128 artifact + int8 lm_head", q / "smollm2-int4-awq-g128-head8")):
+                       ("llmbuild ORT, int4 AWQ g128 artifact + int8 lm_head", q / "smollm2-int4-awq-g128-head8"),
+                       ("llmbuild ORT, int4 g32 artifact + int4 g32 lm_head", q / "smollm2-int4-rtn-g32-head4")):
         if path.is_dir():
             rows[name] = lambda path=path: ours(path, t, r)
     rows["llama.cpp Q8_0"] = lambda: peer("llama.cpp", q.parent / "smollm2-Q8_0.gguf", t, r)
+    rows["llama.cpp Q4_0 (llama_model_quantize: 8-bit output)"] = lambda: peer(
+        "llama.cpp", q.parent / "smollm2-Q4_0.gguf", t, r)
     if (m / "genai-int4").is_dir():
         rows["onnxruntime-genai int4"] = lambda: peer("onnxruntime-genai", m / "genai-int4", t, r)
     results = json.loads(args.out.read_text()) if args.out.exists() else {}

@@ -132,7 +132,7 @@ def main():
         "llmbuild ORT executor, fp16 artifact (CPU lowering)": lambda: ours(m / "smollm2-135m-instruct-fp16", t),
         "onnxruntime-genai fp32": lambda: genai(m / "genai-fp32", t),
         "llama.cpp F16": lambda: llama_cpp(m / "gguf" / "smollm2-f16.gguf", t),
-        "llama.cpp Q4_0": lambda: llama_cpp(m / "gguf" / "smollm2-q4_0.gguf", t),
+        "llama.cpp Q4_0 (every matrix Q4_0, output too)": lambda: llama_cpp(m / "gguf" / "smollm2-q4_0.gguf", t),
         "HF transformers (torch) fp32": lambda: transformers(m / "hf", t),
         **{name: (lambda path=path: ours(path, t)) for name, path in quantized.items() if path.is_dir()},
         **({"onnxruntime-genai int4": lambda: genai(m / "genai-int4", t)} if (m / "genai-int4").is_dir() else {}),
