@@ -120,6 +120,7 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quantized", type=Path, default=Path("/tmp/llmbuild-quant-bench/artifacts"),
                         help="quantized artifacts (benchmarks/quantization/run.py); rows run when present")
+    parser.add_argument("--only", help="comma-separated substrings: run the rows whose name contains one")
     args = parser.parse_args()
     m, t, q = args.models, args.threads, args.quantized
     quantized = {
@@ -137,7 +138,8 @@ def main():
         **{name: (lambda path=path: ours(path, t)) for name, path in quantized.items() if path.is_dir()},
         **({"onnxruntime-genai int4": lambda: genai(m / "genai-int4", t)} if (m / "genai-int4").is_dir() else {}),
     }
-    loaded = {name: make() for name, make in runtimes.items()}
+    wanted = args.only.split(",") if args.only else None
+    loaded = {name: make() for name, make in runtimes.items() if wanted is None or any(w in name for w in wanted)}
     rng = np.random.default_rng(0)
     times = {name: {"p128": [], "p1024": [], "step": []} for name in loaded}
     loads = []
