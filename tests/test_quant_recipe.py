@@ -3,6 +3,8 @@ to the documented defaults; every mistake is reported at its YAML line with the 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from llmbuild.recipe import load_recipe
@@ -69,3 +71,24 @@ def test_mistakes_are_reported_where_they_are(tmp_path):
 def test_quantization_with_tensor_parallelism_is_refused(tmp_path):
     found = problems(tmp_path, "parallel: {tp: 2}\nquantization: {weights: {scheme: int8}}\n")
     assert "quantization with parallel.tp > 1 is not supported yet" in found["quantization"]
+
+
+def test_calibrated_override_of_a_tied_lm_head_is_refused_at_its_line(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(HEAD + "quantization:\n  weights: {scheme: int4, algorithm: awq}\n"
+                    "  overrides:\n    - {layers: [0], scheme: int8}\n    - {match: lm_head, group_size: 64}\n")
+    (tmp_path / "m").mkdir()
+    config = {"architectures": ["LlamaForCausalLM"], "tie_word_embeddings": True, "num_hidden_layers": 2,
+              "max_position_embeddings": 4096}
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(RecipeError) as e:
+        load_recipe(path)
+    [p] = e.value.problems
+    assert (p.path, p.line) == ("quantization.overrides[1]", 7)
+    assert "round-to-nearest only" in p.message and "int4 g64 sym awq" in p.message
+    path.write_text(path.read_text().replace("group_size: 64", "scheme: int8"))
+    assert load_recipe(path).to_dict()["quantization"]["overrides"][1]["scheme"] == "int8"
+    config["tie_word_embeddings"] = False  # an untied lm_head is calibrated like any linear
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    path.write_text(path.read_text().replace("{match: lm_head, scheme: int8}", "{match: lm_head, group_size: 64}"))
+    assert load_recipe(path).to_dict()["quantization"]["overrides"][1]["group_size"] == 64

@@ -23,8 +23,6 @@ import fnmatch
 import re
 from dataclasses import dataclass, replace
 
-from llmbuild.quantize.schemes import make_scheme
-
 ALGORITHMS = ("rtn", "awq", "gptq")
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
@@ -38,6 +36,8 @@ class ModuleSpec:
 
     def make(self):
         params = {"group_size": self.group_size, "symmetric": self.symmetric} if self.scheme == "int4" else {}
+        from llmbuild.quantize.schemes import make_scheme  # numpy: not needed to plan or validate
+
         return make_scheme(self.scheme, **params)
 
     @property
@@ -125,6 +125,15 @@ def tied_lm_head_spec(quantization: dict, num_layers: int) -> tuple[ModuleSpec, 
     if not named:
         return None
     return resolve_plan(quantization, [TIED_LM_HEAD], num_layers)[TIED_LM_HEAD], named[-1]
+
+
+def tied_lm_head_refusal(spec: ModuleSpec) -> str | None:
+    """Why a tied lm_head cannot be quantized as `spec` (None when it can): its copy is
+    quantized without calibration, which runs on the tied reference graph."""
+    if spec.scheme == "none" or not spec.calibrated:
+        return None
+    return ("this model's lm_head is tied to its embedding; it can be quantized round-to-nearest only "
+            f"(scheme int8, or int4 with algorithm: rtn), not {spec.label}")
 
 
 def unmatched_overrides(quantization: dict, weight_names: list[str], num_layers: int) -> list[int]:

@@ -23,7 +23,8 @@ import numpy as np
 from llmbuild.errors import BuildError, UserError
 from llmbuild.graph.builder import SOURCE_LOADER
 from llmbuild.quantize.graph import linear_weights, quantize_graph, tied_lm_head, untie_lm_head
-from llmbuild.quantize.plan import format_summary, resolve_plan, summarize, tied_lm_head_spec, unmatched_overrides
+from llmbuild.quantize.plan import (format_summary, resolve_plan, summarize, tied_lm_head_refusal, tied_lm_head_spec,
+                                    unmatched_overrides)
 
 WORK_DIR = ".quantize-work"
 GATE_TOKENS = 4096
@@ -118,10 +119,9 @@ def _untie_if_quantized(model, quantization: dict, num_layers: int) -> None:
     if named is None or named[0].scheme == "none":
         return
     spec, index = named
-    if spec.calibrated:
-        raise UserError(
-            f"quantization.overrides[{index}]: this model's lm_head is tied to its embedding; it can be "
-            f"quantized round-to-nearest only (scheme int8, or int4 with algorithm: rtn), not {spec.label}")
+    refusal = tied_lm_head_refusal(spec)
+    if refusal:
+        raise UserError(f"quantization.overrides[{index}]: {refusal}")
     untie_lm_head(model)
 
 

@@ -102,6 +102,7 @@ def _check_model(path: Path, tree: Tree, problems: list[Problem]) -> None:
         ))
     else:
         _check_parallel(config, tree, problems)
+        _check_tied_lm_head(config, tree, problems)
 
 
 def _check_parallel(config: dict, tree: Tree, problems: list[Problem]) -> None:
@@ -121,6 +122,24 @@ def _check_parallel(config: dict, tree: Tree, problems: list[Problem]) -> None:
         found.append(QUANTIZATION_UNSUPPORTED)
     for message in found:
         problems.append(Problem("parallel.tp", message, *tree.where(("parallel", "tp"))))
+
+
+def _check_tied_lm_head(config: dict, tree: Tree, problems: list[Problem]) -> None:
+    """An override naming a tied lm_head must be one the quantize stage can apply."""
+    q = tree.get(("quantization",))
+    if not config.get("tie_word_embeddings") or not isinstance(q, dict) or not q.get("overrides"):
+        return
+    try:  # (numpy is imported only for quantized recipes of tied models)
+        from llmbuild.quantize.plan import tied_lm_head_refusal, tied_lm_head_spec
+
+        named = tied_lm_head_spec(q, int(config.get("num_hidden_layers") or 1))
+        refusal = tied_lm_head_refusal(named[0]) if named is not None else None
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return  # a malformed section: the schema reports it
+    if refusal:
+        index = named[1]
+        problems.append(Problem(f"quantization.overrides[{index}]", refusal,
+                                *tree.where(("quantization", "overrides", index))))
 
 
 def _is_int(value: object) -> bool:
