@@ -33,6 +33,8 @@ import os
 from dataclasses import dataclass
 from typing import Sequence
 
+from llmbuild.quantize.plan import LM_HEAD, resolve_plan, stored_bytes, tied_lm_head_spec
+
 GiB = 1 << 30
 # CUDA context, TensorRT runtime, kernels and allocator slack: an allowance, not a measurement.
 RUNTIME_RESERVE = GiB
@@ -112,7 +114,7 @@ def linear_weights(config: dict) -> dict[str, tuple[int, int]]:
                        p + "mlp.gate_proj.weight": (h, i), p + "mlp.up_proj.weight": (h, i),
                        p + "mlp.down_proj.weight": (i, h)})
     if not d["tied"]:
-        shapes["lm_head.weight"] = (h, d["vocab"])
+        shapes[LM_HEAD] = (h, d["vocab"])
     return shapes
 
 
@@ -124,21 +126,18 @@ def weight_bytes(config: dict, recipe: dict, tp: int = 1) -> tuple[int, int]:
     b = DTYPE_BYTES[recipe["precision"]]
     linear = linear_weights(config)
     specs = {}
-    if recipe.get("quantization"):  # (imports numpy: only for quantized recipes)
-        from llmbuild.quantize.plan import TIED_LM_HEAD, resolve_plan, stored_bytes, tied_lm_head_spec
-
+    if recipe.get("quantization"):
         specs = resolve_plan(recipe["quantization"], list(linear), d["layers"])
-        if d["tied"]:  # a tied lm_head an override names gets its own quantized copy
-            named = tied_lm_head_spec(recipe["quantization"], d["layers"])
-            if named is not None and named[0].scheme != "none":
-                linear[TIED_LM_HEAD], specs[TIED_LM_HEAD] = (d["hidden"], d["vocab"]), named[0]
+        named = tied_lm_head_spec(recipe["quantization"], d["layers"]) if d["tied"] else None
+        if named is not None:  # a tied lm_head an override names gets its own quantized copy
+            linear[LM_HEAD], specs[LM_HEAD] = (d["hidden"], d["vocab"]), named[0]
     kv_share = kv_heads_per_rank(d["kv_heads"], tp) / d["kv_heads"]
     replicated = b * (d["vocab"] * d["hidden"] + (2 * d["layers"] + 1) * d["hidden"])  # embeddings, norms
     total, per_rank = replicated, replicated
     for name, shape in linear.items():
         stored = stored_bytes(specs[name], shape, b) if name in specs else shape[0] * shape[1] * b
         total += stored
-        if name == "lm_head.weight":
+        if name == LM_HEAD:
             per_rank += stored
         elif name.endswith(("k_proj.weight", "v_proj.weight")):
             per_rank += round(stored * kv_share)

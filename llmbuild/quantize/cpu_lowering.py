@@ -224,29 +224,37 @@ def fuse_sibling_matmulnbits(model: ir.Model) -> int:
         name = prefix + "+".join(b.name[len(prefix):] for b in bs)
         b_val = _const(name, np.concatenate([_initializer(b) for b in bs], axis=0))
         s_val = _const(f"{name}.scales", np.concatenate([_initializer(s).reshape(-1) for s in ss]), like=ss[0])
-        sizes = _const(f"{name}.split", np.array(widths, np.int64))
-        for v in (b_val, s_val, sizes):
+        for v in (b_val, s_val):
             graph.register_initializer(v)
         first = nodes[0]
         attrs = {k: a.value for k, a in first.attributes.items()}
         fused = ir.node("MatMulNBits", [first.inputs[0], b_val, s_val], {**attrs, "N": sum(widths)},
                         domain=MS_DOMAIN, name=f"{first.name}+{len(nodes) - 1}")
         fused.outputs[0].type = first.outputs[0].type
-        split = ir.node("Split", [fused.outputs[0], sizes], {"axis": -1}, num_outputs=len(nodes),
-                        name=f"{first.name}.split")
-        graph.insert_before(first, [fused, split])
-        for node, out in zip(nodes, split.outputs):
-            old = node.outputs[0]
-            out.type, out.shape = old.type, old.shape
-            name = old.name
-            old.replace_all_uses_with(out, replace_graph_outputs=True)
-            old.name = f"{name}.unfused"
-            out.name = name
-        for node in nodes:
-            graph.remove(node, safe=True)
+        replace_with_split(graph, nodes, fused, widths, first.name)
         _drop_unused_initializers(graph, [*bs, *ss])
         merged += len(nodes) - 1
     return merged
+
+
+def replace_with_split(graph: ir.Graph, nodes: list[ir.Node], fused: ir.Node, widths: list[int], name: str) -> None:
+    """`fused` computes the outputs of `nodes` concatenated on the last axis (widths in
+    order): insert it and a Split before the first of them; each node's output (its
+    name, type and graph-output place) becomes the matching Split output; remove the
+    nodes."""
+    sizes = _const(f"{name}.split", np.array(widths, np.int64))
+    graph.register_initializer(sizes)
+    split = ir.node("Split", [fused.outputs[0], sizes], {"axis": -1}, num_outputs=len(nodes), name=f"{name}.split")
+    graph.insert_before(nodes[0], [fused, split])
+    for node, out in zip(nodes, split.outputs):
+        old = node.outputs[0]
+        out.type, out.shape = old.type or fused.outputs[0].type, old.shape
+        old_name = old.name
+        old.replace_all_uses_with(out, replace_graph_outputs=True)
+        old.name = f"{old_name}.unfused"
+        out.name = old_name
+    for node in nodes:
+        graph.remove(node, safe=True)
 
 
 def _drop_unused_initializers(graph: ir.Graph, values) -> None:

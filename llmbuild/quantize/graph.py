@@ -39,7 +39,7 @@ import numpy as np
 import onnx_ir as ir
 
 from llmbuild.graph.builder import SOURCE_LOADER
-from llmbuild.quantize.plan import TIED_LM_HEAD, ModuleSpec, stored_bytes
+from llmbuild.quantize.plan import LM_HEAD, ModuleSpec, stored_bytes
 from llmbuild.quantize.schemes import QuantizedTensor, fp8_activation_scale
 
 _ONNX_CODES = {"int8": ir.DataType.INT8, "int4": ir.DataType.INT4, "fp8": ir.DataType.FLOAT8E4M3FN}
@@ -92,9 +92,9 @@ def untie_lm_head(model: ir.Model) -> bool:
         return np.asarray(source_load()).T
 
     def materialize() -> ir.TensorProtocol:
-        return ir.tensor(np.ascontiguousarray(load().astype(np_dtype, copy=False)), name=TIED_LM_HEAD)
+        return ir.tensor(np.ascontiguousarray(load().astype(np_dtype, copy=False)), name=LM_HEAD)
 
-    w = _lazy(TIED_LM_HEAD, e.dtype, (hidden, vocab), materialize)
+    w = _lazy(LM_HEAD, e.dtype, (hidden, vocab), materialize)
     w.meta[SOURCE_LOADER] = load
     model.graph.register_initializer(w)
     matmul = ir.node("MatMul", [gemm.inputs[0], w], name="lm_head")

@@ -112,25 +112,26 @@ def resolve_plan(quantization: dict, weight_names: list[str], num_layers: int) -
     return plan
 
 
-TIED_LM_HEAD = "lm_head.weight"
+LM_HEAD = "lm_head.weight"
 
 
 def tied_lm_head_spec(quantization: dict, num_layers: int) -> tuple[ModuleSpec, int] | None:
     """For a model whose lm_head is tied to the embedding: (its spec, index of the last
-    override naming it) when an override's `match` selects `lm_head`, else None (the
-    tied lm_head stays in the graph dtype)."""
+    override naming it) when an override's `match` selects `lm_head` with a scheme, else
+    None (the tied lm_head stays in the graph dtype)."""
     named = [i for i, ov in enumerate(quantization.get("overrides") or [])
              if ov.get("match") is not None and ov.get("layers") is None
              and fnmatch.fnmatchcase("lm_head", ov["match"])]
     if not named:
         return None
-    return resolve_plan(quantization, [TIED_LM_HEAD], num_layers)[TIED_LM_HEAD], named[-1]
+    spec = resolve_plan(quantization, [LM_HEAD], num_layers)[LM_HEAD]
+    return None if spec.scheme == "none" else (spec, named[-1])
 
 
 def tied_lm_head_refusal(spec: ModuleSpec) -> str | None:
     """Why a tied lm_head cannot be quantized as `spec` (None when it can): its copy is
     quantized without calibration, which runs on the tied reference graph."""
-    if spec.scheme == "none" or not spec.calibrated:
+    if not spec.calibrated:
         return None
     return ("this model's lm_head is tied to its embedding; it can be quantized round-to-nearest only "
             f"(scheme int8, or int4 with algorithm: rtn), not {spec.label}")

@@ -116,7 +116,7 @@ def quantize_model(model, source, recipe, work_dir: Path, rep=None, threads: int
 def _untie_if_quantized(model, quantization: dict, num_layers: int) -> None:
     """A tied lm_head that an override names gets its own (quantized) weight."""
     named = tied_lm_head_spec(quantization, num_layers)
-    if named is None or named[0].scheme == "none":
+    if named is None:
         return
     spec, index = named
     refusal = tied_lm_head_refusal(spec)

@@ -129,9 +129,9 @@ def _check_tied_lm_head(config: dict, tree: Tree, problems: list[Problem]) -> No
     q = tree.get(("quantization",))
     if not config.get("tie_word_embeddings") or not isinstance(q, dict) or not q.get("overrides"):
         return
-    try:  # (numpy is imported only for quantized recipes of tied models)
-        from llmbuild.quantize.plan import tied_lm_head_refusal, tied_lm_head_spec
+    from llmbuild.quantize.plan import tied_lm_head_refusal, tied_lm_head_spec
 
+    try:
         named = tied_lm_head_spec(q, int(config.get("num_hidden_layers") or 1))
         refusal = tied_lm_head_refusal(named[0]) if named is not None else None
     except (KeyError, TypeError, ValueError, AttributeError):

@@ -43,6 +43,7 @@ import numpy as np
 import onnx_ir as ir
 
 from llmbuild.graph import io
+from llmbuild.quantize.cpu_lowering import fuse_sibling_matmulnbits, lower_quantized_matmuls, replace_with_split
 
 MS_DOMAIN = "com.microsoft"
 _SIXTEEN_BIT = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
@@ -88,8 +89,6 @@ def lower_for_cpu(model: ir.Model, *, int4_accuracy_level: int = 4, int8_accurac
     # ONNX Runtime's int8-activation kernels keep per-block activation scales; siblings
     # reading one activation (q/k/v, gate/up) as one MatMulNBits (no-op for unquantized
     # graphs).
-    from llmbuild.quantize.cpu_lowering import fuse_sibling_matmulnbits, lower_quantized_matmuls
-
     lower_quantized_matmuls(model, int4_accuracy_level=int4_accuracy_level, int8_accuracy_level=int8_accuracy_level)
     fuse_sibling_matmulnbits(model)
     _promote_to_float32(graph)
@@ -251,21 +250,13 @@ def _fuse_sibling_matmuls(graph: ir.Graph) -> None:
         group.sort(key=lambda g: position.get(id(g[0]), 0))
         if len(group) < 2 or len({int(w.shape[0]) for _, w in group}) != 1:
             continue
-        widths = [int(w.shape[1]) for _, w in group]
         name = "+".join(w.name for _, w in group)
-        sizes = ir.Value(name=f"{name}.split", const_value=ir.tensor(np.array(widths, np.int64), name=f"{name}.split"))
-        graph.register_initializer(sizes)
         concat = ir.node("Concat", [w for _, w in group], {"axis": 1}, name=f"cpu.concat.{name}")
         matmul = ir.node("MatMul", [x, concat.outputs[0]], name=f"cpu.matmul.{name}")
-        split = ir.node("Split", [matmul.outputs[0], sizes], {"axis": -1}, num_outputs=len(group),
-                        name=f"cpu.split.{name}")
-        first = group[0][0]
-        graph.insert_before(first, [concat, matmul, split])
-        for (user, _), out in zip(group, split.outputs):
-            out.dtype = ir.DataType.FLOAT
-            ir.convenience.replace_all_uses_with(user.outputs[0], out)
-        for user, _ in group:
-            graph.remove(user, safe=True)
+        matmul.outputs[0].dtype = ir.DataType.FLOAT
+        graph.insert_before(group[0][0], concat)
+        replace_with_split(graph, [user for user, _ in group], matmul, [int(w.shape[1]) for _, w in group],
+                           f"cpu.{name}")
 
 
 def _fuse_skip_norms(graph: ir.Graph) -> None:
@@ -357,12 +348,13 @@ def save_lowered_graph(artifact, dst, **options):
     artifact's weights; the artifact itself is left unchanged. For runtimes
     that load a graph file rather than lowering at load time (the C++ runtime's --graph).
     `options` go to lower_for_cpu."""
-    import json
     import shutil
     from pathlib import Path
 
+    from llmbuild.artifact import read_manifest
+
     artifact, dst = Path(artifact), Path(dst)
-    graph = json.loads((artifact / "manifest.json").read_text())["graph"]
+    graph = read_manifest(artifact)["graph"]
     dst.mkdir(parents=True, exist_ok=True)
     lowered = lowered_model_bytes(artifact / graph["file"], **options)
     weights = dst / Path(graph["weights"]).name
