@@ -51,25 +51,10 @@ def recipe_hash(recipe_dict: dict) -> str:
 
 
 def model_dims(config: dict, precision: str) -> dict:
-    from llmbuild.models import architecture_of, get_architecture
+    """The manifest's `model` entry, from the architecture's spec."""
+    from llmbuild.models import spec_for
 
-    arch = get_architecture(config)
-    d = arch.LlamaDims.from_config(config)
-    return {
-        "architecture": architecture_of(config),
-        "precision": precision,
-        "num_layers": d.layers,
-        "hidden_size": d.hidden,
-        "intermediate_size": d.intermediate,
-        "num_attention_heads": d.heads,
-        "num_key_value_heads": d.kv_heads,
-        "head_dim": d.head_dim,
-        "vocab_size": d.vocab,
-        "tie_word_embeddings": d.tied,
-        "max_position_embeddings": config.get("max_position_embeddings"),
-        "rope_theta": config.get("rope_theta"),
-        "rope_scaling": config.get("rope_scaling"),
-    }
+    return spec_for(config).manifest_dims(config, precision)
 
 
 def graph_contract(model_path: Path) -> dict:
@@ -123,7 +108,8 @@ def compile_loaded(
     recipe, out_dir: Path, *, quiet: bool = False, verify: bool | None = None,
     cache: bool | str | Path | None = True,
 ) -> Path:
-    from llmbuild.graph.export import MODEL_FILE, WEIGHTS_FILE, build_model, save_model
+    from llmbuild.graph.export import MODEL_FILE, WEIGHTS_FILE, save_model
+    from llmbuild.models.build import build_model
     from llmbuild.quantize.stage import quantize_for_compile, raise_if_failed
     from llmbuild.source import open_source
 

@@ -6,12 +6,14 @@
 No weights are read and nothing heavy is imported (no torch, onnx or TensorRT), so a
 70B-class config plans in well under a second. The figures, per tensor-parallel rank:
 
-    parameters      embeddings + (untied) lm_head + layers x (q, k, v, o, gate, up, down, 2 norms) + norm
+    parameters      every tensor of the architecture's table (llmbuild.models spec): the layers'
+                    linears (split by tensor parallelism) + embeddings, lm_head and norms
     quantization    with `quantization:` each linear weight is counted at its scheme
                     (llmbuild.quantize.plan resolves the overrides): int8 = 1 byte + a 2-byte scale per
                     output channel, int4 = 1/2 byte + 2-byte scales (and offsets) per group x output
                     channel, fp8 = 1 byte + one scale; embeddings and norms stay at the precision
-    weight bytes    layer matrices / tp + replicated embeddings, lm_head, norms, at the precision
+    weight bytes    each rank's share of the sharded linears (the spec's hints) + replicated
+                    embeddings, lm_head, norms, at the precision
     KV cache        2 (K and V) x layers x kv_heads/tp x head_dim x bytes, per token; the engine
                     allocates max_batch_size x max_seq_len tokens of it
     activations     the largest forward pass of the engine's profiles (llmbuild.engine.profiles):
@@ -29,6 +31,7 @@ keep resident) when the weights do not fit whole.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Sequence
@@ -62,30 +65,18 @@ GPUS = (
 )
 
 
-def _dims(config: dict) -> dict:
-    heads = int(config["num_attention_heads"])
-    hidden = int(config["hidden_size"])
-    return {
-        "hidden": hidden,
-        "intermediate": int(config["intermediate_size"]),
-        "layers": int(config["num_hidden_layers"]),
-        "heads": heads,
-        "kv_heads": int(config.get("num_key_value_heads") or heads),
-        "head_dim": int(config.get("head_dim") or hidden // heads),
-        "vocab": int(config["vocab_size"]),
-        "tied": bool(config.get("tie_word_embeddings", False)),
-    }
+def _spec_dims(config: dict):
+    from llmbuild.models import spec_for
+
+    spec = spec_for(config, check=False)
+    return spec, spec.dims(config)
 
 
 def parameter_groups(config: dict) -> dict[str, int]:
-    """Parameter counts: `layer_matrices` (split by tensor parallelism) and `replicated`
-    (embeddings, lm_head, norms)."""
-    d = _dims(config)
-    h, q, kv, i = d["hidden"], d["heads"] * d["head_dim"], d["kv_heads"] * d["head_dim"], d["intermediate"]
-    per_layer = h * q + 2 * h * kv + q * h + 3 * h * i
-    embed = d["vocab"] * h
-    replicated = embed + (0 if d["tied"] else embed) + d["layers"] * 2 * h + h
-    return {"layer_matrices": d["layers"] * per_layer, "replicated": replicated}
+    """Parameter counts from the architecture's tensor table: `layer_matrices` (the layers'
+    linears, split by tensor parallelism) and `replicated` (embeddings, lm_head, norms)."""
+    spec, d = _spec_dims(config)
+    return spec.parameter_count(d)
 
 
 def kv_heads_per_rank(kv_heads: int, tp: int) -> int:
@@ -93,66 +84,54 @@ def kv_heads_per_rank(kv_heads: int, tp: int) -> int:
     return kv_heads // tp if kv_heads % tp == 0 else 1
 
 
-def layer_parameters_per_rank(config: dict, tp: int) -> int:
-    """Layer-matrix parameters one rank holds (llmbuild.parallel's hints): q, o, gate, up,
-    down split tp ways; k and v by KV head (one whole head when KV heads are replicated)."""
-    d = _dims(config)
-    h, q, i = d["hidden"], d["heads"] * d["head_dim"], d["intermediate"]
-    kv = kv_heads_per_rank(d["kv_heads"], tp) * d["head_dim"]
-    return d["layers"] * (2 * h * q // tp + 2 * h * kv + 3 * h * i // tp)
+def _rank_bytes(stored: int, shard, d, tp: int) -> int:
+    """Bytes of a weight one rank holds under its sharding hint (None: replicated whole).
+    Blocks that may be replicated (KV heads) count one rank's blocks: n/tp, or one when
+    tp > n."""
+    if shard is None:
+        return stored
+    if shard.replicate:
+        n = d.sizes()[shard.count]
+        return round(stored * kv_heads_per_rank(n, tp) / n)
+    return stored // tp
 
 
 def linear_weights(config: dict) -> dict[str, tuple[int, int]]:
-    """HF name -> (in, out) of every linear (MatMul) weight of the graph."""
-    d = _dims(config)
-    h, q, kv, i = d["hidden"], d["heads"] * d["head_dim"], d["kv_heads"] * d["head_dim"], d["intermediate"]
-    shapes = {}
-    for layer in range(d["layers"]):
-        p = f"model.layers.{layer}."
-        shapes.update({p + "self_attn.q_proj.weight": (h, q), p + "self_attn.k_proj.weight": (h, kv),
-                       p + "self_attn.v_proj.weight": (h, kv), p + "self_attn.o_proj.weight": (q, h),
-                       p + "mlp.gate_proj.weight": (h, i), p + "mlp.up_proj.weight": (h, i),
-                       p + "mlp.down_proj.weight": (i, h)})
-    if not d["tied"]:
-        shapes[LM_HEAD] = (h, d["vocab"])
-    return shapes
+    """HF name -> (in, out) of every linear (MatMul) weight of the graph (the spec's table)."""
+    spec, d = _spec_dims(config)
+    return {name: (w.in_features, w.out_features) for name, w in spec.linear_weights(d).items()}
 
 
 def weight_bytes(config: dict, recipe: dict, tp: int = 1) -> tuple[int, int]:
     """(all weights, one rank's weights) in bytes at the recipe's precision and quantization.
-    A rank holds 1/tp of q, o, gate, up, down, its KV heads' share of k and v, and the
-    embeddings, lm_head and norms whole (as layer_parameters_per_rank)."""
-    d = _dims(config)
+    A rank holds its share of every sharded linear (the spec's hints: 1/tp, or one whole
+    KV head when KV heads are replicated) and the embeddings, lm_head and norms whole."""
+    spec, d = _spec_dims(config)
     b = DTYPE_BYTES[recipe["precision"]]
-    linear = linear_weights(config)
+    linears = spec.linear_weights(d)
+    shapes = {name: (w.in_features, w.out_features) for name, w in linears.items()}
     specs = {}
     if recipe.get("quantization"):
-        specs = resolve_plan(recipe["quantization"], list(linear), d["layers"])
-        named = tied_lm_head_spec(recipe["quantization"], d["layers"]) if d["tied"] else None
+        specs = resolve_plan(recipe["quantization"], list(shapes), d.layers)
+        named = tied_lm_head_spec(recipe["quantization"], d.layers) if d.tied else None
         if named is not None:  # a tied lm_head an override names gets its own quantized copy
-            linear[LM_HEAD], specs[LM_HEAD] = (d["hidden"], d["vocab"]), named[0]
-    kv_share = kv_heads_per_rank(d["kv_heads"], tp) / d["kv_heads"]
-    replicated = b * (d["vocab"] * d["hidden"] + (2 * d["layers"] + 1) * d["hidden"])  # embeddings, norms
-    total, per_rank = replicated, replicated
-    for name, shape in linear.items():
+            shapes[LM_HEAD], specs[LM_HEAD] = (d.hidden, d.vocab), named[0]
+    others = sum(math.prod(shape) for name, shape in spec.tensors(d).items() if name not in linears)
+    total = per_rank = others * b  # embeddings, norms (replicated)
+    for name, shape in shapes.items():
         stored = stored_bytes(specs[name], shape, b) if name in specs else shape[0] * shape[1] * b
         total += stored
-        if name == LM_HEAD:
-            per_rank += stored
-        elif name.endswith(("k_proj.weight", "v_proj.weight")):
-            per_rank += round(stored * kv_share)
-        else:
-            per_rank += stored // tp
+        per_rank += _rank_bytes(stored, linears[name].shard if name in linears else None, d, tp)
     return total, per_rank
 
 
 def activation_bytes(config: dict, *, tokens: int, logit_rows: int, precision: str, tp: int = 1) -> int:
     """Estimate of one forward pass's activation memory (see the module docstring)."""
-    d = _dims(config)
+    _, d = _spec_dims(config)
     b = DTYPE_BYTES[precision]
-    qkv = (d["heads"] + 2 * d["kv_heads"]) * d["head_dim"] // tp
-    per_token = 3 * d["hidden"] + qkv + 3 * d["intermediate"] // tp
-    return b * tokens * per_token + logit_rows * d["vocab"] * (b + 4)
+    qkv = (d.heads + 2 * d.kv_heads) * d.head_dim // tp
+    per_token = 3 * d.hidden + qkv + 3 * d.intermediate // tp
+    return b * tokens * per_token + logit_rows * d.vocab * (b + 4)
 
 
 def _profile_passes(limits: dict) -> dict[str, dict]:
@@ -192,7 +171,7 @@ def plan_config(config: dict, recipe: dict) -> dict:
     from llmbuild.artifact.layout import engine_file_name
     from llmbuild.engine.options import target_label
 
-    d = _dims(config)
+    _, d = _spec_dims(config)
     precision = recipe["precision"]
     limits = dict(recipe["limits"])
     tp = int((recipe.get("parallel") or {}).get("tp", 1))
@@ -201,7 +180,7 @@ def plan_config(config: dict, recipe: dict) -> dict:
     params = groups["layer_matrices"] + groups["replicated"]
     weights_total, weights_per_rank = weight_bytes(config, recipe, tp)
 
-    kv_per_token = 2 * d["layers"] * kv_heads_per_rank(d["kv_heads"], tp) * d["head_dim"] * b
+    kv_per_token = 2 * d.layers * kv_heads_per_rank(d.kv_heads, tp) * d.head_dim * b
     passes = _profile_passes(limits)
     act = max(
         activation_bytes(config, tokens=p["tokens"], logit_rows=p["logit_rows"], precision=precision, tp=tp)
@@ -245,10 +224,10 @@ def plan_config(config: dict, recipe: dict) -> dict:
 
     return {
         "name": recipe["name"],
-        "model": {"architecture": (config.get("architectures") or ["?"])[0], "num_layers": d["layers"],
-                  "hidden_size": d["hidden"], "intermediate_size": d["intermediate"],
-                  "num_attention_heads": d["heads"], "num_key_value_heads": d["kv_heads"],
-                  "head_dim": d["head_dim"], "vocab_size": d["vocab"], "tie_word_embeddings": d["tied"],
+        "model": {"architecture": (config.get("architectures") or ["?"])[0], "num_layers": d.layers,
+                  "hidden_size": d.hidden, "intermediate_size": d.intermediate,
+                  "num_attention_heads": d.heads, "num_key_value_heads": d.kv_heads,
+                  "head_dim": d.head_dim, "vocab_size": d.vocab, "tie_word_embeddings": d.tied,
                   "max_position_embeddings": max_positions},
         "precision": precision,
         "tensor_parallel": tp,

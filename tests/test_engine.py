@@ -25,7 +25,8 @@ from llmbuild.engine.build import (
 )
 from llmbuild.errors import BuildError, UserError
 from llmbuild.graph import io
-from llmbuild.graph.export import build_model, save_model
+from llmbuild.graph.export import save_model
+from llmbuild.models.build import build_model
 from llmbuild.source import open_source
 from tests.tiny import make_tiny_hf
 

@@ -171,16 +171,23 @@ def test_plan_shows_the_weight_bytes_per_rank_of_the_artifact(tiny):
             assert planned == m["parallel"]["weight_bytes"]["per_rank"][0]
 
 
-def test_sharding_sizes_read_the_config_as_the_graph_does():
-    from llmbuild.models.llama import LlamaDims
-    from llmbuild.models.llama.sharding import sizes
+def test_rank_config_is_read_by_the_spec_as_the_rank_graph_needs():
+    """A rank's config (ShardPlan.rank_config) gives, through the architecture spec, the
+    rank's head, KV-head and MLP counts with head_dim unchanged."""
+    from llmbuild.models import spec_for
+    from llmbuild.parallel.hints import ShardPlan
 
-    for config in ({"num_attention_heads": 9, "num_key_value_heads": 3, "hidden_size": 576, "intermediate_size": 1536},
-                   {"num_attention_heads": 4, "hidden_size": 64, "intermediate_size": 96, "head_dim": 32}):
-        full = dict(config, num_hidden_layers=1, vocab_size=8)
-        d = LlamaDims.from_config(full)
-        assert sizes(full) == {"heads": d.heads, "kv_heads": d.kv_heads, "head_dim": d.head_dim,
-                               "intermediate": d.intermediate}
+    for config, tp, want in (
+        ({"num_attention_heads": 9, "num_key_value_heads": 3, "hidden_size": 576, "intermediate_size": 1536}, 3,
+         (3, 1, 64, 512)),
+        ({"num_attention_heads": 4, "hidden_size": 64, "intermediate_size": 96, "head_dim": 32}, 2, (2, 2, 32, 48)),
+        ({"num_attention_heads": 8, "num_key_value_heads": 2, "hidden_size": 64, "intermediate_size": 64}, 4,
+         (2, 1, 8, 16)),
+    ):
+        full = dict(config, num_hidden_layers=1, vocab_size=8, architectures=["LlamaForCausalLM"])
+        spec = spec_for(full)
+        d = spec.dims(ShardPlan.for_config(full, tp).rank_config(full))
+        assert (d.heads, d.kv_heads, d.head_dim, d.intermediate) == want
 
 
 def test_slot_ranges_match_tp1(tiny):

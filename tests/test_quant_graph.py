@@ -268,7 +268,8 @@ def test_awq_and_gptq_beat_round_to_nearest(tiny):
 
 def test_calibration_slices_match_transformers_hidden_states(tiny, tmp_path):
     """Layer by layer on ONNX Runtime == HF's hidden states (the calibration's inputs)."""
-    from llmbuild.graph.export import build_model, save_model
+    from llmbuild.graph.export import save_model
+    from llmbuild.models.build import build_model
     from llmbuild.quantize.calibration import GraphSlices, _feeds, _session
     from llmbuild.source import open_source
 

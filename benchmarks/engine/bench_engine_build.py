@@ -64,7 +64,8 @@ def make_random_llama(dst: Path, config: dict, seed: int = 0) -> Path:
 
 
 def export_onnx(source_path: Path, dst: Path, max_seq_len: int) -> tuple[Path, int]:
-    from llmbuild.graph.export import build_model, save_model
+    from llmbuild.graph.export import save_model
+    from llmbuild.models.build import build_model
     from llmbuild.source import open_source
 
     with open_source(source_path) as source:

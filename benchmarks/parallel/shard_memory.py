@@ -84,7 +84,8 @@ def child(source_path: str, tp: int, out: str) -> None:
     import numpy  # noqa: F401 - imported before the baseline
     import onnx_ir  # noqa: F401
 
-    from llmbuild.graph.export import build_model, save_model
+    from llmbuild.graph.export import save_model
+    from llmbuild.models.build import build_model
     from llmbuild.parallel.artifact import export_ranks
     from llmbuild.source import open_source
 

@@ -1,4 +1,5 @@
-"""Source → ONNX: build the architecture's graph and stream its weights to disk."""
+"""ONNX → disk: stream a graph's weights to its external-data file (the graph itself is
+built by llmbuild.models.build)."""
 
 from __future__ import annotations
 
@@ -8,28 +9,12 @@ from typing import Callable
 
 import onnx_ir as ir
 
-from llmbuild.graph.builder import GraphBuilder
-from llmbuild.models import architecture_of, get_architecture
-from llmbuild.source.base import check_shapes
 
 MODEL_FILE = "model.onnx"
 WEIGHTS_FILE = "model.onnx.data"
 # Bound on weight bytes held in memory while saving: weights stream from the
 # source (memory-mapped / dequantized one at a time) to the external-data file.
 MAX_IN_FLIGHT_BYTES = 64 * 1024 * 1024
-
-
-def build_model(source, precision: str, max_seq_len: int) -> ir.Model:
-    """The decoder graph for `source` with lazy weights (nothing read yet)."""
-    config = source.config
-    arch = get_architecture(config)
-    check_shapes(source)  # every tensor the graph reads, before any work
-    gb = GraphBuilder(precision)
-    arch.build(gb, config, source, max_seq_len)
-    return gb.model(
-        architecture_of(config),
-        metadata={"llmbuild.precision": precision, "llmbuild.max_seq_len": str(max_seq_len)},
-    )
 
 
 def save_model(

@@ -1,21 +1,26 @@
-"""Architecture registry, keyed by HF `architectures[0]`; modules are imported lazily.
+"""Architecture registry, keyed by HF `architectures[0]`; spec modules are imported lazily.
 
-Each module provides `check_config(config) -> list[str]`, `expected_shapes(dims)`,
-`LlamaDims`-style `*.from_config`, and `build(graph_builder, config, source, max_seq_len)`.
+    spec = spec_for(config)        # the ArchitectureSpec (llmbuild.models.spec), config checked
+    spec.build(gb, config, source, max_seq_len)   # the graph (imports models/<arch>/model.py)
+
+Registering an architecture is one line here plus `models/<arch>/spec.py` (what differs
+from its parent spec) and, if its decoder differs, `models/<arch>/model.py`. The
+conformance suite (tests/test_conformance.py) enrolls every entry automatically.
 """
 
 from __future__ import annotations
 
 import importlib
-from types import ModuleType
 
 from llmbuild.errors import UserError
 
+# HF class -> "module:SpecClass"
 ARCHITECTURES: dict[str, str] = {
-    "LlamaForCausalLM": "llmbuild.models.llama",
-    "MistralForCausalLM": "llmbuild.models.mistral",
+    "LlamaForCausalLM": "llmbuild.models.llama.spec:LlamaSpec",
+    "MistralForCausalLM": "llmbuild.models.mistral.spec:MistralSpec",
 }
 SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
+_SPECS: dict = {}
 
 
 def architecture_of(config: dict) -> str:
@@ -25,14 +30,28 @@ def architecture_of(config: dict) -> str:
     return archs[0]
 
 
-def get_architecture(config: dict) -> ModuleType:
-    arch = architecture_of(config)
+def architecture_spec(arch: str):
+    """The registered spec of HF class `arch` (a UserError naming the supported ones if none)."""
     if arch not in ARCHITECTURES:
-        raise UserError(
-            f"unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-        )
-    module = importlib.import_module(ARCHITECTURES[arch])
-    problems = module.check_config(config)
-    if problems:
-        raise UserError(f"{arch}: " + "; ".join(problems))
-    return module
+        raise UserError(f"unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    if arch not in _SPECS:
+        module, _, cls = ARCHITECTURES[arch].partition(":")
+        _SPECS[arch] = getattr(importlib.import_module(module), cls)()
+    return _SPECS[arch]
+
+
+def spec_for(config: dict, *, check: bool = True):
+    """The spec of the config's architecture; with `check`, a UserError listing every
+    problem that makes the config unbuildable."""
+    arch = architecture_of(config)
+    spec = architecture_spec(arch)
+    if check:
+        problems = spec.check_config(config)
+        if problems:
+            raise UserError(f"{arch}: " + "; ".join(problems))
+    return spec
+
+
+def gguf_architectures() -> dict[str, str]:
+    """llama.cpp `general.architecture` -> HF class, over the registered specs."""
+    return {g: arch for arch in ARCHITECTURES for g in architecture_spec(arch).gguf_architectures}

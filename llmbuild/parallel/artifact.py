@@ -38,12 +38,12 @@ def precision_itemsize(precision: str) -> int:
 def weight_bytes(config: dict, tp: int, precision: str) -> dict:
     """Weight bytes per rank for `llmbuild plan`: 1/tp of the sharded weights plus the
     replicated ones (embeddings, norms, lm_head), in the compute precision."""
-    from llmbuild.models import get_architecture
+    from llmbuild.models import spec_for
 
-    arch = get_architecture(config)
+    spec = spec_for(config)
     plan = ShardPlan.for_config(config, tp)
     plan.check()
-    shapes = arch.expected_shapes(arch.LlamaDims.from_config(config))
+    shapes = spec.tensors(spec.dims(config))
     return plan.weight_bytes(shapes, precision_itemsize(precision))
 
 
@@ -59,14 +59,14 @@ def export_ranks(
         raise UserError(QUANTIZATION_UNSUPPORTED)
     from llmbuild.artifact import file_sha256
     from llmbuild.graph.export import MODEL_FILE, WEIGHTS_FILE
-    from llmbuild.models import get_architecture
+    from llmbuild.models import spec_for
     from llmbuild.parallel.export import rank_dir, save_rank_models
 
     plan = ShardPlan.for_config(source.config, tp)
     plan.check()
     ranks = save_rank_models(source, plan, stage, precision, max_seq_len, progress=progress)
-    arch = get_architecture(source.config)
-    shapes = arch.expected_shapes(arch.LlamaDims.from_config(source.config))
+    spec = spec_for(source.config)
+    shapes = spec.tensors(spec.dims(source.config))
     digest = hashlib.sha256()
     entries = []
     for r in ranks:

@@ -94,7 +94,7 @@ def mark_allreduce_points(model: ir.Model, plan: ShardPlan) -> list[dict]:
 
 def build_rank_model(source, plan: ShardPlan, rank: int, precision: str, max_seq_len: int) -> tuple[ir.Model, list[dict]]:
     """Rank `rank`'s decoder graph (lazy weights) and its collective plan."""
-    from llmbuild.graph.export import build_model
+    from llmbuild.models.build import build_model
 
     model = build_model(RankSource(source, plan, rank), precision, max_seq_len)
     model.metadata_props[META_TP] = str(plan.tp)

@@ -1,7 +1,7 @@
 """Sharding hints on weights, and the one piece of arithmetic that applies them.
 
-A model declares, next to its graph code (`models/<arch>/sharding.py`), a table
-`HF weight name suffix -> Shard(...)`; weights not in the table are replicated. A hint
+A model's spec (`models/<arch>/spec.py`) puts a `Shard(...)` on each of its linears
+(`ArchitectureSpec.shard_hints`); weights without one are replicated. A hint
 names the dimension to split in the HF layout [out_features, in_features] and the
 whole blocks it is made of, so that heads are never cut in half:
 
@@ -17,29 +17,13 @@ is where the query heads of rank r look for their keys and values under GQA.
 
 from __future__ import annotations
 
-import importlib
 import math
 from dataclasses import dataclass
-from types import ModuleType
 
 from llmbuild.errors import UserError
+from llmbuild.models.spec import LAYER_PREFIX, Shard
 
-
-@dataclass(frozen=True)
-class Shard:
-    """Split weight dimension `dim` (HF layout: 0 = out features, 1 = in features)
-    into tp parts made of whole blocks: `count` blocks of `block` rows each (both
-    named sizes of the architecture; block None = single rows)."""
-
-    dim: int
-    count: str
-    block: str | None = None
-    replicate: bool = False  # count < tp allowed if tp % count == 0 (blocks copied)
-
-    @property
-    def row_parallel(self) -> bool:
-        """Split on input features: each rank computes a partial sum of the output."""
-        return self.dim == 1
+__all__ = ["Shard", "ShardPlan", "blocks_of_rank", "count_problem", "replication_note", "tp_problems"]
 
 
 def blocks_of_rank(n: int, tp: int, rank: int, *, replicate: bool) -> tuple[int, int]:
@@ -72,22 +56,6 @@ def replication_note(name: str, n: int, tp: int) -> str | None:
     return None
 
 
-_LAYER_PREFIX = "model.layers."
-
-
-def sharding_module(config: dict) -> ModuleType:
-    """`models/<arch>/sharding.py` of the config's architecture."""
-    from llmbuild.models import ARCHITECTURES, architecture_of
-
-    arch = architecture_of(config)
-    if arch not in ARCHITECTURES:
-        raise UserError(f"unsupported architecture {arch!r}; supported: {', '.join(ARCHITECTURES)}")
-    try:
-        return importlib.import_module(ARCHITECTURES[arch] + ".sharding")
-    except ModuleNotFoundError:
-        raise UserError(f"{arch} declares no sharding hints; tensor parallelism (tp > 1) is not available") from None
-
-
 @dataclass(frozen=True)
 class ShardPlan:
     """How one model splits over tp ranks: its hints and named sizes."""
@@ -99,8 +67,10 @@ class ShardPlan:
 
     @classmethod
     def for_config(cls, config: dict, tp: int) -> "ShardPlan":
-        module = sharding_module(config)
-        return cls(tp=tp, hints=dict(module.WEIGHTS), sizes=module.sizes(config), config_keys=dict(module.CONFIG_KEYS))
+        from llmbuild.models import spec_for
+
+        spec = spec_for(config, check=False)
+        return cls(tp=tp, hints=spec.shard_hints(), sizes=spec.dims(config).sizes(), config_keys=dict(spec.config_keys))
 
     # -- checks ----------------------------------------------------------------------
     def problems(self) -> list[str]:
@@ -131,7 +101,7 @@ class ShardPlan:
 
     # -- per weight -----------------------------------------------------------------------
     def hint(self, name: str) -> Shard | None:
-        if name.startswith(_LAYER_PREFIX):
+        if name.startswith(LAYER_PREFIX):
             parts = name.split(".", 3)
             if len(parts) == 4 and parts[2].isdigit():
                 return self.hints.get(parts[3])

@@ -33,7 +33,8 @@ GATE_SEQ_LEN = 512
 
 def reference_graph(source, work_dir: Path, max_seq_len: int) -> Path:
     """The unquantized float32 graph of `source` (built once per work dir)."""
-    from llmbuild.graph.export import MODEL_FILE, build_model, save_model
+    from llmbuild.graph.export import MODEL_FILE, save_model
+    from llmbuild.models.build import build_model
 
     path = work_dir / "reference" / MODEL_FILE
     if not path.is_file():
@@ -63,15 +64,15 @@ def calibration_tokens(source, calibration: dict, base_dir: Path, work_dir: Path
 def quantize_model(model, source, recipe, work_dir: Path, rep=None, threads: int | None = None) -> dict:
     """Rewrite `model` (lazy, not yet saved) as the recipe's `quantization:` says; returns
     the manifest's `quantization` entry."""
-    from llmbuild.compile import model_dims
+    from llmbuild.models import spec_for
 
     rd = recipe.to_dict()
     q = rd["quantization"]
-    dims = model_dims(source.config, rd["precision"])
+    dims = spec_for(source.config).dims(source.config)
     if tied_lm_head(model) is not None:
-        _untie_if_quantized(model, q, dims["num_layers"])
+        _untie_if_quantized(model, q, dims.layers)
     weights = linear_weights(model)
-    plan = resolve_plan(q, list(weights), dims["num_layers"])
+    plan = resolve_plan(q, list(weights), dims.layers)
     shapes = {n: tuple(int(d) for d in v.shape) for n, v in weights.items()}
     compute = next(iter(weights.values())).dtype if weights else None
     scale_dtype = compute.numpy() if compute is not None else np.float32
@@ -87,8 +88,7 @@ def quantize_model(model, source, recipe, work_dir: Path, rep=None, threads: int
             ref = reference_graph(source, work_dir, max(rd["limits"]["max_seq_len"], c["seq_len"]))
             loaders = {n: v.meta[SOURCE_LOADER] for n, v in model.graph.initializers.items()
                        if SOURCE_LOADER in v.meta}
-            cal = calibrate(ref, tokens, plan, loaders, kv_heads=dims["num_key_value_heads"],
-                            head_dim=dims["head_dim"], work_dir=ref.parent, scale_dtype=scale_dtype,
+            cal = calibrate(ref, tokens, plan, loaders, kv_heads=dims.kv_heads, head_dim=dims.head_dim, work_dir=ref.parent, scale_dtype=scale_dtype,
                             seed=c["seed"], threads=threads,
                             progress=lambda d, t, msg: update(d, t, msg))
     stored = quantize_graph(
@@ -99,7 +99,7 @@ def quantize_model(model, source, recipe, work_dir: Path, rep=None, threads: int
         activation_amax=cal.activation_amax if cal is not None else None,
     )
     summary = summarize(plan, shapes, stored)
-    unmatched = unmatched_overrides(q, list(weights), dims["num_layers"])
+    unmatched = unmatched_overrides(q, list(weights), dims.layers)
     if unmatched:
         summary["unmatched_overrides"] = unmatched
     if rep is not None:

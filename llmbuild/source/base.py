@@ -123,12 +123,12 @@ def check_shapes(source: ModelSource) -> None:
     absent = [k for k in required if not cfg.get(k)]
     if absent:
         raise UserError(f"{source.path}: model config lacks {', '.join(absent)}")
-    from llmbuild.models import get_architecture
+    from llmbuild.models import spec_for
 
-    arch = get_architecture(cfg)  # the architecture's own table of tensors and shapes
+    spec = spec_for(cfg)  # the architecture's own table of tensors and shapes
     have = set(source.names())
     problems = []
-    for name, shape in arch.expected_shapes(arch.LlamaDims.from_config(cfg)).items():
+    for name, shape in spec.tensors(spec.dims(cfg)).items():
         if name not in have:
             problems.append(f"tensor {name!r} is missing (expected shape {list(shape)})")
             continue

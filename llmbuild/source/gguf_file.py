@@ -5,9 +5,12 @@ the `gguf` package (`gguf.quants.dequantize`), imported only when needed.
 
 Layout differences to HF, undone in `load`:
 - GGUF lists dimensions innermost first (ne0 = columns): shape is reversed.
-- llama.cpp's converter permutes the rows of q_proj / k_proj of Llama models per head
-  from HF's half-split rotary layout to the interleaved one; `unpermute_qk` reverses it
-  (the same formula as transformers' `LlamaTensorProcessor._reverse_permute_weights`).
+- llama.cpp's converter permutes the rows of some linears (Llama's q_proj / k_proj) per
+  head from HF's half-split rotary layout to the interleaved one; `unpermute_qk`
+  reverses it (the same formula as transformers' `LlamaTensorProcessor._reverse_permute_weights`).
+
+Tensor names and which tensors were permuted come from the architecture's spec
+(`ArchitectureSpec.gguf_to_hf`, `gguf_row_permutation`).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import ml_dtypes
 import numpy as np
 
 from llmbuild.errors import UserError
+from llmbuild.models import SUPPORTED_ARCHITECTURES as SUPPORTED
 from llmbuild.source import tokenizer as tokexport
 from llmbuild.source.base import ByteSpan, ModelSource, TensorInfo, missing_tensor
 from llmbuild.source.gguf_header import _BF16, _F16, _F32, GGUFHeader, GGUFTensor, config_from_gguf, read_gguf_header
@@ -28,43 +32,6 @@ from llmbuild.source.gguf_header import _BF16, _F16, _F32, GGUFHeader, GGUFTenso
 
 # ggml types kept as stored; everything else is dequantized to float32.
 _STORED = {_F32: np.dtype(np.float32), _F16: np.dtype(np.float16), _BF16: np.dtype(ml_dtypes.bfloat16)}
-
-# GGUF tensor name -> HF parameter name.
-_GLOBAL_NAMES = {
-    "token_embd": "model.embed_tokens",
-    "output_norm": "model.norm",
-    "output": "lm_head",
-}
-_LAYER_NAMES = {
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-}
-# Derived tensors with no HF parameter: llama3 rope frequency factors (read into the
-# config's rope_scaling instead).
-_DERIVED = {"rope_freqs.weight"}
-# Architectures whose q/k rows llama.cpp permuted.
-_PERMUTED_QK = {"llama", "mistral"}
-
-
-def hf_name(gguf_name: str) -> str:
-    """Map a GGUF tensor name to its HF name; unknown names pass through unchanged."""
-    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", gguf_name)
-    if m and m.group(2) in _LAYER_NAMES:
-        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
-    m = re.fullmatch(r"(\w+)\.(weight|bias)", gguf_name)
-    if m and m.group(1) in _GLOBAL_NAMES:
-        return f"{_GLOBAL_NAMES[m.group(1)]}.{m.group(2)}"
-    return gguf_name
-
 
 def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     """Undo llama.cpp's rotary row permutation of a q_proj/k_proj weight [n_head*D, ...]."""
@@ -80,9 +47,12 @@ class GGUFSource(ModelSource):
         self.path = Path(path)
         self.header = header or read_gguf_header(self.path)
         self.config = config_from_gguf(self.header, self.path)
-        self._arch = self.header.metadata["general.architecture"]
-        self._by_hf = {hf_name(t.gguf_name): t for t in self.header.tensors.values()
-                       if t.gguf_name not in _DERIVED}
+        from llmbuild.models import spec_for
+
+        self._spec = spec_for(self.config, check=False) if self.config["architectures"][0] in SUPPORTED else None
+        rename = self._spec.gguf_to_hf if self._spec is not None else (lambda n: n)
+        derived = self._spec.gguf_derived if self._spec is not None else ()
+        self._by_hf = {rename(t.gguf_name): t for t in self.header.tensors.values() if t.gguf_name not in derived}
         self._map: mmap.mmap | None = None
 
     def names(self) -> list[str]:
@@ -114,11 +84,9 @@ class GGUFSource(ModelSource):
             rows = int(np.prod(shape[:-1], dtype=np.int64))
             w = dequantize(raw.reshape(rows, -1), GGMLQuantizationType(t.ggml_type)).reshape(shape)
             w = np.ascontiguousarray(w, dtype=np.float32)
-        if self._arch in _PERMUTED_QK:
-            if ".self_attn.q_proj." in name:
-                w = unpermute_qk(w, self.config["num_attention_heads"])
-            elif ".self_attn.k_proj." in name:
-                w = unpermute_qk(w, self.config["num_key_value_heads"])
+        heads = self._spec.gguf_row_permutation(name, self.config) if self._spec is not None else None
+        if heads is not None:
+            w = unpermute_qk(w, heads)
         return w
 
     def close(self) -> None:

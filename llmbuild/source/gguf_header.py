@@ -22,14 +22,20 @@ MAGIC = b"GGUF"
 _SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
 _F32, _F16, _BF16 = 0, 1, 30
-# general.architecture -> HF architectures[0]. llama.cpp also writes Mistral models as
-# "llama"; they load as LlamaForCausalLM (without sliding window), which is fine.
-ARCHITECTURES = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
+# general.architecture -> HF architectures[0] for llama.cpp architectures no registered
+# spec claims (llmbuild.models.gguf_architectures), so that refusals name the HF class.
+# llama.cpp also writes Mistral models as "llama"; they load as LlamaForCausalLM.
+UNREGISTERED_ARCHITECTURES = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
 }
+
+
+def hf_architecture(gguf_arch: str) -> str | None:
+    from llmbuild.models import gguf_architectures
+
+    return gguf_architectures().get(gguf_arch) or UNREGISTERED_ARCHITECTURES.get(gguf_arch)
+
 
 @dataclass(frozen=True)
 class GGUFTensor:
@@ -208,8 +214,8 @@ def config_from_gguf(header: GGUFHeader, path: Path) -> dict:
     matrix_types = {t.ggml_type for t in tensors.values() if len(t.ne) == 2}
     dtype = {frozenset({_F16}): "float16", frozenset({_BF16}): "bfloat16"}.get(frozenset(matrix_types), "float32")
     return {
-        "architectures": [ARCHITECTURES.get(arch, f"gguf:{arch}")],
-        "model_type": arch if arch in ARCHITECTURES else None,
+        "architectures": [hf_architecture(arch) or f"gguf:{arch}"],
+        "model_type": arch if hf_architecture(arch) else None,
         "hidden_size": hidden,
         "intermediate_size": get("feed_forward_length"),
         "num_hidden_layers": int(need("block_count")),

@@ -1,4 +1,4 @@
-"""Llama decoder as an ONNX opset-24 graph.
+"""Llama decoder as an ONNX opset-24 graph, composed from llmbuild.graph.blocks.
 
     input_ids ─► embed ─► [ decoder layer ] × L ─► gather(logits_indices) ─► norm ─► lm_head ─► logits
 
@@ -9,147 +9,63 @@ Decoder layer (pre-norm, SwiGLU MLP, grouped-query attention with rotary positio
     h ─┬─► RMSNorm ─► down( silu(gate(·)) * up(·) ) ─┐
        └────────────────────────────────────────────(+)─► x'
 
-Weights keep their HF names; linear weights are stored transposed ([in, out]).
+Weights keep their HF names (from the spec); linear weights are stored transposed ([in, out]).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
-import numpy as np
-import onnx_ir as ir
-
-from llmbuild.graph import io
+from llmbuild.graph import blocks
 from llmbuild.graph.builder import GraphBuilder
 from llmbuild.models.rope import cos_sin_tables
 
 
-@dataclass(frozen=True)
-class LlamaDims:
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-    rms_eps: float
-    tied: bool
-
-    @classmethod
-    def from_config(cls, c: dict) -> "LlamaDims":
-        heads = int(c["num_attention_heads"])
-        return cls(
-            hidden=int(c["hidden_size"]),
-            intermediate=int(c["intermediate_size"]),
-            layers=int(c["num_hidden_layers"]),
-            heads=heads,
-            kv_heads=int(c.get("num_key_value_heads") or heads),
-            head_dim=int(c.get("head_dim") or int(c["hidden_size"]) // heads),
-            vocab=int(c["vocab_size"]),
-            rms_eps=float(c.get("rms_norm_eps", 1e-6)),
-            tied=bool(c.get("tie_word_embeddings", False)),
-        )
-
-
-def expected_shapes(d: LlamaDims) -> dict[str, tuple[int, ...]]:
-    """HF parameter name -> HF shape, for every tensor the graph reads."""
-    shapes = {"model.embed_tokens.weight": (d.vocab, d.hidden), "model.norm.weight": (d.hidden,)}
-    if not d.tied:
-        shapes["lm_head.weight"] = (d.vocab, d.hidden)
-    for i in range(d.layers):
-        p = f"model.layers.{i}."
-        shapes |= {
-            p + "input_layernorm.weight": (d.hidden,),
-            p + "post_attention_layernorm.weight": (d.hidden,),
-            p + "self_attn.q_proj.weight": (d.heads * d.head_dim, d.hidden),
-            p + "self_attn.k_proj.weight": (d.kv_heads * d.head_dim, d.hidden),
-            p + "self_attn.v_proj.weight": (d.kv_heads * d.head_dim, d.hidden),
-            p + "self_attn.o_proj.weight": (d.hidden, d.heads * d.head_dim),
-            p + "mlp.gate_proj.weight": (d.intermediate, d.hidden),
-            p + "mlp.up_proj.weight": (d.intermediate, d.hidden),
-            p + "mlp.down_proj.weight": (d.hidden, d.intermediate),
-        }
-    return shapes
-
-
-def build(gb: GraphBuilder, config: dict, source, max_seq_len: int) -> None:
+def build(gb: GraphBuilder, spec, config: dict, source, max_seq_len: int) -> None:
     """Add the decoder's inputs, nodes and outputs to `gb`; weights read lazily from `source`."""
-    d = LlamaDims.from_config(config)
+    d = spec.dims(config)
+    sizes = d.sizes()
+    inp = blocks.decoder_inputs(gb, layers=d.layers, kv_heads=d.kv_heads, head_dim=d.head_dim)
+    cos, sin = cos_sin_tables(config, d.head_dim, max_seq_len)  # [max_seq_len, D/2]
+    rotary = blocks.Rotary(gb.const(cos.astype(gb.np_dtype), "rope.cos"), gb.const(sin.astype(gb.np_dtype), "rope.sin"),
+                           inp.position_ids, d.head_dim)
 
-    def norm_weight(name):
-        return gb.weight(name, (d.hidden,), lambda: source.load(name))
+    def linear(x, layer, role):
+        lin = spec.linear(role)
+        return blocks.linear(gb, source, x, spec.linear_weight_name(layer, role), in_features=sizes[lin.inputs],
+                             out_features=sizes[lin.outputs], role=role, layer=layer,
+                             parallel=None if lin.shard is None else ("row" if lin.shard.row_parallel else "column"))
 
-    def linear_weight(name, out_features, in_features):
-        # HF stores [out, in]; MatMul wants [in, out].
-        return gb.weight(name, (in_features, out_features), lambda: source.load(name).T)
+    def norm(x, name, layer):
+        return blocks.rms_norm(gb, source, x, name, width=d.hidden, eps=d.rms_eps, layer=layer)
 
-    # -- inputs --------------------------------------------------------------------
-    input_ids = gb.input(io.INPUT_IDS, ir.DataType.INT64, [io.BATCH, io.SEQ])
-    position_ids = gb.input(io.POSITION_IDS, ir.DataType.INT64, [io.BATCH, io.SEQ])
-    write_indices = gb.input(io.WRITE_INDICES, ir.DataType.INT64, [io.BATCH])
-    logits_indices = gb.input(io.LOGITS_INDICES, ir.DataType.INT64, [io.BATCH, io.NUM_LOGITS])
-    cache_shape = [io.BATCH, d.kv_heads, io.CACHE_LEN, d.head_dim]
-    pasts = [
-        (gb.input(io.past_key(i), gb.dtype, cache_shape), gb.input(io.past_value(i), gb.dtype, cache_shape))
-        for i in range(d.layers)
-    ]
-
-    # -- shared per-step values ----------------------------------------------------
-    cos, sin = cos_sin_tables(config, d.head_dim, max_seq_len)
-    cos = gb.const(cos.astype(gb.np_dtype), "rope.cos")
-    sin = gb.const(sin.astype(gb.np_dtype), "rope.sin")
-    seq_len = gb.op("Shape", [input_ids], {"start": 1, "end": 2})  # [1]
-    kv_len = gb.op("Add", [write_indices, seq_len])  # [B]
-    scale = 1.0 / math.sqrt(d.head_dim)
-
-    embed = gb.weight("model.embed_tokens.weight", (d.vocab, d.hidden), lambda: source.load("model.embed_tokens.weight"))
-    x = gb.op("Gather", [embed, input_ids])  # x: [B, S, H]
-
+    embed = blocks.weight(gb, source, spec.embed, (d.vocab, d.hidden))
+    x = gb.op("Gather", [embed, inp.input_ids])  # x: [B, S, H]
     presents = []
     for i in range(d.layers):
-        p = f"model.layers.{i}."
+        p = spec.layer_prefix(i)
         # -- attention block
-        h = gb.rms_norm(x, norm_weight(p + "input_layernorm.weight"), d.rms_eps)
-        q = gb.linear(h, linear_weight(p + "self_attn.q_proj.weight", d.heads * d.head_dim, d.hidden))
-        k = gb.linear(h, linear_weight(p + "self_attn.k_proj.weight", d.kv_heads * d.head_dim, d.hidden))
-        v = gb.linear(h, linear_weight(p + "self_attn.v_proj.weight", d.kv_heads * d.head_dim, d.hidden))
-        q = gb.split_heads(q, d.heads, d.head_dim)  # q: [B, Hq, S, D]
-        k = gb.split_heads(k, d.kv_heads, d.head_dim)  # k: [B, Hkv, S, D]
-        v = gb.split_heads(v, d.kv_heads, d.head_dim)  # v: [B, Hkv, S, D]
-        q = gb.rotary(q, cos, sin, position_ids)
-        k = gb.rotary(k, cos, sin, position_ids)
-        attn, present_k, present_v = gb.cached_attention(q, k, v, *pasts[i], write_indices, kv_len, scale)
-        attn = gb.merge_heads(attn, d.heads, d.head_dim)  # attn: [B, S, Hq*D]
-        o = gb.linear(attn, linear_weight(p + "self_attn.o_proj.weight", d.hidden, d.heads * d.head_dim))
-        x = gb.op("Add", [x, o])
+        h = norm(x, p + "input_layernorm.weight", i)
+        q, k, v = linear(h, i, "q"), linear(h, i, "k"), linear(h, i, "v")  # [B, S, Hq*D], [B, S, Hkv*D] x2
+        attn, present_k, present_v = blocks.attention(
+            gb, q=q, k=k, v=v, heads=d.heads, kv_heads=d.kv_heads, head_dim=d.head_dim, rotary=rotary,
+            cache=inp.cache(i), layer=i, scale=1.0 / math.sqrt(d.head_dim))  # attn: [B, S, Hq*D]
+        x = gb.op("Add", [x, linear(attn, i, "o")])
         # -- MLP block
-        h = gb.rms_norm(x, norm_weight(p + "post_attention_layernorm.weight"), d.rms_eps)
-        gate = gb.linear(h, linear_weight(p + "mlp.gate_proj.weight", d.intermediate, d.hidden))
-        up = gb.linear(h, linear_weight(p + "mlp.up_proj.weight", d.intermediate, d.hidden))
-        act = gb.op("Mul", [gb.op("Mul", [gate, gb.op("Sigmoid", [gate])]), up])  # silu(gate) * up
-        x = gb.op("Add", [x, gb.linear(act, linear_weight(p + "mlp.down_proj.weight", d.hidden, d.intermediate))])
+        h2 = norm(x, p + "post_attention_layernorm.weight", i)
+        act = blocks.silu_gate(gb, linear(h2, i, "gate"), linear(h2, i, "up"))  # [B, S, I]
+        x = gb.op("Add", [x, linear(act, i, "down")])
         presents.append((present_k, present_v))
+        heads_of = {"attention_input": h, "mlp_input": h2, "down_input": act}
+        for group in spec.scale_groups:
+            blocks.scale_group(heads_of[group.name], name=group.name, kind=group.kind, layer=i,
+                               source=(p + group.source + ".weight" if group.kind == "norm"
+                                       else spec.linear_weight_name(i, group.source)),
+                               linears=[spec.linear_weight_name(i, r) for r in group.linears])
 
-    # -- head: only the requested positions get logits ------------------------------
-    idx = gb.op("Unsqueeze", [logits_indices, gb.const(np.array([-1], np.int64))])  # [B, K, 1]
-    x = gb.op("GatherND", [x, idx], {"batch_dims": 1})  # x: [B, K, H]
-    x = gb.rms_norm(x, norm_weight("model.norm.weight"), d.rms_eps)
-    if d.tied:
-        # lm_head shares the embedding [V, H]: x @ E^T without a transposed copy.
-        flat = gb.op("Reshape", [x, gb.const(np.array([-1, d.hidden], np.int64))])
-        logits = gb.op("Gemm", [flat, embed], {"transB": 1})
-        b_k = gb.op("Shape", [logits_indices])
-        out_shape = gb.op("Concat", [b_k, gb.const(np.array([d.vocab], np.int64))], {"axis": 0})
-        logits = gb.op("Reshape", [logits, out_shape])
-    else:
-        logits = gb.linear(x, linear_weight("lm_head.weight", d.vocab, d.hidden))
-    if gb.dtype != ir.DataType.FLOAT:
-        logits = gb.op("Cast", [logits], {"to": ir.DataType.FLOAT})
-
-    gb.output(logits, io.LOGITS, ir.DataType.FLOAT, [io.BATCH, io.NUM_LOGITS, d.vocab])
-    cache_shape = [io.BATCH, d.kv_heads, io.CACHE_LEN, d.head_dim]
-    for i, (pk, pv) in enumerate(presents):
-        gb.output(pk, io.present_key(i), gb.dtype, cache_shape)
-        gb.output(pv, io.present_value(i), gb.dtype, cache_shape)
+    # -- head: only the requested positions get logits
+    x = blocks.gathered_rows(gb, x, inp.logits_indices)  # x: [B, K, H]
+    x = norm(x, spec.final_norm, None)
+    logits = blocks.lm_head(gb, source, x, hidden=d.hidden, vocab=d.vocab, logits_indices=inp.logits_indices,
+                            tied_embedding=embed if d.tied else None, weight_name=spec.lm_head)
+    blocks.decoder_outputs(gb, logits, presents, vocab=d.vocab, kv_heads=d.kv_heads, head_dim=d.head_dim)
