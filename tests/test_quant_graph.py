@@ -369,3 +369,24 @@ def test_cpu_lowering_to_matmulnbits(case, artifacts, tmp_path):
         assert ops.count("MatMulNBits") == n and "DequantizeLinear" not in ops
         ir.save(model, tmp_path / f"l{level}.onnx", external_data=f"l{level}.onnx.data")
         np.testing.assert_allclose(OrtGraphRunner(tmp_path / f"l{level}.onnx").logits(IDS), standard, atol=atol)
+
+
+def test_awq_folds_every_scale_group_the_spec_declares(tiny):
+    """AWQ finds its fold targets from the graph's scale-group annotations: every layer
+    folds q/k/v into input_layernorm, gate/up into post_attention_layernorm and down_proj's
+    scale into up_proj (no group silently skipped)."""
+    root, _ = tiny
+    path = root / "out" / "q-int4-awq"
+    if not path.is_dir():
+        pytest.skip("needs the int4-awq artifact of test_quantized_artifact (runs earlier in this module)")
+    layers = json.loads((path / "manifest.json").read_text())["quantization"]["calibration"]["layers"]
+    decoder = [r for r in layers if r["layer"] != "head"]  # the untied lm_head step: no scale group
+    assert [r["layer"] for r in decoder] == list(range(LAYERS))
+    for report in decoder:
+        folded = {key: v["folded_into"] for key, v in report["awq"].items()}
+        i = report["layer"]
+        assert folded == {
+            f"model.layers.{i}.self_attn.q_proj+2": f"model.layers.{i}.input_layernorm",
+            f"model.layers.{i}.mlp.gate_proj+1": f"model.layers.{i}.post_attention_layernorm",
+            f"model.layers.{i}.mlp.down_proj+0": f"model.layers.{i}.mlp.up_proj",
+        }, report["awq"]

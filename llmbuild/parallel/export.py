@@ -1,8 +1,9 @@
 """Per-rank ONNX graphs with their all-reduce points marked.
 
 Rank r's graph is the architecture's own graph code run on `RankSource` (fewer heads,
-a narrower MLP, sliced weights). Then every MatMul whose weight is row parallel gets
-an all-reduce marker after it:
+a narrower MLP, sliced weights). Then every linear the graph blocks annotated as row
+parallel (`llmbuild.linear` with "parallel": "row", from the spec's hints) gets an
+all-reduce marker after it:
 
     attn ──MatMul(o_proj[r])──► allreduce.<k>.partial ──Identity "allreduce.<k>"──► allreduce.<k> ──► Add(residual)
 
@@ -28,6 +29,8 @@ from typing import Callable
 
 import onnx_ir as ir
 
+from llmbuild.graph.annotations import LINEAR, nodes_with
+
 from llmbuild.parallel.sharder import RankSource, ShardPlan
 
 MARKER_PREFIX = "allreduce."
@@ -36,11 +39,6 @@ ALL_REDUCE_SUM = "all_reduce_sum"
 META_TP = "llmbuild.tp"
 META_RANK = "llmbuild.rank"
 META_POINTS = "llmbuild.allreduce_points"
-# Nodes a weight may pass through between its initializer and the MatMul
-# (quantized weights: DequantizeLinear; layout changes).
-_WEIGHT_PATH_OPS = ("DequantizeLinear", "Cast", "Transpose", "Reshape", "Identity")
-
-
 def rank_dir(rank: int) -> str:
     return f"rank{rank}"
 
@@ -49,35 +47,14 @@ def marker_name(k: int) -> str:
     return f"{MARKER_PREFIX}{k}"
 
 
-def _weight_name(value: ir.Value | None) -> str | None:
-    """The initializer a MatMul operand comes from, through dequantize/layout nodes."""
-    while value is not None:
-        if value.is_initializer():
-            return value.name
-        producer = value.producer()
-        if producer is None or producer.op_type not in _WEIGHT_PATH_OPS or not producer.inputs:
-            return None
-        value = producer.inputs[0]
-    return None
-
-
-def _hf_name(initializer: str) -> str:
-    """`...down_proj.weight` from a possibly suffixed initializer name (`...weight.q4`)."""
-    cut = initializer.find(".weight")
-    return initializer[: cut + len(".weight")] if cut >= 0 else initializer
-
-
-def mark_allreduce_points(model: ir.Model, plan: ShardPlan) -> list[dict]:
-    """Insert an `allreduce.<k>` marker after every row-parallel MatMul; returns the
-    collective plan [{name, op, reduce, weight}] in graph order."""
+def mark_allreduce_points(model: ir.Model) -> list[dict]:
+    """Insert an `allreduce.<k>` marker after every row-parallel linear (its MatMul's
+    `llmbuild.linear` annotation says `"parallel": "row"`); returns the collective plan
+    [{name, op, reduce, weight}] in graph order."""
     graph = model.graph
     points = []
-    for node in list(graph):
-        if node.op_type != "MatMul" or len(node.inputs) < 2:
-            continue
-        weight = _weight_name(node.inputs[1])
-        hint = plan.hint(_hf_name(weight)) if weight else None
-        if hint is None or not hint.row_parallel:
+    for node, meta in nodes_with(list(graph), LINEAR):
+        if meta.get("parallel") != "row":
             continue
         name = marker_name(len(points))
         partial = node.outputs[0]
@@ -87,7 +64,7 @@ def mark_allreduce_points(model: ir.Model, plan: ShardPlan) -> list[dict]:
         marker = ir.node("Identity", [partial], outputs=[reduced], name=name,
                          metadata_props={COLLECTIVE_KEY: ALL_REDUCE_SUM})
         graph.insert_after(node, marker)
-        points.append({"name": name, "op": "all_reduce", "reduce": "sum", "weight": _hf_name(weight)})
+        points.append({"name": name, "op": "all_reduce", "reduce": "sum", "weight": meta["weight"]})
     model.metadata_props[META_POINTS] = json.dumps([p["name"] for p in points])
     return points
 
@@ -99,7 +76,7 @@ def build_rank_model(source, plan: ShardPlan, rank: int, precision: str, max_seq
     model = build_model(RankSource(source, plan, rank), precision, max_seq_len)
     model.metadata_props[META_TP] = str(plan.tp)
     model.metadata_props[META_RANK] = str(rank)
-    points = mark_allreduce_points(model, plan)
+    points = mark_allreduce_points(model)
     return model, points
 
 

@@ -18,7 +18,6 @@ the whole stage is measured and reported next to those sizes.
 from __future__ import annotations
 
 import os
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,13 +29,15 @@ from onnx import TensorProto, helper
 
 from llmbuild.eval.runners import float_matmuls
 from llmbuild.graph import io
+from llmbuild.graph.annotations import LINEAR, NORM, SCALE_GROUP, nodes_with
 from llmbuild.quantize.algorithms import awq_search_clip, awq_search_scales, gptq_quantize
-from llmbuild.quantize.plan import ModuleSpec, layer_index, module_name
+from llmbuild.quantize.plan import ModuleSpec, module_name
 from llmbuild.quantize.schemes import QuantizedTensor
 
 CHUNK_TOKENS = 4096
-# Linears whose outputs form attention scores: AWQ's clipping search skips them (as AutoAWQ).
-_NO_CLIP = re.compile(r"(^|\.)(q_proj|k_proj)$")
+# Roles of the linears whose outputs form attention scores: AWQ's clipping search skips
+# them (as AutoAWQ).
+_NO_CLIP = ("q", "k")
 
 
 @dataclass
@@ -77,12 +78,28 @@ class GraphSlices:
         self.inits = {t.name: t for t in g.initializer}
         self.graph_inputs = {v.name: v for v in g.input}
         self.is_weight = layer_weights
-        self.num_layers = 1 + max(layer_index(n) for n in self.inits if layer_index(n) is not None)
+        # What the graph blocks annotated: each linear's and norm's weight, role and layer.
+        self.linear_nodes = nodes_with(g, LINEAR)
+        self.layer_of: dict[str, int | None] = {}
+        self.role_of: dict[str, str] = {}
+        for node, meta in [*self.linear_nodes, *nodes_with(g, NORM)]:
+            self.layer_of[meta["weight"]] = meta["layer"]
+            if "role" in meta:
+                self.role_of[meta["weight"]] = meta["role"]
+        self.scale_groups = {node.output[0]: meta for node, meta in nodes_with(g, SCALE_GROUP)}
+        layers = [v for v in self.layer_of.values() if v is not None]
+        if not layers:
+            raise ValueError(f"{model_path}: no annotated layer weights (llmbuild.linear / llmbuild.norm)")
+        self.num_layers = 1 + max(layers)
         self.layer_inputs = [self._layer_input(i) for i in range(self.num_layers)]
+
+    def weight_layer(self, name: str) -> int | None:
+        """The decoder layer of an annotated weight (None: outside the layers, or unknown)."""
+        return self.layer_of.get(name)
 
     def _first_node_of_layer(self, i: int) -> onnx.NodeProto:
         for n in self.nodes:
-            if any(layer_index(x) == i and x in self.inits for x in n.input):
+            if any(self.layer_of.get(x, -1) == i and x in self.inits for x in n.input):
                 return n
         raise ValueError(f"no node reads a weight of layer {i}")
 
@@ -92,28 +109,22 @@ class GraphSlices:
     def linear_inputs(self, i: int | None) -> dict[str, str]:
         """weight name -> name of the activation its MatMul multiplies (layer i; None =
         the linears outside the layers, e.g. an untied lm_head)."""
-        return {n.input[1]: n.input[0] for n in self.nodes
-                if n.op_type == "MatMul" and n.input[1] in self.inits and layer_index(n.input[1]) == i}
+        return {n.input[1]: n.input[0] for n, meta in self.linear_nodes
+                if n.op_type == "MatMul" and n.input[1] in self.inits and meta["layer"] == i}
 
     def producer_of(self, value: str) -> onnx.NodeProto | None:
         i = self.producer.get(value)
         return None if i is None else self.nodes[i]
 
     def fold_target(self, activation: str, layer: int) -> tuple[str, str] | None:
-        """Where a per-channel 1/s on `activation` can be folded: ("norm", weight name)
-        for an RMSNormalization's scale, ("columns", weight name) for the output columns
-        of a linear multiplied in by a Mul (silu(gate) * up); None otherwise."""
-        node = self.producer_of(activation)
-        if node is None:
+        """Where a per-channel 1/s on `activation` can be folded, from the scale group the
+        graph blocks annotated on the node producing it: ("norm", weight name) for a norm's
+        scale, ("columns", weight name) for the output columns of the linear multiplied in
+        (silu(gate) * up); None when the activation heads no group."""
+        group = self.scale_groups.get(activation)
+        if group is None or group["layer"] != layer:
             return None
-        if node.op_type == "RMSNormalization" and len(node.input) > 1 and layer_index(node.input[1]) == layer:
-            return ("norm", node.input[1])
-        if node.op_type == "Mul":
-            for inp in node.input:
-                p = self.producer_of(inp)
-                if p is not None and p.op_type == "MatMul" and layer_index(p.input[1]) == layer:
-                    return ("columns", p.input[1])
-        return None
+        return ("norm" if group["kind"] == "norm" else "columns", group["source"])
 
     def slice(self, outputs: list[str], cut: str | None, dst: Path,
               as_input: Callable[[str], bool] = lambda name: False) -> tuple[Path, list[str]]:
@@ -234,11 +245,11 @@ def calibrate(
         if layer == "head":  # linears after the last layer (untied lm_head): re-run it, quantized
             lin = {w: a for w, a in slices.linear_inputs(None).items() if w in plan}
             cut, fold_layer, last = slices.layer_inputs[last_layer], None, True
-            as_input = lambda v: layer_index(v) in (last_layer, None)  # noqa: E731
+            as_input = lambda v: slices.weight_layer(v) in (last_layer, None)  # noqa: E731
         else:
             lin = {w: a for w, a in slices.linear_inputs(layer).items() if w in plan}
             cut, fold_layer, last = slices.layer_inputs[layer], layer, layer == last_layer
-            as_input = lambda v, layer=layer: layer_index(v) == layer  # noqa: E731
+            as_input = lambda v, layer=layer: slices.weight_layer(v) == layer  # noqa: E731
         acts = sorted(set(lin.values()))
         outputs = acts + ([] if last else [slices.layer_inputs[layer + 1]])
         path, weight_inputs = slices.slice(outputs, cut, work_dir / f"layer{layer}.onnx", as_input)
@@ -248,7 +259,7 @@ def calibrate(
         weights = {w: np.ascontiguousarray(np.asarray(loaders[w](), np.float32))
                    for w in dict.fromkeys([*weight_inputs, *lin])}
         for w in weights:  # the head step runs the last layer as already quantized
-            if layer == "head" and layer_index(w) == last_layer:
+            if layer == "head" and slices.weight_layer(w) == last_layer:
                 weights[w] = results[w].dequantize() if w in results else floats.get(w, weights[w])
         needs_xtx = {a for w, a in lin.items() if plan[w].algorithm in ("gptq", "awq")}
         stats = {}
@@ -348,7 +359,7 @@ def _quantize_layer(slices, layer, lin, stats, weights, plan, results, floats, s
         scheme = spec.make()
         if spec.algorithm == "awq":
             shrink = None
-            if not _NO_CLIP.search(module_name(w)):
+            if slices.role_of.get(w) not in _NO_CLIP:
                 shrink = awq_search_clip(stats[a].xtx, work[w], scheme, scale_dtype)
             results[w] = scheme.quantize(work[w], scale_dtype, shrink=shrink)
         elif spec.algorithm == "gptq":

@@ -38,6 +38,7 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
+from llmbuild.graph.annotations import LINEAR, annotate, annotation, nodes_with
 from llmbuild.graph.builder import SOURCE_LOADER
 from llmbuild.quantize.plan import LM_HEAD, ModuleSpec, stored_bytes
 from llmbuild.quantize.schemes import QuantizedTensor, fp8_activation_scale
@@ -46,11 +47,12 @@ _ONNX_CODES = {"int8": ir.DataType.INT8, "int4": ir.DataType.INT4, "fp8": ir.Dat
 
 
 def linear_weights(model: ir.Model) -> dict[str, ir.Value]:
-    """Weight name -> initializer for every MatMul whose B input is a 2-D weight with a
-    source loader (the decoder's linears; a tied lm_head's Gemm is not a MatMul until
-    `untie_lm_head` makes it one)."""
+    """Weight name -> initializer for every linear the graph blocks annotated
+    (`llmbuild.linear` on a MatMul whose B input is a 2-D weight with a source loader):
+    the decoder's linears, and an untied lm_head (a tied lm_head's Gemm is not a MatMul
+    until `untie_lm_head` makes it one)."""
     found = {}
-    for node in model.graph:
+    for node, _meta in nodes_with(list(model.graph), LINEAR):
         if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
             continue
         w = node.inputs[1]
@@ -60,14 +62,13 @@ def linear_weights(model: ir.Model) -> dict[str, ir.Value]:
 
 
 def tied_lm_head(model: ir.Model) -> ir.Node | None:
-    """The lm_head of a model whose output projection is its embedding: the
-    `Gemm(x, E, transB=1)` over the embedding initializer, or None."""
-    for node in model.graph:
-        if node.op_type != "Gemm" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
-            continue
-        e = node.inputs[1]
-        if (e is not None and e.is_initializer() and SOURCE_LOADER in e.meta and node.attributes.get_int("transB", 0)
-                and not node.attributes.get_int("transA", 0) and (len(node.inputs) < 3 or node.inputs[2] is None)):
+    """The lm_head of a model whose output projection is its embedding (the Gemm the
+    lm_head block annotated `"tied": true`), or None."""
+    for node, meta in nodes_with(list(model.graph), LINEAR):
+        if meta.get("role") == "lm_head" and meta.get("tied"):
+            e = node.inputs[1]
+            if node.op_type != "Gemm" or e is None or not e.is_initializer() or SOURCE_LOADER not in e.meta:
+                raise ValueError(f"{node.name}: the tied lm_head is not a Gemm over the embedding initializer")
             return node
     return None
 
@@ -97,7 +98,9 @@ def untie_lm_head(model: ir.Model) -> bool:
     w = _lazy(LM_HEAD, e.dtype, (hidden, vocab), materialize)
     w.meta[SOURCE_LOADER] = load
     model.graph.register_initializer(w)
-    matmul = ir.node("MatMul", [gemm.inputs[0], w], name="lm_head")
+    matmul = ir.node("MatMul", [gemm.inputs[0], w], name=LM_HEAD)
+    meta = annotation(gemm, LINEAR)
+    annotate(matmul, LINEAR, {**meta, "weight": LM_HEAD, "tied": False})
     out = matmul.outputs[0]
     out.type, out.shape = gemm.outputs[0].type, gemm.outputs[0].shape
     model.graph.insert_before(gemm, matmul)

@@ -15,7 +15,9 @@ dtype, and
    that ONNX Runtime folds once at session creation; the KV cache becomes float32).
    CPU kernels compute in float32 anyway, so this only removes per-step casts;
 3. fuses float sibling MatMuls (q/k/v, gate/up) into one MatMul and a Split;
-4. rewrites each layer's attention core into ONNX Runtime's fused contrib operator,
+4. rewrites each layer's attention core (found by its `llmbuild.attention` annotation,
+   which names the q/k/v values and rotary inputs; llmbuild.graph.blocks.attention)
+   into ONNX Runtime's fused contrib operator,
    which reads only each sequence's own rows of a shared past/present buffer and
    applies the rotary embedding itself, at the graph's position_ids:
 
@@ -34,7 +36,8 @@ dtype, and
    `com.microsoft.SkipSimplifiedLayerNormalization`.
 
 Anything the rewrite does not recognise raises `LoweringError`; the executor then runs
-the standard graph instead. Both are checked against HF transformers in the tests.
+the standard graph instead and says so in a WARNING (the conformance suite fails on it).
+Both graphs are checked against HF transformers in the tests.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ import numpy as np
 import onnx_ir as ir
 
 from llmbuild.graph import io
+from llmbuild.graph.annotations import ATTENTION, annotation
 from llmbuild.quantize.cpu_lowering import fuse_sibling_matmulnbits, lower_quantized_matmuls, replace_with_split
 
 MS_DOMAIN = "com.microsoft"
@@ -68,10 +72,25 @@ def _only_consumer(value: ir.Value, op_type: str) -> ir.Node:
     return users[0]
 
 
-def _unheaded(x4: ir.Value) -> ir.Value:
-    """The [B,S,H*D] value before split_heads' Reshape -> Transpose(0,2,1,3)."""
-    t = _producer(x4, "Transpose")
-    return _producer(t.inputs[0], "Reshape").inputs[0]
+def _float_table(graph: ir.Graph, name: str) -> ir.Value:
+    """Initializer `name` as the float32 graph reads it (the Cast that `_promote_to_float32`
+    put after a 16-bit initializer)."""
+    init = graph.initializers.get(name)
+    if init is None:
+        raise LoweringError(f"rotary table {name} not found")
+    if init.dtype == ir.DataType.FLOAT:
+        return init
+    for user, _ in init.uses():
+        if user.op_type == "Cast" and user.outputs[0].dtype == ir.DataType.FLOAT:
+            return user.outputs[0]
+    raise LoweringError(f"rotary table {name} is {init.dtype} and has no float32 cast")
+
+
+def _unheaded(x_heads: ir.Value | None, name: str) -> ir.Value:
+    """The [B,S,H*D] value that the attention block's Reshape to [B,S,H,D] reads."""
+    if x_heads is None:
+        raise LoweringError(f"the attention annotation names {name}, which the graph does not have")
+    return _producer(x_heads, "Reshape").inputs[0]
 
 
 def lower_for_cpu(model: ir.Model, *, int4_accuracy_level: int = 4, int8_accuracy_level: int = 4) -> ir.Model:
@@ -106,34 +125,42 @@ def lower_for_cpu(model: ir.Model, *, int4_accuracy_level: int = 4, int8_accurac
 
     rewired: list[tuple[ir.Value, ir.Value]] = []  # (old value, new value)
     dead: list[ir.Node] = []
+    values = {v.name: v for n in graph for v in n.outputs if v.name}
     for attn in attentions:
-        q4, present_k, present_v = attn.inputs[:3]
+        meta = annotation(attn, ATTENTION)
+        if meta is None:
+            raise LoweringError(f"{attn.name}: Attention node without an {ATTENTION} annotation (not built by "
+                                "llmbuild.graph.blocks.attention)")
+        _, present_k, present_v = attn.inputs[:3]
         if any(attn.inputs[i] is not None for i in (3, 4, 5)):
             raise LoweringError(f"{attn.name}: attention mask/past inputs are not supported")
         attrs = {k: v.value for k, v in attn.attributes.items()}
         if attrs.get("is_causal") != 1 or attrs.get("softcap", 0.0) or attrs.get("qk_matmul_output_mode", 0):
             raise LoweringError(f"{attn.name}: only plain causal attention is supported ({attrs})")
-        rope_q = _producer(q4, "RotaryEmbedding")
+        if meta.get("window") is not None or meta.get("softcap"):
+            raise LoweringError(f"layer {meta['layer']}: sliding window / soft-capping is not lowered yet")
         scatter_k = _producer(present_k, "TensorScatter")
         scatter_v = _producer(present_v, "TensorScatter")
-        rope_k = _producer(scatter_k.inputs[1], "RotaryEmbedding")
         past_k, past_v = scatter_k.inputs[0], scatter_v.inputs[0]
-        for rope in (rope_q, rope_k):
-            if rope.inputs[3] is not position_ids or rope.attributes.get_int("interleaved", 0) != 0:
-                raise LoweringError(f"{rope.name}: expected non-interleaved rotary at position_ids")
-            if rope.attributes.get_int("rotary_embedding_dim", 0) not in (0, q4.shape[-1] if q4.shape else 0):
-                raise LoweringError(f"{rope.name}: partial rotary is not supported")
-        cos, sin = rope_q.inputs[1], rope_q.inputs[2]
-        q_lin, k_lin, v_lin = _unheaded(rope_q.inputs[0]), _unheaded(rope_k.inputs[0]), _unheaded(scatter_v.inputs[1])
+        rotary = meta.get("rotary")
+        if rotary is None:
+            raise LoweringError(f"layer {meta['layer']}: attention without rotary embedding is not lowered")
+        if rotary["position_ids"] != position_ids.name:
+            raise LoweringError(f"layer {meta['layer']}: rotary reads {rotary['position_ids']}, not the graph's "
+                                f"{position_ids.name}")
+        if rotary["dim"] != meta["head_dim"]:
+            raise LoweringError(f"layer {meta['layer']}: partial rotary (dim {rotary['dim']} of "
+                                f"{meta['head_dim']}) is not lowered yet")
+        cos, sin = (_float_table(graph, rotary[t]) for t in ("cos", "sin"))
+        q_lin, k_lin, v_lin = (_unheaded(values.get(meta[x]), meta[x]) for x in ("q", "k", "v"))
         out_t = _only_consumer(attn.outputs[0], "Transpose")
         merged = _only_consumer(out_t.outputs[0], "Reshape").outputs[0]
-        heads, kv_heads, head_dim = _heads(past_k, q_lin, k_lin)
+        heads, kv_heads = int(meta["heads"]), int(meta["kv_heads"])
 
         packed = _packed_qkv(q_lin, k_lin, v_lin)
         qkv = [packed, None, None] if packed is not None else [q_lin, k_lin, v_lin]
-        gqa_attrs = {"num_heads": heads, "kv_num_heads": kv_heads, "do_rotary": 1, "rotary_interleaved": 0}
-        if "scale" in attrs:
-            gqa_attrs["scale"] = float(attrs["scale"])
+        gqa_attrs = {"num_heads": heads, "kv_num_heads": kv_heads, "do_rotary": 1, "rotary_interleaved": 0,
+                     "scale": float(meta["scale"])}
         out, new_k, new_v = tape.op_multi_out(
             "GroupQueryAttention",
             [*qkv, past_k, past_v, seqlens_k, total, cos, sin, position_ids, None, None, None, None, None, None,
@@ -171,26 +198,6 @@ def _packed_qkv(q: ir.Value, k: ir.Value, v: ir.Value) -> ir.Value | None:
             or list(split.outputs) != [q, k, v] or split.attributes.get_int("axis", 0) not in (-1, 2)):
         return None
     return split.inputs[0]
-
-
-def _heads(past_k: ir.Value, q_lin: ir.Value, k_lin: ir.Value) -> tuple[int, int, int]:
-    shape = past_k.shape
-    if shape is None or len(shape) != 4 or not all(isinstance(d, int) for d in (shape[1], shape[3])):
-        raise LoweringError(f"{past_k.name}: expected [B, kv_heads, cache_len, head_dim], got {shape}")
-    kv_heads, head_dim = int(shape[1]), int(shape[3])
-    q_width = _split_width(q_lin)
-    return q_width // head_dim, kv_heads, head_dim
-
-
-def _split_width(x: ir.Value) -> int:
-    """H*D of a [B,S,H*D] value, from the split_heads Reshape that consumes it."""
-    for user, _ in x.uses():
-        if user.op_type == "Reshape":
-            shape = user.inputs[1].const_value
-            if shape is not None:
-                dims = shape.numpy()
-                return int(dims[2] * dims[3])
-    raise LoweringError(f"cannot find the head split of {x.name}")
 
 
 def _promote_to_float32(graph: ir.Graph) -> None:

@@ -86,7 +86,7 @@ class OnnxRuntimeExecutor:
             except LoweringError as e:
                 if cpu_lowering:
                     raise
-                log.info("CPU lowering not applied (%s); running the standard graph", e)
+                log.warning("CPU lowering not applied (%s); running the standard graph (slower)", e)
         self.session = ort.InferenceSession(source, sess_options=opts, providers=["CPUExecutionProvider"])
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.num_layers = num_layers
