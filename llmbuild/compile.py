@@ -108,9 +108,7 @@ def compile_loaded(
     recipe, out_dir: Path, *, quiet: bool = False, verify: bool | None = None,
     cache: bool | str | Path | None = True,
 ) -> Path:
-    from llmbuild.graph.export import MODEL_FILE, WEIGHTS_FILE, save_model
-    from llmbuild.models.build import build_model
-    from llmbuild.quantize.stage import quantize_for_compile, raise_if_failed
+    from llmbuild.quantize.stage import raise_if_failed
     from llmbuild.source import open_source
 
     rd = recipe.to_dict()
@@ -123,23 +121,10 @@ def compile_loaded(
             fingerprint = source.fingerprint()
             dims = model_dims(source.config, precision)
             update(1, 1)
-        tp = rd.get("parallel", {}).get("tp", 1)
         with rep.stage("onnx") as update:
-            if tp > 1:  # one graph per tensor-parallel rank: rank<r>/ (llmbuild.parallel)
-                from llmbuild.parallel.artifact import export_ranks
-
-                ranks = export_ranks(source, tp, stage, precision, limits["max_seq_len"], progress=update,
-                                     quantization=rd.get("quantization"))
-                model_paths, model_path, graph_hash = ranks["paths"], ranks["paths"][0], ranks["graph_hash"]
-            else:
-                model = build_model(source, precision, limits["max_seq_len"])
-                quantization = quantize_for_compile(recipe, model, source, stage, rep)  # llmbuild.quantize
-                model_path = save_model(model, stage / MODEL_DIR, progress=lambda d, t: update(d, t))
-                del model
-                graph_hash = hashlib.sha256(
-                    (file_sha256(model_path) + file_sha256(stage / MODEL_DIR / WEIGHTS_FILE)).encode()
-                ).hexdigest()
-                model_paths = [model_path]
+            graphs = export_graphs(source, stage, precision=precision, max_seq_len=limits["max_seq_len"],
+                                   tp=rd.get("parallel", {}).get("tp", 1), recipe=recipe, rep=rep, progress=update)
+        model_paths = graphs["paths"]
         with rep.stage("tokenizer") as update:
             tokenizer = source.export_tokenizer(stage / TOKENIZER_DIR)
             update(1, 1)
@@ -154,21 +139,15 @@ def compile_loaded(
             "schema_version": SCHEMA_VERSION,
             "name": recipe.name,
             "recipe": rd,
-            "hashes": {"recipe": recipe_hash(rd), "source": fingerprint, "graph": graph_hash},
+            "hashes": {"recipe": recipe_hash(rd), "source": fingerprint, "graph": graphs["graph_hash"]},
             "source": {"path": str(recipe.source_path), "format": source.format},
             **({"variant": recipe.variant} if getattr(recipe, "variant", None) else {}),
             "toolchain": toolchain(),
             "model": dims,
             "limits": limits,
-            "graph": {
-                "file": f"{MODEL_DIR}/{MODEL_FILE}",
-                "weights": f"{MODEL_DIR}/{WEIGHTS_FILE}",
-                "opset": 24,
-                **graph_contract(model_path),
-                **(ranks["graph"] if tp > 1 else {}),
-            },
-            **({"parallel": ranks["parallel"]} if tp > 1 else {}),
-            **({"quantization": quantization} if tp == 1 and quantization else {}),
+            "graph": {**graphs["graph"], "opset": 24, **graph_contract(model_paths[0])},
+            **({"parallel": graphs["parallel"]} if graphs["parallel"] else {}),
+            **({"quantization": graphs["quantization"]} if graphs["quantization"] else {}),
             "tokenizer": tokenizer_info,
             "engines": [],
             "verification": None,
@@ -182,7 +161,7 @@ def compile_loaded(
         source.close()
 
         manifest["engines"] = build_engines(
-            stage, rd, dims, model_paths, rep, source_hash=fingerprint, graph_hash=graph_hash, cache=cache
+            stage, rd, dims, model_paths, rep, source_hash=fingerprint, graph_hash=graphs["graph_hash"], cache=cache
         )
         for info in manifest["engines"]:  # TensorRT flavour + version in the toolchain record
             manifest["toolchain"][info["trt_module"]] = info["trt_version"]
@@ -195,6 +174,59 @@ def compile_loaded(
                 + "\n(figures per prompt: llmbuild verify ARTIFACT --reference SOURCE --json)"
             )
     return out_dir / recipe.name
+
+
+def export_graphs(source, stage: Path, *, precision: str, max_seq_len: int, tp: int = 1, recipe=None,
+                  rep: Reporter | None = None, progress=None) -> dict:
+    """The ONNX stage, one pipeline for every tp: rank r of tp (tp = 1: the only rank,
+    written to model/; tp > 1: rank<r>/) is the architecture's graph on the rank's view of
+    the source, with all-reduce markers after its row-parallel linears (tp > 1), quantized
+    by one QuantizationJob computed on the whole model, and saved with streamed weights.
+
+    `recipe` (a loaded Recipe) is needed only for its `quantization:` section. Returns
+    {paths, graph_hash, graph (manifest entry), parallel (section or None), quantization
+    (entry or None)}."""
+    from llmbuild.graph.export import MODEL_FILE, WEIGHTS_FILE, save_model
+    from llmbuild.models.build import build_model
+    from llmbuild.parallel.artifact import parallel_section
+    from llmbuild.parallel.export import META_RANK, META_TP, mark_allreduce_points, rank_dir
+    from llmbuild.parallel.hints import ShardPlan
+    from llmbuild.parallel.sharder import RankSource
+    from llmbuild.quantize.stage import WORK_DIR, QuantizationJob
+
+    plan = ShardPlan.for_config(source.config, tp)
+    plan.check()
+    job = full = None
+    if recipe is not None and recipe.quantization is not None:
+        full = build_model(source, precision, max_seq_len)  # lazy: nothing is read to plan
+        job = QuantizationJob(full, source, recipe, stage / WORK_DIR, rep)
+    ranks = []
+    digest = hashlib.sha256()
+    for rank in range(tp):
+        if tp == 1:
+            model = full if full is not None else build_model(source, precision, max_seq_len)
+        else:
+            model = build_model(RankSource(source, plan, rank), precision, max_seq_len)
+            model.metadata_props[META_TP], model.metadata_props[META_RANK] = str(tp), str(rank)
+        points = mark_allreduce_points(model) if tp > 1 else []
+        if job is not None:
+            job.apply(model, None if tp == 1 else (plan, rank), last=rank == tp - 1)
+        directory = stage / (MODEL_DIR if tp == 1 else rank_dir(rank))
+        report = None if progress is None else (lambda d, t, r=rank: progress(r * t + d, tp * t))
+        path = save_model(model, directory, progress=report)
+        del model
+        digest.update((file_sha256(path) + file_sha256(directory / WEIGHTS_FILE)).encode())
+        ranks.append({"rank": rank, "dir": directory, "path": path, "collectives": points})
+    del full
+    rel = [r["dir"].name for r in ranks]
+    graph = {"file": f"{rel[0]}/{MODEL_FILE}", "weights": f"{rel[0]}/{WEIGHTS_FILE}"}
+    if tp > 1:
+        graph["ranks"] = [f"{d}/{MODEL_FILE}" for d in rel]
+    return {
+        "paths": [r["path"] for r in ranks], "graph_hash": digest.hexdigest(), "graph": graph,
+        "parallel": parallel_section(ranks, plan, source.config, precision) if tp > 1 else None,
+        "quantization": job.manifest_entry(rep) if job is not None else None,
+    }
 
 
 def check_engines_before_work(rd: dict) -> None:

@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/parallel/shard_memory.py            # writes results.md next to it
 
 Each measurement runs in a fresh process: open the source, then either the unsharded
-export (tp = 1: build_model + save_model) or `llmbuild.parallel.artifact.export_ranks`
-(every rank's graph, one rank after another). A sampling thread records the peak of
+export or the rank graphs (`llmbuild.compile.export_graphs` at tp = 1 or tp > 1,
+every rank's graph, one rank after another). A sampling thread records the peak of
 VmRSS and of its two parts, RssAnon (memory the process holds) and RssFile (pages of
 the memory-mapped source file, reclaimable), above the level after opening the source.
 
@@ -84,9 +84,7 @@ def child(source_path: str, tp: int, out: str) -> None:
     import numpy  # noqa: F401 - imported before the baseline
     import onnx_ir  # noqa: F401
 
-    from llmbuild.graph.export import save_model
-    from llmbuild.models.build import build_model
-    from llmbuild.parallel.artifact import export_ranks
+    from llmbuild.compile import export_graphs
     from llmbuild.source import open_source
 
     source = open_source(Path(source_path))
@@ -102,10 +100,7 @@ def child(source_path: str, tp: int, out: str) -> None:
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
     start = time.perf_counter()
-    if tp == 1:
-        save_model(build_model(source, PRECISION, MAX_SEQ_LEN), Path(out) / "model")
-    else:
-        export_ranks(source, tp, Path(out), PRECISION, MAX_SEQ_LEN)
+    export_graphs(source, Path(out), precision=PRECISION, max_seq_len=MAX_SEQ_LEN, tp=tp)
     seconds = time.perf_counter() - start
     done.set()
     thread.join()

@@ -28,7 +28,9 @@ class OrtGraphRunner:
 
     kind = "onnxruntime"
 
-    def __init__(self, model_path: Path, threads: int | None = None):
+    def __init__(self, model_path: Path, threads: int | None = None, *, model_bytes: bytes | None = None):
+        """`model_bytes`: a serialized graph whose external weights are relative to
+        `model_path` (a folder), e.g. the merged rank graphs of a tensor-parallel artifact."""
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -37,8 +39,13 @@ class OrtGraphRunner:
         opts.log_severity_level = 3
         float_matmuls(opts)
         self.path = Path(model_path)
-        self.session = ort.InferenceSession(str(model_path), sess_options=opts, providers=["CPUExecutionProvider"])
-        self.caches = [i for i in self.session.get_inputs() if i.name.startswith(("past_key", "past_value"))]
+        source: str | bytes = str(model_path)
+        if model_bytes is not None:
+            opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(model_path))
+            source = model_bytes
+        self.session = ort.InferenceSession(source, sess_options=opts, providers=["CPUExecutionProvider"])
+        self.caches = [i for i in self.session.get_inputs()
+                       if i.name.rpartition("/")[2].startswith(("past_key", "past_value"))]
         for c in self.caches:
             if c.type not in _NP:
                 raise UserError(f"{model_path}: ONNX Runtime (CPU) cannot run a {c.type} KV cache; "
@@ -86,15 +93,28 @@ def artifact_graph(path: Path) -> Path | None:
     return Path(path) / m["graph"]["file"]
 
 
+def artifact_runner(path: Path, threads: int | None = None) -> OrtGraphRunner:
+    """The graph of an artifact on ONNX Runtime: the model's graph, or for a tensor-parallel
+    artifact all rank graphs merged, each all-reduce point a Sum (llmbuild.parallel.simulate)."""
+    m = json.loads((Path(path) / "manifest.json").read_text())
+    ranks = m["graph"].get("ranks")
+    if not ranks:
+        return OrtGraphRunner(Path(path) / m["graph"]["file"], threads)
+    from llmbuild.parallel.simulate import merged_model
+
+    return OrtGraphRunner(Path(path), threads, model_bytes=merged_model(Path(path), ranks).SerializeToString())
+
+
 def open_runner(path: str | Path, threads: int | None = None):
     """An artifact dir, a model.onnx, an HF checkpoint dir or a .gguf file."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path} does not exist (expected an artifact directory, an .onnx graph, an HF checkpoint"
                         " directory or a .gguf file)")
-    graph = artifact_graph(path) if path.is_dir() else (path if path.suffix == ".onnx" else None)
-    if graph is not None:
-        return OrtGraphRunner(graph, threads)
+    if path.is_dir() and artifact_graph(path) is not None:
+        return artifact_runner(path, threads)
+    if path.suffix == ".onnx":
+        return OrtGraphRunner(path, threads)
     if (path.is_dir() and (path / "config.json").is_file()) or path.suffix == ".gguf":
         return TorchRunner(path)
     raise UserError(f"{path}: not an artifact (no manifest.json), an .onnx graph, an HF checkpoint (no config.json)"

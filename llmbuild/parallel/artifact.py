@@ -18,18 +18,7 @@ the manifest's `parallel` section.
 
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
-from typing import Callable
-
 from llmbuild.parallel.hints import ShardPlan
-
-QUANTIZATION_UNSUPPORTED = (
-    "parallel.tp > 1 cannot be combined with quantization yet (quantized weights are made from the "
-    "whole model's tensors and calibration; the rank graphs are not quantized): remove `quantization:` "
-    "or set parallel.tp to 1"
-)
-
 
 def precision_itemsize(precision: str) -> int:
     return {"float32": 4, "float16": 2, "bfloat16": 2}[precision]
@@ -47,43 +36,28 @@ def weight_bytes(config: dict, tp: int, precision: str) -> dict:
     return plan.weight_bytes(shapes, precision_itemsize(precision))
 
 
-def export_ranks(
-    source, tp: int, stage: Path, precision: str, max_seq_len: int,
-    progress: Callable[[int, int], None] | None = None, quantization: dict | None = None,
-) -> dict:
-    """Write every rank's graph into `stage`; returns {paths, graph, parallel, graph_hash}
-    where `graph` and `parallel` are manifest entries (graph: rank 0's contract)."""
-    if quantization:
-        from llmbuild.errors import UserError
-
-        raise UserError(QUANTIZATION_UNSUPPORTED)
-    from llmbuild.artifact import file_sha256
+def parallel_section(ranks: list[dict], plan: ShardPlan, config: dict, precision: str) -> dict:
+    """The manifest's `parallel` section for saved rank graphs `ranks`
+    ([{rank, dir, path, collectives}], from the compile pipeline)."""
     from llmbuild.graph.export import MODEL_FILE, WEIGHTS_FILE
     from llmbuild.models import spec_for
-    from llmbuild.parallel.export import rank_dir, save_rank_models
 
-    plan = ShardPlan.for_config(source.config, tp)
-    plan.check()
-    ranks = save_rank_models(source, plan, stage, precision, max_seq_len, progress=progress)
-    spec = spec_for(source.config)
-    shapes = spec.tensors(spec.dims(source.config))
-    digest = hashlib.sha256()
+    spec = spec_for(config)
+    shapes = spec.tensors(spec.dims(config))
     entries = []
     for r in ranks:
-        rel = rank_dir(r["rank"])
-        data = r["dir"] / WEIGHTS_FILE
-        digest.update((file_sha256(r["path"]) + file_sha256(data)).encode())
+        rel = r["dir"].name
         entries.append({"rank": r["rank"], "graph": f"{rel}/{MODEL_FILE}", "weights": f"{rel}/{WEIGHTS_FILE}",
-                        "weights_file_bytes": data.stat().st_size})
+                        "weights_file_bytes": (r["dir"] / WEIGHTS_FILE).stat().st_size})
     collectives = ranks[0]["collectives"]
     if any(r["collectives"] != collectives for r in ranks):
         from llmbuild.errors import BuildError
 
         raise BuildError("the rank graphs disagree on their all-reduce points; the model's sharding hints "
                          "do not fit its graph")
-    per_rank = plan.rank_config(source.config)
-    parallel = {
-        "tp": tp,
+    per_rank = plan.rank_config(config)
+    return {
+        "tp": plan.tp,
         "per_rank": {k: per_rank[k] for k in ("num_attention_heads", "num_key_value_heads", "intermediate_size",
                                               "head_dim") if k in per_rank},
         "notes": plan.notes(),
@@ -91,6 +65,3 @@ def export_ranks(
         "ranks": entries,
         "collectives": collectives,
     }
-    return {"paths": [r["path"] for r in ranks], "parallel": parallel, "graph_hash": digest.hexdigest(),
-            "graph": {"file": entries[0]["graph"], "weights": entries[0]["weights"],
-                      "ranks": [e["graph"] for e in entries]}}

@@ -67,37 +67,3 @@ def mark_allreduce_points(model: ir.Model) -> list[dict]:
         points.append({"name": name, "op": "all_reduce", "reduce": "sum", "weight": meta["weight"]})
     model.metadata_props[META_POINTS] = json.dumps([p["name"] for p in points])
     return points
-
-
-def build_rank_model(source, plan: ShardPlan, rank: int, precision: str, max_seq_len: int) -> tuple[ir.Model, list[dict]]:
-    """Rank `rank`'s decoder graph (lazy weights) and its collective plan."""
-    from llmbuild.models.build import build_model
-
-    model = build_model(RankSource(source, plan, rank), precision, max_seq_len)
-    model.metadata_props[META_TP] = str(plan.tp)
-    model.metadata_props[META_RANK] = str(rank)
-    points = mark_allreduce_points(model)
-    return model, points
-
-
-def save_rank_models(
-    source, plan: ShardPlan, out_dir: Path, precision: str, max_seq_len: int,
-    progress: Callable[[int, int], None] | None = None,
-) -> list[dict]:
-    """Write rank<r>/model.onnx (+ .data) for every rank, one rank at a time.
-
-    Returns per rank: {rank, dir, graph path, collective plan}. Weights stream from the
-    source (read, sliced, written, dropped), so memory stays near one rank's in-flight
-    window plus one full tensor.
-    """
-    from llmbuild.graph.export import save_model
-
-    ranks = []
-    for rank in range(plan.tp):
-        model, points = build_rank_model(source, plan, rank, precision, max_seq_len)
-        directory = Path(out_dir) / rank_dir(rank)
-        report = None if progress is None else (lambda d, t, r=rank: progress(r * t + d, plan.tp * t))
-        path = save_model(model, directory, progress=report)
-        del model
-        ranks.append({"rank": rank, "dir": directory, "path": path, "collectives": points})
-    return ranks

@@ -23,8 +23,9 @@ import numpy as np
 from llmbuild.errors import BuildError, UserError
 from llmbuild.graph.builder import SOURCE_LOADER
 from llmbuild.quantize.graph import linear_weights, quantize_graph, tied_lm_head, untie_lm_head
-from llmbuild.quantize.plan import (format_summary, resolve_plan, summarize, tied_lm_head_refusal, tied_lm_head_spec,
-                                    unmatched_overrides)
+from llmbuild.quantize.plan import (format_summary, resolve_plan, stored_bytes, summarize, tied_lm_head_refusal,
+                                    tied_lm_head_spec, unmatched_overrides)
+from llmbuild.quantize.shard import shard_graph_array, shard_quantized
 
 WORK_DIR = ".quantize-work"
 GATE_TOKENS = 4096
@@ -61,68 +62,113 @@ def calibration_tokens(source, calibration: dict, base_dir: Path, work_dir: Path
                         where=f"calibration dataset {calibration['dataset']!r}")
 
 
+class QuantizationJob:
+    """The recipe's `quantization:` for one source: the plan and (if any module needs it)
+    the calibration, computed once on the whole model, then applied to the graph of
+    tp = 1 or to every tensor-parallel rank's graph.
+
+    A rank's codes and scales are the whole weight's, sliced along the shard dimension
+    in whole groups (`shard_quantized`), so rank r of a quantized tp = N artifact holds
+    exactly its part of the tp = 1 artifact's weights.
+    """
+
+    def __init__(self, full_model, source, recipe, work_dir: Path, rep=None, threads: int | None = None):
+        """`full_model`: the whole model's lazy graph (for tp = 1 the graph that will be
+        saved; it is only read here)."""
+        from llmbuild.models import spec_for
+
+        rd = recipe.to_dict()
+        self.q = q = rd["quantization"]
+        dims = spec_for(source.config).dims(source.config)
+        self.untie = tied_lm_head(full_model) is not None and _untie_if_quantized(full_model, q, dims.layers)
+        weights = linear_weights(full_model)
+        self.plan = resolve_plan(q, list(weights), dims.layers)
+        self.shapes = {n: tuple(int(d) for d in v.shape) for n, v in weights.items()}
+        self.loaders = {n: v.meta[SOURCE_LOADER] for n, v in full_model.graph.initializers.items()
+                        if SOURCE_LOADER in v.meta}
+        compute = next(iter(weights.values())).dtype if weights else None
+        self.itemsize = compute.itemsize if compute is not None else 4
+        self.scale_dtype = compute.numpy() if compute is not None else np.float32
+        self.unmatched = unmatched_overrides(q, list(weights), dims.layers)
+        self.cal = None
+        if any(spec.calibrated for spec in self.plan.values()):
+            from llmbuild.quantize.calibration import calibrate
+
+            c = q["calibration"]
+            work_dir.mkdir(parents=True, exist_ok=True)
+            stage = rep.stage("calibrate") if rep is not None else _null_stage()
+            with stage as update:
+                tokens = calibration_tokens(source, c, _base_dir(recipe), work_dir)
+                ref = reference_graph(source, work_dir, max(rd["limits"]["max_seq_len"], c["seq_len"]))
+                self.cal = calibrate(ref, tokens, self.plan, self.loaders, kv_heads=dims.kv_heads,
+                                     head_dim=dims.head_dim, work_dir=ref.parent, scale_dtype=self.scale_dtype,
+                                     seed=c["seed"], threads=threads, progress=lambda d, t, msg: update(d, t, msg))
+
+    def apply(self, model, shard=None, *, last: bool = True) -> dict[str, int]:
+        """Rewrite `model` (lazy, not yet saved): the whole model (`shard` None) or rank
+        `shard = (ShardPlan, rank)`'s graph. `last`: no later graph needs the calibration
+        results (they are released as the weights are saved)."""
+        if self.untie:
+            untie_lm_head(model)
+        cal = self.cal
+
+        def whole(name):
+            qt = None
+            if cal is not None:
+                qt = cal.results.pop(name, None) if last else cal.results.get(name)
+            if qt is None and shard is not None:  # RTN of the whole weight, then this rank's slice
+                qt = self.plan[name].make().quantize(np.asarray(self.loaders[name](), np.float32), self.scale_dtype)
+            return qt
+
+        if shard is None:
+            results, floats = whole, (lambda name: cal.floats[name]) if cal is not None else None
+        else:
+            plan, rank = shard
+            results = lambda name: shard_quantized(whole(name), plan, name, rank)  # noqa: E731
+            floats = (lambda name: shard_graph_array(cal.floats[name], plan, name, rank)) if cal is not None else None
+        return quantize_graph(
+            model, self.plan, results=results, replaced_floats=floats,
+            replaced_names=tuple(cal.floats) if cal is not None else (),
+            activation_amax=cal.activation_amax if cal is not None else None,
+        )
+
+    def manifest_entry(self, rep=None) -> dict:
+        """The manifest's `quantization` entry (bytes of the whole model's linears)."""
+        stored = {n: stored_bytes(self.plan[n], self.shapes[n], self.itemsize) for n in self.plan}
+        summary = summarize(self.plan, self.shapes, stored)
+        if self.unmatched:
+            summary["unmatched_overrides"] = self.unmatched
+        if rep is not None:
+            rep.log("quantization:\n" + format_summary(summary) + "".join(
+                f"\n  overrides[{i}] selects no linear weight (embeddings stay unquantized)"
+                for i in self.unmatched))
+        q = self.q
+        out = {"weights": q["weights"], "overrides": q.get("overrides") or [], "summary": summary,
+               "linear_weight_bytes": int(sum(stored.values()))}
+        if self.cal is not None:
+            out["calibration"] = {"dataset": q["calibration"]["dataset"], **self.cal.report}
+        return out
+
+
 def quantize_model(model, source, recipe, work_dir: Path, rep=None, threads: int | None = None) -> dict:
     """Rewrite `model` (lazy, not yet saved) as the recipe's `quantization:` says; returns
     the manifest's `quantization` entry."""
-    from llmbuild.models import spec_for
-
-    rd = recipe.to_dict()
-    q = rd["quantization"]
-    dims = spec_for(source.config).dims(source.config)
-    if tied_lm_head(model) is not None:
-        _untie_if_quantized(model, q, dims.layers)
-    weights = linear_weights(model)
-    plan = resolve_plan(q, list(weights), dims.layers)
-    shapes = {n: tuple(int(d) for d in v.shape) for n, v in weights.items()}
-    compute = next(iter(weights.values())).dtype if weights else None
-    scale_dtype = compute.numpy() if compute is not None else np.float32
-    cal = None
-    if any(spec.calibrated for spec in plan.values()):
-        from llmbuild.quantize.calibration import calibrate
-
-        c = q["calibration"]
-        work_dir.mkdir(parents=True, exist_ok=True)
-        stage = rep.stage("calibrate") if rep is not None else _null_stage()
-        with stage as update:
-            tokens = calibration_tokens(source, c, _base_dir(recipe), work_dir)
-            ref = reference_graph(source, work_dir, max(rd["limits"]["max_seq_len"], c["seq_len"]))
-            loaders = {n: v.meta[SOURCE_LOADER] for n, v in model.graph.initializers.items()
-                       if SOURCE_LOADER in v.meta}
-            cal = calibrate(ref, tokens, plan, loaders, kv_heads=dims.kv_heads, head_dim=dims.head_dim, work_dir=ref.parent, scale_dtype=scale_dtype,
-                            seed=c["seed"], threads=threads,
-                            progress=lambda d, t, msg: update(d, t, msg))
-    stored = quantize_graph(
-        model, plan,
-        results=(lambda name: cal.results.pop(name, None)) if cal is not None else (lambda name: None),
-        replaced_floats=(lambda name: cal.floats[name]) if cal is not None else None,
-        replaced_names=tuple(cal.floats) if cal is not None else (),
-        activation_amax=cal.activation_amax if cal is not None else None,
-    )
-    summary = summarize(plan, shapes, stored)
-    unmatched = unmatched_overrides(q, list(weights), dims.layers)
-    if unmatched:
-        summary["unmatched_overrides"] = unmatched
-    if rep is not None:
-        rep.log("quantization:\n" + format_summary(summary) + "".join(
-            f"\n  overrides[{i}] selects no linear weight (embeddings stay unquantized)"
-            for i in unmatched))
-    out = {"weights": q["weights"], "overrides": q.get("overrides") or [], "summary": summary,
-           "linear_weight_bytes": int(sum(stored.values()))}
-    if cal is not None:
-        out["calibration"] = {"dataset": q["calibration"]["dataset"], **cal.report}
-    return out
+    job = QuantizationJob(model, source, recipe, work_dir, rep, threads)
+    job.apply(model)
+    return job.manifest_entry(rep)
 
 
-def _untie_if_quantized(model, quantization: dict, num_layers: int) -> None:
-    """A tied lm_head that an override names gets its own (quantized) weight."""
+def _untie_if_quantized(model, quantization: dict, num_layers: int) -> bool:
+    """A tied lm_head that an override names gets its own (quantized) weight; True when
+    `model` was untied."""
     named = tied_lm_head_spec(quantization, num_layers)
     if named is None:
-        return
+        return False
     spec, index = named
     refusal = tied_lm_head_refusal(spec)
     if refusal:
         raise UserError(f"quantization.overrides[{index}]: {refusal}")
-    untie_lm_head(model)
+    return untie_lm_head(model)
 
 
 class _null_stage:
@@ -142,7 +188,7 @@ def quality_gate(stage: Path, recipe, source, work_dir: Path, rep=None, threads:
     evaluation text; `passed` is False when a `verify:` threshold is missed."""
     from llmbuild.eval import evaluate_runners
     from llmbuild.eval.corpus import token_chunks
-    from llmbuild.eval.runners import OrtGraphRunner, artifact_graph
+    from llmbuild.eval.runners import OrtGraphRunner, artifact_runner
 
     rd = recipe.to_dict()
     v = rd.get("verify") or {}
@@ -158,7 +204,7 @@ def quality_gate(stage: Path, recipe, source, work_dir: Path, rep=None, threads:
         count = max(1, tokens // seq_len)
         chunks = token_chunks(ids, seq_len, min(count, max(1, len(ids) // seq_len)), where=f"dataset {dataset!r}")
         ref_path = reference_graph(source, work_dir, rd["limits"]["max_seq_len"])
-        cand, ref = OrtGraphRunner(artifact_graph(stage), threads), OrtGraphRunner(ref_path, threads)
+        cand, ref = artifact_runner(stage, threads), OrtGraphRunner(ref_path, threads)
         try:
             metrics = evaluate_runners(cand, ref, chunks, progress=lambda d, t: update(d, t))
         finally:
@@ -212,13 +258,6 @@ def maybe_gate(recipe, stage: Path, source, rep, verify: bool | None) -> dict | 
         return report
     finally:
         cleanup(work_dir)
-
-
-def quantize_for_compile(recipe, model, source, stage: Path, rep) -> dict | None:
-    """compile's quantize step: None when the recipe has no `quantization:`."""
-    if recipe.quantization is None:
-        return None
-    return quantize_model(model, source, recipe, stage / WORK_DIR, rep)
 
 
 def raise_if_failed(report: dict | None, artifact: Path) -> None:

@@ -116,10 +116,6 @@ def _check_parallel(config: dict, tree: Tree, problems: list[Problem]) -> None:
         found, _notes = tp_problems(config, tp)
     except (UserError, KeyError, ValueError) as e:
         found = [f"cannot shard this model: {e}"]
-    if tree.get(("quantization",)) is not None:
-        from llmbuild.parallel.artifact import QUANTIZATION_UNSUPPORTED
-
-        found.append(QUANTIZATION_UNSUPPORTED)
     for message in found:
         problems.append(Problem("parallel.tp", message, *tree.where(("parallel", "tp"))))
 

@@ -351,15 +351,6 @@ class Recipe(_Section):
             raise PydanticCustomError("duplicate_engine", message, {"engine": name, "index": i, "first": first})
         return engines
 
-    @field_validator("quantization")
-    @classmethod
-    def _quantization_single_rank(cls, value, info: ValidationInfo):
-        parallel = info.data.get("parallel")
-        if value is not None and parallel is not None and parallel.tp > 1:
-            raise PydanticCustomError("quantization", "quantization with parallel.tp > 1 is not supported yet;"
-                                      " expected parallel.tp: 1")
-        return value
-
     @field_validator("matrix")
     @classmethod
     def _matrix_axes(cls, matrix: dict[str, Any]) -> dict[str, Any]:
