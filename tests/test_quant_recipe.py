@@ -68,9 +68,10 @@ def test_mistakes_are_reported_where_they_are(tmp_path):
     assert found["quantization.weights.group_size"] == "3: expected one of 32, 64 or 128; found 48 (integer)"
 
 
-def test_quantization_with_tensor_parallelism_is_refused(tmp_path):
-    found = problems(tmp_path, "parallel: {tp: 2}\nquantization: {weights: {scheme: int8}}\n")
-    assert "quantization with parallel.tp > 1 is not supported yet" in found["quantization"]
+def test_quantization_composes_with_tensor_parallelism(tmp_path):
+    """tp > 1 with quantization is a valid recipe (tests/test_parallel.py checks the numbers)."""
+    r = load(tmp_path, "parallel: {tp: 2}\nquantization: {weights: {scheme: int8}}\n")
+    assert r.to_dict()["parallel"]["tp"] == 2 and r.to_dict()["quantization"]["weights"]["scheme"] == "int8"
 
 
 def test_calibrated_override_of_a_tied_lm_head_is_refused_at_its_line(tmp_path):
