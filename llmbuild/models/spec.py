@@ -30,8 +30,8 @@ The table below is the decoder of Llama; `Linear.module` is the HF module path i
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar, NamedTuple
+from dataclasses import dataclass
+from typing import ClassVar, NamedTuple
 
 LAYER_PREFIX = "model.layers."
 
@@ -111,7 +111,6 @@ class Dims:
     vocab: int
     rms_eps: float
     tied: bool
-    extra: dict[str, Any] = field(default_factory=dict)  # architecture-specific values
 
     @property
     def q_width(self) -> int:
@@ -128,8 +127,8 @@ class Dims:
                 "q_width": self.q_width, "kv_width": self.kv_width}
 
 
-def _positive_int(config: dict, key: str, problems: list[str], default=None) -> int | None:
-    value = config.get(key, default)
+def _positive_int(config: dict, key: str, problems: list[str]) -> int | None:
+    value = config.get(key)
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         problems.append(f"{key}={value!r} must be a positive integer")
         return None
@@ -314,7 +313,3 @@ class ArchitectureSpec:
         module = importlib.import_module(self.graph_module)
         module.build(gb, self, config, source, max_seq_len)
 
-
-def with_linears(spec_linears: tuple[Linear, ...], **changes: dict) -> tuple[Linear, ...]:
-    """The linears with per-role field changes: `with_linears(L, q={"bias": True})`."""
-    return tuple(replace(lin, **changes[lin.role]) if lin.role in changes else lin for lin in spec_linears)

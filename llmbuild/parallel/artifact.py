@@ -24,18 +24,6 @@ def precision_itemsize(precision: str) -> int:
     return {"float32": 4, "float16": 2, "bfloat16": 2}[precision]
 
 
-def weight_bytes(config: dict, tp: int, precision: str) -> dict:
-    """Weight bytes per rank for `llmbuild plan`: 1/tp of the sharded weights plus the
-    replicated ones (embeddings, norms, lm_head), in the compute precision."""
-    from llmbuild.models import spec_for
-
-    spec = spec_for(config)
-    plan = ShardPlan.for_config(config, tp)
-    plan.check()
-    shapes = spec.tensors(spec.dims(config))
-    return plan.weight_bytes(shapes, precision_itemsize(precision))
-
-
 def parallel_section(ranks: list[dict], plan: ShardPlan, config: dict, precision: str) -> dict:
     """The manifest's `parallel` section for saved rank graphs `ranks`
     ([{rank, dir, path, collectives}], from the compile pipeline)."""

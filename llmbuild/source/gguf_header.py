@@ -200,6 +200,7 @@ def config_from_gguf(header: GGUFHeader, path: Path) -> dict:
             raise UserError(f"{path}: GGUF metadata key {arch}.{key} is missing")
         return value
 
+    hf_class = hf_architecture(arch)
     hidden = int(need("embedding_length"))
     heads = int(need("attention.head_count"))
     kv_heads = get("attention.head_count_kv", heads)
@@ -214,8 +215,8 @@ def config_from_gguf(header: GGUFHeader, path: Path) -> dict:
     matrix_types = {t.ggml_type for t in tensors.values() if len(t.ne) == 2}
     dtype = {frozenset({_F16}): "float16", frozenset({_BF16}): "bfloat16"}.get(frozenset(matrix_types), "float32")
     return {
-        "architectures": [hf_architecture(arch) or f"gguf:{arch}"],
-        "model_type": arch if hf_architecture(arch) else None,
+        "architectures": [hf_class or f"gguf:{arch}"],
+        "model_type": arch if hf_class else None,
         "hidden_size": hidden,
         "intermediate_size": get("feed_forward_length"),
         "num_hidden_layers": int(need("block_count")),
