@@ -102,12 +102,12 @@ class LoadedModel:
     # -- requests -----------------------------------------------------------------------------
     def submit(self, prompt_ids: Sequence[int], *, max_new_tokens: int = 64, params: SamplingParams = SamplingParams(),
                stop: Sequence[str] = (), logprobs: int | None = None, stream: bool = False,
-               ignore_eos: bool = False, grammar=None, notify=None) -> RequestHandle:
+               ignore_eos: bool = False, grammar=None, notify=None, on_finish=None) -> RequestHandle:
         """Queue one request of token ids (thread-safe); see RequestHandle. `grammar`:
-        from `self.grammar(...)`; `notify`: see Engine.submit."""
+        from `self.grammar(...)`; `notify`, `on_finish`: see Engine.submit."""
         request = Request(tuple(int(t) for t in prompt_ids), max_new_tokens, params, tuple(stop), logprobs, stream,
                           ignore_eos, grammar)
-        return self.engine.submit(request, notify=notify)
+        return self.engine.submit(request, notify=notify, on_finish=on_finish)
 
     def generate_ids(
         self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64, params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),

@@ -102,7 +102,7 @@ class Job:
                 for j in range(n):
                     self.handles.append(state.model.submit(
                         prompt, max_new_tokens=max_tokens, params=params[j], stop=stop, logprobs=logprobs,
-                        stream=stream, grammar=grammar, notify=self._notify))
+                        stream=stream, grammar=grammar, notify=self._notify, on_finish=state.metrics.observe))
         except BaseException:
             self.cancel()
             raise
@@ -138,9 +138,7 @@ class Job:
         if handle.error is not None:
             log.error("generation failed: %s: %s", type(handle.error).__name__, handle.error)
             raise ApiError(500, f"the generation failed: {handle.error}", type="server_error", code="engine_error")
-        generation = handle.result()
-        self.state.metrics.observe(generation)
-        return generation
+        return handle.result()
 
     def cancel(self) -> None:
         for h in self.handles:
