@@ -38,6 +38,10 @@ _FINISH = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "stop
 DISCONNECT_POLL = 0.25  # seconds between disconnect checks of a non-streaming request
 
 
+class ClientGone(Exception):
+    """The client of a non-streaming request closed its connection."""
+
+
 class ServerState:
     """What the endpoints share: the model, admission control, metrics, readiness."""
 
@@ -121,7 +125,7 @@ class Job:
                 await asyncio.wait_for(self.wake.wait(), DISCONNECT_POLL)
             except asyncio.TimeoutError:
                 if request is not None and await request.is_disconnected():
-                    raise asyncio.CancelledError
+                    raise ClientGone
                 continue
             self.wake.clear()
             for i in sorted(self.open):
@@ -229,6 +233,9 @@ def create_app(server: ServerState, *, close_model: bool = True) -> FastAPI:
             response = await work(s)
         except ApiError as e:
             return answer(endpoint, s, e.status, e.body(), e.headers)
+        except ClientGone:  # nobody reads this answer; its sequences are cancelled
+            return answer(endpoint, s, 499, {"error": {"message": "client closed the request", "type": "cancelled",
+                                                       "param": None, "code": None}})
         except UserError as e:  # the runtime's own checks (limits, parameters)
             return answer(endpoint, s, 400, ApiError(400, str(e)).body())
         except ValueError as e:  # e.g. a chat template that refuses the messages
