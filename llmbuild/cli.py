@@ -460,6 +460,40 @@ def detokenize(artifact, ids, as_json):
         click.echo(text)
 
 
+@cli.command()
+@click.argument("artifact", type=click.Path())
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind; without --api-key-env keep it on loopback.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--api-key-env", metavar="VAR", default=None,
+              help="Require 'Authorization: Bearer <key>' with the key read from environment variable VAR.")
+@click.option("--max-queue", default=64, show_default=True, type=click.IntRange(min=0),
+              help="Sequences waiting beyond the slots; more answer 429 with Retry-After.")
+@click.option("--max-batch-size", type=click.IntRange(min=1), default=None,
+              help="Cache slots (default: the artifact's max_batch_size).")
+@click.option("--grace-period", default=30.0, show_default=True, type=click.FloatRange(min=0),
+              help="Seconds in-flight requests get to finish after SIGTERM.")
+@click.option("--model-name", default=None, help="Model id served under /v1/models (default: the artifact's name).")
+@click.option("--replicas", default=None, type=click.IntRange(min=1),
+              help="Run N replicas behind Ray Serve (needs llmbuild[ray]), one engine each.")
+@_runtime_options
+def serve(artifact, host, port, api_key_env, max_queue, max_batch_size, grace_period, model_name, replicas, backend,
+          threads):
+    """Serve ARTIFACT over an OpenAI-compatible HTTP API (/v1/chat/completions,
+    /v1/completions, /v1/models, /health, /ready, /metrics). Needs llmbuild[serve]."""
+    if replicas is not None:
+        from llmbuild.serve.ray_app import serve_with_ray
+
+        sys.exit(serve_with_ray(artifact, replicas=replicas, host=host, port=port, api_key_env=api_key_env,
+                                max_queue=max_queue, backend=backend, threads=threads,
+                                max_batch_size=max_batch_size, model_id=model_name))
+    from llmbuild.serve.server import serve as run_server
+
+    sys.exit(run_server(artifact, host=host, port=port, api_key_env=api_key_env, max_queue=max_queue,
+                        backend=backend, threads=threads, max_batch_size=max_batch_size, grace_period=grace_period,
+                        model_id=model_name))
+
+
 def main():
     cli(prog_name="llmbuild")
 

@@ -7,7 +7,11 @@ fed by a queue that any number of threads submit to.
 
 The thread starts with the first request and sleeps while there is no work. An
 executor failure fails every request in flight (each handle re-raises it) and the
-engine carries on with the next ones.
+engine carries on with the next ones; an error in one request's sampling (e.g. its
+grammar) fails that request only.
+
+Asynchronous callers (the HTTP server, llmbuild.serve) pass `notify`, called on the
+engine thread after every event, and read the events with `drain()` without blocking.
 """
 
 from __future__ import annotations
@@ -28,8 +32,9 @@ class RequestHandle:
     """A submitted request: `result()` waits for its Generation; iterating yields its
     text deltas as they are produced (stream=True requests)."""
 
-    def __init__(self, seq: Sequence):
+    def __init__(self, seq: Sequence, notify: Callable[[], None] | None = None):
         self._seq = seq
+        self._notify = notify or _nothing
         self._events: queue.SimpleQueue = queue.SimpleQueue()
         self._finished = threading.Event()
         self._generation: Generation | None = None
@@ -38,16 +43,19 @@ class RequestHandle:
     # engine side
     def _emit(self, delta: str) -> None:
         self._events.put(delta)
+        self._notify()
 
     def _done(self, generation: Generation) -> None:
         self._generation = generation
         self._finished.set()
         self._events.put(_DONE)
+        self._notify()
 
     def _fail(self, error: BaseException) -> None:
         self._error = error
         self._finished.set()
         self._events.put(_DONE)
+        self._notify()
 
     # caller side
     def done(self) -> bool:
@@ -56,6 +64,22 @@ class RequestHandle:
     def cancel(self) -> None:
         """Stop generating; the result's finish_reason is "cancelled"."""
         self._seq.cancel()
+
+    def drain(self) -> list[str]:
+        """The text deltas produced since the last call, without waiting. When `done()`
+        was true before the call, the list holds every delta that is left."""
+        out = []
+        while True:
+            try:
+                item = self._events.get_nowait()
+            except queue.Empty:
+                return out
+            if item is not _DONE:
+                out.append(item)
+
+    @property
+    def error(self) -> BaseException | None:
+        return self._error
 
     def result(self, timeout: float | None = None) -> Generation:
         if not self._finished.wait(timeout):
@@ -100,13 +124,23 @@ class Engine:
     def reset_stats(self) -> None:
         self.scheduler.stats = EngineStats()
 
-    def submit(self, request: Request, *, on_finish: Callable[[Generation], None] | None = None) -> RequestHandle:
+    def submit(self, request: Request, *, on_finish: Callable[[Generation], None] | None = None,
+               notify: Callable[[], None] | None = None) -> RequestHandle:
         """Queue a request (thread-safe). Raises UserError at once if it exceeds the
-        engine's limits, so nothing out of range ever reaches the executor."""
+        engine's limits, so nothing out of range ever reaches the executor. `notify` is
+        called (on the engine thread) after each event of the handle."""
         check_request(request.prompt_ids, request.max_new_tokens, self.limits, self.vocab_size)
         seq = Sequence(request=request, submitted=time.perf_counter())
-        handle = RequestHandle(seq)
+        if request.grammar is not None:
+            seq.constraint = request.grammar.matcher()  # a bad grammar fails here, in the caller
+        handle = RequestHandle(seq, notify)
         seq.emit = handle._emit if request.stream else None
+
+        def fail(error: BaseException, handle=handle):
+            self._handles.pop(id(seq), None)
+            handle._fail(error)
+
+        seq.fail = fail
 
         def done(generation: Generation, handle=handle):
             self._handles.pop(id(seq), None)
@@ -159,6 +193,10 @@ class Engine:
             self._cv.notify()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=60)
+
+
+def _nothing() -> None:
+    pass
 
 
 class _Null:

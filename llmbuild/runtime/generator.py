@@ -26,7 +26,7 @@ class Generation:
     prompt_token_ids: list[int]
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
-    finish_reason: str | None = None  # "eos" | "length" | "stop" | "cancelled"
+    finish_reason: str | None = None  # "eos" | "length" | "stop" (stop string, or grammar complete) | "cancelled"
     logprobs: list[TokenLogprob] | None = None
     time_to_first_token: float | None = None  # seconds from submission
     seconds: float | None = None  # submission to finish
@@ -52,6 +52,7 @@ class Request:
     logprobs: int | None = None
     stream: bool = False  # deliver text deltas as they are produced
     ignore_eos: bool = False  # generate max_new_tokens whatever the model says (benchmarks)
+    grammar: object | None = field(default=None, compare=False)  # llmbuild.runtime.grammar.Grammar
 
     def __post_init__(self):
         if self.max_new_tokens < 1:

@@ -4,6 +4,7 @@
     model.generate(["Hi", "Hello"], max_new_tokens=32)      # list in, list of Generations out
     for delta in model.stream("Tell me a story"): ...        # text deltas as they come
     model.chat([{"role": "user", "content": "Hi"}])         # the artifact's chat template
+    model.generate("A user:", json_schema={"type": "object"})  # JSON matching a schema
 
 All calls go through one engine (llmbuild.runtime.engine) with continuous batching, so
 they may be made from several threads at once.
@@ -86,6 +87,13 @@ class LoadedModel:
     def eos_token_ids(self) -> list[int]:
         return self.tokenizer.eos_token_ids
 
+    def grammar(self, json_schema: dict | str | None):
+        """A compiled structured-output grammar for this artifact's tokenizer: JSON text
+        matching `json_schema` (None: any JSON object). See llmbuild.runtime.grammar."""
+        from llmbuild.runtime.grammar import Grammar, grammar_tokenizer
+
+        return Grammar.json_schema(json_schema, grammar_tokenizer(self))
+
     def encode(self, prompt: str, *, chat: bool) -> list[int]:
         if chat:
             return self.tokenizer.encode_chat([{"role": "user", "content": prompt}])
@@ -94,21 +102,23 @@ class LoadedModel:
     # -- requests -----------------------------------------------------------------------------
     def submit(self, prompt_ids: Sequence[int], *, max_new_tokens: int = 64, params: SamplingParams = SamplingParams(),
                stop: Sequence[str] = (), logprobs: int | None = None, stream: bool = False,
-               ignore_eos: bool = False) -> RequestHandle:
-        """Queue one request of token ids (thread-safe); see RequestHandle."""
+               ignore_eos: bool = False, grammar=None, notify=None, on_finish=None) -> RequestHandle:
+        """Queue one request of token ids (thread-safe); see RequestHandle. `grammar`:
+        from `self.grammar(...)`; `notify`, `on_finish`: see Engine.submit."""
         request = Request(tuple(int(t) for t in prompt_ids), max_new_tokens, params, tuple(stop), logprobs, stream,
-                          ignore_eos)
-        return self.engine.submit(request)
+                          ignore_eos, grammar)
+        return self.engine.submit(request, notify=notify, on_finish=on_finish)
 
     def generate_ids(
         self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64, params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
-        stop: Sequence[str] = (), logprobs: int | None = None,
+        stop: Sequence[str] = (), logprobs: int | None = None, grammar=None,
     ) -> list[Generation]:
         """Token ids in, Generations out; all prompts run together (continuous batching)."""
         per_prompt = list(params) if not isinstance(params, SamplingParams) else [params] * len(prompts)
         if len(per_prompt) != len(prompts):
             raise UserError(f"{len(per_prompt)} sampling settings for {len(prompts)} prompts")
-        handles = [self.submit(p, max_new_tokens=max_new_tokens, params=sp, stop=stop, logprobs=logprobs)
+        handles = [self.submit(p, max_new_tokens=max_new_tokens, params=sp, stop=stop, logprobs=logprobs,
+                               grammar=grammar)
                    for p, sp in zip(prompts, per_prompt)]
         return [h.result() for h in handles]
 
@@ -116,11 +126,12 @@ class LoadedModel:
         self, prompts: str | Sequence[str], *, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
         top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0, presence_penalty: float = 0.0,
         frequency_penalty: float = 0.0, seed: int | Sequence[int] = 0, stop: str | Sequence[str] = (),
-        logprobs: int | None = None, chat: bool = False,
+        logprobs: int | None = None, chat: bool = False, json_schema: dict | str | None = None,
     ) -> list[Generation]:
         """Text in, `Generation`s (text, token ids, finish reason, logprobs) out; greedy at
         temperature 0. `seed` may be one per prompt; a seeded request gives the same
-        text alone or batched with others."""
+        text alone or batched with others. `json_schema`: the output is JSON text that
+        matches this schema (structured output, llmbuild.runtime.grammar)."""
         if isinstance(prompts, str):
             prompts = [prompts]
         seeds = [seed] * len(prompts) if isinstance(seed, int) else list(seed)
@@ -130,8 +141,9 @@ class LoadedModel:
                                  repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
                                  frequency_penalty=frequency_penalty) for s in seeds]
         ids = [self.encode(p, chat=chat) for p in prompts]
+        grammar = self.grammar(json_schema) if json_schema is not None else None
         return self.generate_ids(ids, max_new_tokens=max_new_tokens, params=params, stop=_stops(stop),
-                                 logprobs=logprobs)
+                                 logprobs=logprobs, grammar=grammar)
 
     def stream(self, prompt: str | list[dict], *, max_new_tokens: int = 64, stop: str | Sequence[str] = (),
                chat: bool = False, **sampling) -> Iterator[str]:

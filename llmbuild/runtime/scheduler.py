@@ -24,7 +24,10 @@ indices keep padding out of every real token's attention (llmbuild.graph.io), an
 padded tokens are counted too.
 
 Sampling follows `llmbuild.runtime.sampling` with one RNG per request, so a seeded
-request draws the same tokens whatever else is in the batch.
+request draws the same tokens whatever else is in the batch. A request with a grammar
+(`llmbuild.runtime.grammar`) has its forbidden tokens masked to -inf first. An error
+while sampling one sequence (its grammar, its detokenization) fails that request
+alone (`Sequence.fail`) and frees its slot; the others go on.
 """
 
 from __future__ import annotations
@@ -85,6 +88,8 @@ class Sequence:
     submitted: float
     emit: Callable[[str], None] | None = None  # text deltas (streaming)
     done: Callable[[Generation], None] | None = None
+    fail: Callable[[BaseException], None] | None = None  # this request alone failed
+    constraint: object | None = None  # llmbuild.runtime.grammar.Constraint
     slot: int = -1
     cached: int = 0  # tokens whose K/V rows are in the cache = next write index
     tokens: list[int] = field(default_factory=list)  # prompt, then output
@@ -134,6 +139,8 @@ class Scheduler:
         seq.logprobs = [] if req.logprobs is not None else None
         if req.stream or req.stop:
             seq.text = TextTracker(self.decode, req.stop)
+        if req.grammar is not None and seq.constraint is None:
+            seq.constraint = req.grammar.matcher()
         self.waiting.append(seq)
 
     def has_work(self) -> bool:
@@ -273,15 +280,29 @@ class Scheduler:
 
     # -- tokens -------------------------------------------------------------------------------
     def _sample(self, seq: Sequence, logits: np.ndarray, argmax: int | None = None) -> None:
+        try:
+            self._sample_token(seq, logits, argmax)
+        except Exception as error:  # noqa: BLE001 - fails this request only
+            if seq.fail is None:
+                raise
+            if 0 <= seq.slot < self.num_slots and self.slots[seq.slot] is seq:
+                self.slots[seq.slot] = None
+            seq.finish_reason = "error"
+            seq.fail(error)
+
+    def _sample_token(self, seq: Sequence, logits: np.ndarray, argmax: int | None = None) -> None:
         req = seq.request
         params = req.params
         if seq.first_token_at is None:
             seq.first_token_at = time.perf_counter()
-        if argmax is not None and params.greedy and not params.penalized:
+        scores = logits if seq.constraint is None else seq.constraint.mask(logits)
+        if argmax is not None and params.greedy and not params.penalized and seq.constraint is None:
             token = argmax  # sample() would return the same first maximum
         else:
-            scores = apply_penalties(logits, params, req.prompt_ids, seq.output) if params.penalized else logits
+            scores = apply_penalties(scores, params, req.prompt_ids, seq.output) if params.penalized else scores
             token = sample(scores, params, seq.rng)
+        if seq.constraint is not None:
+            seq.constraint.accept(token)
         if seq.logprobs is not None:
             lp, top = logprobs_of(logits, token, req.logprobs)
             seq.logprobs.append(TokenLogprob(token, lp, top))
@@ -300,6 +321,9 @@ class Scheduler:
             if seq.text.stopped:
                 self._finish(seq, "stop")
                 return
+        if seq.constraint is not None and seq.constraint.stopped:
+            self._finish(seq, "stop")
+            return
         if len(seq.output) >= req.max_new_tokens:
             self._finish(seq, "length")
 

@@ -11,6 +11,7 @@ class Tokenizer:
     def __init__(self, directory: Path, info: dict):
         from tokenizers import Tokenizer as HFTokenizer
 
+        self.directory = Path(directory)
         self.tok = HFTokenizer.from_file(str(directory / "tokenizer.json"))
         self.bos_token_id = info.get("bos_token_id")
         self.eos_token_ids = list(info.get("eos_token_ids") or [])
