@@ -233,10 +233,15 @@ def _runtime_options(f):
     return f
 
 
-def _sampling(kw: dict) -> dict:
-    """The sampling keyword arguments of LoadedModel.stream/chat from the CLI options."""
+def _sampling(kw: dict, max_new_tokens) -> dict:
+    """The sampling keyword arguments of LoadedModel.stream/chat from the CLI options,
+    checked by the shared request layer before any model is loaded (errors name the
+    option: `--top-p: expected a finite number in (0, 1], got 2.0`)."""
+    from llmbuild.runtime.requests import check_field, check_sampling
+
     keys = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty", "seed")
-    return {k: kw[k] for k in keys}
+    check_field("max_new_tokens", max_new_tokens, field="--max-new-tokens")
+    return check_sampling({k: kw[k] for k in keys}, names={k: "--" + k.replace("_", "-") for k in keys})
 
 
 def _stream_out(deltas) -> None:
@@ -260,10 +265,15 @@ def run(artifact, prompt, max_new_tokens, stop, chat, backend, threads, as_json,
     (GPUs 0..N-1, or CUDA_VISIBLE_DEVICES) with NCCL, or, without N GPUs, all ranks on
     ONNX Runtime; no torchrun/mpirun needed (docs/tensor-parallel.md)."""
     import llmbuild
+    from llmbuild.runtime.requests import check_optional, check_stop, check_text
 
+    options = _sampling(sampling, max_new_tokens)
+    check_text("--prompt", prompt)
+    check_stop(stop)
+    check_optional("threads", threads, field="--threads")
     model = llmbuild.load(artifact, backend=backend, threads=threads)
     try:
-        deltas = model.stream(prompt, max_new_tokens=max_new_tokens, stop=stop, chat=chat, **_sampling(sampling))
+        deltas = model.stream(prompt, max_new_tokens=max_new_tokens, stop=stop, chat=chat, **options)
         if as_json:
             _emit_json({"artifact": str(artifact), "prompt": prompt, "text": "".join(deltas)})
         else:
@@ -281,7 +291,17 @@ def chat(artifact, max_new_tokens, stop, system, backend, threads, **sampling):
     """Talk to ARTIFACT: one line per message, replies stream. /reset starts over,
     /exit (or Ctrl-D) leaves; Ctrl-C stops a reply."""
     import llmbuild
+    from llmbuild.runtime.requests import RequestError, check_optional, check_stop, check_text
 
+    options = _sampling(sampling, max_new_tokens)
+    check_stop(stop)
+    check_optional("threads", threads, field="--threads")
+    if system is not None:
+        check_text("--system", system)
+    # Bytes that are not UTF-8 become lone surrogates instead of a UnicodeDecodeError
+    # inside input(); check_text then refuses that line with a message.
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="surrogateescape")
     model = llmbuild.load(artifact, backend=backend, threads=threads)
     if not model.tokenizer.chat_template:
         from llmbuild.errors import UserError
@@ -312,9 +332,14 @@ def chat(artifact, max_new_tokens, stop, system, backend, threads, **sampling):
         if text == "/reset":
             messages = list(start)
             continue
+        try:
+            check_text("input line", text)
+        except RequestError as e:
+            click.echo(f"error: {e}; line ignored", err=True)
+            continue
         messages.append({"role": "user", "content": text})
         reply = []
-        handle = model.chat(messages, stream=True, max_new_tokens=max_new_tokens, stop=stop, **_sampling(sampling))
+        handle = model.chat(messages, stream=True, max_new_tokens=max_new_tokens, stop=stop, **options)
         try:
             for delta in handle:
                 reply.append(delta)
@@ -433,6 +458,9 @@ def tokenize(artifact, text, chat, as_json):
     from llmbuild.runtime.tokenizer import Tokenizer
     from pathlib import Path
 
+    from llmbuild.runtime.requests import check_text
+
+    check_text("TEXT", text)
     m = read_manifest(artifact)
     tok = Tokenizer(Path(artifact) / TOKENIZER_DIR, m["tokenizer"])
     ids = tok.encode_chat([{"role": "user", "content": text}]) if chat else tok.encode(text)
@@ -452,8 +480,12 @@ def detokenize(artifact, ids, as_json):
     from llmbuild.runtime.tokenizer import Tokenizer
     from pathlib import Path
 
+    from llmbuild.runtime.requests import check_token_ids
+
     m = read_manifest(artifact)
-    text = Tokenizer(Path(artifact) / TOKENIZER_DIR, m["tokenizer"]).decode(list(ids))
+    tok = Tokenizer(Path(artifact) / TOKENIZER_DIR, m["tokenizer"])
+    check_token_ids(ids, field="IDS", vocab_size=m["model"].get("vocab_size") or tok.tok.get_vocab_size())
+    text = tok.decode(list(ids))
     if as_json:
         _emit_json({"text": text})
     else:
