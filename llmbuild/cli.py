@@ -395,15 +395,19 @@ def bench(artifact, backend, threads, new_tokens, batch, repeats, no_cpu_lowerin
 @click.option("--json", "as_json", is_flag=True)
 def verify(artifact, reference, prompts, max_abs_logit_diff, min_top1_agreement, min_greedy_agreement,
            max_new_tokens, as_json):
-    """Compare ARTIFACT's ONNX graph on ONNX Runtime with HF transformers; exit 1 past thresholds."""
+    """Compare ARTIFACT's ONNX graphs (the standard one and the CPU-lowered one) on ONNX
+    Runtime with HF transformers; exit 1 past thresholds."""
     from llmbuild.artifact import read_manifest
-    from llmbuild.verify import DEFAULT_PROMPTS, default_thresholds, verify_artifact
+    from llmbuild.verify import DEFAULT_PROMPTS, default_thresholds, verify_what_runs
+
+    from llmbuild.eval import check_cpu_runnable
 
     m = read_manifest(artifact)
+    check_cpu_runnable(m, artifact, "verify")
     thresholds = default_thresholds(m["model"]["precision"], {
         "max_abs_logit_diff": max_abs_logit_diff, "min_top1_agreement": min_top1_agreement,
         "min_greedy_agreement": min_greedy_agreement})
-    report = verify_artifact(artifact, reference, prompts=prompts or DEFAULT_PROMPTS, thresholds=thresholds,
+    report = verify_what_runs(artifact, reference, prompts=prompts or DEFAULT_PROMPTS, thresholds=thresholds,
                              max_new_tokens=max_new_tokens)
     if as_json:
         _emit_json(report)
@@ -411,10 +415,15 @@ def verify(artifact, reference, prompts, max_abs_logit_diff, min_top1_agreement,
         for row in report["prompts"]:
             click.echo(f"{row['prompt'][:40]!r:<44} max|Δ| {row['max_abs_logit_diff']:.3g}  "
                        f"top-1 {row['top1_agreement']:.3f}  greedy {row['greedy_tokens_equal']}/{row['greedy_tokens']}")
+        low = report["cpu_lowered"]
+        click.echo(f"CPU-lowered graph: max |Δlogit| {low['max_abs_logit_diff']:.3g}, top-1 {low['top1_agreement']:.3f}, "
+                   f"greedy {low['greedy_agreement']:.3f}: {'passed' if low['passed'] else 'FAILED'}")
         click.echo(f"max |Δlogit| {report['max_abs_logit_diff']:.3g} (≤ {thresholds.max_abs_logit_diff:g}), "
                    f"top-1 {report['top1_agreement']:.3f} (≥ {thresholds.min_top1_agreement:g}), "
                    f"greedy {report['greedy_agreement']:.3f} (≥ {thresholds.min_greedy_agreement:g}): "
                    f"{'PASSED' if report['passed'] else 'FAILED'}")
+        for failure in report.get("failures", []):
+            click.echo(f"  FAILED: {failure}", err=True)
     if not report["passed"]:
         sys.exit(1)
 
@@ -441,6 +450,10 @@ def eval_command(artifact, reference, dataset, tokens, seq_len, threads, as_json
     click.echo(f"{report['dataset']} ({report['split']}): {report['chunks']} chunks x {report['seq_len']} tokens,"
                f" {report['positions']} positions")
     click.echo(f"  perplexity       {report['perplexity']:.4f}")
+    for side in ("candidate", "reference"):
+        if (nf := report.get(f"{side}_non_finite")):
+            click.echo(f"  WARNING: non-finite logits from the {side}: first at chunk {nf['chunk']}, position "
+                       f"{nf['position']} ({nf['positions']} positions)", err=True)
     if reference is not None:
         click.echo(f"  reference ppl    {report['reference_perplexity']:.4f}  ({report['perplexity_increase']:+.2%})")
         click.echo(f"  KL divergence    {report['kl_divergence']:.5f} nats/token")

@@ -309,11 +309,12 @@ def _maybe_verify(recipe, rd, stage: Path, source, rep: Reporter, verify: bool |
             raise UserError("--verify needs the HF reference: pip install 'llmbuild[reference]'")
         rep.log("verification skipped: torch/transformers not installed (pip install 'llmbuild[reference]')")
         return None
-    from llmbuild.verify import DEFAULT_PROMPTS, default_thresholds, verify_artifact
+    from llmbuild.verify import DEFAULT_PROMPTS, default_thresholds
+    from llmbuild.verify.compare import verify_what_runs
 
     with rep.stage("verify") as update:
         thresholds = default_thresholds(rd["precision"], settings)
-        report = verify_artifact(
+        report = verify_what_runs(
             stage, recipe.source_path, prompts=settings.get("prompts") or DEFAULT_PROMPTS, thresholds=thresholds
         )
         update(1, 1, "passed" if report["passed"] else "FAILED")

@@ -101,6 +101,16 @@ def _check_model(path: Path, tree: Tree, problems: list[Problem]) -> None:
             *source_loc,
         ))
     else:
+        import importlib
+
+        from llmbuild.models import ARCHITECTURES
+
+        from llmbuild.source.checks import config_problems
+
+        for message in config_problems(config):
+            problems.append(Problem("model.source", f"model config {message}", *source_loc))
+        for message in importlib.import_module(ARCHITECTURES[arch]).check_config(config):
+            problems.append(Problem("model.source", f"{arch}: {message}", *source_loc))
         _check_parallel(config, tree, problems)
         _check_tied_lm_head(config, tree, problems)
 

@@ -80,7 +80,12 @@ def open_source(path, *, check: bool = True):
     from llmbuild.source.gguf_file import GGUFSource
     from llmbuild.source.hf_dir import HFSource
 
+    from llmbuild.source.checks import config_problems
+
     path = Path(path).expanduser()
+    problems = config_problems(read_config(path))
+    if problems:
+        raise UserError(f"{path}: the model config cannot be built: " + "; ".join(problems))
     source = HFSource(path) if _kind(path) == "hf" else GGUFSource(path)
     if check:
         try:
