@@ -135,6 +135,15 @@ def inspect(artifact, as_json):
     if as_json:
         _emit_json(m)
         return
+    try:
+        _print_manifest(m)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        from llmbuild.errors import UserError
+
+        raise UserError(f"{artifact}: damaged manifest: cannot show {type(e).__name__} {e}") from None
+
+
+def _print_manifest(m: dict) -> None:
     md, lim = m["model"], m["limits"]
     click.echo(f"{m['name']}  (schema {m['schema_version']}, llmbuild {m['toolchain']['llmbuild']})")
     click.echo(f"  model     {md['architecture']}  {md['num_layers']} layers, hidden {md['hidden_size']}, "

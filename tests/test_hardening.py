@@ -157,3 +157,228 @@ def test_case6_sliding_window_mistral_refused_at_validate(tmp_path):
     (model_dir / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(RecipeError, match=r"MistralForCausalLM: sliding_window=32 is not supported"):
         load_recipe(recipe_for(tmp_path, model_dir))
+
+
+# -- case 3 and 5: YAML bombs, deep nesting, tags -------------------------------------------
+TINY_LLAMA = ROOT / "tests/data/recipes/tiny-llama"
+
+
+def _recipe_error(tmp_path: Path, text: str, *overrides: str) -> RecipeError:
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path, overrides)
+    return info.value
+
+
+def test_case3_alias_bomb_is_refused_at_its_position(tmp_path):
+    lines = [f"name: t\nmodel: {{source: {TINY_LLAMA}}}", "a: &a [x, x, x, x, x, x, x, x, x, x]"]
+    for prev, cur in zip("abcdefgh", "bcdefghi"):
+        lines.append(f"{cur}: &{cur} [{', '.join([f'*{prev}'] * 10)}]")
+    e = _recipe_error(tmp_path, "\n".join(lines) + "\n")
+    [p] = e.problems
+    assert "recipe expands to more than 20000 values (nested YAML aliases?)" in p.message
+    assert p.line >= 3
+
+
+def test_case3_matrix_size_is_bounded(tmp_path):
+    axes = ["limits.max_batch_size", "verify.max_abs_logit_diff", "verify.min_top1_agreement",
+            "verify.min_greedy_agreement", "verify.eval_tokens", "verify.max_kl_divergence",
+            "verify.max_perplexity_increase", "limits.max_input_len", "verify.enabled", "precision",
+            "engines", "limits.max_seq_len"]
+    values = {"verify.enabled": "[true, false]", "precision": "[float16, float32]", "engines": "{a: [], b: []}",
+              "limits.max_seq_len": "[64, 128]", "limits.max_input_len": "[16, 32]"}
+    text = (f"name: t\nmodel: {{source: {TINY_LLAMA}}}\nengines: []\nlimits: {{max_seq_len: 128, max_input_len: 32}}\n"
+            "matrix:\n" + "".join(f"  {k}: {values.get(k, '[1, 2]')}\n" for k in axes))
+    from llmbuild.recipe.matrix import load_variants
+
+    path = tmp_path / "m.yaml"
+    path.write_text(text)
+    with pytest.raises(RecipeError) as info:
+        load_variants(path)
+    [p] = info.value.problems
+    assert p.path == "matrix" and (p.line, p.column) == (5, 1)
+    assert "the matrix has 4096 variants (2 x 2 x 2 x 2 x 2 x 2 x 2 x 2 x 2 x 2 x 2 x 2); expected at most 64" in p.message
+
+
+def test_case5_deep_nesting_is_a_recipe_error(tmp_path):
+    for text in ("name: t\nx: " + "[" * 3000 + "]" * 3000 + "\n",
+                 "name: t\nx: " + "".join(f"\n{'  ' * (i + 1)}k{i}:" for i in range(40)) + " 1\n"):
+        [p] = _recipe_error(tmp_path, text).problems
+        assert "nested more than 32 levels deep" in p.message
+
+
+def test_case5_yaml_tags_are_recipe_errors_with_positions(tmp_path):
+    text = (f"name: t\nmodel: {{source: {TINY_LLAMA}}}\nprecision: !!python/object/apply:os.system [ls]\n"
+            "limits: {max_seq_len: !!int zz, max_batch_size: !!float abc}\n")
+    problems = _recipe_error(tmp_path, text).problems
+    assert [(p.line, p.column) for p in problems] == [(3, 12), (4, 23), (4, 49)]
+    assert "YAML tag 'tag:yaml.org,2002:python/object/apply:os.system' is not allowed in a recipe" in problems[0].message
+    assert problems[1].message == "!!int 'zz': expected an integer"
+    assert problems[2].message == "!!float 'abc': expected a number"
+    # ... and in an override (safe loader): at the override's column
+    [p] = [p for p in _recipe_error(tmp_path, f"name: t\nmodel: {{source: {TINY_LLAMA}}}\n",
+                                    "limits.max_seq_len=!!float x").problems if p.file == "<command line>"]
+    assert (p.file, p.line, p.column) == ("<command line>", 1, 1) and "!!float 'x': expected a number" in p.message
+
+
+def test_case7_schema_version_true_is_not_1(tiny_artifact, tmp_path):
+    import shutil
+
+    art = tmp_path / "a"
+    shutil.copytree(tiny_artifact, art)
+    m = json.loads((art / "manifest.json").read_text())
+    m["schema_version"] = True
+    (art / "manifest.json").write_text(json.dumps(m))
+    from llmbuild.artifact import read_manifest
+
+    with pytest.raises(UserError, match=r"manifest schema version True is not supported"):
+        read_manifest(art)
+
+
+# -- case 5: damaged artifacts: one message naming the file ----------------------------------
+def _damaged(tiny_artifact: Path, tmp_path: Path, damage) -> Path:
+    import shutil
+
+    art = tmp_path / "art"
+    shutil.copytree(tiny_artifact, art)
+    damage(art)
+    return art
+
+
+def _truncate(path: Path, keep: int | None = None):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2 if keep is None else keep])
+
+
+def _set_manifest(art: Path, change):
+    m = json.loads((art / "manifest.json").read_text())
+    change(m)
+    (art / "manifest.json").write_text(json.dumps(m))
+
+
+def _flip_byte(path: Path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+ARTIFACT_DAMAGE = {
+    "weights-deleted": (lambda a: (a / "model/model.onnx.data").unlink(),
+                        r"the weights file model/model.onnx.data is missing"),
+    "weights-truncated": (lambda a: _truncate(a / "model/model.onnx.data"),
+                          r"the weights file model/model.onnx.data has \d+ bytes, the graph reads up to byte \d+ "
+                          r"\(truncated\)"),
+    "weights-tampered": (lambda a: _flip_byte(a / "model/model.onnx.data"),
+                         r"do not match the sha256 recorded in the manifest"),
+    "graph-deleted": (lambda a: (a / "model/model.onnx").unlink(), r"the graph model/model.onnx is missing"),
+    "graph-truncated": (lambda a: _truncate(a / "model/model.onnx", 37),
+                        r"the graph model/model.onnx is not a readable ONNX model"),
+    "tokenizer-deleted": (lambda a: (a / "tokenizer/tokenizer.json").unlink(), r"tokenizer/tokenizer.json is missing"),
+    "tokenizer-garbage": (lambda a: (a / "tokenizer/tokenizer.json").write_text("{garbage"),
+                          r"tokenizer.json: not a readable tokenizer"),
+    "tokenizer-config-garbage": (lambda a: (a / "tokenizer/tokenizer_config.json").write_bytes(b"\xff\xfe"),
+                                 r"tokenizer_config.json: cannot read the tokenizer config"),
+    "manifest-binary": (lambda a: (a / "manifest.json").write_bytes(bytes(range(256))),
+                        r"manifest.json: cannot read the manifest"),
+    "manifest-deep": (lambda a: (a / "manifest.json").write_text("[" * 100000 + "]" * 100000),
+                      r"manifest.json: cannot read the manifest|expected a JSON object"),
+    "manifest-nested-key": (lambda a: _set_manifest(a, lambda m: m["limits"].pop("max_seq_len")),
+                            r"damaged manifest: limits.max_seq_len: missing"),
+    "manifest-wrong-type": (lambda a: _set_manifest(a, lambda m: m["model"].update(num_layers="2")),
+                            r"damaged manifest: model.num_layers: expected an integer, found str '2'"),
+    "manifest-escape": (lambda a: _set_manifest(a, lambda m: m["graph"].update(file="../../etc/passwd")),
+                        r"the manifest's graph file '../../etc/passwd' points outside the artifact"),
+}
+
+
+@pytest.mark.parametrize("case", list(ARTIFACT_DAMAGE))
+def test_case5_damaged_artifacts_are_one_clear_message(case, tiny_artifact, tmp_path):
+    from llmbuild.runtime import load
+
+    damage, message = ARTIFACT_DAMAGE[case]
+    art = _damaged(tiny_artifact, tmp_path, damage)
+    with pytest.raises(UserError, match=message):
+        load(art, backend="onnxruntime").close()
+
+
+def test_case5_hash_check_can_be_skipped(tiny_artifact, tmp_path, monkeypatch):
+    from llmbuild.runtime import load
+
+    art = _damaged(tiny_artifact, tmp_path, lambda a: _flip_byte(a / "model/model.onnx.data"))
+    load(art, backend="onnxruntime", check_hashes=False).close()  # sizes fine, hash not read
+    monkeypatch.setenv("LLMBUILD_SKIP_HASH_CHECK", "1")
+    load(art, backend="onnxruntime").close()
+
+
+def test_case5_cli_damaged_artifact_exit_2(tiny_artifact, tmp_path):
+    art = _damaged(tiny_artifact, tmp_path, lambda a: _truncate(a / "model/model.onnx.data"))
+    r = llmbuild_cli("run", art, "--prompt", "hi", "--raw", "--max-new-tokens", "2")
+    assert r.returncode == 2 and b"Traceback" not in r.stderr
+    assert b"(truncated); recompile the artifact" in r.stderr
+
+
+@pytest.mark.parametrize("template, message", [
+    (None, "has no chat template; use raw prompts"),
+    ("{% for m in messages %}{{ m.content.__class__.__mro__ }}{% endfor %}", "refused by the sandbox"),
+    ("{{ raise_exception('no system role') }}", "the chat template failed: TemplateError: no system role"),
+    ("{% for %}", "the chat template failed: TemplateSyntaxError"),
+    ("{{ messages[5]['content'] }}", "the chat template failed"),
+])
+def test_case5_chat_templates_fail_with_messages(tiny_artifact, tmp_path, template, message):
+    from llmbuild.runtime import load
+
+    art = _damaged(tiny_artifact, tmp_path,
+                   lambda a: _set_manifest(a, lambda m: m["tokenizer"].update(chat_template=template)))
+    with load(art, backend="onnxruntime") as model:
+        with pytest.raises(UserError, match=message):
+            model.chat([{"role": "user", "content": "hi"}], max_new_tokens=2)
+
+
+# -- case 5 and 7: the CLI's runtime options ------------------------------------------------
+@pytest.mark.parametrize("option, message", [
+    (["--temperature", "-1"], "--temperature: expected a finite number >= 0, got -1.0"),
+    (["--top-p", "0"], r"--top-p: expected a finite number in (0, 1], got 0.0"),
+    (["--top-p", "2"], r"--top-p: expected a finite number in (0, 1], got 2.0"),
+    (["--top-k", "-1"], r"--top-k: expected an integer in [0, 2**31-1], got -1"),
+    (["--min-p", "5"], r"--min-p: expected a finite number in [0, 1], got 5.0"),
+    (["--repetition-penalty", "0"], "--repetition-penalty: expected a finite number > 0, got 0.0"),
+    (["--repetition-penalty", "nan"], "--repetition-penalty: expected a finite number > 0, got nan"),
+    (["--presence-penalty", "inf"], "--presence-penalty: expected a finite number, got inf"),
+    (["--max-new-tokens", "0"], "--max-new-tokens: expected an integer >= 1, got 0"),
+    (["--threads", "-1"], "--threads: expected an integer in [1, 4096], got -1"),
+])
+def test_case5_cli_sampling_options_out_of_range(tiny_artifact, option, message):
+    r = llmbuild_cli("run", tiny_artifact, "--prompt", "hi", *option)
+    assert r.returncode == 2 and b"Traceback" not in r.stderr, r.stderr
+    assert message.encode() in r.stderr
+
+
+def test_case5_prompts_not_valid_utf8(tiny_artifact):
+    r = subprocess.run([sys.executable, "-m", "llmbuild.cli", "run", str(tiny_artifact), "--prompt", b"caf\xe9"],
+                       capture_output=True, timeout=600)
+    assert r.returncode == 2 and b"Traceback" not in r.stderr
+    assert b"--prompt: expected valid UTF-8 text, got undecodable bytes at character 3" in r.stderr
+    r = llmbuild_cli("chat", tiny_artifact, "--max-new-tokens", "2", stdin=b"caf\xe9\nhello\n")
+    assert r.returncode == 0, r.stderr
+    assert b"input line: expected valid UTF-8 text" in r.stderr and b"line ignored" in r.stderr
+    assert b"Traceback" not in r.stderr
+
+
+def test_case7_detokenize_outside_the_vocabulary(tiny_artifact):
+    r = llmbuild_cli("detokenize", tiny_artifact, "5", "99999")
+    assert r.returncode == 2 and b"IDS[1]: expected an integer in [0, 256), got 99999" in r.stderr
+
+
+def test_case5_eval_seq_len_beyond_max_seq_len(tiny_artifact):
+    r = llmbuild_cli("eval", tiny_artifact)  # default --seq-len 512 > max_seq_len 96
+    assert r.returncode == 2 and b"Traceback" not in r.stderr
+    assert b"--seq-len 512 is longer than" in r.stderr and b"max_seq_len 96; pass --seq-len 96 or less" in r.stderr
+
+
+def test_case5_verify_and_eval_on_bfloat16(tiny_dir, tmp_path):
+    art = compile_tiny(tiny_dir, tmp_path / "out", precision="bfloat16", limits=LIMITS)
+    for args in (["verify", art, "--reference", tiny_dir], ["eval", art, "--seq-len", "32"]):
+        r = llmbuild_cli(*args)
+        assert r.returncode == 2 and b"Traceback" not in r.stderr, r.stderr
+        assert b"a bfloat16 graph cannot run on ONNX Runtime's CPU provider" in r.stderr

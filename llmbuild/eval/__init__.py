@@ -133,7 +133,10 @@ def evaluate(
     from llmbuild.artifact import read_manifest
     from llmbuild.runtime.requests import check_field
 
+    from llmbuild.artifact.integrity import check_artifact_files
+
     manifest = read_manifest(artifact)
+    check_artifact_files(artifact, manifest)
     check_cpu_runnable(manifest, artifact, "eval")
     check_field("max_new_tokens", tokens, field="--tokens")
     check_field("max_new_tokens", seq_len, field="--seq-len")

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 LABEL = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 _KEY_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 _NOT_AXES = ("name", "matrix")
+MAX_VARIANTS = 64  # each variant is validated (and compiled) in full
 
 
 def label_of(value: Any) -> str:
@@ -106,6 +107,14 @@ def load_variants(path: str | os.PathLike, overrides: Sequence[str] = (), *, che
     tree = read_tree(os.fspath(path), [])
     if tree is not None:
         apply_overrides(tree, overrides, [])
+    count = 1
+    for values in base.matrix.values():
+        count *= len(values)
+    if count > MAX_VARIANTS:
+        sizes = " x ".join(str(len(v)) for v in base.matrix.values())
+        where = tree.where(("matrix",), key=True) if tree is not None else Loc(os.fspath(path), 0, 0)
+        raise RecipeError([Problem("matrix", f"the matrix has {count} variants ({sizes}); expected at most "
+                                             f"{MAX_VARIANTS}: split it into several recipes", *where)])
     fixed = [*overrides, "~matrix"]
     variants, problems = [], []
     for name, chosen in variant_names(base):

@@ -151,7 +151,7 @@ def lower_for_cpu(model: ir.Model, *, int4_accuracy_level: int = 4, int8_accurac
         out_t = _only_consumer(attn.outputs[0], "Transpose")
         merged = _only_consumer(out_t.outputs[0], "Reshape").outputs[0]
         heads, kv_heads, head_dim = _heads(past_k, q_lin, k_lin)
-        problem = gqa_constraint_problem(head_dim=head_dim, num_heads=heads, kv_heads=kv_heads, dtype=q_lin.dtype,
+        problem = gqa_constraint_problem(head_dim=head_dim, num_heads=heads, kv_heads=kv_heads, dtype=past_k.dtype,
                                          softcap=float(attrs.get("softcap", 0.0)))
         if problem is not None:  # this layer keeps the standard Attention
             _log.warning("CPU lowering: %s keeps the standard Attention, not GroupQueryAttention: %s",

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from llmbuild.artifact import TOKENIZER_DIR, read_manifest
+from llmbuild.artifact.integrity import check_artifact_files
 from llmbuild.errors import UserError
 from llmbuild.runtime.engine import Engine, RequestHandle
 from llmbuild.runtime.generator import Generation, Limits, Request
@@ -54,11 +55,14 @@ def _open_executor(directory: Path, manifest: dict, backend: str, threads: int |
 class LoadedModel:
     def __init__(self, artifact: str | Path, backend: str = "auto", threads: int | None = None, *,
                  max_batch_size: int | None = None, max_num_tokens: int | None = None,
-                 cpu_lowering: bool | None = None):
+                 cpu_lowering: bool | None = None, check_hashes: bool | None = None):
         """max_batch_size: cache slots (default: the artifact's limit; more only on ONNX
         Runtime, whose graph has no fixed batch). max_num_tokens: tokens of one prefill
         pass; longer prompts are prefilled in chunks (default and maximum for an engine:
-        the artifact's max_input_len). cpu_lowering: see OnnxRuntimeExecutor."""
+        the artifact's max_input_len). cpu_lowering: see OnnxRuntimeExecutor.
+        check_hashes: compare the graph's and engines' sha256 with the manifest's
+        (default: yes, unless $LLMBUILD_SKIP_HASH_CHECK=1; presence and sizes are
+        always checked, llmbuild.artifact.integrity)."""
         if backend not in BACKENDS:
             raise UserError(f"unknown runtime backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         threads = checks.check_optional("threads", threads)
@@ -66,6 +70,7 @@ class LoadedModel:
         max_num_tokens = checks.check_optional("max_num_tokens", max_num_tokens)
         self.path = Path(artifact)
         self.manifest = read_manifest(self.path)
+        check_artifact_files(self.path, self.manifest, hashes=check_hashes)
         info = self.manifest["tokenizer"]
         self.tokenizer = Tokenizer(self.path / TOKENIZER_DIR, info)
         lim = self.manifest["limits"]
@@ -180,5 +185,5 @@ def _params(sampling: dict) -> SamplingParams:
 
 
 def load(artifact: str | Path, backend: str = "auto", threads: int | None = None, **options) -> LoadedModel:
-    """Load an artifact; options: max_batch_size, max_num_tokens, cpu_lowering (LoadedModel)."""
+    """Load an artifact; options: max_batch_size, max_num_tokens, cpu_lowering, check_hashes (LoadedModel)."""
     return LoadedModel(artifact, backend=backend, threads=threads, **options)

@@ -83,10 +83,11 @@ def open_source(path, *, check: bool = True):
     from llmbuild.source.checks import config_problems
 
     path = Path(path).expanduser()
-    problems = config_problems(read_config(path))
-    if problems:
-        raise UserError(f"{path}: the model config cannot be built: " + "; ".join(problems))
     source = HFSource(path) if _kind(path) == "hf" else GGUFSource(path)
+    problems = config_problems(source.config)
+    if problems:
+        source.close()
+        raise UserError(f"{path}: the model config cannot be built: " + "; ".join(problems))
     if check:
         try:
             check_shapes(source)
