@@ -382,3 +382,130 @@ def test_case5_verify_and_eval_on_bfloat16(tiny_dir, tmp_path):
         r = llmbuild_cli(*args)
         assert r.returncode == 2 and b"Traceback" not in r.stderr, r.stderr
         assert b"a bfloat16 graph cannot run on ONNX Runtime's CPU provider" in r.stderr
+
+
+# -- case 5 and 7: lying sources --------------------------------------------------------------
+def _safetensors_dir(tiny_dir: Path, tmp_path: Path, edit_header) -> Path:
+    """A copy of the tiny model whose safetensors header was rewritten by `edit_header`."""
+    import shutil
+    import struct
+
+    model_dir = tmp_path / "hf"
+    shutil.copytree(tiny_dir, model_dir)
+    path = model_dir / "model.safetensors"
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    data = raw[8 + n:]
+    header = edit_header(header)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+    return model_dir
+
+
+def _set_entry(name, key, value):
+    def edit(header):
+        header[name][key] = value
+        return header
+    return edit
+
+
+SAFETENSORS_LIES = {
+    "header-list": (lambda h: [1, 2], r"header is a JSON list, expected an object of tensors"),
+    "negative-offset": (_set_entry("model.norm.weight", "data_offsets", [-4, 252]),
+                        r"'model.norm.weight': data_offsets must be \[begin, end\] with 0 <= begin <= end, found \[-4"),
+    "string-offset": (_set_entry("model.norm.weight", "data_offsets", ["0", "256"]),
+                      r"data_offsets must be \[begin, end\]"),
+    "string-shape": (_set_entry("model.norm.weight", "shape", ["64"]),
+                     r"'model.norm.weight': shape must be a list of non-negative integers, found \['64'\]"),
+    "entry-not-mapping": (_set_entry("model.norm.weight", "dtype", None), r"unsupported dtype None"),
+    "aliased": (lambda h: {**h, "lm_head.weight": {**h["lm_head.weight"],
+                                                   "data_offsets": h["model.embed_tokens.weight"]["data_offsets"]}},
+                r"tensors '(lm_head|model.embed_tokens).weight' and '(lm_head|model.embed_tokens).weight' occupy the "
+                r"same bytes"),
+}
+
+
+@pytest.mark.parametrize("case", list(SAFETENSORS_LIES))
+def test_case5_7_lying_safetensors_headers(case, tiny_dir, tmp_path):
+    from llmbuild.source import open_source
+
+    edit, message = SAFETENSORS_LIES[case]
+    model_dir = _safetensors_dir(tiny_dir, tmp_path, edit)
+    with pytest.raises(UserError, match=message):
+        open_source(model_dir).close()
+
+
+def _gguf(tmp_path: Path, body: bytes) -> Path:
+    import struct
+
+    path = tmp_path / "m.gguf"
+    path.write_bytes(b"GGUF" + struct.pack("<I", 3) + body)
+    return path
+
+
+def test_case5_gguf_garbage_and_lying_lengths(tmp_path):
+    import struct
+
+    from llmbuild.source import open_source, read_config
+
+    key = b"general.architecture"
+    lying_array = struct.pack("<QQ", 0, 1) + struct.pack("<Q", len(key)) + key + struct.pack("<IIQ", 9, 4, 2**40)
+    garbage = struct.pack("<QQ", 1, 0) + b"\x9a\x13" * 32  # fixed bytes where the tensor table should be
+    huge_counts = struct.pack("<QQ", 2**62, 2**62)
+    for body, message in ((lying_array, r"GGUF array length 1099511627776 at byte \d+ runs past the end of the file"),
+                          (garbage, r"GGUF string length \d+ at byte 24 runs past the end of the file"),
+                          (huge_counts, r"GGUF tensor count 4611686018427387904 at byte 8 runs past the end")):
+        path = _gguf(tmp_path, body)
+        with pytest.raises(UserError, match=message):
+            read_config(path)
+        with pytest.raises(UserError, match=message):
+            open_source(path)
+
+
+# -- case 6: refused at validate, not later ---------------------------------------------------
+def test_case6_engine_problems_at_validate(tmp_path):
+    text = (f"name: t\nmodel: {{source: {TINY_LLAMA}}}\nprecision: float32\n"
+            "limits: {max_seq_len: 128, max_input_len: 64}\n"
+            "engines: [tensorrt, {backend: tensorrt-rtx, compute_capabilities: [current]}]\n")
+    from llmbuild.engine.compat import current_compute_capability
+
+    problems = {p.path: p for p in _recipe_error(tmp_path, text).problems}
+    assert "engines need precision float16 or bfloat16, found float32" in problems["precision"].message
+    assert ("engine backend 'tensorrt' needs the Python module 'tensorrt', which is not installed"
+            in problems["engines[0]"].message)
+    if current_compute_capability() is None:
+        assert ("compute capability 'current' means the GPU of the build machine, and this machine has none"
+                in problems["engines[1].compute_capabilities"].message)
+
+
+@pytest.mark.parametrize("text, path, message", [
+    ("name: " + "a" * 300 + "\n", "name", "expected a name of at most 200 characters"),
+    ("name: t\nlimits: {max_batch_size: 100000}\n", "limits.max_batch_size", "expected a number <= 4096"),
+    ("name: t\nlimits: {max_seq_len: 10000000}\n", "limits.max_seq_len", "expected a number <= 1048576"),
+])
+def test_case6_limits_and_name_at_validate(tmp_path, text, path, message):
+    problems = _recipe_error(tmp_path, text + f"model: {{source: {TINY_LLAMA}}}\n").problems
+    assert any(p.path == path and message in p.message for p in problems), problems
+
+
+def test_case6_short_max_seq_len_verifies(tiny_dir, tmp_path):
+    """max_seq_len 64 once failed compile at verification (prompt + 16 tokens too long)."""
+    art = compile_tiny(tiny_dir, tmp_path / "out", limits={"max_batch_size": 1, "max_input_len": 16, "max_seq_len": 24},
+                       verify=True)
+    v = json.loads((art / "manifest.json").read_text())["verification"]
+    assert v["passed"] and all(row["tokens"] + row["greedy_tokens"] <= 24 for row in v["prompts"])
+
+
+def test_case5_7_paths_nul_too_long_and_extends_passwd(tmp_path):
+    for source, message in (("a\\0b", "the model source contains a NUL byte"),
+                            ("x" * 5000, "cannot use the model source 'xxxxxxxx")):
+        [p] = [p for p in _recipe_error(tmp_path, f'name: t\nmodel: {{source: "{source}"}}\n').problems
+               if p.path == "model.source"]
+        assert message in p.message and len(p.message) < 300
+    [p] = _recipe_error(tmp_path, "name: t\nextends: /etc/passwd\n").problems
+    assert "expected a mapping of recipe keys, found a string of" in p.message
+    assert "root:" not in p.message
+    e = _recipe_error(tmp_path, "name: t\nextends: \"a\\0b\"\n")
+    assert "expected a recipe file name, found 'a\\x00b' (string)" in e.problems[0].message

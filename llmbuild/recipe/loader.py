@@ -26,7 +26,7 @@ def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = (), *, check
     """
     file = os.fspath(path)
     problems: list[Problem] = []
-    if not os.path.isfile(file):
+    if "\0" in file or not _is_file(file):
         raise RecipeError([Problem("", "recipe file does not exist", file)])
     tree = read_tree(file, problems)
     if tree is None:  # unreadable YAML or broken extends: nothing sensible to validate
@@ -37,6 +37,8 @@ def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = (), *, check
         recipe = Recipe.model_validate(tree.data)
     except ValidationError as exc:
         problems += validation_problems(exc, tree)
+    if recipe is not None:
+        _check_engines(recipe, tree, problems)
     source_path = _check_source(tree, check_model, problems)
     if problems or recipe is None:
         order = {f: i for i, f in enumerate(tree.files + [COMMAND_LINE])}
@@ -150,6 +152,48 @@ def _check_tied_lm_head(config: dict, tree: Tree, problems: list[Problem]) -> No
         index = named[1]
         problems.append(Problem(f"quantization.overrides[{index}]", refusal,
                                 *tree.where(("quantization", "overrides", index))))
+
+
+def _check_engines(recipe: Recipe, tree: Tree, problems: list[Problem]) -> None:
+    """What compile's engine stage would refuse, found at validate without importing
+    TensorRT: a precision no engine builds at, a backend whose module is not installed,
+    the target 'current' on a machine without a GPU."""
+    import importlib.util
+
+    from llmbuild.engine.backends import get_backend
+    from llmbuild.engine.options import precision_problem
+
+    if not recipe.engines:
+        return
+    problem = precision_problem(recipe.precision)
+    if problem:
+        problems.append(Problem("precision", problem, *tree.where(("precision",))))
+    for i, entry in enumerate(recipe.engines):
+        backend = get_backend(entry.backend)
+        try:
+            installed = importlib.util.find_spec(backend.module) is not None
+        except (ImportError, ValueError):
+            installed = False
+        if not installed:
+            problems.append(Problem(f"engines[{i}]", f"engine backend {entry.backend!r} needs the Python module "
+                                    f"{backend.module!r}, which is not installed; install it with: pip install "
+                                    f"{backend.pip}", *tree.where(("engines", i))))
+        targets = getattr(entry, "compute_capabilities", None) or []
+        if "current" in targets:
+            from llmbuild.engine.compat import current_compute_capability
+
+            if current_compute_capability() is None:
+                path = ("engines", i, "compute_capabilities")
+                problems.append(Problem(f"engines[{i}].compute_capabilities",
+                                        "compute capability 'current' means the GPU of the build machine, and this "
+                                        "machine has none; name the targets (e.g. [sm86, sm89])", *tree.where(path)))
+
+
+def _is_file(file: str) -> bool:
+    try:
+        return os.path.isfile(file)
+    except (OSError, ValueError):  # too long a name, NUL bytes
+        return False
 
 
 def _is_int(value: object) -> bool:

@@ -80,7 +80,7 @@ def read_tree(file: str, problems: list[Problem], _chain: tuple[str, ...] = ()) 
     value = tree.data["extends"]
     loc = tree.positions[("extends",)][1]
     tree.delete(("extends",))
-    if not isinstance(value, str) or not value:
+    if not isinstance(value, str) or not value or "\0" in value:
         problems.append(_problem("extends", f"expected a recipe file name, found {describe(value)}", loc))
         return None
     parent = os.path.normpath(os.path.join(os.path.dirname(file), value))
@@ -90,7 +90,7 @@ def read_tree(file: str, problems: list[Problem], _chain: tuple[str, ...] = ()) 
         problems.append(_problem("extends", f"recipes extend each other in a cycle: {cycle}", loc))
         return None
     if not os.path.isfile(parent):
-        problems.append(_problem("extends", f"extended recipe {parent} does not exist", loc))
+        problems.append(_problem("extends", f"extended recipe {parent[:200]} does not exist", loc))
         return None
     base = read_tree(parent, problems, chain)
     if base is None:
@@ -147,7 +147,9 @@ def _read_yaml(file: str, problems: list[Problem]) -> Tree | None:
     tree = Tree({}, file, files=[file])
     data = _plain(doc, (), tree)
     if not isinstance(data, dict):
-        problems.append(Problem("", f"expected a mapping of recipe keys, found {describe(data)}", file, 1, 1))
+        # Not the value itself: a file that is no recipe (extends: /etc/passwd) is never echoed.
+        found = f"a string of {len(data)} characters" if isinstance(data, str) else describe(data)
+        problems.append(Problem("", f"expected a mapping of recipe keys, found {found}", file, 1, 1))
         return None
     tree.data = data
     return tree

@@ -57,6 +57,16 @@ def _artifact_logits(executor, ids: list[int]) -> np.ndarray:
     return executor.forward(step)[0]
 
 
+def fit_prompt(ids: list[int], max_new_tokens: int, max_seq_len: int) -> tuple[list[int], int]:
+    """A prompt and greedy length that fit the artifact's max_seq_len: a short artifact
+    (max_seq_len 64) compares fewer greedy tokens (at least a quarter of the cache) and,
+    if needed, the prompt's first tokens only; both sides see the same ids."""
+    new_tokens = max(1, min(max_new_tokens, max_seq_len - len(ids), max_seq_len // 4))
+    if len(ids) + max_new_tokens <= max_seq_len:
+        new_tokens = max_new_tokens
+    return list(ids[: max_seq_len - new_tokens]), new_tokens
+
+
 def verify_what_runs(artifact, reference, **kwargs) -> dict:
     """Verify every graph a runtime executes on this artifact: the standard graph (what
     TensorRT parses) and the CPU-lowered one (what `llmbuild run` executes on ONNX
@@ -97,8 +107,10 @@ def verify_artifact(
     rows = []
     max_diff, top1_hits, positions, greedy_hits, greedy_total = 0.0, 0, 0, 0, 0
     non_finite = []
+    max_seq_len = model.limits.max_seq_len
     for prompt in prompts:
         ids = model.encode(prompt, chat=chat)
+        ids, new_tokens = fit_prompt(ids, max_new_tokens, max_seq_len)
         ours = _artifact_logits(model.executor, ids)
         theirs = reference_logits(ref, ids)
         for side, logits in (("the artifact's graph", ours), ("the reference", theirs)):
@@ -109,8 +121,8 @@ def verify_artifact(
         if not np.isfinite(diff):
             diff = float("inf")  # NaN would compare below every threshold
         agree = int((ours.argmax(-1) == theirs.argmax(-1)).sum())
-        ref_tokens = reference_greedy(ref, ids, max_new_tokens, eos)
-        our_tokens = model.generate_ids([ids], max_new_tokens=max_new_tokens)[0].token_ids
+        ref_tokens = reference_greedy(ref, ids, new_tokens, eos)
+        our_tokens = model.generate_ids([ids], max_new_tokens=new_tokens)[0].token_ids
         same = 0
         for a, b in zip(ref_tokens, our_tokens):
             if a != b:
