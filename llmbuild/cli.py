@@ -53,11 +53,15 @@ def _error_json(e: LlmbuildError) -> dict:
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.argument("overrides", nargs=-1)
 @click.option("--json", "as_json", is_flag=True, help="Print the resolved recipe as JSON.")
-def validate(recipe, overrides, as_json):
-    """Check a recipe (and OVERRIDES like limits.max_seq_len=4096 or ~engines) without building."""
+@click.option("--portable", is_flag=True, help="Skip compile's engine-stage checks (engine precision, backend "
+              "installed here, a GPU for the target 'current'): for a recipe another machine will compile.")
+def validate(recipe, overrides, as_json, portable):
+    """Check a recipe (and OVERRIDES like limits.max_seq_len=4096 or ~engines) without
+    building: everything `compile` would refuse before any work, on this machine."""
     from llmbuild.recipe.matrix import load_variants
 
-    variants = load_variants(recipe, overrides)  # the recipe itself, or every matrix variant
+    # the recipe itself, or every matrix variant
+    variants = load_variants(recipe, overrides, check_build=not portable)
     if as_json:
         r = variants[0]
         out = {"valid": True, "recipe": r.to_dict(), "source": str(r.source_path)}

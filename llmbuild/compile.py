@@ -98,7 +98,7 @@ def compile_recipe(
     from llmbuild.errors import UserError
     from llmbuild.recipe import load_recipe
 
-    recipe = load_recipe(recipe_path, overrides)
+    recipe = load_recipe(recipe_path, overrides, check_build=True)
     if recipe.matrix:
         raise UserError(
             f"{recipe_path} declares a matrix of variants ({', '.join(recipe.matrix)}); compile it with "
@@ -115,7 +115,7 @@ def compile_variants(
     all variants are validated before the first one is built."""
     from llmbuild.recipe.matrix import load_variants
 
-    recipes = load_variants(recipe_path, overrides)
+    recipes = load_variants(recipe_path, overrides, check_build=True)
     return [compile_loaded(r, Path(out_dir), quiet=quiet, verify=verify, cache=cache) for r in recipes]
 
 

@@ -163,11 +163,11 @@ def test_case6_sliding_window_mistral_refused_at_validate(tmp_path):
 TINY_LLAMA = ROOT / "tests/data/recipes/tiny-llama"
 
 
-def _recipe_error(tmp_path: Path, text: str, *overrides: str) -> RecipeError:
+def _recipe_error(tmp_path: Path, text: str, *overrides: str, check_build: bool = False) -> RecipeError:
     path = tmp_path / "r.yaml"
     path.write_text(text)
     with pytest.raises(RecipeError) as info:
-        load_recipe(path, overrides)
+        load_recipe(path, overrides, check_build=check_build)
     return info.value
 
 
@@ -471,13 +471,18 @@ def test_case6_engine_problems_at_validate(tmp_path):
             "engines: [tensorrt, {backend: tensorrt-rtx, compute_capabilities: [current]}]\n")
     from llmbuild.engine.compat import current_compute_capability
 
-    problems = {p.path: p for p in _recipe_error(tmp_path, text).problems}
+    problems = {p.path: p for p in _recipe_error(tmp_path, text, check_build=True).problems}
     assert "engines need precision float16 or bfloat16, found float32" in problems["precision"].message
     assert ("engine backend 'tensorrt' needs the Python module 'tensorrt', which is not installed"
             in problems["engines[0]"].message)
     if current_compute_capability() is None:
         assert ("compute capability 'current' means the GPU of the build machine, and this machine has none"
                 in problems["engines[1].compute_capabilities"].message)
+    # `llmbuild validate` runs them (exit 2 with every problem); `--portable` does not.
+    recipe = tmp_path / "r.yaml"
+    r = llmbuild_cli("validate", recipe)
+    assert r.returncode == 2 and b"engine backend 'tensorrt' needs the Python module" in r.stderr
+    assert llmbuild_cli("validate", recipe, "--portable").returncode == 0
 
 
 @pytest.mark.parametrize("text, path, message", [

@@ -35,7 +35,30 @@ NESTED_KEYS: tuple[tuple[str, tuple[type, ...]], ...] = (
     ("tokenizer", (dict,)),
     ("engines", (list,)),
 )
-_TYPE_NAMES = {int: "an integer", str: "a string", dict: "a mapping", list: "a list"}
+# Keys a runtime reads when present: (dotted key, allowed types; type(None) = may be null).
+OPTIONAL_KEYS: tuple[tuple[str, tuple[type, ...]], ...] = (
+    ("graph.weights", (str,)),
+    ("hashes", (dict,)),
+    ("hashes.graph", (str,)),
+    ("parallel", (dict,)),
+    ("parallel.tp", _INT),
+    ("tokenizer.dir", (str,)),
+    ("tokenizer.bos_token_id", (int, type(None))),
+    ("tokenizer.eos_token_ids", (list, type(None))),
+    ("tokenizer.add_bos_token", (bool, type(None))),
+    ("tokenizer.chat_template", (str, type(None))),
+    ("model.architecture", (str,)),
+    ("model.hidden_size", _INT),
+    ("model.num_attention_heads", _INT),
+    ("model.num_key_value_heads", _INT),
+    ("model.head_dim", _INT),
+    ("limits.max_num_tokens", (int, type(None))),
+    ("toolchain", (dict,)),
+    ("verification", (dict, type(None))),
+    ("timings", (dict,)),
+)
+_TYPE_NAMES = {int: "an integer", str: "a string", dict: "a mapping", list: "a list", bool: "true or false",
+               type(None): "null"}
 
 
 class ArtifactError(UserError):
@@ -61,10 +84,33 @@ def manifest_problems(manifest: dict) -> list[str]:
             problems.append(f"{key}: expected {_TYPE_NAMES[types[0]]}, found {type(node).__name__} {node!r:.40}")
         elif types == _INT and node < 1:
             problems.append(f"{key}: expected a positive integer, found {node}")
-    for i, e in enumerate(manifest.get("engines") or [] if isinstance(manifest.get("engines"), list) else []):
-        if not isinstance(e, dict) or not isinstance(e.get("file"), str):
-            problems.append(f"engines[{i}]: expected a mapping with a 'file'")
+    for key, types in OPTIONAL_KEYS:
+        node = _lookup(manifest, key)
+        if node is _MISSING:
+            continue
+        ok = isinstance(node, types) and (bool in types or not isinstance(node, bool))
+        if not ok:
+            expected = " or ".join(_TYPE_NAMES[t] for t in types)
+            problems.append(f"{key}: expected {expected}, found {type(node).__name__} {node!r:.40}")
+        elif types == _INT and node < 1:
+            problems.append(f"{key}: expected a positive integer, found {node}")
+    eos = _lookup(manifest, "tokenizer.eos_token_ids")
+    if isinstance(eos, list) and not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in eos):
+        problems.append(f"tokenizer.eos_token_ids: expected a list of token ids, found {eos!r:.40}")
+    for i, e in enumerate(manifest.get("engines") if isinstance(manifest.get("engines"), list) else []):
+        if (not isinstance(e, dict) or not isinstance(e.get("file"), str)
+                or not isinstance(e.get("bytes", 0), int) or not isinstance(e.get("sha256", ""), str)):
+            problems.append(f"engines[{i}]: expected a mapping with a 'file' (and its 'bytes' and 'sha256')")
     return problems
+
+
+def _lookup(manifest: dict, key: str):
+    node: object = manifest
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
 
 
 _MISSING = object()

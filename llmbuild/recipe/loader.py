@@ -17,12 +17,17 @@ from llmbuild.recipe.schema import Limits, Recipe
 from llmbuild.recipe.tree import Tree, apply_overrides, read_tree
 
 
-def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = (), *, check_model: bool = True) -> Recipe:
+def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = (), *, check_model: bool = True,
+                check_build: bool = False) -> Recipe:
     """Load, resolve and validate a recipe.
 
     `overrides` are `a.b=value` (value parsed as YAML) or `~a.b` (delete, i.e. back to
     the default). With `check_model`, the model's config is read to check the limits
-    and the architecture against it. Raises `RecipeError` listing every problem.
+    and the architecture against it. With `check_build`, also what compile's engine
+    stage would refuse before any work (a precision no engine builds at, an engine
+    backend not installed here, the target 'current' without a GPU): `validate` and
+    `compile` set it; `plan` (which sizes a build for other machines) does not.
+    Raises `RecipeError` listing every problem.
     """
     file = os.fspath(path)
     problems: list[Problem] = []
@@ -38,7 +43,7 @@ def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = (), *, check
     except ValidationError as exc:
         problems += validation_problems(exc, tree)
     if recipe is not None:
-        _check_engines(recipe, tree, problems)
+        _check_engines(recipe, tree, problems, check_build)
     source_path = _check_source(tree, check_model, problems)
     if problems or recipe is None:
         order = {f: i for i, f in enumerate(tree.files + [COMMAND_LINE])}
@@ -154,16 +159,16 @@ def _check_tied_lm_head(config: dict, tree: Tree, problems: list[Problem]) -> No
                                 *tree.where(("quantization", "overrides", index))))
 
 
-def _check_engines(recipe: Recipe, tree: Tree, problems: list[Problem]) -> None:
+def _check_engines(recipe: Recipe, tree: Tree, problems: list[Problem], check_build: bool) -> None:
     """What compile's engine stage would refuse, found at validate without importing
-    TensorRT: a precision no engine builds at, a backend whose module is not installed,
-    the target 'current' on a machine without a GPU."""
+    TensorRT: a precision no engine builds at, a backend whose module is not installed
+    here, the target 'current' on a machine without a GPU."""
     import importlib.util
 
     from llmbuild.engine.backends import get_backend
     from llmbuild.engine.options import precision_problem
 
-    if not recipe.engines:
+    if not recipe.engines or not check_build:
         return
     problem = precision_problem(recipe.precision)
     if problem:

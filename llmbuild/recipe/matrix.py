@@ -93,7 +93,8 @@ def variant_names(recipe: Recipe) -> list[tuple[str, dict[str, tuple[str, Any]]]
     return out
 
 
-def load_variants(path: str | os.PathLike, overrides: Sequence[str] = (), *, check_model: bool = True) -> list[Recipe]:
+def load_variants(path: str | os.PathLike, overrides: Sequence[str] = (), *, check_model: bool = True,
+                  check_build: bool = False) -> list[Recipe]:
     """The recipe's variants, each loaded and validated; [the recipe] without a matrix.
 
     Raises one RecipeError with the problems of every variant.
@@ -101,7 +102,7 @@ def load_variants(path: str | os.PathLike, overrides: Sequence[str] = (), *, che
     from llmbuild.recipe.loader import load_recipe
     from llmbuild.recipe.tree import Loc, apply_overrides, read_tree
 
-    base = load_recipe(path, overrides, check_model=check_model)
+    base = load_recipe(path, overrides, check_model=check_model, check_build=check_build)
     if not base.matrix:
         return [base]
     tree = read_tree(os.fspath(path), [])
@@ -120,7 +121,8 @@ def load_variants(path: str | os.PathLike, overrides: Sequence[str] = (), *, che
     for name, chosen in variant_names(base):
         axis_overrides = [f"{key}={json.dumps(value)}" for key, (_, value) in chosen.items()]
         try:
-            recipe = load_recipe(path, [*fixed, f"name={name}", *axis_overrides], check_model=check_model)
+            recipe = load_recipe(path, [*fixed, f"name={name}", *axis_overrides], check_model=check_model,
+                                 check_build=check_build)
         except RecipeError as e:
             first_axis = len(fixed) + 2  # 1-based column of the first axis override
             for p in e.problems:

@@ -197,7 +197,8 @@ def load_yaml_checked(text: str, file: str, problems: list[Problem], *, typ: str
         mark = e.problem_mark or e.context_mark
         what = "; ".join(str(s) for s in (e.context, e.problem) if s)
         problems.append(Problem("", f"invalid YAML: {what}", *at(mark)))
-    except (ValueError, TypeError, RecursionError) as e:  # a constructor's conversion, unpositioned
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError) as e:
+        # a constructor's conversion the node checks did not foresee: unpositioned
         problems.append(Problem("", f"invalid YAML value: {e}", *at(None)))
     return _INVALID
 
@@ -246,6 +247,10 @@ def _tagged_scalar_problem(kind: str, value: str) -> str | None:
             int(text, 0) if text.lstrip("+-")[:2].lower() in ("0x", "0o", "0b") else int(text)
         except ValueError:
             return f"!!int {value!r}: expected an integer"
+    elif kind == "bool" and value.lower() not in ("true", "false", "yes", "no", "on", "off", "y", "n"):
+        return f"!!bool {value!r}: expected true or false"
+    elif kind == "null" and value.lower() not in ("", "~", "null"):
+        return f"!!null {value!r}: expected null"
     elif kind == "float":
         if text.lower() not in (".inf", "+.inf", "-.inf", ".nan"):
             try:
