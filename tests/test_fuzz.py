@@ -149,7 +149,8 @@ MANIFEST_PATHS = st.sampled_from([
 ])
 JSON_VALUES = st.recursive(
     st.one_of(st.none(), st.booleans(), st.integers(-5, 2**40),
-              st.floats(allow_nan=False, allow_infinity=False, allow_subnormal=False), st.text(max_size=10), st.sampled_from(["../../etc/passwd", "model/model.onnx", "/", "tokenizer"])),
+              st.floats(allow_nan=False, allow_infinity=False, allow_subnormal=False), st.text(max_size=10),
+              st.sampled_from(["../../etc/passwd", "model/model.onnx", "/", "tokenizer"])),
     lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=5), inner, max_size=3)),
     max_leaves=8,
 )
