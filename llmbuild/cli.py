@@ -53,11 +53,15 @@ def _error_json(e: LlmbuildError) -> dict:
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.argument("overrides", nargs=-1)
 @click.option("--json", "as_json", is_flag=True, help="Print the resolved recipe as JSON.")
-def validate(recipe, overrides, as_json):
-    """Check a recipe (and OVERRIDES like limits.max_seq_len=4096 or ~engines) without building."""
+@click.option("--portable", is_flag=True, help="Skip compile's engine-stage checks (engine precision, backend "
+              "installed here, a GPU for the target 'current'): for a recipe another machine will compile.")
+def validate(recipe, overrides, as_json, portable):
+    """Check a recipe (and OVERRIDES like limits.max_seq_len=4096 or ~engines) without
+    building: everything `compile` would refuse before any work, on this machine."""
     from llmbuild.recipe.matrix import load_variants
 
-    variants = load_variants(recipe, overrides)  # the recipe itself, or every matrix variant
+    # the recipe itself, or every matrix variant
+    variants = load_variants(recipe, overrides, check_build=not portable)
     if as_json:
         r = variants[0]
         out = {"valid": True, "recipe": r.to_dict(), "source": str(r.source_path)}
@@ -135,6 +139,15 @@ def inspect(artifact, as_json):
     if as_json:
         _emit_json(m)
         return
+    try:
+        _print_manifest(m)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        from llmbuild.errors import UserError
+
+        raise UserError(f"{artifact}: damaged manifest: cannot show {type(e).__name__} {e}") from None
+
+
+def _print_manifest(m: dict) -> None:
     md, lim = m["model"], m["limits"]
     click.echo(f"{m['name']}  (schema {m['schema_version']}, llmbuild {m['toolchain']['llmbuild']})")
     click.echo(f"  model     {md['architecture']}  {md['num_layers']} layers, hidden {md['hidden_size']}, "
@@ -233,10 +246,15 @@ def _runtime_options(f):
     return f
 
 
-def _sampling(kw: dict) -> dict:
-    """The sampling keyword arguments of LoadedModel.stream/chat from the CLI options."""
+def _sampling(kw: dict, max_new_tokens) -> dict:
+    """The sampling keyword arguments of LoadedModel.stream/chat from the CLI options,
+    checked by the shared request layer before any model is loaded (errors name the
+    option: `--top-p: expected a finite number in (0, 1], got 2.0`)."""
+    from llmbuild.runtime.requests import check_field, check_sampling
+
     keys = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty", "seed")
-    return {k: kw[k] for k in keys}
+    check_field("max_new_tokens", max_new_tokens, field="--max-new-tokens")
+    return check_sampling({k: kw[k] for k in keys}, names={k: "--" + k.replace("_", "-") for k in keys})
 
 
 def _stream_out(deltas) -> None:
@@ -260,10 +278,15 @@ def run(artifact, prompt, max_new_tokens, stop, chat, backend, threads, as_json,
     (GPUs 0..N-1, or CUDA_VISIBLE_DEVICES) with NCCL, or, without N GPUs, all ranks on
     ONNX Runtime; no torchrun/mpirun needed (docs/tensor-parallel.md)."""
     import llmbuild
+    from llmbuild.runtime.requests import check_optional, check_stop, check_text
 
+    options = _sampling(sampling, max_new_tokens)
+    check_text("--prompt", prompt)
+    check_stop(stop)
+    check_optional("threads", threads, field="--threads")
     model = llmbuild.load(artifact, backend=backend, threads=threads)
     try:
-        deltas = model.stream(prompt, max_new_tokens=max_new_tokens, stop=stop, chat=chat, **_sampling(sampling))
+        deltas = model.stream(prompt, max_new_tokens=max_new_tokens, stop=stop, chat=chat, **options)
         if as_json:
             _emit_json({"artifact": str(artifact), "prompt": prompt, "text": "".join(deltas)})
         else:
@@ -281,7 +304,17 @@ def chat(artifact, max_new_tokens, stop, system, backend, threads, **sampling):
     """Talk to ARTIFACT: one line per message, replies stream. /reset starts over,
     /exit (or Ctrl-D) leaves; Ctrl-C stops a reply."""
     import llmbuild
+    from llmbuild.runtime.requests import RequestError, check_optional, check_stop, check_text
 
+    options = _sampling(sampling, max_new_tokens)
+    check_stop(stop)
+    check_optional("threads", threads, field="--threads")
+    if system is not None:
+        check_text("--system", system)
+    # Bytes that are not UTF-8 become lone surrogates instead of a UnicodeDecodeError
+    # inside input(); check_text then refuses that line with a message.
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="surrogateescape")
     model = llmbuild.load(artifact, backend=backend, threads=threads)
     if not model.tokenizer.chat_template:
         from llmbuild.errors import UserError
@@ -312,9 +345,14 @@ def chat(artifact, max_new_tokens, stop, system, backend, threads, **sampling):
         if text == "/reset":
             messages = list(start)
             continue
+        try:
+            check_text("input line", text)
+        except RequestError as e:
+            click.echo(f"error: {e}; line ignored", err=True)
+            continue
         messages.append({"role": "user", "content": text})
         reply = []
-        handle = model.chat(messages, stream=True, max_new_tokens=max_new_tokens, stop=stop, **_sampling(sampling))
+        handle = model.chat(messages, stream=True, max_new_tokens=max_new_tokens, stop=stop, **options)
         try:
             for delta in handle:
                 reply.append(delta)
@@ -370,15 +408,19 @@ def bench(artifact, backend, threads, new_tokens, batch, repeats, no_cpu_lowerin
 @click.option("--json", "as_json", is_flag=True)
 def verify(artifact, reference, prompts, max_abs_logit_diff, min_top1_agreement, min_greedy_agreement,
            max_new_tokens, as_json):
-    """Compare ARTIFACT's ONNX graph on ONNX Runtime with HF transformers; exit 1 past thresholds."""
+    """Compare ARTIFACT's ONNX graphs (the standard one and the CPU-lowered one) on ONNX
+    Runtime with HF transformers; exit 1 past thresholds."""
     from llmbuild.artifact import read_manifest
-    from llmbuild.verify import DEFAULT_PROMPTS, default_thresholds, verify_artifact
+    from llmbuild.verify import DEFAULT_PROMPTS, default_thresholds, verify_what_runs
+
+    from llmbuild.eval import check_cpu_runnable
 
     m = read_manifest(artifact)
+    check_cpu_runnable(m, artifact, "verify")
     thresholds = default_thresholds(m["model"]["precision"], {
         "max_abs_logit_diff": max_abs_logit_diff, "min_top1_agreement": min_top1_agreement,
         "min_greedy_agreement": min_greedy_agreement})
-    report = verify_artifact(artifact, reference, prompts=prompts or DEFAULT_PROMPTS, thresholds=thresholds,
+    report = verify_what_runs(artifact, reference, prompts=prompts or DEFAULT_PROMPTS, thresholds=thresholds,
                              max_new_tokens=max_new_tokens)
     if as_json:
         _emit_json(report)
@@ -386,10 +428,15 @@ def verify(artifact, reference, prompts, max_abs_logit_diff, min_top1_agreement,
         for row in report["prompts"]:
             click.echo(f"{row['prompt'][:40]!r:<44} max|Δ| {row['max_abs_logit_diff']:.3g}  "
                        f"top-1 {row['top1_agreement']:.3f}  greedy {row['greedy_tokens_equal']}/{row['greedy_tokens']}")
+        low = report["cpu_lowered"]
+        click.echo(f"CPU-lowered graph: max |Δlogit| {low['max_abs_logit_diff']:.3g}, top-1 {low['top1_agreement']:.3f}, "
+                   f"greedy {low['greedy_agreement']:.3f}: {'passed' if low['passed'] else 'FAILED'}")
         click.echo(f"max |Δlogit| {report['max_abs_logit_diff']:.3g} (≤ {thresholds.max_abs_logit_diff:g}), "
                    f"top-1 {report['top1_agreement']:.3f} (≥ {thresholds.min_top1_agreement:g}), "
                    f"greedy {report['greedy_agreement']:.3f} (≥ {thresholds.min_greedy_agreement:g}): "
                    f"{'PASSED' if report['passed'] else 'FAILED'}")
+        for failure in report.get("failures", []):
+            click.echo(f"  FAILED: {failure}", err=True)
     if not report["passed"]:
         sys.exit(1)
 
@@ -416,6 +463,10 @@ def eval_command(artifact, reference, dataset, tokens, seq_len, threads, as_json
     click.echo(f"{report['dataset']} ({report['split']}): {report['chunks']} chunks x {report['seq_len']} tokens,"
                f" {report['positions']} positions")
     click.echo(f"  perplexity       {report['perplexity']:.4f}")
+    for side in ("candidate", "reference"):
+        if (nf := report.get(f"{side}_non_finite")):
+            click.echo(f"  WARNING: non-finite logits from the {side}: first at chunk {nf['chunk']}, position "
+                       f"{nf['position']} ({nf['positions']} positions)", err=True)
     if reference is not None:
         click.echo(f"  reference ppl    {report['reference_perplexity']:.4f}  ({report['perplexity_increase']:+.2%})")
         click.echo(f"  KL divergence    {report['kl_divergence']:.5f} nats/token")
@@ -433,6 +484,9 @@ def tokenize(artifact, text, chat, as_json):
     from llmbuild.runtime.tokenizer import Tokenizer
     from pathlib import Path
 
+    from llmbuild.runtime.requests import check_text
+
+    check_text("TEXT", text)
     m = read_manifest(artifact)
     tok = Tokenizer(Path(artifact) / TOKENIZER_DIR, m["tokenizer"])
     ids = tok.encode_chat([{"role": "user", "content": text}]) if chat else tok.encode(text)
@@ -452,8 +506,12 @@ def detokenize(artifact, ids, as_json):
     from llmbuild.runtime.tokenizer import Tokenizer
     from pathlib import Path
 
+    from llmbuild.runtime.requests import check_token_ids
+
     m = read_manifest(artifact)
-    text = Tokenizer(Path(artifact) / TOKENIZER_DIR, m["tokenizer"]).decode(list(ids))
+    tok = Tokenizer(Path(artifact) / TOKENIZER_DIR, m["tokenizer"])
+    check_token_ids(ids, field="IDS", vocab_size=m["model"].get("vocab_size") or tok.tok.get_vocab_size())
+    text = tok.decode(list(ids))
     if as_json:
         _emit_json({"text": text})
     else:

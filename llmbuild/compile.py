@@ -83,7 +83,7 @@ def compile_recipe(
     from llmbuild.errors import UserError
     from llmbuild.recipe import load_recipe
 
-    recipe = load_recipe(recipe_path, overrides)
+    recipe = load_recipe(recipe_path, overrides, check_build=True)
     if recipe.matrix:
         raise UserError(
             f"{recipe_path} declares a matrix of variants ({', '.join(recipe.matrix)}); compile it with "
@@ -100,7 +100,7 @@ def compile_variants(
     all variants are validated before the first one is built."""
     from llmbuild.recipe.matrix import load_variants
 
-    recipes = load_variants(recipe_path, overrides)
+    recipes = load_variants(recipe_path, overrides, check_build=True)
     return [compile_loaded(r, Path(out_dir), quiet=quiet, verify=verify, cache=cache) for r in recipes]
 
 
@@ -327,11 +327,12 @@ def _maybe_verify(recipe, rd, stage: Path, source, rep: Reporter, verify: bool |
             raise UserError("--verify needs the HF reference: pip install 'llmbuild[reference]'")
         rep.log("verification skipped: torch/transformers not installed (pip install 'llmbuild[reference]')")
         return None
-    from llmbuild.verify import DEFAULT_PROMPTS, default_thresholds, verify_artifact
+    from llmbuild.verify import DEFAULT_PROMPTS, default_thresholds
+    from llmbuild.verify.compare import verify_what_runs
 
     with rep.stage("verify") as update:
         thresholds = default_thresholds(rd["precision"], settings)
-        report = verify_artifact(
+        report = verify_what_runs(
             stage, recipe.source_path, prompts=settings.get("prompts") or DEFAULT_PROMPTS, thresholds=thresholds
         )
         update(1, 1, "passed" if report["passed"] else "FAILED")

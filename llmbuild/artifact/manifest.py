@@ -47,11 +47,15 @@ def read_manifest(artifact: str | Path) -> dict:
             "an interrupted compile leaves no manifest — run `llmbuild compile` again"
         )
     try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise UserError(f"{path}: cannot read the manifest: {e}") from None
-    version = manifest.get("schema_version") if isinstance(manifest, dict) else None
-    if version != SCHEMA_VERSION:
+    except RecursionError:
+        raise UserError(f"{path}: cannot read the manifest: nested too deeply") from None
+    if not isinstance(manifest, dict):
+        raise UserError(f"{path}: expected a JSON object, found {type(manifest).__name__}")
+    version = manifest.get("schema_version")
+    if type(version) is not int or version != SCHEMA_VERSION:  # true == 1 in Python; not a version
         raise UserError(
             f"{path}: manifest schema version {version!r} is not supported by this llmbuild "
             f"(expected {SCHEMA_VERSION}); rebuild the artifact with this version"
@@ -59,4 +63,9 @@ def read_manifest(artifact: str | Path) -> dict:
     missing = [k for k in REQUIRED_KEYS if k not in manifest]
     if missing:
         raise UserError(f"{path}: manifest lacks {', '.join(missing)}")
+    from llmbuild.artifact.integrity import manifest_problems
+
+    problems = manifest_problems(manifest)
+    if problems:
+        raise UserError(f"{path}: damaged manifest: " + "; ".join(problems))
     return manifest

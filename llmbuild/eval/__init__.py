@@ -35,9 +35,16 @@ def chunk_metrics(logits: np.ndarray, ids: np.ndarray, ref_logits: np.ndarray | 
                   rows: int = 128) -> dict:
     """Sums over one chunk: nll, kl, top-1 hits, positions (float64, `rows` positions at a
     time so that a 49k vocabulary does not need gigabytes of temporaries)."""
+    from llmbuild.verify.finite import first_non_finite
+
     targets = np.asarray(ids[1:], np.int64)
     n = len(targets)
     out = {"nll": 0.0, "positions": n}
+    for side, x in (("candidate", logits), ("reference", ref_logits)):
+        hit = first_non_finite(x[:n]) if x is not None else None
+        if hit is not None:  # NaN compares below every threshold: count it, the gate fails on it
+            out[f"{side}_non_finite"] = {"position": hit[0], "vocab_index": hit[1],
+                                         "positions": int((~np.isfinite(np.asarray(x[:n]))).any(-1).sum())}
     if ref_logits is not None:
         out |= {"ref_nll": 0.0, "kl": 0.0, "top1": 0}
     for a in range(0, n, rows):
@@ -56,6 +63,9 @@ def chunk_metrics(logits: np.ndarray, ids: np.ndarray, ref_logits: np.ndarray | 
 def summarize(totals: dict) -> dict:
     n = max(totals["positions"], 1)
     out = {"positions": totals["positions"], "perplexity": float(np.exp(totals["nll"] / n))}
+    for side in ("candidate", "reference"):
+        if f"{side}_non_finite" in totals:
+            out[f"{side}_non_finite"] = totals[f"{side}_non_finite"]
     if "kl" in totals:
         ref_ppl = float(np.exp(totals["ref_nll"] / n))
         out |= {
@@ -97,6 +107,10 @@ def evaluate_runners(candidate, reference, chunks: np.ndarray, progress=None) ->
         ref = reference.logits(ids) if reference is not None else None
         m = chunk_metrics(candidate.logits(ids), ids, ref)
         for k, v in m.items():
+            if k.endswith("_non_finite"):  # the first chunk that has one, and a count
+                first = totals.setdefault(k, {**v, "chunk": i, "positions": 0})
+                first["positions"] += v["positions"]
+                continue
             totals[k] += v
         if progress is not None:
             progress(i + 1, len(chunks))
@@ -116,6 +130,20 @@ def evaluate(
     graph = artifact_graph(artifact) if artifact.is_dir() else None
     if graph is None:
         raise UserError(f"{artifact} is not an artifact directory (no manifest.json)")
+    from llmbuild.artifact import read_manifest
+    from llmbuild.runtime.requests import check_field
+
+    from llmbuild.artifact.integrity import check_artifact_files
+
+    manifest = read_manifest(artifact)
+    check_artifact_files(artifact, manifest)
+    check_cpu_runnable(manifest, artifact, "eval")
+    check_field("max_new_tokens", tokens, field="--tokens")
+    check_field("max_new_tokens", seq_len, field="--seq-len")
+    max_seq_len = manifest["limits"]["max_seq_len"]
+    if seq_len > max_seq_len:
+        raise UserError(f"--seq-len {seq_len} is longer than {artifact}'s max_seq_len {max_seq_len}; "
+                        f"pass --seq-len {max_seq_len} or less")
     tokenizer_json = artifact / "tokenizer" / "tokenizer.json"
     ids = dataset_tokens(tokenizer_json, dataset, "evaluation", Path.cwd())
     count = max(1, tokens // seq_len)
@@ -134,4 +162,16 @@ def evaluate(
             "seconds": round(time.perf_counter() - start, 2)}
 
 
-__all__ = ["evaluate", "evaluate_runners", "chunk_metrics", "summarize", "log_softmax", "dataset_tokens"]
+def check_cpu_runnable(manifest: dict, artifact, command: str) -> None:
+    """`eval` and `verify` run the graph on ONNX Runtime's CPU provider, which has no
+    bfloat16 kernels: a UserError saying so, instead of a session error."""
+    from llmbuild.errors import UserError
+
+    precision = (manifest.get("model") or {}).get("precision")
+    if precision == "bfloat16":
+        raise UserError(f"{artifact}: a bfloat16 graph cannot run on ONNX Runtime's CPU provider (no bfloat16 "
+                        f"kernels), so `{command}` cannot run it here; compile a float16 or float32 variant "
+                        "(precision: float16) to evaluate on the CPU")
+
+
+__all__ = ["check_cpu_runnable", "evaluate", "evaluate_runners", "chunk_metrics", "summarize", "log_softmax", "dataset_tokens"]

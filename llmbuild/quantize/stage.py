@@ -211,7 +211,9 @@ def quality_gate(stage: Path, recipe, source, work_dir: Path, rep=None, threads:
             cand.close()
             ref.close()
     thresholds = gate_thresholds(v)
-    failures = []
+    failures = [f"non-finite logits from the {side} graph: first at chunk {nf['chunk']}, position {nf['position']}"
+                f" ({nf['positions']} positions affected)"
+                for side in ("candidate", "reference") if (nf := metrics.get(f"{side}_non_finite"))]
     t = thresholds
     if t["max_perplexity_increase"] is not None and metrics["perplexity_increase"] > t["max_perplexity_increase"]:
         failures.append(f"perplexity +{metrics['perplexity_increase']:.2%} (reference {metrics['reference_perplexity']:.3f}"

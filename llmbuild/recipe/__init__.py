@@ -21,11 +21,12 @@ if TYPE_CHECKING:
 __all__ = ["COMMAND_LINE", "Problem", "Recipe", "RecipeError", "load_recipe"]
 
 
-def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = (), *, check_model: bool = True) -> Recipe:
+def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = (), *, check_model: bool = True,
+                check_build: bool = False) -> Recipe:
     """Load, resolve and validate a recipe; see `llmbuild.recipe.loader.load_recipe`."""
     from llmbuild.recipe.loader import load_recipe as _load_recipe
 
-    return _load_recipe(path, overrides, check_model=check_model)
+    return _load_recipe(path, overrides, check_model=check_model, check_build=check_build)
 
 
 def __getattr__(name: str):

@@ -17,16 +17,21 @@ from llmbuild.recipe.schema import Limits, Recipe
 from llmbuild.recipe.tree import Tree, apply_overrides, read_tree
 
 
-def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = (), *, check_model: bool = True) -> Recipe:
+def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = (), *, check_model: bool = True,
+                check_build: bool = False) -> Recipe:
     """Load, resolve and validate a recipe.
 
     `overrides` are `a.b=value` (value parsed as YAML) or `~a.b` (delete, i.e. back to
     the default). With `check_model`, the model's config is read to check the limits
-    and the architecture against it. Raises `RecipeError` listing every problem.
+    and the architecture against it. With `check_build`, also what compile's engine
+    stage would refuse before any work (a precision no engine builds at, an engine
+    backend not installed here, the target 'current' without a GPU): `validate` and
+    `compile` set it; `plan` (which sizes a build for other machines) does not.
+    Raises `RecipeError` listing every problem.
     """
     file = os.fspath(path)
     problems: list[Problem] = []
-    if not os.path.isfile(file):
+    if "\0" in file or not _is_file(file):
         raise RecipeError([Problem("", "recipe file does not exist", file)])
     tree = read_tree(file, problems)
     if tree is None:  # unreadable YAML or broken extends: nothing sensible to validate
@@ -37,6 +42,8 @@ def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = (), *, check
         recipe = Recipe.model_validate(tree.data)
     except ValidationError as exc:
         problems += validation_problems(exc, tree)
+    if recipe is not None:
+        _check_engines(recipe, tree, problems, check_build)
     source_path = _check_source(tree, check_model, problems)
     if problems or recipe is None:
         order = {f: i for i, f in enumerate(tree.files + [COMMAND_LINE])}
@@ -101,6 +108,13 @@ def _check_model(path: Path, tree: Tree, problems: list[Problem]) -> None:
             *source_loc,
         ))
     else:
+        from llmbuild.models import architecture_spec
+        from llmbuild.source.checks import config_problems
+
+        for message in config_problems(config):
+            problems.append(Problem("model.source", f"model config {message}", *source_loc))
+        for message in architecture_spec(arch).check_config(config):
+            problems.append(Problem("model.source", f"{arch}: {message}", *source_loc))
         _check_parallel(config, tree, problems)
         _check_tied_lm_head(config, tree, problems)
 
@@ -136,6 +150,48 @@ def _check_tied_lm_head(config: dict, tree: Tree, problems: list[Problem]) -> No
         index = named[1]
         problems.append(Problem(f"quantization.overrides[{index}]", refusal,
                                 *tree.where(("quantization", "overrides", index))))
+
+
+def _check_engines(recipe: Recipe, tree: Tree, problems: list[Problem], check_build: bool) -> None:
+    """What compile's engine stage would refuse, found at validate without importing
+    TensorRT: a precision no engine builds at, a backend whose module is not installed
+    here, the target 'current' on a machine without a GPU."""
+    import importlib.util
+
+    from llmbuild.engine.backends import get_backend
+    from llmbuild.engine.options import precision_problem
+
+    if not recipe.engines or not check_build:
+        return
+    problem = precision_problem(recipe.precision)
+    if problem:
+        problems.append(Problem("precision", problem, *tree.where(("precision",))))
+    for i, entry in enumerate(recipe.engines):
+        backend = get_backend(entry.backend)
+        try:
+            installed = importlib.util.find_spec(backend.module) is not None
+        except (ImportError, ValueError):
+            installed = False
+        if not installed:
+            problems.append(Problem(f"engines[{i}]", f"engine backend {entry.backend!r} needs the Python module "
+                                    f"{backend.module!r}, which is not installed; install it with: pip install "
+                                    f"{backend.pip}", *tree.where(("engines", i))))
+        targets = getattr(entry, "compute_capabilities", None) or []
+        if "current" in targets:
+            from llmbuild.engine.compat import current_compute_capability
+
+            if current_compute_capability() is None:
+                path = ("engines", i, "compute_capabilities")
+                problems.append(Problem(f"engines[{i}].compute_capabilities",
+                                        "compute capability 'current' means the GPU of the build machine, and this "
+                                        "machine has none; name the targets (e.g. [sm86, sm89])", *tree.where(path)))
+
+
+def _is_file(file: str) -> bool:
+    try:
+        return os.path.isfile(file)
+    except (OSError, ValueError):  # too long a name, NUL bytes
+        return False
 
 
 def _is_int(value: object) -> bool:

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 LABEL = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 _KEY_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 _NOT_AXES = ("name", "matrix")
+MAX_VARIANTS = 64  # each variant is validated (and compiled) in full
 
 
 def label_of(value: Any) -> str:
@@ -92,7 +93,8 @@ def variant_names(recipe: Recipe) -> list[tuple[str, dict[str, tuple[str, Any]]]
     return out
 
 
-def load_variants(path: str | os.PathLike, overrides: Sequence[str] = (), *, check_model: bool = True) -> list[Recipe]:
+def load_variants(path: str | os.PathLike, overrides: Sequence[str] = (), *, check_model: bool = True,
+                  check_build: bool = False) -> list[Recipe]:
     """The recipe's variants, each loaded and validated; [the recipe] without a matrix.
 
     Raises one RecipeError with the problems of every variant.
@@ -100,18 +102,27 @@ def load_variants(path: str | os.PathLike, overrides: Sequence[str] = (), *, che
     from llmbuild.recipe.loader import load_recipe
     from llmbuild.recipe.tree import Loc, apply_overrides, read_tree
 
-    base = load_recipe(path, overrides, check_model=check_model)
+    base = load_recipe(path, overrides, check_model=check_model, check_build=check_build)
     if not base.matrix:
         return [base]
     tree = read_tree(os.fspath(path), [])
     if tree is not None:
         apply_overrides(tree, overrides, [])
+    count = 1
+    for values in base.matrix.values():
+        count *= len(values)
+    if count > MAX_VARIANTS:
+        sizes = " x ".join(str(len(v)) for v in base.matrix.values())
+        where = tree.where(("matrix",), key=True) if tree is not None else Loc(os.fspath(path), 0, 0)
+        raise RecipeError([Problem("matrix", f"the matrix has {count} variants ({sizes}); expected at most "
+                                             f"{MAX_VARIANTS}: split it into several recipes", *where)])
     fixed = [*overrides, "~matrix"]
     variants, problems = [], []
     for name, chosen in variant_names(base):
         axis_overrides = [f"{key}={json.dumps(value)}" for key, (_, value) in chosen.items()]
         try:
-            recipe = load_recipe(path, [*fixed, f"name={name}", *axis_overrides], check_model=check_model)
+            recipe = load_recipe(path, [*fixed, f"name={name}", *axis_overrides], check_model=check_model,
+                                 check_build=check_build)
         except RecipeError as e:
             first_axis = len(fixed) + 2  # 1-based column of the first axis override
             for p in e.problems:

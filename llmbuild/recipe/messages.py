@@ -170,6 +170,9 @@ def _message(kind: str, path: YamlPath, value: object, ctx: dict, default: str) 
             "expected a name of lowercase letters, digits, '.', '_' or '-' starting with"
             f" a letter or digit, found {found}"
         )
+    if kind == "string_too_long" and path == ("name",):
+        return (f"expected a name of at most {ctx.get('max_length')} characters (the artifact directory"
+                f" .<name>.partial-<pid> must fit the filesystem's 255-byte limit), found {found}")
     if kind == "too_short":
         return f"expected at least {ctx.get('min_length', 1)} item(s), found {found}"
     if kind in RELOCATE:

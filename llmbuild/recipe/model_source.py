@@ -20,6 +20,17 @@ class SourceError(UserError):
 def resolve_source(source: str, base_dir: Path) -> Path:
     """The absolute path of a model source; raises `SourceError` if it is not an
     existing HF checkpoint directory (with config.json) or .gguf file."""
+    if "\0" in source:
+        raise SourceError("the model source contains a NUL byte; expected a file or directory path")
+    try:
+        return _resolve(source, base_dir)
+    except (OSError, ValueError) as e:  # a name too long for the filesystem, a loop of symlinks
+        reason = getattr(e, "strerror", None) or str(e)
+        raise SourceError(f"cannot use the model source {source[:80]!r}{'...' if len(source) > 80 else ''}: "
+                          f"{reason}") from None
+
+
+def _resolve(source: str, base_dir: Path) -> Path:
     if source.startswith(PACKAGE_PREFIX):
         path = _package_file(source)
     else:

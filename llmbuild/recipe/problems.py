@@ -55,8 +55,8 @@ def describe(value: object) -> str:
         return f"{value} (integer)"
     if isinstance(value, float):
         return f"{value} (number)"
-    if isinstance(value, str):
-        return f"{value!r} (string)"
+    if isinstance(value, str):  # at most 60 characters of it: never echo a whole file
+        return f"{value[:57] + '...' if len(value) > 60 else value!r} (string{f', {len(value)} characters' if len(value) > 60 else ''})"
     if isinstance(value, list):
         return "a list" if value else "an empty list"
     if isinstance(value, dict):

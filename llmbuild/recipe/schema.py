@@ -35,10 +35,19 @@ class ModelSpec(_Section):
     source: str
 
 
+# Upper bounds no runtime can allocate past (a KV cache of 4096 slots x 2**20 tokens of
+# even a tiny model is terabytes); checked at validate, before any work.
+MAX_BATCH_SIZE = 4096
+MAX_TOKENS = 1 << 20
+# An artifact directory is <name> and, while it is written, .<name>.partial-<pid>:
+# both must fit the filesystem's 255-byte file name limit.
+MAX_NAME_LENGTH = 200
+
+
 class Limits(_Section):
-    max_batch_size: PositiveInt = 4
-    max_input_len: PositiveInt = 512
-    max_seq_len: PositiveInt = 2048
+    max_batch_size: Annotated[int, Field(gt=0, le=MAX_BATCH_SIZE)] = 4
+    max_input_len: Annotated[int, Field(gt=0, le=MAX_TOKENS)] = 512
+    max_seq_len: Annotated[int, Field(gt=0, le=MAX_TOKENS)] = 2048
     # Tokens of one forward pass (all sequences together); null = max_batch_size x
     # max_input_len. Bounds the prefill optimization profile (llmbuild.engine.profiles).
     max_num_tokens: PositiveInt | None = None
@@ -300,7 +309,7 @@ class Recipe(_Section):
     `source_path` the resolved model source; neither is part of `to_dict()`.
     """
 
-    name: Annotated[str, Field(pattern=NAME_PATTERN)]
+    name: Annotated[str, Field(pattern=NAME_PATTERN, max_length=MAX_NAME_LENGTH)]
     model: ModelSpec
     precision: Precision = "float16"
     limits: Limits = Limits()

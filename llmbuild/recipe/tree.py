@@ -80,7 +80,7 @@ def read_tree(file: str, problems: list[Problem], _chain: tuple[str, ...] = ()) 
     value = tree.data["extends"]
     loc = tree.positions[("extends",)][1]
     tree.delete(("extends",))
-    if not isinstance(value, str) or not value:
+    if not isinstance(value, str) or not value or "\0" in value:
         problems.append(_problem("extends", f"expected a recipe file name, found {describe(value)}", loc))
         return None
     parent = os.path.normpath(os.path.join(os.path.dirname(file), value))
@@ -90,7 +90,7 @@ def read_tree(file: str, problems: list[Problem], _chain: tuple[str, ...] = ()) 
         problems.append(_problem("extends", f"recipes extend each other in a cycle: {cycle}", loc))
         return None
     if not os.path.isfile(parent):
-        problems.append(_problem("extends", f"extended recipe {parent} does not exist", loc))
+        problems.append(_problem("extends", f"extended recipe {parent[:200]} does not exist", loc))
         return None
     base = read_tree(parent, problems, chain)
     if base is None:
@@ -113,29 +113,151 @@ def _merge(dst: Tree, src: dict, prefix: YamlPath, src_positions: dict) -> None:
             dst.replace(path, value, {p: l for p, l in src_positions.items() if p[:n] == path})
 
 
+# Bounds on what a recipe may expand to: a 400-byte file of nested aliases ("billion
+# laughs") would otherwise expand to billions of values; deep nesting would end in a
+# RecursionError. Real recipes are a few hundred values, nested 5 deep.
+MAX_RECIPE_BYTES = 1 << 20
+MAX_VALUES = 20_000
+MAX_DEPTH = 32
+_YAML_TAG = "tag:yaml.org,2002:"
+ALLOWED_TAGS = ("str", "int", "float", "bool", "null", "map", "seq", "merge")
+
+
 def _read_yaml(file: str, problems: list[Problem]) -> Tree | None:
-    from ruamel.yaml import YAML
-    from ruamel.yaml.error import MarkedYAMLError, YAMLError
+    from ruamel.yaml.error import YAMLError
 
     try:
-        with open(file, encoding="utf-8") as f:
-            doc = YAML(typ="rt", pure=True).load(f)
-    except MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        what = "; ".join(str(s) for s in (e.context, e.problem) if s)
-        line, col = (mark.line + 1, mark.column + 1) if mark is not None else (0, 0)
-        problems.append(Problem("", f"invalid YAML: {what}", file, line, col))
-        return None
-    except (YAMLError, OSError, UnicodeDecodeError) as e:
+        with open(file, "rb") as f:
+            raw = f.read(MAX_RECIPE_BYTES + 1)
+        if len(raw) > MAX_RECIPE_BYTES:
+            problems.append(Problem("", f"recipe is larger than {MAX_RECIPE_BYTES} bytes; expected a small YAML file",
+                                    file))
+            return None
+        text = raw.decode("utf-8")
+    except (OSError, UnicodeDecodeError, ValueError) as e:
         problems.append(Problem("", f"cannot read recipe: {e}", file))
+        return None
+    try:
+        doc = load_yaml_checked(text, file, problems)
+    except YAMLError as e:
+        problems.append(Problem("", f"cannot read recipe: {e}", file))
+        return None
+    if doc is _INVALID:
         return None
     tree = Tree({}, file, files=[file])
     data = _plain(doc, (), tree)
     if not isinstance(data, dict):
-        problems.append(Problem("", f"expected a mapping of recipe keys, found {describe(data)}", file, 1, 1))
+        # Not the value itself: a file that is no recipe (extends: /etc/passwd) is never echoed.
+        found = f"a string of {len(data)} characters" if isinstance(data, str) else describe(data)
+        problems.append(Problem("", f"expected a mapping of recipe keys, found {found}", file, 1, 1))
         return None
     tree.data = data
     return tree
+
+
+_INVALID = object()
+
+
+def load_yaml_checked(text: str, file: str, problems: list[Problem], *, typ: str = "rt",
+                      loc: "Loc | None" = None) -> Any:
+    """YAML text -> data, refusing (as problems with positions, returning _INVALID) what
+    a recipe must not contain: tags other than the plain YAML types, values an explicit
+    !!int/!!float tag cannot convert, more than MAX_VALUES values once aliases are
+    expanded, nesting deeper than MAX_DEPTH. `loc`: report every problem there (an
+    override on the command line) instead of at the node's position."""
+    from ruamel.yaml import YAML
+    from ruamel.yaml.error import MarkedYAMLError
+
+    def at(mark) -> tuple[str, int, int]:
+        if loc is not None:
+            return loc.file, loc.line, loc.column
+        return (file, mark.line + 1, mark.column + 1) if mark is not None else (file, 0, 0)
+
+    yaml = YAML(typ=typ, pure=True)
+    try:
+        node = yaml.compose(text)
+    except MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        what = "; ".join(str(s) for s in (e.context, e.problem) if s)
+        problems.append(Problem("", f"invalid YAML: {what}", *at(mark)))
+        return _INVALID
+    except RecursionError:
+        problems.append(Problem("", f"invalid YAML: nested more than {MAX_DEPTH} levels deep", *at(None)))
+        return _INVALID
+    if node is None:
+        return None
+    found = _node_problems(node)
+    if found:
+        found.sort(key=lambda f: (f[1].line, f[1].column) if f[1] is not None else (0, 0))
+        problems += [Problem("", message, *at(mark)) for message, mark in found]
+        return _INVALID
+    try:
+        return yaml.load(text)
+    except MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        what = "; ".join(str(s) for s in (e.context, e.problem) if s)
+        problems.append(Problem("", f"invalid YAML: {what}", *at(mark)))
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError) as e:
+        # a constructor's conversion the node checks did not foresee: unpositioned
+        problems.append(Problem("", f"invalid YAML value: {e}", *at(None)))
+    return _INVALID
+
+
+def _node_problems(root) -> list[tuple[str, Any]]:
+    """(message, mark) for the first node past a bound, and for every refused tag or
+    unconvertible tagged scalar. Walks aliases as often as they are used (that is
+    what loading would expand), stopping at the bounds."""
+    from ruamel.yaml.nodes import MappingNode, ScalarNode, SequenceNode
+
+    found: list[tuple[str, Any]] = []
+    count = 0
+    stack = [(root, 1)]
+    while stack:
+        node, depth = stack.pop()
+        count += 1
+        if count > MAX_VALUES:
+            return [(f"recipe expands to more than {MAX_VALUES} values (nested YAML aliases?); "
+                     "expected a small recipe", node.start_mark)]
+        if depth > MAX_DEPTH:
+            return [(f"recipe is nested more than {MAX_DEPTH} levels deep", node.start_mark)]
+        tag = str(node.tag) if node.tag is not None else ""
+        kind = tag[len(_YAML_TAG):] if tag.startswith(_YAML_TAG) else None
+        if kind not in ALLOWED_TAGS:
+            found.append((f"YAML tag {tag!r} is not allowed in a recipe; expected plain values"
+                          f" ({', '.join('!!' + t for t in ALLOWED_TAGS[:5])})", node.start_mark))
+            continue
+        if isinstance(node, ScalarNode):
+            problem = _tagged_scalar_problem(kind, node.value)
+            if problem:
+                found.append((problem, node.start_mark))
+        elif isinstance(node, SequenceNode):
+            stack.extend((child, depth + 1) for child in node.value)
+        elif isinstance(node, MappingNode):
+            for key, value in node.value:
+                stack.append((key, depth + 1))
+                stack.append((value, depth + 1))
+    return found
+
+
+def _tagged_scalar_problem(kind: str, value: str) -> str | None:
+    """Why an explicitly tagged scalar cannot be converted, or None."""
+    text = value.replace("_", "").strip()
+    if kind == "int":
+        try:
+            int(text, 0) if text.lstrip("+-")[:2].lower() in ("0x", "0o", "0b") else int(text)
+        except ValueError:
+            return f"!!int {value!r}: expected an integer"
+    elif kind == "bool" and value.lower() not in ("true", "false", "yes", "no", "on", "off", "y", "n"):
+        return f"!!bool {value!r}: expected true or false"
+    elif kind == "null" and value.lower() not in ("", "~", "null"):
+        return f"!!null {value!r}: expected null"
+    elif kind == "float":
+        if text.lower() not in (".inf", "+.inf", "-.inf", ".nan"):
+            try:
+                float(text)
+            except ValueError:
+                return f"!!float {value!r}: expected a number"
+    return None
 
 
 def _plain(node: Any, path: YamlPath, tree: Tree) -> Any:
@@ -185,7 +307,6 @@ def apply_overrides(tree: Tree, overrides: Sequence[str], problems: list[Problem
     Problems are reported at file `<command line>`, line 1, column = 1-based index of
     the override.
     """
-    from ruamel.yaml import YAML
     from ruamel.yaml.error import YAMLError
 
     for index, text in enumerate(overrides, start=1):
@@ -208,11 +329,14 @@ def apply_overrides(tree: Tree, overrides: Sequence[str], problems: list[Problem
         if raw is None:
             tree.delete(path)
             continue
+        found: list[Problem] = []
         try:
-            value = YAML(typ="safe", pure=True).load(raw) if raw else None
+            value = load_yaml_checked(raw, COMMAND_LINE, found, typ="safe", loc=loc) if raw else None
         except YAMLError as e:
-            reason = getattr(e, "problem", None) or e
-            problems.append(_problem(key, f"override {text!r}: cannot parse {raw!r} as YAML ({reason})", loc))
+            found.append(Problem("", str(getattr(e, "problem", None) or e)))
+        if found:
+            reasons = "; ".join(p.message for p in found)
+            problems.append(_problem(key, f"override {text!r}: cannot parse {raw!r} as YAML ({reasons})", loc))
             continue
         for i in range(1, len(path)):  # make the enclosing mappings exist
             if not isinstance(tree.get(path[:i]), dict):

@@ -35,12 +35,16 @@ dtype, and
 5. fuses each residual Add with the RMSNormalization that reads it into
    `com.microsoft.SkipSimplifiedLayerNormalization`.
 
-Anything the rewrite does not recognise raises `LoweringError`; the executor then runs
-the standard graph instead and says so in a WARNING (the conformance suite fails on it).
-Both graphs are checked against HF transformers in the tests.
+A layer whose attention breaks the fused operator's constraints (`gqa_constraint_problem`:
+head size % 16, dtype, soft-cap, window) keeps the standard Attention, with a WARNING
+naming the reason. Anything else the rewrite does not recognise raises `LoweringError`;
+the executor then runs the standard graph instead and says so in a WARNING. Both graphs
+are checked against HF transformers in the tests.
 """
 
 from __future__ import annotations
+
+import logging
 
 import numpy as np
 import onnx_ir as ir
@@ -51,6 +55,25 @@ from llmbuild.quantize.cpu_lowering import fuse_sibling_matmulnbits, lower_quant
 
 MS_DOMAIN = "com.microsoft"
 _SIXTEEN_BIT = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+_log = logging.getLogger("llmbuild.cpu_lowering")
+
+
+def gqa_constraint_problem(*, head_dim: int, num_heads: int, kv_heads: int, dtype, softcap: float = 0.0,
+                           window: int | None = None) -> str | None:
+    """Why ONNX Runtime's com.microsoft.GroupQueryAttention CPU kernel cannot run one
+    layer's attention as the lowering emits it, or None. The layer then keeps the
+    standard graph's Attention (a per-layer fallback, with a WARNING)."""
+    if head_dim % 16:
+        return f"head_size {head_dim} is not a multiple of 16 (GroupQueryAttention's CPU kernel requires it)"
+    if kv_heads < 1 or num_heads % kv_heads:
+        return f"{num_heads} query heads are not a multiple of {kv_heads} KV heads"
+    if dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16):
+        return f"dtype {dtype} (the CPU kernel takes float32 or float16)"
+    if softcap:
+        return f"soft-capped attention (softcap={softcap}) is not lowered"
+    if window:
+        return f"sliding-window attention (window {window}) is not lowered"
+    return None
 
 
 class LoweringError(ValueError):
@@ -135,10 +158,8 @@ def lower_for_cpu(model: ir.Model, *, int4_accuracy_level: int = 4, int8_accurac
         if any(attn.inputs[i] is not None for i in (3, 4, 5)):
             raise LoweringError(f"{attn.name}: attention mask/past inputs are not supported")
         attrs = {k: v.value for k, v in attn.attributes.items()}
-        if attrs.get("is_causal") != 1 or attrs.get("softcap", 0.0) or attrs.get("qk_matmul_output_mode", 0):
+        if attrs.get("is_causal") != 1 or attrs.get("qk_matmul_output_mode", 0):
             raise LoweringError(f"{attn.name}: only plain causal attention is supported ({attrs})")
-        if meta.get("window") is not None or meta.get("softcap"):
-            raise LoweringError(f"layer {meta['layer']}: sliding window / soft-capping is not lowered yet")
         scatter_k = _producer(present_k, "TensorScatter")
         scatter_v = _producer(present_v, "TensorScatter")
         past_k, past_v = scatter_k.inputs[0], scatter_v.inputs[0]
@@ -155,7 +176,14 @@ def lower_for_cpu(model: ir.Model, *, int4_accuracy_level: int = 4, int8_accurac
         q_lin, k_lin, v_lin = (_unheaded(values.get(meta[x]), meta[x]) for x in ("q", "k", "v"))
         out_t = _only_consumer(attn.outputs[0], "Transpose")
         merged = _only_consumer(out_t.outputs[0], "Reshape").outputs[0]
-        heads, kv_heads = int(meta["heads"]), int(meta["kv_heads"])
+        heads, kv_heads, head_dim = int(meta["heads"]), int(meta["kv_heads"]), int(meta["head_dim"])
+        problem = gqa_constraint_problem(head_dim=head_dim, num_heads=heads, kv_heads=kv_heads, dtype=past_k.dtype,
+                                         softcap=float(meta.get("softcap") or attrs.get("softcap", 0.0)),
+                                         window=meta.get("window"))
+        if problem is not None:  # this layer keeps the standard Attention
+            _log.warning("CPU lowering: %s keeps the standard Attention, not GroupQueryAttention: %s",
+                         attn.name, problem)
+            continue
 
         packed = _packed_qkv(q_lin, k_lin, v_lin)
         qkv = [packed, None, None] if packed is not None else [q_lin, k_lin, v_lin]

@@ -5,10 +5,12 @@ fed by a queue that any number of threads submit to.
          ▲                                            │ text deltas, the finished Generation
          └── RequestHandle: .result(), iteration ◄────┘
 
-The thread starts with the first request and sleeps while there is no work. An
-executor failure fails every request in flight (each handle re-raises it) and the
-engine carries on with the next ones; an error in one request's sampling (e.g. its
-grammar) fails that request only.
+The thread starts with the first request and sleeps while there is no work. Nothing
+a request does ends the thread: a failure of one request (forged parameters, an error
+while sampling, detokenizing or in its grammar) fails that request alone (its handle
+raises) and the others carry on; an executor failure fails every request in flight and
+the engine carries on with the next ones. Fields are validated before a request gets
+here (llmbuild.runtime.requests).
 
 Asynchronous callers (the HTTP server, llmbuild.serve) pass `notify`, called on the
 engine thread after every event, and read the events with `drain()` without blocking.
@@ -148,7 +150,12 @@ class Engine:
             if on_finish is not None:
                 on_finish(generation)
 
+        def fail(error: BaseException, handle=handle):
+            self._handles.pop(id(seq), None)
+            handle._fail(error)
+
         seq.done = done
+        seq.fail = fail
         with self._cv:
             if self._closed:
                 raise RuntimeError("the engine is closed")
@@ -160,32 +167,42 @@ class Engine:
         return handle
 
     def _run(self) -> None:
-        scheduler = self.scheduler
+        """The engine thread. Nothing a request does ends it: a request's own failure
+        fails that request (Scheduler._fail), an executor failure the requests in flight."""
         while True:
-            with self._cv:
-                while not self._incoming and not scheduler.has_work() and not self._closed:
-                    self._cv.wait()
-                if self._closed:
-                    incoming, self._incoming = self._incoming, []
-                    for seq, handle in incoming:
-                        handle._fail(RuntimeError("the engine was closed"))
-                    dropped = scheduler.fail_all(RuntimeError("closed"))
-                    for seq in dropped:
-                        self._handles.pop(id(seq), _Null)._fail(RuntimeError("the engine was closed"))
-                    return
-                if not scheduler.has_work():
-                    scheduler.ensure_cache()  # someone may have reset the executor meanwhile
-                for seq, handle in self._incoming:
-                    self._handles[id(seq)] = handle
-                    scheduler.add(seq)
-                self._incoming = []
             try:
-                scheduler.step()
+                if not self._serve():
+                    return
             except BaseException as error:  # noqa: BLE001 - handed to every waiting caller
-                for seq in scheduler.fail_all(error):
+                for seq in self.scheduler.fail_all(error):
                     self._handles.pop(id(seq), _Null)._fail(error)
+                for handle in list(self._handles.values()):
+                    handle._fail(error)
                 self._handles = {}
-                continue
+
+    def _serve(self) -> bool:
+        """Admit what came in and run one scheduler step; False once closed."""
+        scheduler = self.scheduler
+        with self._cv:
+            while not self._incoming and not scheduler.has_work() and not self._closed:
+                self._cv.wait()
+            if self._closed:
+                incoming, self._incoming = self._incoming, []
+                for seq, handle in incoming:
+                    handle._fail(RuntimeError("the engine was closed"))
+                dropped = scheduler.fail_all(RuntimeError("closed"))
+                for seq in dropped:
+                    self._handles.pop(id(seq), _Null)._fail(RuntimeError("the engine was closed"))
+                return False
+            incoming, self._incoming = self._incoming, []
+            for seq, handle in incoming:
+                self._handles[id(seq)] = handle
+            if not scheduler.has_work():
+                scheduler.ensure_cache()  # someone may have reset the executor meanwhile
+            for seq, _handle in incoming:
+                scheduler.add(seq)
+        scheduler.step()
+        return True
 
     def close(self) -> None:
         with self._cv:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from llmbuild.errors import UserError
+from llmbuild.runtime.requests import check_params, check_token_ids, request_fields
 from llmbuild.runtime.sampling import SamplingParams
 
 
@@ -55,12 +56,12 @@ class Request:
     grammar: object | None = field(default=None, compare=False)  # llmbuild.runtime.grammar.Grammar
 
     def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise UserError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.logprobs is not None and self.logprobs < 0:
-            raise UserError(f"logprobs must be None or >= 0, got {self.logprobs}")
-        if any(not s for s in self.stop):
-            raise UserError("stop strings must not be empty")
+        checked = request_fields(max_new_tokens=self.max_new_tokens, stop=self.stop, logprobs=self.logprobs,
+                                 stream=self.stream, ignore_eos=self.ignore_eos)
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
+        object.__setattr__(self, "prompt_ids", check_token_ids(self.prompt_ids))
+        check_params(self.params)
 
 
 def check_request(prompt_ids: Sequence[int], max_new_tokens: int, limits: Limits, vocab_size: int | None = None) -> None:
@@ -76,7 +77,7 @@ def check_request(prompt_ids: Sequence[int], max_new_tokens: int, limits: Limits
             f"this artifact's max_seq_len={limits.max_seq_len}; shorten the prompt or lower max_new_tokens"
         )
     if vocab_size is not None:
-        bad = [t for t in prompt_ids if not 0 <= int(t) < vocab_size]
+        bad = [t for t in prompt_ids if not 0 <= t < vocab_size]
         if bad:
             raise UserError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
 

@@ -16,15 +16,15 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from llmbuild.artifact import TOKENIZER_DIR, read_manifest
+from llmbuild.artifact.integrity import check_artifact_files
 from llmbuild.errors import UserError
 from llmbuild.runtime.engine import Engine, RequestHandle
 from llmbuild.runtime.generator import Generation, Limits, Request
+from llmbuild.runtime import requests as checks
 from llmbuild.runtime.sampling import SamplingParams
 from llmbuild.runtime.tokenizer import Tokenizer
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
-_SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
-                  "frequency_penalty", "seed")
 
 
 def _open_executor(directory: Path, manifest: dict, backend: str, threads: int | None, slots: int,
@@ -56,13 +56,22 @@ def _open_executor(directory: Path, manifest: dict, backend: str, threads: int |
 class LoadedModel:
     def __init__(self, artifact: str | Path, backend: str = "auto", threads: int | None = None, *,
                  max_batch_size: int | None = None, max_num_tokens: int | None = None,
-                 cpu_lowering: bool | None = None):
+                 cpu_lowering: bool | None = None, check_hashes: bool | None = None):
         """max_batch_size: cache slots (default: the artifact's limit; more only on ONNX
         Runtime, whose graph has no fixed batch). max_num_tokens: tokens of one prefill
         pass; longer prompts are prefilled in chunks (default and maximum for an engine:
-        the artifact's max_input_len). cpu_lowering: see OnnxRuntimeExecutor."""
+        the artifact's max_input_len). cpu_lowering: see OnnxRuntimeExecutor.
+        check_hashes: compare the graph's and engines' sha256 with the manifest's
+        (default: yes, unless $LLMBUILD_SKIP_HASH_CHECK=1; presence and sizes are
+        always checked, llmbuild.artifact.integrity)."""
+        if backend not in BACKENDS:
+            raise UserError(f"unknown runtime backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        threads = checks.check_optional("threads", threads)
+        max_batch_size = checks.check_optional("max_batch_size", max_batch_size)
+        max_num_tokens = checks.check_optional("max_num_tokens", max_num_tokens)
         self.path = Path(artifact)
         self.manifest = read_manifest(self.path)
+        check_artifact_files(self.path, self.manifest, hashes=check_hashes)
         info = self.manifest["tokenizer"]
         self.tokenizer = Tokenizer(self.path / TOKENIZER_DIR, info)
         lim = self.manifest["limits"]
@@ -95,6 +104,7 @@ class LoadedModel:
         return Grammar.json_schema(json_schema, grammar_tokenizer(self))
 
     def encode(self, prompt: str, *, chat: bool) -> list[int]:
+        checks.check_text("prompt", prompt)
         if chat:
             return self.tokenizer.encode_chat([{"role": "user", "content": prompt}])
         return self.tokenizer.encode(prompt)
@@ -103,10 +113,11 @@ class LoadedModel:
     def submit(self, prompt_ids: Sequence[int], *, max_new_tokens: int = 64, params: SamplingParams = SamplingParams(),
                stop: Sequence[str] = (), logprobs: int | None = None, stream: bool = False,
                ignore_eos: bool = False, grammar=None, notify=None, on_finish=None) -> RequestHandle:
-        """Queue one request of token ids (thread-safe); see RequestHandle. `grammar`:
+        """Queue one request of token ids (thread-safe); see RequestHandle. Every field is
+        checked (llmbuild.runtime.requests) before it reaches the engine thread. `grammar`:
         from `self.grammar(...)`; `notify`, `on_finish`: see Engine.submit."""
-        request = Request(tuple(int(t) for t in prompt_ids), max_new_tokens, params, tuple(stop), logprobs, stream,
-                          ignore_eos, grammar)
+        request = Request(checks.check_token_ids(prompt_ids), max_new_tokens, checks.check_params(params),
+                          checks.check_stop(stop), logprobs, stream, ignore_eos, grammar)
         return self.engine.submit(request, notify=notify, on_finish=on_finish)
 
     def generate_ids(
@@ -132,14 +143,13 @@ class LoadedModel:
         temperature 0. `seed` may be one per prompt; a seeded request gives the same
         text alone or batched with others. `json_schema`: the output is JSON text that
         matches this schema (structured output, llmbuild.runtime.grammar)."""
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        seeds = [seed] * len(prompts) if isinstance(seed, int) else list(seed)
-        if len(seeds) != len(prompts):
-            raise UserError(f"{len(seeds)} seeds for {len(prompts)} prompts")
-        params = [SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=s, min_p=min_p,
-                                 repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
-                                 frequency_penalty=frequency_penalty) for s in seeds]
+        prompts = checks.check_prompts(prompts)
+        seeds = checks.check_seeds(seed, len(prompts))
+        fields = checks.check_sampling(dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                            repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                                            frequency_penalty=frequency_penalty))
+        checks.request_fields(max_new_tokens=max_new_tokens, stop=stop, logprobs=logprobs)
+        params = [SamplingParams(seed=s, **fields) for s in seeds]
         ids = [self.encode(p, chat=chat) for p in prompts]
         grammar = self.grammar(json_schema) if json_schema is not None else None
         return self.generate_ids(ids, max_new_tokens=max_new_tokens, params=params, stop=_stops(stop),
@@ -149,8 +159,8 @@ class LoadedModel:
                chat: bool = False, **sampling) -> Iterator[str]:
         """Text deltas of one generation, as tokens are produced. `prompt` may also be a
         list of chat messages (then the chat template applies)."""
-        if isinstance(prompt, list):
-            ids = self.tokenizer.encode_chat(prompt)
+        if isinstance(prompt, (list, tuple)):
+            ids = self.tokenizer.encode_chat(checks.check_messages(prompt))
         else:
             ids = self.encode(prompt, chat=chat)
         handle = self.submit(ids, max_new_tokens=max_new_tokens, params=_params(sampling), stop=_stops(stop),
@@ -163,7 +173,7 @@ class LoadedModel:
         stream=True an iterator of text deltas."""
         if stream:
             return self.stream(messages, max_new_tokens=max_new_tokens, stop=stop, **sampling)
-        ids = self.tokenizer.encode_chat(messages)
+        ids = self.tokenizer.encode_chat(checks.check_messages(messages))
         return self.submit(ids, max_new_tokens=max_new_tokens, params=_params(sampling), stop=_stops(stop),
                            logprobs=logprobs).result()
 
@@ -179,16 +189,13 @@ class LoadedModel:
 
 
 def _stops(stop: str | Sequence[str]) -> tuple[str, ...]:
-    return (stop,) if isinstance(stop, str) else tuple(stop)
+    return checks.check_stop(stop)
 
 
 def _params(sampling: dict) -> SamplingParams:
-    unknown = set(sampling) - set(_SAMPLING_KEYS)
-    if unknown:
-        raise TypeError(f"unknown sampling option(s) {sorted(unknown)}; known: {', '.join(_SAMPLING_KEYS)}")
-    return SamplingParams(**sampling)
+    return checks.sampling_params(**sampling)
 
 
 def load(artifact: str | Path, backend: str = "auto", threads: int | None = None, **options) -> LoadedModel:
-    """Load an artifact; options: max_batch_size, max_num_tokens, cpu_lowering (LoadedModel)."""
+    """Load an artifact; options: max_batch_size, max_num_tokens, cpu_lowering, check_hashes (LoadedModel)."""
     return LoadedModel(artifact, backend=backend, threads=threads, **options)

@@ -37,6 +37,8 @@ from typing import Sequence
 
 import numpy as np
 
+from llmbuild.runtime.requests import SAMPLING_FIELDS, check_sampling
+
 _MASK = (1 << 64) - 1
 
 
@@ -68,19 +70,10 @@ class SamplingParams:
     frequency_penalty: float = 0.0
 
     def __post_init__(self):
-        problems = []
-        if not self.temperature >= 0:
-            problems.append(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            problems.append(f"top_k must be >= 0, got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            problems.append(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0.0 <= self.min_p <= 1.0:
-            problems.append(f"min_p must be in [0, 1], got {self.min_p}")
-        if not self.repetition_penalty > 0:
-            problems.append(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if problems:
-            raise ValueError("; ".join(problems))
+        # Every field type- and range-checked by the shared request layer (RequestError:
+        # a UserError and a ValueError naming the field, its range and the value).
+        for name, value in check_sampling({k: getattr(self, k) for k in SAMPLING_FIELDS}).items():
+            object.__setattr__(self, name, value)  # plain int/float (numpy scalars, bools refused)
 
     @property
     def greedy(self) -> bool:

@@ -88,7 +88,7 @@ class Sequence:
     submitted: float
     emit: Callable[[str], None] | None = None  # text deltas (streaming)
     done: Callable[[Generation], None] | None = None
-    fail: Callable[[BaseException], None] | None = None  # this request alone failed
+    fail: Callable[[BaseException], None] | None = None  # this request failed alone
     constraint: object | None = None  # llmbuild.runtime.grammar.Constraint
     slot: int = -1
     cached: int = 0  # tokens whose K/V rows are in the cache = next write index
@@ -133,6 +133,15 @@ class Scheduler:
 
     # -- queue ------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
+        """Queue a sequence; an error here (a forged request) fails it alone."""
+        try:
+            self._prepare(seq)
+        except Exception as error:  # noqa: BLE001 - handed to the request's caller
+            self._fail(seq, error)
+            return
+        self.waiting.append(seq)
+
+    def _prepare(self, seq: Sequence) -> None:
         req = seq.request
         seq.tokens = list(req.prompt_ids)
         seq.rng = None if req.params.greedy else SplitMix64(req.params.seed)
@@ -141,7 +150,6 @@ class Scheduler:
             seq.text = TextTracker(self.decode, req.stop)
         if req.grammar is not None and seq.constraint is None:
             seq.constraint = req.grammar.matcher()
-        self.waiting.append(seq)
 
     def has_work(self) -> bool:
         return bool(self.waiting) or any(s is not None for s in self.slots)
@@ -278,19 +286,26 @@ class Scheduler:
                 self._sample(seq, logits[seq.slot, 0])
         return seconds
 
-    # -- tokens -------------------------------------------------------------------------------
-    def _sample(self, seq: Sequence, logits: np.ndarray, argmax: int | None = None) -> None:
-        try:
-            self._sample_token(seq, logits, argmax)
-        except Exception as error:  # noqa: BLE001 - fails this request only
-            if seq.fail is None:
-                raise
-            if 0 <= seq.slot < self.num_slots and self.slots[seq.slot] is seq:
-                self.slots[seq.slot] = None
-            seq.finish_reason = "error"
+    def _fail(self, seq: Sequence, error: BaseException) -> None:
+        """One request failed (not the executor): free its slot, raise in its handle;
+        every other sequence carries on."""
+        seq.finish_reason = "error"
+        if 0 <= seq.slot < self.num_slots and self.slots[seq.slot] is seq:
+            self.slots[seq.slot] = None
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        if seq.fail is not None:
             seq.fail(error)
 
-    def _sample_token(self, seq: Sequence, logits: np.ndarray, argmax: int | None = None) -> None:
+    # -- tokens -------------------------------------------------------------------------------
+    def _sample(self, seq: Sequence, logits: np.ndarray, argmax: int | None = None) -> None:
+        """Sample, stop or finish one sequence; an error in it fails that request alone."""
+        try:
+            self._sample_one(seq, logits, argmax)
+        except Exception as error:  # noqa: BLE001 - handed to the request's caller
+            self._fail(seq, error)
+
+    def _sample_one(self, seq: Sequence, logits: np.ndarray, argmax: int | None = None) -> None:
         req = seq.request
         params = req.params
         if seq.first_token_at is None:

@@ -80,8 +80,14 @@ def open_source(path, *, check: bool = True):
     from llmbuild.source.gguf_file import GGUFSource
     from llmbuild.source.hf_dir import HFSource
 
+    from llmbuild.source.checks import config_problems
+
     path = Path(path).expanduser()
     source = HFSource(path) if _kind(path) == "hf" else GGUFSource(path)
+    problems = config_problems(source.config)
+    if problems:
+        source.close()
+        raise UserError(f"{path}: the model config cannot be built: " + "; ".join(problems))
     if check:
         try:
             check_shapes(source)

@@ -60,17 +60,19 @@ def normalize_config(cfg: dict) -> dict:
     scaling.pop("type", None)
     if scaling.get("rope_type") in (None, "default"):
         scaling = None
-    cfg["rope_theta"] = float(theta)
+    # A non-number is left as found: source.checks.config_problems reports it.
+    cfg["rope_theta"] = float(theta) if isinstance(theta, (int, float)) and not isinstance(theta, bool) else theta
     cfg["rope_scaling"] = scaling
 
     dtype = cfg.get("torch_dtype") or cfg.get("dtype")
     cfg["torch_dtype"] = cfg["dtype"] = dtype
 
     heads = cfg.get("num_attention_heads")
-    if heads:
+    if isinstance(heads, int) and not isinstance(heads, bool) and heads > 0:
         if not cfg.get("num_key_value_heads"):
             cfg["num_key_value_heads"] = heads
-        if not cfg.get("head_dim") and cfg.get("hidden_size"):
-            cfg["head_dim"] = cfg["hidden_size"] // heads
+        hidden = cfg.get("hidden_size")
+        if not cfg.get("head_dim") and isinstance(hidden, int) and hidden % heads == 0:
+            cfg["head_dim"] = hidden // heads
     cfg.setdefault("tie_word_embeddings", False)
     return cfg

@@ -89,8 +89,16 @@ class _Cursor:
         self.pos += struct.calcsize(fmt)
         return value
 
-    def string(self) -> str:
+    def count(self, what: str, item_bytes: int = 1) -> int:
+        """A length or count field; more items than bytes left is a lying header."""
         n = self.unpack("<Q")
+        if n * item_bytes > len(self.buf) - self.pos:
+            raise UserError(f"{self.path}: GGUF {what} {n} at byte {self.pos - 8} runs past the end of the file "
+                            "(corrupt or truncated GGUF)")
+        return n
+
+    def string(self) -> str:
+        n = self.count("string length")
         raw = self.buf[self.pos:self.pos + n]
         self.pos += n
         return bytes(raw).decode("utf-8", errors="replace")
@@ -101,7 +109,8 @@ class _Cursor:
         if vtype == _STRING:
             return self.string()
         if vtype == _ARRAY:
-            etype, n = self.unpack("<I"), self.unpack("<Q")
+            etype = self.unpack("<I")
+            n = self.count("array length", struct.calcsize(_SCALAR[etype]) if etype in _SCALAR else 8)
             if not self.arrays and etype in _SCALAR:
                 self.pos += n * struct.calcsize(_SCALAR[etype])
                 return SkippedArray(n)
@@ -144,7 +153,7 @@ def read_gguf_header(path: Path, *, arrays: bool = True) -> GGUFHeader:
         if version not in (2, 3):
             raise UserError(f"{path}: GGUF version {version} is not supported (2 and 3 are; "
                             "big-endian files are not)")
-        n_tensors, n_kv = cur.unpack("<Q"), cur.unpack("<Q")
+        n_tensors, n_kv = cur.count("tensor count"), cur.count("metadata count")
         metadata = {}
         for _ in range(n_kv):
             key = cur.string()
@@ -152,11 +161,20 @@ def read_gguf_header(path: Path, *, arrays: bool = True) -> GGUFHeader:
         infos = []
         for _ in range(n_tensors):
             name = cur.string()
-            ne = tuple(cur.unpack("<Q") for _ in range(cur.unpack("<I")))
+            n_dims = cur.unpack("<I")
+            if n_dims > 8:
+                raise UserError(f"{path}: tensor {name!r} has {n_dims} dimensions (corrupt GGUF?)")
+            ne = tuple(cur.unpack("<Q") for _ in range(n_dims))
             infos.append((name, ne, cur.unpack("<I"), cur.unpack("<Q")))
-        align = int(metadata.get("general.alignment", 32))
+        align = metadata.get("general.alignment", 32)
+        if not isinstance(align, int) or isinstance(align, bool) or not 0 < align <= 1 << 20 or align & (align - 1):
+            raise UserError(f"{path}: general.alignment {align!r} is not a power of two (corrupt GGUF?)")
         data_start = -(-cur.pos // align) * align
         size = len(buf)
+    except (struct.error, OverflowError, MemoryError, ValueError) as e:
+        if isinstance(e, UserError):
+            raise
+        raise UserError(f"{path}: corrupt or truncated GGUF header ({type(e).__name__}: {e})") from None
     finally:
         buf.close()
 

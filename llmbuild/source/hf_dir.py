@@ -65,23 +65,59 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, _Entry], int]:
             header = json.loads(f.read(n))
     except OSError as e:
         raise UserError(f"cannot read {path}: {e.strerror or e}") from e
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise UserError(f"{path}: not a safetensors file (header is not JSON)") from e
+    if not isinstance(header, dict):
+        raise UserError(f"{path}: not a safetensors file (header is a JSON {type(header).__name__}, "
+                        "expected an object of tensors)")
     base = 8 + n
     entries = {}
     for name, meta in header.items():
         if name == "__metadata__":
             continue
-        dtype = SAFETENSORS_DTYPES.get(meta.get("dtype"))
-        if dtype is None:
-            raise UserError(f"{path}: tensor {name!r} has unsupported dtype {meta.get('dtype')!r}")
-        shape = tuple(int(d) for d in meta["shape"])
-        begin, end = (base + int(o) for o in meta["data_offsets"])
+        dtype, shape, (begin, end) = _header_entry(path, name, meta)
+        begin, end = base + begin, base + end
         if end - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize or end > size:
             raise UserError(f"{path}: tensor {name!r} byte range does not match its shape {list(shape)} "
                             f"and dtype {meta['dtype']} (truncated or corrupt file?)")
         entries[name] = _Entry(path, dtype, shape, begin, end)
+    _check_no_overlap(path, entries)
     return entries, base
+
+
+def _is_count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _header_entry(path: Path, name: str, meta) -> tuple[np.dtype, tuple[int, ...], tuple[int, int]]:
+    """dtype, shape and relative (begin, end) of one header entry, or a UserError saying
+    which field lies."""
+    if not isinstance(meta, dict):
+        raise UserError(f"{path}: tensor {name!r}: expected a header entry {{dtype, shape, data_offsets}}, "
+                        f"found {type(meta).__name__}")
+    dtype = SAFETENSORS_DTYPES.get(meta.get("dtype")) if isinstance(meta.get("dtype"), str) else None
+    if dtype is None:
+        raise UserError(f"{path}: tensor {name!r} has unsupported dtype {meta.get('dtype')!r}")
+    shape = meta.get("shape")
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape) or len(shape) > 8:
+        raise UserError(f"{path}: tensor {name!r}: shape must be a list of non-negative integers, found {shape!r:.60}")
+    offsets = meta.get("data_offsets")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets)
+            or offsets[0] > offsets[1]):
+        raise UserError(f"{path}: tensor {name!r}: data_offsets must be [begin, end] with 0 <= begin <= end, "
+                        f"found {offsets!r:.60}")
+    return dtype, tuple(shape), (offsets[0], offsets[1])
+
+
+def _check_no_overlap(path: Path, entries: dict[str, "_Entry"]) -> None:
+    """Two names over one byte range (or overlapping ranges) are a lying header: the
+    same bytes would be loaded as two different weights."""
+    spans = sorted((e.start, e.end, name) for name, e in entries.items() if e.end > e.start)
+    for (a_start, a_end, a), (b_start, b_end, b) in zip(spans, spans[1:]):
+        if b_start < a_end:
+            what = "the same bytes" if (a_start, a_end) == (b_start, b_end) else "overlapping bytes"
+            raise UserError(f"{path}: tensors {a!r} and {b!r} occupy {what} ({a_start}..{a_end} and "
+                            f"{b_start}..{b_end}); a safetensors file stores every tensor in its own range")
 
 
 def weight_files(model_dir: Path) -> tuple[list[Path], dict[str, str] | None]:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from llmbuild.runtime.executors.base import StepInputs
+from llmbuild.verify.finite import first_non_finite, non_finite_message
 
 DEFAULT_PROMPTS = (
     "What is the capital of France?",
@@ -56,16 +57,47 @@ def _artifact_logits(executor, ids: list[int]) -> np.ndarray:
     return executor.forward(step)[0]
 
 
+def fit_prompt(ids: list[int], max_new_tokens: int, max_seq_len: int) -> tuple[list[int], int]:
+    """A prompt and greedy length that fit the artifact's max_seq_len: a short artifact
+    (max_seq_len 64) compares fewer greedy tokens (at least a quarter of the cache) and,
+    if needed, the prompt's first tokens only; both sides see the same ids."""
+    new_tokens = max(1, min(max_new_tokens, max_seq_len - len(ids), max_seq_len // 4))
+    if len(ids) + max_new_tokens <= max_seq_len:
+        new_tokens = max_new_tokens
+    return list(ids[: max_seq_len - new_tokens]), new_tokens
+
+
+def verify_what_runs(artifact, reference, **kwargs) -> dict:
+    """Verify every graph a runtime executes on this artifact: the standard graph (what
+    TensorRT parses) and the CPU-lowered one (what `llmbuild run` executes on ONNX
+    Runtime). One report (the standard graph's figures) with the lowered graph's under
+    "cpu_lowered"; it passes only if both do. The HF reference is loaded once."""
+    from llmbuild.verify.reference import load_reference
+
+    ref = kwargs.pop("reference_model", None)
+    ref = ref if ref is not None else load_reference(reference)
+    report = verify_artifact(artifact, reference, reference_model=ref, **kwargs)
+    lowered = verify_artifact(artifact, reference, reference_model=ref, cpu_lowering=None, **kwargs)
+    report["cpu_lowered"] = {k: lowered[k] for k in ("passed", "failures", "max_abs_logit_diff", "top1_agreement",
+                                                     "greedy_agreement", "seconds")}
+    report["failures"] = report["failures"] + [f"CPU-lowered graph: {f}" for f in lowered["failures"]]
+    report["passed"] = report["passed"] and lowered["passed"]
+    return report
+
+
 def verify_artifact(
     artifact: str | Path, reference: str | Path, *, prompts=DEFAULT_PROMPTS, max_new_tokens: int = 16,
     thresholds: Thresholds | None = None, reference_model=None, chat: bool | None = None,
+    cpu_lowering: bool = False,
 ) -> dict:
-    """Run both sides and return a JSON-able report with `passed` and the figures."""
+    """Run both sides and return a JSON-able report with `passed` and the figures.
+    cpu_lowering=False checks the standard graph (what TensorRT parses); True the graph
+    the CPU runtime runs (llmbuild.runtime.cpu_lowering, fallbacks included)."""
     from llmbuild.runtime import load
     from llmbuild.verify.reference import load_reference, reference_greedy, reference_logits
 
     start = time.perf_counter()
-    model = load(artifact, backend="onnxruntime", cpu_lowering=False)  # the graph TensorRT parses
+    model = load(artifact, backend="onnxruntime", cpu_lowering=cpu_lowering)
     precision = model.manifest["model"]["precision"]
     thresholds = thresholds or default_thresholds(precision)
     ref = reference_model if reference_model is not None else load_reference(reference)
@@ -74,14 +106,23 @@ def verify_artifact(
     eos = model.eos_token_ids
     rows = []
     max_diff, top1_hits, positions, greedy_hits, greedy_total = 0.0, 0, 0, 0, 0
+    non_finite = []
+    max_seq_len = model.limits.max_seq_len
     for prompt in prompts:
         ids = model.encode(prompt, chat=chat)
+        ids, new_tokens = fit_prompt(ids, max_new_tokens, max_seq_len)
         ours = _artifact_logits(model.executor, ids)
         theirs = reference_logits(ref, ids)
+        for side, logits in (("the artifact's graph", ours), ("the reference", theirs)):
+            hit = first_non_finite(logits)
+            if hit is not None:
+                non_finite.append(f"prompt {prompt[:40]!r}: " + non_finite_message(side, logits, hit))
         diff = float(np.abs(ours - theirs).max())
+        if not np.isfinite(diff):
+            diff = float("inf")  # NaN would compare below every threshold
         agree = int((ours.argmax(-1) == theirs.argmax(-1)).sum())
-        ref_tokens = reference_greedy(ref, ids, max_new_tokens, eos)
-        our_tokens = model.generate_ids([ids], max_new_tokens=max_new_tokens)[0].token_ids
+        ref_tokens = reference_greedy(ref, ids, new_tokens, eos)
+        our_tokens = model.generate_ids([ids], max_new_tokens=new_tokens)[0].token_ids
         same = 0
         for a, b in zip(ref_tokens, our_tokens):
             if a != b:
@@ -105,7 +146,7 @@ def verify_artifact(
         "top1_agreement": top1_hits / positions,
         "greedy_agreement": greedy_hits / greedy_total,
     }
-    failures = []
+    failures = list(non_finite)
     if summary["max_abs_logit_diff"] > thresholds.max_abs_logit_diff:
         failures.append(f"max |Δlogit| {max_diff:.3g} > {thresholds.max_abs_logit_diff:g}")
     if summary["top1_agreement"] < thresholds.min_top1_agreement:
@@ -117,6 +158,7 @@ def verify_artifact(
         "failures": failures,
         "reference": str(reference),
         "backend": "onnxruntime-cpu",
+        "graph": "cpu-lowered" if cpu_lowering else "standard",
         "precision": precision,
         "thresholds": asdict(thresholds),
         **summary,
