@@ -207,3 +207,84 @@ def compile_tiny(model_dir: Path, out_dir: Path, *, name: str = "tiny", precisio
         f"limits: {json.dumps(limits)}\nengines: {json.dumps(list(engines))}\n"
     )
     return compile_recipe(recipe, out_dir=out_dir, quiet=True, verify=verify)
+
+
+def make_tokenizer_gguf(dst: Path, kind: str, *, add_bos: bool | None = None, add_space_prefix: bool | None = None,
+                        pre: str | None = None) -> Path:
+    """A GGUF holding only a small vocabulary as llama.cpp writes it (and the few llama
+    keys transformers reads to pick the tokenizer): `kind` "llama" (SentencePiece BPE:
+    byte tokens, scores and no merges) or "gpt2" (byte-level BPE with merges). Both
+    have a control token `<|im_start|>` and a user-defined token `<think>`."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(dst), "llama")
+    writer.add_block_count(1)
+    writer.add_context_length(64)
+    writer.add_embedding_length(16)
+    writer.add_feed_forward_length(32)
+    writer.add_head_count(2)
+    writer.add_head_count_kv(2)
+    writer.add_rope_dimension_count(8)
+    writer.add_layer_norm_rms_eps(1e-6)
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "hello", "world", "in", "on", "an"]
+    if kind == "llama":
+        tokens = ["<unk>", "<s>", "</s>", "<|im_start|>", "<think>"] + [f"<0x{b:02X}>" for b in range(256)]
+        types = [2, 3, 3, 3, 4] + [6] * 256
+        pieces = ["▁"] + [chr(c) for c in range(ord("a"), ord("z") + 1)] + [chr(c) for c in range(ord("A"), ord("Z") + 1)]
+        for w in words:  # every prefix of "▁word", so the merges can reach it
+            for i in range(2, len(w) + 2):
+                for p in ("▁" + w)[:i], w[:i - 1]:
+                    if len(p) > 1 and p not in pieces:
+                        pieces.append(p)
+        tokens += pieces
+        types += [1] * len(pieces)
+        scores = [0.0] * (len(tokens) - len(pieces)) + [-float(i) for i in range(len(pieces))]
+        writer.add_tokenizer_model("llama")
+        writer.add_token_list(tokens)
+        writer.add_token_scores(scores)
+        writer.add_token_types(types)
+        writer.add_bos_token_id(1)
+        writer.add_eos_token_id(2)
+        writer.add_unk_token_id(0)
+    elif kind == "gpt2":
+        bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+        cs, n = bs[:], 0
+        for b in range(256):
+            if b not in bs:
+                bs.append(b)
+                cs.append(256 + n)
+                n += 1
+        alphabet = [chr(c) for c in cs]
+        tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>"] + alphabet
+        types = [3, 3, 3, 4] + [1] * 256
+        merges = []
+        for w in words:
+            w = "Ġ" + w
+            for i in range(2, len(w) + 1):
+                merge = f"{w[:i - 1]} {w[i - 1]}"
+                if w[:i] not in tokens:
+                    merges.append(merge)
+                    tokens.append(w[:i])
+                    types.append(1)
+        writer.add_tokenizer_model("gpt2")
+        if pre:
+            writer.add_tokenizer_pre(pre)
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+        writer.add_token_merges(merges)
+        writer.add_bos_token_id(1)
+        writer.add_eos_token_id(2)
+        writer.add_pad_token_id(2)
+        writer.add_unk_token_id(0)
+    else:
+        raise ValueError(kind)
+    writer.add_vocab_size(len(tokens))
+    if add_bos is not None:
+        writer.add_add_bos_token(add_bos)
+    if add_space_prefix is not None:
+        writer.add_add_space_prefix(add_space_prefix)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return Path(dst)
