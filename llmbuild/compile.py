@@ -26,6 +26,7 @@ from llmbuild.artifact import (
 )
 from llmbuild.errors import BuildError
 from llmbuild.progress import Reporter
+from llmbuild.recipe.model_source import source_record
 
 
 def _version(dist: str) -> str | None:
@@ -169,7 +170,8 @@ def compile_loaded(
             "name": recipe.name,
             "recipe": rd,
             "hashes": {"recipe": recipe_hash(rd), "source": fingerprint, "graph": graph_hash},
-            "source": {"path": str(recipe.source_path), "format": source.format},
+            "source": {"path": str(recipe.source_path), "format": source.format,
+                       **source_record(recipe.model.source, recipe.source_path)},
             **({"variant": recipe.variant} if getattr(recipe, "variant", None) else {}),
             "toolchain": toolchain(),
             "model": dims,
