@@ -361,7 +361,9 @@ def bench(artifact, backend, threads, new_tokens, batch, repeats, no_cpu_lowerin
 
 @cli.command()
 @click.argument("artifact", type=click.Path())
-@click.option("--reference", required=True, type=click.Path(), help="HF checkpoint dir or .gguf file.")
+@click.option("--reference", default=None,
+              help="HF checkpoint dir, .gguf file, package:MODULE/FILE or hf:ORG/NAME[@REV] "
+                   "(default: the source recorded in the manifest).")
 @click.option("--prompt", "prompts", multiple=True, help="Prompt(s) to compare on (default: three built-in ones).")
 @click.option("--max-abs-logit-diff", type=float, default=None, help="Threshold (default per precision).")
 @click.option("--min-top1-agreement", type=float, default=None)
@@ -374,7 +376,10 @@ def verify(artifact, reference, prompts, max_abs_logit_diff, min_top1_agreement,
     from llmbuild.artifact import read_manifest
     from llmbuild.verify import DEFAULT_PROMPTS, default_thresholds, verify_artifact
 
+    from llmbuild.recipe.model_source import resolve_reference
+
     m = read_manifest(artifact)
+    reference = resolve_reference(reference, m)
     thresholds = default_thresholds(m["model"]["precision"], {
         "max_abs_logit_diff": max_abs_logit_diff, "min_top1_agreement": min_top1_agreement,
         "min_greedy_agreement": min_greedy_agreement})
@@ -396,18 +401,32 @@ def verify(artifact, reference, prompts, max_abs_logit_diff, min_top1_agreement,
 
 @cli.command(name="eval")
 @click.argument("artifact", type=click.Path())
-@click.option("--reference", type=click.Path(), default=None,
-              help="Artifact dir, .onnx graph, HF checkpoint dir or .gguf file to compare with (KL, top-1).")
+@click.option("--reference", default=None,
+              help="Artifact dir, .onnx graph, HF checkpoint dir, .gguf file, package:MODULE/FILE or "
+                   "hf:ORG/NAME[@REV] to compare with (KL, top-1); default: the source recorded in the manifest.")
+@click.option("--no-reference", is_flag=True, help="Perplexity only, compared with nothing.")
 @click.option("--dataset", default="kjv", show_default=True,
               help="Bundled corpus (its evaluation split) or a .txt / .jsonl file.")
 @click.option("--tokens", default=16384, show_default=True, help="Tokens to evaluate (whole chunks).")
 @click.option("--seq-len", default=512, show_default=True, help="Tokens per chunk (no context across chunks).")
 @click.option("--threads", type=int, default=None, help="CPU threads for ONNX Runtime.")
 @click.option("--json", "as_json", is_flag=True)
-def eval_command(artifact, reference, dataset, tokens, seq_len, threads, as_json):
-    """Perplexity of ARTIFACT on held-out text; with --reference also the mean KL divergence
-    of its next-token distributions from the reference's and their top-1 agreement."""
+def eval_command(artifact, reference, no_reference, dataset, tokens, seq_len, threads, as_json):
+    """Perplexity of ARTIFACT on held-out text, the mean KL divergence of its next-token
+    distributions from the reference's (by default the model it was compiled from) and
+    their top-1 agreement."""
+    from pathlib import Path
+
+    from llmbuild.artifact import read_manifest
     from llmbuild.eval import evaluate
+    from llmbuild.recipe.model_source import resolve_reference
+
+    if no_reference:
+        reference = None
+    elif reference is not None:
+        reference = resolve_reference(reference, {})
+    elif (Path(artifact) / "manifest.json").is_file():
+        reference = resolve_reference(None, read_manifest(artifact))
 
     report = evaluate(artifact, reference, dataset=dataset, tokens=tokens, seq_len=seq_len, threads=threads)
     if as_json:

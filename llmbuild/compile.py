@@ -206,11 +206,20 @@ def compile_loaded(
         write_manifest(stage, manifest)
         raise_if_failed(verification, out_dir / recipe.name)  # quantized: the accuracy gate
         if verification is not None and not verification["passed"]:
+            report_path = keep_failed_report(verification, out_dir / recipe.name)
             raise BuildError(
                 "verification against HF transformers failed: " + "; ".join(verification["failures"])
-                + "\n(figures per prompt: llmbuild verify ARTIFACT --reference SOURCE --json)"
+                + f"\n(the artifact is not kept; figures per prompt: {report_path})"
             )
     return out_dir / recipe.name
+
+
+def keep_failed_report(report: dict, artifact: Path) -> Path:
+    """Write a failed verification report to `<artifact>.verification.json`, beside where
+    the artifact would have been (the staged artifact itself is discarded)."""
+    path = artifact.parent / f"{artifact.name}.verification.json"
+    path.write_text(json.dumps(report, indent=2))
+    return path
 
 
 def check_engines_before_work(rd: dict) -> None:

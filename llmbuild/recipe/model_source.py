@@ -140,3 +140,26 @@ def source_record(source: str, path: Path) -> dict:
         repo, revision, file = parse_hub(source)
         record["hub"] = {"repo": repo, "revision": revision, "file": file, "commit": hub_commit(path)}
     return record
+
+
+def resolve_reference(reference: str | None, manifest: dict, base_dir: Path | None = None) -> Path:
+    """The model `verify` / `eval` compare an artifact with: `reference` in any source form
+    (a path, `package:…`, `hf:…`; a path may also be an artifact directory), or, when
+    None, the source the artifact's manifest records (its path if it still exists, else its
+    `package:` / `hf:` spelling resolved again, e.g. on another machine)."""
+    base_dir = base_dir or Path.cwd()
+    if reference is not None:
+        if reference.startswith((PACKAGE_PREFIX, HUB_PREFIX)):
+            return resolve_source(reference, base_dir)
+        return (base_dir / Path(reference).expanduser()).resolve()
+    recorded = manifest.get("source") or {}
+    path = recorded.get("path")
+    if path and Path(path).exists():
+        return Path(path)
+    spec = recorded.get("spec") or (manifest.get("recipe") or {}).get("model", {}).get("source")
+    if spec and spec.startswith((PACKAGE_PREFIX, HUB_PREFIX)):
+        return resolve_source(spec, base_dir)
+    raise SourceError(
+        f"the artifact's source {path or spec!r} (recorded in its manifest) is not on this machine; "
+        "pass --reference PATH|package:…|hf:…"
+    )
