@@ -91,13 +91,15 @@ def compile(recipe, overrides, out_dir, verify, quiet, as_json, cache_dir, no_ca
     if not as_json:
         for path in paths:
             click.echo(f"artifact: {path}")
+            if not quiet:
+                click.echo(_stage_summary(read_manifest(path)["timings"]))
         return
     artifacts = []
     for path in paths:
         m = read_manifest(path)
         engines = [{"file": e["file"], "backend": e["backend"], "trt_version": e["trt_version"],
                     "targets": e.get("targets"), "sha256": e["sha256"], "bytes": e["bytes"],
-                    "cached": bool((e.get("cache") or {}).get("hit"))} for e in m["engines"]]
+                    "cached": bool(m["timings"].get(e.get("stage"), {}).get("reused"))} for e in m["engines"]]
         artifacts.append({"name": m["name"], "artifact": str(path), "variant": m.get("variant"), "engines": engines,
                           "verification": m["verification"], "timings": m["timings"]})
     out = {"artifacts": artifacts}
@@ -106,6 +108,13 @@ def compile(recipe, overrides, out_dir, verify, quiet, as_json, cache_dir, no_ca
         out.update(artifact=a["artifact"], engines=[e["file"] for e in a["engines"]],
                    verification=a["verification"], timings=a["timings"])
     _emit_json(out)
+
+
+def _stage_summary(timings: dict) -> str:
+    """One line per compile: which stages were reused and which ran (with their time)."""
+    reused = [n for n, t in timings.items() if t.get("reused")]
+    ran = [f"{n} {t['seconds']:.1f}s" for n, t in timings.items() if not t.get("reused")]
+    return f"  reused: {', '.join(reused) or '-'}; ran: {', '.join(ran) or '-'}"
 
 
 @cli.command()

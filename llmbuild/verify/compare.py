@@ -48,6 +48,21 @@ def default_thresholds(precision: str, overrides: dict | None = None) -> Thresho
     )
 
 
+class _DirectReference:
+    def __init__(self, model):
+        self.model = model
+
+    def logits(self, ids):
+        from llmbuild.verify.reference import reference_logits
+
+        return reference_logits(self.model, ids)
+
+    def greedy(self, ids, max_new_tokens, eos_token_ids):
+        from llmbuild.verify.reference import reference_greedy
+
+        return reference_greedy(self.model, ids, max_new_tokens, eos_token_ids)
+
+
 def _artifact_logits(executor, ids: list[int]) -> np.ndarray:
     executor.reset(1)
     n = len(ids)
@@ -58,17 +73,21 @@ def _artifact_logits(executor, ids: list[int]) -> np.ndarray:
 
 def verify_artifact(
     artifact: str | Path, reference: str | Path, *, prompts=DEFAULT_PROMPTS, max_new_tokens: int = 16,
-    thresholds: Thresholds | None = None, reference_model=None, chat: bool | None = None,
+    thresholds: Thresholds | None = None, reference_model=None, chat: bool | None = None, reference_outputs=None,
 ) -> dict:
-    """Run both sides and return a JSON-able report with `passed` and the figures."""
+    """Run both sides and return a JSON-able report with `passed` and the figures.
+    `reference_outputs`: an object with `logits(ids)` and `greedy(ids, n, eos)` standing
+    for the HF side (compile passes `llmbuild.buildcache.CachedReference`)."""
     from llmbuild.runtime import load
-    from llmbuild.verify.reference import load_reference, reference_greedy, reference_logits
+    from llmbuild.verify.reference import load_reference
 
     start = time.perf_counter()
     model = load(artifact, backend="onnxruntime", cpu_lowering=False)  # the graph TensorRT parses
     precision = model.manifest["model"]["precision"]
     thresholds = thresholds or default_thresholds(precision)
-    ref = reference_model if reference_model is not None else load_reference(reference)
+    if reference_outputs is None:
+        reference_outputs = _DirectReference(reference_model if reference_model is not None
+                                             else load_reference(reference))
     if chat is None:
         chat = bool(model.tokenizer.chat_template)
     eos = model.eos_token_ids
@@ -77,10 +96,10 @@ def verify_artifact(
     for prompt in prompts:
         ids = model.encode(prompt, chat=chat)
         ours = _artifact_logits(model.executor, ids)
-        theirs = reference_logits(ref, ids)
+        theirs = reference_outputs.logits(ids)
         diff = float(np.abs(ours - theirs).max())
         agree = int((ours.argmax(-1) == theirs.argmax(-1)).sum())
-        ref_tokens = reference_greedy(ref, ids, max_new_tokens, eos)
+        ref_tokens = list(reference_outputs.greedy(ids, max_new_tokens, eos))
         our_tokens = model.generate_ids([ids], max_new_tokens=max_new_tokens)[0].token_ids
         same = 0
         for a, b in zip(ref_tokens, our_tokens):
