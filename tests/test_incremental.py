@@ -138,10 +138,12 @@ def test_no_cache_runs_every_stage(tiny, tmp_path):
 
 
 def test_damaged_cache_entry_is_rebuilt(tiny, tmp_path):
-    [entry] = [p for p in (tiny["cache"] / "stages" / "tokenizer").glob("*/*") if p.is_dir()][:1] or [None]
-    data = entry / "files" / "tokenizer" / "tokenizer.json"
-    os.chmod(data, 0o644)
-    data.write_text(data.read_text().replace('"', "'", 1))  # same size, other bytes
+    good = (tiny["first"] / "tokenizer" / "tokenizer.json").read_bytes()
+    for data in (tiny["cache"] / "stages" / "tokenizer").glob("*/*/files/tokenizer/tokenizer.json"):
+        replacement = data.with_name("t.tmp")
+        replacement.write_bytes(data.read_bytes().replace(b'"', b"'", 1))  # same size, other bytes
+        os.chmod(data.parent, 0o755)
+        os.replace(replacement, data)  # a new inode: the artifacts linked to the old one keep it
     out = recompile(tiny, tmp_path)
     assert reused(out)["tokenizer"] is False
-    assert (out / "tokenizer" / "tokenizer.json").read_bytes() == (tiny["first"] / "tokenizer" / "tokenizer.json").read_bytes()
+    assert (out / "tokenizer" / "tokenizer.json").read_bytes() == good
