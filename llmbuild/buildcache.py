@@ -8,7 +8,8 @@ when that is unchanged (the engines have their own cache, `llmbuild.engine.cache
 A stage's key is a sha256 over its inputs: the recipe sections it reads, the source's
 fingerprint, the versions of the tools it runs, and the keys (or content hashes) of the
 stages before it. Its entry holds the files it wrote into the staging directory (hard-
-linked back on reuse, checked by size and sampled digest like engines) and a JSON `meta`
+copied back on reuse — onnx refuses hard-linked external data — and checked by size and
+sampled digest like engines) and a JSON `meta`
 (what the manifest records of it). `compile` reports per stage whether it was reused
 (`rep.stages[name]["reused"]`, in the manifest's timings).
 
@@ -74,10 +75,15 @@ def source_stat_key(path: Path) -> list:
 
 
 def _place(src: Path, dst: Path) -> None:
-    from llmbuild.engine.cache import _place as place
-
+    """dst becomes a copy of src (atomic). Not a hard link, unlike engines: onnx refuses
+    external data files with several links ("potential hardlink attack")."""
     dst.parent.mkdir(parents=True, exist_ok=True)
-    place(src, dst)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _files_under(root: Path, rels: Iterable[str]) -> list[str]:
@@ -154,7 +160,7 @@ class StageStore:
             for rel in _files_under(root, rels):
                 dst = tmp / FILES_DIR / rel
                 _place(root / rel, dst)
-                os.chmod(dst, 0o444)  # shared with artifacts by hard link: read-only
+                os.chmod(dst, 0o444)
                 files[rel] = [dst.stat().st_size, sampled_digest(dst)]
             record = {"stage": stage, "key": key, "files": files, "meta": meta, "stored": time.time()}
             (tmp / META_FILE).write_text(json.dumps(record, indent=1, default=str))
