@@ -95,13 +95,15 @@ def compile(recipe, overrides, out_dir, verify, quiet, as_json, cache_dir, no_ca
     if not as_json:
         for path in paths:
             click.echo(f"artifact: {path}")
+            if not quiet:
+                click.echo(_stage_summary(read_manifest(path)["timings"]))
         return
     artifacts = []
     for path in paths:
         m = read_manifest(path)
         engines = [{"file": e["file"], "backend": e["backend"], "trt_version": e["trt_version"],
                     "targets": e.get("targets"), "sha256": e["sha256"], "bytes": e["bytes"],
-                    "cached": bool((e.get("cache") or {}).get("hit"))} for e in m["engines"]]
+                    "cached": bool(m["timings"].get(e.get("stage"), {}).get("reused"))} for e in m["engines"]]
         artifacts.append({"name": m["name"], "artifact": str(path), "variant": m.get("variant"), "engines": engines,
                           "verification": m["verification"], "timings": m["timings"]})
     out = {"artifacts": artifacts}
@@ -110,6 +112,13 @@ def compile(recipe, overrides, out_dir, verify, quiet, as_json, cache_dir, no_ca
         out.update(artifact=a["artifact"], engines=[e["file"] for e in a["engines"]],
                    verification=a["verification"], timings=a["timings"])
     _emit_json(out)
+
+
+def _stage_summary(timings: dict) -> str:
+    """One line per compile: which stages were reused and which ran (with their time)."""
+    reused = [n for n, t in timings.items() if t.get("reused")]
+    ran = [f"{n} {t['seconds']:.1f}s" for n, t in timings.items() if not t.get("reused")]
+    return f"  reused: {', '.join(reused) or '-'}; ran: {', '.join(ran) or '-'}"
 
 
 @cli.command()
@@ -399,7 +408,9 @@ def bench(artifact, backend, threads, new_tokens, batch, repeats, no_cpu_lowerin
 
 @cli.command()
 @click.argument("artifact", type=click.Path())
-@click.option("--reference", required=True, type=click.Path(), help="HF checkpoint dir or .gguf file.")
+@click.option("--reference", default=None,
+              help="HF checkpoint dir, .gguf file, package:MODULE/FILE or hf:ORG/NAME[@REV] "
+                   "(default: the source recorded in the manifest).")
 @click.option("--prompt", "prompts", multiple=True, help="Prompt(s) to compare on (default: three built-in ones).")
 @click.option("--max-abs-logit-diff", type=float, default=None, help="Threshold (default per precision).")
 @click.option("--min-top1-agreement", type=float, default=None)
@@ -411,12 +422,13 @@ def verify(artifact, reference, prompts, max_abs_logit_diff, min_top1_agreement,
     """Compare ARTIFACT's ONNX graphs (the standard one and the CPU-lowered one) on ONNX
     Runtime with HF transformers; exit 1 past thresholds."""
     from llmbuild.artifact import read_manifest
-    from llmbuild.verify import DEFAULT_PROMPTS, default_thresholds, verify_what_runs
-
     from llmbuild.eval import check_cpu_runnable
+    from llmbuild.recipe.model_source import resolve_reference
+    from llmbuild.verify import DEFAULT_PROMPTS, default_thresholds, verify_what_runs
 
     m = read_manifest(artifact)
     check_cpu_runnable(m, artifact, "verify")
+    reference = resolve_reference(reference, m)
     thresholds = default_thresholds(m["model"]["precision"], {
         "max_abs_logit_diff": max_abs_logit_diff, "min_top1_agreement": min_top1_agreement,
         "min_greedy_agreement": min_greedy_agreement})
@@ -443,18 +455,32 @@ def verify(artifact, reference, prompts, max_abs_logit_diff, min_top1_agreement,
 
 @cli.command(name="eval")
 @click.argument("artifact", type=click.Path())
-@click.option("--reference", type=click.Path(), default=None,
-              help="Artifact dir, .onnx graph, HF checkpoint dir or .gguf file to compare with (KL, top-1).")
+@click.option("--reference", default=None,
+              help="Artifact dir, .onnx graph, HF checkpoint dir, .gguf file, package:MODULE/FILE or "
+                   "hf:ORG/NAME[@REV] to compare with (KL, top-1); default: the source recorded in the manifest.")
+@click.option("--no-reference", is_flag=True, help="Perplexity only, compared with nothing.")
 @click.option("--dataset", default="kjv", show_default=True,
               help="Bundled corpus (its evaluation split) or a .txt / .jsonl file.")
 @click.option("--tokens", default=16384, show_default=True, help="Tokens to evaluate (whole chunks).")
 @click.option("--seq-len", default=512, show_default=True, help="Tokens per chunk (no context across chunks).")
 @click.option("--threads", type=int, default=None, help="CPU threads for ONNX Runtime.")
 @click.option("--json", "as_json", is_flag=True)
-def eval_command(artifact, reference, dataset, tokens, seq_len, threads, as_json):
-    """Perplexity of ARTIFACT on held-out text; with --reference also the mean KL divergence
-    of its next-token distributions from the reference's and their top-1 agreement."""
+def eval_command(artifact, reference, no_reference, dataset, tokens, seq_len, threads, as_json):
+    """Perplexity of ARTIFACT on held-out text, the mean KL divergence of its next-token
+    distributions from the reference's (by default the model it was compiled from) and
+    their top-1 agreement."""
+    from pathlib import Path
+
+    from llmbuild.artifact import read_manifest
     from llmbuild.eval import evaluate
+    from llmbuild.recipe.model_source import resolve_reference
+
+    if no_reference:
+        reference = None
+    elif reference is not None:
+        reference = resolve_reference(reference, {})
+    elif (Path(artifact) / "manifest.json").is_file():
+        reference = resolve_reference(None, read_manifest(artifact))
 
     report = evaluate(artifact, reference, dataset=dataset, tokens=tokens, seq_len=seq_len, threads=threads)
     if as_json:

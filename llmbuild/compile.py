@@ -26,6 +26,7 @@ from llmbuild.artifact import (
 )
 from llmbuild.errors import BuildError
 from llmbuild.progress import Reporter
+from llmbuild.recipe.model_source import source_record
 
 
 def _version(dist: str) -> str | None:
@@ -108,26 +109,26 @@ def compile_loaded(
     recipe, out_dir: Path, *, quiet: bool = False, verify: bool | None = None,
     cache: bool | str | Path | None = True,
 ) -> Path:
+    """Compile one loaded recipe. Every stage is keyed by what it depends on and reused
+    from the cache when unchanged (`llmbuild.buildcache`; `cache=False` runs them all);
+    verification runs concurrently with the engine builds, and the artifact is published
+    when both are done."""
+    from llmbuild.buildcache import StageStore
     from llmbuild.quantize.stage import raise_if_failed
-    from llmbuild.source import open_source
 
     rd = recipe.to_dict()
     limits = dict(rd["limits"])
-    precision = rd["precision"]
     check_engines_before_work(rd)
+    store = StageStore.for_cache(cache)
     with Reporter(quiet=quiet) as rep, staged_artifact(out_dir, recipe.name) as stage:
-        with rep.stage("source") as update:
-            source = open_source(recipe.source_path)
-            fingerprint = source.fingerprint()
-            dims = model_dims(source.config, precision)
-            update(1, 1)
-        with rep.stage("onnx") as update:
-            graphs = export_graphs(source, stage, precision=precision, max_seq_len=limits["max_seq_len"],
-                                   tp=rd.get("parallel", {}).get("tp", 1), recipe=recipe, rep=rep, progress=update)
-        model_paths = graphs["paths"]
-        with rep.stage("tokenizer") as update:
-            tokenizer = source.export_tokenizer(stage / TOKENIZER_DIR)
-            update(1, 1)
+        source = _source_stage(store, rep, recipe.source_path)
+        fingerprint = source.fingerprint()
+        dims = model_dims(source.config, rd["precision"])
+        tp = rd.get("parallel", {}).get("tp", 1)
+        graphs = _onnx_stage(store, rep, recipe, rd, source, stage, tp)
+        model_paths, graph_hash = graphs["paths"], graphs["graph_hash"]
+        tok_stage = _tokenizer_stage(store, rep, source, stage)
+        tokenizer = tok_stage["tokenizer"]
         tokenizer_info = {
             "dir": TOKENIZER_DIR,
             "bos_token_id": tokenizer.get("bos_token_id"),
@@ -139,13 +140,14 @@ def compile_loaded(
             "schema_version": SCHEMA_VERSION,
             "name": recipe.name,
             "recipe": rd,
-            "hashes": {"recipe": recipe_hash(rd), "source": fingerprint, "graph": graphs["graph_hash"]},
-            "source": {"path": str(recipe.source_path), "format": source.format},
+            "hashes": {"recipe": recipe_hash(rd), "source": fingerprint, "graph": graph_hash},
+            "source": {"path": str(recipe.source_path), "format": source.format,
+                       **source_record(recipe.model.source, recipe.source_path)},
             **({"variant": recipe.variant} if getattr(recipe, "variant", None) else {}),
             "toolchain": toolchain(),
             "model": dims,
             "limits": limits,
-            "graph": {**graphs["graph"], "opset": 24, **graph_contract(model_paths[0])},
+            "graph": {**graphs["graph"], "opset": 24, **graphs["contract"]},
             **({"parallel": graphs["parallel"]} if graphs["parallel"] else {}),
             **({"quantization": graphs["quantization"]} if graphs["quantization"] else {}),
             "tokenizer": tokenizer_info,
@@ -156,22 +158,26 @@ def compile_loaded(
         # The runtime reads the manifest: write a provisional one into the staging dir.
         write_manifest(stage, manifest)
 
-        verification = _maybe_verify(recipe, rd, stage, source, rep, verify)
+        # Verification and the engine builds are independent: verify in a thread while
+        # the engines build; publishing waits for both.
+        verification = _concurrently(
+            lambda: _verify_stage(store, rep, recipe, rd, stage, source, verify, graph_hash, tok_stage["key"]),
+            lambda: build_engines(stage, rd, dims, model_paths, rep, source_hash=fingerprint,
+                                  graph_hash=graph_hash, cache=cache),
+        )
+        verification, manifest["engines"] = verification
         manifest["verification"] = verification
         source.close()
-
-        manifest["engines"] = build_engines(
-            stage, rd, dims, model_paths, rep, source_hash=fingerprint, graph_hash=graphs["graph_hash"], cache=cache
-        )
         for info in manifest["engines"]:  # TensorRT flavour + version in the toolchain record
             manifest["toolchain"][info["trt_module"]] = info["trt_version"]
         manifest["timings"] = rep.stages
         write_manifest(stage, manifest)
         raise_if_failed(verification, out_dir / recipe.name)  # quantized: the accuracy gate
         if verification is not None and not verification["passed"]:
+            report_path = keep_failed_report(verification, out_dir / recipe.name)
             raise BuildError(
                 "verification against HF transformers failed: " + "; ".join(verification["failures"])
-                + "\n(figures per prompt: llmbuild verify ARTIFACT --reference SOURCE --json)"
+                + f"\n(the artifact is not kept; figures per prompt: {report_path})"
             )
     return out_dir / recipe.name
 
@@ -227,6 +233,124 @@ def export_graphs(source, stage: Path, *, precision: str, max_seq_len: int, tp: 
         "parallel": parallel_section(ranks, plan, source.config, precision) if tp > 1 else None,
         "quantization": job.manifest_entry(rep) if job is not None else None,
     }
+
+
+def _concurrently(first, second):
+    """(first(), second()), first run in a daemon thread while second runs here; an
+    exception of second is raised at once, one of first after second finished."""
+    import threading
+
+    result: dict = {}
+
+    def run():
+        try:
+            result["value"] = first()
+        except BaseException as e:  # re-raised in the caller's thread
+            result["error"] = e
+
+    thread = threading.Thread(target=run, name="llmbuild-verify", daemon=True)
+    thread.start()
+    second_value = second()  # on an error or Ctrl-C here, the daemon thread is abandoned
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result["value"], second_value
+
+
+# -- stages (each reused from the stage store when its key is unchanged) ---------------
+
+def _source_stage(store, rep, source_path: Path):
+    """Fingerprint, config and format of the source, keyed by its files' stats; the
+    source itself is opened only when a later stage needs its tensors."""
+    from llmbuild.buildcache import LazySource, run_stage, source_stat_key, stage_key
+    from llmbuild.source import open_source
+
+    opened = []
+
+    def build(update):
+        src = open_source(source_path)
+        opened.append(src)
+        update(1, 1)
+        return {"fingerprint": src.fingerprint(), "config": src.config, "format": src.format}
+
+    key = stage_key("source", files=source_stat_key(source_path))
+    meta = run_stage(store, rep, "source", key, Path("."), [], build)
+    return LazySource(source_path, meta["fingerprint"], meta["config"], meta["format"],
+                      opened[0] if opened else None)
+
+
+def _onnx_stage(store, rep, recipe, rd: dict, source, stage: Path, tp: int) -> dict:
+    """The ONNX graph (quantized if the recipe says so), one per tensor-parallel rank
+    (export_graphs)."""
+    from llmbuild.buildcache import run_stage, stage_key, tool_versions
+    from llmbuild.parallel.export import rank_dir
+
+    precision, max_seq_len = rd["precision"], rd["limits"]["max_seq_len"]
+
+    def build(update):
+        graphs = export_graphs(source, stage, precision=precision, max_seq_len=max_seq_len, tp=tp, recipe=recipe,
+                               rep=rep, progress=update)
+        return {**graphs, "paths": [str(p.relative_to(stage)) for p in graphs["paths"]],
+                "contract": graph_contract(graphs["paths"][0])}
+
+    model = {k: v for k, v in rd["model"].items() if k != "source"}
+    key = stage_key("onnx", source=source.fingerprint(), model=model, precision=precision, max_seq_len=max_seq_len,
+                    quantization=rd.get("quantization"), parallel=rd.get("parallel"),
+                    tools=tool_versions("onnx", "onnx-ir", "numpy", "ml-dtypes", "gguf", "onnxruntime"))
+    rels = [MODEL_DIR] if tp == 1 else [rank_dir(r) for r in range(tp)]
+    meta = run_stage(store, rep, "onnx", key, stage, rels, build)
+    return {**meta, "paths": [stage / p for p in meta["paths"]]}
+
+def _tokenizer_stage(store, rep, source, stage: Path) -> dict:
+    from llmbuild.buildcache import run_stage, stage_key, tool_versions
+
+    def build(update):
+        info = source.export_tokenizer(stage / TOKENIZER_DIR)
+        update(1, 1)
+        return {"tokenizer": info}
+
+    key = stage_key("tokenizer", source=source.fingerprint(), tools=tool_versions("tokenizers", "transformers"))
+    meta = run_stage(store, rep, "tokenizer", key, stage, [TOKENIZER_DIR], build)
+    return {**meta, "key": key}
+
+
+def _verify_stage(store, rep, recipe, rd: dict, stage: Path, source, verify: bool | None, graph_hash: str,
+                  tokenizer_key: str) -> dict | None:
+    """Verification of the graph (HF logits, or the accuracy gate of a quantized graph),
+    reused when the graph, tokenizer and verify settings are unchanged; only passing
+    reports are reused."""
+    from llmbuild.buildcache import stage_key, tool_versions
+
+    settings = rd.get("verify") or {}
+    if store is None or verify is False or not settings.get("enabled", True):
+        report = _maybe_verify(recipe, rd, stage, source, rep, verify, store)
+        if "verify" in rep.stages:
+            rep.stages["verify"]["reused"] = False
+        return report
+    key = stage_key("verify", graph=graph_hash, tokenizer=tokenizer_key, source=source.fingerprint(),
+                    precision=rd["precision"], verify=settings, quantization=rd.get("quantization"),
+                    tools=tool_versions("onnxruntime", "torch", "transformers", "numpy"))
+    with store.lock("verify", key):
+        report = store.load("verify", key, stage)
+        if report is not None:
+            with rep.stage("verify") as update:
+                update(1, 1, "reused")
+            rep.stages["verify"]["reused"] = True
+            return report
+        report = _maybe_verify(recipe, rd, stage, source, rep, verify, store)
+        if report is not None and report.get("passed") and "skipped" not in report:
+            store.store("verify", key, stage, [], report)
+        if "verify" in rep.stages:
+            rep.stages["verify"]["reused"] = False
+        return report
+
+
+def keep_failed_report(report: dict, artifact: Path) -> Path:
+    """Write a failed verification report to `<artifact>.verification.json`, beside where
+    the artifact would have been (the staged artifact itself is discarded)."""
+    path = artifact.parent / f"{artifact.name}.verification.json"
+    path.write_text(json.dumps(report, indent=2))
+    return path
 
 
 def check_engines_before_work(rd: dict) -> None:
@@ -294,8 +418,9 @@ def build_engines(
                                      trt_module=trt.__name__, trt_version=trt.__version__, rank=rank)
                     info, hit = engine_cache.get_or_build(key, path, build)
                     if hit:
-                        update(1, 1, "cached")
-                infos.append({**info, "file": f"{ENGINES_DIR}/{name}", "cache": {"key": key, "hit": hit}})
+                        update(1, 1, "reused")
+                infos.append({**info, "file": f"{ENGINES_DIR}/{name}", "stage": stage_name, "cache": {"key": key}})
+            rep.stages[stage_name]["reused"] = hit  # in the timings: the manifest is otherwise the same
     return infos
 
 
@@ -308,7 +433,7 @@ def _eos_ids(tokenizer: dict, config: dict) -> list[int]:
     return ids
 
 
-def _maybe_verify(recipe, rd, stage: Path, source, rep: Reporter, verify: bool | None) -> dict | None:
+def _maybe_verify(recipe, rd, stage: Path, source, rep: Reporter, verify: bool | None, store=None) -> dict | None:
     from llmbuild.quantize.stage import maybe_gate
     from llmbuild.verify.reference import reference_available
 
@@ -332,8 +457,15 @@ def _maybe_verify(recipe, rd, stage: Path, source, rep: Reporter, verify: bool |
 
     with rep.stage("verify") as update:
         thresholds = default_thresholds(rd["precision"], settings)
+        from llmbuild.buildcache import CachedReference
+        from llmbuild.verify.reference import load_reference
+
+        # HF outputs cached by source fingerprint; the HF model is loaded (once) on a miss.
+        outputs = CachedReference(store.dir if store is not None else None, source.fingerprint(),
+                                  lambda: load_reference(recipe.source_path))
         report = verify_what_runs(
-            stage, recipe.source_path, prompts=settings.get("prompts") or DEFAULT_PROMPTS, thresholds=thresholds
+            stage, recipe.source_path, prompts=settings.get("prompts") or DEFAULT_PROMPTS, thresholds=thresholds,
+            reference_outputs=outputs,
         )
         update(1, 1, "passed" if report["passed"] else "FAILED")
     return report

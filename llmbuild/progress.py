@@ -74,7 +74,10 @@ class Reporter:
         if self._progress is not None:
             task = self._progress.add_task(name, total=None, detail="")
 
+        last = {"detail": ""}
+
         def update(done: int | None = None, total: int | None = None, detail: str = "") -> None:
+            last["detail"] = detail
             if task is not None:
                 self._progress.update(task, completed=done, total=total, detail=detail)
 
@@ -92,4 +95,6 @@ class Reporter:
         if task is not None:
             t = self._progress.tasks[task]
             total = t.total if t.total is not None else 1
-            self._progress.update(task, total=total, completed=total, detail=f"{self.stages[name]['seconds']:.1f}s")
+            seconds = f"{self.stages[name]['seconds']:.1f}s"
+            detail = f"reused ({seconds})" if last["detail"] == "reused" else seconds
+            self._progress.update(task, total=total, completed=total, detail=detail)

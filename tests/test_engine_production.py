@@ -75,7 +75,7 @@ def test_every_entry_is_built_with_its_targets_and_options(artifact):
         data = (artifact / e["file"]).read_bytes()
         assert e["sha256"] == hashlib.sha256(data).hexdigest() and e["bytes"] == len(data)
         assert (e["backend"], e["trt_module"], e["trt_version"]) == ("tensorrt-rtx", "tensorrt_rtx", trt.__version__)
-        assert e["cache"]["hit"] is False and len(e["cache"]["key"]) == 64
+        assert m["timings"][e["stage"]]["reused"] is False and len(e["cache"]["key"]) == 64
     assert portable["cache"]["key"] != targeted["cache"]["key"]
     assert m["toolchain"]["tensorrt_rtx"] == trt.__version__
     assert sorted(p.name for p in (artifact / "engines").iterdir()) == [
@@ -138,7 +138,7 @@ def test_a_second_compile_reuses_both_engines(artifact, tmp_path):
     recipe = Path(m["source"]["path"]).parent / "tiny.yaml"
     again = compile_recipe(recipe, out_dir=tmp_path, quiet=True, verify=False, cache=artifact.parents[1] / "cache")
     m2 = read_manifest(again)
-    assert [e["cache"]["hit"] for e in m2["engines"]] == [True, True]
+    assert [m2["timings"][e["stage"]]["reused"] for e in m2["engines"]] == [True, True]
     assert [e["sha256"] for e in m2["engines"]] == [e["sha256"] for e in m["engines"]]
     for e in m2["engines"]:
         assert hashlib.sha256((again / e["file"]).read_bytes()).hexdigest() == e["sha256"]

@@ -106,7 +106,14 @@ def test_eval_cli(tiny_artifact, tmp_path):
     report = json.loads(result.output)
     assert report["chunks"] == 2 and report["dataset"] == str(text)
     assert report["kl_divergence"] == pytest.approx(0, abs=1e-9) and 1 < report["perplexity"] < 1000
-    result = runner.invoke(cli, ["eval", str(artifact), "--tokens", "128", "--seq-len", "128"])
+    result = runner.invoke(cli, ["eval", str(artifact), "--tokens", "128", "--seq-len", "128", "--no-reference"])
     assert result.exit_code == 0 and "perplexity" in result.output and "KL" not in result.output
+    # by default: against the source the manifest records (the HF model the artifact was compiled from)
+    result = runner.invoke(cli, ["eval", str(artifact), "--dataset", str(text), "--tokens", "256", "--seq-len", "128",
+                                 "--json"])
+    assert result.exit_code == 0, result.output
+    default = json.loads(result.output)
+    assert default["perplexity"] == report["perplexity"]
+    assert default["kl_divergence"] == pytest.approx(0, abs=1e-4) and default["top1_agreement"] > 0.99
     result = runner.invoke(cli, ["eval", str(tmp_path)])
     assert result.exit_code == 2 and "is not an artifact directory" in result.output

@@ -80,7 +80,8 @@ def test_calibrated_override_of_a_tied_lm_head_is_refused_at_its_line(tmp_path):
                     "  overrides:\n    - {layers: [0], scheme: int8}\n    - {match: lm_head, group_size: 64}\n")
     (tmp_path / "m").mkdir()
     config = {"architectures": ["LlamaForCausalLM"], "tie_word_embeddings": True, "num_hidden_layers": 2,
-              "max_position_embeddings": 4096}
+              "max_position_embeddings": 4096, "hidden_size": 64, "intermediate_size": 128,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256}
     (tmp_path / "m" / "config.json").write_text(json.dumps(config))
     with pytest.raises(RecipeError) as e:
         load_recipe(path)

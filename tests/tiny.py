@@ -116,13 +116,16 @@ def write_tiny_tokenizer(dst: Path, vocab: int, max_pos: int = 256) -> None:
     (Path(dst) / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2))
 
 
-def make_tiny_gguf(hf_dir: Path, dst: Path, *, matrix_type: str = "Q8_0", llama3_rope: dict | None = None) -> Path:
+def make_tiny_gguf(hf_dir: Path, dst: Path, *, matrix_type: str = "Q8_0", llama3_rope: dict | None = None,
+                   tokenizer: str | None = None) -> Path:
     """Convert a tiny HF Llama directory to a GGUF file the way llama.cpp does.
 
     Matrices are stored as `matrix_type` (a ggml type name), the embedding as F16,
     norms as F32; q_proj/k_proj rows get llama.cpp's rotary permutation. With
     `llama3_rope` (HF rope_scaling dict) a `rope_freqs.weight` tensor is written as
-    llama.cpp does for Llama 3.x models. No tokenizer metadata is written.
+    llama.cpp does for Llama 3.x models. With `tokenizer` ("llama" or "gpt2") the
+    vocabulary of `make_tokenizer_gguf` is written too (the model's vocab_size must be
+    `tokenizer_vocab_size(tokenizer)`); else no tokenizer metadata is written.
     """
     import gguf
     import numpy as np
@@ -147,8 +150,11 @@ def make_tiny_gguf(hf_dir: Path, dst: Path, *, matrix_type: str = "Q8_0", llama3
     writer.add_rope_dimension_count(head_dim)
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_vocab_size(config["vocab_size"])
-    writer.add_bos_token_id(config["bos_token_id"])
-    writer.add_eos_token_id(config["eos_token_id"])
+    if tokenizer:
+        _add_tokenizer(writer, tokenizer)
+    else:
+        writer.add_bos_token_id(config["bos_token_id"])
+        writer.add_eos_token_id(config["eos_token_id"])
 
     def permute(w, n):
         return w.reshape(n, 2, w.shape[0] // n // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
@@ -207,3 +213,95 @@ def compile_tiny(model_dir: Path, out_dir: Path, *, name: str = "tiny", precisio
         f"limits: {json.dumps(limits)}\nengines: {json.dumps(list(engines))}\n"
     )
     return compile_recipe(recipe, out_dir=out_dir, quiet=True, verify=verify)
+
+
+def _tiny_vocab(kind: str) -> dict:
+    """The tokens (and scores, types, merges) of the tiny GGUF vocabularies."""
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "hello", "world", "in", "on", "an"]
+    if kind == "llama":
+        tokens = ["<unk>", "<s>", "</s>", "<|im_start|>", "<think>"] + [f"<0x{b:02X}>" for b in range(256)]
+        types = [2, 3, 3, 3, 4] + [6] * 256
+        pieces = ["▁"] + [chr(c) for c in range(ord("a"), ord("z") + 1)] + [chr(c) for c in range(ord("A"), ord("Z") + 1)]
+        for w in words:  # every prefix of "▁word", so the merges can reach it
+            for i in range(2, len(w) + 2):
+                for p in ("▁" + w)[:i], w[:i - 1]:
+                    if len(p) > 1 and p not in pieces:
+                        pieces.append(p)
+        scores = [0.0] * len(tokens) + [-float(i) for i in range(len(pieces))]
+        return {"tokens": tokens + pieces, "types": types + [1] * len(pieces), "scores": scores, "merges": None,
+                "ids": {"bos": 1, "eos": 2, "unk": 0}}
+    if kind == "gpt2":
+        bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+        cs, n = bs[:], 0
+        for b in range(256):
+            if b not in bs:
+                bs.append(b)
+                cs.append(256 + n)
+                n += 1
+        tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>"] + [chr(c) for c in cs]
+        types = [3, 3, 3, 4] + [1] * 256
+        merges = []
+        for w in words:
+            w = "Ġ" + w
+            for i in range(2, len(w) + 1):
+                if w[:i] not in tokens:
+                    merges.append(f"{w[:i - 1]} {w[i - 1]}")
+                    tokens.append(w[:i])
+                    types.append(1)
+        return {"tokens": tokens, "types": types, "scores": None, "merges": merges,
+                "ids": {"bos": 1, "eos": 2, "pad": 2, "unk": 0}}
+    raise ValueError(kind)
+
+
+def tokenizer_vocab_size(kind: str) -> int:
+    return len(_tiny_vocab(kind)["tokens"])
+
+
+def _add_tokenizer(writer, kind: str, *, add_bos: bool | None = None, add_space_prefix: bool | None = None,
+                   pre: str | None = None) -> int:
+    v = _tiny_vocab(kind)
+    writer.add_tokenizer_model(kind)
+    if pre:
+        writer.add_tokenizer_pre(pre)
+    writer.add_token_list(v["tokens"])
+    writer.add_token_types(v["types"])
+    if v["scores"] is not None:
+        writer.add_token_scores(v["scores"])
+    if v["merges"] is not None:
+        writer.add_token_merges(v["merges"])
+    ids = v["ids"]
+    writer.add_bos_token_id(ids["bos"])
+    writer.add_eos_token_id(ids["eos"])
+    writer.add_unk_token_id(ids["unk"])
+    if "pad" in ids:
+        writer.add_pad_token_id(ids["pad"])
+    if add_bos is not None:
+        writer.add_add_bos_token(add_bos)
+    if add_space_prefix is not None:
+        writer.add_add_space_prefix(add_space_prefix)
+    return len(v["tokens"])
+
+
+def make_tokenizer_gguf(dst: Path, kind: str, *, add_bos: bool | None = None, add_space_prefix: bool | None = None,
+                        pre: str | None = None) -> Path:
+    """A GGUF holding only a small vocabulary as llama.cpp writes it (and the few llama
+    keys transformers reads to pick the tokenizer): `kind` "llama" (SentencePiece BPE:
+    byte tokens, scores and no merges) or "gpt2" (byte-level BPE with merges). Both
+    have a control token `<|im_start|>` and a user-defined token `<think>`."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(dst), "llama")
+    writer.add_block_count(1)
+    writer.add_context_length(64)
+    writer.add_embedding_length(16)
+    writer.add_feed_forward_length(32)
+    writer.add_head_count(2)
+    writer.add_head_count_kv(2)
+    writer.add_rope_dimension_count(8)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_vocab_size(_add_tokenizer(writer, kind, add_bos=add_bos, add_space_prefix=add_space_prefix, pre=pre))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return Path(dst)

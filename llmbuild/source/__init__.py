@@ -6,8 +6,9 @@
             shape, dtype = src.info(name)
             w = src.load(name)         # numpy array, HF [out, in] layout
 
-Importing this package is cheap: `gguf` is imported when a GGUF file is opened,
-transformers only when a GGUF tokenizer is exported.
+Importing this package is cheap: `gguf` is imported when a GGUF file is opened;
+a GGUF's tokenizer is built with `tokenizers` alone (`gguf_tokenizer`), transformers
+only for a vocabulary kind that module has no builder for.
 """
 
 from __future__ import annotations

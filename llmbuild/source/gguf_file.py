@@ -100,15 +100,34 @@ class GGUFSource(ModelSource):
         yield self.path.name, self.path, spans
 
     def export_tokenizer(self, dst_dir: Path) -> dict:
-        """Convert the GGUF vocabulary with transformers, as the HF reference does."""
+        """Build tokenizer.json from the GGUF vocabulary with `tokenizers` alone
+        (`gguf_tokenizer`: the tokenizer transformers' GGUF converter builds); a kind of
+        vocabulary it has no builder for is converted by transformers, if installed."""
+        from llmbuild.source.gguf_tokenizer import UnsupportedGGUFTokenizer, tokenizer_from_gguf
+
+        dst_dir = Path(dst_dir)
+        try:
+            tok, tok_config = tokenizer_from_gguf(self.header.metadata)
+        except UnsupportedGGUFTokenizer as unsupported:
+            return self._export_tokenizer_with_transformers(dst_dir, unsupported)
+        except (KeyError, IndexError) as e:
+            raise UserError(f"{self.path}: incomplete tokenizer metadata ({e})") from e
+        dst_dir.mkdir(parents=True, exist_ok=True)
+        tok.save(str(dst_dir / "tokenizer.json"))
+        chat_template = self.header.metadata.get("tokenizer.chat_template")
+        if chat_template:
+            (dst_dir / "chat_template.jinja").write_text(chat_template, encoding="utf-8")
+        return tokexport.finish_export(dst_dir, tok_config, chat_template, self.config)
+
+    def _export_tokenizer_with_transformers(self, dst_dir: Path, unsupported: UserError) -> dict:
         try:
             from transformers import AutoTokenizer
             from transformers.utils import logging as hf_logging
 
             hf_logging.disable_progress_bar()
         except ImportError as e:
-            raise UserError("exporting the tokenizer of a GGUF model needs transformers "
-                            "(pip install 'llmbuild[reference]')") from e
+            raise UserError(f"{self.path}: {unsupported}; converting it needs transformers "
+                            "(pip install transformers, or 'llmbuild[reference]')") from e
         import json
         import shutil
 

@@ -49,6 +49,21 @@ def default_thresholds(precision: str, overrides: dict | None = None) -> Thresho
     )
 
 
+class _DirectReference:
+    def __init__(self, model):
+        self.model = model
+
+    def logits(self, ids):
+        from llmbuild.verify.reference import reference_logits
+
+        return reference_logits(self.model, ids)
+
+    def greedy(self, ids, max_new_tokens, eos_token_ids):
+        from llmbuild.verify.reference import reference_greedy
+
+        return reference_greedy(self.model, ids, max_new_tokens, eos_token_ids)
+
+
 def _artifact_logits(executor, ids: list[int]) -> np.ndarray:
     executor.reset(1)
     n = len(ids)
@@ -74,10 +89,12 @@ def verify_what_runs(artifact, reference, **kwargs) -> dict:
     "cpu_lowered"; it passes only if both do. The HF reference is loaded once."""
     from llmbuild.verify.reference import load_reference
 
-    ref = kwargs.pop("reference_model", None)
-    ref = ref if ref is not None else load_reference(reference)
-    report = verify_artifact(artifact, reference, reference_model=ref, **kwargs)
-    lowered = verify_artifact(artifact, reference, reference_model=ref, cpu_lowering=None, **kwargs)
+    outputs = kwargs.pop("reference_outputs", None)
+    if outputs is None:
+        ref = kwargs.pop("reference_model", None)
+        outputs = _DirectReference(ref if ref is not None else load_reference(reference))
+    report = verify_artifact(artifact, reference, reference_outputs=outputs, **kwargs)
+    lowered = verify_artifact(artifact, reference, reference_outputs=outputs, cpu_lowering=None, **kwargs)
     report["cpu_lowered"] = {k: lowered[k] for k in ("passed", "failures", "max_abs_logit_diff", "top1_agreement",
                                                      "greedy_agreement", "seconds")}
     report["failures"] = report["failures"] + [f"CPU-lowered graph: {f}" for f in lowered["failures"]]
@@ -87,20 +104,24 @@ def verify_what_runs(artifact, reference, **kwargs) -> dict:
 
 def verify_artifact(
     artifact: str | Path, reference: str | Path, *, prompts=DEFAULT_PROMPTS, max_new_tokens: int = 16,
-    thresholds: Thresholds | None = None, reference_model=None, chat: bool | None = None,
-    cpu_lowering: bool = False,
+    thresholds: Thresholds | None = None, reference_model=None, chat: bool | None = None, reference_outputs=None,
+    cpu_lowering: bool | None = False,
 ) -> dict:
     """Run both sides and return a JSON-able report with `passed` and the figures.
-    cpu_lowering=False checks the standard graph (what TensorRT parses); True the graph
-    the CPU runtime runs (llmbuild.runtime.cpu_lowering, fallbacks included)."""
+    cpu_lowering=False checks the standard graph (what TensorRT parses); None the graph
+    the CPU runtime runs (llmbuild.runtime.cpu_lowering, fallbacks included).
+    `reference_outputs`: an object with `logits(ids)` and `greedy(ids, n, eos)` standing
+    for the HF side (compile passes `llmbuild.buildcache.CachedReference`)."""
     from llmbuild.runtime import load
-    from llmbuild.verify.reference import load_reference, reference_greedy, reference_logits
+    from llmbuild.verify.reference import load_reference
 
     start = time.perf_counter()
     model = load(artifact, backend="onnxruntime", cpu_lowering=cpu_lowering)
     precision = model.manifest["model"]["precision"]
     thresholds = thresholds or default_thresholds(precision)
-    ref = reference_model if reference_model is not None else load_reference(reference)
+    if reference_outputs is None:
+        reference_outputs = _DirectReference(reference_model if reference_model is not None
+                                             else load_reference(reference))
     if chat is None:
         chat = bool(model.tokenizer.chat_template)
     eos = model.eos_token_ids
@@ -112,7 +133,7 @@ def verify_artifact(
         ids = model.encode(prompt, chat=chat)
         ids, new_tokens = fit_prompt(ids, max_new_tokens, max_seq_len)
         ours = _artifact_logits(model.executor, ids)
-        theirs = reference_logits(ref, ids)
+        theirs = reference_outputs.logits(ids)
         for side, logits in (("the artifact's graph", ours), ("the reference", theirs)):
             hit = first_non_finite(logits)
             if hit is not None:
@@ -121,7 +142,7 @@ def verify_artifact(
         if not np.isfinite(diff):
             diff = float("inf")  # NaN would compare below every threshold
         agree = int((ours.argmax(-1) == theirs.argmax(-1)).sum())
-        ref_tokens = reference_greedy(ref, ids, new_tokens, eos)
+        ref_tokens = list(reference_outputs.greedy(ids, new_tokens, eos))
         our_tokens = model.generate_ids([ids], max_new_tokens=new_tokens)[0].token_ids
         same = 0
         for a, b in zip(ref_tokens, our_tokens):

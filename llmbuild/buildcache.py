@@ -1,0 +1,274 @@
+"""Incremental compile: every stage of `compile` keyed by what it depends on, and reused
+when that is unchanged (the engines have their own cache, `llmbuild.engine.cache`).
+
+    store = StageStore.for_cache(cache)                      # None: every stage runs
+    key = stage_key("tokenizer", source=fingerprint, tools=tool_versions("tokenizers"))
+    meta = store.run(rep, "tokenizer", key, stage_dir, ["tokenizer"], build)   # build() -> meta
+
+A stage's key is a sha256 over its inputs: the recipe sections it reads, the source's
+fingerprint, the versions of the tools it runs, and the keys (or content hashes) of the
+stages before it. Its entry holds the files it wrote into the staging directory (hard-
+copied back on reuse — onnx refuses hard-linked external data — and checked by size and
+sampled digest like engines) and a JSON `meta`
+(what the manifest records of it). `compile` reports per stage whether it was reused
+(`rep.stages[name]["reused"]`, in the manifest's timings).
+
+| stage     | key inputs                                                                     |
+|-----------|--------------------------------------------------------------------------------|
+| source    | the files' paths, sizes and mtimes (→ fingerprint, config; no tensor read)      |
+| onnx      | source fingerprint, model/precision/limits.max_seq_len/quantization/parallel, tools |
+| tokenizer | source fingerprint, tools                                                      |
+| verify    | graph hash, tokenizer key, precision, verify/quantization sections, tools       |
+| engines   | `engine.cache.engine_key` (recipe less name/verify, graph hash, TensorRT, …)     |
+
+Reference outputs for verification (HF logits and greedy tokens per prompt) are cached
+by source fingerprint (`CachedReference`), so a graph change re-runs only our side.
+
+Layout: `<cache>/stages/<stage>/<key[:2]>/<key>/{meta.json, files/...}`, written into a
+temporary sibling and renamed; `<cache>/reference/<fingerprint[:2]>/<fingerprint>/<hash>.npz`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Callable, Iterable
+
+KEY_VERSION = 1  # bump when a key's composition or the entry layout changes
+META_FILE = "meta.json"
+FILES_DIR = "files"
+
+
+def tool_versions(*dists: str) -> dict:
+    """Installed versions of these distributions (None if absent), with llmbuild's."""
+    from llmbuild import __version__
+
+    out = {"llmbuild": __version__}
+    for dist in dists:
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def stage_key(stage: str, **inputs) -> str:
+    data = {"key_version": KEY_VERSION, "stage": stage, **inputs}
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def source_stat_key(path: Path) -> list:
+    """What decides a source's fingerprint without reading it: every file's relative name,
+    size and mtime (ns), and the resolved path."""
+    path = Path(path).resolve()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    out = [str(path)]
+    for f in files:
+        st = f.stat()
+        out.append([str(f.relative_to(path)) if f != path else f.name, st.st_size, st.st_mtime_ns])
+    return out
+
+
+def _place(src: Path, dst: Path) -> None:
+    """dst becomes a copy of src (atomic). Not a hard link, unlike engines: onnx refuses
+    external data files with several links ("potential hardlink attack")."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _files_under(root: Path, rels: Iterable[str]) -> list[str]:
+    out = []
+    for rel in rels:
+        p = root / rel
+        if p.is_file():
+            out.append(rel)
+        elif p.is_dir():
+            out += sorted(str(f.relative_to(root)) for f in p.rglob("*") if f.is_file())
+    return out
+
+
+class StageStore:
+    """Stage entries by key in one directory; safe for concurrent processes."""
+
+    def __init__(self, directory: Path, *, lock_timeout: float = -1):
+        self.dir = Path(directory)
+        self.lock_timeout = lock_timeout
+
+    @classmethod
+    def for_cache(cls, cache) -> "StageStore | None":
+        """compile's `cache` argument: True = the default cache dir, a path, or off."""
+        from llmbuild.engine.cache import default_cache_dir
+
+        if cache is None or cache is False:
+            return None
+        return cls(default_cache_dir() if cache is True else Path(cache))
+
+    def entry_dir(self, stage: str, key: str) -> Path:
+        return self.dir / "stages" / stage / key[:2] / key
+
+    def lock(self, stage: str, key: str):
+        from filelock import FileLock
+
+        path = self.dir / "locks" / f"{stage}-{key}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return FileLock(str(path), timeout=self.lock_timeout, thread_local=False)
+
+    def load(self, stage: str, key: str, root: Path) -> dict | None:
+        """Place a stored entry's files under root; its meta, or None (a miss)."""
+        from llmbuild.engine.cache import sampled_digest
+
+        entry = self.entry_dir(stage, key)
+        try:
+            record = json.loads((entry / META_FILE).read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        placed = []
+        try:
+            for rel, (size, digest) in record["files"].items():
+                dst = root / rel
+                _place(entry / FILES_DIR / rel, dst)
+                placed.append(dst)
+                if dst.stat().st_size != size or sampled_digest(dst) != digest:
+                    raise OSError(f"damaged cache entry {entry}")
+        except (OSError, KeyError):
+            for p in placed:
+                p.unlink(missing_ok=True)
+            shutil.rmtree(entry, ignore_errors=True)
+            return None
+        os.utime(entry)  # last use, for `llmbuild cache prune`
+        return record["meta"]
+
+    def store(self, stage: str, key: str, root: Path, rels: Iterable[str], meta: dict) -> None:
+        from llmbuild.engine.cache import sampled_digest
+
+        final = self.entry_dir(stage, key)
+        tmp = final.with_name(f".{key}.{os.getpid()}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            files = {}
+            for rel in _files_under(root, rels):
+                dst = tmp / FILES_DIR / rel
+                _place(root / rel, dst)
+                os.chmod(dst, 0o444)
+                files[rel] = [dst.stat().st_size, sampled_digest(dst)]
+            record = {"stage": stage, "key": key, "files": files, "meta": meta, "stored": time.time()}
+            (tmp / META_FILE).write_text(json.dumps(record, indent=1, default=str))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run_stage(store: StageStore | None, rep, name: str, key: str, root: Path, rels: list[str],
+              build: Callable[[Callable], dict], *, cacheable: Callable[[dict], bool] = lambda meta: True) -> dict:
+    """One stage of compile under `rep.stage(name)`: reused from `store` when its key is
+    there, else `build(update)` (writes `rels` under root, returns the meta) and stored.
+    Records `reused` in the stage's timings."""
+    with rep.stage(name) as update:
+        hit = False
+        if store is None:
+            meta = build(update)
+        else:
+            with store.lock(name, key):
+                meta = store.load(name, key, root)
+                hit = meta is not None
+                if hit:
+                    update(1, 1, "reused")
+                else:
+                    meta = build(update)
+                    if cacheable(meta):
+                        store.store(name, key, root, rels, meta)
+    rep.stages[name]["reused"] = hit
+    return meta
+
+
+class LazySource:
+    """A model source opened only when a stage that reads it runs (on a no-op recompile,
+    none does): `fingerprint`, `config` and `format` come from the source stage's meta."""
+
+    def __init__(self, path: Path, fingerprint: str, config: dict, fmt: str, opened=None):
+        self.path, self.format, self._fingerprint, self.config = Path(path), fmt, fingerprint, config
+        self._source = opened
+
+    def fingerprint(self) -> str:
+        return self._fingerprint
+
+    def _open(self):
+        if self._source is None:
+            from llmbuild.source import open_source
+
+            self._source = open_source(self.path)
+        return self._source
+
+    def __getattr__(self, name):
+        return getattr(self._open(), name)
+
+    def close(self) -> None:
+        if self._source is not None:
+            self._source.close()
+            self._source = None
+
+
+class CachedReference:
+    """HF reference outputs (teacher-forced logits, greedy tokens) per token sequence,
+    cached on disk by source fingerprint; the HF model is loaded (once) only on a miss."""
+
+    def __init__(self, directory: Path | None, fingerprint: str, load: Callable[[], object]):
+        self.dir = (Path(directory) / "reference" / fingerprint[:2] / fingerprint) if directory else None
+        self._load, self._model = load, None
+        self.tools = tool_versions("torch", "transformers")
+        self.misses = 0
+
+    @property
+    def model(self):
+        if self._model is None:
+            self._model = self._load()
+        return self._model
+
+    def _path(self, kind: str, **inputs) -> Path | None:
+        if self.dir is None:
+            return None
+        digest = hashlib.sha256(json.dumps({"kind": kind, "tools": self.tools, **inputs}, sort_keys=True).encode())
+        return self.dir / f"{kind}-{digest.hexdigest()[:32]}.npz"
+
+    def _cached(self, path: Path | None, compute: Callable):
+        import numpy as np
+
+        if path is not None and path.is_file():
+            try:
+                with np.load(path) as z:
+                    return z["value"]
+            except (OSError, ValueError, KeyError):
+                pass
+        self.misses += 1
+        value = np.asarray(compute())
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
+            np.savez(tmp, value=value)
+            os.replace(tmp, path)
+        return value
+
+    def logits(self, ids: list[int]):
+        from llmbuild.verify.reference import reference_logits
+
+        return self._cached(self._path("logits", ids=list(ids)), lambda: reference_logits(self.model, ids))
+
+    def greedy(self, ids: list[int], max_new_tokens: int, eos_token_ids: list[int]) -> list[int]:
+        from llmbuild.verify.reference import reference_greedy
+
+        path = self._path("greedy", ids=list(ids), n=max_new_tokens, eos=list(eos_token_ids))
+        return [int(t) for t in self._cached(
+            path, lambda: reference_greedy(self.model, ids, max_new_tokens, eos_token_ids))]
