@@ -17,6 +17,12 @@ architecture without one fails here). Registering an architecture enrolls it.
 - the C++ runtime's greedy ids equal Python's (graph as written and CPU-lowered).
 
 Each artifact is compiled once per architecture, on first use (`TinyArchitecture`).
+Seconds per architecture: benchmarks/conformance_time.md.
+
+Measured on the tiny models (max |logit| 0.66 Llama, 1.30 Mistral): max |Δ| to HF 1.8e-7 /
+2.4e-7 (fp32) and 3.6e-4 / 5.5e-4 (fp16); lowered vs standard 2.1e-7 / 1.8e-7 (fp32) and
+3.0e-4 / 3.6e-4 (fp16). Gates (int8; int4 g32): KL 9.7e-7 / 9.1e-7; 2.3e-4 / 1.6e-4 nats,
+top-1 0.988 / 1.000; 0.870 / 0.994, perplexity +0.0 %; +0.35 % / -0.18 % (Llama / Mistral).
 """
 
 from __future__ import annotations
