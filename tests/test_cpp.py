@@ -8,7 +8,8 @@ load time (llmbuild/runtime/cpu_lowering.py); the C++ runtime runs the artifact'
 as written. Ids are compared graph for graph: C++ on graph.file against Python with
 cpu_lowering=False, and C++ given the lowered graph (--graph) against Python's default.
 
-A failing configure or build fails these tests (it is never a skip)."""
+A failing configure or build fails these tests (it is never a skip); the build is the
+session fixture `cpp_build` in tests/conftest.py (shared with tests/test_conformance.py)."""
 
 from __future__ import annotations
 
@@ -24,12 +25,9 @@ import pytest
 from llmbuild.runtime import load
 from llmbuild.runtime.cpu_lowering import save_lowered_graph
 from llmbuild.runtime.sampling import SamplingParams
-from tests.conftest import ROOT
+from tests.conftest import BUILD, CLI
 from tests.tiny import EOS, compile_tiny, make_tiny_hf
 
-CPP = ROOT / "cpp"
-BUILD = CPP / "build"
-CLI = BUILD / "llmbuild-generate"
 
 TINY_PROMPTS = [[5, 40, 41, 42], [3, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100, 110]]
 SAMPLING = [
@@ -38,16 +36,6 @@ SAMPLING = [
     SamplingParams(temperature=1.3, top_p=0.5, seed=2**63 + 5),
     SamplingParams(temperature=0.6, top_k=3, seed=0),
 ]
-
-
-@pytest.fixture(scope="session")
-def cpp_build() -> str:
-    """Configure + build output of cpp/build.sh (deps fetched once, then incremental)."""
-    result = subprocess.run(["bash", str(CPP / "build.sh"), str(BUILD)], capture_output=True, text=True)
-    output = result.stdout + result.stderr
-    if result.returncode != 0:
-        pytest.fail(f"cpp/build.sh failed (exit {result.returncode}):\n{output[-6000:]}", pytrace=False)
-    return output
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,159 @@
+"""The architecture conformance suite's tiny models and artifacts (tests/test_conformance.py).
+
+Every architecture registered in `llmbuild.models.ARCHITECTURES` needs an entry in
+`TINY_CONFIGS`: the keyword arguments of its transformers config class (the class is
+found from the HF class name: `transformers.<HF class>.config_class`) for a tiny random
+model. An architecture without one fails the suite (it is never skipped). Choose dims that
+every check can use:
+
+- head_dim a multiple of 16 (ONNX Runtime's GroupQueryAttention, the CPU lowering);
+- heads, KV heads and intermediate_size divisible by 2 (simulated tp = 2);
+- hidden_size and intermediate_size multiples of 32 (int4 groups of 32);
+- 2-3 layers, vocab_size 256 (the tiny character tokenizer of tests/tiny.py).
+
+    tiny = TinyArchitecture("LlamaForCausalLM", tmp_dir)
+    tiny.hf_dir, tiny.reference            # the random HF model (fixed seed) and its torch model
+    tiny.artifact("float16")               # compiled once, on first use (see ARTIFACTS)
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.tiny import BOS, EOS, write_tiny_tokenizer
+
+VOCAB, MAX_POS, SEED = 256, 256, 0
+
+# Defaults of every tiny config (an entry of TINY_CONFIGS wins).
+COMMON = {
+    "vocab_size": VOCAB, "max_position_embeddings": MAX_POS, "bos_token_id": BOS, "eos_token_id": EOS,
+    "pad_token_id": None, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+}
+# HF class -> config keyword arguments. Register an architecture, add its line here.
+TINY_CONFIGS: dict[str, dict] = {
+    "LlamaForCausalLM": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, head_dim=16, tie_word_embeddings=False),
+    "MistralForCausalLM": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                               num_key_value_heads=2, head_dim=16, tie_word_embeddings=True, sliding_window=None),
+}
+
+LIMITS = {"max_batch_size": 4, "max_input_len": 64, "max_seq_len": 128}
+# Accuracy gates of the quantized artifacts against the float32 graph on held-out text
+# (llmbuild.quantize.stage.quality_gate); figures measured on these tiny models are in
+# tests/test_conformance.py's docstring.
+GATES = {
+    "int8": {"max_perplexity_increase": 0.002, "max_kl_divergence": 1e-5, "min_top1_agreement": 0.97},
+    "int4": {"max_perplexity_increase": 0.01, "max_kl_divergence": 1e-3, "min_top1_agreement": 0.8},
+}
+# name -> recipe keys (beyond name, source and limits) of the artifacts the suite compiles.
+ARTIFACTS: dict[str, dict] = {
+    "float32": {"precision": "float32"},
+    "float16": {"precision": "float16", "engines": ["tensorrt-rtx"]},  # engine only if tensorrt_rtx imports
+    "tp2": {"precision": "float32", "parallel": {"tp": 2}},
+    "int8": {"precision": "float32", "quantization": {"weights": {"scheme": "int8"}},
+             "verify": {"eval_tokens": 512, **GATES["int8"]}},
+    "int4": {"precision": "float32", "quantization": {"weights": {"scheme": "int4", "group_size": 32}},
+             "verify": {"eval_tokens": 512, **GATES["int4"]}},
+}
+
+
+def tiny_config_kwargs(arch: str) -> dict:
+    """The tiny config of `arch`; fails the calling test when the architecture has none."""
+    if arch not in TINY_CONFIGS:
+        pytest.fail(f"{arch} is registered in llmbuild.models.ARCHITECTURES but has no tiny config: add its line to "
+                    "TINY_CONFIGS in tests/conformance.py (see docs/architecture.md, 'Adding an architecture')",
+                    pytrace=False)
+    return {**COMMON, **TINY_CONFIGS[arch]}
+
+
+def make_tiny_model(arch: str, dst: Path, *, seed: int = SEED) -> Path:
+    """Write a random `arch` model (float32, fixed seed) and the tiny tokenizer to `dst`."""
+    import torch
+    import transformers
+
+    model_cls = getattr(transformers, arch, None)
+    if model_cls is None:
+        pytest.fail(f"transformers {transformers.__version__} has no class {arch}", pytrace=False)
+    config = model_cls.config_class(**tiny_config_kwargs(arch))
+    torch.manual_seed(seed)
+    model = model_cls(config).to(torch.float32).eval()
+    dst.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(dst)
+    write_tiny_tokenizer(dst, config.vocab_size, MAX_POS)
+    return dst
+
+
+def tensorrt_rtx_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorrt_rtx") is not None
+
+
+class TinyArchitecture:
+    """One registered architecture's tiny model and its artifacts, each made on first use."""
+
+    def __init__(self, arch: str, root: Path):
+        self.arch, self.root = arch, Path(root)
+        self._artifacts: dict[str, Path] = {}
+
+    @cached_property
+    def hf_dir(self) -> Path:
+        return make_tiny_model(self.arch, self.root / "hf")
+
+    @cached_property
+    def config(self) -> dict:
+        return json.loads((self.hf_dir / "config.json").read_text())
+
+    @cached_property
+    def spec(self):
+        from llmbuild.models import spec_for
+
+        return spec_for(self.config)
+
+    @cached_property
+    def reference(self):
+        """HF transformers' model of the tiny directory, float32, eval mode."""
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(self.hf_dir, dtype=torch.float32).eval()
+
+    def hf_logits(self, ids: list[int]) -> np.ndarray:
+        """HF's logits of every position of `ids` (one torch thread: on a busy 2-core machine
+        torch's thread pool makes a tiny forward pass 10-20 times slower)."""
+        import torch
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with torch.no_grad():
+                return self.reference(torch.tensor([ids])).logits[0].float().numpy()
+        finally:
+            torch.set_num_threads(threads)
+
+    def recipe(self, name: str) -> dict:
+        keys = dict(ARTIFACTS[name])
+        if "engines" in keys and not tensorrt_rtx_available():
+            keys["engines"] = []
+        return {"name": f"{self.arch.lower()}-{name}", "model": {"source": str(self.hf_dir)}, "limits": LIMITS,
+                "engines": [], **keys}
+
+    def artifact(self, name: str) -> Path:
+        """Artifact `name` of ARTIFACTS, compiled once. Quantized ones are verified (their
+        accuracy gate runs in compile and a miss fails it); the others are not (the suite
+        compares their numbers itself)."""
+        if name not in self._artifacts:
+            from llmbuild.compile import compile_recipe
+
+            out = self.root / "out"
+            out.mkdir(parents=True, exist_ok=True)
+            path = out / f"{name}.yaml"
+            path.write_text(json.dumps(self.recipe(name)))  # JSON is YAML
+            verify = "quantization" in ARTIFACTS[name]
+            self._artifacts[name] = compile_recipe(path, out_dir=out, quiet=True, verify=verify)
+        return self._artifacts[name]
