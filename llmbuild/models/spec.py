@@ -36,6 +36,14 @@ from typing import ClassVar, NamedTuple
 LAYER_PREFIX = "model.layers."
 
 
+def layer_index(weight_name: str) -> int | None:
+    """The decoder layer of an HF weight name (`model.layers.<i>.…`), or None outside them."""
+    if not weight_name.startswith(LAYER_PREFIX):
+        return None
+    layer = weight_name[len(LAYER_PREFIX):].partition(".")[0]
+    return int(layer) if layer.isdigit() else None
+
+
 # -- sharding hints (llmbuild.parallel applies them) ---------------------------------------
 @dataclass(frozen=True)
 class Shard:
