@@ -14,10 +14,10 @@ Layers, low to high; a module may import its own top-level package and lower lay
     graph          the ONNX builder, blocks, annotations, I/O contract, export
     models         architecture specs + registry (pure Python) and their graph code
     source         HF directories and GGUF files read as lazy named tensors
-    parallel       shard plans, rank graphs, the CPU simulation of tensor parallelism
+    parallel       shard plans, rank graphs, all ranks merged into one graph (CPU simulation)
     lowering       every graph rewrite for ONNX Runtime on the CPU (fused, quantized)
     engine         TensorRT options, profiles, builds, engine cache, compatibility
-    runtime        executors, scheduler, generation — Python's half of the runtime
+    runtime        executors (tensor-parallel ones too), scheduler, generation
     verify         ONNX Runtime against the HF reference
     eval           perplexity / KL on held-out text
     quantize       schemes, calibration on our own graph, the quantization stage
