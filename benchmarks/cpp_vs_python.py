@@ -11,7 +11,7 @@ chat prompts (greedy, same thread count):
 
     C++ / Python, graph.file     the artifact's graph as written (Python: cpu_lowering=False)
     C++ / Python, CPU-lowered    the graph rewritten for ONNX Runtime's CPU kernels
-                                 (llmbuild/runtime/cpu_lowering.py): Python's default at
+                                 (llmbuild/lowering/cpu.py): Python's default at
                                  load time; C++ gets it saved to a file (--graph)
 
     decode tokens/s   (generated tokens - 1) / (time of the last token - time of the first)
@@ -101,7 +101,7 @@ SIDES = {
 
 def bench(artifact: Path, tokens: int, repeats: int, threads: int) -> dict:
     from llmbuild.runtime import load
-    from llmbuild.runtime.cpu_lowering import save_lowered_graph
+    from llmbuild.lowering.cpu import save_lowered_graph
 
     lowered_graph = save_lowered_graph(artifact, WORK / f"{artifact.name}-lowered")
     models = {

@@ -4,7 +4,9 @@ Heavy libraries (onnx, onnxruntime, TensorRT, torch) are imported only by the fu
 that need them, so `import llmbuild` and the CLI start fast.
 """
 
-__version__ = "0.1.0"
+from llmbuild.version import __version__
+
+__all__ = ["__version__", "compile", "load"]
 
 
 def load(artifact, backend: str = "auto", threads: int | None = None, **options):

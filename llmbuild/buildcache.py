@@ -46,7 +46,7 @@ FILES_DIR = "files"
 
 def tool_versions(*dists: str) -> dict:
     """Installed versions of these distributions (None if absent), with llmbuild's."""
-    from llmbuild import __version__
+    from llmbuild.version import __version__
 
     out = {"llmbuild": __version__}
     for dist in dists:

@@ -13,7 +13,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Sequence
 
-from llmbuild import __version__
+from llmbuild.version import __version__
 from llmbuild.artifact import (
     ENGINES_DIR,
     MODEL_DIR,

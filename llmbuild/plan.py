@@ -36,7 +36,7 @@ import os
 from dataclasses import dataclass
 from typing import Sequence
 
-from llmbuild.quantize.plan import LM_HEAD, resolve_plan, stored_bytes, tied_lm_head_spec
+from llmbuild.quantize.plan import resolve_plan, stored_bytes, tied_lm_head_spec
 
 GiB = 1 << 30
 # CUDA context, TensorRT runtime, kernels and allocator slack: an allowance, not a measurement.
@@ -113,9 +113,9 @@ def weight_bytes(config: dict, recipe: dict, tp: int = 1) -> tuple[int, int]:
     specs = {}
     if recipe.get("quantization"):
         specs = resolve_plan(recipe["quantization"], list(shapes), d.layers)
-        named = tied_lm_head_spec(recipe["quantization"], d.layers) if d.tied else None
+        named = tied_lm_head_spec(recipe["quantization"], d.layers, spec.lm_head) if d.tied else None
         if named is not None:  # a tied lm_head an override names gets its own quantized copy
-            shapes[LM_HEAD], specs[LM_HEAD] = (d.hidden, d.vocab), named[0]
+            shapes[spec.lm_head], specs[spec.lm_head] = (d.hidden, d.vocab), named[0]
     others = sum(math.prod(shape) for name, shape in spec.tensors(d).items() if name not in linears)
     total = per_rank = others * b  # embeddings, norms (replicated)
     for name, shape in shapes.items():

@@ -4,7 +4,7 @@ compared with the Python runtime on the same artifacts: greedy and seeded sample
 ids must be identical, and user errors must be clear (exit status 2).
 
 The Python runtime runs, by default, the graph lowered for ONNX Runtime's CPU kernels at
-load time (llmbuild/runtime/cpu_lowering.py); the C++ runtime runs the artifact's graph
+load time (llmbuild/lowering/cpu.py); the C++ runtime runs the artifact's graph
 as written. Ids are compared graph for graph: C++ on graph.file against Python with
 cpu_lowering=False, and C++ given the lowered graph (--graph) against Python's default.
 
@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from llmbuild.runtime import load
-from llmbuild.runtime.cpu_lowering import save_lowered_graph
+from llmbuild.lowering.cpu import save_lowered_graph
 from llmbuild.runtime.sampling import SamplingParams
 from tests.conftest import BUILD, CLI
 from tests.tiny import EOS, compile_tiny, make_tiny_hf

@@ -1,4 +1,4 @@
-"""The CPU lowering (llmbuild/runtime/cpu_lowering.py with llmbuild/quantize/cpu_lowering.py)
+"""The CPU lowering (llmbuild/lowering/: cpu.py with quantized.py)
 on tiny random Llamas, quantized (int4 in groups of 64 over 96 and 160 input rows, i.e.
 a short last block; int8 per channel) and float, float32 and float16: the lowered graph
 gives the standard graph's logits on ONNX Runtime (ragged prefills in two slots, batched
@@ -17,7 +17,7 @@ import onnx
 import pytest
 
 from llmbuild.runtime import load
-from llmbuild.runtime.cpu_lowering import save_lowered_graph
+from llmbuild.lowering.cpu import save_lowered_graph
 from llmbuild.runtime.executors.base import StepInputs
 from llmbuild.runtime.executors.onnxruntime import OnnxRuntimeExecutor
 from tests.test_quant_graph import write_recipe
@@ -163,7 +163,7 @@ def test_rotary_inside_attention_reads_position_ids_as_given(qkv, artifacts, tmp
     """GroupQueryAttention's rotary embedding uses the graph's position_ids, not positions it
     would derive from the cache lengths: positions 2·i give the standard graph's logits;
     with q/k/v packed in one input and apart (when they are not one fused projection)."""
-    from llmbuild.runtime import cpu_lowering
+    from llmbuild.lowering import cpu as cpu_lowering
 
     art = artifacts["float-tied"]
     with mock.patch.object(cpu_lowering, "_packed_qkv", return_value=None) if qkv == "apart" else nullcontext():

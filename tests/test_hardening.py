@@ -90,7 +90,7 @@ def test_case8_lowering_falls_back_per_layer_and_compile_verifies_both_graphs(mi
 def test_case8_constraint_function_names_each_reason():
     import onnx_ir as ir
 
-    from llmbuild.runtime.cpu_lowering import gqa_constraint_problem
+    from llmbuild.lowering.cpu import gqa_constraint_problem
 
     ok = dict(head_dim=64, num_heads=8, kv_heads=2, dtype=ir.DataType.FLOAT)
     assert gqa_constraint_problem(**ok) is None

@@ -374,7 +374,7 @@ def test_smollm2_tp3_greedy_equals_tp1(smollm2_artifact, tmp_path_factory):
 
 @pytest.mark.gpu
 def test_tp2_engines_generate_on_two_gpus(tp2_engines):  # pragma: no cover - needs 2 GPUs
-    from llmbuild.parallel.runtime import gpu_count
+    from llmbuild.runtime.executors.tensor_parallel import gpu_count
 
     if gpu_count() < 2:
         pytest.skip("needs 2 NVIDIA GPUs (tensor parallel engines run one rank per GPU with NCCL)")

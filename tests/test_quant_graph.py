@@ -357,7 +357,7 @@ def test_cpu_lowering_to_matmulnbits(case, artifacts, tmp_path):
     blocks of 128): exact at accuracy level 1, close at level 4 (int8 activations)."""
     import onnx_ir as ir
 
-    from llmbuild.quantize.cpu_lowering import lower_quantized_matmuls
+    from llmbuild.lowering.quantized import lower_quantized_matmuls
 
     path = artifact_graph(artifacts[case])
     standard = OrtGraphRunner(path).logits(IDS)

@@ -215,7 +215,7 @@ def test_awq_scales_and_clipping_beat_round_to_nearest():
 def test_matmulnbits_packing():
     """B [N, blocks, block·bits/8]: unsigned codes (signed + 2^(bits-1)), low nibble first,
     a short last block padded with zero codes; scales [N·blocks] column-major over blocks."""
-    from llmbuild.quantize.cpu_lowering import pack_matmulnbits
+    from llmbuild.lowering.quantized import pack_matmulnbits
 
     codes = np.array([[-8, 7], [1, -1], [0, 3]], np.int8)  # K=3, N=2
     scales = np.array([[0.5, 2.0]], np.float32)  # one block of 16 rows

@@ -65,7 +65,7 @@ def test_int8_recipe_with_its_int8_lm_head_answers_on_the_cpu(tmp_path):
     import onnx
 
     from llmbuild.compile import compile_recipe
-    from llmbuild.runtime.cpu_lowering import lowered_model_bytes
+    from llmbuild.lowering.cpu import lowered_model_bytes
     from tests.conftest import ROOT
 
     art = compile_recipe(ROOT / "recipes" / "smollm2-135m-instruct-int8.yaml", ["~engines", "verify.enabled=false"],

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from llmbuild.errors import UserError
-from llmbuild.source import GGUFSource, HFSource, check_shapes, normalize_config, open_source, read_config
+from llmbuild.models.shapes import check_shapes
+from llmbuild.source import GGUFSource, HFSource, normalize_config, open_source, read_config
 from tests.tiny import CHAT_TEMPLATE, make_tiny_gguf, make_tiny_hf
 
 ROOT = Path(__file__).resolve().parents[1]

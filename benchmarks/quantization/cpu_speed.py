@@ -7,7 +7,7 @@ Artifacts come from benchmarks/quantization/run.py (WORK/artifacts), llama.cpp G
 from the same script (WORK/smollm2-Q4_0.gguf …). llmbuild rows run the runtime's bench
 (llmbuild.runtime.bench.run_bench, i.e. `llmbuild bench --batch 1`: 64 greedy tokens after
 a 128-token random prompt, best of 3) in a child process, the artifact lowered for the
-CPU as the runtime loads it (llmbuild.runtime.cpu_lowering: MatMulNBits, fused
+CPU as the runtime loads it (llmbuild.lowering.cpu: MatMulNBits, fused
 attention); llama.cpp and onnxruntime-genai rows run benchmarks/runtime/peers.py (the
 same protocol; the genai int4 model comes from benchmarks/runtime/prepare.py). One
 process at a time, one after the other; run it on a quiet machine.

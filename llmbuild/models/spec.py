@@ -36,6 +36,14 @@ from typing import ClassVar, NamedTuple
 LAYER_PREFIX = "model.layers."
 
 
+def layer_index(weight_name: str) -> int | None:
+    """The decoder layer of an HF weight name (`model.layers.<i>.…`), or None outside them."""
+    if not weight_name.startswith(LAYER_PREFIX):
+        return None
+    layer = weight_name[len(LAYER_PREFIX):].partition(".")[0]
+    return int(layer) if layer.isdigit() else None
+
+
 # -- sharding hints (llmbuild.parallel applies them) ---------------------------------------
 @dataclass(frozen=True)
 class Shard:
@@ -159,8 +167,10 @@ class ArchitectureSpec:
     gguf_layer_names: ClassVar[dict[str, str]] = {}
     gguf_global_names: ClassVar[dict[str, str]] = {}
     gguf_permuted_roles: ClassVar[dict[str, str]] = {}
+    # llama.cpp's per-frequency rope divisors (llama3 rope scaling; read into the config).
+    gguf_rope_freqs: ClassVar[str] = "rope_freqs.weight"
     # Derived GGUF tensors with no HF parameter (read into the config instead).
-    gguf_derived: ClassVar[tuple[str, ...]] = ("rope_freqs.weight",)
+    gguf_derived: ClassVar[tuple[str, ...]] = (gguf_rope_freqs,)
     # Tensor-parallel: named size -> the HF config key a rank's config overrides.
     config_keys: ClassVar[dict[str, str]] = {
         "heads": "num_attention_heads", "kv_heads": "num_key_value_heads",
@@ -306,6 +316,19 @@ class ArchitectureSpec:
         if base in self.gguf_global_names:
             return f"{self.gguf_global_names[base]}.{kind}"
         return gguf_name
+
+    def hf_to_gguf(self, hf_name: str) -> str | None:
+        """GGUF name of an HF tensor name (the inverse of `gguf_to_hf`), or None if unmapped."""
+        base, dot, kind = hf_name.rpartition(".")
+        if not dot:
+            return None
+        layer = layer_index(hf_name)
+        if layer is not None:
+            module = base[len(self.layer_prefix(layer)):]
+            names = [g for g, h in self.gguf_layer_names.items() if h == module]
+            return f"blk.{layer}.{names[0]}.{kind}" if names else None
+        names = [g for g, h in self.gguf_global_names.items() if h == base]
+        return f"{names[0]}.{kind}" if names else None
 
     def gguf_row_permutation(self, hf_name: str, config: dict) -> int | None:
         """Head count whose rotary row permutation llama.cpp applied to this tensor, or None."""

@@ -40,7 +40,7 @@ import onnx_ir as ir
 
 from llmbuild.graph.annotations import LINEAR, annotate, annotation, nodes_with
 from llmbuild.graph.builder import SOURCE_LOADER
-from llmbuild.quantize.plan import LM_HEAD, ModuleSpec, stored_bytes
+from llmbuild.quantize.plan import ModuleSpec, stored_bytes
 from llmbuild.quantize.schemes import QuantizedTensor, fp8_activation_scale
 
 _ONNX_CODES = {"int8": ir.DataType.INT8, "int4": ir.DataType.INT4, "fp8": ir.DataType.FLOAT8E4M3FN}
@@ -73,11 +73,12 @@ def tied_lm_head(model: ir.Model) -> ir.Node | None:
     return None
 
 
-def untie_lm_head(model: ir.Model) -> bool:
-    """Give a tied lm_head its own weight so that it can be quantized apart from the
-    embedding (which the Gather keeps reading in the graph dtype):
+def untie_lm_head(model: ir.Model, weight_name: str) -> bool:
+    """Give a tied lm_head its own weight `weight_name` (the architecture's untied lm_head
+    name, `ArchitectureSpec.lm_head`) so that it can be quantized apart from the embedding
+    (which the Gather keeps reading in the graph dtype):
 
-        x ─Gemm(x, E [V, H], transB=1)─► y    ==>    x ─MatMul(x, lm_head.weight [H, V])─► y
+        x ─Gemm(x, E [V, H], transB=1)─► y    ==>    x ─MatMul(x, W = E^T [H, V])─► y
 
     The new weight is E^T, read from the source only on save (or by the quantize
     stage). Returns False when the model has no tied lm_head."""
@@ -93,14 +94,14 @@ def untie_lm_head(model: ir.Model) -> bool:
         return np.asarray(source_load()).T
 
     def materialize() -> ir.TensorProtocol:
-        return ir.tensor(np.ascontiguousarray(load().astype(np_dtype, copy=False)), name=LM_HEAD)
+        return ir.tensor(np.ascontiguousarray(load().astype(np_dtype, copy=False)), name=weight_name)
 
-    w = _lazy(LM_HEAD, e.dtype, (hidden, vocab), materialize)
+    w = _lazy(weight_name, e.dtype, (hidden, vocab), materialize)
     w.meta[SOURCE_LOADER] = load
     model.graph.register_initializer(w)
-    matmul = ir.node("MatMul", [gemm.inputs[0], w], name=LM_HEAD)
+    matmul = ir.node("MatMul", [gemm.inputs[0], w], name=weight_name)
     meta = annotation(gemm, LINEAR)
-    annotate(matmul, LINEAR, {**meta, "weight": LM_HEAD, "tied": False})
+    annotate(matmul, LINEAR, {**meta, "weight": weight_name, "tied": False})
     out = matmul.outputs[0]
     out.type, out.shape = gemm.outputs[0].type, gemm.outputs[0].shape
     model.graph.insert_before(gemm, matmul)

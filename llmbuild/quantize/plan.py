@@ -20,11 +20,11 @@ unquantized table.
 from __future__ import annotations
 
 import fnmatch
-import re
 from dataclasses import dataclass, replace
 
+from llmbuild.models.spec import layer_index
+
 ALGORITHMS = ("rtn", "awq", "gptq")
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -71,11 +71,6 @@ def module_name(weight_name: str) -> str:
     return weight_name[: -len(".weight")] if weight_name.endswith(".weight") else weight_name
 
 
-def layer_index(name: str) -> int | None:
-    m = _LAYER.search(name)
-    return int(m.group(1)) if m else None
-
-
 def default_spec(weights: dict) -> ModuleSpec:
     scheme = weights["scheme"]
     return ModuleSpec(
@@ -112,19 +107,18 @@ def resolve_plan(quantization: dict, weight_names: list[str], num_layers: int) -
     return plan
 
 
-LM_HEAD = "lm_head.weight"
-
-
-def tied_lm_head_spec(quantization: dict, num_layers: int) -> tuple[ModuleSpec, int] | None:
+def tied_lm_head_spec(quantization: dict, num_layers: int, weight_name: str) -> tuple[ModuleSpec, int] | None:
     """For a model whose lm_head is tied to the embedding: (its spec, index of the last
-    override naming it) when an override's `match` selects `lm_head` with a scheme, else
-    None (the tied lm_head stays in the graph dtype)."""
+    override naming it) when an override's `match` selects the lm_head's module name
+    (`weight_name`, the architecture's untied lm_head weight: `ArchitectureSpec.lm_head`)
+    with a scheme, else None (the tied lm_head stays in the graph dtype)."""
+    module = module_name(weight_name)
     named = [i for i, ov in enumerate(quantization.get("overrides") or [])
              if ov.get("match") is not None and ov.get("layers") is None
-             and fnmatch.fnmatchcase("lm_head", ov["match"])]
+             and fnmatch.fnmatchcase(module, ov["match"])]
     if not named:
         return None
-    spec = resolve_plan(quantization, [LM_HEAD], num_layers)[LM_HEAD]
+    spec = resolve_plan(quantization, [weight_name], num_layers)[weight_name]
     return None if spec.scheme == "none" else (spec, named[-1])
 
 

@@ -79,8 +79,11 @@ class QuantizationJob:
 
         rd = recipe.to_dict()
         self.q = q = rd["quantization"]
-        dims = spec_for(source.config).dims(source.config)
-        self.untie = tied_lm_head(full_model) is not None and _untie_if_quantized(full_model, q, dims.layers)
+        arch = spec_for(source.config)
+        dims = arch.dims(source.config)
+        self.lm_head = arch.lm_head  # the weight name an untied lm_head gets
+        self.untie = (tied_lm_head(full_model) is not None
+                      and _untie_if_quantized(full_model, q, dims.layers, self.lm_head))
         weights = linear_weights(full_model)
         self.plan = resolve_plan(q, list(weights), dims.layers)
         self.shapes = {n: tuple(int(d) for d in v.shape) for n, v in weights.items()}
@@ -109,7 +112,7 @@ class QuantizationJob:
         `shard = (ShardPlan, rank)`'s graph. `last`: no later graph needs the calibration
         results (they are released as the weights are saved)."""
         if self.untie:
-            untie_lm_head(model)
+            untie_lm_head(model, self.lm_head)
         cal = self.cal
 
         def whole(name):
@@ -158,17 +161,17 @@ def quantize_model(model, source, recipe, work_dir: Path, rep=None, threads: int
     return job.manifest_entry(rep)
 
 
-def _untie_if_quantized(model, quantization: dict, num_layers: int) -> bool:
-    """A tied lm_head that an override names gets its own (quantized) weight; True when
-    `model` was untied."""
-    named = tied_lm_head_spec(quantization, num_layers)
+def _untie_if_quantized(model, quantization: dict, num_layers: int, lm_head: str) -> bool:
+    """A tied lm_head that an override names gets its own (quantized) weight `lm_head`;
+    True when `model` was untied."""
+    named = tied_lm_head_spec(quantization, num_layers, lm_head)
     if named is None:
         return False
     spec, index = named
     refusal = tied_lm_head_refusal(spec)
     if refusal:
         raise UserError(f"quantization.overrides[{index}]: {refusal}")
-    return untie_lm_head(model)
+    return untie_lm_head(model, lm_head)
 
 
 class _null_stage:

@@ -139,10 +139,12 @@ def _check_tied_lm_head(config: dict, tree: Tree, problems: list[Problem]) -> No
     q = tree.get(("quantization",))
     if not config.get("tie_word_embeddings") or not isinstance(q, dict) or not q.get("overrides"):
         return
+    from llmbuild.models import spec_for
     from llmbuild.quantize.plan import tied_lm_head_refusal, tied_lm_head_spec
 
     try:
-        named = tied_lm_head_spec(q, int(config.get("num_hidden_layers") or 1))
+        lm_head = spec_for(config, check=False).lm_head
+        named = tied_lm_head_spec(q, int(config.get("num_hidden_layers") or 1), lm_head)
         refusal = tied_lm_head_refusal(named[0]) if named is not None else None
     except (KeyError, TypeError, ValueError, AttributeError):
         return  # a malformed section: the schema reports it

@@ -3,13 +3,11 @@ expected, what was found, where, and the valid choices."""
 
 from __future__ import annotations
 
-import difflib
 import types
 import typing
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel
-
+from llmbuild.recipe.paths import YamlPath, did_you_mean, dotted, section_at, unknown_key
 from llmbuild.recipe.problems import Problem, describe
 from llmbuild.recipe.schema import Recipe
 
@@ -17,8 +15,6 @@ if TYPE_CHECKING:
     from pydantic import ValidationError
 
     from llmbuild.recipe.tree import Tree
-
-YamlPath = tuple[str | int, ...]
 
 # Cross-field errors raised by the schema: error loc -> the key they are about.
 RELOCATE = {
@@ -39,84 +35,10 @@ RELOCATE = {
 SHORTHAND = {("engines",): "backend"}
 
 
-def dotted(path: YamlPath) -> str:
-    """`("engines", 1)` -> `engines[1]`; `("limits", "max_seq_len")` -> `limits.max_seq_len`."""
-    out = ""
-    for seg in path:
-        out += f"[{seg}]" if isinstance(seg, int) else (f".{seg}" if out else str(seg))
-    return out
-
-
-def _list_item_model(ann: Any) -> type[BaseModel] | None:
-    """`list[Model]` (or `list[Model] | None`) -> Model."""
-    while typing.get_origin(ann) in (typing.Union, types.UnionType):
-        ann = next(a for a in typing.get_args(ann) if a is not type(None))
-    if typing.get_origin(ann) is list:
-        (item,) = typing.get_args(ann)
-        if isinstance(item, type) and issubclass(item, BaseModel):
-            return item
-    return None
-
-
-def section_at(path: YamlPath) -> type[BaseModel] | None:
-    """The schema model of the mapping at `path`, or None if `path` is not a section.
-
-    An integer segment steps into an item of a list of mappings (`("engines", 0)`); a
-    list itself is not a section, so override paths (no integers) never enter one.
-    """
-    model: type[BaseModel] | None = Recipe
-    item: type[BaseModel] | None = None  # item model of the list field just passed
-    for seg in path:
-        if isinstance(seg, int):
-            if item is None:
-                return None
-            model, item = item, None
-            continue
-        field = model.model_fields.get(seg) if model is not None else None
-        if field is None:
-            return None
-        ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            model = ann
-            continue
-        item = _list_item_model(ann)
-        if item is None:
-            return None
-        model = None
-    return model
-
-
-def did_you_mean(found: object, choices: typing.Iterable[str]) -> str:
-    if not isinstance(found, str):
-        return ""
-    close = difflib.get_close_matches(found, list(choices), n=1, cutoff=0.5)
-    return f"; did you mean {close[0]!r}?" if close else ""
-
-
-def unknown_key(key: str, section: YamlPath) -> str:
-    """`unknown key 'limts'; did you mean 'limits'? (valid keys: ...)`."""
-    model = section_at(section)
-    valid = list(model.model_fields) if model is not None else []
-    where = f" under {dotted(section)!r}" if section else ""
-    hint = did_you_mean(key, valid)
-    return f"unknown key {key!r}{where}{hint} (valid keys: {', '.join(valid)})"
-
-
-def override_path_problem(path: tuple[str, ...]) -> str | None:
-    """Why `path` (from `a.b=value` / `~a.b`) names no key of the schema, or None."""
-    for i, key in enumerate(path):
-        model = section_at(path[:i])
-        if model is None:
-            return f"{dotted(path[:i])!r} is not a mapping, so it has no key {key!r}"
-        if key not in model.model_fields:
-            return unknown_key(key, path[:i])
-    return None
-
-
 def choices_at(path: YamlPath) -> tuple[str, ...]:
     """The allowed values of the enum-like (Literal) field at `path`."""
     last = max((i for i, seg in enumerate(path) if isinstance(seg, str)), default=None)
-    model = section_at(path[:last]) if last is not None else None
+    model = section_at(Recipe, path[:last]) if last is not None else None
     if model is None or path[last] not in model.model_fields:
         return ()
     ann: Any = model.model_fields[path[last]].annotation
@@ -126,7 +48,7 @@ def choices_at(path: YamlPath) -> tuple[str, ...]:
 
 
 def _is_int_field(path: YamlPath) -> bool:
-    model = section_at(path[:-1])
+    model = section_at(Recipe, path[:-1])
     field = model.model_fields.get(path[-1]) if model is not None else None
     if field is None:
         return False
@@ -141,7 +63,7 @@ def _is_int_field(path: YamlPath) -> bool:
 def _message(kind: str, path: YamlPath, value: object, ctx: dict, default: str) -> str:
     found = describe(value)
     if kind == "extra_forbidden":
-        return unknown_key(str(path[-1]), path[:-1])
+        return unknown_key(Recipe, str(path[-1]), path[:-1])
     if kind == "missing":
         return f"required key {path[-1]!r} is missing"
     if kind == "literal_error":

@@ -176,7 +176,7 @@ class EngineEntry(_Section):
 
 # `matrix:` keys are override paths (`precision`, `limits.max_seq_len`); values are a
 # list of scalars (labelled by their value) or a mapping label -> value; checked by
-# llmbuild.recipe.matrix.axis_problem.
+# llmbuild.recipe.axes.axis_problem.
 MatrixValues = Any
 
 
@@ -363,10 +363,10 @@ class Recipe(_Section):
     @field_validator("matrix")
     @classmethod
     def _matrix_axes(cls, matrix: dict[str, Any]) -> dict[str, Any]:
-        from llmbuild.recipe.matrix import axis_problem
+        from llmbuild.recipe.axes import axis_problem
 
         for key, values in matrix.items():
-            problem = axis_problem(key, values)
+            problem = axis_problem(cls, key, values)
             if problem is not None:
                 message, at = problem
                 raise PydanticCustomError("matrix", message, {"at": (key, *at)})

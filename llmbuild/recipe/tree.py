@@ -14,8 +14,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Sequence
 
-from llmbuild.recipe.messages import YamlPath, dotted, override_path_problem
+from llmbuild.recipe.paths import YamlPath, dotted, override_path_problem
 from llmbuild.recipe.problems import COMMAND_LINE, Problem, describe
+from llmbuild.recipe.schema import Recipe
 
 
 class Loc(NamedTuple):
@@ -322,7 +323,7 @@ def apply_overrides(tree: Tree, overrides: Sequence[str], problems: list[Problem
             problems.append(_problem("", message, loc))
             continue
         path = tuple(key.split("."))
-        bad_path = override_path_problem(path)
+        bad_path = override_path_problem(Recipe, path)
         if bad_path is not None:
             problems.append(_problem(key, f"override {text!r}: {bad_path}", loc))
             continue

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from llmbuild.errors import UserError
-from llmbuild.runtime.requests import check_params, check_token_ids, request_fields
-from llmbuild.runtime.sampling import SamplingParams
+from llmbuild.runtime.requests import check_token_ids, request_fields
+from llmbuild.runtime.sampling import SamplingParams, check_params
 
 
 @dataclass

@@ -21,7 +21,7 @@ from llmbuild.errors import UserError
 from llmbuild.runtime.engine import Engine, RequestHandle
 from llmbuild.runtime.generator import Generation, Limits, Request
 from llmbuild.runtime import requests as checks
-from llmbuild.runtime.sampling import SamplingParams
+from llmbuild.runtime.sampling import SamplingParams, check_params, sampling_params
 from llmbuild.runtime.tokenizer import Tokenizer
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
@@ -32,7 +32,7 @@ def _open_executor(directory: Path, manifest: dict, backend: str, threads: int |
     if backend not in BACKENDS:
         raise UserError(f"unknown runtime backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if manifest.get("parallel", {}).get("tp", 1) > 1:  # one graph/engine per rank
-        from llmbuild.parallel.runtime import open_parallel_executor
+        from llmbuild.runtime.executors.tensor_parallel import open_parallel_executor
 
         return open_parallel_executor(directory, manifest, backend, threads)
     if backend == "auto":
@@ -116,7 +116,7 @@ class LoadedModel:
         """Queue one request of token ids (thread-safe); see RequestHandle. Every field is
         checked (llmbuild.runtime.requests) before it reaches the engine thread. `grammar`:
         from `self.grammar(...)`; `notify`, `on_finish`: see Engine.submit."""
-        request = Request(checks.check_token_ids(prompt_ids), max_new_tokens, checks.check_params(params),
+        request = Request(checks.check_token_ids(prompt_ids), max_new_tokens, check_params(params),
                           checks.check_stop(stop), logprobs, stream, ignore_eos, grammar)
         return self.engine.submit(request, notify=notify, on_finish=on_finish)
 
@@ -193,7 +193,7 @@ def _stops(stop: str | Sequence[str]) -> tuple[str, ...]:
 
 
 def _params(sampling: dict) -> SamplingParams:
-    return checks.sampling_params(**sampling)
+    return sampling_params(**sampling)
 
 
 def load(artifact: str | Path, backend: str = "auto", threads: int | None = None, **options) -> LoadedModel:

@@ -118,13 +118,6 @@ def check_sampling(values: Mapping[str, Any], *, names: Mapping[str, str] | None
     return {k: SAMPLING_FIELDS[k].check(names.get(k, k), v) for k, v in values.items()}
 
 
-def sampling_params(**values):
-    """A SamplingParams from keyword fields, every one checked."""
-    from llmbuild.runtime.sampling import SamplingParams
-
-    return SamplingParams(**check_sampling(values))
-
-
 def check_optional(name: str, value: Any, *, field: str | None = None) -> int | float | None:
     return None if value is None else check_field(name, value, field=field)
 
@@ -243,18 +236,8 @@ def request_fields(*, max_new_tokens: Any, stop: Any = (), logprobs: Any = None,
     }
 
 
-def check_params(params: Any):
-    """A SamplingParams (re-checked: a frozen dataclass can still be forged)."""
-    from llmbuild.runtime.sampling import SamplingParams
-
-    if not isinstance(params, SamplingParams):
-        raise RequestError("params", "a SamplingParams", params)
-    check_sampling({k: getattr(params, k) for k in SAMPLING_FIELDS})
-    return params
-
-
 __all__: Sequence[str] = (
     "FIELDS", "Field", "RequestError", "SAMPLING_FIELDS", "check_field", "check_flag", "check_messages",
-    "check_optional", "check_params", "check_prompts", "check_sampling", "check_seeds", "check_stop",
-    "check_text", "check_token_ids", "request_fields", "sampling_params",
+    "check_optional", "check_prompts", "check_sampling", "check_seeds", "check_stop",
+    "check_text", "check_token_ids", "request_fields",
 )

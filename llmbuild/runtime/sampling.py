@@ -33,11 +33,11 @@ distribution, log_softmax(float64(logits)), before penalties and truncation.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-from llmbuild.runtime.requests import SAMPLING_FIELDS, check_sampling
+from llmbuild.runtime.requests import SAMPLING_FIELDS, RequestError, check_sampling
 
 _MASK = (1 << 64) - 1
 
@@ -82,6 +82,19 @@ class SamplingParams:
     @property
     def penalized(self) -> bool:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+def sampling_params(**values):
+    """A SamplingParams from keyword fields, every one checked."""
+    return SamplingParams(**check_sampling(values))
+
+
+def check_params(params: Any):
+    """A SamplingParams (re-checked: a frozen dataclass can still be forged)."""
+    if not isinstance(params, SamplingParams):
+        raise RequestError("params", "a SamplingParams", params)
+    check_sampling({k: getattr(params, k) for k in SAMPLING_FIELDS})
+    return params
 
 
 def apply_penalties(

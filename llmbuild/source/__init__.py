@@ -24,7 +24,6 @@ from llmbuild.source.gguf_header import MAGIC, config_from_gguf, read_gguf_heade
 _LAZY = {
     "ModelSource": "llmbuild.source.base",
     "TensorInfo": "llmbuild.source.base",
-    "check_shapes": "llmbuild.source.base",
     "GGUFSource": "llmbuild.source.gguf_file",
     "HFSource": "llmbuild.source.hf_dir",
 }
@@ -42,7 +41,6 @@ __all__ = [
     "HFSource",
     "ModelSource",
     "TensorInfo",
-    "check_shapes",
     "normalize_config",
     "open_source",
     "read_config",
@@ -76,8 +74,8 @@ def read_config(path) -> dict:
 
 def open_source(path, *, check: bool = True):
     """Open a model (a `ModelSource`) for lazy tensor access; `check` validates the
-    standard decoder shapes."""
-    from llmbuild.source.base import check_shapes
+    tensors the architecture reads (llmbuild.models.shapes)."""
+    from llmbuild.models.shapes import check_shapes
     from llmbuild.source.gguf_file import GGUFSource
     from llmbuild.source.hf_dir import HFSource
 

@@ -2,8 +2,9 @@
 
 A source is opened once, asked for names and shapes without reading data, and then
 loads one tensor at a time. Concrete sources (`HFSource`, `GGUFSource`) differ only in
-how they find and decode bytes; the shared pieces (fingerprint hashing, shape checks)
-live here as functions and a tiny base class.
+how they find and decode bytes; the shared pieces (fingerprint hashing, byte sampling)
+live here as functions and a tiny base class; which tensors an architecture needs is
+checked by llmbuild.models.shapes.
 """
 
 from __future__ import annotations
@@ -113,31 +114,6 @@ def sample_ranges(start: int, end: int, block: int = _BLOCK, samples: int = _SAM
 
 def whole_file(path: Path) -> ByteSpan:
     return ByteSpan(0, path.stat().st_size)
-
-
-def check_shapes(source: ModelSource) -> None:
-    """Raise one UserError listing every missing or mis-shaped tensor the model's
-    architecture (llmbuild.models registry) reads."""
-    cfg = source.config
-    required = ("hidden_size", "vocab_size", "num_attention_heads", "num_hidden_layers")
-    absent = [k for k in required if not cfg.get(k)]
-    if absent:
-        raise UserError(f"{source.path}: model config lacks {', '.join(absent)}")
-    from llmbuild.models import spec_for
-
-    spec = spec_for(cfg)  # the architecture's own table of tensors and shapes
-    have = set(source.names())
-    problems = []
-    for name, shape in spec.tensors(spec.dims(cfg)).items():
-        if name not in have:
-            problems.append(f"tensor {name!r} is missing (expected shape {list(shape)})")
-            continue
-        found = tuple(source.info(name).shape)
-        if found != shape:
-            problems.append(f"tensor {name!r} has shape {list(found)}, expected {list(shape)} from the config")
-    if problems:
-        head = f"{source.path}: {len(problems)} weight problem(s):"
-        raise UserError("\n  ".join([head, *problems]))
 
 
 def missing_tensor(name: str, where: Path) -> UserError:

@@ -37,6 +37,13 @@ def hf_architecture(gguf_arch: str) -> str | None:
     return gguf_architectures().get(gguf_arch) or UNREGISTERED_ARCHITECTURES.get(gguf_arch)
 
 
+def _registered_spec(hf_class: str | None):
+    """The architecture spec of `hf_class`, None when no spec is registered for it."""
+    from llmbuild.models import ARCHITECTURES, architecture_spec
+
+    return architecture_spec(hf_class) if hf_class in ARCHITECTURES else None
+
+
 @dataclass(frozen=True)
 class GGUFTensor:
     gguf_name: str
@@ -219,6 +226,16 @@ def config_from_gguf(header: GGUFHeader, path: Path) -> dict:
         return value
 
     hf_class = hf_architecture(arch)
+    # Tensor names come from the architecture's spec (llmbuild.models); for a GGUF
+    # architecture without one the config only names what is refused, and what the
+    # tensor table would tell is left unknown (None).
+    spec = _registered_spec(hf_class)
+    tensors = header.tensors
+
+    def gguf_tensor(hf_name: str) -> str | None:
+        return spec.hf_to_gguf(hf_name) if spec is not None else None
+
+    embed = gguf_tensor(spec.embed) if spec is not None else None
     hidden = int(need("embedding_length"))
     heads = int(need("attention.head_count"))
     kv_heads = get("attention.head_count_kv", heads)
@@ -228,8 +245,7 @@ def config_from_gguf(header: GGUFHeader, path: Path) -> dict:
     elif get("vocab_size") is not None:
         vocab = int(get("vocab_size"))
     else:
-        vocab = header.tensors["token_embd.weight"].ne[-1] if "token_embd.weight" in header.tensors else None
-    tensors = header.tensors
+        vocab = tensors[embed].ne[-1] if embed in tensors else None
     matrix_types = {t.ggml_type for t in tensors.values() if len(t.ne) == 2}
     dtype = {frozenset({_F16}): "float16", frozenset({_BF16}): "bfloat16"}.get(frozenset(matrix_types), "float32")
     return {
@@ -243,12 +259,12 @@ def config_from_gguf(header: GGUFHeader, path: Path) -> dict:
         "head_dim": int(get("attention.key_length", hidden // heads)),
         "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-6)),
         "rope_theta": float(get("rope.freq_base", 10000.0)),
-        "rope_scaling": _rope_scaling(header, arch, path),
+        "rope_scaling": _rope_scaling(header, arch, path, spec),
         "max_position_embeddings": get("context_length"),
         "vocab_size": vocab,
-        "tie_word_embeddings": "output.weight" not in tensors,
+        "tie_word_embeddings": gguf_tensor(spec.lm_head) not in tensors if spec is not None else None,
         "hidden_act": "silu",
-        "attention_bias": "blk.0.attn_q.bias" in tensors,
+        "attention_bias": _has_bias(spec, "q", tensors) if spec is not None else None,
         "mlp_bias": False,
         "bos_token_id": md.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": md.get("tokenizer.ggml.eos_token_id"),
@@ -258,7 +274,16 @@ def config_from_gguf(header: GGUFHeader, path: Path) -> dict:
     }
 
 
-def _rope_scaling(header: GGUFHeader, arch: str, path: Path) -> dict | None:
+def _has_bias(spec, role: str, tensors) -> bool:
+    """Whether layer 0's linear `role` has a bias tensor in the GGUF file."""
+    try:
+        weight = spec.linear_weight_name(0, role)
+    except KeyError:
+        return False
+    return spec.hf_to_gguf(weight.removesuffix("weight") + "bias") in tensors
+
+
+def _rope_scaling(header: GGUFHeader, arch: str, path: Path, spec) -> dict | None:
     md = header.metadata
     kind = md.get(f"{arch}.rope.scaling.type")
     factor = md.get(f"{arch}.rope.scaling.factor")
@@ -270,12 +295,12 @@ def _rope_scaling(header: GGUFHeader, arch: str, path: Path) -> dict | None:
         return scaling
     if kind not in (None, "none"):
         raise UserError(f"{path}: rope scaling type {kind!r} in GGUF metadata is not supported")
-    if "rope_freqs.weight" in header.tensors:
-        return _llama3_scaling_from_freqs(header, arch, path)
+    if spec is not None and spec.gguf_rope_freqs in header.tensors:
+        return _llama3_scaling_from_freqs(header, arch, path, spec.gguf_rope_freqs)
     return None
 
 
-def _llama3_scaling_from_freqs(header: GGUFHeader, arch: str, path: Path) -> dict:
+def _llama3_scaling_from_freqs(header: GGUFHeader, arch: str, path: Path, name: str) -> dict:
     """Recover HF's llama3 rope_scaling from llama.cpp's rope_freqs tensor.
 
     llama.cpp stores the per-frequency divisors that HF computes from (factor,
@@ -285,7 +310,7 @@ def _llama3_scaling_from_freqs(header: GGUFHeader, arch: str, path: Path) -> dic
     """
     import numpy as np
 
-    t = header.tensors["rope_freqs.weight"]
+    t = header.tensors[name]
     with open(path, "rb") as f:
         f.seek(t.offset)
         stored = np.frombuffer(f.read(t.nbytes), dtype=np.float32)
@@ -303,7 +328,7 @@ def _llama3_scaling_from_freqs(header: GGUFHeader, arch: str, path: Path) -> dic
         if divisor.shape == stored.shape and np.allclose(divisor, stored, rtol=1e-4):
             return {"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
                     "high_freq_factor": high, "original_max_position_embeddings": original}
-    raise UserError(f"{path}: rope_freqs.weight does not match any known llama3 rope scaling; "
+    raise UserError(f"{path}: {name} does not match any known llama3 rope scaling; "
                     "convert the model from its Hugging Face checkpoint instead")
 
 

@@ -109,7 +109,7 @@ def verify_artifact(
 ) -> dict:
     """Run both sides and return a JSON-able report with `passed` and the figures.
     cpu_lowering=False checks the standard graph (what TensorRT parses); None the graph
-    the CPU runtime runs (llmbuild.runtime.cpu_lowering, fallbacks included).
+    the CPU runtime runs (llmbuild.lowering.cpu, fallbacks included).
     `reference_outputs`: an object with `logits(ids)` and `greedy(ids, n, eos)` standing
     for the HF side (compile passes `llmbuild.buildcache.CachedReference`)."""
     from llmbuild.runtime import load

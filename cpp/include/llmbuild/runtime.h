@@ -74,7 +74,7 @@ struct LoadOptions {
   int threads = 0;               // ONNX Runtime intra-op threads; 0 = min(cores, 8)
   // ONNX Runtime: an ONNX file to run instead of the manifest's graph.file (absolute or
   // relative to the artifact), with the same I/O contract, e.g. the CPU-lowered graph that
-  // llmbuild.runtime.cpu_lowering.lowered_model_bytes() produces, saved next to model.onnx.
+  // llmbuild.lowering.cpu.lowered_model_bytes() produces, saved next to model.onnx.
   std::string graph_file;
 };
 

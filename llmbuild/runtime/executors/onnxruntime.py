@@ -7,7 +7,7 @@ slots (the slot dimension is the buffers' leading one, so the views are contiguo
 and no bytes move); one IOBinding per slot range is built once and reused, with a
 preallocated logits buffer, so a step allocates nothing but its small token arrays.
 
-By default the graph is first lowered for the CPU (llmbuild.runtime.cpu_lowering:
+By default the graph is first lowered for the CPU (llmbuild.lowering.cpu:
 ONNX Runtime's fused GroupQueryAttention, 16-bit weights promoted to float32);
 `cpu_lowering=False` runs the standard graph exactly as TensorRT would parse it.
 """
@@ -75,7 +75,7 @@ class OnnxRuntimeExecutor:
         self.lowered = False
         source: str | bytes = str(model_path)
         if cpu_lowering is not False:
-            from llmbuild.runtime.cpu_lowering import LoweringError, lowered_model_bytes
+            from llmbuild.lowering.cpu import LoweringError, lowered_model_bytes
 
             try:
                 source = lowered_model_bytes(model_path)

@@ -9,7 +9,7 @@ nodes around fp32 kernels; and at batch 1 a decode step costs per node as much a
 FLOP. The lowering keeps the I/O contract (llmbuild.graph.io) except for the cache
 dtype, and
 
-1. lowers quantized linears to `com.microsoft.MatMulNBits` (llmbuild.quantize.cpu_lowering:
+1. lowers quantized linears to `com.microsoft.MatMulNBits` (llmbuild.lowering.quantized:
    int4 without the Pad to whole blocks; siblings reading one activation fused);
 2. promotes float16/bfloat16 graphs to float32 (every 16-bit initializer gets a Cast
    that ONNX Runtime folds once at session creation; the KV cache becomes float32).
@@ -51,9 +51,9 @@ import onnx_ir as ir
 
 from llmbuild.graph import io
 from llmbuild.graph.annotations import ATTENTION, annotation
-from llmbuild.quantize.cpu_lowering import fuse_sibling_matmulnbits, lower_quantized_matmuls, replace_with_split
+from llmbuild.lowering.quantized import fuse_sibling_matmulnbits, lower_quantized_matmuls
+from llmbuild.lowering.rewrite import MS_DOMAIN, insert_in_order, remove_unused, replace_with_split
 
-MS_DOMAIN = "com.microsoft"
 _SIXTEEN_BIT = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 _log = logging.getLogger("llmbuild.cpu_lowering")
 
@@ -202,7 +202,7 @@ def lower_for_cpu(model: ir.Model, *, int4_accuracy_level: int = 4, int8_accurac
     # nodes go right after the node producing the last value they read.
     for value in tape.initializers:
         graph.register_initializer(value)
-    _insert_in_order(graph, tape.nodes)
+    insert_in_order(graph, tape.nodes)
     for old, new in rewired:
         for i, out in enumerate(graph.outputs):
             if out is old:
@@ -212,7 +212,7 @@ def lower_for_cpu(model: ir.Model, *, int4_accuracy_level: int = 4, int8_accurac
         ir.convenience.replace_all_uses_with(old, new)
     for node in dead:
         graph.remove(node, safe=True)
-    _remove_unused(graph)
+    remove_unused(graph)
     _fuse_skip_norms(graph)
     model.opset_imports.setdefault(MS_DOMAIN, 1)
     graph.opset_imports.setdefault(MS_DOMAIN, 1)
@@ -340,32 +340,6 @@ def _fuse_skip_norms(graph: ir.Graph) -> None:
         for unused in fused.outputs[1:]:
             if not unused.uses():
                 unused.name = ""  # omitted output: not computed
-
-
-def _insert_in_order(graph: ir.Graph, nodes: list[ir.Node]) -> None:
-    """Insert tape nodes, each after the last graph node that produces one of its inputs."""
-    position = {id(n): i for i, n in enumerate(graph)}
-    for node in nodes:
-        anchors = [v.producer() for v in node.inputs if v is not None and v.producer() is not None]
-        anchors = [a for a in anchors if id(a) in position]
-        if anchors:
-            graph.insert_after(max(anchors, key=lambda a: position[id(a)]), node)
-        else:
-            graph.insert_before(next(iter(graph)), node)
-        position = {id(n): i for i, n in enumerate(graph)}
-
-
-def _remove_unused(graph: ir.Graph) -> None:
-    live_outputs = set(id(v) for v in graph.outputs)
-    changed = True
-    while changed:
-        changed = False
-        for node in reversed(list(graph)):
-            if all(not out.uses() and id(out) not in live_outputs for out in node.outputs):
-                graph.remove(node, safe=True)
-                changed = True
-    for name in [n for n, v in graph.initializers.items() if not v.uses() and v not in graph.inputs]:
-        del graph.initializers[name]
 
 
 def lowered_model_bytes(model_path, **options) -> bytes:

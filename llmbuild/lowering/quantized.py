@@ -39,13 +39,8 @@ import os
 import numpy as np
 import onnx_ir as ir
 
-MS_DOMAIN = "com.microsoft"
-
-
-def _initializer(value: ir.Value | None) -> np.ndarray | None:
-    if value is None or not value.is_initializer() or value.const_value is None:
-        return None
-    return value.const_value.numpy()
+from llmbuild.lowering.rewrite import (MS_DOMAIN, constant, drop_unused_initializers, initializer_array,
+                                       replace_with_split)
 
 
 def _attr(node: ir.Node, name: str, default=None):
@@ -87,9 +82,9 @@ def _block_pad(x: ir.Value, rows: int) -> tuple[ir.Node, int] | None:
         return None
     if _attr(pad, "mode", "constant") != "constant" or len(pad.inputs) < 2:
         return None
-    pads = _initializer(pad.inputs[1])
-    fill = _initializer(pad.inputs[2]) if len(pad.inputs) > 2 and pad.inputs[2] is not None else np.zeros(())
-    axes = _initializer(pad.inputs[3]) if len(pad.inputs) > 3 and pad.inputs[3] is not None else None
+    pads = initializer_array(pad.inputs[1])
+    fill = initializer_array(pad.inputs[2]) if len(pad.inputs) > 2 and pad.inputs[2] is not None else np.zeros(())
+    axes = initializer_array(pad.inputs[3]) if len(pad.inputs) > 3 and pad.inputs[3] is not None else None
     if pads is None or fill is None or np.any(fill != 0):
         return None
     pads = [int(p) for p in np.asarray(pads).reshape(-1)]
@@ -105,11 +100,6 @@ def _block_pad(x: ir.Value, rows: int) -> tuple[ir.Node, int] | None:
     if shape is not None and len(shape) and isinstance(shape[-1], int) and shape[-1] != rows - width:
         return None
     return pad, width
-
-
-def _const(name: str, array: np.ndarray, like: ir.Value | None = None) -> ir.Value:
-    dtype = like.type if like is not None else ir.TensorType(ir.DataType.from_numpy(array.dtype))
-    return ir.Value(name=name, type=dtype, shape=ir.Shape(array.shape), const_value=ir.tensor(array, name=name))
 
 
 def lower_quantized_matmuls(model: ir.Model, *, int4_accuracy_level: int = 4, int8_accuracy_level: int = 4,
@@ -130,7 +120,7 @@ def lower_quantized_matmuls(model: ir.Model, *, int4_accuracy_level: int = 4, in
         users = list(dq.outputs[0].uses())
         if not users or any(u.node.op_type != "MatMul" or u.idx != 1 for u in users):
             continue
-        codes, scale = _initializer(q), _initializer(s)
+        codes, scale = initializer_array(q), initializer_array(s)
         if codes is None or scale is None:
             continue
         axis, block = _attr(dq, "axis", 1), _attr(dq, "block_size", 0)
@@ -160,8 +150,8 @@ def lower_quantized_matmuls(model: ir.Model, *, int4_accuracy_level: int = 4, in
                 b, flat = pack_matmulnbits(np.asarray(codes[:width]).astype(np.int16), np.asarray(per_block[:g]),
                                            bits, blk)
                 suffix = f".k{width}" if packed else ""  # one width per weight in practice
-                b_val = _const(f"{q.name}.nbits{suffix}", b)
-                s_val = _const(f"{q.name}.nbits_scales{suffix}", flat.astype(scale.dtype), like=s)
+                b_val = constant(f"{q.name}.nbits{suffix}", b)
+                s_val = constant(f"{q.name}.nbits_scales{suffix}", flat.astype(scale.dtype), like=s)
                 graph.register_initializer(b_val)
                 graph.register_initializer(s_val)
                 packed[width] = b_val, s_val
@@ -178,11 +168,11 @@ def lower_quantized_matmuls(model: ir.Model, *, int4_accuracy_level: int = 4, in
             new.name = name
             lowered += 1
         graph.remove(dq, safe=True)
-        _drop_unused_initializers(graph, (q, s))
+        drop_unused_initializers(graph, (q, s))
     for pad in {id(p): p for p in bypassed}.values():
         if not pad.outputs[0].uses() and not pad.outputs[0].is_graph_output():
             graph.remove(pad, safe=True)
-            _drop_unused_initializers(graph, pad.inputs[1:])
+            drop_unused_initializers(graph, pad.inputs[1:])
     if lowered:
         graph.opset_imports.setdefault(MS_DOMAIN, 1)
         model.opset_imports.setdefault(MS_DOMAIN, 1)
@@ -207,7 +197,7 @@ def fuse_sibling_matmulnbits(model: ir.Model) -> int:
             continue
         if len(node.inputs) < 3 or any(v is not None for v in node.inputs[3:]):
             continue
-        b, s = _initializer(node.inputs[1]), _initializer(node.inputs[2])
+        b, s = initializer_array(node.inputs[1]), initializer_array(node.inputs[2])
         if b is None or s is None or b.ndim != 3:
             continue
         key = (id(node.inputs[0]), _attr(node, "K"), _attr(node, "bits", 4), _attr(node, "block_size"),
@@ -222,8 +212,8 @@ def fuse_sibling_matmulnbits(model: ir.Model) -> int:
         ss = [n.inputs[2] for n in nodes]
         prefix = os.path.commonprefix([b.name for b in bs]).rpartition(".")[0] + "."  # model.layers.0.mlp.
         name = prefix + "+".join(b.name[len(prefix):] for b in bs)
-        b_val = _const(name, np.concatenate([_initializer(b) for b in bs], axis=0))
-        s_val = _const(f"{name}.scales", np.concatenate([_initializer(s).reshape(-1) for s in ss]), like=ss[0])
+        b_val = constant(name, np.concatenate([initializer_array(b) for b in bs], axis=0))
+        s_val = constant(f"{name}.scales", np.concatenate([initializer_array(s).reshape(-1) for s in ss]), like=ss[0])
         for v in (b_val, s_val):
             graph.register_initializer(v)
         first = nodes[0]
@@ -232,32 +222,6 @@ def fuse_sibling_matmulnbits(model: ir.Model) -> int:
                         domain=MS_DOMAIN, name=f"{first.name}+{len(nodes) - 1}")
         fused.outputs[0].type = first.outputs[0].type
         replace_with_split(graph, nodes, fused, widths, first.name)
-        _drop_unused_initializers(graph, [*bs, *ss])
+        drop_unused_initializers(graph, [*bs, *ss])
         merged += len(nodes) - 1
     return merged
-
-
-def replace_with_split(graph: ir.Graph, nodes: list[ir.Node], fused: ir.Node, widths: list[int], name: str) -> None:
-    """`fused` computes the outputs of `nodes` concatenated on the last axis (widths in
-    order): insert it and a Split before the first of them; each node's output (its
-    name, type and graph-output place) becomes the matching Split output; remove the
-    nodes."""
-    sizes = _const(f"{name}.split", np.array(widths, np.int64))
-    graph.register_initializer(sizes)
-    split = ir.node("Split", [fused.outputs[0], sizes], {"axis": -1}, num_outputs=len(nodes), name=f"{name}.split")
-    graph.insert_before(nodes[0], [fused, split])
-    for node, out in zip(nodes, split.outputs):
-        old = node.outputs[0]
-        out.type, out.shape = old.type or fused.outputs[0].type, old.shape
-        old_name = old.name
-        old.replace_all_uses_with(out, replace_graph_outputs=True)
-        old.name = f"{old_name}.unfused"
-        out.name = old_name
-    for node in nodes:
-        graph.remove(node, safe=True)
-
-
-def _drop_unused_initializers(graph: ir.Graph, values) -> None:
-    for v in values:
-        if v is not None and not v.uses() and v.name in graph.initializers and v not in graph.inputs:
-            graph.initializers.pop(v.name)

@@ -1,6 +1,7 @@
 """Executors for tensor-parallel artifacts (manifest `parallel.tp` > 1).
 
-    onnxruntime  all rank graphs in one CPU session, all-reduce as Sum (simulate.py)
+    onnxruntime  all rank graphs in one CPU session (llmbuild.parallel.simulate merges
+                 them, each all-reduce marker a Sum): TensorParallelSimulator
     tensorrt     one worker process per GPU, each running its rank's engine with an
                  NCCL communicator handed to its execution context:
 
@@ -27,7 +28,11 @@ from pathlib import Path
 import numpy as np
 
 from llmbuild.errors import UserError
-from llmbuild.runtime.executors.base import StepInputs
+from llmbuild.graph import io
+from llmbuild.parallel.simulate import merged_model, rank_name
+from llmbuild.runtime.executors.base import StepInputs, check_slots
+
+_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
 def _parallel(manifest: dict) -> dict:
@@ -40,11 +45,79 @@ def open_parallel_executor(directory: Path, manifest: dict, backend: str, thread
         backend = "tensorrt" if manifest["engines"] and gpu_count() >= tp else "onnxruntime"
     if backend == "tensorrt":
         return MultiRankTensorRTExecutor(directory, manifest)
-    from llmbuild.parallel.simulate import TensorParallelSimulator
-
     ranks = [r["graph"] for r in _parallel(manifest)["ranks"]]
     return TensorParallelSimulator(directory, ranks, num_layers=manifest["model"]["num_layers"],
                                    cache_len=manifest["limits"]["max_seq_len"], threads=threads)
+
+
+class TensorParallelSimulator:
+    """Executor for a tp > 1 artifact on ONNX Runtime (CPU): all ranks in one session,
+    each rank's KV cache bound in place (IOBinding), all-reduce as Sum."""
+
+    name = "onnxruntime-tp"
+    slot_ranges = True  # forward() may cover any contiguous range of cache slots
+
+    def __init__(self, artifact_dir: Path, graph_files: list[str], *, num_layers: int, cache_len: int,
+                 batch_size: int = 1, threads: int | None = None):
+        import onnxruntime as ort
+
+        self.tp = len(graph_files)
+        model = merged_model(artifact_dir, graph_files)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or min(os.cpu_count() or 1, 8)
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(artifact_dir))
+        self._ort = ort
+        self.session = ort.InferenceSession(model.SerializeToString(), sess_options=opts,
+                                            providers=["CPUExecutionProvider"])
+        del model
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        self.num_layers = num_layers
+        cache_in = inputs[rank_name(0, io.past_key(0))]
+        if cache_in.type not in _NP:
+            raise RuntimeError(f"ONNX Runtime (CPU) cannot run a graph whose KV cache is {cache_in.type}")
+        self.cache_dtype = _NP[cache_in.type]
+        self.kv_heads, self.head_dim = int(cache_in.shape[1]), int(cache_in.shape[3])
+        self.cache_len = cache_len
+        self.batch_size = 0
+        self.reset(batch_size)
+
+    def cache_names(self) -> list[tuple[str, str]]:
+        return [(rank_name(r, p), rank_name(r, q)) for r in range(self.tp) for p, q in io.cache_pairs(self.num_layers)]
+
+    def reset(self, batch_size: int) -> None:
+        """Fresh zeroed cache buffers (every rank's) for `batch_size` slots."""
+        shape = (batch_size, self.kv_heads, self.cache_len, self.head_dim)
+        self._buffers = [np.zeros(shape, self.cache_dtype) for _ in self.cache_names()]
+        self.batch_size = batch_size
+
+    def forward(self, step: StepInputs, first_slot: int = 0) -> np.ndarray:
+        """Logits [B, K, vocab] of a pass over cache slots first_slot .. first_slot+B-1;
+        each rank's past/present bound in place to that range of its buffers."""
+        check_slots(step, first_slot, self.batch_size)
+        ort = self._ort
+        batch = step.input_ids.shape[0]
+        b = self.session.io_binding()
+        b.bind_output(io.LOGITS, "cpu")
+        for (past, present), buf in zip(self.cache_names(), self._buffers):
+            value = ort.OrtValue.ortvalue_from_numpy(buf[first_slot : first_slot + batch])
+            b.bind_ortvalue_input(past, value)
+            b.bind_ortvalue_output(present, value)
+        b.bind_cpu_input(io.INPUT_IDS, np.ascontiguousarray(step.input_ids, np.int64))
+        b.bind_cpu_input(io.POSITION_IDS, np.ascontiguousarray(step.position_ids, np.int64))
+        b.bind_cpu_input(io.WRITE_INDICES, np.ascontiguousarray(step.write_indices, np.int64))
+        b.bind_cpu_input(io.LOGITS_INDICES, np.ascontiguousarray(step.logits_indices, np.int64))
+        self.session.run_with_iobinding(b)
+        return b.get_outputs()[0].numpy()
+
+    def cache_arrays(self) -> list[np.ndarray]:
+        """Live cache buffers, rank by rank, each in cache_pairs order."""
+        return self._buffers
+
+    def close(self) -> None:
+        self.session = None
 
 
 def gpu_count() -> int:
