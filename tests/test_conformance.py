@@ -159,7 +159,7 @@ def test_cpu_lowering_applies_to_every_lowerable_layer(tiny, precision, caplog):
     (identified by the present_key.<i> it writes); the only WARNINGs are one per fallback
     layer, both when the graph is lowered and when the runtime loads the artifact (which
     would otherwise run the whole standard graph, with a WARNING)."""
-    from llmbuild.runtime.cpu_lowering import lowered_model_bytes
+    from llmbuild.lowering.cpu import lowered_model_bytes
 
     art = tiny.artifact(precision)
     layers = tiny.spec.dims(tiny.config).layers
@@ -290,7 +290,7 @@ def test_fp16_graph_builds_an_engine_with_the_manifests_contract(tiny):
 def test_cpp_greedy_ids_equal_python(cpp_build, tiny, precision, tmp_path):
     """C++ on the graph as written = Python with cpu_lowering=False; C++ on the lowered graph
     (--graph) = Python as loaded by default."""
-    from llmbuild.runtime.cpu_lowering import save_lowered_graph
+    from llmbuild.lowering.cpu import save_lowered_graph
     from llmbuild.runtime.sampling import SamplingParams
     from tests.test_cpp import TINY_PROMPTS, assert_same_ids, python_model
 

@@ -219,7 +219,7 @@ class ArchitectureSpec:
         }
 
     def cpu_attention_fallbacks(self, config: dict) -> dict[int, str]:
-        """Layers whose attention the CPU lowering (llmbuild.runtime.cpu_lowering) is expected
+        """Layers whose attention the CPU lowering (llmbuild.lowering.cpu) is expected
         to keep as the standard `Attention` (layer -> why, e.g. soft-capped attention), with a
         WARNING at run time. Every other layer must become GroupQueryAttention: the
         conformance suite (tests/test_conformance.py) fails when one does not. Llama: none."""
