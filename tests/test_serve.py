@@ -161,6 +161,48 @@ def test_logprobs_equal_runtime(client, model):
     assert c.choices[0].logprobs.token_logprobs == pytest.approx([lp.logprob for lp in e.logprobs], abs=1e-9)
 
 
+def test_streamed_logprobs_equal_non_streamed(client, model):
+    """With stream=true every chunk carries the logprobs of the tokens sampled since the
+    previous one; per choice they add up to the non-streaming answer's, which are the
+    runtime's (n = 2 sampled choices, a stop string, chat and completions)."""
+    kw = dict(model="tiny", messages=MESSAGES, max_tokens=20, temperature=1.0, seed=5, n=2, logprobs=True,
+              top_logprobs=2)
+    whole = client.chat.completions.create(**kw)
+    streamed = {0: [], 1: []}
+    for chunk in client.chat.completions.create(**kw, stream=True):
+        for c in chunk.choices:
+            if c.logprobs is not None:
+                streamed[c.index] += c.logprobs.content
+    ids = model.tokenizer.encode_chat(MESSAGES)
+    for i in range(2):
+        expect = model.submit(ids, max_new_tokens=20, params=SamplingParams(temperature=1.0, seed=5 + i),
+                              logprobs=2).result()
+        got = whole.choices[i].logprobs.content
+        flat = [(t.token, t.logprob, [x.logprob for x in t.top_logprobs]) for t in got]
+        assert [(t.token, t.logprob, [x.logprob for x in t.top_logprobs]) for t in streamed[i]] == flat
+        assert [t for t, _, _ in flat] == [model.tokenizer.decode([e.token_id]) for e in expect.logprobs]
+        assert [v for _, v, _ in flat] == pytest.approx([e.logprob for e in expect.logprobs], abs=1e-9)
+        assert [w for _, _, top in flat for w in top] == pytest.approx(
+            [v for e in expect.logprobs for _, v in e.top], abs=1e-9)
+        assert len(flat) == len(expect.token_ids) > 0
+
+    full = model.generate("abc", max_new_tokens=12)[0].text
+    stop = full[4:6]
+    ckw = dict(model="tiny", prompt="abc", max_tokens=12, temperature=0, logprobs=2, stop=stop)
+    c = client.completions.create(**ckw).choices[0]
+    tokens, values, offsets, text = [], [], [], ""
+    for chunk in client.completions.create(**ckw, stream=True):
+        for ch in chunk.choices:
+            text += ch.text
+            if ch.logprobs is not None:
+                tokens += ch.logprobs.tokens
+                values += ch.logprobs.token_logprobs
+                offsets += ch.logprobs.text_offset
+    assert text == c.text == full[: full.find(stop)]
+    assert (tokens, values, offsets) == (c.logprobs.tokens, c.logprobs.token_logprobs, c.logprobs.text_offset)
+    assert offsets[0] == 0 and offsets == [sum(len(t) for t in tokens[:k]) for k in range(len(tokens))]
+
+
 def test_n_choices_are_seed_plus_index(client, model):
     r = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=16, temperature=1.0, seed=11, n=3)
     assert [c.index for c in r.choices] == [0, 1, 2]
