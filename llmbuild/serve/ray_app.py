@@ -68,7 +68,8 @@ def serve_with_ray(artifact: str, *, replicas: int, host: str = "127.0.0.1", por
     """Start a local Ray instance, deploy, serve until SIGTERM/SIGINT, shut down; exit code."""
     ray, serve = _ray()
     app = application(artifact, replicas=replicas, **options)
-    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # address="local": always a new instance of our own, never a cluster found on the machine
+    ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs its own
         signal.signal(sig, lambda *_: stop.set())
