@@ -471,3 +471,27 @@ def test_queue_overflow_auth_and_sigterm_drain(artifact, tmp_path):
     finally:
         s.stop()
     assert "Traceback" not in s.log()
+
+
+def test_start_up_refusals_are_messages(artifact):
+    """A port already taken, an unknown host, an unset --api-key-env: exit 2 with one
+    line saying what is wrong, before the model is loaded; never a traceback."""
+    import socket
+    import subprocess
+
+    from tests.serve_util import LLMBUILD
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cases = {
+            f"cannot listen on 127.0.0.1:{port}: Address already in use": ["--port", str(port)],
+            "--host no.such.host.invalid: not an address of this machine": ["--host", "no.such.host.invalid"],
+            "the environment variable LLMBUILD_UNSET_KEY is not set": ["--api-key-env", "LLMBUILD_UNSET_KEY"],
+        }
+        for message, args in cases.items():
+            r = subprocess.run([str(LLMBUILD), "serve", str(artifact), *args], capture_output=True, text=True,
+                               timeout=120)
+            assert r.returncode == 2 and message in r.stderr, (args, r.stderr)
+            assert "Traceback" not in r.stderr and "llmbuild serve:" not in r.stderr  # refused before loading
