@@ -358,7 +358,7 @@ def test_fuzzed_bodies_never_500(server):
                     assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]", r.text
                 else:
                     assert r.json()["choices"], r.text
-    assert statuses.get(400, 0) > 100
+    assert statuses.get(400, 0) >= 200  # malformed: 234 of the 240 fail validation
     assert "Traceback" not in server.log()
 
 
