@@ -261,7 +261,8 @@ def create_app(server: ServerState, *, close_model: bool = True) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics(request: Request):
-        return Response(state(request).metrics.render(), media_type="text/plain; version=0.0.4")
+        return Response(state(request).metrics.render(), media_type="text/plain; version=0.0.4",
+                        headers={"x-llmbuild-replica": REPLICA})
 
     @app.get("/v1/models")
     async def models(request: Request):
