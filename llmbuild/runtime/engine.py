@@ -79,6 +79,14 @@ class RequestHandle:
             if item is not _DONE:
                 out.append(item)
 
+    def logprobs(self, start: int = 0) -> list:
+        """The TokenLogprobs of the output tokens sampled so far, from index `start` on
+        (requests submitted with logprobs; else []), without waiting. The output length
+        is read first: an EOS logprob is appended and dropped before the output grows."""
+        seq = self._seq
+        n = len(seq.output)
+        return list((seq.logprobs or [])[start:n])
+
     @property
     def error(self) -> BaseException | None:
         return self._error

@@ -261,7 +261,8 @@ def create_app(server: ServerState, *, close_model: bool = True) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics(request: Request):
-        return Response(state(request).metrics.render(), media_type="text/plain; version=0.0.4")
+        return Response(state(request).metrics.render(), media_type="text/plain; version=0.0.4",
+                        headers={"x-llmbuild-replica": REPLICA})
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -275,8 +276,6 @@ def create_app(server: ServerState, *, close_model: bool = True) -> FastAPI:
         async def work(s: ServerState):
             body = parse_body(ChatCompletionRequest, await request.body())
             _check_model(s, body.model)
-            if body.stream and body.logprobs:
-                raise ApiError(400, "logprobs are not available with stream=true on this server", param="logprobs")
             messages = [{"role": m.role, "content": m.text()} for m in body.messages]
             prompt = s.model.tokenizer.encode_chat(messages)
             max_tokens = body.max_completion_tokens or body.max_tokens
@@ -289,7 +288,8 @@ def create_app(server: ServerState, *, close_model: bool = True) -> FastAPI:
             meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": s.model_id}
             if body.stream:
                 usage = bool(body.stream_options and body.stream_options.include_usage)
-                return StreamingResponse(_chat_stream(s, job, meta, len(prompt), usage), media_type="text/event-stream")
+                return StreamingResponse(_chat_stream(s, job, meta, len(prompt), usage, bool(body.logprobs)),
+                                         media_type="text/event-stream")
             try:
                 async for _ in job.events(request):
                     pass
@@ -312,8 +312,6 @@ def create_app(server: ServerState, *, close_model: bool = True) -> FastAPI:
         async def work(s: ServerState):
             body = parse_body(CompletionRequest, await request.body())
             _check_model(s, body.model)
-            if body.stream and body.logprobs is not None:
-                raise ApiError(400, "logprobs are not available with stream=true on this server", param="logprobs")
             prompts = _prompts(s, body.prompt)
             max_tokens = min(_check_length(s, len(p), body.max_tokens, "prompt") for p in prompts)
             n = body.n or 1
@@ -325,7 +323,8 @@ def create_app(server: ServerState, *, close_model: bool = True) -> FastAPI:
             prompt_tokens = sum(len(p) for p in prompts)
             if body.stream:
                 usage = bool(body.stream_options and body.stream_options.include_usage)
-                return StreamingResponse(_completion_stream(s, job, meta, prompt_tokens, usage, echo, n),
+                return StreamingResponse(_completion_stream(s, job, meta, prompt_tokens, usage, echo, n,
+                                                            body.logprobs is not None),
                                          media_type="text/event-stream")
             try:
                 async for _ in job.events(request):
@@ -337,7 +336,7 @@ def create_app(server: ServerState, *, close_model: bool = True) -> FastAPI:
             for i, g in enumerate(gens):
                 choice = {"index": i, "text": echo[i // n] + g.text, "logprobs": None, "finish_reason": _finish_reason(g)}
                 if body.logprobs is not None:
-                    choice["logprobs"] = _completion_logprobs(s, g.logprobs or [])
+                    choice["logprobs"] = _completion_logprobs(s, g.logprobs or [], len(echo[i // n]))
                 choices.append(choice)
             return JSONResponse({**meta, "object": "text_completion", "choices": choices,
                                  "usage": _usage(prompt_tokens, sum(len(g.token_ids) for g in gens))})
@@ -383,9 +382,10 @@ def _chat_logprob(s: ServerState, lp) -> dict:
     return {**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
 
 
-def _completion_logprobs(s: ServerState, lps) -> dict:
+def _completion_logprobs(s: ServerState, lps, at: int = 0) -> dict:
+    """OpenAI's completion logprobs; text_offset counts from `at` (a stream's earlier chunks)."""
     tokens = [_token_text(s, lp.token_id) for lp in lps]
-    offsets, at = [], 0
+    offsets = []
     for t in tokens:
         offsets.append(at)
         at += len(t)
@@ -393,17 +393,41 @@ def _completion_logprobs(s: ServerState, lps) -> dict:
             "top_logprobs": [{_token_text(s, t): v for t, v in lp.top} for lp in lps], "text_offset": offsets}
 
 
-async def _chat_stream(s: ServerState, job: Job, meta: dict, prompt_tokens: int, include_usage: bool):
+class _StreamedLogprobs:
+    """Per choice, the logprobs not yet sent: each chunk carries those of the tokens sampled
+    since the previous one, the finish chunk the rest; together they are the whole answer's."""
+
+    def __init__(self, job: Job, wanted: bool):
+        self.job, self.wanted = job, wanted
+        self.sent = [0] * len(job.handles)
+
+    def new(self, i: int, generation=None) -> list:
+        if not self.wanted:
+            return []
+        if generation is None:
+            lps = self.job.handles[i].logprobs(self.sent[i])
+        else:
+            lps = (generation.logprobs or [])[self.sent[i]:]
+        self.sent[i] += len(lps)
+        return lps
+
+
+async def _chat_stream(s: ServerState, job: Job, meta: dict, prompt_tokens: int, include_usage: bool,
+                       logprobs: bool = False):
     base = {**meta, "object": "chat.completion.chunk"}
     completion = 0
+    pending = _StreamedLogprobs(job, logprobs)
+
+    def lp_field(lps):
+        return {"content": [_chat_logprob(s, lp) for lp in lps]} if logprobs else None
     try:
         for i in range(len(job.handles)):
             yield _sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                              "logprobs": None, "finish_reason": None}]})
         async for i, delta in job.events():
             if delta is not None:
-                yield _sse({**base, "choices": [{"index": i, "delta": {"content": delta}, "logprobs": None,
-                                                 "finish_reason": None}]})
+                yield _sse({**base, "choices": [{"index": i, "delta": {"content": delta},
+                                                 "logprobs": lp_field(pending.new(i)), "finish_reason": None}]})
                 continue
             try:
                 g = job.result(i)
@@ -411,7 +435,8 @@ async def _chat_stream(s: ServerState, job: Job, meta: dict, prompt_tokens: int,
                 yield _sse(e.body())
                 return
             completion += len(g.token_ids)
-            yield _sse({**base, "choices": [{"index": i, "delta": {}, "logprobs": None,
+            rest = pending.new(i, g)
+            yield _sse({**base, "choices": [{"index": i, "delta": {}, "logprobs": lp_field(rest) if rest else None,
                                              "finish_reason": _finish_reason(g)}]})
         if include_usage:
             yield _sse({**base, "choices": [], "usage": _usage(prompt_tokens, completion)})
@@ -422,9 +447,18 @@ async def _chat_stream(s: ServerState, job: Job, meta: dict, prompt_tokens: int,
 
 
 async def _completion_stream(s: ServerState, job: Job, meta: dict, prompt_tokens: int, include_usage: bool,
-                             echo: list[str], n: int):
+                             echo: list[str], n: int, logprobs: bool = False):
     base = {**meta, "object": "text_completion"}
     completion = 0
+    pending = _StreamedLogprobs(job, logprobs)
+    offsets = [len(echo[i // n]) for i in range(len(job.handles))]
+
+    def lp_field(i, lps):
+        if not logprobs:
+            return None
+        out = _completion_logprobs(s, lps, offsets[i])
+        offsets[i] += sum(len(t) for t in out["tokens"])
+        return out
     try:
         for i in range(len(job.handles)):
             if echo[i // n]:
@@ -432,7 +466,8 @@ async def _completion_stream(s: ServerState, job: Job, meta: dict, prompt_tokens
                                                  "finish_reason": None}]})
         async for i, delta in job.events():
             if delta is not None:
-                yield _sse({**base, "choices": [{"index": i, "text": delta, "logprobs": None, "finish_reason": None}]})
+                yield _sse({**base, "choices": [{"index": i, "text": delta, "logprobs": lp_field(i, pending.new(i)),
+                                                 "finish_reason": None}]})
                 continue
             try:
                 g = job.result(i)
@@ -440,7 +475,8 @@ async def _completion_stream(s: ServerState, job: Job, meta: dict, prompt_tokens
                 yield _sse(e.body())
                 return
             completion += len(g.token_ids)
-            yield _sse({**base, "choices": [{"index": i, "text": "", "logprobs": None,
+            rest = pending.new(i, g)
+            yield _sse({**base, "choices": [{"index": i, "text": "", "logprobs": lp_field(i, rest) if rest else None,
                                              "finish_reason": _finish_reason(g)}]})
         if include_usage:
             yield _sse({**base, "choices": [], "usage": _usage(prompt_tokens, completion)})

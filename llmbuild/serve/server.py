@@ -33,6 +33,22 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def check_listen(host: str, port: int) -> None:
+    """Refuse, before the model is loaded, an address this process cannot listen on."""
+    import socket
+
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        raise UserError(f"--host {host}: not an address of this machine ({e.strerror})") from None
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+        try:
+            sock.bind(addr)
+        except OSError as e:
+            raise UserError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+
+
 def load_state(artifact: str, *, backend: str = "auto", threads: int | None = None, max_batch_size: int | None = None,
                max_queue: int = 64, api_key: str | None = None, model_id: str | None = None):
     import llmbuild
@@ -54,6 +70,7 @@ def serve(artifact: str, *, host: str = "127.0.0.1", port: int = 8000, api_key_e
     except ImportError as e:
         raise UserError(f"llmbuild serve needs its extra: pip install 'llmbuild[serve]' ({e})") from None
     api_key = api_key_from_env(api_key_env)
+    check_listen(host, port)
     state = load_state(artifact, backend=backend, threads=threads, max_batch_size=max_batch_size,
                        max_queue=max_queue, api_key=api_key, model_id=model_id)
     app = create_app(state)
@@ -76,5 +93,9 @@ def serve(artifact: str, *, host: str = "127.0.0.1", port: int = 8000, api_key_e
         print(f"llmbuild serve: warning: {host} is not a loopback address and no --api-key-env is set: "
               "anyone who reaches this port can use the model", file=sys.stderr, flush=True)
     server = Server(config)
-    server.run()
+    try:
+        server.run()
+    except SystemExit:  # uvicorn could not start (it logged why): the port was taken meanwhile
+        if server.started:
+            raise
     return 0 if server.started else 1
