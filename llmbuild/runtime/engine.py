@@ -146,12 +146,6 @@ class Engine:
         handle = RequestHandle(seq, notify)
         seq.emit = handle._emit if request.stream else None
 
-        def fail(error: BaseException, handle=handle):
-            self._handles.pop(id(seq), None)
-            handle._fail(error)
-
-        seq.fail = fail
-
         def done(generation: Generation, handle=handle):
             self._handles.pop(id(seq), None)
             handle._done(generation)
