@@ -121,6 +121,19 @@ def test_cpu_graph_off_runs_no_cpu_stage_and_reverifies(tiny, tmp_path):
     assert manifest["verification"]["passed"]
 
 
+def test_quantization_reruns_onnx_and_the_cpu_graph(tiny, tmp_path):
+    """The quantization section is an ONNX-stage input (calibration and quantized weights
+    are made there); the CPU-ready graph follows the graph hash; source and tokenizer are
+    reused. (The accuracy gate of a random tiny model is not the point here: off.)"""
+    out = recompile(tiny, tmp_path, "quantization={weights: {scheme: int8}}", "verify.enabled=false")
+    assert reused(out) == {"source": True, "onnx": False, "cpu_graph": False, "tokenizer": True}
+    manifest = read_manifest(out)
+    assert manifest["quantization"] and "data" in manifest["graph"]["cpu"]  # packed int8 weights: their own file
+    again = recompile(tiny, tmp_path / "again", "quantization={weights: {scheme: int8}}", "verify.enabled=false")
+    assert reused(again) == {"source": True, "onnx": True, "cpu_graph": True, "tokenizer": True}
+    assert (again / "model" / "model.cpu.onnx.data").read_bytes() == (out / "model" / "model.cpu.onnx.data").read_bytes()
+
+
 def test_touched_source_rereads_it_and_reuses_the_rest(tiny, tmp_path):
     moved = tmp_path / "hf-copy"
     shutil.copytree(tiny["model"], moved)  # new path and mtimes, same content
