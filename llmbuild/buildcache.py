@@ -43,7 +43,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable, Iterable
 
-KEY_VERSION = 1  # bump when a key's composition or the entry layout changes
+KEY_VERSION = 2  # bump when a key's composition or the entry layout changes (2: cpu_graph stage, verify report names its graph)
 META_FILE = "meta.json"
 FILES_DIR = "files"
 

@@ -50,7 +50,10 @@ def without_timings(artifact) -> dict:
 
 def test_first_compile_runs_every_stage(tiny):
     assert reused(tiny["first"]) == dict.fromkeys(STAGES, False)
-    assert read_manifest(tiny["first"])["verification"]["passed"]
+    verification = read_manifest(tiny["first"])["verification"]
+    assert verification["passed"] and verification["graph"] == "standard"
+    # verify what runs: the CPU-ready graph that ships, not a lowering made for the check
+    assert verification["cpu_lowered"]["graph"] == "cpu_graph" and verification["cpu_lowered"]["passed"]
 
 
 def test_noop_recompile_reuses_every_stage_and_the_same_manifest(tiny):
@@ -117,6 +120,7 @@ def test_cpu_graph_off_runs_no_cpu_stage_and_reverifies(tiny, tmp_path):
     assert r == {"source": True, "onnx": True, "tokenizer": True, "verify": False}
     manifest = read_manifest(out)
     assert "cpu" not in manifest["graph"] and not (out / "model" / "model.cpu.onnx").exists()
+    assert manifest["verification"]["cpu_lowered"]["graph"] == "lowered at load"
     assert manifest["hashes"]["graph"] == read_manifest(tiny["first"])["hashes"]["graph"]
     assert manifest["verification"]["passed"]
 
