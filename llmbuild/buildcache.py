@@ -17,8 +17,9 @@ sampled digest like engines) and a JSON `meta`
 |-----------|--------------------------------------------------------------------------------|
 | source    | the files' paths, sizes and mtimes (→ fingerprint, config; no tensor read)      |
 | onnx      | source fingerprint, model/precision/limits.max_seq_len/quantization/parallel, tools |
+| cpu_graph | graph hash, tools (recipe runtime.cpu_graph: whether the stage runs at all)      |
 | tokenizer | source fingerprint, tools                                                      |
-| verify    | graph hash, tokenizer key, precision, verify/quantization sections, tools       |
+| verify    | graph hash, CPU-ready graph's sha256s, tokenizer key, precision, verify/quantization sections, tools |
 | engines   | `engine.cache.engine_key` (recipe less name/verify, graph hash, TensorRT, …)     |
 
 Reference outputs for verification (HF logits and greedy tokens per prompt) are cached
