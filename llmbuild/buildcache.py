@@ -17,8 +17,9 @@ sampled digest like engines) and a JSON `meta`
 |-----------|--------------------------------------------------------------------------------|
 | source    | the files' paths, sizes and mtimes (→ fingerprint, config; no tensor read)      |
 | onnx      | source fingerprint, model/precision/limits.max_seq_len/quantization/parallel, tools |
+| cpu_graph | graph hash, tools (recipe runtime.cpu_graph: whether the stage runs at all)      |
 | tokenizer | source fingerprint, tools                                                      |
-| verify    | graph hash, tokenizer key, precision, verify/quantization sections, tools       |
+| verify    | graph hash, CPU-ready graph's sha256s, tokenizer key, precision, verify/quantization sections, tools |
 | engines   | `engine.cache.engine_key` (recipe less name/verify, graph hash, TensorRT, …)     |
 
 Reference outputs for verification (HF logits and greedy tokens per prompt) are cached
@@ -26,6 +27,9 @@ by source fingerprint (`CachedReference`), so a graph change re-runs only our si
 
 Layout: `<cache>/stages/<stage>/<key[:2]>/<key>/{meta.json, files/...}`, written into a
 temporary sibling and renamed; `<cache>/reference/<fingerprint[:2]>/<fingerprint>/<hash>.npz`.
+`llmbuild cache ls|du|prune` lists, sums and removes entries of all three kinds
+(`cache_entries`, `select_prune`, `remove_entries`; last use = the entry's mtime, set on
+every reuse).
 """
 
 from __future__ import annotations
@@ -35,11 +39,12 @@ import json
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Callable, Iterable
 
-KEY_VERSION = 1  # bump when a key's composition or the entry layout changes
+KEY_VERSION = 2  # bump when a key's composition or the entry layout changes (2: cpu_graph stage, verify report names its graph)
 META_FILE = "meta.json"
 FILES_DIR = "files"
 
@@ -249,7 +254,9 @@ class CachedReference:
         if path is not None and path.is_file():
             try:
                 with np.load(path) as z:
-                    return z["value"]
+                    value = z["value"]
+                os.utime(path)  # last use, for `llmbuild cache prune`
+                return value
             except (OSError, ValueError, KeyError):
                 pass
         self.misses += 1
@@ -272,3 +279,105 @@ class CachedReference:
         path = self._path("greedy", ids=list(ids), n=max_new_tokens, eos=list(eos_token_ids))
         return [int(t) for t in self._cached(
             path, lambda: reference_greedy(self.model, ids, max_new_tokens, eos_token_ids))]
+
+
+# -- `llmbuild cache {ls,du,prune}`: the engine cache, the stage store, reference outputs --
+
+@dataclass(frozen=True)
+class CacheEntry:
+    kind: str  # "engine", "stage", "reference"
+    name: str  # engine: the artifact file name it was built as; stage: the stage; reference: "hf outputs"
+    key: str  # the content key (engine, stage) or source fingerprint (reference)
+    path: Path
+    bytes: int
+    last_used: float  # entry directory's mtime: set when stored and at every reuse
+
+    def lock(self, directory: Path):
+        """The lock compile holds while it reads or writes this entry (None: reference)."""
+        from filelock import FileLock
+
+        if self.kind == "reference":
+            return None
+        name = f"{self.key}.lock" if self.kind == "engine" else f"{self.name}-{self.key}.lock"
+        return FileLock(str(Path(directory) / "locks" / name), timeout=0, thread_local=False)
+
+
+def _tree_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def cache_entries(directory: Path) -> list[CacheEntry]:
+    """Every complete entry under a cache directory (`llmbuild.engine.cache.default_cache_dir`),
+    least recently used first. Temporary siblings of entries being written are not listed."""
+    directory = Path(directory)
+    out = []
+    for entry in sorted((directory / "engines").glob("??/*")):
+        if entry.name.startswith(".") or not (entry / "entry.json").is_file():
+            continue
+        try:
+            info = json.loads((entry / "entry.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            info = {}
+        name = Path(info.get("file") or info.get("engine_file") or "engine").name
+        out.append(CacheEntry("engine", f"{info.get('backend', 'engine')} {name}".strip(), entry.name, entry,
+                              _tree_bytes(entry), entry.stat().st_mtime))
+    for entry in sorted((directory / "stages").glob("*/??/*")):
+        if entry.name.startswith(".") or not (entry / META_FILE).is_file():
+            continue
+        out.append(CacheEntry("stage", entry.parent.parent.name, entry.name, entry, _tree_bytes(entry),
+                              entry.stat().st_mtime))
+    for entry in sorted((directory / "reference").glob("??/*")):
+        files = [f for f in entry.iterdir() if f.is_file() and not f.name.startswith(".")]
+        if files:
+            out.append(CacheEntry("reference", "hf outputs", entry.name, entry, sum(f.stat().st_size for f in files),
+                                  max(f.stat().st_mtime for f in files)))
+    return sorted(out, key=lambda e: e.last_used)
+
+
+def select_prune(entries: list[CacheEntry], *, older_than: float | None = None, max_bytes: int | None = None,
+                 now: float | None = None) -> list[CacheEntry]:
+    """Entries to remove: those unused for more than `older_than` seconds, then, while the
+    rest exceed `max_bytes`, the least recently used."""
+    now = time.time() if now is None else now
+    entries = sorted(entries, key=lambda e: e.last_used)
+    chosen = [e for e in entries if older_than is not None and now - e.last_used > older_than]
+    kept = [e for e in entries if e not in chosen]
+    if max_bytes is not None:
+        total = sum(e.bytes for e in kept)
+        for e in list(kept):
+            if total <= max_bytes:
+                break
+            chosen.append(e)
+            kept.remove(e)
+            total -= e.bytes
+    return chosen
+
+
+def remove_entries(directory: Path, entries: list[CacheEntry]) -> tuple[list[CacheEntry], list[CacheEntry]]:
+    """Remove entries; (removed, skipped: in use by a compile right now). Artifacts keep
+    their files (engines are hard-linked or copied into them, stage files copied)."""
+    from filelock import Timeout
+
+    removed, skipped = [], []
+    for e in entries:
+        lock = e.lock(directory)
+        try:
+            if lock is not None:
+                lock.acquire()
+        except Timeout:
+            skipped.append(e)
+            continue
+        try:
+            doomed = e.path.with_name(f".{e.path.name}.{os.getpid()}.prune")
+            os.replace(e.path, doomed)  # readers see the entry whole or not at all
+            for p in doomed.rglob("*"):  # cached files are read-only
+                if p.is_dir():
+                    os.chmod(p, 0o755)
+            shutil.rmtree(doomed, ignore_errors=True)
+            removed.append(e)
+        except FileNotFoundError:
+            pass
+        finally:
+            if lock is not None:
+                lock.release()
+    return removed, skipped

@@ -89,7 +89,9 @@ def compile(recipe, overrides, out_dir, verify, quiet, as_json, cache_dir, no_ca
     """Compile RECIPE into an artifact directory OUT/<name> (one per variant of its matrix:)."""
     from llmbuild.artifact import read_manifest
     from llmbuild.compile import compile_variants
+    from llmbuild.progress import quiet_third_party
 
+    quiet_third_party()
     cache = False if no_cache else (cache_dir or True)
     paths = compile_variants(recipe, overrides, out_dir, quiet=quiet or as_json, verify=verify, cache=cache)
     if not as_json:
@@ -164,6 +166,8 @@ def _print_manifest(m: dict) -> None:
                f"{md['precision']}")
     click.echo(f"  limits    batch {lim['max_batch_size']}, input {lim['max_input_len']}, seq {lim['max_seq_len']}")
     click.echo(f"  graph     {m['graph']['file']}  opset {m['graph']['opset']}")
+    if m["graph"].get("cpu"):  # llmbuild.lowering.cpu_graph
+        click.echo(f"  cpu graph {m['graph']['cpu']['file']}  (lowered for ONNX Runtime on the CPU, at compile)")
     if m.get("parallel"):  # tensor parallelism: one graph (and engine) per rank
         par = m["parallel"]
         per = par["per_rank"]
@@ -187,12 +191,41 @@ def _print_manifest(m: dict) -> None:
         click.echo(f"  verified  skipped: {v['skipped']}")
     for e in m["engines"]:
         click.echo(f"  engine    {e['file']}  {e['backend']} {e['trt_version']}  {e['bytes'] / 1e6:.1f} MB  "
-                   f"targets {e.get('targets')}")
+                   f"targets: {_targets(e.get('targets'))}")
         click.echo(_engine_details(e))
         for line in _contract_lines(e):
             click.echo(line)
     for stage, t in m.get("timings", {}).items():
-        click.echo(f"  timing    {stage:<20} {t['seconds']:8.2f} s  peak RSS {t['peak_rss_bytes'] / 2**20:7.0f} MiB")
+        reused = "  reused" if t.get("reused") else ""
+        click.echo(f"  timing    {stage:<20} {t['seconds']:8.2f} s  peak RSS {t['peak_rss_bytes'] / 2**20:7.0f} MiB"
+                   f"{reused}")
+
+
+def _targets(targets) -> str:
+    """An engine's recorded targets as words: `sm80, sm86, sm89, sm120 (tensorrt-rtx default
+    (portable))`, with the hardware compatibility level when one is set."""
+    if not isinstance(targets, dict):
+        return "unrecorded" if targets is None else str(targets)
+    caps = targets.get("compute_capabilities")
+    text = ", ".join(map(str, caps)) if caps else "the build GPU"
+    notes = [str(targets[k]) for k in ("source",) if targets.get(k)]
+    if targets.get("hardware_compatibility"):
+        notes.append(f"hardware compatibility {targets['hardware_compatibility']}")
+    return text + (f" ({'; '.join(notes)})" if notes else "")
+
+
+def _dims(shape) -> str:
+    return "[" + ", ".join(map(str, shape)) + "]"
+
+
+def _profile_text(profiles, names) -> str:
+    """Per optimization profile: `prefill min [1, 1] opt [2, 256] max [4, 512]`."""
+    parts = []
+    for i, triple in enumerate(profiles):
+        name = names[i] if names and i < len(names) else f"profile {i}"
+        lo, opt, hi = triple
+        parts.append(f"{name} min {_dims(lo)} opt {_dims(opt)} max {_dims(hi)}")
+    return "; ".join(parts)
 
 
 def _contract_lines(engine: dict) -> list[str]:
@@ -207,7 +240,8 @@ def _contract_lines(engine: dict) -> list[str]:
         stem, index = (m.group(1), int(m.group(2))) if m else (t["name"], None)
         alias = aliases.get(t["name"])
         alias_stem = re.sub(r"\.\d+$", "", alias) if alias else None
-        key = (t["mode"], stem, t["dtype"], str(t["shape"]), str(t.get("profile_shapes")), alias_stem)
+        profiles = _profile_text(t["profile_shapes"], engine.get("profile_names")) if t.get("profile_shapes") else ""
+        key = (t["mode"], stem, t["dtype"], _dims(t["shape"]), profiles, alias_stem)
         groups.setdefault(key, []).append(index)
     lines = []
     for (mode, stem, dtype, shape, profiles, alias_stem), indices in groups.items():
@@ -215,7 +249,7 @@ def _contract_lines(engine: dict) -> list[str]:
         if alias_stem:
             suffix = "" if indices == [None] else f".{{{min(indices)}..{max(indices)}}}"
             name += f" (aliases {alias_stem}{suffix})"
-        extra = f"  profile {profiles}" if mode == "input" and profiles != "None" else ""
+        extra = f"  {profiles}" if mode == "input" and profiles else ""
         lines.append(f"    {mode:<6} {name:<44} {dtype:<8} {shape}{extra}")
     return lines
 
@@ -278,30 +312,61 @@ def _stream_out(deltas) -> None:
 @click.option("--prompt", required=True, help="Prompt text.")
 @_sampling_options
 @click.option("--chat/--raw", default=True, show_default=True, help="Apply the artifact's chat template.")
+@click.option("--system", default=None, help="System message before the prompt (chat template only).")
 @_runtime_options
-@click.option("--json", "as_json", is_flag=True, help="Print {artifact, prompt, text} as JSON instead of streaming.")
-def run(artifact, prompt, max_new_tokens, stop, chat, backend, threads, as_json, **sampling):
+@click.option("--json", "as_json", is_flag=True, help="Print {artifact, prompt, text, finish_reason, usage, "
+              "timings} as JSON instead of streaming.")
+def run(artifact, prompt, max_new_tokens, stop, chat, system, backend, threads, as_json, **sampling):
     """Generate a reply to PROMPT, streaming tokens to stdout.
 
     A tensor-parallel artifact (parallel.tp = N) runs one worker process per GPU
     (GPUs 0..N-1, or CUDA_VISIBLE_DEVICES) with NCCL, or, without N GPUs, all ranks on
     ONNX Runtime; no torchrun/mpirun needed (docs/tensor-parallel.md)."""
     import llmbuild
+    from llmbuild.errors import UserError
     from llmbuild.runtime.requests import check_optional, check_stop, check_text
+    from llmbuild.runtime.sampling import sampling_params
 
     options = _sampling(sampling, max_new_tokens)
     check_text("--prompt", prompt)
     check_stop(stop)
     check_optional("threads", threads, field="--threads")
+    if system is not None:
+        check_text("--system", system)
+        if not chat:
+            raise UserError("--system needs the chat template; it cannot be combined with --raw")
     model = llmbuild.load(artifact, backend=backend, threads=threads)
     try:
-        deltas = model.stream(prompt, max_new_tokens=max_new_tokens, stop=stop, chat=chat, **options)
-        if as_json:
-            _emit_json({"artifact": str(artifact), "prompt": prompt, "text": "".join(deltas)})
-        else:
-            _stream_out(deltas)
+        if system is not None and not model.tokenizer.chat_template:
+            raise UserError(f"{artifact}: the tokenizer has no chat template, so --system cannot be applied")
+        message = [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
+        text = message if system is not None else prompt
+        if not as_json:
+            _stream_out(model.stream(text, max_new_tokens=max_new_tokens, stop=stop, chat=chat, **options))
+            return
+        ids = (model.tokenizer.encode_chat(message) if system is not None else model.encode(prompt, chat=chat))
+        g = model.submit(ids, max_new_tokens=max_new_tokens, params=sampling_params(**options),
+                         stop=stop).result()
+        _emit_json({"artifact": str(artifact), "prompt": prompt, "system": system, "text": g.text,
+                    "finish_reason": g.finish_reason, "usage": _usage(g), "timings": _run_timings(g)})
     finally:
         model.close()
+
+
+def _usage(g) -> dict:
+    """OpenAI-style token counts of one Generation."""
+    prompt, completion = len(g.prompt_token_ids), len(g.token_ids)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _run_timings(g) -> dict:
+    """Time to first token and rates of one Generation (seconds from submission):
+    decode tokens/s = tokens after the first over the time from the first to the last."""
+    times = g.token_times
+    decode = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else None
+    return {"time_to_first_token_s": g.time_to_first_token, "total_s": g.seconds,
+            "decode_tokens_per_s": decode,
+            "tokens_per_s": len(g.token_ids) / g.seconds if g.seconds else None}
 
 
 @cli.command()
@@ -424,8 +489,10 @@ def verify(artifact, reference, prompts, max_abs_logit_diff, min_top1_agreement,
     from llmbuild.artifact import read_manifest
     from llmbuild.eval import check_cpu_runnable
     from llmbuild.recipe.model_source import resolve_reference
+    from llmbuild.progress import quiet_third_party
     from llmbuild.verify import DEFAULT_PROMPTS, default_thresholds, verify_what_runs
 
+    quiet_third_party()
     m = read_manifest(artifact)
     check_cpu_runnable(m, artifact, "verify")
     reference = resolve_reference(reference, m)
@@ -473,8 +540,10 @@ def eval_command(artifact, reference, no_reference, dataset, tokens, seq_len, th
 
     from llmbuild.artifact import read_manifest
     from llmbuild.eval import evaluate
+    from llmbuild.progress import quiet_third_party
     from llmbuild.recipe.model_source import resolve_reference
 
+    quiet_third_party()
     if no_reference:
         reference = None
     elif reference is not None:
@@ -576,6 +645,140 @@ def serve(artifact, host, port, api_key_env, max_queue, max_batch_size, grace_pe
     sys.exit(run_server(artifact, host=host, port=port, api_key_env=api_key_env, max_queue=max_queue,
                         backend=backend, threads=threads, max_batch_size=max_batch_size, grace_period=grace_period,
                         model_id=model_name))
+
+
+@cli.group()
+def cache():
+    """List, measure and prune the build cache (engines, compile stages, HF reference
+    outputs) that compile reuses: $LLMBUILD_CACHE_DIR, else ~/.cache/llmbuild."""
+
+
+def _cache_dir_option(f):
+    return click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+                        help="Cache directory (default: $LLMBUILD_CACHE_DIR or ~/.cache/llmbuild).")(f)
+
+
+def _cache_dir(cache_dir):
+    from pathlib import Path
+
+    from llmbuild.engine.cache import default_cache_dir
+
+    return Path(cache_dir) if cache_dir else default_cache_dir()
+
+
+def _entry_json(e) -> dict:
+    return {"kind": e.kind, "name": e.name, "key": e.key, "path": str(e.path), "bytes": e.bytes,
+            "last_used": e.last_used}
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def _age(seconds: float) -> str:
+    for unit, span in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= span:
+            return f"{seconds / span:.0f}{unit} ago"
+    return f"{seconds:.0f}s ago"
+
+
+@cache.command(name="ls")
+@_cache_dir_option
+@click.option("--json", "as_json", is_flag=True)
+def cache_ls(cache_dir, as_json):
+    """Every cache entry, least recently used first: kind, name, size, last use, key."""
+    import time
+
+    from llmbuild.buildcache import cache_entries
+
+    directory = _cache_dir(cache_dir)
+    entries = cache_entries(directory)
+    if as_json:
+        _emit_json({"cache_dir": str(directory), "entries": [_entry_json(e) for e in entries]})
+        return
+    now = time.time()
+    for e in entries:
+        click.echo(f"{e.kind:<9} {e.name:<44} {_size(e.bytes):>10}  {_age(now - e.last_used):>9}  {e.key[:16]}")
+    click.echo(f"{len(entries)} entries, {_size(sum(e.bytes for e in entries))} in {directory}")
+
+
+@cache.command(name="du")
+@_cache_dir_option
+@click.option("--json", "as_json", is_flag=True)
+def cache_du(cache_dir, as_json):
+    """Bytes in the cache per kind of entry (engine, stage: one line per stage, reference)."""
+    from llmbuild.buildcache import cache_entries
+
+    directory = _cache_dir(cache_dir)
+    groups: dict[str, list] = {}
+    for e in cache_entries(directory):
+        groups.setdefault(e.kind if e.kind != "stage" else f"stage:{e.name}", []).append(e)
+    rows = {k: {"entries": len(v), "bytes": sum(e.bytes for e in v)} for k, v in sorted(groups.items())}
+    total = sum(r["bytes"] for r in rows.values())
+    if as_json:
+        _emit_json({"cache_dir": str(directory), "kinds": rows, "bytes": total})
+        return
+    for kind, r in rows.items():
+        click.echo(f"{kind:<20} {r['entries']:>5} entries {_size(r['bytes']):>10}")
+    click.echo(f"{'total':<20} {sum(r['entries'] for r in rows.values()):>5} entries {_size(total):>10}  {directory}")
+
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
+          "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "t": 1000**4, "tb": 1000**4, "tib": 1024**4}
+_SPANS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def _parse_amount(option: str, text: str, units: dict[str, int], example: str) -> float:
+    import re
+
+    from llmbuild.errors import UserError
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in units:
+        raise UserError(f"{option}: cannot read {text!r}; expected a number and a unit such as {example} "
+                        f"(units: {', '.join(u for u in units if u)})")
+    return float(m.group(1)) * units[m.group(2).lower()]
+
+
+@cache.command(name="prune")
+@_cache_dir_option
+@click.option("--older-than", default=None, help="Remove entries unused for longer than this (e.g. 30d, 12h).")
+@click.option("--max-size", default=None, help="Then remove the least recently used entries until the cache "
+              "holds at most this much (e.g. 20G, 500MiB).")
+@click.option("--dry-run", is_flag=True, help="Only list what would be removed.")
+@click.option("--json", "as_json", is_flag=True)
+def cache_prune(cache_dir, older_than, max_size, dry_run, as_json):
+    """Remove cache entries by age and/or total size. Artifacts already built keep their
+    files; a later compile rebuilds what it needs. Entries a running compile holds are
+    skipped."""
+    from llmbuild.buildcache import cache_entries, remove_entries, select_prune
+    from llmbuild.errors import UserError
+
+    if older_than is None and max_size is None:
+        raise UserError("cache prune: give --older-than AGE and/or --max-size SIZE (e.g. --older-than 30d)")
+    age = None if older_than is None else _parse_amount("--older-than", older_than, _SPANS, "30d or 12h")
+    size = None if max_size is None else int(_parse_amount("--max-size", max_size, _UNITS, "20G or 500MiB"))
+    directory = _cache_dir(cache_dir)
+    entries = cache_entries(directory)
+    chosen = select_prune(entries, older_than=age, max_bytes=size)
+    removed, skipped = (chosen, []) if dry_run else remove_entries(directory, chosen)
+    freed = sum(e.bytes for e in removed)
+    if as_json:
+        _emit_json({"cache_dir": str(directory), "dry_run": dry_run, "removed": [_entry_json(e) for e in removed],
+                    "skipped": [_entry_json(e) for e in skipped], "bytes_freed": freed,
+                    "bytes_left": sum(e.bytes for e in entries) - freed})
+        return
+    verb = "would remove" if dry_run else "removed"
+    for e in removed:
+        click.echo(f"{verb} {e.kind} {e.name} {_size(e.bytes)} {e.key[:16]}")
+    for e in skipped:
+        click.echo(f"skipped {e.kind} {e.name} (in use by a running compile)")
+    click.echo(f"{verb} {len(removed)} of {len(entries)} entries, {_size(freed)}; "
+               f"{_size(sum(e.bytes for e in entries) - freed)} left in {directory}")
 
 
 def main():

@@ -127,6 +127,9 @@ def compile_loaded(
         tp = rd.get("parallel", {}).get("tp", 1)
         graphs = _onnx_stage(store, rep, recipe, rd, source, stage, tp)
         model_paths, graph_hash = graphs["paths"], graphs["graph_hash"]
+        cpu_graph = _cpu_graph_stage(store, rep, rd, stage, graphs) if tp == 1 else None
+        if cpu_graph is not None:
+            graphs["graph"]["cpu"] = cpu_graph
         tok_stage = _tokenizer_stage(store, rep, source, stage)
         tokenizer = tok_stage["tokenizer"]
         tokenizer_info = {
@@ -161,7 +164,8 @@ def compile_loaded(
         # Verification and the engine builds are independent: verify in a thread while
         # the engines build; publishing waits for both.
         verification = _concurrently(
-            lambda: _verify_stage(store, rep, recipe, rd, stage, source, verify, graph_hash, tok_stage["key"]),
+            lambda: _verify_stage(store, rep, recipe, rd, stage, source, verify, graph_hash, tok_stage["key"],
+                                  cpu_graph),
             lambda: build_engines(stage, rd, dims, model_paths, rep, source_hash=fingerprint,
                                   graph_hash=graph_hash, cache=cache),
         )
@@ -301,6 +305,32 @@ def _onnx_stage(store, rep, recipe, rd: dict, source, stage: Path, tp: int) -> d
     meta = run_stage(store, rep, "onnx", key, stage, rels, build)
     return {**meta, "paths": [stage / p for p in meta["paths"]]}
 
+
+def _cpu_graph_stage(store, rep, rd: dict, stage: Path, graphs: dict) -> dict | None:
+    """The CPU-ready graph (recipe `runtime.cpu_graph`, llmbuild.lowering.cpu_graph),
+    keyed by the standard graph's hash; its manifest entry, or None (disabled, or a
+    graph the lowering does not recognise: runtimes then run the standard graph)."""
+    from llmbuild.lowering.cpu_graph import CPU_DATA_FILE, CPU_GRAPH_FILE, write_cpu_graph
+    from llmbuild.buildcache import run_stage, stage_key, tool_versions
+    from llmbuild.lowering.cpu import LoweringError
+
+    if not rd.get("runtime", {}).get("cpu_graph", True):
+        return None
+
+    def build(update):
+        try:
+            entry = write_cpu_graph(graphs["paths"][0])
+        except LoweringError as e:
+            rep.log(f"CPU-ready graph not written ({e}); runtimes will run the standard graph")
+            return {"entry": None}
+        update(1, 1)
+        return {"entry": entry}
+
+    key = stage_key("cpu_graph", graph=graphs["graph_hash"], tools=tool_versions("onnx-ir", "numpy", "ml-dtypes"))
+    rels = [f"{MODEL_DIR}/{CPU_GRAPH_FILE}", f"{MODEL_DIR}/{CPU_DATA_FILE}"]
+    return run_stage(store, rep, "cpu_graph", key, stage, rels, build)["entry"]
+
+
 def _tokenizer_stage(store, rep, source, stage: Path) -> dict:
     from llmbuild.buildcache import run_stage, stage_key, tool_versions
 
@@ -315,7 +345,7 @@ def _tokenizer_stage(store, rep, source, stage: Path) -> dict:
 
 
 def _verify_stage(store, rep, recipe, rd: dict, stage: Path, source, verify: bool | None, graph_hash: str,
-                  tokenizer_key: str) -> dict | None:
+                  tokenizer_key: str, cpu_graph: dict | None = None) -> dict | None:
     """Verification of the graph (HF logits, or the accuracy gate of a quantized graph),
     reused when the graph, tokenizer and verify settings are unchanged; only passing
     reports are reused."""
@@ -327,7 +357,8 @@ def _verify_stage(store, rep, recipe, rd: dict, stage: Path, source, verify: boo
         if "verify" in rep.stages:
             rep.stages["verify"]["reused"] = False
         return report
-    key = stage_key("verify", graph=graph_hash, tokenizer=tokenizer_key, source=source.fingerprint(),
+    cpu = None if cpu_graph is None else [cpu_graph["sha256"], cpu_graph.get("data_sha256")]
+    key = stage_key("verify", graph=graph_hash, cpu_graph=cpu, tokenizer=tokenizer_key, source=source.fingerprint(),
                     precision=rd["precision"], verify=settings, quantization=rd.get("quantization"),
                     tools=tool_versions("onnxruntime", "torch", "transformers", "numpy"))
     with store.lock("verify", key):

@@ -98,3 +98,26 @@ class Reporter:
             seconds = f"{self.stages[name]['seconds']:.1f}s"
             detail = f"reused ({seconds})" if last["detail"] == "reused" else seconds
             self._progress.update(task, total=total, completed=total, detail=detail)
+
+
+
+# Environment switches of the third-party libraries compile, verify and eval drive, read
+# when each library is imported (so set before that): transformers' tqdm bars ("Converting
+# and de-quantizing GGUF tensors…"), huggingface_hub's download bars, transformers'
+# warnings.
+_QUIET_ENV = {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
+              "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
+
+
+def quiet_third_party() -> None:
+    """Silence third-party progress bars and logs in this process (ours, Reporter's, stay):
+    the variables above (a value the user set is kept), and ONNX Runtime's process-wide
+    logger at ERROR (its coloured WARNING lines about fusions and copies). For the CLI's
+    compile, verify and eval, which import ONNX Runtime anyway."""
+    for name, value in _QUIET_ENV.items():
+        os.environ.setdefault(name, value)
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return
+    ort.set_default_logger_severity(3)

@@ -74,6 +74,7 @@ def test_each_key_input_flips_the_key(path, value):
     ("recipe.name", "renamed"),  # a renamed or re-verified recipe builds the same engine
     ("recipe.model.source", "/elsewhere/m"),  # the weights' content is `source` (their fingerprint)
     ("recipe.verify.enabled", False),
+    ("recipe.runtime", {"cpu_graph": False}),  # what the artifact ships for ONNX Runtime
     ("recipe.engines", [{"backend": "tensorrt-rtx"}, {"backend": "tensorrt"}]),  # each engine has its own key
     ("recipe.matrix", {"precision": ["float16"]}),
     ("toolchain.python", "3.13.0"),

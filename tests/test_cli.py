@@ -21,7 +21,8 @@ def llmbuild(*args, check=False):
                           cwd=ROOT, check=check)
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["validate", "recipes/smollm2-135m-instruct.yaml"]])
+@pytest.mark.parametrize("argv", [["--help"], ["validate", "recipes/smollm2-135m-instruct.yaml"],
+                                  ["cache", "du", "--cache-dir", "/nonexistent/llmbuild-cache"]])
 def test_light_commands_import_no_heavy_library(argv):
     code = ("import sys; from llmbuild.cli import cli\n"
             "try:\n    cli(prog_name='llmbuild', args=sys.argv[1:])\nexcept SystemExit as e:\n    assert not e.code, e.code\n"

@@ -3,10 +3,11 @@ ctest suite run against tiny artifacts compiled here, and its CLI `llmbuild-gene
 compared with the Python runtime on the same artifacts: greedy and seeded sampled token
 ids must be identical, and user errors must be clear (exit status 2).
 
-The Python runtime runs, by default, the graph lowered for ONNX Runtime's CPU kernels at
-load time (llmbuild/lowering/cpu.py); the C++ runtime runs the artifact's graph
-as written. Ids are compared graph for graph: C++ on graph.file against Python with
-cpu_lowering=False, and C++ given the lowered graph (--graph) against Python's default.
+Both runtimes run, by default, the artifact's CPU-ready graph (graph.cpu.file: lowered
+for ONNX Runtime's CPU kernels at compile time, llmbuild/lowering/cpu_graph.py). Ids are
+compared graph for graph: C++ --standard-graph (graph.file) against Python with
+cpu_lowering=False, C++'s default against Python's default (both the CPU-ready graph),
+and C++ given a graph lowered afterwards (--graph) against Python's default.
 
 A failing configure or build fails these tests (it is never a skip); the build is the
 session fixture `cpp_build` in tests/conftest.py (shared with tests/test_conformance.py)."""
@@ -64,15 +65,21 @@ def generate_cpp(artifact: Path, prompt: list[int], max_new_tokens: int, params:
 
 
 def python_model(artifact: Path, *, lowered: bool):
-    """The Python runtime on ONNX Runtime, on the lowered graph (its default) or graph.file."""
-    model = load(artifact, backend="onnxruntime", threads=2, cpu_lowering=lowered)
+    """The Python runtime on ONNX Runtime, on the lowered graph (its default: the artifact's
+    CPU-ready graph) or graph.file."""
+    model = load(artifact, backend="onnxruntime", threads=2, cpu_lowering=None if lowered else False)
     assert model.executor.lowered == lowered
+    assert model.executor.graph_source == ("cpu_graph" if lowered else "standard")
     return model
 
 
 def assert_same_ids(model, artifact: Path, prompts, max_new_tokens: int, params: SamplingParams,
                     *extra: str) -> list[dict]:
-    """Python's and C++'s generations for each prompt have the same ids; C++'s results."""
+    """Python's and C++'s generations for each prompt have the same ids; C++'s results.
+    C++ runs the graph Python runs (--standard-graph when Python runs graph.file) unless
+    `extra` names one (--graph)."""
+    if model.executor.graph_source == "standard" and "--graph" not in extra:
+        extra = ("--standard-graph", *extra)
     results = []
     for prompt in prompts:
         (expected,) = model.generate_ids([prompt], max_new_tokens=max_new_tokens, params=params)
@@ -122,12 +129,26 @@ def test_seeded_sampled_ids_equal_python(cpp_build, tiny, params):
 
 
 @pytest.mark.parametrize("precision", ["float32", "float16"])
-def test_lowered_graph_ids_equal_python_default(cpp_build, tiny, precision, tmp_path):
-    """C++ on the lowered graph (float32 cache, GroupQueryAttention) = Python as loaded by default."""
-    graph = save_lowered_graph(tiny[precision], tmp_path / "lowered")
+def test_cpu_graph_ids_equal_python_default(cpp_build, tiny, precision):
+    """Both runtimes as loaded by default run the artifact's CPU-ready graph (float32 cache,
+    GroupQueryAttention), written at compile: the same ids, greedy and sampled."""
+    manifest = json.loads((tiny[precision] / "manifest.json").read_text())
+    assert manifest["graph"]["cpu"]["file"] == "model/model.cpu.onnx"
     model = python_model(tiny[precision], lowered=True)
     for params in (SamplingParams(), SAMPLING[1]):
-        assert_same_ids(model, tiny[precision], TINY_PROMPTS, 30, params, "--graph", str(graph))
+        for got in assert_same_ids(model, tiny[precision], TINY_PROMPTS, 30, params):
+            assert got["graph"] == "model/model.cpu.onnx"
+    model.close()
+
+
+@pytest.mark.parametrize("precision", ["float32", "float16"])
+def test_graph_lowered_later_ids_equal_the_cpu_graph(cpp_build, tiny, precision, tmp_path):
+    """C++ on a graph lowered after the build (save_lowered_graph, --graph) = Python on the
+    CPU-ready graph written at compile."""
+    graph = save_lowered_graph(tiny[precision], tmp_path / "lowered")
+    model = python_model(tiny[precision], lowered=True)
+    for got in assert_same_ids(model, tiny[precision], TINY_PROMPTS, 30, SamplingParams(), "--graph", str(graph)):
+        assert got["graph"] == str(graph)
     model.close()
 
 
@@ -145,7 +166,7 @@ def test_eos_stops_both_runtimes_at_the_same_token(cpp_build, tiny, tmp_path):
     for sub in ("model", "tokenizer"):  # copies: the runtime refuses links out of an artifact
         shutil.copytree(source / sub, variant / sub)
     (expected,) = python_model(variant, lowered=False).generate_ids([TINY_PROMPTS[0]], max_new_tokens=20)
-    got = generate_cpp(variant, TINY_PROMPTS[0], 20)
+    got = generate_cpp(variant, TINY_PROMPTS[0], 20, SamplingParams(), "--standard-graph")
     assert expected.token_ids == greedy.token_ids[:cut] and expected.finish_reason == "eos"
     assert got["token_ids"] == expected.token_ids and got["finish_reason"] == "eos"
 
@@ -168,9 +189,10 @@ def test_smollm2_ids_equal_python(cpp_build, smollm2_artifact, tmp_path):
     assert_same_ids(model, smollm2_artifact, [prompt], 8, SamplingParams(temperature=0.7, top_k=50, top_p=0.9, seed=11))
     model.close()
 
-    graph = save_lowered_graph(smollm2_artifact, tmp_path / "lowered")
-    model = python_model(smollm2_artifact, lowered=True)
-    assert_same_ids(model, smollm2_artifact, [prompt], 16, SamplingParams(), "--graph", str(graph))
+    model = python_model(smollm2_artifact, lowered=True)  # both on the CPU-ready graph
+    (got,) = assert_same_ids(model, smollm2_artifact, [prompt], 16, SamplingParams())
+    assert got["graph"] == "model/model.cpu.onnx"
+    assert model.tokenizer.decode(got["token_ids"]) == "The capital of France is Paris."
     model.close()
 
 

@@ -14,7 +14,7 @@ from llmbuild.artifact import read_manifest
 from llmbuild.compile import compile_recipe
 from tests.tiny import make_tiny_hf
 
-STAGES = ("source", "onnx", "tokenizer", "verify")
+STAGES = ("source", "onnx", "cpu_graph", "tokenizer", "verify")
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,10 @@ def without_timings(artifact) -> dict:
 
 def test_first_compile_runs_every_stage(tiny):
     assert reused(tiny["first"]) == dict.fromkeys(STAGES, False)
-    assert read_manifest(tiny["first"])["verification"]["passed"]
+    verification = read_manifest(tiny["first"])["verification"]
+    assert verification["passed"] and verification["graph"] == "standard"
+    # verify what runs: the CPU-ready graph that ships, not a lowering made for the check
+    assert verification["cpu_lowered"]["graph"] == "cpu_graph" and verification["cpu_lowered"]["passed"]
 
 
 def test_noop_recompile_reuses_every_stage_and_the_same_manifest(tiny):
@@ -89,7 +92,7 @@ def test_batch_size_changes_no_stage_without_engines(tiny, tmp_path):
 def test_verify_settings_rerun_only_verify(tiny, tmp_path):
     before = reference_files(tiny["cache"])
     out = recompile(tiny, tmp_path, "verify.prompts=[a new prompt]")
-    assert reused(out) == {"source": True, "onnx": True, "tokenizer": True, "verify": False}
+    assert reused(out) == {"source": True, "onnx": True, "cpu_graph": True, "tokenizer": True, "verify": False}
     assert read_manifest(out)["verification"]["prompts"][0]["prompt"] == "a new prompt"
     assert reference_files(tiny["cache"]) == before + 2  # its HF logits and greedy tokens, now cached
 
@@ -97,7 +100,7 @@ def test_verify_settings_rerun_only_verify(tiny, tmp_path):
 def test_max_seq_len_reruns_onnx_and_verify_with_cached_reference_outputs(tiny, tmp_path):
     before = reference_files(tiny["cache"])
     out = recompile(tiny, tmp_path, "limits.max_seq_len=96")
-    assert reused(out) == {"source": True, "onnx": False, "tokenizer": True, "verify": False}
+    assert reused(out) == {"source": True, "onnx": False, "cpu_graph": False, "tokenizer": True, "verify": False}
     assert read_manifest(out)["hashes"]["graph"] != read_manifest(tiny["first"])["hashes"]["graph"]
     assert reference_files(tiny["cache"]) == before  # same prompts, same source: HF not run again
     assert read_manifest(out)["verification"]["passed"]
@@ -105,14 +108,41 @@ def test_max_seq_len_reruns_onnx_and_verify_with_cached_reference_outputs(tiny, 
 
 def test_precision_reruns_onnx_and_verify(tiny, tmp_path):
     out = recompile(tiny, tmp_path, "precision=float16")
-    assert reused(out) == {"source": True, "onnx": False, "tokenizer": True, "verify": False}
+    assert reused(out) == {"source": True, "onnx": False, "cpu_graph": False, "tokenizer": True, "verify": False}
+
+
+def test_cpu_graph_off_runs_no_cpu_stage_and_reverifies(tiny, tmp_path):
+    """runtime.cpu_graph=false: no CPU-ready graph in the artifact (the runtime lowers at
+    load), the verify stage re-runs (it verifies the graph that ships), the rest reused."""
+    out = recompile(tiny, tmp_path, "runtime.cpu_graph=false")
+    r = reused(out)
+    assert "cpu_graph" not in r
+    assert r == {"source": True, "onnx": True, "tokenizer": True, "verify": False}
+    manifest = read_manifest(out)
+    assert "cpu" not in manifest["graph"] and not (out / "model" / "model.cpu.onnx").exists()
+    assert manifest["verification"]["cpu_lowered"]["graph"] == "lowered at load"
+    assert manifest["hashes"]["graph"] == read_manifest(tiny["first"])["hashes"]["graph"]
+    assert manifest["verification"]["passed"]
+
+
+def test_quantization_reruns_onnx_and_the_cpu_graph(tiny, tmp_path):
+    """The quantization section is an ONNX-stage input (calibration and quantized weights
+    are made there); the CPU-ready graph follows the graph hash; source and tokenizer are
+    reused. (The accuracy gate of a random tiny model is not the point here: off.)"""
+    out = recompile(tiny, tmp_path, "quantization={weights: {scheme: int8}}", "verify.enabled=false")
+    assert reused(out) == {"source": True, "onnx": False, "cpu_graph": False, "tokenizer": True}
+    manifest = read_manifest(out)
+    assert manifest["quantization"] and "data" in manifest["graph"]["cpu"]  # packed int8 weights: their own file
+    again = recompile(tiny, tmp_path / "again", "quantization={weights: {scheme: int8}}", "verify.enabled=false")
+    assert reused(again) == {"source": True, "onnx": True, "cpu_graph": True, "tokenizer": True}
+    assert (again / "model" / "model.cpu.onnx.data").read_bytes() == (out / "model" / "model.cpu.onnx.data").read_bytes()
 
 
 def test_touched_source_rereads_it_and_reuses_the_rest(tiny, tmp_path):
     moved = tmp_path / "hf-copy"
     shutil.copytree(tiny["model"], moved)  # new path and mtimes, same content
     out = recompile(tiny, tmp_path / "o", f"model.source={moved}")
-    assert reused(out) == {"source": False, "onnx": True, "tokenizer": True, "verify": True}
+    assert reused(out) == {"source": False, "onnx": True, "cpu_graph": True, "tokenizer": True, "verify": True}
     assert read_manifest(out)["hashes"]["source"] == read_manifest(tiny["first"])["hashes"]["source"]
 
 

@@ -214,7 +214,7 @@ def test_override_problems_point_at_the_command_line():
     unknown, wrong_type, malformed, nested, unparsable, below = problems
     assert unknown.path == "limts.max_seq_len"
     assert "unknown key 'limts'; did you mean 'limits'?" in unknown.message
-    assert "valid keys: name, model, precision, limits, engines, parallel, quantization, verify, matrix" in unknown.message
+    assert "valid keys: name, model, precision, limits, engines, parallel, quantization, verify, runtime, matrix" in unknown.message
     assert (wrong_type.path, wrong_type.message) == ("limits.max_seq_len", "expected an integer, found 'abc' (string)")
     assert "expected an override 'key.path=value' or '~key.path', found 'engines'" in malformed.message
     assert "unknown key 'prompt' under 'verify'; did you mean 'prompts'?" in nested.message
@@ -244,7 +244,7 @@ def test_every_problem_in_one_error(fake_config):
         ),
         "limts": (
             pos(file, "limts"),
-            "unknown key 'limts'; did you mean 'limits'? (valid keys: name, model, precision, limits, engines, parallel, quantization, verify, matrix)",
+            "unknown key 'limts'; did you mean 'limits'? (valid keys: name, model, precision, limits, engines, parallel, quantization, verify, runtime, matrix)",
         ),
         "limits.max_batch_size": (pos(file, "abc"), "expected an integer, found 'abc' (string)"),
         "limits.max_input_len": (

@@ -100,6 +100,10 @@ Manifest read_manifest(const fs::path& artifact) {
   m.directory = directory;
   m.name = f.get<std::string>("name");
   m.graph_file = f.get<std::string>("graph.file");
+  const json& graph = root["graph"];
+  if (graph.is_object() && graph.contains("cpu") && !graph["cpu"].is_null()) {
+    m.cpu_graph_file = f.get<std::string>("graph.cpu.file");
+  }
   m.limits.max_batch_size = f.get<int64_t>("limits.max_batch_size");
   m.limits.max_input_len = f.get<int64_t>("limits.max_input_len");
   m.limits.max_seq_len = f.get<int64_t>("limits.max_seq_len");
@@ -108,6 +112,12 @@ Manifest read_manifest(const fs::path& artifact) {
   m.eos_token_ids = f.get<std::vector<int64_t>>("tokenizer.eos_token_ids");
   for (const json& entry : f.get<json>("engines")) m.engines.push_back(engine_entry(entry, path.string()));
   return m;
+}
+
+std::string onnx_graph_file(const Manifest& manifest, const LoadOptions& options) {
+  if (!options.graph_file.empty()) return options.graph_file;
+  if (!options.standard_graph && !manifest.cpu_graph_file.empty()) return manifest.cpu_graph_file;
+  return manifest.graph_file;
 }
 
 EngineEntry parse_engine_entry(const std::string& json_text) {

@@ -38,7 +38,8 @@ struct EngineEntry {
 struct Manifest {
   std::filesystem::path directory;
   std::string name;
-  std::string graph_file;  // relative to the artifact
+  std::string graph_file;      // relative to the artifact
+  std::string cpu_graph_file;  // graph.cpu.file: the CPU-ready graph, "" if the artifact has none
   Limits limits;
   int64_t num_layers = 0;
   int64_t vocab_size = 0;
@@ -49,6 +50,10 @@ struct Manifest {
 // Throws ArtifactError: no directory, no manifest, unparsable JSON, another schema
 // version, missing or mistyped fields.
 Manifest read_manifest(const std::filesystem::path& artifact);
+
+// The ONNX file ONNX Runtime runs, relative to the artifact (or absolute): options.graph_file
+// if set; else the CPU-ready graph (graph.cpu.file) unless options.standard_graph; else graph.file.
+std::string onnx_graph_file(const Manifest& manifest, const LoadOptions& options);
 
 // Parses one engine entry (exposed for tests of the TensorRT binding plan).
 EngineEntry parse_engine_entry(const std::string& json_text);

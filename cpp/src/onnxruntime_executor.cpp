@@ -34,11 +34,12 @@ class OnnxRuntimeExecutor : public Executor {
  public:
   OnnxRuntimeExecutor(const Manifest& manifest, const LoadOptions& load)
       : num_layers_(manifest.num_layers), cache_len_(manifest.limits.max_seq_len) {
-    const std::string& file = load.graph_file.empty() ? manifest.graph_file : load.graph_file;
+    const std::string file = onnx_graph_file(manifest, load);
     const auto path = manifest.directory / file;  // an absolute `file` replaces the directory
     if (!std::filesystem::is_regular_file(path)) {
-      throw ArtifactError(path.string() + ": the artifact's ONNX graph is missing (" +
-                          (load.graph_file.empty() ? "manifest graph.file" : "graph_file") + " = " + file + ")");
+      const char* which = !load.graph_file.empty() ? "graph_file"
+                          : file == manifest.graph_file ? "manifest graph.file" : "manifest graph.cpu.file";
+      throw ArtifactError(path.string() + ": the artifact's ONNX graph is missing (" + which + " = " + file + ")");
     }
     Ort::SessionOptions options;
     const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));

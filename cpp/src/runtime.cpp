@@ -54,11 +54,13 @@ std::unique_ptr<Executor> open_executor(const Manifest& manifest, const LoadOpti
 struct Model::Impl {
   Manifest manifest;
   std::unique_ptr<Executor> executor;
+  std::string graph;
 };
 
 Model::Model(const std::string& artifact_dir, const LoadOptions& options) : impl_(std::make_unique<Impl>()) {
   impl_->manifest = read_manifest(artifact_dir);
   impl_->executor = open_executor(impl_->manifest, options);
+  if (impl_->executor->name() == "onnxruntime") impl_->graph = onnx_graph_file(impl_->manifest, options);
 }
 
 Model::~Model() = default;
@@ -78,6 +80,7 @@ Generation Model::generate(const std::vector<int64_t>& prompt_token_ids, const G
 
 const std::string& Model::name() const { return impl_->manifest.name; }
 const std::string& Model::backend() const { return impl_->executor->name(); }
+const std::string& Model::graph() const { return impl_->graph; }
 const Limits& Model::limits() const { return impl_->manifest.limits; }
 const std::vector<int64_t>& Model::eos_token_ids() const { return impl_->manifest.eos_token_ids; }
 

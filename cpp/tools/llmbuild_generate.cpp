@@ -32,7 +32,9 @@ options:
   --seed S                default 0
   --backend NAME          auto (default), onnxruntime or tensorrt
   --threads N             ONNX Runtime threads (default min(cores, 8))
-  --graph FILE            ONNX Runtime: run FILE instead of the manifest's graph.file
+  --graph FILE            ONNX Runtime: run FILE instead of the artifact's graph
+  --standard-graph        ONNX Runtime: run graph.file (what TensorRT parses), not the
+                          artifact's CPU-ready graph (graph.cpu.file, the default if present)
   --stream                print each id as it is generated
   --json                  print one JSON object: ids, finish reason, timings
   -h, --help
@@ -97,6 +99,8 @@ Args parse(int argc, char** argv) {
       args.load.backend = value();
     } else if (arg == "--graph") {
       args.load.graph_file = value();
+    } else if (arg == "--standard-graph") {
+      args.load.standard_graph = true;
     } else if (arg == "--threads") {
       args.load.threads = number<int>(arg, value());
     } else if (arg == "--stream") {
@@ -118,7 +122,9 @@ Args parse(int argc, char** argv) {
 
 int run(const Args& args) {
   using Clock = std::chrono::steady_clock;
+  const auto load_start = Clock::now();
   llmbuild::Model model(args.artifact, args.load);
+  const double load_seconds = std::chrono::duration<double>(Clock::now() - load_start).count();
   std::vector<Clock::time_point> times;
   const auto start = Clock::now();
   bool first = true;
@@ -135,6 +141,8 @@ int run(const Args& args) {
     };
     nlohmann::json out = {
         {"backend", model.backend()},
+        {"graph", model.graph()},
+        {"seconds_to_load", load_seconds},  // manifest + ONNX Runtime session (or engine)
         {"prompt_tokens", args.prompt.size()},
         {"token_ids", g.token_ids},
         {"finish_reason", llmbuild::to_string(g.finish_reason)},

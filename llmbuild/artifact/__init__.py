@@ -2,7 +2,8 @@
 
     <out>/<name>/
       manifest.json      written last; its presence marks a complete artifact
-      model/             model.onnx + model.onnx.data (external weights)
+      model/             model.onnx + model.onnx.data (external weights); model.cpu.onnx
+                         (+ .data), the CPU-ready graph (llmbuild.lowering.cpu_graph)
       engines/           <backend>-<target>-rank<N>.engine
       tokenizer/         tokenizer.json, tokenizer_config.json
 """

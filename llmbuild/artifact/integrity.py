@@ -38,6 +38,11 @@ NESTED_KEYS: tuple[tuple[str, tuple[type, ...]], ...] = (
 # Keys a runtime reads when present: (dotted key, allowed types; type(None) = may be null).
 OPTIONAL_KEYS: tuple[tuple[str, tuple[type, ...]], ...] = (
     ("graph.weights", (str,)),
+    ("graph.cpu", (dict,)),
+    ("graph.cpu.file", (str,)),
+    ("graph.cpu.sha256", (str,)),
+    ("graph.cpu.data", (str,)),
+    ("graph.cpu.data_sha256", (str,)),
     ("hashes", (dict,)),
     ("hashes.graph", (str,)),
     ("parallel", (dict,)),
@@ -143,6 +148,8 @@ def check_artifact_files(directory: str | os.PathLike, manifest: dict, *, hashes
                 raise ArtifactError(f"{directory}: {graph['file']} or its weights {weights.name} do not match the "
                                     "sha256 recorded in the manifest (the files were changed or damaged); "
                                     "recompile the artifact")
+        if isinstance(graph.get("cpu"), dict):
+            _check_cpu_graph(directory, graph["cpu"], hashes)
     tok_dir = _inside(directory, (manifest["tokenizer"].get("dir") or "tokenizer"), "tokenizer directory")
     if not (tok_dir / "tokenizer.json").is_file():
         raise ArtifactError(f"{directory}: {tok_dir.name}/tokenizer.json is missing; recompile the artifact")
@@ -157,7 +164,26 @@ def check_artifact_files(directory: str | os.PathLike, manifest: dict, *, hashes
             raise ArtifactError(f"{directory}: engine {e['file']} does not match the sha256 recorded in the manifest")
 
 
-def _check_graph(directory: Path, model: Path, weights: Path) -> None:
+def _check_cpu_graph(directory: Path, entry: dict, hashes: bool) -> None:
+    """The CPU-ready graph (llmbuild.lowering.cpu_graph): present, whole, its data files
+    long enough, and (hashes) the recorded sha256 of the graph and of its own data."""
+    model = _inside(directory, entry["file"], "CPU graph file")
+    _check_graph(directory, model, None)
+    pairs = [(model, entry.get("sha256"))]
+    if isinstance(entry.get("data"), str):
+        pairs.append((_inside(directory, entry["data"], "CPU graph data file"), entry.get("data_sha256")))
+    for path, recorded in pairs:
+        if not path.is_file():
+            raise ArtifactError(f"{directory}: the CPU graph's file {path.relative_to(directory.resolve())} is "
+                                "missing; recompile the artifact")
+        if hashes and isinstance(recorded, str) and _sha256(path) != recorded:
+            raise ArtifactError(f"{directory}: {path.relative_to(directory.resolve())} does not match the sha256 "
+                                "recorded in the manifest (graph.cpu; changed or damaged); recompile the artifact")
+
+
+def _check_graph(directory: Path, model: Path, weights: Path | None) -> None:
+    """The graph is readable and every external data file it names (`weights` if given,
+    else each tensor's own location beside the graph) holds the bytes it reads."""
     import onnx
 
     rel = model.relative_to(directory.resolve())
@@ -168,19 +194,22 @@ def _check_graph(directory: Path, model: Path, weights: Path) -> None:
     except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and friends
         raise ArtifactError(f"{directory}: the graph {rel} is not a readable ONNX model ({type(e).__name__}: "
                             f"{str(e)[:120]}); recompile the artifact") from None
-    end = 0
+    label = "the graph" if weights is not None else f"the graph {rel}"
+    ends: dict[Path, int] = {}
     for tensor in proto.graph.initializer:
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             info = {kv.key: kv.value for kv in tensor.external_data}
-            end = max(end, int(info.get("offset", 0)) + int(info.get("length", 0)))
-    if end:
-        if not weights.is_file():
-            raise ArtifactError(f"{directory}: the weights file {weights.relative_to(directory.resolve())} is "
+            path = weights if weights is not None else _inside(directory, str(Path(rel).parent / info["location"]),
+                                                               f"data file of {rel}")
+            ends[path] = max(ends.get(path, 0), int(info.get("offset", 0)) + int(info.get("length", 0)))
+    for path, end in ends.items():
+        if not path.is_file():
+            raise ArtifactError(f"{directory}: the weights file {path.relative_to(directory.resolve())} is "
                                 "missing; recompile the artifact")
-        size = weights.stat().st_size
+        size = path.stat().st_size
         if size < end:
-            raise ArtifactError(f"{directory}: the weights file {weights.relative_to(directory.resolve())} has "
-                                f"{size} bytes, the graph reads up to byte {end} (truncated); recompile the artifact")
+            raise ArtifactError(f"{directory}: the weights file {path.relative_to(directory.resolve())} has "
+                                f"{size} bytes, {label} reads up to byte {end} (truncated); recompile the artifact")
 
 
 def _sha256(path: Path, chunk: int = 1 << 22) -> str:

@@ -41,7 +41,7 @@ ENGINE_FILE = "engine"
 ENTRY_FILE = "entry.json"
 ENV_VAR = "LLMBUILD_CACHE_DIR"
 # Recipe keys that do not change an engine (the engine list: each engine has its own key).
-_NOT_ENGINE_INPUTS = ("name", "engines", "verify", "matrix")
+_NOT_ENGINE_INPUTS = ("name", "engines", "verify", "runtime", "matrix")
 
 
 def default_cache_dir() -> Path:

@@ -187,6 +187,14 @@ class Parallel(_Section):
     tp: PositiveInt = 1
 
 
+class Runtime(_Section):
+    # What the artifact carries for its runtimes. cpu_graph: also write the graph lowered
+    # for ONNX Runtime's CPU kernels (model/model.cpu.onnx: fused attention, float32
+    # compute, quantized weights packed once for MatMulNBits), which the Python and C++
+    # runtimes load as is instead of lowering the standard graph at every load.
+    cpu_graph: bool = True
+
+
 class Verify(_Section):
     # null = the per-precision default of the verify stage.
     max_abs_logit_diff: Annotated[float, Field(gt=0)] | None = None
@@ -317,6 +325,7 @@ class Recipe(_Section):
     parallel: Parallel = Parallel()
     quantization: Quantization | None = None
     verify: Verify = Verify()
+    runtime: Runtime = Runtime()
     # Variants `llmbuild compile` expands into separately named artifacts
     # (llmbuild.recipe.matrix): {override path: [values] or {label: value}}.
     matrix: dict[str, MatrixValues] = {}

@@ -47,9 +47,11 @@ def _open_executor(directory: Path, manifest: dict, backend: str, threads: int |
         return TensorRTExecutor(directory, manifest, batch_size=slots)
     from llmbuild.runtime.executors.onnxruntime import OnnxRuntimeExecutor
 
+    from llmbuild.lowering.cpu_graph import cpu_graph_file
+
     return OnnxRuntimeExecutor(
         directory / manifest["graph"]["file"], num_layers=layers, cache_len=limits["max_seq_len"], threads=threads,
-        batch_size=slots, cpu_lowering=cpu_lowering,
+        batch_size=slots, cpu_lowering=cpu_lowering, cpu_graph=cpu_graph_file(directory, manifest),
     )
 
 
@@ -60,7 +62,8 @@ class LoadedModel:
         """max_batch_size: cache slots (default: the artifact's limit; more only on ONNX
         Runtime, whose graph has no fixed batch). max_num_tokens: tokens of one prefill
         pass; longer prompts are prefilled in chunks (default and maximum for an engine:
-        the artifact's max_input_len). cpu_lowering: see OnnxRuntimeExecutor.
+        the artifact's max_input_len). cpu_lowering: see OnnxRuntimeExecutor (the
+        artifact's CPU-ready graph, when it has one, is the lowered graph: loaded as is).
         check_hashes: compare the graph's and engines' sha256 with the manifest's
         (default: yes, unless $LLMBUILD_SKIP_HASH_CHECK=1; presence and sizes are
         always checked, llmbuild.artifact.integrity)."""

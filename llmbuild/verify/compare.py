@@ -95,8 +95,8 @@ def verify_what_runs(artifact, reference, **kwargs) -> dict:
         outputs = _DirectReference(ref if ref is not None else load_reference(reference))
     report = verify_artifact(artifact, reference, reference_outputs=outputs, **kwargs)
     lowered = verify_artifact(artifact, reference, reference_outputs=outputs, cpu_lowering=None, **kwargs)
-    report["cpu_lowered"] = {k: lowered[k] for k in ("passed", "failures", "max_abs_logit_diff", "top1_agreement",
-                                                     "greedy_agreement", "seconds")}
+    report["cpu_lowered"] = {k: lowered[k] for k in ("passed", "failures", "graph", "max_abs_logit_diff",
+                                                     "top1_agreement", "greedy_agreement", "seconds")}
     report["failures"] = report["failures"] + [f"CPU-lowered graph: {f}" for f in lowered["failures"]]
     report["passed"] = report["passed"] and lowered["passed"]
     return report
@@ -161,6 +161,7 @@ def verify_artifact(
         positions += len(ids)
         greedy_hits += same if ref_tokens != our_tokens else total
         greedy_total += total
+    graph = getattr(model.executor, "graph_source", "standard")  # tensor-parallel ranks: standard graphs
     model.close()
     summary = {
         "max_abs_logit_diff": max_diff,
@@ -179,7 +180,9 @@ def verify_artifact(
         "failures": failures,
         "reference": str(reference),
         "backend": "onnxruntime-cpu",
-        "graph": "cpu-lowered" if cpu_lowering else "standard",
+        # which graph ran: standard, cpu_graph (the artifact's CPU-ready graph, what ships) or
+        # "lowered at load" (an artifact without one)
+        "graph": graph,
         "precision": precision,
         "thresholds": asdict(thresholds),
         **summary,

@@ -72,10 +72,13 @@ struct Generation {
 struct LoadOptions {
   std::string backend = "auto";  // "auto", "onnxruntime" or "tensorrt"
   int threads = 0;               // ONNX Runtime intra-op threads; 0 = min(cores, 8)
-  // ONNX Runtime: an ONNX file to run instead of the manifest's graph.file (absolute or
-  // relative to the artifact), with the same I/O contract, e.g. the CPU-lowered graph that
-  // llmbuild.lowering.cpu.lowered_model_bytes() produces, saved next to model.onnx.
+  // ONNX Runtime runs the artifact's CPU-ready graph (manifest graph.cpu.file, lowered for
+  // ONNX Runtime's CPU kernels at compile time) when it has one, else graph.file.
+  // graph_file: an ONNX file to run instead (absolute or relative to the artifact), with the
+  // same I/O contract. standard_graph: run graph.file (what TensorRT parses) even when the
+  // artifact has a CPU-ready graph.
   std::string graph_file;
+  bool standard_graph = false;
 };
 
 // Called with each generated token as soon as it is produced.
@@ -100,6 +103,7 @@ class Model {
 
   const std::string& name() const;
   const std::string& backend() const;  // the executor in use
+  const std::string& graph() const;    // the ONNX file ONNX Runtime runs ("" on TensorRT)
   const Limits& limits() const;
   const std::vector<int64_t>& eos_token_ids() const;
 

@@ -7,8 +7,10 @@ slots (the slot dimension is the buffers' leading one, so the views are contiguo
 and no bytes move); one IOBinding per slot range is built once and reused, with a
 preallocated logits buffer, so a step allocates nothing but its small token arrays.
 
-By default the graph is first lowered for the CPU (llmbuild.lowering.cpu:
-ONNX Runtime's fused GroupQueryAttention, 16-bit weights promoted to float32);
+By default the executor runs the graph lowered for the CPU (llmbuild.lowering.cpu:
+ONNX Runtime's fused GroupQueryAttention, 16-bit weights promoted to float32): the
+artifact's CPU-ready graph when it has one (written at compile, loaded as is;
+llmbuild.lowering.cpu_graph), else the standard graph lowered in memory at load.
 `cpu_lowering=False` runs the standard graph exactly as TensorRT would parse it.
 """
 
@@ -63,9 +65,13 @@ class OnnxRuntimeExecutor:
     slot_ranges = True  # forward() may cover any contiguous range of cache slots
 
     def __init__(self, model_path: Path, *, num_layers: int, cache_len: int, batch_size: int = 1,
-                 threads: int | None = None, cpu_lowering: bool | None = None, log_severity: int = 3):
+                 threads: int | None = None, cpu_lowering: bool | None = None, log_severity: int = 3,
+                 cpu_graph: Path | None = None):
         """cpu_lowering: True = lowered graph or an error, False = the standard graph,
-        None = lowered when the graph allows it (else the standard graph, logged)."""
+        None = lowered when the graph allows it (else the standard graph, logged).
+        cpu_graph: the artifact's CPU-ready graph file (already lowered), used unless
+        cpu_lowering is False. `graph_source` says which graph runs: "cpu_graph",
+        "lowered at load" or "standard"."""
         import onnxruntime as ort
 
         self._ort = ort
@@ -73,8 +79,12 @@ class OnnxRuntimeExecutor:
         opts = session_options(threads, log_severity)
         self.threads = opts.intra_op_num_threads
         self.lowered = False
+        self.graph_source = "standard"
         source: str | bytes = str(model_path)
-        if cpu_lowering is not False:
+        if cpu_lowering is not False and cpu_graph is not None:
+            source = str(cpu_graph)  # external data resolves relative to its folder
+            self.lowered, self.graph_source = True, "cpu_graph"
+        elif cpu_lowering is not False:
             from llmbuild.lowering.cpu import LoweringError, lowered_model_bytes
 
             try:
@@ -82,7 +92,7 @@ class OnnxRuntimeExecutor:
                 # Weights stay in the artifact's external data file, read from there.
                 opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                               str(model_path.parent))
-                self.lowered = True
+                self.lowered, self.graph_source = True, "lowered at load"
             except LoweringError as e:
                 if cpu_lowering:
                     raise
