@@ -475,12 +475,14 @@ def eval_command(artifact, reference, no_reference, dataset, tokens, seq_len, th
     from llmbuild.eval import evaluate
     from llmbuild.recipe.model_source import resolve_reference
 
+    if no_reference and reference is not None:
+        raise click.UsageError("--no-reference and --reference exclude each other")
     if no_reference:
         reference = None
     elif reference is not None:
         reference = resolve_reference(reference, {})
     elif (Path(artifact) / "manifest.json").is_file():
-        reference = resolve_reference(None, read_manifest(artifact))
+        reference = resolve_reference(None, read_manifest(artifact), otherwise="or --no-reference (perplexity only)")
 
     report = evaluate(artifact, reference, dataset=dataset, tokens=tokens, seq_len=seq_len, threads=threads)
     if as_json:

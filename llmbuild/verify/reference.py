@@ -26,12 +26,30 @@ def load_reference(path: str | Path):
     path = Path(path)
     if not path.exists():
         raise UserError(f"reference {path} does not exist")
+    if not ((path.is_dir() and (path / "config.json").is_file()) or (path.is_file() and path.suffix == ".gguf")):
+        raise UserError(f"reference {path}: expected a Hugging Face checkpoint directory (with config.json) or a "
+                        ".gguf file")
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    if path.is_file():
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    try:
+        if path.is_file():
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except (OSError, ValueError, KeyError) as e:  # a config or weights transformers cannot read
+        reason = (str(e).strip().splitlines() or [""])[0][:300]
+        raise UserError(f"reference {path}: transformers cannot load it ({type(e).__name__}: {reason})") from None
     return model.eval()
+
+
+def check_same_vocabulary(reference, reference_logits, artifact, artifact_logits) -> None:
+    """Logits of two models can be compared only over one vocabulary: a reference that is
+    not the model the artifact was built from (another checkpoint at the recorded path,
+    a wrong --reference) is a UserError, not a numpy broadcasting error."""
+    ours, theirs = artifact_logits.shape[-1], reference_logits.shape[-1]
+    if ours != theirs:
+        raise UserError(f"the reference {reference} has a vocabulary of {theirs} tokens and the artifact {artifact} "
+                        f"{ours}: it is not the model the artifact was compiled from; pass --reference with that "
+                        "model")
 
 
 def reference_logits(model, ids: list[int]):
