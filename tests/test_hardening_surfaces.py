@@ -120,6 +120,15 @@ def test_unusable_cache_directory_is_a_message(tiny, tmp_path):
     assert not (tmp_path / "out" / "tiny").exists()
 
 
+def test_unusable_out_directory_is_a_message(tiny, tmp_path):
+    (tmp_path / "a-file").write_text("x")
+    for out, reason in ((tmp_path / "a-file", "it exists and is not a directory"),
+                        (tmp_path / "a-file" / "sub", "Not a directory")):
+        r = cli("compile", tiny["recipe"], "-o", out, "--no-verify", "-q", "--no-cache")
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert f"--out {out}: cannot write the artifact there ({reason}); pass another -o/--out" in r.stderr
+
+
 def _edit_record(change):
     def edit(meta: Path):
         record = json.loads(meta.read_text())
@@ -234,6 +243,18 @@ def test_hf_pull_request_revisions_resolve_offline(tiny, tmp_path):
         else:
             assert r.returncode == 2
     assert "(a revision is a branch, tag, commit or refs/pr/N), found 'hf:llmbuild-test/tiny@refs/heads/main'" in r.stderr
+
+
+def test_hf_file_must_stay_inside_the_repository(tmp_path):
+    from llmbuild.recipe import RecipeError, load_recipe
+    from llmbuild.recipe.model_source import parse_hub
+
+    assert parse_hub("hf:org/name@v1/sub/m.gguf") == ("org/name", "v1", "sub/m.gguf")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: t\nmodel: {source: 'hf:org/name/../../../m.gguf'}\n")
+    with pytest.raises(RecipeError, match=r"hf:org/name/../../../m.gguf: the file '../../../m.gguf' must be a path "
+                                          r"inside the repository \(no '..', not absolute\)"):
+        load_recipe(recipe)
 
 
 # -- verify / eval when the manifest's source is gone or is another model -------------------

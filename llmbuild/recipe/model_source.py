@@ -100,7 +100,10 @@ def parse_hub(source: str) -> tuple[str, str | None, str | None]:
     if match is None:
         raise SourceError(f"expected 'hf:<org>/<name>[@<revision>][/<file>.gguf]' (a revision is a branch, tag, "
                           f"commit or refs/pr/N), found {source!r}")
-    return match.group(1), match.group(2), match.group(3)
+    file = match.group(3)
+    if file is not None and (file.startswith("/") or ".." in file.split("/")):
+        raise SourceError(f"{source}: the file {file!r} must be a path inside the repository (no '..', not absolute)")
+    return match.group(1), match.group(2), file
 
 
 def hub_commit(path: Path) -> str | None:
