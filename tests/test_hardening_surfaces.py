@@ -99,6 +99,10 @@ def test_serve_bfloat16_artifact_answers_as_the_runtime(tiny, tmp_path):
                        json={"model": "tiny", "prompt": "hello", "max_tokens": 6, "temperature": 0})
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["text"] == expected.text
+        # an empty prompt is refused as empty, not as "maximum context length exceeded"
+        r = httpx.post(server.url + "/v1/completions", timeout=120, json={"model": "tiny", "prompt": "", "max_tokens": 2})
+        assert r.status_code == 400 and r.json()["error"]["message"] == "the prompt is empty (0 tokens); expected at " \
+                                                                        "least one token"
     finally:
         assert server.stop() == 0
     assert "Traceback" not in server.log()
