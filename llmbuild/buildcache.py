@@ -10,7 +10,8 @@ fingerprint, the versions of the tools it runs, and the keys (or content hashes)
 stages before it. Its entry holds the files it wrote into the staging directory (hard-
 copied back on reuse — onnx refuses hard-linked external data — and checked by size and
 sampled digest like engines) and a JSON `meta`
-(what the manifest records of it). `compile` reports per stage whether it was reused
+(what the manifest records of it) with its sha256: an entry whose record is truncated,
+edited or names paths outside it is a miss (rebuilt and replaced), never an error. `compile` reports per stage whether it was reused
 (`rep.stages[name]["reused"]`, in the manifest's timings).
 
 | stage     | key inputs                                                                     |
