@@ -429,6 +429,10 @@ def verify(artifact, reference, prompts, max_abs_logit_diff, min_top1_agreement,
     m = read_manifest(artifact)
     check_cpu_runnable(m, artifact, "verify")
     reference = resolve_reference(reference, m)
+    from llmbuild.verify.reference import source_mismatch
+
+    if (warning := source_mismatch(reference, m)) is not None:
+        click.echo(f"warning: {warning}", err=True)
     thresholds = default_thresholds(m["model"]["precision"], {
         "max_abs_logit_diff": max_abs_logit_diff, "min_top1_agreement": min_top1_agreement,
         "min_greedy_agreement": min_greedy_agreement})
@@ -484,6 +488,11 @@ def eval_command(artifact, reference, no_reference, dataset, tokens, seq_len, th
     elif (Path(artifact) / "manifest.json").is_file():
         reference = resolve_reference(None, read_manifest(artifact), otherwise="or --no-reference (perplexity only)")
 
+    if reference is not None and (Path(artifact) / "manifest.json").is_file():
+        from llmbuild.verify.reference import source_mismatch
+
+        if (warning := source_mismatch(reference, read_manifest(artifact))) is not None:
+            click.echo(f"warning: {warning}", err=True)
     report = evaluate(artifact, reference, dataset=dataset, tokens=tokens, seq_len=seq_len, threads=threads)
     if as_json:
         _emit_json(report)

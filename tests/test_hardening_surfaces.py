@@ -292,11 +292,18 @@ def test_verify_and_eval_when_the_source_is_gone(orphan, tiny):
     assert a["perplexity"] == pytest.approx(b["perplexity"], rel=1e-6) and b["kl_divergence"] < 1e-6
 
 
-def test_a_reference_that_is_another_model_is_a_message(orphan, tmp_path):
+def test_a_reference_that_is_another_model_is_a_message(orphan, tiny, tmp_path):
+    from llmbuild.artifact import read_manifest
     from llmbuild.eval import evaluate
     from llmbuild.verify import verify_what_runs
+    from llmbuild.verify.reference import source_mismatch
 
     other = make_tiny_hf(tmp_path / "other", vocab=128, seed=9)
+    # verify/eval warn when the reference's fingerprint is not the manifest's hashes.source
+    manifest = read_manifest(orphan["artifact"])
+    assert source_mismatch(tiny["model"], manifest) is None  # the same weights as the removed copy
+    assert source_mismatch(other, manifest).startswith(f"the reference {other} is not the source this artifact was "
+                                                        "compiled from (its fingerprint ")
     message = (rf"the reference {other} has a vocabulary of 128 tokens and the artifact .* 256: it is not the model "
                "the artifact was compiled from")
     with pytest.raises(UserError, match=message):

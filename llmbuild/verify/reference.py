@@ -75,3 +75,25 @@ def reference_greedy(model, ids: list[int], max_new_tokens: int, eos_token_ids: 
         if t in eos_token_ids:
             return tokens[:i]
     return tokens
+
+
+def source_mismatch(reference, manifest: dict) -> str | None:
+    """A warning when a checkpoint or GGUF reference is not the source the artifact was
+    compiled from (its fingerprint differs from the manifest's hashes.source): the figures
+    then compare two different models. None when it is, or when it cannot be told."""
+    from llmbuild.source import open_source
+
+    recorded = (manifest.get("hashes") or {}).get("source")
+    path = Path(reference)
+    if not recorded or not ((path.is_dir() and (path / "config.json").is_file()) or path.suffix == ".gguf"):
+        return None
+    source = open_source(path)
+    try:
+        fingerprint = source.fingerprint()
+    finally:
+        source.close()
+    if fingerprint == recorded:
+        return None
+    return (f"the reference {path} is not the source this artifact was compiled from (its fingerprint "
+            f"{fingerprint[:12]} differs from the manifest's hashes.source {recorded[:12]}): the figures compare two "
+            "different models")
