@@ -340,6 +340,7 @@ class _Logits:
         return self.table[int(ids[0])]
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 def test_accuracy_gate_counts_non_finite_logits():
     """NaN compares below every threshold: the gate's metrics name the first chunk and
     position with a non-finite logit and count the positions."""
