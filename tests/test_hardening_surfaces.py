@@ -122,6 +122,10 @@ def test_unusable_cache_directory_is_a_message(tiny, tmp_path):
     assert f"the cache directory {tmp_path / 'a-file'} ($LLMBUILD_CACHE_DIR" in r.stderr
     assert "it exists and is not a directory" in r.stderr
     assert not (tmp_path / "out" / "tiny").exists()
+    from llmbuild.engine.cache import cache_directory
+
+    with pytest.raises(UserError, match="--cache-dir '': expected a directory"):  # (the CLI's '' is the default)
+        cache_directory("")
 
 
 def test_unusable_out_directory_is_a_message(tiny, tmp_path):

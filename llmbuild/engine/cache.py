@@ -62,6 +62,9 @@ def cache_directory(cache) -> Path | None:
 
     if cache is None or cache is False:
         return None
+    if isinstance(cache, str) and not cache.strip():
+        raise UserError("--cache-dir '': expected a directory (an empty path would put the cache in the current "
+                        "directory); pass a directory, or --no-cache")
     path = default_cache_dir() if cache is True else Path(cache).expanduser()
     how = f"the cache directory {path} (${ENV_VAR}, else ~/.cache/llmbuild)" if cache is True else f"--cache-dir {path}"
     try:
