@@ -10,7 +10,8 @@ fingerprint, the versions of the tools it runs, and the keys (or content hashes)
 stages before it. Its entry holds the files it wrote into the staging directory (hard-
 copied back on reuse — onnx refuses hard-linked external data — and checked by size and
 sampled digest like engines) and a JSON `meta`
-(what the manifest records of it). `compile` reports per stage whether it was reused
+(what the manifest records of it) with its sha256: an entry whose record is truncated,
+edited or names paths outside it is a miss (rebuilt and replaced), never an error. `compile` reports per stage whether it was reused
 (`rep.stages[name]["reused"]`, in the manifest's timings).
 
 | stage     | key inputs                                                                     |
@@ -112,11 +113,10 @@ class StageStore:
     @classmethod
     def for_cache(cls, cache) -> "StageStore | None":
         """compile's `cache` argument: True = the default cache dir, a path, or off."""
-        from llmbuild.engine.cache import default_cache_dir
+        from llmbuild.engine.cache import cache_directory
 
-        if cache is None or cache is False:
-            return None
-        return cls(default_cache_dir() if cache is True else Path(cache))
+        directory = cache_directory(cache)  # a UserError if it cannot be a cache
+        return None if directory is None else cls(directory)
 
     def entry_dir(self, stage: str, key: str) -> Path:
         return self.dir / "stages" / stage / key[:2] / key
@@ -135,7 +135,11 @@ class StageStore:
         entry = self.entry_dir(stage, key)
         try:
             record = json.loads((entry / META_FILE).read_text())
-        except (OSError, json.JSONDecodeError):
+        except (OSError, ValueError):  # unreadable, not UTF-8, not JSON
+            record = None
+        if record is None or not _valid_record(record):
+            if entry.exists():  # a damaged entry (truncated, edited, from another version): rebuilt
+                shutil.rmtree(entry, ignore_errors=True)
             return None
         placed = []
         try:
@@ -167,13 +171,35 @@ class StageStore:
                 _place(root / rel, dst)
                 os.chmod(dst, 0o444)
                 files[rel] = [dst.stat().st_size, sampled_digest(dst)]
-            record = {"stage": stage, "key": key, "files": files, "meta": meta, "stored": time.time()}
+            meta = json.loads(json.dumps(meta, default=str))  # what a reader gets back
+            record = {"stage": stage, "key": key, "files": files, "meta": meta, "meta_sha256": _meta_digest(meta),
+                      "stored": time.time()}
             (tmp / META_FILE).write_text(json.dumps(record, indent=1, default=str))
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _meta_digest(meta) -> str:
+    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
+
+
+def _valid_record(record) -> bool:
+    """A stage entry's meta.json as `store` writes it: files {relative path inside the
+    entry: [size, sampled digest]} and a meta whose sha256 is recorded (an edited or
+    truncated meta is a miss, never a KeyError later in compile)."""
+    if not isinstance(record, dict) or not isinstance(record.get("files"), dict):
+        return False
+    for rel, value in record["files"].items():
+        parts = Path(rel).parts
+        if Path(rel).is_absolute() or not parts or ".." in parts:
+            return False
+        if not (isinstance(value, list) and len(value) == 2 and type(value[0]) is int and isinstance(value[1], str)):
+            return False
+    meta = record.get("meta")
+    return isinstance(meta, dict) and record.get("meta_sha256") == _meta_digest(meta)
 
 
 def run_stage(store: StageStore | None, rep, name: str, key: str, root: Path, rels: list[str],
@@ -248,17 +274,20 @@ class CachedReference:
         digest = hashlib.sha256(json.dumps({"kind": kind, "tools": self.tools, **inputs}, sort_keys=True).encode())
         return self.dir / f"{kind}-{digest.hexdigest()[:32]}.npz"
 
-    def _cached(self, path: Path | None, compute: Callable):
+    def _cached(self, path: Path | None, compute: Callable, valid: Callable = lambda value: True):
+        import zipfile
+
         import numpy as np
 
         if path is not None and path.is_file():
             try:
                 with np.load(path) as z:
                     value = z["value"]
-                os.utime(path)  # last use, for `llmbuild cache prune`
-                return value
-            except (OSError, ValueError, KeyError):
-                pass
+                if valid(value):
+                    os.utime(path)  # last use, for `llmbuild cache prune`
+                    return value
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+                pass  # a damaged entry: computed again and replaced
         self.misses += 1
         value = np.asarray(compute())
         if path is not None:
@@ -271,14 +300,16 @@ class CachedReference:
     def logits(self, ids: list[int]):
         from llmbuild.verify.reference import reference_logits
 
-        return self._cached(self._path("logits", ids=list(ids)), lambda: reference_logits(self.model, ids))
+        return self._cached(self._path("logits", ids=list(ids)), lambda: reference_logits(self.model, ids),
+                            lambda v: v.ndim == 2 and v.shape[0] == len(ids) and v.dtype.kind == "f")
 
     def greedy(self, ids: list[int], max_new_tokens: int, eos_token_ids: list[int]) -> list[int]:
         from llmbuild.verify.reference import reference_greedy
 
         path = self._path("greedy", ids=list(ids), n=max_new_tokens, eos=list(eos_token_ids))
         return [int(t) for t in self._cached(
-            path, lambda: reference_greedy(self.model, ids, max_new_tokens, eos_token_ids))]
+            path, lambda: reference_greedy(self.model, ids, max_new_tokens, eos_token_ids),
+            lambda v: v.ndim == 1 and len(v) <= max_new_tokens and v.dtype.kind in "iu")]
 
 
 # -- `llmbuild cache {ls,du,prune}`: the engine cache, the stage store, reference outputs --

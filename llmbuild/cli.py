@@ -496,6 +496,10 @@ def verify(artifact, reference, prompts, max_abs_logit_diff, min_top1_agreement,
     m = read_manifest(artifact)
     check_cpu_runnable(m, artifact, "verify")
     reference = resolve_reference(reference, m)
+    from llmbuild.verify.reference import source_mismatch
+
+    if (warning := source_mismatch(reference, m)) is not None:
+        click.echo(f"warning: {warning}", err=True)
     thresholds = default_thresholds(m["model"]["precision"], {
         "max_abs_logit_diff": max_abs_logit_diff, "min_top1_agreement": min_top1_agreement,
         "min_greedy_agreement": min_greedy_agreement})
@@ -544,13 +548,20 @@ def eval_command(artifact, reference, no_reference, dataset, tokens, seq_len, th
     from llmbuild.recipe.model_source import resolve_reference
 
     quiet_third_party()
+    if no_reference and reference is not None:
+        raise click.UsageError("--no-reference and --reference exclude each other")
     if no_reference:
         reference = None
     elif reference is not None:
         reference = resolve_reference(reference, {})
     elif (Path(artifact) / "manifest.json").is_file():
-        reference = resolve_reference(None, read_manifest(artifact))
+        reference = resolve_reference(None, read_manifest(artifact), otherwise="or --no-reference (perplexity only)")
 
+    if reference is not None and (Path(artifact) / "manifest.json").is_file():
+        from llmbuild.verify.reference import source_mismatch
+
+        if (warning := source_mismatch(reference, read_manifest(artifact))) is not None:
+            click.echo(f"warning: {warning}", err=True)
     report = evaluate(artifact, reference, dataset=dataset, tokens=tokens, seq_len=seq_len, threads=threads)
     if as_json:
         _emit_json(report)

@@ -401,11 +401,10 @@ def check_engines_before_work(rd: dict) -> None:
 
 
 def _engine_cache(cache: bool | str | Path | None):
-    from llmbuild.engine.cache import EngineCache, default_cache_dir
+    from llmbuild.engine.cache import EngineCache, cache_directory
 
-    if cache is None or cache is False:
-        return None
-    return EngineCache(default_cache_dir() if cache is True else Path(cache))
+    directory = cache_directory(cache)
+    return None if directory is None else EngineCache(directory)
 
 
 def build_engines(

@@ -55,13 +55,20 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 @contextlib.contextmanager
 def staged_artifact(out_dir: Path, name: str) -> Iterator[Path]:
-    """Yield a staging directory; on normal exit it becomes `out_dir/name`."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    clean_stale(out_dir, name)
+    """Yield a staging directory; on normal exit it becomes `out_dir/name`. An output
+    directory that cannot be created or written is a UserError before any work."""
     stage = out_dir / f".{name}.partial-{os.getpid()}"
-    if stage.exists():
-        shutil.rmtree(stage)
-    stage.mkdir()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        clean_stale(out_dir, name)
+        if stage.exists():
+            shutil.rmtree(stage)
+        stage.mkdir()
+    except OSError as e:
+        from llmbuild.errors import UserError
+
+        reason = "it exists and is not a directory" if isinstance(e, FileExistsError) else (e.strerror or str(e))
+        raise UserError(f"--out {out_dir}: cannot write the artifact there ({reason}); pass another -o/--out") from None
     final = out_dir / name
     try:
         with _sigterm_as_interrupt():

@@ -52,6 +52,34 @@ def default_cache_dir() -> Path:
     return Path(base) / "llmbuild"
 
 
+def cache_directory(cache) -> Path | None:
+    """compile's `cache` argument (True = the default directory, a path, None/False = off)
+    as a directory that exists and is writable; a `UserError` naming it if it cannot be
+    one (a path under a file, a read-only file system), before any stage runs."""
+    import tempfile
+
+    from llmbuild.errors import UserError
+
+    if cache is None or cache is False:
+        return None
+    if isinstance(cache, str) and not cache.strip():
+        raise UserError("--cache-dir '': expected a directory (an empty path would put the cache in the current "
+                        "directory); pass a directory, or --no-cache")
+    path = default_cache_dir() if cache is True else Path(cache).expanduser()
+    how = f"the cache directory {path} (${ENV_VAR}, else ~/.cache/llmbuild)" if cache is True else f"--cache-dir {path}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except (OSError, ValueError) as e:
+        reason = getattr(e, "strerror", None) or str(e)
+        if isinstance(e, FileExistsError):
+            reason = "it exists and is not a directory"
+        raise UserError(f"{how}: cannot use it as a cache ({reason}); pass another --cache-dir, or --no-cache "
+                        "to build without one") from None
+    return path
+
+
 def engine_key(
     *,
     recipe: dict,
@@ -133,7 +161,10 @@ class EngineCache:
         entry_dir = self.entry_dir(key)
         try:
             info = json.loads((entry_dir / ENTRY_FILE).read_text())
-        except (OSError, json.JSONDecodeError):
+        except (OSError, ValueError):  # unreadable, not UTF-8, not JSON
+            return None
+        if not isinstance(info, dict):  # an edited entry: rebuilt
+            shutil.rmtree(entry_dir, ignore_errors=True)
             return None
         engine_path.parent.mkdir(parents=True, exist_ok=True)
         try:

@@ -105,7 +105,12 @@ def evaluate_runners(candidate, reference, chunks: np.ndarray, progress=None) ->
         totals |= {"kl": 0.0, "top1": 0, "ref_nll": 0.0}
     for i, ids in enumerate(chunks):
         ref = reference.logits(ids) if reference is not None else None
-        m = chunk_metrics(candidate.logits(ids), ids, ref)
+        logits = candidate.logits(ids)
+        if ref is not None and i == 0:
+            from llmbuild.verify.reference import check_same_vocabulary
+
+            check_same_vocabulary(getattr(reference, "path", "?"), ref, getattr(candidate, "path", "?"), logits)
+        m = chunk_metrics(logits, ids, ref)
         for k, v in m.items():
             if k.endswith("_non_finite"):  # the first chunk that has one, and a count
                 first = totals.setdefault(k, {**v, "chunk": i, "positions": 0})

@@ -15,7 +15,8 @@ from llmbuild.errors import UserError
 PACKAGE_PREFIX = "package:"
 _PACKAGE_FORM = re.compile(r"^package:([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)/(.+)$")
 HUB_PREFIX = "hf:"
-_HUB_FORM = re.compile(r"^hf:([\w.-]+/[\w.-]+)(?:@([\w.-]+))?(?:/(.+\.gguf))?$", re.IGNORECASE)
+# A revision: a branch, tag or commit (no "/"), or a pull request's ref (refs/pr/N).
+_HUB_FORM = re.compile(r"^hf:([\w.-]+/[\w.-]+)(?:@(refs/pr/\d+|[\w.-]+))?(?:/(.+\.gguf))?$", re.IGNORECASE)
 # What a build reads from an HF checkpoint repository (the weights, config, tokenizer).
 HUB_CHECKPOINT_FILES = [
     "config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json",
@@ -97,8 +98,12 @@ def parse_hub(source: str) -> tuple[str, str | None, str | None]:
     """(repo id, revision or None, GGUF file or None) of an `hf:` source."""
     match = _HUB_FORM.match(source)
     if match is None:
-        raise SourceError(f"expected 'hf:<org>/<name>[@<revision>][/<file>.gguf]', found {source!r}")
-    return match.group(1), match.group(2), match.group(3)
+        raise SourceError(f"expected 'hf:<org>/<name>[@<revision>][/<file>.gguf]' (a revision is a branch, tag, "
+                          f"commit or refs/pr/N), found {source!r}")
+    file = match.group(3)
+    if file is not None and (file.startswith("/") or ".." in file.split("/")):
+        raise SourceError(f"{source}: the file {file!r} must be a path inside the repository (no '..', not absolute)")
+    return match.group(1), match.group(2), file
 
 
 def hub_commit(path: Path) -> str | None:
@@ -153,11 +158,13 @@ def source_record(source: str, path: Path) -> dict:
     return record
 
 
-def resolve_reference(reference: str | None, manifest: dict, base_dir: Path | None = None) -> Path:
+def resolve_reference(reference: str | None, manifest: dict, base_dir: Path | None = None, *,
+                      otherwise: str | None = None) -> Path:
     """The model `verify` / `eval` compare an artifact with: `reference` in any source form
     (a path, `package:…`, `hf:…`; a path may also be an artifact directory), or, when
     None, the source the artifact's manifest records (its path if it still exists, else its
-    `package:` / `hf:` spelling resolved again, e.g. on another machine)."""
+    `package:` / `hf:` spelling resolved again, e.g. on another machine). `otherwise`: what
+    else the command accepts, added to the message when the recorded source is gone."""
     base_dir = base_dir or Path.cwd()
     if reference is not None:
         if reference.startswith((PACKAGE_PREFIX, HUB_PREFIX)):
@@ -172,5 +179,5 @@ def resolve_reference(reference: str | None, manifest: dict, base_dir: Path | No
         return resolve_source(spec, base_dir)
     raise SourceError(
         f"the artifact's source {path or spec!r} (recorded in its manifest) is not on this machine; "
-        "pass --reference PATH|package:…|hf:…"
+        f"pass --reference PATH|package:…|hf:…{' ' + otherwise if otherwise else ''}"
     )

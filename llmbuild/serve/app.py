@@ -170,7 +170,9 @@ def _sampling(body, n: int) -> list[SamplingParams]:
 def _check_length(state: ServerState, prompt_len: int, max_tokens: int | None, what: str) -> int:
     limit = state.model.engine.limits.max_seq_len
     wanted = max_tokens if max_tokens is not None else max(1, limit - prompt_len)
-    if prompt_len + wanted > limit or prompt_len == 0:
+    if prompt_len == 0:  # nothing to continue: not a length problem
+        raise ApiError(400, f"the {what} is empty (0 tokens); expected at least one token", param=what)
+    if prompt_len + wanted > limit:
         raise ApiError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
                        f"{prompt_len + wanted} tokens ({prompt_len} in the {what}, {wanted} in the completion). "
                        f"Please reduce the length of the {what} or completion.", param=what,

@@ -66,10 +66,10 @@ def build(args: dict):
 
 def serve_with_ray(artifact: str, *, replicas: int, host: str = "127.0.0.1", port: int = 8000, **options) -> int:
     """Start a local Ray instance, deploy, serve until SIGTERM/SIGINT, shut down; exit code."""
-    from llmbuild.serve.server import check_listen
+    from llmbuild.serve.server import bind_socket
 
     ray, serve = _ray()
-    check_listen(host, port)
+    bind_socket(host, port).close()  # refused before Ray starts
     app = application(artifact, replicas=replicas, **options)
     # address="local": always a new instance of our own, never a cluster found on the machine
     ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)

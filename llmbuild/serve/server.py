@@ -7,9 +7,11 @@ exits 0. /ready answers 503 from the signal on.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import signal
+import socket
 import sys
 
 from llmbuild.errors import UserError
@@ -33,20 +35,32 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check_listen(host: str, port: int) -> None:
-    """Refuse, before the model is loaded, an address this process cannot listen on."""
-    import socket
-
+def bind_socket(host: str, port: int) -> socket.socket:
+    """The server's address, bound (not yet listening) before the model is loaded: a port
+    in use or a host that is not this machine's is a message and exit 2 at once, not a
+    uvicorn error after a long load. Clients are refused until uvicorn listens on it."""
+    where = f"--host {host} --port {port}"
     try:
-        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    except socket.gaierror as e:
-        raise UserError(f"--host {host}: not an address of this machine ({e.strerror})") from None
-    with socket.socket(family, kind, proto) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
-        try:
-            sock.bind(addr)
-        except OSError as e:
-            raise UserError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as e:
+        raise UserError(f"{where}: cannot resolve {host!r} ({getattr(e, 'strerror', None) or e}); expected an "
+                        "address or host name of this machine, e.g. 127.0.0.1 or 0.0.0.0") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        reason = {
+            errno.EADDRINUSE: f"port {port} is already in use on {host} (another server?); pass another --port, "
+                              "or --port 0 for a free one",
+            errno.EADDRNOTAVAIL: f"{host} is not an address of this machine; expected one of its addresses, "
+                                 "127.0.0.1 (loopback) or 0.0.0.0 (every interface)",
+            errno.EACCES: f"binding port {port} needs privileges this process does not have; pass a port above 1023",
+        }.get(e.errno, e.strerror or str(e))
+        raise UserError(f"{where}: cannot listen there: {reason}") from None
+    return sock
 
 
 def load_state(artifact: str, *, backend: str = "auto", threads: int | None = None, max_batch_size: int | None = None,
@@ -70,9 +84,14 @@ def serve(artifact: str, *, host: str = "127.0.0.1", port: int = 8000, api_key_e
     except ImportError as e:
         raise UserError(f"llmbuild serve needs its extra: pip install 'llmbuild[serve]' ({e})") from None
     api_key = api_key_from_env(api_key_env)
-    check_listen(host, port)
-    state = load_state(artifact, backend=backend, threads=threads, max_batch_size=max_batch_size,
-                       max_queue=max_queue, api_key=api_key, model_id=model_id)
+    sock = bind_socket(host, port)
+    port = sock.getsockname()[1]  # --port 0: the free port the system chose
+    try:
+        state = load_state(artifact, backend=backend, threads=threads, max_batch_size=max_batch_size,
+                           max_queue=max_queue, api_key=api_key, model_id=model_id)
+    except BaseException:
+        sock.close()
+        raise
     app = create_app(state)
 
     class Server(uvicorn.Server):
@@ -86,16 +105,16 @@ def serve(artifact: str, *, host: str = "127.0.0.1", port: int = 8000, api_key_e
                             access_log=False, lifespan="on")
     auth = "API key required (Bearer)" if api_key else "no API key"
     where = "loopback only" if is_loopback(host) else f"reachable on {host}"
+    url_host = f"[{host}]" if ":" in host else host
     print(f"llmbuild serve: {state.model_id} ({state.model.executor.name}, {state.slots} slots, "
-          f"queue {state.capacity - state.slots}) at http://{host}:{port}/v1 — {auth}, {where}", file=sys.stderr,
+          f"queue {state.capacity - state.slots}) at http://{url_host}:{port}/v1 — {auth}, {where}", file=sys.stderr,
           flush=True)
     if not api_key and not is_loopback(host):
         print(f"llmbuild serve: warning: {host} is not a loopback address and no --api-key-env is set: "
               "anyone who reaches this port can use the model", file=sys.stderr, flush=True)
     server = Server(config)
     try:
-        server.run()
-    except SystemExit:  # uvicorn could not start (it logged why): the port was taken meanwhile
-        if server.started:
-            raise
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
     return 0 if server.started else 1

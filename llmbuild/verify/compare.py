@@ -113,7 +113,7 @@ def verify_artifact(
     `reference_outputs`: an object with `logits(ids)` and `greedy(ids, n, eos)` standing
     for the HF side (compile passes `llmbuild.buildcache.CachedReference`)."""
     from llmbuild.runtime import load
-    from llmbuild.verify.reference import load_reference
+    from llmbuild.verify.reference import check_same_vocabulary, load_reference
 
     start = time.perf_counter()
     model = load(artifact, backend="onnxruntime", cpu_lowering=cpu_lowering)
@@ -134,6 +134,7 @@ def verify_artifact(
         ids, new_tokens = fit_prompt(ids, max_new_tokens, max_seq_len)
         ours = _artifact_logits(model.executor, ids)
         theirs = reference_outputs.logits(ids)
+        check_same_vocabulary(reference, theirs, artifact, ours)
         for side, logits in (("the artifact's graph", ours), ("the reference", theirs)):
             hit = first_non_finite(logits)
             if hit is not None:

@@ -26,12 +26,30 @@ def load_reference(path: str | Path):
     path = Path(path)
     if not path.exists():
         raise UserError(f"reference {path} does not exist")
+    if not ((path.is_dir() and (path / "config.json").is_file()) or (path.is_file() and path.suffix == ".gguf")):
+        raise UserError(f"reference {path}: expected a Hugging Face checkpoint directory (with config.json) or a "
+                        ".gguf file")
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    if path.is_file():
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    try:
+        if path.is_file():
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except (OSError, ValueError, KeyError) as e:  # a config or weights transformers cannot read
+        reason = (str(e).strip().splitlines() or [""])[0][:300]
+        raise UserError(f"reference {path}: transformers cannot load it ({type(e).__name__}: {reason})") from None
     return model.eval()
+
+
+def check_same_vocabulary(reference, reference_logits, artifact, artifact_logits) -> None:
+    """Logits of two models can be compared only over one vocabulary: a reference that is
+    not the model the artifact was built from (another checkpoint at the recorded path,
+    a wrong --reference) is a UserError, not a numpy broadcasting error."""
+    ours, theirs = artifact_logits.shape[-1], reference_logits.shape[-1]
+    if ours != theirs:
+        raise UserError(f"the reference {reference} has a vocabulary of {theirs} tokens and the artifact {artifact} "
+                        f"{ours}: it is not the model the artifact was compiled from; pass --reference with that "
+                        "model")
 
 
 def reference_logits(model, ids: list[int]):
@@ -57,3 +75,25 @@ def reference_greedy(model, ids: list[int], max_new_tokens: int, eos_token_ids: 
         if t in eos_token_ids:
             return tokens[:i]
     return tokens
+
+
+def source_mismatch(reference, manifest: dict) -> str | None:
+    """A warning when a checkpoint or GGUF reference is not the source the artifact was
+    compiled from (its fingerprint differs from the manifest's hashes.source): the figures
+    then compare two different models. None when it is, or when it cannot be told."""
+    from llmbuild.source import open_source
+
+    recorded = (manifest.get("hashes") or {}).get("source")
+    path = Path(reference)
+    if not recorded or not ((path.is_dir() and (path / "config.json").is_file()) or path.suffix == ".gguf"):
+        return None
+    source = open_source(path)
+    try:
+        fingerprint = source.fingerprint()
+    finally:
+        source.close()
+    if fingerprint == recorded:
+        return None
+    return (f"the reference {path} is not the source this artifact was compiled from (its fingerprint "
+            f"{fingerprint[:12]} differs from the manifest's hashes.source {recorded[:12]}): the figures compare two "
+            "different models")
