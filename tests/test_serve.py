@@ -486,8 +486,8 @@ def test_start_up_refusals_are_messages(artifact):
         taken.listen()
         port = taken.getsockname()[1]
         cases = {
-            f"cannot listen on 127.0.0.1:{port}: Address already in use": ["--port", str(port)],
-            "--host no.such.host.invalid: not an address of this machine": ["--host", "no.such.host.invalid"],
+            f"port {port} is already in use on 127.0.0.1 (another server?)": ["--port", str(port)],
+            "cannot resolve 'no.such.host.invalid'": ["--host", "no.such.host.invalid"],
             "the environment variable LLMBUILD_UNSET_KEY is not set": ["--api-key-env", "LLMBUILD_UNSET_KEY"],
         }
         for message, args in cases.items():
