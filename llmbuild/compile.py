@@ -17,13 +17,13 @@ from llmbuild.version import __version__
 from llmbuild.artifact import (
     ENGINES_DIR,
     MODEL_DIR,
-    SCHEMA_VERSION,
     TOKENIZER_DIR,
     engine_file_name,
     file_sha256,
     staged_artifact,
     write_manifest,
 )
+from llmbuild.artifact.manifest import Hashes, Manifest, Tokenizer
 from llmbuild.errors import BuildError
 from llmbuild.progress import Reporter
 from llmbuild.recipe.model_source import source_record
@@ -132,32 +132,28 @@ def compile_loaded(
             graphs["graph"]["cpu"] = cpu_graph
         tok_stage = _tokenizer_stage(store, rep, source, stage)
         tokenizer = tok_stage["tokenizer"]
-        tokenizer_info = {
-            "dir": TOKENIZER_DIR,
-            "bos_token_id": tokenizer.get("bos_token_id"),
-            "eos_token_ids": _eos_ids(tokenizer, source.config),
-            "add_bos_token": bool(tokenizer.get("add_bos_token", False)),
-            "chat_template": tokenizer.get("chat_template"),
-        }
-        manifest = {
-            "schema_version": SCHEMA_VERSION,
-            "name": recipe.name,
-            "recipe": rd,
-            "hashes": {"recipe": recipe_hash(rd), "source": fingerprint, "graph": graph_hash},
-            "source": {"path": str(recipe.source_path), "format": source.format,
-                       **source_record(recipe.model.source, recipe.source_path)},
-            **({"variant": recipe.variant} if getattr(recipe, "variant", None) else {}),
-            "toolchain": toolchain(),
-            "model": dims,
-            "limits": limits,
-            "graph": {**graphs["graph"], "opset": 24, **graphs["contract"]},
-            **({"parallel": graphs["parallel"]} if graphs["parallel"] else {}),
-            **({"quantization": graphs["quantization"]} if graphs["quantization"] else {}),
-            "tokenizer": tokenizer_info,
-            "engines": [],
-            "verification": None,
-            "timings": rep.stages,
-        }
+        manifest = Manifest(
+            name=recipe.name,
+            recipe=rd,
+            hashes=Hashes(recipe=recipe_hash(rd), source=fingerprint, graph=graph_hash),
+            source={"path": str(recipe.source_path), "format": source.format,
+                    **source_record(recipe.model.source, recipe.source_path)},
+            variant=getattr(recipe, "variant", None),
+            toolchain=toolchain(),
+            model=dims,
+            limits=limits,
+            graph={**graphs["graph"], "opset": 24, **graphs["contract"]},
+            parallel=graphs["parallel"],
+            quantization=graphs["quantization"],
+            tokenizer=Tokenizer(
+                dir=TOKENIZER_DIR,
+                bos_token_id=tokenizer.get("bos_token_id"),
+                eos_token_ids=_eos_ids(tokenizer, source.config),
+                add_bos_token=bool(tokenizer.get("add_bos_token", False)),
+                chat_template=tokenizer.get("chat_template"),
+            ),
+            timings=rep.stages,
+        )
         # The runtime reads the manifest: write a provisional one into the staging dir.
         write_manifest(stage, manifest)
 
@@ -169,12 +165,11 @@ def compile_loaded(
             lambda: build_engines(stage, rd, dims, model_paths, rep, source_hash=fingerprint,
                                   graph_hash=graph_hash, cache=cache),
         )
-        verification, manifest["engines"] = verification
-        manifest["verification"] = verification
+        verification, engines = verification
+        manifest.record_engines(engines)
+        manifest.verification = verification
         source.close()
-        for info in manifest["engines"]:  # TensorRT flavour + version in the toolchain record
-            manifest["toolchain"][info["trt_module"]] = info["trt_version"]
-        manifest["timings"] = rep.stages
+        manifest.timings = rep.stages
         write_manifest(stage, manifest)
         raise_if_failed(verification, out_dir / recipe.name)  # quantized: the accuracy gate
         if verification is not None and not verification["passed"]:

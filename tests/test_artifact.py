@@ -90,3 +90,23 @@ def test_manifest_checks(tiny_dir, tmp_path):
         read_manifest(art)
     with pytest.raises(UserError, match="does not exist"):
         read_manifest(tmp_path / "nope")
+
+
+def test_typed_manifest_writes_the_documented_layout(tiny_dir, tmp_path):
+    """compile builds a typed Manifest; its JSON keeps the artifact format's keys and order,
+    optional sections only when present, and the engines' TensorRT versions in the toolchain."""
+    from llmbuild.artifact.manifest import Hashes, Manifest, Tokenizer
+
+    art = compile_tiny(tiny_dir, tmp_path, name="tiny")
+    written = json.loads((art / "manifest.json").read_text())
+    assert list(written) == ["schema_version", "name", "recipe", "hashes", "source", "toolchain", "model", "limits",
+                             "graph", "tokenizer", "engines", "verification", "timings"]
+    assert list(written["tokenizer"]) == ["dir", "bos_token_id", "eos_token_ids", "add_bos_token", "chat_template"]
+    m = Manifest(name="x", recipe={}, hashes=Hashes("r", "s", "g"), source={}, toolchain={"llmbuild": "0"}, model={},
+                 limits={}, graph={}, tokenizer=Tokenizer("tokenizer", None, [2], False, None), variant="v",
+                 quantization={"scheme": "int8"})
+    m.record_engines([{"trt_module": "tensorrt_rtx", "trt_version": "1.7"}])
+    keys = list(m.to_json())
+    assert keys.index("variant") == keys.index("source") + 1 and "parallel" not in keys
+    assert keys.index("quantization") == keys.index("graph") + 1
+    assert m.to_json()["toolchain"] == {"llmbuild": "0", "tensorrt_rtx": "1.7"}

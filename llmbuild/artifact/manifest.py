@@ -1,10 +1,15 @@
-"""manifest.json: read with schema checks, written atomically."""
+"""manifest.json: built as a typed `Manifest` (compile), written atomically, read back
+with schema checks (`read_manifest` returns the JSON object; integrity.py checks it).
+
+The JSON layout — keys and their order — is part of the artifact format (README "Artifact");
+`Manifest.to_json` is the only place that spells it."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from llmbuild.artifact.layout import MANIFEST, SCHEMA_VERSION
@@ -21,7 +26,70 @@ def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def write_manifest(directory: Path, manifest: dict) -> Path:
+@dataclass
+class Hashes:
+    recipe: str  # sha256 of the resolved recipe
+    source: str  # the source's fingerprint
+    graph: str  # sha256 over every rank's graph and weights files
+
+
+@dataclass
+class Tokenizer:
+    dir: str
+    bos_token_id: int | None
+    eos_token_ids: list[int]
+    add_bos_token: bool
+    chat_template: str | None
+
+
+@dataclass
+class Manifest:
+    """Everything an artifact records. Sections that other stages produce as JSON objects
+    (the model dims from the architecture spec, the graph contract, the parallel and
+    quantization sections, engine entries, the verification report, stage timings) are
+    kept as they are produced; optional sections are None when absent and left out of
+    the JSON."""
+
+    name: str
+    recipe: dict
+    hashes: Hashes
+    source: dict  # {path, format, kind, ...: llmbuild.recipe.model_source.source_record}
+    toolchain: dict[str, str]
+    model: dict  # ArchitectureSpec.manifest_dims
+    limits: dict[str, int]
+    graph: dict  # {file, weights, opset, inputs, outputs, [ranks], [cpu]}
+    tokenizer: Tokenizer
+    variant: str | None = None
+    parallel: dict | None = None
+    quantization: dict | None = None
+    engines: list[dict] = field(default_factory=list)
+    verification: dict | None = None
+    timings: dict = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    def record_engines(self, engines: list[dict]) -> None:
+        """The built engines, and each TensorRT flavour's version in the toolchain record."""
+        self.engines = engines
+        for info in engines:
+            self.toolchain[info["trt_module"]] = info["trt_version"]
+
+    def to_json(self) -> dict:
+        out = {"schema_version": self.schema_version, "name": self.name, "recipe": self.recipe,
+               "hashes": asdict(self.hashes), "source": self.source}
+        if self.variant:
+            out["variant"] = self.variant
+        out.update(toolchain=self.toolchain, model=self.model, limits=self.limits, graph=self.graph)
+        for optional in ("parallel", "quantization"):
+            if getattr(self, optional):
+                out[optional] = getattr(self, optional)
+        out.update(tokenizer=asdict(self.tokenizer), engines=self.engines, verification=self.verification,
+                   timings=self.timings)
+        return out
+
+
+def write_manifest(directory: Path, manifest: Manifest | dict) -> Path:
+    if isinstance(manifest, Manifest):
+        manifest = manifest.to_json()
     path = directory / MANIFEST
     tmp = path.with_suffix(".json.tmp")
     with open(tmp, "w") as f:
