@@ -1,7 +1,7 @@
 """manifest.json: built as a typed `Manifest` (compile), written atomically, read back
 with schema checks (`read_manifest` returns the JSON object; integrity.py checks it).
 
-The JSON layout — keys and their order — is part of the artifact format (README "Artifact");
+The JSON layout — keys and their order — is part of the artifact format (README "Artifacts");
 `Manifest.to_json` is the only place that spells it."""
 
 from __future__ import annotations
