@@ -73,3 +73,15 @@ def smollm2_reference():
     from llmbuild.verify.reference import load_reference
 
     return load_reference(smollm2_gguf())
+
+
+@pytest.fixture(scope="session")
+def llama_cpp(tmp_path_factory) -> Path:
+    """llama.cpp's converter + templates from the llama-cpp-python sdist (tests/llama_cpp.py),
+    fetched once per session; a failed fetch fails the test (nothing is skipped)."""
+    from tests.llama_cpp import fetch_llama_cpp
+
+    try:
+        return fetch_llama_cpp(tmp_path_factory.mktemp("llama-cpp"))
+    except RuntimeError as e:
+        pytest.fail(str(e), pytrace=False)
