@@ -18,7 +18,8 @@ LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.16"
 VENDOR = "vendor/llama.cpp/"
 WANTED = ("convert_hf_to_gguf.py", "gguf-py/", "models/templates/")
 
-# Run as the converter's process. Two things are not the converter's own:
+# Run as the converter's process. Three things are not the converter's own (the config
+# keys below, and):
 # - the vocabulary: the tiny models' character-level tokenizer is not one llama.cpp knows
 #   (its pre-tokenizer hash check refuses it), so a placeholder token list of vocab_size
 #   single-character entries is written (the tests check tensors and hyperparameters, not this vocabulary);
@@ -50,8 +51,21 @@ def set_vocab(self):
     self.gguf_writer.add_token_scores([0.0] * n)
     self.gguf_writer.add_bos_token_id(1)
     self.gguf_writer.add_eos_token_id(2)
+    self.gguf_writer.add_pad_token_id(0)  # else transformers takes Phi3Config's pad id 32000 (> vocab)
 
 conv.TextModel.set_vocab = set_vocab
+
+# This converter reads transformers 4's config keys (rope_theta, rope_scaling) from
+# AutoConfig(...).to_dict(), which transformers 5 no longer has at the top level: add the
+# file's own keys (tests.llama_cpp.legacy_config_dir wrote them) where missing.
+_load_hparams = conv.ModelBase.load_hparams
+def load_hparams(dir_model, is_mistral_format):
+    import json
+    config = _load_hparams(dir_model, is_mistral_format)
+    for key, value in json.loads((dir_model / "config.json").read_text()).items():
+        config.setdefault(key, value)
+    return config
+conv.ModelBase.load_hparams = staticmethod(load_hparams)
 for cls in list(conv.ModelBase._model_classes.get(conv.ModelType.TEXT, {}).values()):
     if "set_vocab" in cls.__dict__:
         cls.set_vocab = set_vocab
@@ -84,9 +98,30 @@ def fetch_llama_cpp(dst: Path) -> Path:
     return out
 
 
+def legacy_config_dir(hf_dir: Path, dst: Path) -> Path:
+    """A view of `hf_dir` whose config.json also has the transformers 4 keys this converter
+    reads (`rope_theta`, `rope_scaling`; transformers 5 writes `rope_parameters`): the other
+    files are symlinks."""
+    import json
+
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in Path(hf_dir).iterdir():
+        if f.name != "config.json" and not (dst / f.name).exists():
+            (dst / f.name).symlink_to(f.resolve())
+    cfg = json.loads((Path(hf_dir) / "config.json").read_text())
+    rope = cfg.get("rope_parameters") or {}
+    cfg.setdefault("rope_theta", rope.get("rope_theta", 10000.0))
+    if rope.get("rope_type", "default") != "default":
+        cfg.setdefault("rope_scaling", {**{k: v for k, v in rope.items() if k != "rope_theta"},
+                                        "type": rope["rope_type"]})
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
 def convert(llama_cpp: Path, hf_dir: Path, dst: Path, outtype: str = "q8_0") -> Path:
     """Convert a tiny HF directory with llama.cpp's converter (`--outtype`); returns dst."""
-    cmd = [sys.executable, "-c", _DRIVER, str(llama_cpp), str(hf_dir), "--outfile", str(dst), "--outtype", outtype]
+    src = legacy_config_dir(hf_dir, dst.parent / f"{dst.name}.hf")
+    cmd = [sys.executable, "-c", _DRIVER, str(llama_cpp), str(src), "--outfile", str(dst), "--outtype", outtype]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0 or not dst.is_file():
         raise RuntimeError(f"convert_hf_to_gguf.py failed (exit {result.returncode}):\n{result.stderr[-5000:]}")

@@ -15,8 +15,8 @@ from llmbuild.graph.annotations import ATTENTION, NORM, SCALE_GROUP, nodes_with
 from llmbuild.models import spec_for
 from tests import family_checks as fc
 from tests.test_family_qwen2 import (  # noqa: F401  (the shared checks, collected here for Qwen3)
-    first, shape, test_batched_equals_one_by_one_and_greedy_equals_hf, test_cpu_lowering_applies_and_equals_standard_and_hf,
-    test_decode_with_cache_equals_recompute, test_gguf_from_llama_cpp_matches_transformers_tensor_for_tensor,
+    cpp_build, first, shape, test_batched_equals_one_by_one_and_greedy_equals_hf, test_cpu_lowering_applies_and_equals_standard_and_hf,
+    test_cpp_greedy_equals_python, test_decode_with_cache_equals_recompute, test_gguf_from_llama_cpp_matches_transformers_tensor_for_tensor,
     test_logits_match_hf, test_quantized_accuracy_gate_passes, test_tensor_parallel_tp2_equals_tp1,
     test_tensorrt_rtx_fp16_engine_builds)
 from tests.tiny import compile_tiny, make_tiny_hf

@@ -58,17 +58,20 @@ def longrope_tables(config: dict, dim: int, max_positions: int) -> tuple[np.ndar
     `short_factor` or `long_factor`, cos/sin scaled by the attention factor
     (sqrt(1 + ln(factor) / ln(original)), factor = max_position_embeddings / original).
 
-    Which factor: HF recomputes the frequencies per forward pass from its largest position
-    (long once max(position_ids) + 1 > original_max_position_embeddings, else short); cached
-    keys keep the factor they were computed with. One table indexed by position (what both
-    ONNX RotaryEmbedding and ONNX Runtime's GroupQueryAttention cos/sin caches express) can
-    only hold one factor per row, so row p uses the factor HF uses for a pass whose last
-    position is p: short for p < original, long from there on. This is HF exactly for every
-    pass that stays below `original` and for every token decoded one at a time after it
-    (HF's generate: prompt, then one token per pass); a single pass that crosses `original`
-    (a prompt longer than original) gets short factors for its rows below it where HF
-    would use long for the whole pass. An artifact whose max_seq_len <= original
-    (e.g. Phi-3.5-mini built for 4k) is HF exactly: it uses short factors only.
+    Which factor: HF's rotary recomputes the frequencies per forward pass from its largest
+    position (long once max(position_ids) + 1 > original_max_position_embeddings, else
+    short); cached keys keep the factor they were computed with. One table indexed by
+    position (what both ONNX RotaryEmbedding and ONNX Runtime's GroupQueryAttention cos/sin
+    caches express) holds one factor per row, so row p uses the factor HF uses for a pass
+    whose last position is p: short for p < original, long from there on. That is HF's
+    model exactly for every pass that stays below `original` and for every token decoded
+    one per pass after it (HF's cached decoding; tested). It differs from HF in two cases:
+    a single pass that crosses `original` (a prompt longer than it) gets short factors for
+    its rows below it where HF uses long for the whole pass; and HF's `generate` for Phi-3
+    drops its cache once a sequence crosses `original` and recomputes all positions with
+    the long factors (re-prefilling then, with a per-sequence choice of table, is not
+    implemented). An artifact whose max_seq_len <= original (e.g. Phi-3.5-mini built for
+    4k) is HF exactly: it uses short factors only.
     """
     scaling = config.get("rope_scaling") or {}
     base = float(config.get("rope_theta", 10000.0))

@@ -36,8 +36,8 @@ dtype, and
    `com.microsoft.SkipSimplifiedLayerNormalization`.
 
 A layer whose attention breaks the fused operator's constraints (`gqa_constraint_problem`:
-head size % 16, dtype, soft-cap, window) keeps the standard Attention, with a WARNING
-naming the reason. Anything else the rewrite does not recognise raises `LoweringError`;
+head size % 16, dtype, soft-cap, window, partial rotary width % 16) keeps the standard
+Attention, with a WARNING naming the reason. Anything else the rewrite does not recognise raises `LoweringError`;
 the executor then runs the standard graph instead and says so in a WARNING. Both graphs
 are checked against HF transformers in the tests.
 """

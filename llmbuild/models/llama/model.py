@@ -10,6 +10,10 @@ Decoder layer (pre-norm, SwiGLU MLP, grouped-query attention with rotary positio
        └────────────────────────────────────────────(+)─► x'
 
 Weights keep their HF names (from the spec); linear weights are stored transposed ([in, out]).
+The families on this decoder vary it through their specs only: biases on linears
+(`Linear.bias`, Qwen2), per-head q/k norms (`spec.head_norms`, Qwen3), partial rotary and
+LongRoPE (`spec.rotary_dim`, models/rope.py; Phi-3), fused source tensors (read as the
+per-role blocks by llmbuild.source.split, Phi-3).
 """
 
 from __future__ import annotations
