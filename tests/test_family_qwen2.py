@@ -21,11 +21,6 @@ ARCH = "Qwen2ForCausalLM"
 SHAPES = TINY_CONFIGS[ARCH]
 
 
-def shape_ids(shapes: list[dict]) -> list[str]:
-    return [f"{'tied' if s['tie'] else 'untied'}-h{s['num_heads']}kv{s['num_kv_heads']}"
-            f"{'-d' + str(s['head_dim']) if s.get('head_dim') else ''}" for s in shapes]
-
-
 # The checks below are shared by the families that import them (tests/test_family_qwen3.py):
 # they read the architecture from the `arch` fixture, which each family module defines.
 @pytest.fixture(scope="module")
