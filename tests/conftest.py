@@ -88,3 +88,15 @@ def cpp_build() -> str:
     if result.returncode != 0:
         pytest.fail(f"cpp/build.sh failed (exit {result.returncode}):\n{output[-6000:]}", pytrace=False)
     return output
+
+
+@pytest.fixture(scope="session")
+def llama_cpp(tmp_path_factory) -> Path:
+    """llama.cpp's converter + templates from the llama-cpp-python sdist (tests/llama_cpp.py),
+    fetched once per session; a failed fetch fails the test (nothing is skipped)."""
+    from tests.llama_cpp import fetch_llama_cpp
+
+    try:
+        return fetch_llama_cpp(tmp_path_factory.mktemp("llama-cpp"))
+    except RuntimeError as e:
+        pytest.fail(str(e), pytrace=False)

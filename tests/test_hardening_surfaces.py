@@ -327,7 +327,7 @@ def test_a_reference_that_is_another_model_is_a_message(orphan, tiny, tmp_path):
 def test_case8_window_constraint_is_named():
     import onnx_ir as ir
 
-    from llmbuild.runtime.cpu_lowering import gqa_constraint_problem
+    from llmbuild.lowering.cpu import gqa_constraint_problem
 
     ok = dict(head_dim=64, num_heads=8, kv_heads=2, dtype=ir.DataType.FLOAT16)
     assert gqa_constraint_problem(**ok) is None

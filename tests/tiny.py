@@ -41,16 +41,25 @@ def make_tiny_hf(
     seed: int = 0,
     shards: int = 1,
     rope_theta: float = 10000.0,
+    head_dim: int | None = None,
+    extra_config: dict | None = None,
 ) -> Path:
-    """Write a random `arch` model with the given dims to `dst` and return `dst`."""
+    """Write a random `arch` model with the given dims to `dst` and return `dst`.
+    `head_dim` defaults to hidden // num_heads; `extra_config` adds keyword arguments of the
+    architecture's config class (e.g. partial_rotary_factor)."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+    import transformers
 
-    classes = {
-        "LlamaForCausalLM": (LlamaConfig, LlamaForCausalLM, {}),
-        "MistralForCausalLM": (MistralConfig, MistralForCausalLM, {"sliding_window": None}),
+    classes = {  # HF class -> (config class, extra config kwargs)
+        "LlamaForCausalLM": ("LlamaConfig", {}),
+        "MistralForCausalLM": ("MistralConfig", {"sliding_window": None}),
+        "Qwen2ForCausalLM": ("Qwen2Config", {"use_sliding_window": False}),
+        "Qwen3ForCausalLM": ("Qwen3Config", {"use_sliding_window": False}),
+        "Phi3ForCausalLM": ("Phi3Config", {}),
     }
-    config_cls, model_cls, extra = classes[arch]
+    config_name, extra = classes[arch]
+    config_cls, model_cls = getattr(transformers, config_name), getattr(transformers, arch)
+    extra = {**extra, **(extra_config or {})}
     rope = {"rope_type": "default", **(rope_scaling or {}), "rope_theta": rope_theta}
     config = config_cls(
         hidden_size=hidden,
@@ -58,7 +67,7 @@ def make_tiny_hf(
         num_hidden_layers=layers,
         num_attention_heads=num_heads,
         num_key_value_heads=num_kv_heads,
-        head_dim=hidden // num_heads,
+        head_dim=head_dim or hidden // num_heads,
         vocab_size=vocab,
         max_position_embeddings=max_pos,
         tie_word_embeddings=tie,
@@ -69,7 +78,14 @@ def make_tiny_hf(
         **extra,
     )
     torch.manual_seed(seed)
-    model = model_cls(config).to(getattr(torch, dtype)).eval()
+    model = model_cls(config)
+    with torch.no_grad():  # HF initialises biases to 0 and norms to 1: give them values a graph must read
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(0.0, 0.2)
+            elif ".q_norm." in name or ".k_norm." in name:
+                param.uniform_(0.5, 1.5)
+    model = model.to(getattr(torch, dtype)).eval()
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     total = sum(p.numel() * p.element_size() for p in model.parameters())

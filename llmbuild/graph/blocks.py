@@ -75,21 +75,38 @@ def scale_group(value: ir.Value, *, name: str, kind: str, source: str, linears: 
                  {"name": name, "kind": kind, "source": source, "linears": linears, "layer": layer})
 
 
+@dataclass(frozen=True)
+class HeadNorms:
+    """Per-head RMSNorm of q and k over head_dim, before rotary (Qwen3, Gemma 3):
+    weights [head_dim] named by their HF names, read from `source`."""
+
+    source: object
+    q_weight: str
+    k_weight: str
+    eps: float
+
+
 def attention(gb: GraphBuilder, *, q: ir.Value, k: ir.Value, v: ir.Value, heads: int, kv_heads: int,
-              head_dim: int, rotary: Rotary | None, cache: KVCache, layer: int, scale: float) -> tuple:
+              head_dim: int, rotary: Rotary | None, cache: KVCache, layer: int, scale: float,
+              head_norms: HeadNorms | None = None) -> tuple:
     """
-    q [B,S,Hq*D] ─Reshape─► [B,S,Hq,D] ─Transpose─► [B,Hq,S,D] ─RoPE─────────────────────────────┐
-    k [B,S,Hkv*D] ─Reshape─► ─Transpose─► ─RoPE─► TensorScatter(past_key, write_indices) ─► present_key ─┤
-    v [B,S,Hkv*D] ─Reshape─► ─Transpose─────────► TensorScatter(past_value, write_indices) ─► present_value ─┴─►
+    q [B,S,Hq*D] ─Reshape─► [B,S,Hq,D] (─RMSNorm(q_norm)) ─Transpose─► [B,Hq,S,D] ─RoPE──────────────────┐
+    k [B,S,Hkv*D] ─Reshape─► (─RMSNorm(k_norm)) ─Transpose─► ─RoPE─► TensorScatter(past_key, write_indices) ─► present_key ─┤
+    v [B,S,Hkv*D] ─Reshape─► ─Transpose──────────────────► TensorScatter(past_value, write_indices) ─► present_value ─┴─►
         Attention(is_causal=1, nonpad_kv_seqlen=kv_len, GQA by Hq/Hkv) ─► [B,Hq,S,D] ─► o [B,S,Hq*D]
 
     Returns (o, present_key, present_value). The Attention node is annotated with the
-    [B,S,H,D] q/k/v values before rotary and the rotary inputs (the CPU lowering fuses
-    the whole core from them).
+    [B,S,H,D] q/k/v values before rotary (after the head norms, if any) and the rotary
+    inputs (the CPU lowering fuses the whole core from them).
     """
     q_heads = _heads(gb, q, heads, head_dim, f"attention.{layer}.q_heads")
     k_heads = _heads(gb, k, kv_heads, head_dim, f"attention.{layer}.k_heads")
     v_heads = _heads(gb, v, kv_heads, head_dim, f"attention.{layer}.v_heads")
+    if head_norms is not None:  # [B, S, H, D], statistics over D per head
+        n = head_norms
+        q_heads = rms_norm(gb, n.source, q_heads, n.q_weight, width=head_dim, eps=n.eps, layer=layer)
+        k_heads = rms_norm(gb, n.source, k_heads, n.k_weight, width=head_dim, eps=n.eps, layer=layer)
+        q_heads.name, k_heads.name = f"attention.{layer}.q_normed", f"attention.{layer}.k_normed"
     q4, k4, v4 = (gb.op("Transpose", [x], {"perm": [0, 2, 1, 3]}) for x in (q_heads, k_heads, v_heads))
     if rotary is not None:  # x [B, H, S, D]; HF's rotate_half layout (not interleaved)
         attrs = {"interleaved": 0}

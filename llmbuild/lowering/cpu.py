@@ -36,8 +36,8 @@ dtype, and
    `com.microsoft.SkipSimplifiedLayerNormalization`.
 
 A layer whose attention breaks the fused operator's constraints (`gqa_constraint_problem`:
-head size % 16, dtype, soft-cap, window) keeps the standard Attention, with a WARNING
-naming the reason. Anything else the rewrite does not recognise raises `LoweringError`;
+head size % 16, dtype, soft-cap, window, partial rotary width % 16) keeps the standard
+Attention, with a WARNING naming the reason. Anything else the rewrite does not recognise raises `LoweringError`;
 the executor then runs the standard graph instead and says so in a WARNING. Both graphs
 are checked against HF transformers in the tests.
 """
@@ -59,12 +59,15 @@ _log = logging.getLogger("llmbuild.cpu_lowering")
 
 
 def gqa_constraint_problem(*, head_dim: int, num_heads: int, kv_heads: int, dtype, softcap: float = 0.0,
-                           window: int | None = None) -> str | None:
+                           window: int | None = None, rotary_dim: int | None = None) -> str | None:
     """Why ONNX Runtime's com.microsoft.GroupQueryAttention CPU kernel cannot run one
     layer's attention as the lowering emits it, or None. The layer then keeps the
     standard graph's Attention (a per-layer fallback, with a WARNING)."""
     if head_dim % 16:
         return f"head_size {head_dim} is not a multiple of 16 (GroupQueryAttention's CPU kernel requires it)"
+    if rotary_dim is not None and (rotary_dim > head_dim or rotary_dim % 16):
+        return (f"partial rotary dim {rotary_dim} of head_size {head_dim} is not a multiple of 16 "
+                "(GroupQueryAttention's CPU kernel: cos_cache dimension 1 must be <= head_size / 2 and a multiple of 8)")
     if kv_heads < 1 or num_heads % kv_heads:
         return f"{num_heads} query heads are not a multiple of {kv_heads} KV heads"
     if dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16):
@@ -109,11 +112,20 @@ def _float_table(graph: ir.Graph, name: str) -> ir.Value:
     raise LoweringError(f"rotary table {name} is {init.dtype} and has no float32 cast")
 
 
-def _unheaded(x_heads: ir.Value | None, name: str) -> ir.Value:
-    """The [B,S,H*D] value that the attention block's Reshape to [B,S,H,D] reads."""
+def _unheaded(x_heads: ir.Value | None, name: str, tape: ir.tape.Tape, width: int) -> ir.Value:
+    """The [B,S,H*D] value GroupQueryAttention reads for an annotated [B,S,H,D] value: the
+    input of the attention block's Reshape to heads, or, when the value is computed per head
+    (a q/k head norm, Qwen3), a Reshape of it back to [B,S,H*D]."""
     if x_heads is None:
         raise LoweringError(f"the attention annotation names {name}, which the graph does not have")
-    return _producer(x_heads, "Reshape").inputs[0]
+    node = x_heads.producer()
+    if node is not None and node.op_type == "Reshape" and node.domain in ("", "ai.onnx"):
+        return node.inputs[0]
+    if node is None or node.op_type != "RMSNormalization":
+        raise LoweringError(f"expected a Reshape or a head RMSNormalization producing {name}, found "
+                            f"{'a graph input/initializer' if node is None else node.op_type}")
+    shape = tape.initializer(ir.tensor(np.array([0, 0, width], np.int64), name=f"{name}.merged_shape"))
+    return tape.op("Reshape", [x_heads, shape])
 
 
 def lower_for_cpu(model: ir.Model, *, int4_accuracy_level: int = 4, int8_accuracy_level: int = 4) -> ir.Model:
@@ -169,22 +181,23 @@ def lower_for_cpu(model: ir.Model, *, int4_accuracy_level: int = 4, int8_accurac
         if rotary["position_ids"] != position_ids.name:
             raise LoweringError(f"layer {meta['layer']}: rotary reads {rotary['position_ids']}, not the graph's "
                                 f"{position_ids.name}")
-        if rotary["dim"] != meta["head_dim"]:
-            raise LoweringError(f"layer {meta['layer']}: partial rotary (dim {rotary['dim']} of "
-                                f"{meta['head_dim']}) is not lowered yet")
+        # Partial rotary (rotary["dim"] < head_dim, Phi-4-mini): GroupQueryAttention takes the
+        # rotated dims from its cos/sin caches' width ([max_seq, rotary_dim/2]) and passes the
+        # rest of each head through, as RotaryEmbedding's rotary_embedding_dim does.
         cos, sin = (_float_table(graph, rotary[t]) for t in ("cos", "sin"))
-        q_lin, k_lin, v_lin = (_unheaded(values.get(meta[x]), meta[x]) for x in ("q", "k", "v"))
         out_t = _only_consumer(attn.outputs[0], "Transpose")
         merged = _only_consumer(out_t.outputs[0], "Reshape").outputs[0]
         heads, kv_heads, head_dim = int(meta["heads"]), int(meta["kv_heads"]), int(meta["head_dim"])
         problem = gqa_constraint_problem(head_dim=head_dim, num_heads=heads, kv_heads=kv_heads, dtype=past_k.dtype,
                                          softcap=float(meta.get("softcap") or attrs.get("softcap", 0.0)),
-                                         window=meta.get("window"))
+                                         window=meta.get("window"), rotary_dim=int(rotary["dim"]))
         if problem is not None:  # this layer keeps the standard Attention
             _log.warning("CPU lowering: %s keeps the standard Attention, not GroupQueryAttention: %s",
                          attn.name, problem)
             continue
 
+        q_lin, k_lin, v_lin = (_unheaded(values.get(meta[x]), meta[x], tape, n * head_dim)
+                               for x, n in (("q", heads), ("k", kv_heads), ("v", kv_heads)))
         packed = _packed_qkv(q_lin, k_lin, v_lin)
         qkv = [packed, None, None] if packed is not None else [q_lin, k_lin, v_lin]
         gqa_attrs = {"num_heads": heads, "kv_num_heads": kv_heads, "do_rotary": 1, "rotary_interleaved": 0,

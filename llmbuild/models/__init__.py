@@ -18,6 +18,9 @@ from llmbuild.errors import UserError
 ARCHITECTURES: dict[str, str] = {
     "LlamaForCausalLM": "llmbuild.models.llama.spec:LlamaSpec",
     "MistralForCausalLM": "llmbuild.models.mistral.spec:MistralSpec",
+    "Qwen2ForCausalLM": "llmbuild.models.qwen2.spec:Qwen2Spec",
+    "Qwen3ForCausalLM": "llmbuild.models.qwen3.spec:Qwen3Spec",
+    "Phi3ForCausalLM": "llmbuild.models.phi3.spec:Phi3Spec",
 }
 SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
 _SPECS: dict = {}

@@ -159,6 +159,8 @@ class ArchitectureSpec:
     final_norm: ClassVar[str] = "model.norm.weight"
     lm_head: ClassVar[str] = "lm_head.weight"
     layer_norms: ClassVar[tuple[str, ...]] = ("input_layernorm", "post_attention_layernorm")
+    # Per-head q and k RMSNorm modules (weights [head_dim]) before rotary, or ().
+    head_norms: ClassVar[tuple[str, ...]] = ()
     linears: ClassVar[tuple[Linear, ...]] = ()
     scale_groups: ClassVar[tuple[ScaleGroup, ...]] = ()
     # GGUF tensor names (llama.cpp) -> HF module names; `gguf_permuted_roles`: linears whose
@@ -169,6 +171,9 @@ class ArchitectureSpec:
     gguf_permuted_roles: ClassVar[dict[str, str]] = {}
     # llama.cpp's per-frequency rope divisors (llama3 rope scaling; read into the config).
     gguf_rope_freqs: ClassVar[str] = "rope_freqs.weight"
+    # Fused HF tensors read as row blocks (llmbuild.source.split): fused module ->
+    # ((module, named size), ...) in row order; the linears name the blocks.
+    fused_tensors: ClassVar[dict[str, tuple[tuple[str, str], ...]]] = {}
     # Derived GGUF tensors with no HF parameter (read into the config instead).
     gguf_derived: ClassVar[tuple[str, ...]] = (gguf_rope_freqs,)
     # Tensor-parallel: named size -> the HF config key a rank's config overrides.
@@ -198,6 +203,15 @@ class ArchitectureSpec:
             rms_eps=float(config.get("rms_norm_eps", 1e-6)),
             tied=bool(config.get("tie_word_embeddings", False)),
         )
+
+    def rotary_dim(self, config: dict) -> int:
+        """Dims of each head that rotary rotates: head_dim x `partial_rotary_factor` (HF's
+        `int(head_dim * factor)`; top level or in rope_parameters), default all of them."""
+        head_dim = self.dims(config).head_dim
+        factor = config.get("partial_rotary_factor")
+        if factor is None:
+            factor = (config.get("rope_parameters") or {}).get("partial_rotary_factor", 1.0)
+        return int(head_dim * float(factor))
 
     def manifest_dims(self, config: dict, precision: str) -> dict:
         """The `model` entry of the manifest."""
@@ -239,6 +253,9 @@ class ArchitectureSpec:
     def linear_weight_name(self, layer: int, role: str) -> str:
         return f"{self.layer_prefix(layer)}{self.linear(role).module}.weight"
 
+    def linear_bias_name(self, layer: int, role: str) -> str:
+        return f"{self.layer_prefix(layer)}{self.linear(role).module}.bias"
+
     def linear_weights(self, d: Dims) -> dict[str, LinearWeight]:
         """HF weight name -> LinearWeight for every linear (MatMul) weight of the graph,
         in graph order; an untied lm_head last."""
@@ -262,6 +279,8 @@ class ArchitectureSpec:
             p = self.layer_prefix(layer)
             for norm in self.layer_norms:
                 shapes[f"{p}{norm}.weight"] = (d.hidden,)
+            for norm in self.head_norms:
+                shapes[f"{p}{norm}.weight"] = (d.head_dim,)
             for lin in self.linears:
                 shapes[f"{p}{lin.module}.weight"] = (sizes[lin.outputs], sizes[lin.inputs])
                 if lin.bias:
@@ -286,8 +305,18 @@ class ArchitectureSpec:
         return None
 
     def shard_hints(self) -> dict[str, Shard]:
-        """HF weight name suffix (after `model.layers.<i>.`) -> hint; the rest is replicated."""
-        return {f"{lin.module}.weight": lin.shard for lin in self.linears if lin.shard is not None}
+        """HF weight name suffix (after `model.layers.<i>.`) -> hint; the rest is replicated.
+        A column-parallel linear's bias [out] is split with its rows (same hint, dim 0)."""
+        hints = {}
+        for lin in self.linears:
+            if lin.shard is None:
+                continue
+            hints[f"{lin.module}.weight"] = lin.shard
+            if lin.bias:
+                # A row-parallel bias would be added once per rank before the all-reduce.
+                assert not lin.shard.row_parallel, f"{lin.module}: row-parallel linears with a bias are not sharded"
+                hints[f"{lin.module}.bias"] = lin.shard
+        return hints
 
     def parameter_count(self, d: Dims) -> dict[str, int]:
         """`layer_matrices` (what tensor parallelism splits: every layer linear) and

@@ -87,6 +87,7 @@ def open_source(path, *, check: bool = True):
     if problems:
         source.close()
         raise UserError(f"{path}: the model config cannot be built: " + "; ".join(problems))
+    source = _split_fused(source)
     if check:
         try:
             check_shapes(source)
@@ -94,3 +95,19 @@ def open_source(path, *, check: bool = True):
             source.close()
             raise
     return source
+
+
+def _split_fused(source):
+    """The source as its architecture's spec reads it: fused tensors (Phi-3's qkv_proj,
+    gate_up_proj) served as their row blocks (llmbuild.source.split)."""
+    from llmbuild.models import SUPPORTED_ARCHITECTURES, spec_for
+
+    archs = source.config.get("architectures") or []
+    if not archs or archs[0] not in SUPPORTED_ARCHITECTURES:
+        return source
+    spec = spec_for(source.config, check=False)
+    if not spec.fused_tensors:
+        return source
+    from llmbuild.source.split import SplitSource
+
+    return SplitSource(source, spec)

@@ -248,7 +248,16 @@ def config_from_gguf(header: GGUFHeader, path: Path) -> dict:
         vocab = tensors[embed].ne[-1] if embed in tensors else None
     matrix_types = {t.ggml_type for t in tensors.values() if len(t.ne) == 2}
     dtype = {frozenset({_F16}): "float16", frozenset({_BF16}): "bfloat16"}.get(frozenset(matrix_types), "float32")
+    head_dim = int(get("attention.key_length", hidden // heads))
+    extra = {}
+    rope_dims = get("rope.dimension_count")
+    if rope_dims is not None and int(rope_dims) != head_dim:  # partial rotary (Phi-4-mini)
+        extra["partial_rotary_factor"] = int(rope_dims) / head_dim
+    window = get("attention.sliding_window")
+    if window:  # llama.cpp writes 0 for "no window" (Phi-4)
+        extra["sliding_window"] = int(window)
     return {
+        **extra,
         "architectures": [hf_class or f"gguf:{arch}"],
         "model_type": arch if hf_class else None,
         "hidden_size": hidden,
@@ -256,7 +265,7 @@ def config_from_gguf(header: GGUFHeader, path: Path) -> dict:
         "num_hidden_layers": int(need("block_count")),
         "num_attention_heads": heads,
         "num_key_value_heads": int(kv_heads),
-        "head_dim": int(get("attention.key_length", hidden // heads)),
+        "head_dim": head_dim,
         "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-6)),
         "rope_theta": float(get("rope.freq_base", 10000.0)),
         "rope_scaling": _rope_scaling(header, arch, path, spec),
@@ -295,6 +304,8 @@ def _rope_scaling(header: GGUFHeader, arch: str, path: Path, spec) -> dict | Non
         return scaling
     if kind not in (None, "none"):
         raise UserError(f"{path}: rope scaling type {kind!r} in GGUF metadata is not supported")
+    if "rope_factors_long.weight" in header.tensors and "rope_factors_short.weight" in header.tensors:
+        return _longrope_from_factors(header, arch, path)
     if spec is not None and spec.gguf_rope_freqs in header.tensors:
         return _llama3_scaling_from_freqs(header, arch, path, spec.gguf_rope_freqs)
     return None
@@ -332,3 +343,26 @@ def _llama3_scaling_from_freqs(header: GGUFHeader, arch: str, path: Path, name: 
                     "convert the model from its Hugging Face checkpoint instead")
 
 
+
+
+def _longrope_from_factors(header: GGUFHeader, arch: str, path: Path) -> dict:
+    """HF's longrope rope_scaling from llama.cpp's Phi-3 tensors `rope_factors_{long,short}`
+    (the per-dimension divisors, float32) and its original context length / attention factor."""
+    import numpy as np
+
+    md = header.metadata
+    factors = {}
+    with open(path, "rb") as f:
+        for kind in ("long", "short"):
+            t = header.tensors[f"rope_factors_{kind}.weight"]
+            f.seek(t.offset)
+            factors[kind] = np.frombuffer(f.read(t.nbytes), dtype=np.float32).astype(float).tolist()
+    original = md.get(f"{arch}.rope.scaling.original_context_length")
+    if not original:
+        raise UserError(f"{path}: rope_factors tensors without {arch}.rope.scaling.original_context_length")
+    scaling = {"rope_type": "longrope", "long_factor": factors["long"], "short_factor": factors["short"],
+               "original_max_position_embeddings": int(original)}
+    attn = md.get(f"{arch}.rope.scaling.attn_factor")
+    if attn is not None:
+        scaling["attention_factor"] = float(attn)
+    return scaling

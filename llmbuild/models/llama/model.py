@@ -10,6 +10,10 @@ Decoder layer (pre-norm, SwiGLU MLP, grouped-query attention with rotary positio
        └────────────────────────────────────────────(+)─► x'
 
 Weights keep their HF names (from the spec); linear weights are stored transposed ([in, out]).
+The families on this decoder vary it through their specs only: biases on linears
+(`Linear.bias`, Qwen2), per-head q/k norms (`spec.head_norms`, Qwen3), partial rotary and
+LongRoPE (`spec.rotary_dim`, models/rope.py; Phi-3), fused source tensors (read as the
+per-role blocks by llmbuild.source.split, Phi-3).
 """
 
 from __future__ import annotations
@@ -26,15 +30,17 @@ def build(gb: GraphBuilder, spec, config: dict, source, max_seq_len: int) -> Non
     d = spec.dims(config)
     sizes = d.sizes()
     inp = blocks.decoder_inputs(gb, layers=d.layers, kv_heads=d.kv_heads, head_dim=d.head_dim)
-    cos, sin = cos_sin_tables(config, d.head_dim, max_seq_len)  # [max_seq_len, D/2]
+    rotary_dim = spec.rotary_dim(config)  # < head_dim: partial rotary (Phi-4-mini)
+    cos, sin = cos_sin_tables(config, rotary_dim, max_seq_len)  # [max_seq_len, rotary_dim/2]
     rotary = blocks.Rotary(gb.const(cos.astype(gb.np_dtype), "rope.cos"), gb.const(sin.astype(gb.np_dtype), "rope.sin"),
-                           inp.position_ids, d.head_dim)
+                           inp.position_ids, rotary_dim)
 
     def linear(x, layer, role):
         lin = spec.linear(role)
         return blocks.linear(gb, source, x, spec.linear_weight_name(layer, role), in_features=sizes[lin.inputs],
                              out_features=sizes[lin.outputs], role=role, layer=layer,
-                             parallel=None if lin.shard is None else ("row" if lin.shard.row_parallel else "column"))
+                             parallel=None if lin.shard is None else ("row" if lin.shard.row_parallel else "column"),
+                             bias=spec.linear_bias_name(layer, role) if lin.bias else None)
 
     def norm(x, name, layer):
         return blocks.rms_norm(gb, source, x, name, width=d.hidden, eps=d.rms_eps, layer=layer)
@@ -47,9 +53,14 @@ def build(gb: GraphBuilder, spec, config: dict, source, max_seq_len: int) -> Non
         # -- attention block
         h = norm(x, p + "input_layernorm.weight", i)
         q, k, v = linear(h, i, "q"), linear(h, i, "k"), linear(h, i, "v")  # [B, S, Hq*D], [B, S, Hkv*D] x2
+        head_norms = None
+        if spec.head_norms:  # per-head q/k RMSNorm before rotary (Qwen3)
+            q_norm, k_norm = (f"{p}{m}.weight" for m in spec.head_norms)
+            head_norms = blocks.HeadNorms(source, q_norm, k_norm, d.rms_eps)
         attn, present_k, present_v = blocks.attention(
             gb, q=q, k=k, v=v, heads=d.heads, kv_heads=d.kv_heads, head_dim=d.head_dim, rotary=rotary,
-            cache=inp.cache(i), layer=i, scale=1.0 / math.sqrt(d.head_dim))  # attn: [B, S, Hq*D]
+            cache=inp.cache(i), layer=i, scale=1.0 / math.sqrt(d.head_dim),
+            head_norms=head_norms)  # attn: [B, S, Hq*D]
         x = gb.op("Add", [x, linear(attn, i, "o")])
         # -- MLP block
         h2 = norm(x, p + "post_attention_layernorm.weight", i)

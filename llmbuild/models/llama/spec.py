@@ -38,7 +38,7 @@ class LlamaSpec(ArchitectureSpec):
 
     def check_config(self, config: dict) -> list[str]:
         problems = super().check_config(config)
-        if config.get("attention_bias"):
+        if config.get("attention_bias") and not self.linear("q").bias:
             problems.append(f"attention_bias=true is not supported for {self.hf_class} yet")
         if config.get("mlp_bias"):
             problems.append(f"mlp_bias=true is not supported for {self.hf_class} yet")
