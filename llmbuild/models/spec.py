@@ -151,6 +151,8 @@ class ArchitectureSpec:
     final_norm: ClassVar[str] = "model.norm.weight"
     lm_head: ClassVar[str] = "lm_head.weight"
     layer_norms: ClassVar[tuple[str, ...]] = ("input_layernorm", "post_attention_layernorm")
+    # RMSNorm scale = offset + w (Gemma: 1); the norm annotation carries it to weight transforms.
+    norm_offset: ClassVar[int] = 0
     linears: ClassVar[tuple[Linear, ...]] = ()
     scale_groups: ClassVar[tuple[ScaleGroup, ...]] = ()
     # GGUF tensor names (llama.cpp) -> HF module names; `gguf_permuted_roles`: linears whose
@@ -188,6 +190,11 @@ class ArchitectureSpec:
             rms_eps=float(config.get("rms_norm_eps", 1e-6)),
             tied=bool(config.get("tie_word_embeddings", False)),
         )
+
+    def attention_window(self, config: dict, layer: int) -> int | None:
+        """Sliding window of layer `layer`'s attention (HF's `sliding_window`: a token sees
+        itself and window - 1 tokens before it), or None for full causal attention."""
+        return None
 
     def manifest_dims(self, config: dict, precision: str) -> dict:
         """The `model` entry of the manifest."""
