@@ -172,3 +172,45 @@ def lowered_attention(tiny: Tiny, precision: str, tmp_path: Path) -> list[dict]:
     assert not [n for n in graph.graph.node if n.op_type == "Attention"]
     return [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
             for n in graph.graph.node if n.op_type == "GroupQueryAttention"]
+
+
+def check_engine_builds(tiny: Tiny, tmp_path: Path) -> dict:
+    """A TensorRT-RTX float16 engine builds from the family's graph; its manifest entry."""
+    import pytest
+
+    pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu13 is not installed")
+    art = compile_tiny(tiny.hf_dir, tmp_path, name="engine", precision="float16", engines=("tensorrt-rtx",),
+                       limits=LIMITS)
+    (entry,) = json.loads((art / "manifest.json").read_text())["engines"]
+    assert (art / entry["file"]).stat().st_size == entry["bytes"] > 0
+    return entry
+
+
+def check_tensorrt_graph_logits(tiny: Tiny, tmp_path: Path, *, atol: float = 1e-4) -> list[dict]:
+    """The graph TensorRT parses (cache_len pinned, soft-capped attention decomposed by
+    llmbuild.engine.decompose) computes HF's logits, on ONNX Runtime; its records."""
+    import onnx
+
+    from llmbuild.engine.build import _pinned_model_bytes
+    from llmbuild.runtime.executors.onnxruntime import OnnxRuntimeExecutor
+
+    src = tiny.artifacts["float32"] / "model" / "model.onnx"
+    records: list[dict] = []
+    model = onnx.load_model_from_string(_pinned_model_bytes(src, LIMITS["max_seq_len"], records))
+    onnx.load_external_data_for_model(model, str(src.parent))
+    dst = tmp_path / "trt-graph.onnx"
+    onnx.save(model, str(dst))
+    ex = OnnxRuntimeExecutor(dst, num_layers=tiny.config["num_hidden_layers"], cache_len=LIMITS["max_seq_len"],
+                             batch_size=1, threads=2, cpu_lowering=False)
+    ids = np.random.default_rng(5).integers(5, 256, 30).tolist()
+    ex.reset(1)
+    ar = np.arange(len(ids))[None]
+    ours = ex.forward(StepInputs(np.array([ids]), ar, np.zeros(1, np.int64), ar))[0]
+    np.testing.assert_allclose(ours, hf_logits(tiny.ref, ids), atol=atol, rtol=0)
+    # and decoding with the cache (the causal mask of a one-token pass at an offset)
+    ex.reset(1)
+    ex.forward(StepInputs(np.array([ids[:20]]), ar[:, :20], np.zeros(1, np.int64), np.array([[19]])))
+    steps = [ex.forward(StepInputs(np.array([[ids[p]]]), np.array([[p]]), np.array([p]), np.zeros((1, 1), np.int64)))[0, 0]
+             for p in range(20, 30)]
+    np.testing.assert_allclose(np.stack(steps), ours[20:], atol=atol, rtol=0)
+    return records

@@ -68,8 +68,8 @@ def test_every_layer_lowers_with_the_window(tiny, precision, tmp_path):
 
 
 def test_standard_graph_masks_the_window(tiny):
-    """One shared boolean mask feeds every layer's Attention (is_causal kept); the
-    annotation records the window."""
+    """One shared causal boolean mask feeds every layer's Attention (is_causal 0: TensorRT
+    takes a mask or a causal kind, not both); the annotation records the window."""
     from llmbuild.graph.annotations import ATTENTION, nodes_with
 
     graph = onnx.load(str(tiny.artifacts["float32"] / "model" / "model.onnx"), load_external_data=False).graph
@@ -77,4 +77,9 @@ def test_standard_graph_masks_the_window(tiny):
     assert len(attns) == tiny.config["num_hidden_layers"]
     assert {n.input[3] for n, _ in attns} == {f"window_mask.{tiny.window()}"}
     assert all(meta["window"] == tiny.window() for _, meta in attns)
-    assert all(onnx.helper.get_attribute_value(a) == 1 for n, _ in attns for a in n.attribute if a.name == "is_causal")
+    assert all(onnx.helper.get_attribute_value(a) == 0 for n, _ in attns for a in n.attribute if a.name == "is_causal")
+
+
+def test_tensorrt_rtx_engine_builds(models, tmp_path):
+    entry = family.check_engine_builds(models[0], tmp_path)
+    assert entry["decomposed_attention"] == []  # the window mask goes into TensorRT's attention

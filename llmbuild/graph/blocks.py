@@ -97,8 +97,9 @@ def attention(gb: GraphBuilder, *, q: ir.Value, k: ir.Value, v: ir.Value, heads:
     q [B,S,Hq*D] ─Reshape─► [B,S,Hq,D] (─q_norm─) ─Transpose─► [B,Hq,S,D] ─RoPE─────────────────────┐
     k [B,S,Hkv*D] ─Reshape─► (─k_norm─) ─Transpose─► ─RoPE─► TensorScatter(past_key, write_indices) ─► present_key ─┤
     v [B,S,Hkv*D] ─Reshape─► ─Transpose─────────► TensorScatter(past_value, write_indices) ─► present_value ─┴─►
-        Attention(is_causal=1, nonpad_kv_seqlen=kv_len, GQA by Hq/Hkv, softcap,
-                  attn_mask = window mask if `window`) ─► [B,Hq,S,D] ─► o [B,S,Hq*D]
+        Attention(is_causal=1, nonpad_kv_seqlen=kv_len, GQA by Hq/Hkv, softcap)       (no window)
+        Attention(attn_mask = causal window mask, nonpad_kv_seqlen=kv_len, ...)       (`window`)
+            ─► [B,Hq,S,D] ─► o [B,S,Hq*D]
 
     `window` (sliding-window attention, HF's convention): a token attends to itself and
     the window - 1 tokens before it, through a boolean mask built once per window size
@@ -122,7 +123,9 @@ def attention(gb: GraphBuilder, *, q: ir.Value, k: ir.Value, v: ir.Value, heads:
         k4 = gb.op("RotaryEmbedding", [k4, rotary.cos, rotary.sin, rotary.position_ids], attrs)
     present_k = gb.op("TensorScatter", [cache.past_key, k4, cache.write_indices], {"axis": 2})
     present_v = gb.op("TensorScatter", [cache.past_value, v4, cache.write_indices], {"axis": 2})
-    attrs = {"is_causal": 1, "scale": float(scale)}
+    # TensorRT's IAttention takes a mask or a causal kind, not both: a windowed layer's mask
+    # is causal itself.
+    attrs = {"is_causal": 1 if window is None else 0, "scale": float(scale)}
     if softcap:
         attrs["softcap"] = float(softcap)
     mask = None if window is None else window_mask(gb, cache, window)
@@ -140,15 +143,16 @@ def attention(gb: GraphBuilder, *, q: ir.Value, k: ir.Value, v: ir.Value, heads:
 
 def window_mask(gb: GraphBuilder, cache: KVCache, window: int) -> ir.Value:
     """
-    The sliding-window mask of one pass, shared by every layer with this window:
+    The causal sliding-window mask of one pass, shared by every layer with this window:
 
       rows   = Range(0, cache_len)                              [L]   cache row j
       q_rows = write_indices[:, None] + Range(0, S)[None, :]    [B,S] row of new token s
-      mask   = rows > q_rows[..., None] - window               [B,1,S,L] bool (True = attend)
+      mask   = (rows <= q_rows) & (rows > q_rows - window)      [B,1,S,L] bool (True = attend)
 
-    Combined with is_causal (rows ≤ q_row) and nonpad_kv_seqlen, new token s of
-    sequence b sees rows q_row - window + 1 .. q_row: itself and window - 1 tokens
-    before it, as HF's sliding-window mask (kv_idx > q_idx - sliding_window).
+    New token s of sequence b sees rows q_row - window + 1 .. q_row: itself and window - 1
+    tokens before it, as HF's sliding-window mask (kv_idx > q_idx - sliding_window on top
+    of causal). Rows past a sequence's kv_len are excluded by nonpad_kv_seqlen as before.
+    The mask replaces is_causal (TensorRT's attention takes one or the other).
     """
     memo = gb.__dict__.setdefault("_window_masks", {})
     key = (cache.write_indices.name, window)
@@ -162,9 +166,9 @@ def window_mask(gb: GraphBuilder, cache: KVCache, window: int) -> ir.Value:
     steps = gb.op("Range", [zero, s_len, one])  # [S]
     q_rows = gb.op("Add", [gb.op("Unsqueeze", [cache.write_indices, gb.const(np.array([1], np.int64))]),
                            steps])  # [B, S]
-    low = gb.op("Sub", [q_rows, gb.const(np.array(window, np.int64))])  # [B, S]
-    low = gb.op("Unsqueeze", [low, gb.const(np.array([1, 3], np.int64))])  # [B, 1, S, 1]
-    mask = gb.op("Greater", [rows, low])  # [B, 1, S, L]
+    q_rows = gb.op("Unsqueeze", [q_rows, gb.const(np.array([1, 3], np.int64))])  # [B, 1, S, 1]
+    low = gb.op("Sub", [q_rows, gb.const(np.array(window, np.int64))])  # [B, 1, S, 1]
+    mask = gb.op("And", [gb.op("LessOrEqual", [rows, q_rows]), gb.op("Greater", [rows, low])])  # [B, 1, S, L]
     mask.name = f"window_mask.{window}"
     memo[key] = mask
     return mask

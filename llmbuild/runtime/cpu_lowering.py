@@ -181,7 +181,7 @@ def lower_for_cpu(model: ir.Model, *, int4_accuracy_level: int = 4, int8_accurac
         if mask is not None and (meta.get("window") is None or mask.name != f"window_mask.{meta['window']}"):
             raise LoweringError(f"{attn.name}: only the sliding-window mask of llmbuild.graph.blocks is supported")
         attrs = {k: v.value for k, v in attn.attributes.items()}
-        if attrs.get("is_causal") != 1 or attrs.get("qk_matmul_output_mode", 0):
+        if attrs.get("is_causal", 0) != (1 if mask is None else 0) or attrs.get("qk_matmul_output_mode", 0):
             raise LoweringError(f"{attn.name}: only plain causal attention is supported ({attrs})")
         scatter_k = _producer(present_k, "TensorScatter")
         scatter_v = _producer(present_v, "TensorScatter")
