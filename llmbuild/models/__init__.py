@@ -18,6 +18,8 @@ from llmbuild.errors import UserError
 ARCHITECTURES: dict[str, str] = {
     "LlamaForCausalLM": "llmbuild.models.llama.spec:LlamaSpec",
     "MistralForCausalLM": "llmbuild.models.mistral.spec:MistralSpec",
+    "Gemma2ForCausalLM": "llmbuild.models.gemma2.spec:Gemma2Spec",
+    "Gemma3ForCausalLM": "llmbuild.models.gemma3.spec:Gemma3Spec",
 }
 SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
 _SPECS: dict = {}
