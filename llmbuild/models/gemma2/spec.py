@@ -62,6 +62,9 @@ class Gemma2Spec(LlamaSpec):
             if bad or len(types) != config.get("num_hidden_layers"):
                 problems.append(f"layer_types must list 'sliding_attention' or 'full_attention' for each of the "
                                 f"{config.get('num_hidden_layers')} layers, found {types!r:.200}")
+        if config.get("use_bidirectional_attention"):
+            problems.append("use_bidirectional_attention=true (an encoder, e.g. EmbeddingGemma) is not supported; "
+                            "only causal decoders can be built")
         for key in ("attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar"):
             value = config.get(key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):

@@ -1,0 +1,88 @@
+"""Gemma3ForCausalLM (text; tests/tiny_configs.py: 3 local + 1 global layer with a linear-
+scaled global rope, and global-then-local MQA untied with head_dim ≠ hidden/heads; local
+layers on their own rope base; per-head q/k (1 + w) norms) against HF transformers:
+logits (fp32, fp16), greedy past the window for the standard and CPU-lowered graph,
+decode = recompute, batched = one-by-one, what the lowering emits, the TensorRT-RTX engine."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests import family
+
+ARCH = "Gemma3ForCausalLM"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return family.build_family(tmp_path_factory, ARCH)
+
+
+@pytest.fixture(scope="module", params=[0, 1], ids=["gqa-tied-3local1global", "mqa-untied-d32"])
+def tiny(request, models):
+    return models[request.param]
+
+
+@pytest.mark.parametrize("lowered", [False, True], ids=["standard", "lowered"])
+def test_logits_match_hf(tiny, lowered, caplog):
+    family.check_logits(tiny, "float32", lowered=lowered, atol=1e-4, caplog=caplog if lowered else None)
+
+
+def test_fp16_logits_match_hf(tiny):
+    family.check_logits(tiny, "float16", lowered=False, atol=2e-2)
+
+
+@pytest.mark.parametrize("lowered", [False, True], ids=["standard", "lowered"])
+def test_greedy_past_the_window_equals_hf(tiny, lowered):
+    family.check_greedy_past_window(tiny, lowered=lowered)
+
+
+def test_local_rope_base_and_qk_norms_change_the_logits(tiny):
+    import torch
+
+    ids = family.PROMPT * 2
+    want = family.hf_logits(tiny.ref, ids)
+    layer = tiny.ref.model.layers[0].self_attn
+    saved = layer.q_norm.weight.detach().clone()
+    with torch.no_grad():
+        layer.q_norm.weight.zero_()
+    try:
+        assert np.abs(family.hf_logits(tiny.ref, ids) - want).max() > 1e-2
+    finally:
+        with torch.no_grad():
+            layer.q_norm.weight.copy_(saved)
+    ropes = tiny.config["rope_parameters"]
+    assert ropes["sliding_attention"]["rope_theta"] != ropes["full_attention"]["rope_theta"]
+
+
+@pytest.mark.parametrize("lowered", [False, True], ids=["standard", "lowered"])
+def test_decode_with_cache_equals_recompute(tiny, lowered):
+    family.check_decode_equals_recompute(tiny, lowered=lowered)
+
+
+def test_batched_equals_one_by_one(tiny):
+    family.check_batched_equals_one_by_one(tiny, lowered=True)
+
+
+def test_every_layer_lowers_with_its_window_and_rope_table(tiny, tmp_path):
+    import onnx
+
+    from llmbuild.runtime.cpu_lowering import save_lowered_graph
+
+    gqa = family.lowered_attention(tiny, "float32", tmp_path)
+    types = tiny.config["layer_types"]
+    assert [a.get("local_window_size") for a in gqa] == [tiny.window() if t == "sliding_attention" else None
+                                                         for t in types]
+    assert all("softcap" not in a for a in gqa)
+    graph = onnx.load(str(save_lowered_graph(tiny.artifacts["float32"], tmp_path / "again")),
+                      load_external_data=False).graph
+    tables = [n.input[7] for n in graph.node if n.op_type == "GroupQueryAttention"]  # cos_cache
+    assert len({t for t, k in zip(tables, types) if k == "sliding_attention"}) == 1
+    assert set(tables[i] for i, k in enumerate(types) if k == "full_attention").isdisjoint(
+        tables[i] for i, k in enumerate(types) if k == "sliding_attention")
+
+
+def test_tensorrt_rtx_engine_builds(models, tmp_path):
+    entry = family.check_engine_builds(models[0], tmp_path)
+    assert entry["decomposed_attention"] == []  # no soft-cap: every layer is one Attention
