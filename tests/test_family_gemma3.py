@@ -86,3 +86,43 @@ def test_every_layer_lowers_with_its_window_and_rope_table(tiny, tmp_path):
 def test_tensorrt_rtx_engine_builds(models, tmp_path):
     entry = family.check_engine_builds(models[0], tmp_path)
     assert entry["decomposed_attention"] == []  # no soft-cap: every layer is one Attention
+
+
+def test_gemma_chat_template_renders_as_hf(models, tmp_path):
+    """Gemma 3's real chat template (tests/data/chat_templates/gemma3.jinja: the system
+    prompt folded into the first user turn, assistant → model) in the tiny tokenizer:
+    the artifact's tokenizer renders and encodes it as HF's, and refuses what HF refuses."""
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from llmbuild.errors import UserError
+    from llmbuild.runtime import load
+    from tests.conftest import ROOT
+    from tests.tiny import compile_tiny
+
+    hf = tmp_path / "hf"
+    shutil.copytree(models[0].hf_dir, hf)
+    config = json.loads((hf / "tokenizer_config.json").read_text())
+    config["chat_template"] = (ROOT / "tests/data/chat_templates/gemma3.jinja").read_text()
+    (hf / "tokenizer_config.json").write_text(json.dumps(config))
+    art = compile_tiny(hf, tmp_path / "out", limits=family.LIMITS)
+    theirs = AutoTokenizer.from_pretrained(hf)
+    conversations = [
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": " Hi there "}],
+        [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}],
+        [{"role": "system", "content": "S"}, {"role": "user", "content": [{"type": "text", "text": "x "}]}],
+    ]
+    with load(art, backend="onnxruntime", threads=1) as model:
+        tok = model.tokenizer
+        for messages in conversations:
+            text = theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            assert tok.apply_chat_template(messages) == text
+            assert tok.encode_chat(messages) == theirs(text, add_special_tokens=False)["input_ids"]
+        assert tok.apply_chat_template(conversations[0]).startswith("<s><start_of_turn>user\nBe brief.\n\nHi there")
+        bad = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+        with pytest.raises(Exception, match="must alternate"):
+            theirs.apply_chat_template(bad, tokenize=False)
+        with pytest.raises(UserError, match="must alternate"):
+            tok.apply_chat_template(bad)
