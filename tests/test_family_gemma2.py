@@ -86,3 +86,22 @@ def test_tensorrt_graph_decomposes_softcapped_attention_and_equals_hf(tiny, tmp_
 def test_tensorrt_rtx_engine_builds(models, tmp_path):
     entry = family.check_engine_builds(models[0], tmp_path)
     assert [r["layer"] for r in entry["decomposed_attention"]] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"hidden_activation": "relu"}, "hidden_activation='relu' is not supported (expected 'gelu_pytorch_tanh')"),
+    ({"use_bidirectional_attention": True}, "use_bidirectional_attention=true (an encoder, e.g. EmbeddingGemma) is "
+                                            "not supported; only causal decoders can be built"),
+    ({"layer_types": ["sliding_attention", "chunked_attention", "full_attention"]},
+     "layer_types must list 'sliding_attention' or 'full_attention' for each of the 3 layers"),
+    ({"attn_logit_softcapping": -1.0}, "attn_logit_softcapping=-1.0 must be a positive number or null"),
+    ({"sliding_window": 0}, "sliding_window=0 must be a positive integer"),
+    ({"attention_bias": True}, "attention_bias=true is not supported for Gemma2ForCausalLM"),
+])
+def test_refusals_name_the_problem(models, change, message):
+    from llmbuild.errors import UserError
+    from llmbuild.models import spec_for
+
+    config = {**models[0].config, **change}
+    with pytest.raises(UserError, match="^Gemma2ForCausalLM: .*" + __import__("re").escape(message)):
+        spec_for(config)

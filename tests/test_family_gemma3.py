@@ -126,3 +126,14 @@ def test_gemma_chat_template_renders_as_hf(models, tmp_path):
             theirs.apply_chat_template(bad, tokenize=False)
         with pytest.raises(UserError, match="must alternate"):
             tok.apply_chat_template(bad)
+
+
+def test_unsupported_rope_is_refused_per_layer_type(models):
+    from llmbuild.errors import UserError
+    from llmbuild.models import spec_for
+
+    rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6}}
+    with pytest.raises(UserError, match=r"^Gemma3ForCausalLM: full_attention layers: rope_type 'yarn' is not "
+                                        r"supported; supported: default, linear, llama3"):
+        spec_for({**models[0].config, "rope_parameters": rope})
