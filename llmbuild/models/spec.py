@@ -314,6 +314,16 @@ class ArchitectureSpec:
             return None
         return getattr(self.dims(config), self.gguf_permuted_roles[found[1]])
 
+    def gguf_config(self, get, config: dict) -> dict:
+        """HF config keys this architecture reads from its GGUF metadata beyond the
+        generic ones (`get(key)` reads `<arch>.<key>`); merged into `config`."""
+        return {}
+
+    def from_gguf(self, hf_name: str, array):
+        """A tensor as llama.cpp stored it -> HF's value (identity unless the converter
+        transformed it)."""
+        return array
+
     # -- graph -----------------------------------------------------------------------------
     def build(self, gb, config: dict, source, max_seq_len: int) -> None:
         """Add the decoder graph to `gb` (imports the graph code: numpy, onnx_ir)."""

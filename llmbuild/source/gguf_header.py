@@ -232,7 +232,7 @@ def config_from_gguf(header: GGUFHeader, path: Path) -> dict:
     tensors = header.tensors
     matrix_types = {t.ggml_type for t in tensors.values() if len(t.ne) == 2}
     dtype = {frozenset({_F16}): "float16", frozenset({_BF16}): "bfloat16"}.get(frozenset(matrix_types), "float32")
-    return {
+    config = {
         "architectures": [hf_class or f"gguf:{arch}"],
         "model_type": arch if hf_class else None,
         "hidden_size": hidden,
@@ -256,6 +256,17 @@ def config_from_gguf(header: GGUFHeader, path: Path) -> dict:
         "torch_dtype": dtype,
         "dtype": dtype,
     }
+    if hf_class is not None and hf_class in _registered():
+        from llmbuild.models import architecture_spec
+
+        config.update(architecture_spec(hf_class).gguf_config(get, config))
+    return config
+
+
+def _registered() -> tuple[str, ...]:
+    from llmbuild.models import SUPPORTED_ARCHITECTURES
+
+    return SUPPORTED_ARCHITECTURES
 
 
 def _rope_scaling(header: GGUFHeader, arch: str, path: Path) -> dict | None:

@@ -44,7 +44,6 @@ class Gemma2Spec(LlamaSpec):
         "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm",
     }
     gguf_permuted_roles: dict = {}
-    gguf_norm_offset = 1.0  # llama.cpp stores 1 + w for every norm
 
     # -- config ----------------------------------------------------------------------------
     def check_config(self, config: dict) -> list[str]:
@@ -95,6 +94,24 @@ class Gemma2Spec(LlamaSpec):
 
     def final_softcap(self, config: dict) -> float:
         return float(config.get("final_logit_softcapping") or 0.0)
+
+    # -- GGUF ------------------------------------------------------------------------------
+    def from_gguf(self, hf_name: str, array):
+        if hf_name.endswith("norm.weight"):  # llama.cpp's converter stores 1 + w (ggml multiplies by it)
+            return array - 1.0
+        return array
+
+    def gguf_config(self, get, config: dict) -> dict:
+        # llama.cpp scales queries by 1/sqrt(head_dim), except for the 27B model (46
+        # layers): 1/sqrt(hidden/heads), HF's query_pre_attn_scalar of that checkpoint.
+        scalar = config["head_dim"]
+        if config["num_hidden_layers"] == 46:
+            scalar = config["hidden_size"] // config["num_attention_heads"]
+        return {"hidden_activation": "gelu_pytorch_tanh", "hidden_act": "gelu_pytorch_tanh",
+                "sliding_window": get("attention.sliding_window"),
+                "attn_logit_softcapping": get("attn_logit_softcapping"),
+                "final_logit_softcapping": get("final_logit_softcapping"),
+                "query_pre_attn_scalar": scalar}
 
     def manifest_dims(self, config: dict, precision: str) -> dict:
         out = super().manifest_dims(config, precision)

@@ -64,6 +64,18 @@ class Gemma3Spec(Gemma2Spec):
                                     f"{', '.join(SUPPORTED_ROPE_TYPES)}")
         return problems
 
+    def gguf_config(self, get, config: dict) -> dict:
+        # llama.cpp's gemma3: no soft-caps, 5 local layers per global one, local rope base
+        # 10000 (neither is written to the file); the file's rope base and scaling are the
+        # global layers'; query scale 1/sqrt(head_dim) except the 27B model (62 layers).
+        out = super().gguf_config(get, config)
+        scalar = config["head_dim"]
+        if config["num_hidden_layers"] == 62:
+            scalar = config["hidden_size"] // config["num_attention_heads"]
+        out.update(attn_logit_softcapping=None, final_logit_softcapping=None, query_pre_attn_scalar=scalar,
+                   sliding_window_pattern=6, rope_local_base_freq=10000.0)
+        return out
+
     def manifest_dims(self, config: dict, precision: str) -> dict:
         out = super().manifest_dims(config, precision)
         d = self.dims(config)
