@@ -29,8 +29,9 @@ def test_logits_match_hf(tiny, lowered, caplog):
     family.check_logits(tiny, "float32", lowered=lowered, atol=1e-4, caplog=caplog if lowered else None)
 
 
-def test_fp16_logits_match_hf(tiny):
-    family.check_logits(tiny, "float16", lowered=False, atol=2e-2)
+@pytest.mark.parametrize("lowered", [False, True], ids=["standard", "lowered"])
+def test_fp16_logits_match_hf(tiny, lowered):
+    family.check_logits(tiny, "float16", lowered=lowered, atol=3e-2)  # fp16 weights: measured max 0.024
 
 
 @pytest.mark.parametrize("lowered", [False, True], ids=["standard", "lowered"])
