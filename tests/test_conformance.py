@@ -43,7 +43,8 @@ from llmbuild.graph import io
 from llmbuild.models import ARCHITECTURES
 from llmbuild.runtime import load
 from llmbuild.runtime.executors.base import StepInputs
-from tests.conformance import GATES, LIMITS, TINY_CONFIGS, VOCAB, TinyArchitecture, tiny_config_kwargs
+from tests.conformance import gate as conformance_gate
+from tests.conformance import LIMITS, TINY_CONFIGS, VOCAB, TinyArchitecture, tiny_config_kwargs
 
 TOLERANCE = {"float32": 1e-4, "float16": 2e-2}
 
@@ -237,7 +238,7 @@ def test_quantized_artifact_passes_its_accuracy_gate(tiny, scheme):
     m = read_manifest(art)
     v = m["verification"]
     assert v["kind"] == "accuracy" and v["passed"], v
-    gate = GATES[scheme]
+    gate = conformance_gate(tiny.arch, scheme)
     assert v["perplexity_increase"] <= gate["max_perplexity_increase"]
     assert v["kl_divergence"] <= gate["max_kl_divergence"]
     assert v["top1_agreement"] >= gate["min_top1_agreement"]

@@ -24,10 +24,10 @@ from tests.test_family_qwen2 import (  # noqa: F401  (the shared checks, collect
     test_logits_match_hf, test_quantized_accuracy_gate_passes, test_tensor_parallel_tp2_equals_tp1,
     test_tensorrt_rtx_fp16_engine_builds)
 from tests.tiny import compile_tiny, make_tiny_hf
-from tests.tiny_configs import TINY_CONFIGS
+from tests.tiny_configs import TINY_SHAPES
 
 ARCH = "Phi3ForCausalLM"
-LONGROPE = TINY_CONFIGS[ARCH][0]
+LONGROPE = TINY_SHAPES[ARCH][0]
 ORIGINAL = LONGROPE["rope_scaling"]["original_max_position_embeddings"]
 
 
@@ -156,7 +156,7 @@ def test_phi35_chat_template_renders_as_hf(llama_cpp, tmp_path):
 
     from tests.llama_cpp import template
 
-    model_dir = make_tiny_hf(tmp_path / "hf", ARCH, **TINY_CONFIGS[ARCH][2])
+    model_dir = make_tiny_hf(tmp_path / "hf", ARCH, **TINY_SHAPES[ARCH][2])
     cfg_path = model_dir / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["chat_template"] = template(llama_cpp, "microsoft-Phi-3.5-mini-instruct")

@@ -1,5 +1,5 @@
 """Qwen2ForCausalLM (Qwen2, Qwen2.5) on tiny random models against HF transformers:
-the checks of tests/family_checks.py for every shape in TINY_CONFIGS, GGUF from llama.cpp's
+the checks of tests/family_checks.py for every shape in TINY_SHAPES, GGUF from llama.cpp's
 converter tensor for tensor against transformers' GGUF loading, the real chat template,
 and the refusal of `use_sliding_window`."""
 
@@ -14,10 +14,10 @@ from llmbuild.errors import UserError
 from llmbuild.models import spec_for
 from tests import family_checks as fc
 from tests.tiny import compile_tiny, make_tiny_hf
-from tests.tiny_configs import TINY_CONFIGS
+from tests.tiny_configs import TINY_SHAPES
 
 ARCH = "Qwen2ForCausalLM"
-SHAPES = TINY_CONFIGS[ARCH]
+SHAPES = TINY_SHAPES[ARCH]
 
 
 # The checks below are shared by the families that import them (tests/test_family_qwen3.py):
@@ -29,7 +29,7 @@ def arch() -> str:
 
 @pytest.fixture(scope="module", params=range(3), ids=["shape0", "shape1", "shape2"])
 def shape(request, arch, tmp_path_factory):
-    cfg = TINY_CONFIGS[arch][request.param]
+    cfg = TINY_SHAPES[arch][request.param]
     root = tmp_path_factory.mktemp(f"{arch}-{request.param}")
     model_dir = make_tiny_hf(root / "hf", arch, **cfg)
     art = compile_tiny(model_dir, root / "fp32", limits=fc.LIMITS)
@@ -40,7 +40,7 @@ def shape(request, arch, tmp_path_factory):
 @pytest.fixture(scope="module")
 def first(arch, tmp_path_factory):
     root = tmp_path_factory.mktemp(f"{arch}-first")
-    model_dir = make_tiny_hf(root / "hf", arch, **TINY_CONFIGS[arch][0])
+    model_dir = make_tiny_hf(root / "hf", arch, **TINY_SHAPES[arch][0])
     return {"dir": model_dir, "root": root, "fp32": compile_tiny(model_dir, root / "fp32", limits=fc.LIMITS)}
 
 
@@ -121,7 +121,7 @@ def test_gguf_from_llama_cpp_matches_transformers_tensor_for_tensor(arch, llama_
     from llmbuild.source import open_source
     from tests.llama_cpp import convert
 
-    cfg = TINY_CONFIGS[arch][index]
+    cfg = TINY_SHAPES[arch][index]
     model_dir = make_tiny_hf(tmp_path / "hf", arch, **cfg)
     gguf = convert(llama_cpp, model_dir, tmp_path / f"m.{outtype}.gguf", outtype)
     from transformers import AutoConfig

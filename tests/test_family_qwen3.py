@@ -20,7 +20,7 @@ from tests.test_family_qwen2 import (  # noqa: F401  (the shared checks, collect
     test_logits_match_hf, test_quantized_accuracy_gate_passes, test_tensor_parallel_tp2_equals_tp1,
     test_tensorrt_rtx_fp16_engine_builds)
 from tests.tiny import compile_tiny, make_tiny_hf
-from tests.tiny_configs import TINY_CONFIGS
+from tests.tiny_configs import TINY_SHAPES
 
 ARCH = "Qwen3ForCausalLM"
 
@@ -85,7 +85,7 @@ def test_qwen3_chat_template_renders_as_hf(llama_cpp, tmp_path):
     from llmbuild.runtime import load
     from tests.llama_cpp import template
 
-    model_dir = make_tiny_hf(tmp_path / "hf", ARCH, **TINY_CONFIGS[ARCH][0])
+    model_dir = make_tiny_hf(tmp_path / "hf", ARCH, **TINY_SHAPES[ARCH][0])
     cfg_path = model_dir / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["chat_template"] = template(llama_cpp, "Qwen-Qwen3-0.6B")

@@ -96,7 +96,9 @@ def test_case8_constraint_function_names_each_reason():
     assert gqa_constraint_problem(**ok) is None
     assert "head_size 24" in gqa_constraint_problem(**{**ok, "head_dim": 24})
     assert "dtype" in gqa_constraint_problem(**{**ok, "dtype": ir.DataType.BFLOAT16})
-    assert "softcap=30.0" in gqa_constraint_problem(**ok, softcap=30.0)
+    assert gqa_constraint_problem(**ok, softcap=30.0, window=4096) is None  # carried into the operator
+    assert "negative softcap" in gqa_constraint_problem(**ok, softcap=-1.0)
+    assert "sliding window 0" in gqa_constraint_problem(**ok, window=0)
     assert "not a multiple of 3 KV heads" in gqa_constraint_problem(**{**ok, "kv_heads": 3})
 
 
@@ -149,13 +151,13 @@ def test_case2_first_non_finite():
     assert first_non_finite(x) == (2, 7)
 
 
-def test_case6_sliding_window_mistral_refused_at_validate(tmp_path):
+def test_case6_bad_sliding_window_mistral_refused_at_validate(tmp_path):
     model_dir = tmp_path / "m"
     model_dir.mkdir()
     cfg = json.loads((ROOT / "tests/data/recipes/tiny-llama/config.json").read_text())
-    cfg.update(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=32)
+    cfg.update(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=0)
     (model_dir / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(RecipeError, match=r"MistralForCausalLM: sliding_window=32 is not supported"):
+    with pytest.raises(RecipeError, match=r"MistralForCausalLM: sliding_window=0 must be a positive integer"):
         load_recipe(recipe_for(tmp_path, model_dir))
 
 

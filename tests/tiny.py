@@ -321,3 +321,26 @@ def make_tokenizer_gguf(dst: Path, kind: str, *, add_bos: bool | None = None, ad
     writer.write_tensors_to_file()
     writer.close()
     return Path(dst)
+
+
+def make_tiny_from_config(dst: Path, arch: str, config_kwargs: dict, *, seed: int = 0, dtype: str = "float32",
+                          norm_noise: float = 0.2) -> Path:
+    """Write a random `arch` model (HF class name) built from `config_kwargs` (one entry of
+    tests.tiny_configs.TINY_SHAPES) and the tiny tokenizer to `dst`. Norm weights get
+    N(0, norm_noise) added to HF's init, so that a norm's (1 + w) vs w matters."""
+    import torch
+    import transformers
+
+    model_cls = getattr(transformers, arch)
+    config = model_cls.config_class(**config_kwargs)
+    torch.manual_seed(seed)
+    model = model_cls(config).to(getattr(torch, dtype)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * norm_noise)
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(dst)
+    write_tiny_tokenizer(dst, config.vocab_size, config.max_position_embeddings)
+    return dst

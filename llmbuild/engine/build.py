@@ -24,7 +24,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Callable
@@ -76,6 +76,7 @@ class ParsedNetwork:
     builder: object
     network: object
     parser: object
+    decomposed_attention: list = field(default_factory=list)  # llmbuild.engine.decompose records
 
 
 def make_logger(trt: ModuleType):
@@ -98,8 +99,10 @@ def make_logger(trt: ModuleType):
     return Logger()
 
 
-def _pinned_model_bytes(onnx_path: Path, cache_len: int) -> bytes:
-    """The ONNX model (weights left external) with the symbolic cache_len dim set.
+def _pinned_model_bytes(onnx_path: Path, cache_len: int, decomposed: list | None = None) -> bytes:
+    """The ONNX model (weights left external) with the symbolic cache_len dim set, and
+    the attention layers TensorRT cannot parse decomposed (llmbuild.engine.decompose;
+    their records are appended to `decomposed`).
 
     TensorRT's KV_CACHE_UPDATE layer (from TensorScatter) needs a static cache length:
     "The KV cache tensor must have a static sequence length dimension". The graph keeps
@@ -120,6 +123,11 @@ def _pinned_model_bytes(onnx_path: Path, cache_len: int) -> bytes:
             if dim.dim_param == io.CACHE_LEN:
                 dim.ClearField("dim_param")
                 dim.dim_value = cache_len
+    from llmbuild.engine.decompose import decompose_for_tensorrt
+
+    records = decompose_for_tensorrt(model)
+    if decomposed is not None:
+        decomposed.extend(records)
     return model.SerializeToString()
 
 
@@ -151,9 +159,10 @@ def parse_onnx(
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     # parse(bytes, path): path resolves the external weights (model.onnx.data) next to it.
-    if not parser.parse(_pinned_model_bytes(onnx_path, cache_len), path=str(onnx_path)):
+    decomposed: list[dict] = []
+    if not parser.parse(_pinned_model_bytes(onnx_path, cache_len, decomposed), path=str(onnx_path)):
         raise BuildError(f"TensorRT could not parse {onnx_path}:\n  " + "\n  ".join(_parser_errors(parser)))
-    return ParsedNetwork(trt, logger, builder, network, parser)
+    return ParsedNetwork(trt, logger, builder, network, parser, decomposed)
 
 
 def _parser_errors(parser) -> list[str]:
@@ -385,6 +394,7 @@ def build_engine(
             "enabled": bool(options["weight_streaming"]),
             "budget_mib": options["weight_streaming_budget_mib"],
         },
+        "decomposed_attention": parsed.decomposed_attention,
         **parallel,
     }
 

@@ -9,9 +9,14 @@ Keys (`NodeProto.metadata_props`, values JSON):
                          "parallel": "column"|"row"|null, "tied": bool (lm_head on the embedding)}
     llmbuild.attention  on an attention core's `Attention` node:
                         {"layer", "heads", "kv_heads", "head_dim", "scale", "window", "softcap",
-                         "q", "k", "v":  names of the [B, S, heads, head_dim] values before rotary,
+                         "q", "k", "v":  names of the [B, S, heads, head_dim] values rotary reads
+                                         (after per-head q/k norms, when the model has them),
                          "rotary": {"cos", "sin", "position_ids", "dim"} | null}
+                        "window": sliding window (HF's: a token sees itself and window - 1 before
+                        it; the node's attn_mask is `window_mask.<window>`) | null;
+                        "softcap": attention logit soft-cap (0 = none)
     llmbuild.norm       on a normalization: {"weight": HF name, "layer": i|null, "offset": 0|1}
+                        (scale = offset + weight; Gemma's norms have offset 1)
     llmbuild.scale_group  on the node whose output feeds a scale group's linears
                         (a norm, or the Mul of a gated MLP):
                         {"name", "kind": "norm"|"linear", "source": HF weight name that absorbs 1/s,

@@ -8,6 +8,7 @@ arguments; weights are named by their HF names and read lazily from the source.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import onnx_ir as ir
@@ -62,10 +63,22 @@ def linear(gb: GraphBuilder, source, x: ir.Value, name: str, *, in_features: int
 
 
 def rms_norm(gb: GraphBuilder, source, x: ir.Value, name: str, *, width: int, eps: float,
-             layer: int | None) -> ir.Value:
-    """RMSNormalization over the last axis (float32 statistics), weight `name` [width]."""
-    y = gb.rms_norm(x, weight(gb, source, name, (width,)), eps)
-    ann.annotate(y.producer(), ann.NORM, {"weight": name, "layer": layer, "offset": 0})
+             layer: int | None, offset: int = 0) -> ir.Value:
+    """
+    RMSNormalization over the last axis (float32 statistics), weight `name` [width].
+
+    offset 0 (Llama):  x ─RMSNormalization(scale = w)─► y
+    offset 1 (Gemma):  w ─Add(1)─► 1 + w ─┐            (HF stores w; the scale is 1 + w;
+                       x ─RMSNormalization(scale)─► y   the Add is folded by the runtimes)
+
+    The annotation's `offset` tells weight transforms (AWQ folding a scale s into the
+    norm: stored w' = (w + offset) / s - offset) what the stored weight means.
+    """
+    w = weight(gb, source, name, (width,))
+    if offset:
+        w = gb.op("Add", [w, gb.const(np.array(offset, gb.np_dtype))])
+    y = gb.rms_norm(x, w, eps)
+    ann.annotate(y.producer(), ann.NORM, {"weight": name, "layer": layer, "offset": offset})
     return y
 
 
@@ -88,25 +101,35 @@ class HeadNorms:
 
 def attention(gb: GraphBuilder, *, q: ir.Value, k: ir.Value, v: ir.Value, heads: int, kv_heads: int,
               head_dim: int, rotary: Rotary | None, cache: KVCache, layer: int, scale: float,
-              head_norms: HeadNorms | None = None) -> tuple:
+              head_norms: HeadNorms | None = None, window: int | None = None, softcap: float = 0.0,
+              q_norm: Callable[[ir.Value], ir.Value] | None = None,
+              k_norm: Callable[[ir.Value], ir.Value] | None = None) -> tuple:
     """
-    q [B,S,Hq*D] ─Reshape─► [B,S,Hq,D] (─RMSNorm(q_norm)) ─Transpose─► [B,Hq,S,D] ─RoPE──────────────────┐
-    k [B,S,Hkv*D] ─Reshape─► (─RMSNorm(k_norm)) ─Transpose─► ─RoPE─► TensorScatter(past_key, write_indices) ─► present_key ─┤
-    v [B,S,Hkv*D] ─Reshape─► ─Transpose──────────────────► TensorScatter(past_value, write_indices) ─► present_value ─┴─►
-        Attention(is_causal=1, nonpad_kv_seqlen=kv_len, GQA by Hq/Hkv) ─► [B,Hq,S,D] ─► o [B,S,Hq*D]
+    q [B,S,Hq*D] ─Reshape─► [B,S,Hq,D] (─q_norm─) ─Transpose─► [B,Hq,S,D] ─RoPE─────────────────────┐
+    k [B,S,Hkv*D] ─Reshape─► (─k_norm─) ─Transpose─► ─RoPE─► TensorScatter(past_key, write_indices) ─► present_key ─┤
+    v [B,S,Hkv*D] ─Reshape─► ─Transpose─────────► TensorScatter(past_value, write_indices) ─► present_value ─┴─►
+        Attention(is_causal=1, nonpad_kv_seqlen=kv_len, GQA by Hq/Hkv, softcap)       (no window)
+        Attention(attn_mask = causal window mask, nonpad_kv_seqlen=kv_len, ...)       (`window`)
+            ─► [B,Hq,S,D] ─► o [B,S,Hq*D]
+
+    `window` (sliding-window attention, HF's convention): a token attends to itself and
+    the window - 1 tokens before it, through a boolean mask built once per window size
+    (`window_mask`). `softcap` > 0: attention logits become softcap·tanh(logits/softcap)
+    (the Attention attribute). `q_norm` / `k_norm`: applied per head ([B,S,H,D], last
+    axis) before rotary (Gemma 3); `head_norms` (Qwen3): the same as per-head RMSNorms
+    read from the source.
 
     Returns (o, present_key, present_value). The Attention node is annotated with the
-    [B,S,H,D] q/k/v values before rotary (after the head norms, if any) and the rotary
-    inputs (the CPU lowering fuses the whole core from them).
+    [B,S,H,D] q/k/v values as rotary reads them and the rotary inputs (the CPU lowering
+    fuses the whole core from them), the window and the soft-cap.
     """
-    q_heads = _heads(gb, q, heads, head_dim, f"attention.{layer}.q_heads")
-    k_heads = _heads(gb, k, kv_heads, head_dim, f"attention.{layer}.k_heads")
-    v_heads = _heads(gb, v, kv_heads, head_dim, f"attention.{layer}.v_heads")
     if head_norms is not None:  # [B, S, H, D], statistics over D per head
         n = head_norms
-        q_heads = rms_norm(gb, n.source, q_heads, n.q_weight, width=head_dim, eps=n.eps, layer=layer)
-        k_heads = rms_norm(gb, n.source, k_heads, n.k_weight, width=head_dim, eps=n.eps, layer=layer)
-        q_heads.name, k_heads.name = f"attention.{layer}.q_normed", f"attention.{layer}.k_normed"
+        q_norm = lambda x: rms_norm(gb, n.source, x, n.q_weight, width=head_dim, eps=n.eps, layer=layer)  # noqa: E731
+        k_norm = lambda x: rms_norm(gb, n.source, x, n.k_weight, width=head_dim, eps=n.eps, layer=layer)  # noqa: E731
+    q_heads = _heads(gb, q, heads, head_dim, f"attention.{layer}.q_heads", q_norm)
+    k_heads = _heads(gb, k, kv_heads, head_dim, f"attention.{layer}.k_heads", k_norm)
+    v_heads = _heads(gb, v, kv_heads, head_dim, f"attention.{layer}.v_heads", None)
     q4, k4, v4 = (gb.op("Transpose", [x], {"perm": [0, 2, 1, 3]}) for x in (q_heads, k_heads, v_heads))
     if rotary is not None:  # x [B, H, S, D]; HF's rotate_half layout (not interleaved)
         attrs = {"interleaved": 0}
@@ -116,11 +139,16 @@ def attention(gb: GraphBuilder, *, q: ir.Value, k: ir.Value, v: ir.Value, heads:
         k4 = gb.op("RotaryEmbedding", [k4, rotary.cos, rotary.sin, rotary.position_ids], attrs)
     present_k = gb.op("TensorScatter", [cache.past_key, k4, cache.write_indices], {"axis": 2})
     present_v = gb.op("TensorScatter", [cache.past_value, v4, cache.write_indices], {"axis": 2})
-    o4 = gb.op("Attention", [q4, present_k, present_v, None, None, None, cache.kv_len],
-               {"is_causal": 1, "scale": float(scale)})
+    # TensorRT's IAttention takes a mask or a causal kind, not both: a windowed layer's mask
+    # is causal itself.
+    attrs = {"is_causal": 1 if window is None else 0, "scale": float(scale)}
+    if softcap:
+        attrs["softcap"] = float(softcap)
+    mask = None if window is None else window_mask(gb, cache, window)
+    o4 = gb.op("Attention", [q4, present_k, present_v, mask, None, None, cache.kv_len], attrs)
     ann.annotate(o4.producer(), ann.ATTENTION, {
         "layer": layer, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim, "scale": float(scale),
-        "window": None, "softcap": 0.0, "q": q_heads.name, "k": k_heads.name, "v": v_heads.name,
+        "window": window, "softcap": float(softcap), "q": q_heads.name, "k": k_heads.name, "v": v_heads.name,
         "rotary": None if rotary is None else {"cos": rotary.cos.name, "sin": rotary.sin.name,
                                                "position_ids": rotary.position_ids.name, "dim": rotary.dim},
     })
@@ -129,9 +157,45 @@ def attention(gb: GraphBuilder, *, q: ir.Value, k: ir.Value, v: ir.Value, heads:
     return o, present_k, present_v
 
 
-def _heads(gb: GraphBuilder, x: ir.Value, heads: int, head_dim: int, name: str) -> ir.Value:
-    """[B, S, H*D] -> [B, S, H, D], named for the attention annotation."""
+def window_mask(gb: GraphBuilder, cache: KVCache, window: int) -> ir.Value:
+    """
+    The causal sliding-window mask of one pass, shared by every layer with this window:
+
+      rows   = Range(0, cache_len)                              [L]   cache row j
+      q_rows = write_indices[:, None] + Range(0, S)[None, :]    [B,S] row of new token s
+      mask   = (rows <= q_rows) & (rows > q_rows - window)      [B,1,S,L] bool (True = attend)
+
+    New token s of sequence b sees rows q_row - window + 1 .. q_row: itself and window - 1
+    tokens before it, as HF's sliding-window mask (kv_idx > q_idx - sliding_window on top
+    of causal). Rows past a sequence's kv_len are excluded by nonpad_kv_seqlen as before.
+    The mask replaces is_causal (TensorRT's attention takes one or the other).
+    """
+    memo = gb.__dict__.setdefault("_window_masks", {})
+    key = (cache.write_indices.name, window)
+    if key in memo:
+        return memo[key]
+    zero, one = gb.const(np.array(0, np.int64)), gb.const(np.array(1, np.int64))
+    cache_len = gb.op("Squeeze", [gb.op("Shape", [cache.past_key], {"start": 2, "end": 3}),
+                                  gb.const(np.array([0], np.int64))])
+    rows = gb.op("Range", [zero, cache_len, one])  # [L]
+    s_len = gb.op("ReduceMax", [gb.op("Sub", [cache.kv_len, cache.write_indices])], {"keepdims": 0})  # S
+    steps = gb.op("Range", [zero, s_len, one])  # [S]
+    q_rows = gb.op("Add", [gb.op("Unsqueeze", [cache.write_indices, gb.const(np.array([1], np.int64))]),
+                           steps])  # [B, S]
+    q_rows = gb.op("Unsqueeze", [q_rows, gb.const(np.array([1, 3], np.int64))])  # [B, 1, S, 1]
+    low = gb.op("Sub", [q_rows, gb.const(np.array(window, np.int64))])  # [B, 1, S, 1]
+    mask = gb.op("And", [gb.op("LessOrEqual", [rows, q_rows]), gb.op("Greater", [rows, low])])  # [B, 1, S, L]
+    mask.name = f"window_mask.{window}"
+    memo[key] = mask
+    return mask
+
+
+def _heads(gb: GraphBuilder, x: ir.Value, heads: int, head_dim: int, name: str,
+           norm: Callable[[ir.Value], ir.Value] | None) -> ir.Value:
+    """[B, S, H*D] -> [B, S, H, D] (then `norm` per head), named for the attention annotation."""
     y = gb.op("Reshape", [x, gb.const(np.array([0, 0, heads, head_dim], np.int64))])
+    if norm is not None:
+        y = norm(y)
     y.name = name
     return y
 
@@ -142,6 +206,22 @@ def silu_gate(gb: GraphBuilder, gate: ir.Value, up: ir.Value) -> ir.Value:
     up ───────────────────────────┴─Mul─► silu(gate) * up
     """
     return gb.op("Mul", [gb.op("Mul", [gate, gb.op("Sigmoid", [gate])]), up])
+
+
+def gelu_tanh_gate(gb: GraphBuilder, gate: ir.Value, up: ir.Value) -> ir.Value:
+    """
+    gate ─► Gelu(approximate="tanh") ─┐
+    up ───────────────────────────────┴─Mul─► gelu_tanh(gate) * up     (HF gelu_pytorch_tanh)
+    """
+    return gb.op("Mul", [gb.op("Gelu", [gate], {"approximate": "tanh"}), up])
+
+
+def softcap(gb: GraphBuilder, x: ir.Value, cap: float) -> ir.Value:
+    """
+    x ─Div(cap)─► Tanh ─Mul(cap)─► cap·tanh(x / cap)       (Gemma 2's final-logit soft-capping)
+    """
+    c = gb.const(np.array(cap, gb.np_dtype))
+    return gb.op("Mul", [gb.op("Tanh", [gb.op("Div", [x, c])]), c])
 
 
 def gathered_rows(gb: GraphBuilder, x: ir.Value, logits_indices: ir.Value) -> ir.Value:

@@ -35,9 +35,12 @@ dtype, and
 5. fuses each residual Add with the RMSNormalization that reads it into
    `com.microsoft.SkipSimplifiedLayerNormalization`.
 
-A layer whose attention breaks the fused operator's constraints (`gqa_constraint_problem`:
-head size % 16, dtype, soft-cap, window, partial rotary width % 16) keeps the standard
-Attention, with a WARNING naming the reason. Anything else the rewrite does not recognise raises `LoweringError`;
+Sliding windows and attention soft-capping are carried into the operator
+(`local_window_size`, `softcap`); per-head q/k norms stay before it (their output,
+reshaped to [B,S,H*D], is its input); partial rotary is passed as the cos/sin caches'
+width. A layer whose attention breaks the fused operator's constraints
+(`gqa_constraint_problem`: head size % 16, dtype, partial rotary width % 16) keeps the
+standard Attention, with a WARNING naming the reason. Anything else the rewrite does not recognise raises `LoweringError`;
 the executor then runs the standard graph instead and says so in a WARNING. Both graphs
 are checked against HF transformers in the tests.
 """
@@ -62,7 +65,9 @@ def gqa_constraint_problem(*, head_dim: int, num_heads: int, kv_heads: int, dtyp
                            window: int | None = None, rotary_dim: int | None = None) -> str | None:
     """Why ONNX Runtime's com.microsoft.GroupQueryAttention CPU kernel cannot run one
     layer's attention as the lowering emits it, or None. The layer then keeps the
-    standard graph's Attention (a per-layer fallback, with a WARNING)."""
+    standard graph's Attention (a per-layer fallback, with a WARNING). Soft-capping
+    (`softcap`) and sliding windows (`local_window_size`, `gqa_local_window_size`) are
+    carried into the operator."""
     if head_dim % 16:
         return f"head_size {head_dim} is not a multiple of 16 (GroupQueryAttention's CPU kernel requires it)"
     if rotary_dim is not None and (rotary_dim > head_dim or rotary_dim % 16):
@@ -72,11 +77,21 @@ def gqa_constraint_problem(*, head_dim: int, num_heads: int, kv_heads: int, dtyp
         return f"{num_heads} query heads are not a multiple of {kv_heads} KV heads"
     if dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16):
         return f"dtype {dtype} (the CPU kernel takes float32 or float16)"
-    if softcap:
-        return f"soft-capped attention (softcap={softcap}) is not lowered"
-    if window:
-        return f"sliding-window attention (window {window}) is not lowered"
+    if softcap < 0:
+        return f"negative softcap {softcap}"
+    if window is not None and window < 1:
+        return f"sliding window {window} is not positive"
     return None
+
+
+def gqa_local_window_size(window: int | None) -> int:
+    """GroupQueryAttention's `local_window_size` for HF's `sliding_window` (-1: none).
+    HF lets new row r see `window` rows, itself included (kv_idx > q_idx - window). ONNX
+    Runtime's CPU kernel (the pinned version; older ones saw one row more) lets it see
+    local_window_size rows, itself included, in prefill and decode alike: the two are
+    equal. Checked against HF token for token past the window in
+    tests/test_family_mistral.py; an off-by-one there shows as a logit difference."""
+    return -1 if window is None else window
 
 
 class LoweringError(ValueError):
@@ -112,20 +127,17 @@ def _float_table(graph: ir.Graph, name: str) -> ir.Value:
     raise LoweringError(f"rotary table {name} is {init.dtype} and has no float32 cast")
 
 
-def _unheaded(x_heads: ir.Value | None, name: str, tape: ir.tape.Tape, width: int) -> ir.Value:
-    """The [B,S,H*D] value GroupQueryAttention reads for an annotated [B,S,H,D] value: the
-    input of the attention block's Reshape to heads, or, when the value is computed per head
-    (a q/k head norm, Qwen3), a Reshape of it back to [B,S,H*D]."""
+def _unheaded(x_heads: ir.Value | None, name: str, tape: ir.tape.Tape) -> ir.Value:
+    """The [B,S,H*D] value that the attention block's Reshape to [B,S,H,D] reads, or (q/k
+    normed per head after that Reshape) a Reshape of the normed heads back to [B,S,H*D]."""
     if x_heads is None:
         raise LoweringError(f"the attention annotation names {name}, which the graph does not have")
     node = x_heads.producer()
     if node is not None and node.op_type == "Reshape" and node.domain in ("", "ai.onnx"):
         return node.inputs[0]
-    if node is None or node.op_type != "RMSNormalization":
-        raise LoweringError(f"expected a Reshape or a head RMSNormalization producing {name}, found "
-                            f"{'a graph input/initializer' if node is None else node.op_type}")
-    shape = tape.initializer(ir.tensor(np.array([0, 0, width], np.int64), name=f"{name}.merged_shape"))
-    return tape.op("Reshape", [x_heads, shape])
+    flat = tape.initializer(ir.tensor(np.array([0, 0, -1], np.int64), name=f"{name}.flat_shape"),
+                            name=f"{name}.flat_shape")
+    return tape.op("Reshape", [x_heads, flat])
 
 
 def lower_for_cpu(model: ir.Model, *, int4_accuracy_level: int = 4, int8_accuracy_level: int = 4) -> ir.Model:
@@ -167,10 +179,13 @@ def lower_for_cpu(model: ir.Model, *, int4_accuracy_level: int = 4, int8_accurac
             raise LoweringError(f"{attn.name}: Attention node without an {ATTENTION} annotation (not built by "
                                 "llmbuild.graph.blocks.attention)")
         _, present_k, present_v = attn.inputs[:3]
-        if any(attn.inputs[i] is not None for i in (3, 4, 5)):
-            raise LoweringError(f"{attn.name}: attention mask/past inputs are not supported")
+        if any(attn.inputs[i] is not None for i in (4, 5)):
+            raise LoweringError(f"{attn.name}: attention past inputs are not supported")
+        mask = attn.inputs[3]
+        if mask is not None and (meta.get("window") is None or mask.name != f"window_mask.{meta['window']}"):
+            raise LoweringError(f"{attn.name}: only the sliding-window mask of llmbuild.graph.blocks is supported")
         attrs = {k: v.value for k, v in attn.attributes.items()}
-        if attrs.get("is_causal") != 1 or attrs.get("qk_matmul_output_mode", 0):
+        if attrs.get("is_causal", 0) != (1 if mask is None else 0) or attrs.get("qk_matmul_output_mode", 0):
             raise LoweringError(f"{attn.name}: only plain causal attention is supported ({attrs})")
         scatter_k = _producer(present_k, "TensorScatter")
         scatter_v = _producer(present_v, "TensorScatter")
@@ -195,13 +210,15 @@ def lower_for_cpu(model: ir.Model, *, int4_accuracy_level: int = 4, int8_accurac
             _log.warning("CPU lowering: %s keeps the standard Attention, not GroupQueryAttention: %s",
                          attn.name, problem)
             continue
-
-        q_lin, k_lin, v_lin = (_unheaded(values.get(meta[x]), meta[x], tape, n * head_dim)
-                               for x, n in (("q", heads), ("k", kv_heads), ("v", kv_heads)))
+        q_lin, k_lin, v_lin = (_unheaded(values.get(meta[x]), meta[x], tape) for x in ("q", "k", "v"))
         packed = _packed_qkv(q_lin, k_lin, v_lin)
         qkv = [packed, None, None] if packed is not None else [q_lin, k_lin, v_lin]
         gqa_attrs = {"num_heads": heads, "kv_num_heads": kv_heads, "do_rotary": 1, "rotary_interleaved": 0,
                      "scale": float(meta["scale"])}
+        if meta.get("softcap"):
+            gqa_attrs["softcap"] = float(meta["softcap"])
+        if meta.get("window") is not None:
+            gqa_attrs["local_window_size"] = gqa_local_window_size(meta["window"])
         out, new_k, new_v = tape.op_multi_out(
             "GroupQueryAttention",
             [*qkv, past_k, past_v, seqlens_k, total, cos, sin, position_ids, None, None, None, None, None, None,

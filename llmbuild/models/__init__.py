@@ -21,6 +21,8 @@ ARCHITECTURES: dict[str, str] = {
     "Qwen2ForCausalLM": "llmbuild.models.qwen2.spec:Qwen2Spec",
     "Qwen3ForCausalLM": "llmbuild.models.qwen3.spec:Qwen3Spec",
     "Phi3ForCausalLM": "llmbuild.models.phi3.spec:Phi3Spec",
+    "Gemma2ForCausalLM": "llmbuild.models.gemma2.spec:Gemma2Spec",
+    "Gemma3ForCausalLM": "llmbuild.models.gemma3.spec:Gemma3Spec",
 }
 SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
 _SPECS: dict = {}

@@ -161,6 +161,8 @@ class ArchitectureSpec:
     layer_norms: ClassVar[tuple[str, ...]] = ("input_layernorm", "post_attention_layernorm")
     # Per-head q and k RMSNorm modules (weights [head_dim]) before rotary, or ().
     head_norms: ClassVar[tuple[str, ...]] = ()
+    # RMSNorm scale = offset + w (Gemma: 1); the norm annotation carries it to weight transforms.
+    norm_offset: ClassVar[int] = 0
     linears: ClassVar[tuple[Linear, ...]] = ()
     scale_groups: ClassVar[tuple[ScaleGroup, ...]] = ()
     # GGUF tensor names (llama.cpp) -> HF module names; `gguf_permuted_roles`: linears whose
@@ -212,6 +214,11 @@ class ArchitectureSpec:
         if factor is None:
             factor = (config.get("rope_parameters") or {}).get("partial_rotary_factor", 1.0)
         return int(head_dim * float(factor))
+
+    def attention_window(self, config: dict, layer: int) -> int | None:
+        """Sliding window of layer `layer`'s attention (HF's `sliding_window`: a token sees
+        itself and window - 1 tokens before it), or None for full causal attention."""
+        return None
 
     def manifest_dims(self, config: dict, precision: str) -> dict:
         """The `model` entry of the manifest."""
@@ -365,6 +372,16 @@ class ArchitectureSpec:
         if found is None or found[1] not in self.gguf_permuted_roles:
             return None
         return getattr(self.dims(config), self.gguf_permuted_roles[found[1]])
+
+    def gguf_config(self, get, config: dict) -> dict:
+        """HF config keys this architecture reads from its GGUF metadata beyond the
+        generic ones (`get(key)` reads `<arch>.<key>`); merged into `config`."""
+        return {}
+
+    def from_gguf(self, hf_name: str, array):
+        """A tensor as llama.cpp stored it -> HF's value (identity unless the converter
+        transformed it)."""
+        return array
 
     # -- graph -----------------------------------------------------------------------------
     def build(self, gb, config: dict, source, max_seq_len: int) -> None:

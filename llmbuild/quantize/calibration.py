@@ -82,10 +82,14 @@ class GraphSlices:
         self.linear_nodes = nodes_with(g, LINEAR)
         self.layer_of: dict[str, int | None] = {}
         self.role_of: dict[str, str] = {}
+        # A norm's scale is offset + w (Gemma: 1 + w); folding 1/s into it stores (offset + w) / s - offset.
+        self.norm_offset: dict[str, float] = {}
         for node, meta in [*self.linear_nodes, *nodes_with(g, NORM)]:
             self.layer_of[meta["weight"]] = meta["layer"]
             if "role" in meta:
                 self.role_of[meta["weight"]] = meta["role"]
+            if "offset" in meta:
+                self.norm_offset[meta["weight"]] = float(meta["offset"])
         self.scale_groups = {node.output[0]: meta for node, meta in nodes_with(g, SCALE_GROUP)}
         layers = [v for v in self.layer_of.values() if v is not None]
         if not layers:
@@ -98,8 +102,14 @@ class GraphSlices:
         return self.layer_of.get(name)
 
     def _first_node_of_layer(self, i: int) -> onnx.NodeProto:
+        # A norm with an offset reads Add(w, offset), not w: look through that Add.
+        through = {n.output[0]: n.input[0] for n in self.nodes
+                   if n.op_type == "Add" and n.input and n.input[0] in self.norm_offset and n.input[0] in self.inits}
         for n in self.nodes:
-            if any(self.layer_of.get(x, -1) == i and x in self.inits for x in n.input):
+            if n.op_type == "Add" and n.output[0] in through:
+                continue
+            if any(self.layer_of.get(through.get(x, x), -1) == i and through.get(x, x) in self.inits
+                   for x in n.input):
                 return n
         raise ValueError(f"no node reads a weight of layer {i}")
 
@@ -340,7 +350,8 @@ def _quantize_layer(slices, layer, lin, stats, weights, plan, results, floats, s
                 kind, tname = target
                 base = floats.get(tname, work.get(tname, weights[tname]))
                 if kind == "norm":
-                    floats[tname] = (base / s).astype(np.float32)
+                    offset = slices.norm_offset.get(tname, 0.0)
+                    floats[tname] = ((base + offset) / s - offset).astype(np.float32)
                 else:  # output columns of the linear before
                     if tname in work:
                         work[tname] = work[tname] / s[None, :]

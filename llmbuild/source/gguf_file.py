@@ -87,6 +87,8 @@ class GGUFSource(ModelSource):
         heads = self._spec.gguf_row_permutation(name, self.config) if self._spec is not None else None
         if heads is not None:
             w = unpermute_qk(w, heads)
+        if self._spec is not None:
+            w = self._spec.from_gguf(name, w)  # e.g. Gemma's norms: llama.cpp stores 1 + w
         return w
 
     def close(self) -> None:

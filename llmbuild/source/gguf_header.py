@@ -256,7 +256,7 @@ def config_from_gguf(header: GGUFHeader, path: Path) -> dict:
     window = get("attention.sliding_window")
     if window:  # llama.cpp writes 0 for "no window" (Phi-4)
         extra["sliding_window"] = int(window)
-    return {
+    config = {
         **extra,
         "architectures": [hf_class or f"gguf:{arch}"],
         "model_type": arch if hf_class else None,
@@ -281,6 +281,17 @@ def config_from_gguf(header: GGUFHeader, path: Path) -> dict:
         "torch_dtype": dtype,
         "dtype": dtype,
     }
+    if hf_class is not None and hf_class in _registered():
+        from llmbuild.models import architecture_spec
+
+        config.update(architecture_spec(hf_class).gguf_config(get, config))
+    return config
+
+
+def _registered() -> tuple[str, ...]:
+    from llmbuild.models import SUPPORTED_ARCHITECTURES
+
+    return SUPPORTED_ARCHITECTURES
 
 
 def _has_bias(spec, role: str, tensors) -> bool:

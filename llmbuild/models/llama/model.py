@@ -60,7 +60,7 @@ def build(gb: GraphBuilder, spec, config: dict, source, max_seq_len: int) -> Non
         attn, present_k, present_v = blocks.attention(
             gb, q=q, k=k, v=v, heads=d.heads, kv_heads=d.kv_heads, head_dim=d.head_dim, rotary=rotary,
             cache=inp.cache(i), layer=i, scale=1.0 / math.sqrt(d.head_dim),
-            head_norms=head_norms)  # attn: [B, S, Hq*D]
+            head_norms=head_norms, window=spec.attention_window(config, i))  # attn: [B, S, Hq*D]
         x = gb.op("Add", [x, linear(attn, i, "o")])
         # -- MLP block
         h2 = norm(x, p + "post_attention_layernorm.weight", i)

@@ -1,0 +1,83 @@
+"""Gemma3ForCausalLM (text): Gemma 2's layer plus what HF `modeling_gemma3.py` changes:
+- per-head q/k RMSNorm (scale 1 + w, over head_dim) before rotary;
+- local/global pattern: `layer_types`, or in older configs `sliding_window_pattern`
+  (layer i is global when (i + 1) % pattern == 0; 6 = five local layers per global one);
+- local layers use their own rope base: transformers 5's `rope_parameters` keyed by layer
+  type, or older configs' `rope_local_base_freq` (default rope) beside the global
+  `rope_theta` / `rope_scaling`;
+- no attention or final-logit soft-capping (HF's config keeps the keys, set to null).
+GGUF (llama.cpp `gemma3`): as Gemma 2, plus attn_q_norm / attn_k_norm (also stored 1 + w).
+"""
+
+from __future__ import annotations
+
+from llmbuild.models.gemma2.spec import Gemma2Spec
+from llmbuild.models.rope import SUPPORTED_ROPE_TYPES
+from llmbuild.models.spec import Dims
+
+LAYER_TYPES = ("sliding_attention", "full_attention")
+
+
+class Gemma3Spec(Gemma2Spec):
+    hf_class = "Gemma3ForCausalLM"
+    gguf_architectures = ("gemma3",)
+    qk_norm = True
+
+    def tensors(self, d: Dims) -> dict[str, tuple[int, ...]]:
+        shapes = super().tensors(d)
+        for layer in range(d.layers):
+            p = self.layer_prefix(layer)
+            shapes[f"{p}self_attn.q_norm.weight"] = (d.head_dim,)
+            shapes[f"{p}self_attn.k_norm.weight"] = (d.head_dim,)
+        return shapes
+
+    def layer_type(self, config: dict, layer: int) -> str:
+        types = config.get("layer_types")
+        if types:
+            return types[layer]
+        pattern = int(config.get("sliding_window_pattern") or 6)
+        return "full_attention" if (layer + 1) % pattern == 0 else "sliding_attention"
+
+    def rope_config(self, config: dict, layer: int) -> tuple[str, dict]:
+        kind = self.layer_type(config, layer)
+        params = config.get("rope_parameters")
+        if isinstance(params, dict) and isinstance(params.get(kind), dict):  # transformers 5
+            rope = dict(params[kind])
+            theta = rope.pop("rope_theta", 10000.0)
+            rope.pop("type", None)
+            scaling = None if rope.get("rope_type", "default") == "default" else rope
+        elif kind == "sliding_attention":
+            theta, scaling = config.get("rope_local_base_freq", 10000.0), None
+        else:
+            theta, scaling = config.get("rope_theta", 1_000_000.0), config.get("rope_scaling")
+        return kind, {"rope_theta": float(theta), "rope_scaling": scaling}
+
+    def check_config(self, config: dict) -> list[str]:
+        problems = super().check_config(config)
+        layers = config.get("num_hidden_layers")
+        if isinstance(layers, int) and layers > 0 and not problems:
+            for kind, rope in dict(self.rope_config(config, i) for i in range(layers)).items():
+                scaling = rope["rope_scaling"] or {}
+                rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+                if rope_type not in SUPPORTED_ROPE_TYPES:
+                    problems.append(f"{kind} layers: rope_type {rope_type!r} is not supported; supported: "
+                                    f"{', '.join(SUPPORTED_ROPE_TYPES)}")
+        return problems
+
+    def gguf_config(self, get, config: dict) -> dict:
+        # llama.cpp's gemma3: no soft-caps, 5 local layers per global one, local rope base
+        # 10000 (neither is written to the file); the file's rope base and scaling are the
+        # global layers'; query scale 1/sqrt(head_dim) except the 27B model (62 layers).
+        out = super().gguf_config(get, config)
+        scalar = config["head_dim"]
+        if config["num_hidden_layers"] == 62:
+            scalar = config["hidden_size"] // config["num_attention_heads"]
+        out.update(attn_logit_softcapping=None, final_logit_softcapping=None, query_pre_attn_scalar=scalar,
+                   sliding_window_pattern=6, rope_local_base_freq=10000.0)
+        return out
+
+    def manifest_dims(self, config: dict, precision: str) -> dict:
+        out = super().manifest_dims(config, precision)
+        d = self.dims(config)
+        out["rope"] = {kind: cfg for kind, cfg in (self.rope_config(config, i) for i in range(d.layers))}
+        return out
