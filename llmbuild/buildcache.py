@@ -35,6 +35,7 @@ every reuse).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -50,11 +51,23 @@ META_FILE = "meta.json"
 FILES_DIR = "files"
 
 
+@functools.lru_cache(maxsize=1)
+def code_digest() -> str:
+    """sha256 over llmbuild's own Python sources: a stage built by other code (a
+    development checkout between releases, a patched install) is never reused."""
+    root = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
 def tool_versions(*dists: str) -> dict:
-    """Installed versions of these distributions (None if absent), with llmbuild's."""
+    """Installed versions of these distributions (None if absent), with llmbuild's
+    version and the digest of its code."""
     from llmbuild.version import __version__
 
-    out = {"llmbuild": __version__}
+    out = {"llmbuild": __version__, "llmbuild_code": code_digest()}
     for dist in dists:
         try:
             out[dist] = metadata.version(dist)

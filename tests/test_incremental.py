@@ -180,3 +180,14 @@ def test_damaged_cache_entry_is_rebuilt(tiny, tmp_path):
     out = recompile(tiny, tmp_path)
     assert reused(out)["tokenizer"] is False
     assert (out / "tokenizer" / "tokenizer.json").read_bytes() == good
+
+
+def test_stage_keys_include_llmbuild_code():
+    """A stage built by other llmbuild code is not reused: the key carries a digest of the
+    package's sources (so a development checkout never reuses a stale graph)."""
+    from llmbuild import buildcache
+
+    versions = buildcache.tool_versions("numpy")
+    assert versions["llmbuild_code"] == buildcache.code_digest() and len(versions["llmbuild_code"]) == 64
+    other = dict(versions, llmbuild_code="0" * 64)
+    assert buildcache.stage_key("onnx", tools=versions) != buildcache.stage_key("onnx", tools=other)
