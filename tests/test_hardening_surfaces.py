@@ -324,14 +324,20 @@ def test_a_reference_that_is_another_model_is_a_message(orphan, tiny, tmp_path):
 
 
 # -- gaps of the first audit -----------------------------------------------------------------
-def test_case8_window_constraint_is_named():
+def test_case8_window_and_softcap_are_lowered_other_constraints_named():
+    """Windows and soft-caps are carried into GroupQueryAttention (local_window_size,
+    softcap; #12), so they are no constraint; a head size or partial rotary width the
+    kernel cannot take is named."""
     import onnx_ir as ir
 
     from llmbuild.lowering.cpu import gqa_constraint_problem
 
     ok = dict(head_dim=64, num_heads=8, kv_heads=2, dtype=ir.DataType.FLOAT16)
     assert gqa_constraint_problem(**ok) is None
-    assert gqa_constraint_problem(**ok, window=4096) == "sliding-window attention (window 4096) is not lowered"
+    assert gqa_constraint_problem(**ok, window=4096) is None
+    assert gqa_constraint_problem(**ok, softcap=50.0) is None
+    assert "head_size 24 is not a multiple of 16" in gqa_constraint_problem(**{**ok, "head_dim": 24})
+    assert "partial rotary dim 24 of head_size 64" in gqa_constraint_problem(**ok, rotary_dim=24)
 
 
 class _Logits:
