@@ -15,7 +15,6 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +23,6 @@ import pytest
 from tests import family
 from tests.tiny import compile_tiny, make_tiny_from_config
 
-LLAMA_CPP_PYTHON = "0.3.16"
-CONVERTER = "vendor/llama.cpp/convert_hf_to_gguf.py"
 BASE = dict(vocab_size=256, max_position_embeddings=256, bos_token_id=2, eos_token_id=1, pad_token_id=0,
             hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
             query_pre_attn_scalar=16, tie_word_embeddings=True, initializer_range=0.05, sliding_window=6)
@@ -37,20 +34,9 @@ MODELS = {
 
 
 @pytest.fixture(scope="session")
-def converter(tmp_path_factory) -> Path:
-    """convert_hf_to_gguf.py and its gguf-py, extracted from the llama-cpp-python sdist."""
-    root = tmp_path_factory.mktemp("llama_cpp")
-    result = subprocess.run([sys.executable, "-m", "pip", "download", f"llama-cpp-python=={LLAMA_CPP_PYTHON}",
-                             "--no-deps", "--no-binary", ":all:", "-d", str(root)], capture_output=True, text=True)
-    if result.returncode != 0:
-        pytest.fail(f"cannot fetch the llama-cpp-python sdist:\n{result.stderr[-3000:]}", pytrace=False)
-    (sdist,) = root.glob("llama_cpp_python-*.tar.gz")
-    prefix = f"llama_cpp_python-{LLAMA_CPP_PYTHON}/"
-    with tarfile.open(sdist) as tar:
-        members = [m for m in tar.getmembers() if m.name.startswith(prefix + "vendor/llama.cpp/gguf-py/")
-                   or m.name == prefix + CONVERTER]
-        tar.extractall(root, members=members, filter="data")
-    return root / prefix / CONVERTER
+def converter(llama_cpp) -> Path:
+    """convert_hf_to_gguf.py beside its gguf-py (the session's llama-cpp-python sdist, tests/llama_cpp.py)."""
+    return llama_cpp / "convert_hf_to_gguf.py"
 
 
 def write_sentencepiece(dst: Path) -> None:

@@ -88,20 +88,9 @@ def scale_group(value: ir.Value, *, name: str, kind: str, source: str, linears: 
                  {"name": name, "kind": kind, "source": source, "linears": linears, "layer": layer})
 
 
-@dataclass(frozen=True)
-class HeadNorms:
-    """Per-head RMSNorm of q and k over head_dim, before rotary (Qwen3, Gemma 3):
-    weights [head_dim] named by their HF names, read from `source`."""
-
-    source: object
-    q_weight: str
-    k_weight: str
-    eps: float
-
-
 def attention(gb: GraphBuilder, *, q: ir.Value, k: ir.Value, v: ir.Value, heads: int, kv_heads: int,
               head_dim: int, rotary: Rotary | None, cache: KVCache, layer: int, scale: float,
-              head_norms: HeadNorms | None = None, window: int | None = None, softcap: float = 0.0,
+              window: int | None = None, softcap: float = 0.0,
               q_norm: Callable[[ir.Value], ir.Value] | None = None,
               k_norm: Callable[[ir.Value], ir.Value] | None = None) -> tuple:
     """
@@ -116,17 +105,12 @@ def attention(gb: GraphBuilder, *, q: ir.Value, k: ir.Value, v: ir.Value, heads:
     the window - 1 tokens before it, through a boolean mask built once per window size
     (`window_mask`). `softcap` > 0: attention logits become softcap·tanh(logits/softcap)
     (the Attention attribute). `q_norm` / `k_norm`: applied per head ([B,S,H,D], last
-    axis) before rotary (Gemma 3); `head_norms` (Qwen3): the same as per-head RMSNorms
-    read from the source.
+    axis) before rotary (Qwen3, Gemma 3: per-head RMSNorms).
 
     Returns (o, present_key, present_value). The Attention node is annotated with the
     [B,S,H,D] q/k/v values as rotary reads them and the rotary inputs (the CPU lowering
     fuses the whole core from them), the window and the soft-cap.
     """
-    if head_norms is not None:  # [B, S, H, D], statistics over D per head
-        n = head_norms
-        q_norm = lambda x: rms_norm(gb, n.source, x, n.q_weight, width=head_dim, eps=n.eps, layer=layer)  # noqa: E731
-        k_norm = lambda x: rms_norm(gb, n.source, x, n.k_weight, width=head_dim, eps=n.eps, layer=layer)  # noqa: E731
     q_heads = _heads(gb, q, heads, head_dim, f"attention.{layer}.q_heads", q_norm)
     k_heads = _heads(gb, k, kv_heads, head_dim, f"attention.{layer}.k_heads", k_norm)
     v_heads = _heads(gb, v, kv_heads, head_dim, f"attention.{layer}.v_heads", None)

@@ -59,11 +59,9 @@ def build(gb: GraphBuilder, spec, config: dict, source, max_seq_len: int) -> Non
         h = norm(x, p + "input_layernorm.weight", i)
         q, k, v = linear(h, i, "q"), linear(h, i, "k"), linear(h, i, "v")  # [B, S, Hq*D], [B, S, Hkv*D] x2
         qk_norms = {}
-        if spec.qk_norm:  # per head, over head_dim: [B, S, H, D]
-            qk_norms = {"q_norm": lambda t, i=i: norm(t, spec.layer_prefix(i) + "self_attn.q_norm.weight", i,
-                                                      d.head_dim),
-                        "k_norm": lambda t, i=i: norm(t, spec.layer_prefix(i) + "self_attn.k_norm.weight", i,
-                                                      d.head_dim)}
+        if spec.head_norms:  # per head, over head_dim: [B, S, H, D] (Gemma 3)
+            qk_norms = {f"{x}_norm": lambda t, m=m, i=i: norm(t, f"{p}{m}.weight", i, d.head_dim)
+                        for x, m in zip("qk", spec.head_norms)}
         attn, present_k, present_v = blocks.attention(
             gb, q=q, k=k, v=v, heads=d.heads, kv_heads=d.kv_heads, head_dim=d.head_dim, rotary=rotary(i),
             cache=inp.cache(i), layer=i, scale=scale, window=spec.attention_window(config, i), softcap=softcap,

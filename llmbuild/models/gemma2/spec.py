@@ -28,7 +28,6 @@ class Gemma2Spec(LlamaSpec):
     gguf_architectures = ("gemma2",)
 
     norm_offset = 1  # RMSNorm scale = 1 + w
-    qk_norm = False  # per-head q/k RMSNorm before rotary (Gemma 3)
     layer_norms = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
                    "post_feedforward_layernorm")
     # The MLP's input is pre_feedforward_layernorm's output (post_attention_layernorm

@@ -21,15 +21,7 @@ LAYER_TYPES = ("sliding_attention", "full_attention")
 class Gemma3Spec(Gemma2Spec):
     hf_class = "Gemma3ForCausalLM"
     gguf_architectures = ("gemma3",)
-    qk_norm = True
-
-    def tensors(self, d: Dims) -> dict[str, tuple[int, ...]]:
-        shapes = super().tensors(d)
-        for layer in range(d.layers):
-            p = self.layer_prefix(layer)
-            shapes[f"{p}self_attn.q_norm.weight"] = (d.head_dim,)
-            shapes[f"{p}self_attn.k_norm.weight"] = (d.head_dim,)
-        return shapes
+    head_norms = ("self_attn.q_norm", "self_attn.k_norm")  # in the tensor table via ArchitectureSpec.tensors
 
     def layer_type(self, config: dict, layer: int) -> str:
         types = config.get("layer_types")

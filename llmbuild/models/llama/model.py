@@ -11,7 +11,8 @@ Decoder layer (pre-norm, SwiGLU MLP, grouped-query attention with rotary positio
 
 Weights keep their HF names (from the spec); linear weights are stored transposed ([in, out]).
 The families on this decoder vary it through their specs only: biases on linears
-(`Linear.bias`, Qwen2), per-head q/k norms (`spec.head_norms`, Qwen3), partial rotary and
+(`Linear.bias`, Qwen2), per-head q/k norms (`spec.head_norms`, Qwen3; the attention
+block's `q_norm`/`k_norm`), partial rotary and
 LongRoPE (`spec.rotary_dim`, models/rope.py; Phi-3), fused source tensors (read as the
 per-role blocks by llmbuild.source.split, Phi-3).
 """
@@ -42,8 +43,8 @@ def build(gb: GraphBuilder, spec, config: dict, source, max_seq_len: int) -> Non
                              parallel=None if lin.shard is None else ("row" if lin.shard.row_parallel else "column"),
                              bias=spec.linear_bias_name(layer, role) if lin.bias else None)
 
-    def norm(x, name, layer):
-        return blocks.rms_norm(gb, source, x, name, width=d.hidden, eps=d.rms_eps, layer=layer)
+    def norm(x, name, layer, width=d.hidden):
+        return blocks.rms_norm(gb, source, x, name, width=width, eps=d.rms_eps, layer=layer)
 
     embed = blocks.weight(gb, source, spec.embed, (d.vocab, d.hidden))
     x = gb.op("Gather", [embed, inp.input_ids])  # x: [B, S, H]
@@ -53,14 +54,14 @@ def build(gb: GraphBuilder, spec, config: dict, source, max_seq_len: int) -> Non
         # -- attention block
         h = norm(x, p + "input_layernorm.weight", i)
         q, k, v = linear(h, i, "q"), linear(h, i, "k"), linear(h, i, "v")  # [B, S, Hq*D], [B, S, Hkv*D] x2
-        head_norms = None
-        if spec.head_norms:  # per-head q/k RMSNorm before rotary (Qwen3)
-            q_norm, k_norm = (f"{p}{m}.weight" for m in spec.head_norms)
-            head_norms = blocks.HeadNorms(source, q_norm, k_norm, d.rms_eps)
+        head_norms = {}
+        if spec.head_norms:  # per-head q/k RMSNorm before rotary, over head_dim: [B, S, H, D] (Qwen3)
+            head_norms = {f"{x}_norm": lambda t, m=m, i=i: norm(t, f"{p}{m}.weight", i, d.head_dim)
+                          for x, m in zip("qk", spec.head_norms)}
         attn, present_k, present_v = blocks.attention(
             gb, q=q, k=k, v=v, heads=d.heads, kv_heads=d.kv_heads, head_dim=d.head_dim, rotary=rotary,
             cache=inp.cache(i), layer=i, scale=1.0 / math.sqrt(d.head_dim),
-            head_norms=head_norms, window=spec.attention_window(config, i))  # attn: [B, S, Hq*D]
+            window=spec.attention_window(config, i), **head_norms)  # attn: [B, S, Hq*D]
         x = gb.op("Add", [x, linear(attn, i, "o")])
         # -- MLP block
         h2 = norm(x, p + "post_attention_layernorm.weight", i)
