@@ -20,6 +20,7 @@ import numpy as np
 
 from llmbuild.graph import blocks
 from llmbuild.graph.builder import GraphBuilder
+from llmbuild.models.compose import annotate_scale_groups, logits_head
 from llmbuild.models.rope import cos_sin_tables
 
 
@@ -72,18 +73,9 @@ def build(gb: GraphBuilder, spec, config: dict, source, max_seq_len: int) -> Non
         act = blocks.gelu_tanh_gate(gb, linear(h2, i, "gate"), linear(h2, i, "up"))  # [B, S, I]
         x = gb.op("Add", [x, norm(linear(act, i, "down"), p + "post_feedforward_layernorm.weight", i)])
         presents.append((present_k, present_v))
-        heads_of = {"attention_input": h, "mlp_input": h2, "down_input": act}
-        for group in spec.scale_groups:
-            blocks.scale_group(heads_of[group.name], name=group.name, kind=group.kind, layer=i,
-                               source=(p + group.source + ".weight" if group.kind == "norm"
-                                       else spec.linear_weight_name(i, group.source)),
-                               linears=[spec.linear_weight_name(i, r) for r in group.linears])
+        annotate_scale_groups(spec, i, {"attention_input": h, "mlp_input": h2, "down_input": act})
 
-    # -- head: only the requested positions get logits
-    x = blocks.gathered_rows(gb, x, inp.logits_indices)  # x: [B, K, H]
-    x = norm(x, spec.final_norm, None)
-    logits = blocks.lm_head(gb, source, x, hidden=d.hidden, vocab=d.vocab, logits_indices=inp.logits_indices,
-                            tied_embedding=embed if d.tied else None, weight_name=spec.lm_head)
+    logits = logits_head(gb, spec, source, x, inp, d, embed, norm)  # [B, K, V]
     if spec.final_softcap(config):
         logits = blocks.softcap(gb, logits, spec.final_softcap(config))
     blocks.decoder_outputs(gb, logits, presents, vocab=d.vocab, kv_heads=d.kv_heads, head_dim=d.head_dim)
