@@ -143,7 +143,7 @@ def check_artifact_files(directory: str | os.PathLike, manifest: dict, *, hashes
         _check_graph(directory, model, weights)
         recorded = (manifest.get("hashes") or {}).get("graph")
         if hashes and isinstance(recorded, str):
-            actual = hashlib.sha256((_sha256(model) + _sha256(weights)).encode()).hexdigest()
+            actual = hashlib.sha256((file_sha256(model) + file_sha256(weights)).encode()).hexdigest()
             if actual != recorded:
                 raise ArtifactError(f"{directory}: {graph['file']} or its weights {weights.name} do not match the "
                                     "sha256 recorded in the manifest (the files were changed or damaged); "
@@ -160,7 +160,7 @@ def check_artifact_files(directory: str | os.PathLike, manifest: dict, *, hashes
         if isinstance(e.get("bytes"), int) and path.stat().st_size != e["bytes"]:
             raise ArtifactError(f"{directory}: engine {e['file']} has {path.stat().st_size} bytes, the manifest "
                                 f"records {e['bytes']} (truncated or replaced)")
-        if hashes and isinstance(e.get("sha256"), str) and _sha256(path) != e["sha256"]:
+        if hashes and isinstance(e.get("sha256"), str) and file_sha256(path) != e["sha256"]:
             raise ArtifactError(f"{directory}: engine {e['file']} does not match the sha256 recorded in the manifest")
 
 
@@ -176,7 +176,7 @@ def _check_cpu_graph(directory: Path, entry: dict, hashes: bool) -> None:
         if not path.is_file():
             raise ArtifactError(f"{directory}: the CPU graph's file {path.relative_to(directory.resolve())} is "
                                 "missing; recompile the artifact")
-        if hashes and isinstance(recorded, str) and _sha256(path) != recorded:
+        if hashes and isinstance(recorded, str) and file_sha256(path) != recorded:
             raise ArtifactError(f"{directory}: {path.relative_to(directory.resolve())} does not match the sha256 "
                                 "recorded in the manifest (graph.cpu; changed or damaged); recompile the artifact")
 
@@ -212,7 +212,7 @@ def _check_graph(directory: Path, model: Path, weights: Path | None) -> None:
                                 f"{size} bytes, {label} reads up to byte {end} (truncated); recompile the artifact")
 
 
-def _sha256(path: Path, chunk: int = 1 << 22) -> str:
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):

@@ -6,24 +6,16 @@ The JSON layout — keys and their order — is part of the artifact format (REA
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from llmbuild.artifact.integrity import file_sha256  # noqa: F401 - the artifact's one file digest
 from llmbuild.artifact.layout import MANIFEST, SCHEMA_VERSION
 from llmbuild.errors import UserError
 
 REQUIRED_KEYS = ("schema_version", "name", "model", "limits", "graph", "tokenizer", "engines")
-
-
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass
