@@ -54,6 +54,19 @@ TINY_CONFIGS: dict[str, dict] = {
                                                "full_attention": {"rope_type": "linear", "factor": 2.0,
                                                                   "rope_theta": 1000000.0}},
                               tie_word_embeddings=True, initializer_range=0.05),
+    # Gemma 3's multimodal class, built as its text part: the text config is Gemma 3's above,
+    # plus a one-layer SigLIP vision tower and projector the build must leave out.
+    "Gemma3ForConditionalGeneration": dict(
+        text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=16, sliding_window=6, query_pre_attn_scalar=16,
+                         layer_types=["sliding_attention", "full_attention"],
+                         rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                          "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}},
+                         initializer_range=0.05),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=28, patch_size=14),
+        mm_tokens_per_image=4, boi_token_index=250, eoi_token_index=251, image_token_index=252,
+        tie_word_embeddings=True),
     "Qwen2ForCausalLM": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                              num_key_value_heads=2, tie_word_embeddings=True, use_sliding_window=False),
     "Qwen3ForCausalLM": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -79,7 +92,7 @@ GATES = {
 GATE_OVERRIDES: dict[str, dict[str, dict]] = {
     arch: {"int8": {"max_kl_divergence": 5e-5, "min_top1_agreement": 0.9},
            "int4": {"max_kl_divergence": 0.025, "min_top1_agreement": 0.4}}
-    for arch in ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
+    for arch in ("Gemma2ForCausalLM", "Gemma3ForCausalLM", "Gemma3ForConditionalGeneration")
 }
 
 
@@ -106,7 +119,11 @@ def tiny_config_kwargs(arch: str) -> dict:
         pytest.fail(f"{arch} is registered in llmbuild.models.ARCHITECTURES but has no tiny config: add its line to "
                     "TINY_CONFIGS in tests/conformance.py (see docs/architecture.md, 'Adding an architecture')",
                     pytrace=False)
-    return copy.deepcopy({**COMMON, **TINY_CONFIGS[arch]})  # config classes edit nested dicts in place
+    kwargs = copy.deepcopy(TINY_CONFIGS[arch])  # config classes edit nested dicts in place
+    if "text_config" in kwargs:  # a multimodal class: the defaults are its text decoder's
+        kwargs["text_config"] = {**copy.deepcopy(COMMON), **kwargs["text_config"]}
+        return kwargs
+    return {**copy.deepcopy(COMMON), **kwargs}
 
 
 def make_tiny_model(arch: str, dst: Path, *, seed: int = SEED) -> Path:
@@ -126,7 +143,7 @@ def make_tiny_model(arch: str, dst: Path, *, seed: int = SEED) -> Path:
                 param.add_(0.1 * torch.randn_like(param))
     dst.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(dst)
-    write_tiny_tokenizer(dst, config.vocab_size, MAX_POS)
+    write_tiny_tokenizer(dst, config.get_text_config().vocab_size, MAX_POS)
     return dst
 
 
@@ -149,7 +166,10 @@ class TinyArchitecture:
 
     @cached_property
     def config(self) -> dict:
-        return json.loads((self.hf_dir / "config.json").read_text())
+        """The config as llmbuild reads it (normalised; a multimodal class's text part)."""
+        from llmbuild.source import read_config
+
+        return read_config(self.hf_dir)
 
     @cached_property
     def spec(self):

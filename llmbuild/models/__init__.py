@@ -23,6 +23,7 @@ ARCHITECTURES: dict[str, str] = {
     "Phi3ForCausalLM": "llmbuild.models.phi3.spec:Phi3Spec",
     "Gemma2ForCausalLM": "llmbuild.models.gemma2.spec:Gemma2Spec",
     "Gemma3ForCausalLM": "llmbuild.models.gemma3.spec:Gemma3Spec",
+    "Gemma3ForConditionalGeneration": "llmbuild.models.gemma3.spec:Gemma3ConditionalSpec",  # text part
 }
 SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
 _SPECS: dict = {}
@@ -55,6 +56,14 @@ def spec_for(config: dict, *, check: bool = True):
         if problems:
             raise UserError(f"{arch}: " + "; ".join(problems))
     return spec
+
+
+def text_part_of(config: dict):
+    """The `TextPart` of a registered multimodal class named by `config`, or None."""
+    archs = config.get("architectures") or []
+    if not archs or archs[0] not in ARCHITECTURES:
+        return None
+    return architecture_spec(archs[0]).text_part
 
 
 def gguf_architectures() -> dict[str, str]:

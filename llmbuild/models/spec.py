@@ -143,6 +143,38 @@ def _positive_int(config: dict, key: str, problems: list[str]) -> int | None:
     return value
 
 
+@dataclass(frozen=True)
+class TextPart:
+    """The text decoder of a multimodal checkpoint, built alone (e.g.
+    Gemma3ForConditionalGeneration): its config is `config[config_key]` with the wrapper's
+    `architectures`, and its tensors are the ones under `prefixes`, renamed to the text
+    class's `model.` names. Tensors under `ignored` (vision tower, projector) are not built;
+    any other tensor keeps its name (the graph reads only the spec's tensors, as always)."""
+
+    config_key: str
+    prefixes: tuple[tuple[str, str], ...]  # (source prefix, HF text-model prefix), first match wins
+    ignored: tuple[str, ...]
+
+    def config(self, config: dict) -> dict:
+        text = config.get(self.config_key)
+        if not isinstance(text, dict):
+            return config  # the config check reports what is missing
+        out = {**text, "architectures": config.get("architectures")}
+        for key in ("tie_word_embeddings", "dtype", "torch_dtype"):  # the wrapper's word wins
+            if key in config:
+                out[key] = config[key]
+        return out
+
+    def tensor_name(self, name: str) -> str | None:
+        """The text model's name of source tensor `name`; None for a part not built."""
+        for prefix, to in self.prefixes:
+            if name.startswith(prefix):
+                return to + name[len(prefix):]
+        if name.startswith(self.ignored):
+            return None
+        return name
+
+
 class ArchitectureSpec:
     """Base of the per-architecture specs: the Llama decoder, which most models refine.
 
@@ -154,6 +186,8 @@ class ArchitectureSpec:
     graph_module: ClassVar[str] = ""
     # llama.cpp architecture names (`general.architecture`) that load as this class.
     gguf_architectures: ClassVar[tuple[str, ...]] = ()
+    # A multimodal class whose text decoder is what gets built (llmbuild.source reads it).
+    text_part: ClassVar[TextPart | None] = None
 
     embed: ClassVar[str] = "model.embed_tokens.weight"
     final_norm: ClassVar[str] = "model.norm.weight"

@@ -8,6 +8,8 @@ the file:
   `rope_scaling` (None, or a dict with "rope_type" and without "rope_theta") are present.
 - transformers 5 writes `dtype` where older versions wrote `torch_dtype`; both are set.
 - `head_dim` and `num_key_value_heads` are filled in when the file leaves them implicit.
+- A registered multimodal class built as its text part (`ArchitectureSpec.text_part`,
+  e.g. Gemma3ForConditionalGeneration) gets its text decoder's config, flattened.
 """
 
 from __future__ import annotations
@@ -44,7 +46,10 @@ def read_hf_config(model_dir: Path) -> dict:
 
 
 def normalize_config(cfg: dict) -> dict:
-    cfg = dict(cfg)
+    from llmbuild.models import text_part_of
+
+    part = text_part_of(cfg)
+    cfg = dict(part.config(cfg) if part else cfg)
     params = cfg.get("rope_parameters")
     flat = isinstance(params, dict) and not any(isinstance(v, dict) for v in params.values())
     params = dict(params) if flat else {}

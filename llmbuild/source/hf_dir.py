@@ -19,6 +19,7 @@ import ml_dtypes
 import numpy as np
 
 from llmbuild.errors import UserError
+from llmbuild.models import text_part_of
 from llmbuild.source import tokenizer as tokexport
 from llmbuild.source.base import ByteSpan, ModelSource, TensorInfo, missing_tensor, whole_file
 from llmbuild.source.config import read_hf_config, read_json
@@ -161,6 +162,10 @@ class HFSource(ModelSource):
                 if entry is None or entry.file.name != fname:
                     raise UserError(f"{self.path / INDEX_FILE} maps {name!r} to {fname}, "
                                     "but that file does not contain it")
+        part = text_part_of(self.config)
+        if part is not None:  # a multimodal checkpoint: its text decoder's tensors, renamed
+            self._entries = {new: e for name, e in self._entries.items()
+                             if (new := part.tensor_name(name)) is not None}
         self._maps: dict[Path, mmap.mmap] = {}
 
     def names(self) -> list[str]:

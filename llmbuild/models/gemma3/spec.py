@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from llmbuild.models.gemma2.spec import Gemma2Spec
 from llmbuild.models.rope import SUPPORTED_ROPE_TYPES
-from llmbuild.models.spec import Dims
+from llmbuild.models.spec import Dims, TextPart
 
 LAYER_TYPES = ("sliding_attention", "full_attention")
 
@@ -73,3 +73,21 @@ class Gemma3Spec(Gemma2Spec):
         d = self.dims(config)
         out["rope"] = {kind: cfg for kind, cfg in (self.rope_config(config, i) for i in range(d.layers))}
         return out
+
+
+class Gemma3ConditionalSpec(Gemma3Spec):
+    """The text part of Gemma3ForConditionalGeneration (Gemma 3 4B and larger ship only as
+    this class): its `text_config` is a Gemma3ForCausalLM config, its decoder tensors sit under
+    `language_model.model.` (as transformers saves them) or `model.language_model.` (its
+    in-memory layout), the SigLIP vision tower and the projector are not built. Text-only
+    prompts give HF's logits; image inputs are not supported. GGUF: llama.cpp's converter
+    writes the text part of this class as `gemma3` (read as Gemma3ForCausalLM)."""
+
+    hf_class = "Gemma3ForConditionalGeneration"
+    gguf_architectures = ()
+    text_part = TextPart(
+        config_key="text_config",
+        prefixes=(("language_model.model.", "model."), ("model.language_model.", "model."),
+                  ("language_model.lm_head.", "lm_head."), ("lm_head.", "lm_head.")),
+        ignored=("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector."),
+    )
