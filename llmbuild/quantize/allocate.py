@@ -51,6 +51,10 @@ BISECT_STEPS = 6
 BISECT_RESOLUTION = 0.05  # bits per weight
 # Memory for one chunk of linear inputs in the sensitivity pass.
 MOMENT_CHUNK_BYTES = 256 << 20
+# The proxy's scale per linear: KL measured on the linears of this many layers per role,
+# over this many calibration sequences.
+GAIN_LAYERS = 3
+GAIN_SEQUENCES = 1
 
 
 def candidate_specs() -> list[ModuleSpec]:
@@ -181,15 +185,21 @@ def as_quantization(alloc: dict[str, ModuleSpec], calibration: dict) -> dict:
 # -- sensitivity -------------------------------------------------------------------------
 
 
-def input_moments(model_path, tokens, weight_names, *, kv_heads: int, head_dim: int, work_dir,
+def graph_slices(model_path):
+    """The float32 graph's linears as the graph blocks annotated them (weight, role, layer)."""
+    from llmbuild.quantize.calibration import GraphSlices
+
+    return GraphSlices(model_path, lambda name: True)
+
+
+def input_moments(slices, tokens, weight_names, *, kv_heads: int, head_dim: int, work_dir,
                   threads: int | None = None) -> dict[str, "np.ndarray"]:  # noqa: F821
     """weight name -> E[x²] per input channel of its linear, over `tokens` [N, S] run
-    through the float32 graph at `model_path` (every linear input in one pass)."""
+    through the float32 graph of `slices` (every linear input in one pass)."""
     import numpy as np
 
-    from llmbuild.quantize.calibration import GraphSlices, _feeds, _session
+    from llmbuild.quantize.calibration import _feeds, _session
 
-    slices = GraphSlices(model_path, lambda name: False)
     act_of = {}
     for layer in [*range(slices.num_layers), None]:
         act_of |= {w: a for w, a in slices.linear_inputs(layer).items() if w in weight_names}
@@ -215,8 +225,8 @@ def input_moments(model_path, tokens, weight_names, *, kv_heads: int, head_dim: 
     return {w: (sums[a] / rows).astype(np.float32) for w, a in act_of.items()}
 
 
-def sensitivities(weights: Callable[[str], "np.ndarray"], moments: dict, candidates: list[ModuleSpec],  # noqa: F821
-                  scale_dtype) -> dict[str, dict[ModuleSpec, float]]:
+def proxy_costs(weights: Callable[[str], "np.ndarray"], moments: dict, candidates: list[ModuleSpec],  # noqa: F821
+                scale_dtype) -> dict[str, dict[ModuleSpec, float]]:
     """weight name -> candidate -> Σᵢ E[xᵢ²]·‖ΔWᵢ‖² (ΔW: the candidate's rounding error)."""
     import numpy as np
 
@@ -232,6 +242,109 @@ def sensitivities(weights: Callable[[str], "np.ndarray"], moments: dict, candida
             costs[c] = float(np.dot(d.astype(np.float64), np.einsum("ij,ij->i", err, err, dtype=np.float64)))
         out[name] = costs
     return out
+
+
+def single_linear_kl(slices, tokens, weights: Callable[[str], "np.ndarray"], names: list[str],  # noqa: F821
+                     trials: dict[str, list[ModuleSpec]], scale_dtype, threads: int | None = None) -> dict:
+    """weight name -> candidate -> mean KL(p_float ‖ p) per token of the logits over
+    `tokens` [N, S] when that linear alone is quantized as the candidate (`trials`: which
+    candidates of which linears; one forward pass each). `names`: every linear weight."""
+    import numpy as np
+
+    from llmbuild.eval import log_softmax
+
+    runner = FedWeightsRunner(slices, names, threads)
+    floats = {n: np.asarray(weights(n), np.float32) for n in names}
+    try:
+        runner.set_weights(floats)
+        ref = [log_softmax(runner.logits(ids)) for ids in tokens]
+        out = {}
+        for n, cands in trials.items():
+            out[n] = {}
+            for c in cands:
+                if c.scheme == "none":
+                    out[n][c] = 0.0
+                    continue
+                runner.set_weights({**floats, n: c.make().quantize(floats[n], scale_dtype).dequantize()})
+                kl = 0.0
+                for ids, lp_ref in zip(tokens, ref):
+                    lp = log_softmax(runner.logits(ids))
+                    kl += float((np.exp(lp_ref) * (lp_ref - lp)).sum(axis=-1).mean())
+                out[n][c] = max(kl / len(tokens), 0.0)
+    finally:
+        runner.close()
+    return out
+
+
+def gain_probes(slices, names: list[str], layers: int = GAIN_LAYERS) -> list[str]:
+    """The linears whose KL is measured to scale the proxy: per role the graph blocks
+    annotated (q, o, down, …), those of `layers` layers spread over the depth (first and
+    last included); linears outside the layers (an lm_head) always."""
+    import numpy as np
+
+    by_role: dict[str, dict[int, list[str]]] = {}
+    probes = []
+    for n in names:
+        role, layer = slices.role_of.get(n), slices.weight_layer(n)
+        if role is None or layer is None:
+            probes.append(n)
+        else:
+            by_role.setdefault(role, {}).setdefault(layer, []).append(n)
+    for per_layer in by_role.values():
+        present = sorted(per_layer)
+        picks = {present[int(i)] for i in np.unique(np.round(np.linspace(0, len(present) - 1, layers)))}
+        probes += [n for layer in sorted(picks) for n in per_layer[layer]]
+    return probes
+
+
+def calibrated_costs(proxy: dict, probe_kl: dict, slices) -> tuple[dict, dict[str, float]]:
+    """Scale each linear's proxy costs by its gain KL / proxy, measured on the probe linears
+    (`probe_kl`: name -> {candidate: KL}) and interpolated in log over the layers of the same
+    role for the others. Returns (costs, gain per linear)."""
+    import numpy as np
+
+    gains = {}
+    for n, kl in probe_kl.items():
+        [(c, v)] = kl.items()
+        gains[n] = v / proxy[n][c] if proxy[n][c] > 0 else 0.0
+    for n in proxy:
+        if n in gains:
+            continue
+        role, layer = slices.role_of.get(n), slices.weight_layer(n)
+        known = sorted((slices.weight_layer(m), g) for m, g in gains.items()
+                       if slices.role_of.get(m) == role and slices.weight_layer(m) is not None)
+        xs, ys = [k[0] for k in known], [np.log(max(k[1], 1e-30)) for k in known]
+        gains[n] = float(np.exp(np.interp(layer, xs, ys)))
+    return {n: {c: v * gains[n] for c, v in costs.items()} for n, costs in proxy.items()}, gains
+
+
+def sensitivities(slices, tokens, weights: Callable[[str], "np.ndarray"], names: list[str],  # noqa: F821
+                  candidates: list[ModuleSpec], scale_dtype, *, kv_heads: int, head_dim: int, work_dir,
+                  gain_sequences: int = GAIN_SEQUENCES, threads: int | None = None) -> tuple[dict, dict]:
+    """weight name -> candidate -> estimated KL of quantizing that linear alone: the proxy
+    (E[x²]-weighted rounding error, over every sequence of `tokens`) times the linear's gain
+    (its measured KL / proxy for its coarsest candidate on the probe linears, over the first
+    `gain_sequences` sequences). Returns (costs, report)."""
+    t0 = time.perf_counter()
+    moments = input_moments(slices, tokens, names, kv_heads=kv_heads, head_dim=head_dim, work_dir=work_dir,
+                            threads=threads)
+    t1 = time.perf_counter()
+    proxy = proxy_costs(weights, moments, candidates, scale_dtype)
+    t2 = time.perf_counter()
+    probes = gain_probes(slices, names)
+    coarsest = {n: [max((c for c in candidates if c.scheme != "none"), key=lambda c: proxy[n][c])]
+                for n in probes}
+    probe_kl = single_linear_kl(slices, tokens[:gain_sequences], weights, names, coarsest, scale_dtype, threads)
+    costs, gains = calibrated_costs(proxy, probe_kl, slices)
+    t3 = time.perf_counter()
+    by_role: dict[str, list[float]] = {}
+    for n, g in gains.items():
+        by_role.setdefault(slices.role_of.get(n) or module_name(n), []).append(g)
+    report = {"seconds": {"input_moments": round(t1 - t0, 2), "rounding_errors": round(t2 - t1, 2),
+                          "gains": round(t3 - t2, 2)},
+              "gain_probes": len(probes), "gain_sequences": int(min(gain_sequences, len(tokens))),
+              "median_gain_by_role": {r: float(sorted(v)[len(v) // 2]) for r, v in by_role.items()}}
+    return costs, report
 
 
 # -- the quantize stage's use ------------------------------------------------------------
@@ -271,15 +384,14 @@ def allocate_target(job, source, recipe, work_dir, rep=None, threads: int | None
     with stage as update:
         tokens = calibration_tokens(source, {**cal, "samples": target["samples"]}, _base_dir(recipe), work_dir)
         ref = reference_graph(source, work_dir, max(rd["limits"]["max_seq_len"], cal["seq_len"]))
-        names = list(job.shapes)
-        update(0, 2, "input moments")
-        moments = input_moments(ref, tokens, names, kv_heads=job.dims.kv_heads, head_dim=job.dims.head_dim,
-                                work_dir=ref.parent, threads=threads)
-        t_moments = time.perf_counter() - t0
-        update(1, 2, "rounding errors")
+        t_ref = time.perf_counter() - t0
+        update(0, 1, "sensitivities")
+        slices = graph_slices(ref)
         candidates = candidate_specs()
-        costs = sensitivities(lambda n: job.loaders[n](), moments, candidates, job.scale_dtype)
-        update(2, 2, "done")
+        costs, report = sensitivities(slices, tokens, lambda n: job.loaders[n](), list(job.shapes), candidates,
+                                      job.scale_dtype, kv_heads=job.dims.kv_heads, head_dim=job.dims.head_dim,
+                                      work_dir=ref.parent, threads=threads)
+        update(1, 1, "done")
     t_sens = time.perf_counter() - t0
     sizes = candidate_bytes(job.shapes, job.itemsize, candidates)
     params = sum(k * n for k, n in job.shapes.values())
@@ -290,10 +402,11 @@ def allocate_target(job, source, recipe, work_dir, rep=None, threads: int | None
             raise UserError(f"quantization.target.bits_per_weight: {problem}")
         alloc = allocate(costs, sizes, target["bits_per_weight"] * params / 8)
     else:
-        alloc, measured = _bisect(job, source, recipe, work_dir, costs, sizes, params, ref, rep, threads)
+        alloc, measured = _bisect(job, recipe, work_dir, costs, sizes, params, slices, ref, rep, threads)
     record = allocation_record(target, alloc, costs, sizes, job.shapes)
-    record["seconds"] = {"input_moments": round(t_moments, 2), "sensitivity": round(t_sens, 2),
-                         "total": round(time.perf_counter() - t0, 2)}
+    record["seconds"] = {"reference_graph": round(t_ref, 2), **report.pop("seconds"),
+                         "sensitivity": round(t_sens - t_ref, 2), "total": round(time.perf_counter() - t0, 2)}
+    record["sensitivity_model"] = report
     record["calibration"] = {"dataset": cal["dataset"], "samples": int(tokens.shape[0]),
                              "seq_len": int(tokens.shape[1])}
     record["candidates"] = [spec_key(c) for c in candidates]
@@ -302,7 +415,25 @@ def allocate_target(job, source, recipe, work_dir, rep=None, threads: int | None
     return Allocation(as_quantization(alloc, cal), record)
 
 
-def _bisect(job, source, recipe, work_dir, costs, sizes, params, ref, rep, threads):
+def bisect_budget(lo: float, hi: float, passes: Callable[[float], bool], steps: int = BISECT_STEPS,
+                  resolution: float = BISECT_RESOLUTION) -> float:
+    """The smallest budget in [lo, hi] found to pass, by bisection (`hi` is taken to pass:
+    the unquantized linears; `passes` is assumed monotone). `lo` is tried first."""
+    if passes(lo):
+        return lo
+    a, b = lo, hi
+    for _ in range(steps):
+        if b - a <= resolution:
+            break
+        mid = (a + b) / 2
+        if passes(mid):
+            b = mid
+        else:
+            a = mid
+    return b
+
+
+def _bisect(job, recipe, work_dir, costs, sizes, params, slices, ref, rep, threads):
     """max_perplexity_increase: bisect the bits-per-weight budget between the smallest
     allocation and the unquantized linears (which meet any limit); each allocation's
     perplexity increase is measured on the accuracy gate's evaluation text with its
@@ -316,7 +447,7 @@ def _bisect(job, source, recipe, work_dir, costs, sizes, params, ref, rep, threa
     limit = rd["quantization"]["target"]["max_perplexity_increase"]
     lo, hi = bits_range(job.shapes, job.itemsize)
     chunks = gate_chunks(recipe, work_dir / "tokenizer")
-    runner, reference = FedWeightsRunner(ref, list(job.shapes), threads), OrtGraphRunner(ref, threads)
+    runner, reference = FedWeightsRunner(slices, list(job.shapes), threads), OrtGraphRunner(ref, threads)
     trials, seen = [], {}
 
     def measure(bits):
@@ -336,25 +467,11 @@ def _bisect(job, source, recipe, work_dir, costs, sizes, params, ref, rep, threa
         return alloc, seen[key]
 
     try:
-        best = allocate(costs, sizes, hi * params / 8)
-        alloc, ok = measure(lo)
-        if ok:
-            best = alloc
-        else:
-            a, b = lo, hi
-            for _ in range(BISECT_STEPS):
-                if b - a <= BISECT_RESOLUTION:
-                    break
-                mid = (a + b) / 2
-                alloc, ok = measure(mid)
-                if ok:
-                    best, b = alloc, mid
-                else:
-                    a = mid
+        bits = bisect_budget(lo, hi, lambda b: measure(b)[1])
     finally:
         runner.close()
         reference.close()
-    return best, {"max_perplexity_increase": limit, "positions": int(chunks.shape[0] * (chunks.shape[1] - 1)),
+    return allocate(costs, sizes, bits * params / 8), {"max_perplexity_increase": limit, "positions": int(chunks.shape[0] * (chunks.shape[1] - 1)),
                   "trials": trials}
 
 
@@ -371,13 +488,12 @@ class FedWeightsRunner:
     """The float32 graph on ONNX Runtime with the named linear weights as inputs: the
     logits of any allocation's dequantized weights from one session."""
 
-    def __init__(self, model_path, weight_names: list[str], threads: int | None = None):
+    def __init__(self, slices, weight_names: list[str], threads: int | None = None):
         from llmbuild.graph import io
-        from llmbuild.quantize.calibration import GraphSlices, _session
+        from llmbuild.quantize.calibration import _session
 
         names = set(weight_names)
-        slices = GraphSlices(model_path, lambda v: v in names)
-        path, self.inputs = slices.slice([io.LOGITS], None, model_path.parent / "fed-weights.onnx",
+        path, self.inputs = slices.slice([io.LOGITS], None, slices.path.parent / "fed-weights.onnx",
                                          lambda v: v in names)
         self.session = _session(path, threads)
         self.path = path

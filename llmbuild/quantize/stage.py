@@ -299,3 +299,15 @@ def raise_if_failed(report: dict | None, artifact: Path) -> None:
     path.write_text(json.dumps(report, indent=2))
     raise BuildError("quantized artifact misses its verify: thresholds\n" + format_gate(report)
                      + f"\n(report: {path})")
+
+
+def record_allocation_result(quantization: dict | None, verification: dict | None) -> None:
+    """An automatic allocation's measured result: the accuracy gate's figures on the held-out
+    text, copied next to the allocation in the manifest's `quantization`."""
+    if not quantization or "allocation" not in quantization or not verification:
+        return
+    if verification.get("kind") != "accuracy" or "perplexity_increase" not in verification:
+        return
+    quantization["allocation"]["measured"] = {
+        k: verification[k] for k in ("perplexity_increase", "perplexity", "reference_perplexity", "kl_divergence",
+                                     "top1_agreement", "positions", "dataset", "split") if k in verification}
