@@ -98,8 +98,9 @@ def _rank_bytes(stored: int, shard, d, tp: int) -> int:
 
 def linear_weights(config: dict) -> dict[str, tuple[int, int]]:
     """HF name -> (in, out) of every linear (MatMul) weight of the graph (the spec's table)."""
-    spec, d = _spec_dims(config)
-    return {name: (w.in_features, w.out_features) for name, w in spec.linear_weights(d).items()}
+    from llmbuild.quantize.allocate import linear_shapes
+
+    return linear_shapes(config)
 
 
 def weight_bytes(config: dict, recipe: dict, tp: int = 1) -> tuple[int, int]:

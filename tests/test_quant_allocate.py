@@ -73,7 +73,7 @@ def test_unreachable_budget_is_refused_at_validate(tmp_path):
     assert load_recipe(path).to_dict()["quantization"]["target"]["bits_per_weight"] == 4.5
 
 
-def test_candidates_are_every_uncalibrated_override_setting():
+def test_candidates_are_every_uncalibrated_registry_setting():
     keys = [spec_key(c) for c in candidate_specs()]
     assert len(keys) == len(set(keys))
     assert sorted(keys) == sorted(["int8", "int4-g32-sym", "int4-g32-asym", "int4-g64-sym", "int4-g64-asym", "int4-g128-sym",

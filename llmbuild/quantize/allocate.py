@@ -3,11 +3,12 @@
     quantization:
       target: {bits_per_weight: 4.5}            # or {max_perplexity_increase: 0.05}
 
-1. **Candidates**: every setting an override could name that needs no calibration
+1. **Candidates**: every setting of the scheme registry that needs no calibration
    (round to nearest; fp8 quantizes activations and is left out): `none` (the graph
-   dtype), int8, int4 at each group size, symmetric or not — enumerated from the
-   recipe schema's override fields, so a scheme or group size added there is a
-   candidate too. Their sizes are `plan.stored_bytes` (what the graph stores).
+   dtype), int8, int4 at each of its group sizes, symmetric or not — enumerated from
+   `schemes.SCHEMES` (a scheme's `GROUP_SIZES` and whether it takes `symmetric`), so a
+   scheme or group size registered there is a candidate too. Their sizes are
+   `plan.stored_bytes` (what the graph stores).
 2. **Sensitivity** of linear `W` [in, out] under candidate `c`: the output error its
    rounding alone causes, weighted by the input's second moment (the diagonal of the
    layer Hessian XᵀX, as GPTQ's objective with off-diagonals dropped):
@@ -31,8 +32,8 @@ module that differs from the most common setting), so the graph, lowering and en
 see nothing new. The embedding, and an lm_head tied to it, keep the graph dtype and are
 outside the budget; an untied lm_head is a linear like the others.
 
-This module imports nothing heavy at import time (`plan` and `validate` use the size
-arithmetic).
+This module imports nothing heavy at import time; `plan` and `validate` of a recipe with
+a `target` use its size arithmetic, which imports the scheme registry (numpy).
 """
 
 from __future__ import annotations
@@ -58,27 +59,24 @@ GAIN_SEQUENCES = 1
 
 
 def candidate_specs() -> list[ModuleSpec]:
-    """Every distinct uncalibrated setting a `quantization.overrides` entry can name."""
-    import itertools
-    import typing
+    """Every distinct setting of the scheme registry (llmbuild.quantize.schemes.SCHEMES, and
+    `none`) that needs no calibration: each scheme at each of its `GROUP_SIZES` and, if its
+    constructor takes `symmetric`, both ways; normalised as an override would resolve."""
+    import inspect
 
-    from pydantic import ValidationError
+    from llmbuild.quantize.schemes import SCHEMES  # numpy: only for a recipe with a target
 
-    from llmbuild.recipe.schema import QuantOverride
-
-    fields = QuantOverride.model_fields
-    schemes = typing.get_args(typing.get_args(fields["scheme"].annotation)[0])
-    groups = (None, *typing.get_args(typing.get_args(fields["group_size"].annotation)[0]))
     found: list[ModuleSpec] = []
-    for scheme, group, sym in itertools.product(schemes, groups, (True, False)):
-        try:
-            ov = QuantOverride(match="x", scheme=scheme, group_size=group, symmetric=sym).model_dump()
-        except ValidationError:
-            continue
-        spec = resolve_plan({"weights": {"scheme": "none"}, "overrides": [ov]}, ["x.weight"], 1)["x.weight"]
-        if not spec.calibrated and spec not in found:
-            found.append(spec)
-    return found
+    for name, cls in SCHEMES.items():
+        params = inspect.signature(cls.__init__).parameters
+        groups = getattr(cls, "GROUP_SIZES", None) if "group_size" in params else None
+        for group in groups or (None,):
+            for sym in (True, False) if "symmetric" in params else (True,):
+                ov = {"match": "x", "scheme": name, "group_size": group, "symmetric": sym}
+                spec = resolve_plan({"weights": {"scheme": "none"}, "overrides": [ov]}, ["x.weight"], 1)["x.weight"]
+                if not spec.calibrated and spec not in found:
+                    found.append(spec)
+    return [*found, ModuleSpec("none")]
 
 
 def spec_override(spec: ModuleSpec) -> dict:
@@ -99,6 +97,15 @@ def spec_key(spec: ModuleSpec) -> str:
 def candidate_bytes(shapes: dict[str, tuple[int, int]], dtype_bytes: int,
                     candidates: list[ModuleSpec]) -> dict[str, dict[ModuleSpec, int]]:
     return {n: {c: stored_bytes(c, shape, dtype_bytes) for c in candidates} for n, shape in shapes.items()}
+
+
+def linear_shapes(config: dict) -> dict[str, tuple[int, int]]:
+    """HF name -> (in, out) of every linear (MatMul) weight of the graph, from the
+    architecture spec's table (no weights read)."""
+    from llmbuild.models import spec_for
+
+    spec = spec_for(config, check=False)
+    return {name: (w.in_features, w.out_features) for name, w in spec.linear_weights(spec.dims(config)).items()}
 
 
 def bits_range(shapes: dict[str, tuple[int, int]], dtype_bytes: int) -> tuple[float, float]:
@@ -371,19 +378,16 @@ def allocation_record(target: dict, alloc: dict[str, ModuleSpec], costs, sizes, 
     }
 
 
-def allocate_target(job, source, recipe, work_dir, rep=None, threads: int | None = None) -> Allocation:
-    """Measure the sensitivities of the job's linears and allocate to `quantization.target`."""
-    from llmbuild.quantize.stage import _base_dir, _null_stage, calibration_tokens, reference_graph
-
-    rd = recipe.to_dict()
-    q = rd["quantization"]
-    target, cal = q["target"], dict(q["calibration"])
-    work_dir.mkdir(parents=True, exist_ok=True)
+def allocate_target(job, target: dict, calibration: dict, prepare: Callable, eval_chunks: Callable, stage,
+                    rep=None, threads: int | None = None) -> Allocation:
+    """Measure the sensitivities of the quantize job's linears and allocate to `target`.
+    `prepare()` -> (calibration tokens [target.samples, seq_len], the float32 reference
+    graph's path); `eval_chunks()` -> the accuracy gate's token chunks; `stage`: the
+    progress stage to report in (the quantize stage provides all three)."""
+    cal = dict(calibration)
     t0 = time.perf_counter()
-    stage = rep.stage("sensitivity") if rep is not None else _null_stage()
     with stage as update:
-        tokens = calibration_tokens(source, {**cal, "samples": target["samples"]}, _base_dir(recipe), work_dir)
-        ref = reference_graph(source, work_dir, max(rd["limits"]["max_seq_len"], cal["seq_len"]))
+        tokens, ref = prepare()
         t_ref = time.perf_counter() - t0
         update(0, 1, "sensitivities")
         slices = graph_slices(ref)
@@ -402,7 +406,8 @@ def allocate_target(job, source, recipe, work_dir, rep=None, threads: int | None
             raise UserError(f"quantization.target.bits_per_weight: {problem}")
         alloc = allocate(costs, sizes, target["bits_per_weight"] * params / 8)
     else:
-        alloc, measured = _bisect(job, recipe, work_dir, costs, sizes, params, slices, ref, rep, threads)
+        alloc, measured = _bisect(job, target["max_perplexity_increase"], eval_chunks(), costs, sizes, params,
+                                  slices, ref, rep, threads)
     record = allocation_record(target, alloc, costs, sizes, job.shapes)
     record["seconds"] = {"reference_graph": round(t_ref, 2), **report.pop("seconds"),
                          "sensitivity": round(t_sens - t_ref, 2), "total": round(time.perf_counter() - t0, 2)}
@@ -433,7 +438,7 @@ def bisect_budget(lo: float, hi: float, passes: Callable[[float], bool], steps: 
     return b
 
 
-def _bisect(job, recipe, work_dir, costs, sizes, params, slices, ref, rep, threads):
+def _bisect(job, limit, chunks, costs, sizes, params, slices, ref, rep, threads):
     """max_perplexity_increase: bisect the bits-per-weight budget between the smallest
     allocation and the unquantized linears (which meet any limit); each allocation's
     perplexity increase is measured on the accuracy gate's evaluation text with its
@@ -441,12 +446,7 @@ def _bisect(job, recipe, work_dir, costs, sizes, params, slices, ref, rep, threa
     meets the limit, the search record)."""
     from llmbuild.eval import evaluate_runners
     from llmbuild.eval.runners import OrtGraphRunner
-    from llmbuild.quantize.stage import gate_chunks
-
-    rd = recipe.to_dict()
-    limit = rd["quantization"]["target"]["max_perplexity_increase"]
     lo, hi = bits_range(job.shapes, job.itemsize)
-    chunks = gate_chunks(recipe, work_dir / "tokenizer")
     runner, reference = FedWeightsRunner(slices, list(job.shapes), threads), OrtGraphRunner(ref, threads)
     trials, seen = [], {}
 

@@ -93,9 +93,7 @@ class QuantizationJob:
         self.scale_dtype = compute.numpy() if compute is not None else np.float32
         self.allocation = None
         if q.get("target") is not None:  # every linear's scheme from its measured sensitivity
-            from llmbuild.quantize.allocate import allocate_target
-
-            self.allocation = allocate_target(self, source, recipe, work_dir, rep, threads)
+            self.allocation = _allocate(self, source, recipe, work_dir, rep, threads)
             self.q = q = {**q, **self.allocation.quantization}
         self.plan = resolve_plan(q, list(weights), dims.layers)
         self.unmatched = unmatched_overrides(q, list(weights), dims.layers)
@@ -164,6 +162,26 @@ class QuantizationJob:
                 rep.log(f"allocation: {a['bits_per_weight']:.3f} bits per weight over {a['linear_parameters']:,}"
                         f" linear parameters ({', '.join(f'{k} x{v}' for k, v in a['schemes'].items())})")
         return out
+
+
+def _allocate(job, source, recipe, work_dir: Path, rep, threads):
+    """quantization.target: the allocation (llmbuild.quantize.allocate) on the calibration
+    text through the float32 reference graph, measured (max_perplexity_increase) on the
+    gate's evaluation text."""
+    from llmbuild.quantize.allocate import allocate_target
+
+    rd = recipe.to_dict()
+    q = rd["quantization"]
+    target, cal = q["target"], q["calibration"]
+
+    def prepare():
+        work_dir.mkdir(parents=True, exist_ok=True)
+        tokens = calibration_tokens(source, {**cal, "samples": target["samples"]}, _base_dir(recipe), work_dir)
+        return tokens, reference_graph(source, work_dir, max(rd["limits"]["max_seq_len"], cal["seq_len"]))
+
+    stage = rep.stage("sensitivity") if rep is not None else _null_stage()
+    return allocate_target(job, target, cal, prepare, lambda: gate_chunks(recipe, work_dir / "tokenizer"), stage,
+                           rep, threads)
 
 
 def quantize_model(model, source, recipe, work_dir: Path, rep=None, threads: int | None = None) -> dict:

@@ -161,11 +161,11 @@ def _check_target_bits(config: dict, tree: Tree, problems: list[Problem]) -> Non
     bits = tree.get(path)
     if isinstance(bits, bool) or not isinstance(bits, (int, float)) or bits <= 0:
         return  # absent, or a type error the schema reports
-    from llmbuild.plan import DTYPE_BYTES, linear_weights
-    from llmbuild.quantize.allocate import bits_problem
+    from llmbuild.quantize.allocate import bits_problem, linear_shapes
 
+    scale_bytes = 4 if tree.get(("precision",)) == "float32" else 2  # the graph dtype's
     try:
-        problem = bits_problem(float(bits), linear_weights(config), DTYPE_BYTES.get(tree.get(("precision",)), 2))
+        problem = bits_problem(float(bits), linear_shapes(config), scale_bytes)
     except (KeyError, TypeError, ValueError, AttributeError):
         return  # a malformed config: config_problems reports it
     if problem:
