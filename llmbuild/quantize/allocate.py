@@ -53,9 +53,10 @@ BISECT_RESOLUTION = 0.05  # bits per weight
 # Memory for one chunk of linear inputs in the sensitivity pass.
 MOMENT_CHUNK_BYTES = 256 << 20
 # The proxy's scale per linear: KL measured on the linears of this many layers per role,
-# over this many calibration sequences.
+# over the first GAIN_TOKENS tokens of this many calibration sequences.
 GAIN_LAYERS = 3
 GAIN_SEQUENCES = 1
+GAIN_TOKENS = 128
 
 
 def candidate_specs() -> list[ModuleSpec]:
@@ -327,11 +328,12 @@ def calibrated_costs(proxy: dict, probe_kl: dict, slices) -> tuple[dict, dict[st
 
 def sensitivities(slices, tokens, weights: Callable[[str], "np.ndarray"], names: list[str],  # noqa: F821
                   candidates: list[ModuleSpec], scale_dtype, *, kv_heads: int, head_dim: int, work_dir,
-                  gain_sequences: int = GAIN_SEQUENCES, threads: int | None = None) -> tuple[dict, dict]:
+                  gain_sequences: int = GAIN_SEQUENCES, gain_tokens: int = GAIN_TOKENS,
+                  threads: int | None = None) -> tuple[dict, dict]:
     """weight name -> candidate -> estimated KL of quantizing that linear alone: the proxy
     (E[x²]-weighted rounding error, over every sequence of `tokens`) times the linear's gain
     (its measured KL / proxy for its coarsest candidate on the probe linears, over the first
-    `gain_sequences` sequences). Returns (costs, report)."""
+    `gain_tokens` tokens of the first `gain_sequences` sequences). Returns (costs, report)."""
     t0 = time.perf_counter()
     moments = input_moments(slices, tokens, names, kv_heads=kv_heads, head_dim=head_dim, work_dir=work_dir,
                             threads=threads)
@@ -341,7 +343,8 @@ def sensitivities(slices, tokens, weights: Callable[[str], "np.ndarray"], names:
     probes = gain_probes(slices, names)
     coarsest = {n: [max((c for c in candidates if c.scheme != "none"), key=lambda c: proxy[n][c])]
                 for n in probes}
-    probe_kl = single_linear_kl(slices, tokens[:gain_sequences], weights, names, coarsest, scale_dtype, threads)
+    probe_tokens = tokens[:gain_sequences, :gain_tokens]
+    probe_kl = single_linear_kl(slices, probe_tokens, weights, names, coarsest, scale_dtype, threads)
     costs, gains = calibrated_costs(proxy, probe_kl, slices)
     t3 = time.perf_counter()
     by_role: dict[str, list[float]] = {}
@@ -349,7 +352,7 @@ def sensitivities(slices, tokens, weights: Callable[[str], "np.ndarray"], names:
         by_role.setdefault(slices.role_of.get(n) or module_name(n), []).append(g)
     report = {"seconds": {"input_moments": round(t1 - t0, 2), "rounding_errors": round(t2 - t1, 2),
                           "gains": round(t3 - t2, 2)},
-              "gain_probes": len(probes), "gain_sequences": int(min(gain_sequences, len(tokens))),
+              "gain_probes": len(probes), "gain_tokens": [int(d) for d in probe_tokens.shape],
               "median_gain_by_role": {r: float(sorted(v)[len(v) // 2]) for r, v in by_role.items()}}
     return costs, report
 
