@@ -114,7 +114,7 @@ def compile_loaded(
     verification runs concurrently with the engine builds, and the artifact is published
     when both are done."""
     from llmbuild.buildcache import StageStore
-    from llmbuild.quantize.stage import raise_if_failed
+    from llmbuild.quantize.stage import raise_if_failed, record_allocation_result
 
     rd = recipe.to_dict()
     limits = dict(rd["limits"])
@@ -168,6 +168,7 @@ def compile_loaded(
         verification, engines = verification
         manifest.record_engines(engines)
         manifest.verification = verification
+        record_allocation_result(manifest.quantization, verification)
         source.close()
         manifest.timings = rep.stages
         write_manifest(stage, manifest)

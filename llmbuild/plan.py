@@ -98,8 +98,9 @@ def _rank_bytes(stored: int, shard, d, tp: int) -> int:
 
 def linear_weights(config: dict) -> dict[str, tuple[int, int]]:
     """HF name -> (in, out) of every linear (MatMul) weight of the graph (the spec's table)."""
-    spec, d = _spec_dims(config)
-    return {name: (w.in_features, w.out_features) for name, w in spec.linear_weights(d).items()}
+    from llmbuild.quantize.allocate import linear_shapes
+
+    return linear_shapes(config)
 
 
 def weight_bytes(config: dict, recipe: dict, tp: int = 1) -> tuple[int, int]:
@@ -111,7 +112,11 @@ def weight_bytes(config: dict, recipe: dict, tp: int = 1) -> tuple[int, int]:
     linears = spec.linear_weights(d)
     shapes = {name: (w.in_features, w.out_features) for name, w in linears.items()}
     specs = {}
-    if recipe.get("quantization"):
+    target = (recipe.get("quantization") or {}).get("target")
+    if target:  # chosen at compile from measured sensitivities: the bound the target sets
+        bits = target.get("bits_per_weight") or 8 * b  # max_perplexity_increase: up to unquantized
+        specs = {name: bits for name in shapes}
+    elif recipe.get("quantization"):
         specs = resolve_plan(recipe["quantization"], list(shapes), d.layers)
         named = tied_lm_head_spec(recipe["quantization"], d.layers, spec.lm_head) if d.tied else None
         if named is not None:  # a tied lm_head an override names gets its own quantized copy
@@ -119,7 +124,12 @@ def weight_bytes(config: dict, recipe: dict, tp: int = 1) -> tuple[int, int]:
     others = sum(math.prod(shape) for name, shape in spec.tensors(d).items() if name not in linears)
     total = per_rank = others * b  # embeddings, norms (replicated)
     for name, shape in shapes.items():
-        stored = stored_bytes(specs[name], shape, b) if name in specs else shape[0] * shape[1] * b
+        if name not in specs:
+            stored = shape[0] * shape[1] * b
+        elif isinstance(specs[name], float | int):  # a target's bits per weight
+            stored = math.floor(shape[0] * shape[1] * specs[name] / 8)
+        else:
+            stored = stored_bytes(specs[name], shape, b)
         total += stored
         per_rank += _rank_bytes(stored, linears[name].shard if name in linears else None, d, tp)
     return total, per_rank
@@ -233,6 +243,7 @@ def plan_config(config: dict, recipe: dict) -> dict:
         "tensor_parallel": tp,
         "limits": limits,
         "quantization": _quantization_label(recipe.get("quantization")),
+        "quantization_target": _target_plan(config, recipe),
         "parameters": params,
         "weight_bytes": weights_total,
         "weight_bytes_per_rank": weights_per_rank,
@@ -249,9 +260,41 @@ def plan_config(config: dict, recipe: dict) -> dict:
     }
 
 
+def _target_plan(config: dict, recipe: dict) -> dict | None:
+    """What `plan` can say about a `quantization.target` without the weights: the linears'
+    bytes are bounded by the target (bits_per_weight) or lie between the smallest
+    allocation and the unquantized linears (max_perplexity_increase); the allocation itself
+    needs the measured sensitivities (compile)."""
+    target = (recipe.get("quantization") or {}).get("target")
+    if not target:
+        return None
+    from llmbuild.quantize.allocate import bits_range
+
+    shapes = linear_weights(config)
+    b = DTYPE_BYTES[recipe["precision"]]
+    params = sum(k * n for k, n in shapes.values())
+    lo, hi = bits_range(shapes, b)
+    bits = target.get("bits_per_weight")
+    return {
+        "target": {k: v for k, v in target.items() if v is not None},
+        "linear_parameters": params,
+        "bits_per_weight_range": [round(lo, 4), round(hi, 4)],
+        "linear_bytes_min": math.ceil(lo * params / 8),
+        "linear_bytes_max": math.floor((bits if bits is not None else hi) * params / 8),
+        "estimate": ("at most the budget (the allocation fills it from measured sensitivities at compile)"
+                     if bits is not None else "between the smallest allocation and the unquantized linears "
+                     "(measured at compile); the weight and GPU figures use the upper bound"),
+    }
+
+
 def _quantization_label(quantization: dict | None) -> str | None:
     if not quantization:
         return None
+    if quantization.get("target"):
+        t = quantization["target"]
+        if t.get("bits_per_weight") is not None:
+            return f"auto ≤ {t['bits_per_weight']:g} bits per weight"
+        return f"auto, perplexity ≤ +{t['max_perplexity_increase']:.1%}"
     w = quantization["weights"]
     label = w["scheme"] + (f" g{w.get('group_size') or 128}" if w["scheme"] == "int4" else "")
     n = len(quantization.get("overrides") or [])
@@ -293,6 +336,9 @@ def format_plan(p: dict) -> str:
         f"  parameters    {_count(p['parameters'])}; {p['precision']}"
         f"{' + ' + p['quantization'] if p.get('quantization') else ''} weights {_size(p['weight_bytes_per_rank'])}"
         f" per rank ({tp} rank{'s' if tp > 1 else ''})",
+        *([f"  allocation    linears {_size(t['linear_bytes_min'])}..{_size(t['linear_bytes_max'])}"
+           f" ({t['bits_per_weight_range'][0]:.2f}..{t['bits_per_weight_range'][1]:.2f} bits per weight possible);"
+           f" {t['estimate']}"] if (t := p.get("quantization_target")) else []),
         f"  KV cache      {_size(p['kv_cache']['bytes_per_token'])} per token; "
         f"{_size(p['kv_cache']['bytes_at_limits'])} at batch {lim['max_batch_size']} x {lim['max_seq_len']}",
         f"  activations   ~{_size(act['bytes'])} (prefill {pre['batch']} x {pre['tokens_per_sequence']} tokens "

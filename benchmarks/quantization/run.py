@@ -49,6 +49,9 @@ OVERRIDES = {  # name -> quantization.overrides (the tied lm_head gets its own q
 }
 ROWS |= {"int4-awq-g128-head8": ROWS["int4-awq-g128"], "int4-rtn-g32-head4": ROWS["int4-rtn-g32"],
          "int8-head8": ROWS["int8"]}
+# name -> quantization.target: automatic bit allocation (llmbuild.quantize.allocate)
+TARGETS = {"auto-4.5bpw": {"bits_per_weight": 4.5}}
+ROWS |= {name: None for name in TARGETS}
 LLAMA_CPP = ("F16", "Q8_0", "Q4_0", "Q4_K_M")
 
 
@@ -61,7 +64,9 @@ def compile_row(name: str, weights: dict | None, work: Path) -> Path:
         return artifact
     recipe = work / f"{name}.yaml"
     text = f"extends: {BASE_RECIPE}\nname: smollm2-{name}\nengines: []\nverify: {{enabled: false}}\n"
-    if weights is not None:
+    if name in TARGETS:
+        text += "quantization:\n  target: " + json.dumps(TARGETS[name]) + "\n  calibration: " + json.dumps(CALIBRATION) + "\n"
+    elif weights is not None:
         text += "quantization:\n  weights: " + json.dumps(weights) + "\n  calibration: " + json.dumps(CALIBRATION) + "\n"
         text += "  overrides: " + json.dumps(OVERRIDES.get(name, [])) + "\n"
     recipe.write_text(text)
@@ -168,6 +173,8 @@ def main():
     ap.add_argument("--skip-llama-cpp", action="store_true")
     ap.add_argument("--cal-samples", type=int, default=CALIBRATION["samples"])
     ap.add_argument("--results", default="results.json", help="file name in WORK (parallel runs: one each)")
+    ap.add_argument("--no-merge", action="store_true",
+                    help="do not merge the rows into benchmarks/quantization/results.json (e.g. a shorter --tokens)")
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -207,6 +214,11 @@ def main():
                                                     "layer_activation_bytes_per_chunk",
                                                     "layer_activation_bytes_all_tokens")}
             row["calibration"]["timings"] = m["timings"].get("calibrate")
+        if "allocation" in q:
+            a = q["allocation"]
+            row["allocation"] = {k: a[k] for k in ("bits_per_weight", "linear_weight_bytes", "schemes", "seconds",
+                                                   "calibration")}
+            row["allocation"]["timings"] = m["timings"].get("sensitivity")
         results[name] = row
         results_path.write_text(json.dumps(results, indent=2))
         print(json.dumps(row), flush=True)
@@ -225,14 +237,14 @@ def main():
             results[key] = row
             results_path.write_text(json.dumps(results, indent=2))
             print(json.dumps(row), flush=True)
-    write_table(results, work, args.results)
+    write_table(results, work, args.results, merge=not args.no_merge)
 
 
 def _weight_bytes(artifact: Path) -> int:
     return (artifact / "model" / "model.onnx.data").stat().st_size
 
 
-def write_table(results: dict, work: Path, name: str) -> None:
+def write_table(results: dict, work: Path, name: str, merge: bool = True) -> None:
     lines = [
         "| artifact | perplexity | Δ ppl vs fp16 | KL vs fp16 (nats/token) | top-1 vs fp16 | weight bytes |",
         "|---|---:|---:|---:|---:|---:|",
@@ -242,9 +254,10 @@ def write_table(results: dict, work: Path, name: str) -> None:
             f"| {name} | {r['perplexity']:.3f} | {r['perplexity_increase']:+.2%} | {r['kl_divergence']:.5f} | "
             f"{r['top1_agreement']:.4f} | {r['weight_bytes'] / 1e6:.1f} MB |"
         )
-    merged_path = Path(__file__).parent / "results.json"  # every run's rows, for report.py
-    merged = json.loads(merged_path.read_text()) if merged_path.is_file() else {}
-    merged_path.write_text(json.dumps(merged | results, indent=2))
+    if merge:
+        merged_path = Path(__file__).parent / "results.json"  # every run's rows, for report.py
+        merged = json.loads(merged_path.read_text()) if merged_path.is_file() else {}
+        merged_path.write_text(json.dumps(merged | results, indent=2))
     table = "\n".join(lines)
     print(table)
     (work / "table.md").write_text(table + "\n")

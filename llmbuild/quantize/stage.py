@@ -80,18 +80,22 @@ class QuantizationJob:
         rd = recipe.to_dict()
         self.q = q = rd["quantization"]
         arch = spec_for(source.config)
-        dims = arch.dims(source.config)
+        self.dims = dims = arch.dims(source.config)
         self.lm_head = arch.lm_head  # the weight name an untied lm_head gets
         self.untie = (tied_lm_head(full_model) is not None
                       and _untie_if_quantized(full_model, q, dims.layers, self.lm_head))
         weights = linear_weights(full_model)
-        self.plan = resolve_plan(q, list(weights), dims.layers)
         self.shapes = {n: tuple(int(d) for d in v.shape) for n, v in weights.items()}
         self.loaders = {n: v.meta[SOURCE_LOADER] for n, v in full_model.graph.initializers.items()
                         if SOURCE_LOADER in v.meta}
         compute = next(iter(weights.values())).dtype if weights else None
         self.itemsize = compute.itemsize if compute is not None else 4
         self.scale_dtype = compute.numpy() if compute is not None else np.float32
+        self.allocation = None
+        if q.get("target") is not None:  # every linear's scheme from its measured sensitivity
+            self.allocation = _allocate(self, source, recipe, work_dir, rep, threads)
+            self.q = q = {**q, **self.allocation.quantization}
+        self.plan = resolve_plan(q, list(weights), dims.layers)
         self.unmatched = unmatched_overrides(q, list(weights), dims.layers)
         self.cal = None
         if any(spec.calibrated for spec in self.plan.values()):
@@ -150,7 +154,34 @@ class QuantizationJob:
                "linear_weight_bytes": int(sum(stored.values()))}
         if self.cal is not None:
             out["calibration"] = {"dataset": q["calibration"]["dataset"], **self.cal.report}
+        if self.allocation is not None:
+            out["target"] = q["target"]
+            out["allocation"] = self.allocation.record
+            if rep is not None:
+                a = self.allocation.record
+                rep.log(f"allocation: {a['bits_per_weight']:.3f} bits per weight over {a['linear_parameters']:,}"
+                        f" linear parameters ({', '.join(f'{k} x{v}' for k, v in a['schemes'].items())})")
         return out
+
+
+def _allocate(job, source, recipe, work_dir: Path, rep, threads):
+    """quantization.target: the allocation (llmbuild.quantize.allocate) on the calibration
+    text through the float32 reference graph, measured (max_perplexity_increase) on the
+    gate's evaluation text."""
+    from llmbuild.quantize.allocate import allocate_target
+
+    rd = recipe.to_dict()
+    q = rd["quantization"]
+    target, cal = q["target"], q["calibration"]
+
+    def prepare():
+        work_dir.mkdir(parents=True, exist_ok=True)
+        tokens = calibration_tokens(source, {**cal, "samples": target["samples"]}, _base_dir(recipe), work_dir)
+        return tokens, reference_graph(source, work_dir, max(rd["limits"]["max_seq_len"], cal["seq_len"]))
+
+    stage = rep.stage("sensitivity") if rep is not None else _null_stage()
+    return allocate_target(job, target, cal, prepare, lambda: gate_chunks(recipe, work_dir / "tokenizer"), stage,
+                           rep, threads)
 
 
 def quantize_model(model, source, recipe, work_dir: Path, rep=None, threads: int | None = None) -> dict:
@@ -186,26 +217,36 @@ def gate_thresholds(verify: dict) -> dict:
     return {k: verify.get(k) for k in ("max_perplexity_increase", "max_kl_divergence", "min_top1_agreement")}
 
 
-def quality_gate(stage: Path, recipe, source, work_dir: Path, rep=None, threads: int | None = None) -> dict:
-    """Evaluate the staged artifact against the unquantized float32 graph on the
-    evaluation text; `passed` is False when a `verify:` threshold is missed."""
-    from llmbuild.eval import evaluate_runners
+def gate_chunks(recipe, tokenizer_dir: Path) -> np.ndarray:
+    """The gate's evaluation text as token chunks [count, seq_len] (verify.eval_dataset's
+    evaluation split, verify.eval_tokens tokens)."""
+    from llmbuild.eval import dataset_tokens
     from llmbuild.eval.corpus import token_chunks
-    from llmbuild.eval.runners import OrtGraphRunner, artifact_runner
 
     rd = recipe.to_dict()
     v = rd.get("verify") or {}
     seq_len = min(GATE_SEQ_LEN, rd["limits"]["max_seq_len"])
     tokens = v.get("eval_tokens") or GATE_TOKENS
     dataset = v.get("eval_dataset") or "kjv"
+    ids = dataset_tokens(tokenizer_dir / "tokenizer.json", dataset, "evaluation", _base_dir(recipe))
+    count = max(1, tokens // seq_len)
+    return token_chunks(ids, seq_len, min(count, max(1, len(ids) // seq_len)), where=f"dataset {dataset!r}")
+
+
+def quality_gate(stage: Path, recipe, source, work_dir: Path, rep=None, threads: int | None = None) -> dict:
+    """Evaluate the staged artifact against the unquantized float32 graph on the
+    evaluation text; `passed` is False when a `verify:` threshold is missed."""
+    from llmbuild.eval import evaluate_runners
+    from llmbuild.eval.runners import OrtGraphRunner, artifact_runner
+
+    rd = recipe.to_dict()
+    v = rd.get("verify") or {}
+    dataset = v.get("eval_dataset") or "kjv"
     start = time.perf_counter()
     ctx = rep.stage("accuracy") if rep is not None else _null_stage()
     with ctx as update:
-        from llmbuild.eval import dataset_tokens
-
-        ids = dataset_tokens(stage / "tokenizer" / "tokenizer.json", dataset, "evaluation", _base_dir(recipe))
-        count = max(1, tokens // seq_len)
-        chunks = token_chunks(ids, seq_len, min(count, max(1, len(ids) // seq_len)), where=f"dataset {dataset!r}")
+        chunks = gate_chunks(recipe, stage / "tokenizer")
+        seq_len = chunks.shape[1]
         ref_path = reference_graph(source, work_dir, rd["limits"]["max_seq_len"])
         cand, ref = artifact_runner(stage, threads), OrtGraphRunner(ref_path, threads)
         try:
@@ -276,3 +317,15 @@ def raise_if_failed(report: dict | None, artifact: Path) -> None:
     path.write_text(json.dumps(report, indent=2))
     raise BuildError("quantized artifact misses its verify: thresholds\n" + format_gate(report)
                      + f"\n(report: {path})")
+
+
+def record_allocation_result(quantization: dict | None, verification: dict | None) -> None:
+    """An automatic allocation's measured result: the accuracy gate's figures on the held-out
+    text, copied next to the allocation in the manifest's `quantization`."""
+    if not quantization or "allocation" not in quantization or not verification:
+        return
+    if verification.get("kind") != "accuracy" or "perplexity_increase" not in verification:
+        return
+    quantization["allocation"]["measured"] = {
+        k: verification[k] for k in ("perplexity_increase", "perplexity", "reference_perplexity", "kl_divergence",
+                                     "top1_agreement", "positions", "dataset", "split") if k in verification}

@@ -117,6 +117,7 @@ def _check_model(path: Path, tree: Tree, problems: list[Problem]) -> None:
             problems.append(Problem("model.source", f"{arch}: {message}", *source_loc))
         _check_parallel(config, tree, problems)
         _check_tied_lm_head(config, tree, problems)
+        _check_target_bits(config, tree, problems)
 
 
 def _check_parallel(config: dict, tree: Tree, problems: list[Problem]) -> None:
@@ -152,6 +153,23 @@ def _check_tied_lm_head(config: dict, tree: Tree, problems: list[Problem]) -> No
         index = named[1]
         problems.append(Problem(f"quantization.overrides[{index}]", refusal,
                                 *tree.where(("quantization", "overrides", index))))
+
+
+def _check_target_bits(config: dict, tree: Tree, problems: list[Problem]) -> None:
+    """quantization.target.bits_per_weight must be reachable with this model's linears."""
+    path = ("quantization", "target", "bits_per_weight")
+    bits = tree.get(path)
+    if isinstance(bits, bool) or not isinstance(bits, (int, float)) or bits <= 0:
+        return  # absent, or a type error the schema reports
+    from llmbuild.quantize.allocate import bits_problem, linear_shapes
+
+    scale_bytes = 4 if tree.get(("precision",)) == "float32" else 2  # the graph dtype's
+    try:
+        problem = bits_problem(float(bits), linear_shapes(config), scale_bytes)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return  # a malformed config: config_problems reports it
+    if problem:
+        problems.append(Problem("quantization.target.bits_per_weight", problem, *tree.where(path)))
 
 
 def _check_engines(recipe: Recipe, tree: Tree, problems: list[Problem], check_build: bool) -> None:

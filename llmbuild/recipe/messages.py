@@ -26,7 +26,8 @@ RELOCATE = {
     "engine_option": lambda path, ctx: path + tuple(ctx.get("at", ())),
     "too_few_tokens": lambda path, ctx: path,
     "matrix": lambda path, ctx: path + tuple(ctx.get("at", ())),
-    "quantization": lambda path, ctx: path,  # llmbuild.quantize settings: message says what was found
+    # llmbuild.quantize settings: message says what was found
+    "quantization": lambda path, ctx: path + tuple(ctx.get("at", ())),
 }
 
 # List items that may be written as a plain string standing for a one-key mapping:

@@ -304,10 +304,52 @@ class Calibration(_Section):
         return _check_dataset(value)
 
 
+class QuantTarget(_Section):
+    """Automatic bit allocation (llmbuild.quantize.allocate): every linear's scheme is
+    chosen from its measured sensitivity. Exactly one of the two targets."""
+
+    # Average stored bits per weight of the quantized linears (codes + scales + offsets);
+    # the embedding (and an lm_head tied to it) keep the graph dtype, outside the budget.
+    bits_per_weight: Annotated[float, Field(gt=0, le=16)] | None = None
+    # The cheapest allocation whose perplexity on the evaluation text is at most this much
+    # above the unquantized graph's (relative: 0.05 = +5 %).
+    max_perplexity_increase: Annotated[float, Field(gt=0)] | None = None
+    # Calibration sequences (of calibration.seq_len tokens) the sensitivity pass runs.
+    samples: PositiveInt = 8
+
+    @model_validator(mode="after")
+    def _exactly_one(self):
+        both = self.bits_per_weight is not None and self.max_perplexity_increase is not None
+        if both or (self.bits_per_weight is None and self.max_perplexity_increase is None):
+            raise PydanticCustomError(
+                "quantization", "a target needs exactly one of bits_per_weight (e.g. 4.5) or"
+                " max_perplexity_increase (e.g. 0.05); found {found}",
+                {"found": "both" if both else "neither"})
+        return self
+
+
 class Quantization(_Section):
-    weights: QuantWeights
+    # One setting for every linear (plus overrides), or a `target` the allocation meets.
+    weights: QuantWeights | None = None
     overrides: list[QuantOverride] = []
     calibration: Calibration = Calibration()
+    target: QuantTarget | None = None
+
+    @model_validator(mode="after")
+    def _weights_or_target(self):
+        if self.target is None and self.weights is None:
+            raise PydanticCustomError(
+                "quantization", "quantization needs `weights` (e.g. {scheme: int4}) or `target` (e.g."
+                " {bits_per_weight: 4.5}: schemes chosen per linear); found neither")
+        if self.target is not None and self.weights is not None:
+            raise PydanticCustomError(
+                "quantization", "target chooses every linear's scheme; it conflicts with weights.scheme"
+                " {scheme}: remove one of them", {"scheme": self.weights.scheme, "at": ("weights", "scheme")})
+        if self.target is not None and self.overrides:
+            raise PydanticCustomError(
+                "quantization", "target chooses every linear's scheme; overrides cannot be combined with it"
+                " (found {n}): remove them", {"n": len(self.overrides), "at": ("overrides",)})
+        return self
 
 
 class Recipe(_Section):
