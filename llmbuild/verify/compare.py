@@ -105,18 +105,19 @@ def verify_what_runs(artifact, reference, **kwargs) -> dict:
 def verify_artifact(
     artifact: str | Path, reference: str | Path, *, prompts=DEFAULT_PROMPTS, max_new_tokens: int = 16,
     thresholds: Thresholds | None = None, reference_model=None, chat: bool | None = None, reference_outputs=None,
-    cpu_lowering: bool | None = False,
+    cpu_lowering: bool | None = False, threads: int | None = None, check_hashes: bool | None = None,
 ) -> dict:
     """Run both sides and return a JSON-able report with `passed` and the figures.
     cpu_lowering=False checks the standard graph (what TensorRT parses); None the graph
     the CPU runtime runs (llmbuild.lowering.cpu, fallbacks included).
     `reference_outputs`: an object with `logits(ids)` and `greedy(ids, n, eos)` standing
-    for the HF side (compile passes `llmbuild.buildcache.CachedReference`)."""
+    for the HF side (compile passes `llmbuild.buildcache.CachedReference`). `threads`, `check_hashes`:
+    ONNX Runtime's intra-op threads and the artifact's hash check (`llmbuild.load`)."""
     from llmbuild.runtime import load
     from llmbuild.verify.reference import check_same_vocabulary, load_reference
 
     start = time.perf_counter()
-    model = load(artifact, backend="onnxruntime", cpu_lowering=cpu_lowering)
+    model = load(artifact, backend="onnxruntime", threads=threads, cpu_lowering=cpu_lowering, check_hashes=check_hashes)
     precision = model.manifest["model"]["precision"]
     thresholds = thresholds or default_thresholds(precision)
     if reference_outputs is None:
