@@ -83,9 +83,21 @@ def check_same_vocabulary(reference, reference_logits, artifact, artifact_logits
                         "model")
 
 
+class OutOfVocabulary(Exception):
+    """Token ids the reference has no embedding for: another model than the artifact's."""
+
+    def __init__(self, vocab: int):
+        super().__init__(f"token ids beyond the reference's vocabulary of {vocab}")
+        self.vocab = vocab
+
+
 def reference_logits(model, ids: list[int]):
-    """Float32 logits [S, vocab] of one sequence."""
+    """Float32 logits [S, vocab] of one sequence (OutOfVocabulary: ids it cannot embed)."""
     import torch
+
+    vocab = model.get_input_embeddings().num_embeddings
+    if ids and max(ids) >= vocab:
+        raise OutOfVocabulary(vocab)
 
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0].float().numpy()
