@@ -5,7 +5,7 @@ transformers are installed) — in one run, against #16's targets:
     first compile     <= 1.5 x the engine stage alone
     no-op recompile   <= 5 % of the first compile
 
-    .venv/bin/python benchmarks/compile_smollm2.py            # writes benchmarks/compile_smollm2.md
+    .venv/bin/python benchmarks/compile_smollm2.py [--runs N]   # writes benchmarks/compile_smollm2.md
 
 1. first compile: `llmbuild compile RECIPE -o OUT -q --cache-dir EMPTY` in a fresh process
    (an empty private cache: nothing reused, HF reference outputs computed);
@@ -80,55 +80,46 @@ def stage_table(m: dict) -> list[str]:
     return lines
 
 
-def main() -> None:
-    from llmbuild.source import read_config  # noqa: F401  (fails early outside the venv)
-
+def one_run(tmp: Path) -> dict:
+    """First compile, no-op recompile, engine stage alone, back to back (one fresh cache)."""
     load_before = os.getloadavg()
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        command = [*LLMBUILD, "compile", str(RECIPE), "-o", str(tmp / "out"), "-q", "--cache-dir", str(tmp / "cache")]
-        first_s, first_peak, _ = run_time(command)
-        art = tmp / "out" / "smollm2-135m-instruct"
-        first = json.loads((art / "manifest.json").read_text())
-        noop_s, noop_peak, _ = run_time(command)
-        noop = json.loads((art / "manifest.json").read_text())
-        alone_wall, alone_peak, out = run_time([sys.executable, "-c", ENGINE_ALONE, str(art), str(tmp / "alone.engine")])
-        alone = json.loads(out.strip().splitlines()[-1])["build_seconds"]
-        weights = (art / first["graph"]["weights"]).stat().st_size
-    load_after = os.getloadavg()
-    help_s = startup([*LLMBUILD, "--help"])
-    validate_s = startup([*LLMBUILD, "validate", str(RECIPE)])
+    command = [*LLMBUILD, "compile", str(RECIPE), "-o", str(tmp / "out"), "-q", "--cache-dir", str(tmp / "cache")]
+    first_s, first_peak, _ = run_time(command)
+    art = tmp / "out" / "smollm2-135m-instruct"
+    first = json.loads((art / "manifest.json").read_text())
+    noop_s, noop_peak, _ = run_time(command)
+    noop = json.loads((art / "manifest.json").read_text())
+    alone_wall, alone_peak, out = run_time([sys.executable, "-c", ENGINE_ALONE, str(art), str(tmp / "alone.engine")])
+    alone = json.loads(out.strip().splitlines()[-1])["build_seconds"]
+    return {"first_s": first_s, "first_peak": first_peak, "first": first, "noop_s": noop_s, "noop_peak": noop_peak,
+            "noop": noop, "alone_wall": alone_wall, "alone_peak": alone_peak, "alone": alone,
+            "weights": (art / first["graph"]["weights"]).stat().st_size, "load_before": load_before,
+            "load_after": os.getloadavg()}
 
+
+def run_section(i: int, r: dict) -> list[str]:
+    first, noop, alone, first_s, noop_s = r["first"], r["noop"], r["alone"], r["first_s"], r["noop_s"]
     engine_stage = next(t["seconds"] for s, t in first["timings"].items() if s.startswith("engine:"))
     verified = first["verification"]
     verify_text = ("passed" if verified and verified.get("passed") else "not run" if not verified else "FAILED")
     all_reused = all(t.get("reused") for t in noop["timings"].values())
     ratio_first, ratio_noop = first_s / alone, noop_s / first_s
-    lines = [
-        "# Compile benchmark: SmolLM2-135M-Instruct (`recipes/smollm2-135m-instruct.yaml`)",
+    load = "/".join(f"{x:.1f}" for x in r["load_before"]), "/".join(f"{x:.1f}" for x in r["load_after"])
+    return [
+        f"## Run {i}: first compile, no-op recompile, engine stage alone",
         "",
-        f"Machine: {os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}; measured "
-        f"{time.strftime('%Y-%m-%d %H:%M %Z')} while other engineers' test suites and benchmarks shared the cores "
-        f"(1/5/15-minute load average {'/'.join(f'{x:.1f}' for x in load_before)} before, "
-        f"{'/'.join(f'{x:.1f}' for x in load_after)} after, on {os.cpu_count()} cores): the absolute figures are "
-        "slower than on an idle machine, the ratios are what the run compares.",
-        "",
-        "Reproduce: `.venv/bin/python benchmarks/compile_smollm2.py` (method: the script's docstring). "
-        f"Command measured: `llmbuild compile {RECIPE.relative_to(ROOT)} -o OUT -q --cache-dir FRESH` "
-        "(fp16, TensorRT-RTX portable engine, verification against HF transformers on: "
-        f"{verify_text}).",
-        "",
-        "## One run: first compile, no-op recompile, engine stage alone",
+        f"1/5/15-minute load average {load[0]} before, {load[1]} after (on {os.cpu_count()} cores); "
+        f"verification: {verify_text}.",
         "",
         "| measurement | wall (s) | peak RSS (MiB) | target | met |",
         "|---|---:|---:|---|---|",
-        f"| first compile (empty cache) | {first_s:.1f} | {first_peak / MiB:.0f} | ≤ 1.5 × engine stage alone = "
+        f"| first compile (empty cache) | {first_s:.1f} | {r['first_peak'] / MiB:.0f} | ≤ 1.5 × engine stage alone = "
         f"{1.5 * alone:.1f} s (is {ratio_first:.2f} ×) | {'yes' if ratio_first <= 1.5 else 'NO'} |",
-        f"| no-op recompile | {noop_s:.1f} | {noop_peak / MiB:.0f} | ≤ 5 % of the first = {0.05 * first_s:.1f} s "
+        f"| no-op recompile | {noop_s:.1f} | {r['noop_peak'] / MiB:.0f} | ≤ 5 % of the first = {0.05 * first_s:.1f} s "
         f"(is {ratio_noop:.1%}) | {'yes' if ratio_noop <= 0.05 else 'NO'} |",
-        f"| engine stage alone (build_engine) | {alone:.1f} | {alone_peak / MiB:.0f} | — | — |",
+        f"| engine stage alone (build_engine) | {alone:.1f} | {r['alone_peak'] / MiB:.0f} | — | — |",
         "",
-        f"The engine stage alone ran in a process of {alone_wall:.1f} s wall (imports of TensorRT-RTX and onnx "
+        f"The engine stage alone ran in a process of {r['alone_wall']:.1f} s wall (imports of TensorRT-RTX and onnx "
         f"included); inside the first compile the engine stage took {engine_stage:.1f} s. The no-op recompile "
         f"reused {'every stage' if all_reused else 'NOT every stage'} "
         f"({', '.join(s for s, t in noop['timings'].items() if t.get('reused'))}).",
@@ -141,7 +132,44 @@ def main() -> None:
         "",
         *stage_table(noop),
         "",
-        f"fp16 weights written to ONNX external data: {weights / MiB:.0f} MiB (30 layers, 135M parameters).",
+    ]
+
+
+def main() -> None:
+    import argparse
+
+    from llmbuild.source import read_config  # noqa: F401  (fails early outside the venv)
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=1, help="repeat the three measurements (each with a fresh cache)")
+    args = parser.parse_args()
+    runs = []
+    for _ in range(args.runs):
+        with tempfile.TemporaryDirectory() as tmp:
+            runs.append(one_run(Path(tmp)))
+    help_s = startup([*LLMBUILD, "--help"])
+    validate_s = startup([*LLMBUILD, "validate", str(RECIPE)])
+    lines = [
+        "# Compile benchmark: SmolLM2-135M-Instruct (`recipes/smollm2-135m-instruct.yaml`)",
+        "",
+        f"Machine: {os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}; measured "
+        f"{time.strftime('%Y-%m-%d %H:%M %Z')} while other engineers' test suites and benchmarks shared the cores "
+        "(load averages per run below): the absolute figures are slower than on an idle machine, the ratios "
+        "(measured back to back in one run) are what the run compares.",
+        "",
+        f"Reproduce: `.venv/bin/python benchmarks/compile_smollm2.py --runs {args.runs}` (method: the script's "
+        f"docstring). Command measured: `llmbuild compile {RECIPE.relative_to(ROOT)} -o OUT -q --cache-dir FRESH` "
+        "(fp16, TensorRT-RTX portable engine, verification against HF transformers on).",
+        "",
+        "| run | 1-min load avg before → after | first compile (s) | engine stage alone (s) | first / engine | "
+        "no-op (s) | no-op / first |",
+        "|---|---|---:|---:|---:|---:|---:|",
+        *(f"| {i} | {r['load_before'][0]:.1f} → {r['load_after'][0]:.1f} | {r['first_s']:.1f} | {r['alone']:.1f} | "
+          f"{r['first_s'] / r['alone']:.2f} × | {r['noop_s']:.1f} | {r['noop_s'] / r['first_s']:.1%} |"
+          for i, r in enumerate(runs, 1)),
+        "",
+        *(line for i, r in enumerate(runs, 1) for line in run_section(i, r)),
+        f"fp16 weights written to ONNX external data: {runs[0]['weights'] / MiB:.0f} MiB (30 layers, 135M parameters).",
         "",
         "## CLI start-up (median of 7 runs, fresh process each)",
         "",

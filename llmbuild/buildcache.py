@@ -23,8 +23,9 @@ edited or names paths outside it is a miss (rebuilt and replaced), never an erro
 | verify    | graph hash, CPU-ready graph's sha256s, tokenizer key, precision, verify/quantization sections, tools |
 | engines   | `engine.cache.engine_key` (recipe less name/verify, graph hash, TensorRT, …)     |
 
-Reference outputs for verification (HF logits and greedy tokens per prompt) are cached
-by source fingerprint (`CachedReference`), so a graph change re-runs only our side.
+Reference outputs for verification (HF's teacher-forced logits over prompt + greedy
+continuation) are cached by source fingerprint and token ids (`CachedReference`), so a
+graph change that keeps the continuations re-runs only our side.
 
 Layout: `<cache>/stages/<stage>/<key[:2]>/<key>/{meta.json, files/...}`, written into a
 temporary sibling and renamed; `<cache>/reference/<fingerprint[:2]>/<fingerprint>/<hash>.npz`.
@@ -266,14 +267,16 @@ class LazySource:
 
 
 class CachedReference:
-    """HF reference outputs (teacher-forced logits, greedy tokens) per token sequence,
-    cached on disk by source fingerprint; the HF model is loaded (once) only on a miss."""
+    """HF reference outputs (teacher-forced logits) per token sequence, cached on disk by
+    source fingerprint and in memory for one compile (both graphs are checked on the same
+    sequences); the HF model is loaded (once) only on a miss."""
 
     def __init__(self, directory: Path | None, fingerprint: str, load: Callable[[], object]):
         self.dir = (Path(directory) / "reference" / fingerprint[:2] / fingerprint) if directory else None
         self._load, self._model = load, None
         self.tools = tool_versions("torch", "transformers")
         self.misses = 0
+        self._memo: dict = {}
 
     @property
     def model(self):
@@ -281,48 +284,43 @@ class CachedReference:
             self._model = self._load()
         return self._model
 
-    def _path(self, kind: str, **inputs) -> Path | None:
-        if self.dir is None:
-            return None
-        digest = hashlib.sha256(json.dumps({"kind": kind, "tools": self.tools, **inputs}, sort_keys=True).encode())
-        return self.dir / f"{kind}-{digest.hexdigest()[:32]}.npz"
+    def _path(self, digest: str) -> Path | None:
+        return None if self.dir is None else self.dir / f"logits-{digest}.npz"
 
-    def _cached(self, path: Path | None, compute: Callable, valid: Callable = lambda value: True):
+    def logits(self, ids: list[int]):
         import zipfile
 
         import numpy as np
 
+        from llmbuild.verify.reference import reference_logits
+
+        ids = [int(i) for i in ids]
+        digest = hashlib.sha256(json.dumps({"kind": "logits", "tools": self.tools, "ids": ids},
+                                           sort_keys=True).encode()).hexdigest()[:32]
+        if digest in self._memo:
+            return self._memo[digest]
+        path = self._path(digest)
+        value = None
         if path is not None and path.is_file():
             try:
                 with np.load(path) as z:
                     value = z["value"]
-                if valid(value):
+                if not (value.ndim == 2 and value.shape[0] == len(ids) and value.dtype.kind == "f"):
+                    value = None
+                else:
                     os.utime(path)  # last use, for `llmbuild cache prune`
-                    return value
             except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-                pass  # a damaged entry: computed again and replaced
-        self.misses += 1
-        value = np.asarray(compute())
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
-            np.savez(tmp, value=value)
-            os.replace(tmp, path)
+                value = None  # a damaged entry: computed again and replaced
+        if value is None:
+            self.misses += 1
+            value = np.asarray(reference_logits(self.model, ids))
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
+                np.savez(tmp, value=value)
+                os.replace(tmp, path)
+        self._memo[digest] = value
         return value
-
-    def logits(self, ids: list[int]):
-        from llmbuild.verify.reference import reference_logits
-
-        return self._cached(self._path("logits", ids=list(ids)), lambda: reference_logits(self.model, ids),
-                            lambda v: v.ndim == 2 and v.shape[0] == len(ids) and v.dtype.kind == "f")
-
-    def greedy(self, ids: list[int], max_new_tokens: int, eos_token_ids: list[int]) -> list[int]:
-        from llmbuild.verify.reference import reference_greedy
-
-        path = self._path("greedy", ids=list(ids), n=max_new_tokens, eos=list(eos_token_ids))
-        return [int(t) for t in self._cached(
-            path, lambda: reference_greedy(self.model, ids, max_new_tokens, eos_token_ids),
-            lambda v: v.ndim == 1 and len(v) <= max_new_tokens and v.dtype.kind in "iu")]
 
 
 # -- `llmbuild cache {ls,du,prune}`: the engine cache, the stage store, reference outputs --

@@ -478,20 +478,42 @@ def _maybe_verify(recipe, rd, stage: Path, source, rep: Reporter, verify: bool |
             raise UserError("--verify needs the HF reference: pip install 'llmbuild[reference]'")
         rep.log("verification skipped: torch/transformers not installed (pip install 'llmbuild[reference]')")
         return None
-    from llmbuild.verify import DEFAULT_PROMPTS, default_thresholds
-    from llmbuild.verify.compare import verify_what_runs
-
     with rep.stage("verify") as update:
-        thresholds = default_thresholds(rd["precision"], settings)
-        from llmbuild.buildcache import CachedReference
-        from llmbuild.verify.reference import load_reference
-
-        # HF outputs cached by source fingerprint; the HF model is loaded (once) on a miss.
-        outputs = CachedReference(store.dir if store is not None else None, source.fingerprint(),
-                                  lambda: load_reference(recipe.source_path))
-        report = verify_what_runs(
-            stage, recipe.source_path, prompts=settings.get("prompts") or DEFAULT_PROMPTS, thresholds=thresholds,
-            reference_outputs=outputs,
-        )
+        report = verify_in_compile(stage, recipe.source_path, source.fingerprint(), rd,
+                                   cache_dir=store.dir if store is not None else None)
         update(1, 1, "passed" if report["passed"] else "FAILED")
     return report
+
+
+def verification_threads(rd: dict) -> int | None:
+    """Threads of compile's verification (torch and ONNX Runtime): half the cores when it
+    runs beside engine builds, which take the other half (on 2 cores one thread each:
+    more oversubscribes them and slows both, benchmarks/compile_smollm2.md); None (the
+    libraries' defaults) without engines."""
+    import os
+
+    if not rd["engines"]:
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+    return max(1, cores // 2)
+
+
+def verify_in_compile(stage: Path, source_path: Path, fingerprint: str, rd: dict, *, cache_dir: Path | None,
+                      threads: int | None = None) -> dict:
+    """Compile's verification of a staged artifact against HF transformers: reference
+    outputs cached under `cache_dir` by source fingerprint (the HF model is loaded once,
+    only on a miss), the recipe's thresholds and prompts, `threads` (default:
+    verification_threads). The staged files' hashes were just computed: not re-read."""
+    from llmbuild.buildcache import CachedReference
+    from llmbuild.verify import DEFAULT_PROMPTS, default_thresholds
+    from llmbuild.verify.compare import verify_what_runs
+    from llmbuild.verify.reference import load_reference
+
+    settings = rd.get("verify") or {}
+    threads = threads or verification_threads(rd)
+    outputs = CachedReference(cache_dir, fingerprint, lambda: load_reference(source_path, threads=threads))
+    return verify_what_runs(
+        stage, source_path, prompts=settings.get("prompts") or DEFAULT_PROMPTS,
+        thresholds=default_thresholds(rd["precision"], settings), reference_outputs=outputs, threads=threads,
+        check_hashes=False,
+    )

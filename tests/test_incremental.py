@@ -94,7 +94,7 @@ def test_verify_settings_rerun_only_verify(tiny, tmp_path):
     out = recompile(tiny, tmp_path, "verify.prompts=[a new prompt]")
     assert reused(out) == {"source": True, "onnx": True, "cpu_graph": True, "tokenizer": True, "verify": False}
     assert read_manifest(out)["verification"]["prompts"][0]["prompt"] == "a new prompt"
-    assert reference_files(tiny["cache"]) == before + 2  # its HF logits and greedy tokens, now cached
+    assert reference_files(tiny["cache"]) == before + 1  # its HF logits over prompt + continuation, now cached
 
 
 def test_max_seq_len_reruns_onnx_and_verify_with_cached_reference_outputs(tiny, tmp_path):

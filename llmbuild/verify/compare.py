@@ -1,8 +1,14 @@
 """Compare an artifact's ONNX graph on ONNX Runtime with HF transformers.
 
-Per prompt: teacher-forced logits over the whole sequence (max |Δlogit|, top-1
-agreement), and greedy continuations generated independently by both sides
-(greedy-token agreement: tokens equal up to the first divergence, over all tokens).
+Per prompt, the graph the CPU runtime runs decodes a greedy continuation with its KV
+cache; the sequence prompt + continuation is then run teacher-forced (one forward pass)
+through HF and through each graph checked: max |Δlogit| and top-1 agreement over every
+position, and greedy agreement — the leading continuation tokens on which a graph's
+next-token choice equals HF's (at an HF argmax that differs, HF's own greedy would have
+diverged there: the count equals the one of two independent greedy loops, and an
+identical continuation proves the loops' outputs equal). The standard graph (what
+TensorRT parses) is checked teacher-forced in two chunks, the prompt then the
+continuation over its KV cache.
 """
 
 from __future__ import annotations
@@ -58,18 +64,44 @@ class _DirectReference:
 
         return reference_logits(self.model, ids)
 
-    def greedy(self, ids, max_new_tokens, eos_token_ids):
-        from llmbuild.verify.reference import reference_greedy
 
-        return reference_greedy(self.model, ids, max_new_tokens, eos_token_ids)
-
-
-def _artifact_logits(executor, ids: list[int]) -> np.ndarray:
+def _artifact_logits(executor, ids: list[int], split: int | None = None) -> np.ndarray:
+    """Teacher-forced logits [S, vocab] of one sequence; `split`: run ids[:split] first,
+    then the rest over the cache it wrote (the decode path's attention to past keys)."""
     executor.reset(1)
-    n = len(ids)
-    arange = np.arange(n, dtype=np.int64)[None]
-    step = StepInputs(np.array([ids], np.int64), arange, np.zeros(1, np.int64), arange)
-    return executor.forward(step)[0]
+    out = []
+    for lo, hi in ((0, split), (split, len(ids))) if split else ((0, len(ids)),):
+        positions = np.arange(lo, hi, dtype=np.int64)[None]
+        step = StepInputs(np.array([ids[lo:hi]], np.int64), positions, np.array([lo], np.int64), positions - lo)
+        out.append(executor.forward(step)[0])
+    return np.concatenate(out)
+
+
+def greedy_agreement(continuation: list[int], stopped: bool, ours_next: list[int] | None, theirs_next: list[int],
+                     eos: list[int]) -> tuple[int, int, bool, list[int], list[int]]:
+    """Greedy agreement on a teacher-forced continuation (decoded by the CPU runtime's
+    graph; it `stopped` at EOS or ran to its length). `theirs_next[i]`, `ours_next[i]`:
+    HF's and the checked graph's argmax after prompt + continuation[:i], i = 0..len
+    (ours_next None: the checked graph decoded the continuation itself). Returns (equal,
+    total, identical, our tokens, HF's tokens), the tokens up to the first divergence."""
+    n = len(continuation)
+    ours = list(continuation) if ours_next is None else list(ours_next[:n])
+    equal, left = 0, False
+    for i in range(n):
+        if ours[i] != theirs_next[i]:
+            break
+        equal += 1
+        if ours[i] != continuation[i]:  # both left the decoded prefix here: nothing further is known
+            left = True
+            break
+    agreed = equal == n
+    if agreed and stopped:  # the decision to stop: both must choose EOS
+        agreed = theirs_next[n] in eos and (ours_next is None or ours_next[n] in eos)
+    identical = agreed and equal == n
+    total = max(n, 1) if identical or equal < n else n + 1
+    cut = equal if identical or left else equal + 1  # with the first token that differs
+    return equal, total, identical, [t for t in ours[:cut] if t not in eos], \
+        [t for t in theirs_next[:cut] if t not in eos]
 
 
 def fit_prompt(ids: list[int], max_new_tokens: int, max_seq_len: int) -> tuple[list[int], int]:
@@ -83,18 +115,20 @@ def fit_prompt(ids: list[int], max_new_tokens: int, max_seq_len: int) -> tuple[l
 
 
 def verify_what_runs(artifact, reference, **kwargs) -> dict:
-    """Verify every graph a runtime executes on this artifact: the standard graph (what
-    TensorRT parses) and the CPU-lowered one (what `llmbuild run` executes on ONNX
-    Runtime). One report (the standard graph's figures) with the lowered graph's under
-    "cpu_lowered"; it passes only if both do. The HF reference is loaded once."""
+    """Verify every graph a runtime executes on this artifact: the CPU-lowered one (what
+    `llmbuild run` executes on ONNX Runtime; it decodes the continuations) and the
+    standard graph (what TensorRT parses; teacher-forced on those continuations). One
+    report (the standard graph's figures) with the lowered graph's under "cpu_lowered";
+    it passes only if both do. The HF reference is loaded once, run once per prompt."""
     from llmbuild.verify.reference import load_reference
 
     outputs = kwargs.pop("reference_outputs", None)
     if outputs is None:
         ref = kwargs.pop("reference_model", None)
         outputs = _DirectReference(ref if ref is not None else load_reference(reference))
-    report = verify_artifact(artifact, reference, reference_outputs=outputs, **kwargs)
     lowered = verify_artifact(artifact, reference, reference_outputs=outputs, cpu_lowering=None, **kwargs)
+    continuations = {row["prompt"]: (row["continuation"], row["stopped"]) for row in lowered["prompts"]}
+    report = verify_artifact(artifact, reference, reference_outputs=outputs, continuations=continuations, **kwargs)
     report["cpu_lowered"] = {k: lowered[k] for k in ("passed", "failures", "graph", "max_abs_logit_diff",
                                                      "top1_agreement", "greedy_agreement", "seconds")}
     report["failures"] = report["failures"] + [f"CPU-lowered graph: {f}" for f in lowered["failures"]]
@@ -105,18 +139,22 @@ def verify_what_runs(artifact, reference, **kwargs) -> dict:
 def verify_artifact(
     artifact: str | Path, reference: str | Path, *, prompts=DEFAULT_PROMPTS, max_new_tokens: int = 16,
     thresholds: Thresholds | None = None, reference_model=None, chat: bool | None = None, reference_outputs=None,
-    cpu_lowering: bool | None = False,
+    cpu_lowering: bool | None = False, threads: int | None = None, check_hashes: bool | None = None,
+    continuations: dict | None = None,
 ) -> dict:
     """Run both sides and return a JSON-able report with `passed` and the figures.
     cpu_lowering=False checks the standard graph (what TensorRT parses); None the graph
     the CPU runtime runs (llmbuild.lowering.cpu, fallbacks included).
-    `reference_outputs`: an object with `logits(ids)` and `greedy(ids, n, eos)` standing
-    for the HF side (compile passes `llmbuild.buildcache.CachedReference`)."""
+    `continuations` {prompt: (token ids, stopped at EOS)}: check this graph teacher-forced
+    on them (in two chunks); without, it decodes its own greedy continuation.
+    `reference_outputs`: an object with `logits(ids)` standing for the HF side (compile
+    passes `llmbuild.buildcache.CachedReference`). `threads`, `check_hashes`: ONNX
+    Runtime's intra-op threads and the artifact's hash check (`llmbuild.load`)."""
     from llmbuild.runtime import load
-    from llmbuild.verify.reference import check_same_vocabulary, load_reference
+    from llmbuild.verify.reference import OutOfVocabulary, check_same_vocabulary, load_reference
 
     start = time.perf_counter()
-    model = load(artifact, backend="onnxruntime", cpu_lowering=cpu_lowering)
+    model = load(artifact, backend="onnxruntime", threads=threads, cpu_lowering=cpu_lowering, check_hashes=check_hashes)
     precision = model.manifest["model"]["precision"]
     thresholds = thresholds or default_thresholds(precision)
     if reference_outputs is None:
@@ -132,8 +170,18 @@ def verify_artifact(
     for prompt in prompts:
         ids = model.encode(prompt, chat=chat)
         ids, new_tokens = fit_prompt(ids, max_new_tokens, max_seq_len)
-        ours = _artifact_logits(model.executor, ids)
-        theirs = reference_outputs.logits(ids)
+        if continuations is None:
+            (generated,) = model.generate_ids([ids], max_new_tokens=new_tokens)
+            continuation, stopped = list(generated.token_ids), generated.finish_reason == "eos"
+        else:
+            continuation, stopped = continuations[prompt]
+        seq = ids + continuation
+        ours = _artifact_logits(model.executor, seq, len(ids) if continuations is not None and continuation else None)
+        try:
+            theirs = reference_outputs.logits(seq)
+        except OutOfVocabulary as e:  # our continuation has ids the reference cannot embed
+            check_same_vocabulary(reference, np.empty((0, e.vocab)), artifact, ours)
+            raise
         check_same_vocabulary(reference, theirs, artifact, ours)
         for side, logits in (("the artifact's graph", ours), ("the reference", theirs)):
             hit = first_non_finite(logits)
@@ -143,24 +191,21 @@ def verify_artifact(
         if not np.isfinite(diff):
             diff = float("inf")  # NaN would compare below every threshold
         agree = int((ours.argmax(-1) == theirs.argmax(-1)).sum())
-        ref_tokens = list(reference_outputs.greedy(ids, new_tokens, eos))
-        our_tokens = model.generate_ids([ids], max_new_tokens=new_tokens)[0].token_ids
-        same = 0
-        for a, b in zip(ref_tokens, our_tokens):
-            if a != b:
-                break
-            same += 1
-        total = max(len(ref_tokens), len(our_tokens), 1)
+        after = slice(len(ids) - 1, None)  # the next-token choices after prompt + continuation[:i]
+        same, total, identical, our_tokens, ref_tokens = greedy_agreement(
+            continuation, stopped, None if continuations is None else ours[after].argmax(-1).tolist(),
+            theirs[after].argmax(-1).tolist(), eos)
         rows.append({
-            "prompt": prompt, "tokens": len(ids), "max_abs_logit_diff": diff, "top1_agreement": agree / len(ids),
-            "greedy_tokens_equal": same, "greedy_tokens": total,
-            "identical": ref_tokens == our_tokens,
+            "prompt": prompt, "tokens": len(ids), "max_abs_logit_diff": diff, "top1_agreement": agree / len(seq),
+            "positions": len(seq), "greedy": "decoded" if continuations is None else "teacher-forced",
+            "greedy_tokens_equal": same, "greedy_tokens": total, "identical": identical,
             "text": model.tokenizer.decode(our_tokens), "reference_text": model.tokenizer.decode(ref_tokens),
+            "continuation": continuation, "stopped": stopped,
         })
         max_diff = max(max_diff, diff)
         top1_hits += agree
-        positions += len(ids)
-        greedy_hits += same if ref_tokens != our_tokens else total
+        positions += len(seq)
+        greedy_hits += total if identical else same
         greedy_total += total
     graph = getattr(model.executor, "graph_source", "standard")  # tensor-parallel ranks: standard graphs
     model.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from pathlib import Path
 
 from llmbuild.errors import UserError
@@ -13,7 +15,9 @@ def reference_available() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers"))
 
 
-def load_reference(path: str | Path):
+def load_reference(path: str | Path, threads: int | None = None):
+    """The HF model of a checkpoint dir or GGUF file, float32, eval mode. `threads`: torch's
+    intra-op threads (process-wide; compile gives verification its share of the cores)."""
     if not reference_available():
         raise UserError(
             "verification needs the HF reference: pip install 'llmbuild[reference]' (torch, transformers)"
@@ -29,16 +33,43 @@ def load_reference(path: str | Path):
     if not ((path.is_dir() and (path / "config.json").is_file()) or (path.is_file() and path.suffix == ".gguf")):
         raise UserError(f"reference {path}: expected a Hugging Face checkpoint directory (with config.json) or a "
                         ".gguf file")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if threads:
+        torch.set_num_threads(threads)
     try:
         if path.is_file():
-            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+            with _gguf_read_once():
+                model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     except (OSError, ValueError, KeyError) as e:  # a config or weights transformers cannot read
         reason = (str(e).strip().splitlines() or [""])[0][:300]
         raise UserError(f"reference {path}: transformers cannot load it ({type(e).__name__}: {reason})") from None
     return model.eval()
+
+
+@contextlib.contextmanager
+def _gguf_read_once():
+    """transformers' GGUF loader parses the file's header twice (for the config, then for
+    the weights; the tokenizer's 49k strings are most of it) and builds gguf's
+    TensorNameMap again for every module of the model: 3/4 of loading SmolLM2-135M's
+    GGUF (benchmarks/compile_smollm2.md). Both are pure functions of their arguments,
+    memoized here for one load (what is read and converted is unchanged)."""
+    import gguf
+
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict = {}
+
+    def read_once(path, mode="r"):
+        key = (str(path), mode)
+        if key not in readers:
+            readers[key] = reader(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = read_once, functools.lru_cache(maxsize=None)(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
 
 
 def check_same_vocabulary(reference, reference_logits, artifact, artifact_logits) -> None:
@@ -52,9 +83,21 @@ def check_same_vocabulary(reference, reference_logits, artifact, artifact_logits
                         "model")
 
 
+class OutOfVocabulary(Exception):
+    """Token ids the reference has no embedding for: another model than the artifact's."""
+
+    def __init__(self, vocab: int):
+        super().__init__(f"token ids beyond the reference's vocabulary of {vocab}")
+        self.vocab = vocab
+
+
 def reference_logits(model, ids: list[int]):
-    """Float32 logits [S, vocab] of one sequence."""
+    """Float32 logits [S, vocab] of one sequence (OutOfVocabulary: ids it cannot embed)."""
     import torch
+
+    vocab = model.get_input_embeddings().num_embeddings
+    if ids and max(ids) >= vocab:
+        raise OutOfVocabulary(vocab)
 
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0].float().numpy()
