@@ -23,6 +23,9 @@ ARCHITECTURES: dict[str, str] = {
     "Phi3ForCausalLM": "llmbuild.models.phi3.spec:Phi3Spec",
     "Gemma2ForCausalLM": "llmbuild.models.gemma2.spec:Gemma2Spec",
     "Gemma3ForCausalLM": "llmbuild.models.gemma3.spec:Gemma3Spec",
+    "MixtralForCausalLM": "llmbuild.models.mixtral.spec:MixtralSpec",
+    "Qwen2MoeForCausalLM": "llmbuild.models.qwen2_moe.spec:Qwen2MoeSpec",
+    "Qwen3MoeForCausalLM": "llmbuild.models.qwen3_moe.spec:Qwen3MoeSpec",
 }
 SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
 _SPECS: dict = {}
