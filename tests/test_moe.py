@@ -120,3 +120,70 @@ def test_routed_block_is_annotated_and_gathers_k_experts(tmp_path):
     assert all(n.input[1] == meta["indices"] for n in readers)
     topk = [n for n in graph.node if n.op_type == "TopK"]
     assert len(topk) == 1 and meta["indices"] in topk[0].output
+
+
+def test_cpu_lowering_fuses_each_routed_block_into_one_moe(tmp_path):
+    """The CPU graph runs com.microsoft.MoE (ONNX Runtime 1.32's CPU kernel) per sparse layer,
+    with no TopK or expert Gather left; its logits equal the standard graph's."""
+    from llmbuild.lowering.cpu import lowered_model_bytes
+
+    art = compile_fp32(make_tiny_model("Qwen2MoeForCausalLM", tmp_path / "hf"), tmp_path / "out")
+    lowered = onnx.load_from_string(lowered_model_bytes(art / read_manifest(art)["graph"]["file"])).graph
+    fused = [n for n in lowered.node if n.op_type == "MoE" and n.domain == "com.microsoft"]
+    assert len(fused) == 2  # layers 0 and 2 (layer 1 is in mlp_only_layers)
+    assert {a.name: a for a in fused[0].attribute}["k"].i == 1
+    assert not [n for n in lowered.node if n.op_type in ("TopK", "Gather") and "experts" in "".join(n.input)]
+    ids = [5, 9, 200, 31, 77, 140, 18]
+    got = []
+    for cpu_lowering in (False, True):
+        model = load(art, backend="onnxruntime", threads=2, cpu_lowering=cpu_lowering)
+        try:
+            got.append(prefill(model.executor, ids))
+        finally:
+            model.close()
+    np.testing.assert_allclose(got[1], got[0], atol=1e-5, rtol=0)
+
+
+def test_gpt_oss_is_refused_with_why(tmp_path):
+    """An unregistered MoE users ask for is a UserError saying why, and `llmbuild validate`
+    exits non-zero with that message (no traceback)."""
+    import subprocess
+    import sys
+
+    from llmbuild.errors import UserError
+    from llmbuild.models import spec_for
+
+    with pytest.raises(UserError, match="sink logits") as err:
+        spec_for({"architectures": ["GptOssForCausalLM"]})
+    assert "MixtralForCausalLM" in str(err.value)  # and what is supported
+    model = tmp_path / "gpt-oss"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"architectures": ["GptOssForCausalLM"], "hidden_size": 64,
+                                                   "num_hidden_layers": 2, "num_attention_heads": 4,
+                                                   "vocab_size": 256}))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(json.dumps({"name": "g", "model": {"source": str(model)}}))
+    run = subprocess.run([sys.executable, "-m", "llmbuild.cli", "validate", str(recipe)], capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode != 0 and "sink logits" in run.stderr + run.stdout
+    assert "Traceback" not in run.stderr
+
+
+def test_plan_reports_total_and_active_parameters():
+    """Mixtral-8x7B's published figures: 46.7 B parameters, 12.9 B active per token."""
+    from llmbuild.plan import format_plan, plan_config
+
+    config = {"architectures": ["MixtralForCausalLM"], "hidden_size": 4096, "intermediate_size": 14336,
+              "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32000,
+              "num_local_experts": 8, "num_experts_per_tok": 2, "max_position_embeddings": 32768}
+    recipe = {"name": "m", "precision": "float16", "engines": [],
+              "limits": {"max_batch_size": 1, "max_input_len": 128, "max_seq_len": 1024}}
+    p = plan_config(config, recipe)
+    assert round(p["parameters"] / 1e9, 1) == 46.7
+    moe = p["moe"]
+    assert round(moe["active_parameters"] / 1e9, 1) == 12.9
+    per_expert = 3 * 4096 * 14336
+    assert moe["expert_parameters"] == 8 * 32 * per_expert
+    # a decoded token reads the active weights but one embedding row, in fp16
+    assert moe["bytes_read_per_decoded_token"] == 2 * (moe["active_parameters"] - 31999 * 4096)
+    assert "12.88 B active parameters per token" in format_plan(p)

@@ -46,11 +46,11 @@ def stacked_weight(gb: GraphBuilder, source, name: str, experts: list[str], shap
 
 
 def route(gb: GraphBuilder, source, x: ir.Value, router: str, *, hidden: int, experts: int, top_k: int,
-          normalize: bool) -> tuple[ir.Value, ir.Value]:
+          normalize: bool, layer: int) -> tuple[ir.Value, ir.Value]:
     """
     x [B,S,H] ─MatMul(router [H, E])─► logits [B,S,E] ─Cast(float32)─► Softmax ─► p
     p ─TopK(k)─► (w [B,S,k], idx [B,S,k])      (normalize: w ─Div(ReduceSum(w))─► w)
-    w ─Cast(dtype)─► weights
+    w ─CastLike(x)─► weights
 
     HF's order (MixtralTopKRouter, Qwen*MoeTopKRouter): softmax over all E in float32,
     top-k, then renormalise (Mixtral always; Qwen when norm_topk_prob).
@@ -59,13 +59,14 @@ def route(gb: GraphBuilder, source, x: ir.Value, router: str, *, hidden: int, ex
     logits = gb.op("MatMul", [x, w_router])
     if gb.dtype != ir.DataType.FLOAT:
         logits = gb.op("Cast", [logits], {"to": ir.DataType.FLOAT})
+    logits.name = f"moe.{layer}.router_logits"  # float32 [B, S, E]
     probs = gb.op("Softmax", [logits], {"axis": -1})
     k = gb.const(np.array([top_k], np.int64))
     top, idx = gb.tape.op_multi_out("TopK", [probs, k], {"axis": -1, "largest": 1, "sorted": 1}, num_outputs=2)
     if normalize:
         top = gb.op("Div", [top, gb.op("ReduceSum", [top, gb.const(np.array([-1], np.int64))], {"keepdims": 1})])
-    if gb.dtype != ir.DataType.FLOAT:
-        top = gb.op("Cast", [top], {"to": gb.dtype})
+    top = gb.op("CastLike", [top, x])  # to the graph dtype (CastLike: the CPU lowering's float32
+    # promotion keeps it float32, where a Cast to float16 would be refused)
     return top, idx
 
 
@@ -83,8 +84,10 @@ def routed_experts(gb: GraphBuilder, source, x: ir.Value, w: ExpertWeights, *, h
     the ReduceSum node carries the `llmbuild.moe` annotation (names of the router, the
     stacked and per-expert weights, the routing values) for the passes.
     """
+    if x.name is None:  # the annotation names what the router reads
+        x.name = f"moe.{layer}.input"
     weights, idx = route(gb, source, x, w.router, hidden=hidden, experts=len(w.gate), top_k=top_k,
-                         normalize=normalize)
+                         normalize=normalize, layer=layer)
     gate = stacked_weight(gb, source, w.stacked["gate"], w.gate, (hidden, intermediate))
     up = stacked_weight(gb, source, w.stacked["up"], w.up, (hidden, intermediate))
     down = stacked_weight(gb, source, w.stacked["down"], w.down, (intermediate, hidden))
@@ -98,8 +101,9 @@ def routed_experts(gb: GraphBuilder, source, x: ir.Value, w: ExpertWeights, *, h
     y = gb.op("ReduceSum", [y, gb.const(np.array([2], np.int64))], {"keepdims": 0})  # [B, S, H]
     weights.name, idx.name = f"moe.{layer}.weights", f"moe.{layer}.experts"
     ann.annotate(y.producer(), ann.MOE, {
-        "layer": layer, "experts": len(w.gate), "top_k": top_k, "normalize": normalize, "hidden": hidden,
-        "intermediate": intermediate, "input": x.name, "router": w.router, "weights": weights.name,
+        "layer": layer, "parallel": "row", "experts": len(w.gate), "top_k": top_k, "normalize": normalize, "hidden": hidden,
+        "intermediate": intermediate, "input": x.name, "router": w.router,
+        "logits": f"moe.{layer}.router_logits", "weights": weights.name,
         "indices": idx.name, "stacked": dict(w.stacked),
         "expert_weights": {"gate": w.gate, "up": w.up, "down": w.down},
     })

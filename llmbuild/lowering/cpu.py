@@ -33,7 +33,9 @@ dtype, and
    position_ids as given (the same cos/sin rows and arithmetic as RotaryEmbedding:
    bit-identical, checked in tests/test_cpu_lowering.py);
 5. fuses each residual Add with the RMSNormalization that reads it into
-   `com.microsoft.SkipSimplifiedLayerNormalization`.
+   `com.microsoft.SkipSimplifiedLayerNormalization`;
+6. replaces each routed-expert block (`llmbuild.moe`) with one `com.microsoft.MoE`
+   (llmbuild.lowering.moe).
 
 Sliding windows and attention soft-capping are carried into the operator
 (`local_window_size`, `softcap`); per-head q/k norms stay before it (their output,
@@ -54,6 +56,7 @@ import onnx_ir as ir
 
 from llmbuild.graph import io
 from llmbuild.graph.annotations import ATTENTION, annotation
+from llmbuild.lowering.moe import MoELoweringError, lower_moe_blocks
 from llmbuild.lowering.quantized import fuse_sibling_matmulnbits, lower_quantized_matmuls
 from llmbuild.lowering.rewrite import MS_DOMAIN, insert_in_order, remove_unused, replace_with_split
 
@@ -159,6 +162,10 @@ def lower_for_cpu(model: ir.Model, *, int4_accuracy_level: int = 4, int8_accurac
     fuse_sibling_matmulnbits(model)
     _promote_to_float32(graph)
     _fuse_sibling_matmuls(graph)
+    try:  # routed experts -> com.microsoft.MoE (llmbuild.lowering.moe)
+        lower_moe_blocks(graph)
+    except MoELoweringError as e:
+        raise LoweringError(str(e)) from None
 
     tape = ir.tape.Tape()
     kv_len = attentions[0].inputs[6]

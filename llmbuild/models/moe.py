@@ -24,7 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from llmbuild.models.spec import COLUMN_MLP, ROW_MLP, Dims, Linear, LinearWeight, ScaleGroup, _positive_int, layer_index
+from llmbuild.models.spec import (Dims, Linear, LinearWeight, ScaleGroup, Shard, _positive_int,
+                                  layer_index)
 
 
 @dataclass(frozen=True)
@@ -72,11 +73,15 @@ class MoEDims(Dims):
                 "shared_intermediate": self.shared_intermediate, "experts": self.experts}
 
 
+COLUMN_EXPERT = Shard(dim=0, count="moe_intermediate")
+ROW_EXPERT = Shard(dim=1, count="moe_intermediate")
+COLUMN_SHARED = Shard(dim=0, count="shared_intermediate")
+ROW_SHARED = Shard(dim=1, count="shared_intermediate")
 # The shared expert (Qwen2-MoE): Llama's MLP under another module, width shared_intermediate.
 SHARED_EXPERT = (
-    Linear("shared_gate", "mlp.shared_expert.gate_proj", "hidden", "shared_intermediate", COLUMN_MLP),
-    Linear("shared_up", "mlp.shared_expert.up_proj", "hidden", "shared_intermediate", COLUMN_MLP),
-    Linear("shared_down", "mlp.shared_expert.down_proj", "shared_intermediate", "hidden", ROW_MLP),
+    Linear("shared_gate", "mlp.shared_expert.gate_proj", "hidden", "shared_intermediate", COLUMN_SHARED),
+    Linear("shared_up", "mlp.shared_expert.up_proj", "hidden", "shared_intermediate", COLUMN_SHARED),
+    Linear("shared_down", "mlp.shared_expert.down_proj", "shared_intermediate", "hidden", ROW_SHARED),
 )
 DENSE_ROLES = ("gate", "up", "down")
 ATTENTION_ROLES = ("q", "k", "v", "o")
@@ -131,6 +136,25 @@ class RoutedExpertsSpec:
                 "moe": {"experts": d.experts, "top_k": d.top_k, "moe_intermediate_size": d.moe_intermediate,
                         "shared_expert_intermediate_size": d.shared_intermediate, "normalize_top_k": d.normalize,
                         "sparse_layers": list(d.sparse_layers)}}
+
+    # -- tensor parallelism: every expert split as a dense MLP (gate/up by output rows,
+    # down by input columns of its width); the router and the shared expert's gate are
+    # replicated, so every rank routes identically and the block's output is a partial sum.
+    @property
+    def config_keys(self) -> dict[str, str]:
+        return {**super().config_keys, "moe_intermediate": self.experts.intermediate_key,
+                "shared_intermediate": "shared_expert_intermediate_size"}
+
+    def shard_hints(self, config: dict | None = None) -> dict[str, Shard]:
+        hints = super().shard_hints(config)
+        if self.shared_expert:
+            hints.update({f"{lin.module}.weight": lin.shard for lin in SHARED_EXPERT})
+        if config is not None:
+            t = self.experts
+            for e in range(int(config[self.experts_key(config)])):
+                hints[f"{t.expert(e, 'gate')}.weight"] = hints[f"{t.expert(e, 'up')}.weight"] = COLUMN_EXPERT
+                hints[f"{t.expert(e, 'down')}.weight"] = ROW_EXPERT
+        return hints
 
     # -- per layer ---------------------------------------------------------------------
     def layer_roles(self, d: MoEDims, layer: int) -> tuple[str, ...]:

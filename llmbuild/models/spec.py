@@ -311,9 +311,10 @@ class ArchitectureSpec:
                 return int(layer), lin.role
         return None
 
-    def shard_hints(self) -> dict[str, Shard]:
+    def shard_hints(self, config: dict | None = None) -> dict[str, Shard]:
         """HF weight name suffix (after `model.layers.<i>.`) -> hint; the rest is replicated.
-        A column-parallel linear's bias [out] is split with its rows (same hint, dim 0)."""
+        A column-parallel linear's bias [out] is split with its rows (same hint, dim 0).
+        `config`: for hints that depend on it (a mixture of experts' per-expert weights)."""
         hints = {}
         for lin in self.linears:
             if lin.shard is None:
