@@ -97,6 +97,7 @@ class RoutedExpertsSpec:
     experts: ClassVar[Experts]
     shared_expert: ClassVar[bool] = False  # the family may have a shared expert
     shared_gate: ClassVar[str] = "mlp.shared_expert_gate"
+    gguf_normalize_top_k: ClassVar[bool] = True
 
     # -- config ------------------------------------------------------------------------
     def check_config(self, config: dict) -> list[str]:
@@ -233,6 +234,36 @@ class RoutedExpertsSpec:
             if layer is not None and weight_name.startswith(f"{self.layer_prefix(layer)}{lin.module}.weight"):
                 return layer, lin.role
         return None
+
+    # -- GGUF (llama.cpp stores each projection's experts stacked, `blk.<i>.ffn_<proj>_exps`
+    # [E, out, in] in HF order; llmbuild.source.split serves them per expert) --------------
+    @property
+    def gguf_layer_names(self) -> dict[str, str]:
+        t = self.experts
+        return {**super().gguf_layer_names, "ffn_gate_inp": t.router, "ffn_gate_exps": t.stacked("gate"),
+                "ffn_up_exps": t.stacked("up"), "ffn_down_exps": t.stacked("down"),
+                "ffn_gate_shexp": SHARED_EXPERT[0].module, "ffn_up_shexp": SHARED_EXPERT[1].module,
+                "ffn_down_shexp": SHARED_EXPERT[2].module, "ffn_gate_inp_shexp": self.shared_gate}
+
+    def gguf_config(self, get, config: dict) -> dict:
+        """llama.cpp's expert keys; it builds every layer sparse (no dense layers) and
+        renormalises the top-k as `gguf_normalize_top_k` says for the family."""
+        t = self.experts
+        out = {t.experts_keys[0]: get("expert_count"), "num_experts_per_tok": get("expert_used_count"),
+               t.intermediate_key: get("expert_feed_forward_length"), "decoder_sparse_step": 1,
+               "mlp_only_layers": []}
+        if isinstance(t.normalize, str):
+            out[t.normalize] = self.gguf_normalize_top_k
+        if self.shared_expert:
+            out["shared_expert_intermediate_size"] = get("expert_shared_feed_forward_length") or 0
+        if out[t.intermediate_key] is None:  # Mixtral-style files: the experts' width is feed_forward_length
+            out[t.intermediate_key] = config.get("intermediate_size")
+        return {k: v for k, v in out.items() if v is not None}
+
+    def from_gguf(self, hf_name: str, array):
+        if hf_name.endswith(f"{self.shared_gate}.weight") and array.ndim == 1:
+            return array[None, :]  # llama.cpp drops the [1, H] gate's unit dimension
+        return super().from_gguf(hf_name, array)
 
     def parameter_count(self, d: MoEDims) -> dict[str, int]:
         """Adds `experts` (every routed expert's weights) and `active` (the parameters one

@@ -13,7 +13,8 @@ from llmbuild.models.qwen2.spec import Qwen2Spec
 
 class Qwen2MoeSpec(RoutedExpertsSpec, Qwen2Spec):
     hf_class = "Qwen2MoeForCausalLM"
-    gguf_architectures = ()  # llama.cpp `qwen2moe` (*_exps, *_shexp tensors): not read yet
+    gguf_architectures = ("qwen2moe",)
+    gguf_normalize_top_k = False  # llama.cpp's qwen2moe graph does not renormalise
     experts = Experts(module="mlp", gate="gate_proj", up="up_proj", down="down_proj",
                       experts_keys=("num_experts", "num_local_experts"),
                       intermediate_key="moe_intermediate_size", normalize="norm_topk_prob")

@@ -11,7 +11,8 @@ from llmbuild.models.qwen3.spec import Qwen3Spec
 
 class Qwen3MoeSpec(RoutedExpertsSpec, Qwen3Spec):
     hf_class = "Qwen3MoeForCausalLM"
-    gguf_architectures = ()  # llama.cpp `qwen3moe` (*_exps tensors): not read yet
+    gguf_architectures = ("qwen3moe",)
+    gguf_normalize_top_k = True  # llama.cpp's qwen3moe graph renormalises (transformers' GGUF default too)
     experts = Experts(module="mlp", gate="gate_proj", up="up_proj", down="down_proj",
                       experts_keys=("num_experts", "num_local_experts"),
                       intermediate_key="moe_intermediate_size", normalize="norm_topk_prob")
