@@ -58,7 +58,8 @@ from llmbuild.graph import io
 from llmbuild.graph.annotations import ATTENTION, annotation
 from llmbuild.lowering.moe import MoELoweringError, lower_moe_blocks
 from llmbuild.lowering.quantized import fuse_sibling_matmulnbits, lower_quantized_matmuls
-from llmbuild.lowering.rewrite import MS_DOMAIN, insert_in_order, remove_unused, replace_with_split
+from llmbuild.lowering.rewrite import (MS_DOMAIN, float32_initializer, insert_in_order, remove_unused,
+                                       replace_with_split)
 
 _SIXTEEN_BIT = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 _log = logging.getLogger("llmbuild.cpu_lowering")
@@ -119,15 +120,10 @@ def _only_consumer(value: ir.Value, op_type: str) -> ir.Node:
 def _float_table(graph: ir.Graph, name: str) -> ir.Value:
     """Initializer `name` as the float32 graph reads it (the Cast that `_promote_to_float32`
     put after a 16-bit initializer)."""
-    init = graph.initializers.get(name)
-    if init is None:
-        raise LoweringError(f"rotary table {name} not found")
-    if init.dtype == ir.DataType.FLOAT:
-        return init
-    for user, _ in init.uses():
-        if user.op_type == "Cast" and user.outputs[0].dtype == ir.DataType.FLOAT:
-            return user.outputs[0]
-    raise LoweringError(f"rotary table {name} is {init.dtype} and has no float32 cast")
+    table = float32_initializer(graph, name)
+    if table is None:
+        raise LoweringError(f"rotary table {name} not found, or not float32 after promotion")
+    return table
 
 
 def _unheaded(x_heads: ir.Value | None, name: str, tape: ir.tape.Tape) -> ir.Value:

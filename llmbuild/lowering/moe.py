@@ -20,7 +20,7 @@ import numpy as np
 import onnx_ir as ir
 
 from llmbuild.graph.annotations import MOE, nodes_with
-from llmbuild.lowering.rewrite import MS_DOMAIN, insert_in_order
+from llmbuild.lowering.rewrite import MS_DOMAIN, float32_initializer, insert_in_order
 
 
 class MoELoweringError(ValueError):
@@ -28,17 +28,11 @@ class MoELoweringError(ValueError):
 
 
 def _float_weight(graph: ir.Graph, name: str) -> ir.Value:
-    """Stacked initializer `name` as the float32 graph reads it (itself, or the Cast the
-    float32 promotion put after it)."""
-    init = graph.initializers.get(name)
-    if init is None:
-        raise MoELoweringError(f"stacked expert weight {name} not found")
-    if init.dtype == ir.DataType.FLOAT:
-        return init
-    for user, _ in init.uses():
-        if user.op_type == "Cast" and user.outputs[0].dtype == ir.DataType.FLOAT:
-            return user.outputs[0]
-    raise MoELoweringError(f"stacked expert weight {name} is {init.dtype} (not float32 after promotion)")
+    """Stacked initializer `name` as the float32 graph reads it."""
+    weight = float32_initializer(graph, name)
+    if weight is None:
+        raise MoELoweringError(f"stacked expert weight {name} not found, or not float32 after promotion")
+    return weight
 
 
 def lower_moe_blocks(graph: ir.Graph) -> int:

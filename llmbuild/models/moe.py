@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from llmbuild.models.spec import (Dims, Linear, LinearWeight, ScaleGroup, Shard, _positive_int,
+from llmbuild.models.spec import (Dims, Linear, ScaleGroup, Shard, _positive_int,
                                   layer_index)
 
 
@@ -181,48 +181,25 @@ class RoutedExpertsSpec:
                 return lin
         return super().linear(role)
 
-    def linear_weights(self, d: MoEDims) -> dict[str, LinearWeight]:
-        sizes = d.sizes()
-        out = {}
-        for layer in range(d.layers):
-            for role in self.layer_roles(d, layer):
-                lin = self.linear(role)
-                out[self.linear_weight_name(layer, role)] = LinearWeight(
-                    role, layer, sizes[lin.inputs], sizes[lin.outputs], lin.shard)
-        if not d.tied:
-            out[self.lm_head] = LinearWeight("lm_head", None, d.hidden, d.vocab, None)
-        return out
-
     def expert_weights(self, d: MoEDims, layer: int) -> dict[str, list[str]]:
         """proj ("gate" | "up" | "down") -> the HF names of every expert's weight, by expert."""
         p = self.layer_prefix(layer)
         return {proj: [f"{p}{self.experts.expert(e, proj)}.weight" for e in range(d.experts)]
                 for proj in ("gate", "up", "down")}
 
-    def tensors(self, d: MoEDims) -> dict[str, tuple[int, ...]]:
-        sizes = d.sizes()
-        shapes: dict[str, tuple[int, ...]] = {self.embed: (d.vocab, d.hidden), self.final_norm: (d.hidden,)}
-        if not d.tied:
-            shapes[self.lm_head] = (d.vocab, d.hidden)
-        for layer in range(d.layers):
-            p = self.layer_prefix(layer)
-            for norm in self.layer_norms:
-                shapes[f"{p}{norm}.weight"] = (d.hidden,)
-            for norm in self.head_norms:
-                shapes[f"{p}{norm}.weight"] = (d.head_dim,)
-            for role in self.layer_roles(d, layer):
-                lin = self.linear(role)
-                shapes[f"{p}{lin.module}.weight"] = (sizes[lin.outputs], sizes[lin.inputs])
-                if lin.bias:
-                    shapes[f"{p}{lin.module}.bias"] = (sizes[lin.outputs],)
-            if layer in d.sparse_layers:
-                shapes[f"{p}{self.experts.router}.weight"] = (d.experts, d.hidden)
-                per = self.expert_weights(d, layer)
-                for proj, names in per.items():
-                    shape = (d.hidden, d.moe_intermediate) if proj == "down" else (d.moe_intermediate, d.hidden)
-                    shapes.update({name: shape for name in names})
-                if d.shared_intermediate:
-                    shapes[f"{p}{self.shared_gate}.weight"] = (1, d.hidden)
+    def layer_linears(self, d: MoEDims, layer: int) -> tuple[Linear, ...]:
+        return tuple(self.linear(role) for role in self.layer_roles(d, layer))
+
+    def layer_tensors(self, d: MoEDims, layer: int) -> dict[str, tuple[int, ...]]:
+        if layer not in d.sparse_layers:
+            return {}
+        p = self.layer_prefix(layer)
+        shapes = {f"{p}{self.experts.router}.weight": (d.experts, d.hidden)}
+        for proj, names in self.expert_weights(d, layer).items():
+            shape = (d.hidden, d.moe_intermediate) if proj == "down" else (d.moe_intermediate, d.hidden)
+            shapes.update({name: shape for name in names})
+        if d.shared_intermediate:
+            shapes[f"{p}{self.shared_gate}.weight"] = (1, d.hidden)
         return shapes
 
     def role_of(self, weight_name: str) -> tuple[int | None, str] | None:
