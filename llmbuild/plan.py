@@ -19,7 +19,9 @@ No weights are read and nothing heavy is imported (no torch, onnx or TensorRT), 
     activations     the largest forward pass of the engine's profiles (llmbuild.engine.profiles):
                     T tokens x (3 hidden + (q + k + v)/tp + 3 intermediate/tp) x bytes for one
                     layer's intermediates (TensorRT reuses them across layers), plus the logits of
-                    L rows x vocab in the compute dtype and as float32
+                    L rows x vocab in the compute dtype and as float32; mixture of experts: plus each
+                    token's k gathered gate/up expert matrices (2 k hidden moe_intermediate)
+    experts         (MoE) total and active parameters, weight bytes a decoded token reads
     GPU memory      weights + KV cache + activations + RUNTIME_RESERVE (CUDA context, TensorRT
                     runtime and kernels)
 
@@ -141,6 +143,8 @@ def activation_bytes(config: dict, *, tokens: int, logit_rows: int, precision: s
     b = DTYPE_BYTES[precision]
     qkv = (d.heads + 2 * d.kv_heads) * d.head_dim // tp
     per_token = 3 * d.hidden + qkv + 3 * d.intermediate // tp
+    if hasattr(d, "top_k"):  # routed experts: each token's k gathered gate/up [H, I] copies (llmbuild.graph.moe)
+        per_token += 2 * d.top_k * d.hidden * d.moe_intermediate
     return b * tokens * per_token + logit_rows * d.vocab * (b + 4)
 
 
@@ -187,8 +191,9 @@ def plan_config(config: dict, recipe: dict) -> dict:
     tp = int((recipe.get("parallel") or {}).get("tp", 1))
     b = DTYPE_BYTES[precision]
     groups = parameter_groups(config)
-    params = groups["layer_matrices"] + groups["replicated"]
+    params = groups["layer_matrices"] + groups["replicated"] + groups.get("experts", 0)
     weights_total, weights_per_rank = weight_bytes(config, recipe, tp)
+    moe = moe_figures(config, recipe, groups, weights_total) if "experts" in groups else None
 
     kv_per_token = 2 * d.layers * kv_heads_per_rank(d.kv_heads, tp) * d.head_dim * b
     passes = _profile_passes(limits)
@@ -245,6 +250,7 @@ def plan_config(config: dict, recipe: dict) -> dict:
         "quantization": _quantization_label(recipe.get("quantization")),
         "quantization_target": _target_plan(config, recipe),
         "parameters": params,
+        **({"moe": moe} if moe else {}),
         "weight_bytes": weights_total,
         "weight_bytes_per_rank": weights_per_rank,
         "kv_cache": {"bytes_per_token": kv_per_token, "bytes_at_limits": kv_at_limits,
@@ -285,6 +291,20 @@ def _target_plan(config: dict, recipe: dict) -> dict | None:
                      if bits is not None else "between the smallest allocation and the unquantized linears "
                      "(measured at compile); the weight and GPU figures use the upper bound"),
     }
+
+
+def moe_figures(config: dict, recipe: dict, groups: dict, weights_total: int) -> dict:
+    """A mixture-of-experts model's total and active parameters (the spec's
+    `parameter_count`) and the weight bytes one decoded token reads: every weight but the
+    E - k experts it does not pick in each sparse layer (routed experts are stored at the
+    precision), and of an untied embedding one row."""
+    spec, d = _spec_dims(config)
+    b = DTYPE_BYTES[recipe["precision"]]
+    unpicked = 3 * d.hidden * d.moe_intermediate * (d.experts - d.top_k) * len(d.sparse_layers) * b
+    embedding = 0 if d.tied else (d.vocab - 1) * d.hidden * b
+    return {"experts": d.experts, "top_k": d.top_k, "sparse_layers": len(d.sparse_layers),
+            "expert_parameters": groups["experts"], "active_parameters": groups["active"],
+            "bytes_read_per_decoded_token": weights_total - unpicked - embedding}
 
 
 def _quantization_label(quantization: dict | None) -> str | None:
@@ -339,6 +359,9 @@ def format_plan(p: dict) -> str:
         *([f"  allocation    linears {_size(t['linear_bytes_min'])}..{_size(t['linear_bytes_max'])}"
            f" ({t['bits_per_weight_range'][0]:.2f}..{t['bits_per_weight_range'][1]:.2f} bits per weight possible);"
            f" {t['estimate']}"] if (t := p.get("quantization_target")) else []),
+        *([f"  experts       {p['moe']['top_k']} of {p['moe']['experts']} in {p['moe']['sparse_layers']} layers: "
+            f"{_count(p['moe']['active_parameters'])} active parameters per token; a decoded token reads "
+            f"{_size(p['moe']['bytes_read_per_decoded_token'])} of weights"] if p.get("moe") else []),
         f"  KV cache      {_size(p['kv_cache']['bytes_per_token'])} per token; "
         f"{_size(p['kv_cache']['bytes_at_limits'])} at batch {lim['max_batch_size']} x {lim['max_seq_len']}",
         f"  activations   ~{_size(act['bytes'])} (prefill {pre['batch']} x {pre['tokens_per_sequence']} tokens "

@@ -71,6 +71,20 @@ TINY_CONFIGS: dict[str, dict] = {
                              num_key_value_heads=2, tie_word_embeddings=True, use_sliding_window=False),
     "Qwen3ForCausalLM": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                              num_key_value_heads=2, head_dim=32, tie_word_embeddings=False),
+    # Mixture of experts (docs/architecture.md "Mixture of experts"): top-2 of 4 renormalised
+    # (Mixtral), top-1 of 8 unnormalised + shared expert + a dense layer (Qwen2-MoE), top-2 of 8
+    # renormalised with a dense layer by decoder_sparse_step (Qwen3-MoE).
+    "MixtralForCausalLM": dict(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                               tie_word_embeddings=False, sliding_window=None),
+    "Qwen2MoeForCausalLM": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                                num_key_value_heads=2, num_experts=8, num_experts_per_tok=1, moe_intermediate_size=32,
+                                shared_expert_intermediate_size=64, norm_topk_prob=False, mlp_only_layers=[1],
+                                decoder_sparse_step=1, tie_word_embeddings=True, use_sliding_window=False),
+    "Qwen3MoeForCausalLM": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=2, head_dim=32, num_experts=8, num_experts_per_tok=2,
+                                moe_intermediate_size=32, norm_topk_prob=True, decoder_sparse_step=2,
+                                mlp_only_layers=[], tie_word_embeddings=False),
     "Phi3ForCausalLM": dict(hidden_size=128, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                             num_key_value_heads=2, partial_rotary_factor=0.5, tie_word_embeddings=False,
                             original_max_position_embeddings=MAX_POS, sliding_window=None),

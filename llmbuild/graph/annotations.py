@@ -21,6 +21,15 @@ Keys (`NodeProto.metadata_props`, values JSON):
                         (a norm, or the Mul of a gated MLP):
                         {"name", "kind": "norm"|"linear", "source": HF weight name that absorbs 1/s,
                          "linears": [HF weight names], "layer": i}
+    llmbuild.moe        on a routed-expert block's final ReduceSum (llmbuild/graph/moe.py):
+                        {"layer", "parallel": "row" (the output is a partial sum when the experts'
+                         width is split over ranks), "experts": E, "top_k", "normalize": renormalised top-k, "hidden",
+                         "intermediate": an expert's width, "input": the value the router reads,
+                         "router": HF name [E, H] (never a llmbuild.linear: it stays unquantized),
+                         "logits": the router's float32 logits [B, S, E] (before the Softmax),
+                         "weights", "indices": names of the routing values [B, S, k],
+                         "stacked": {"gate"|"up"|"down": initializer [E, in, out]},
+                         "expert_weights": {"gate"|"up"|"down": [HF name of expert e's weight]}}
 
 Annotations survive `ir.save` / `onnx.load` (node metadata is part of the ONNX file).
 """
@@ -34,6 +43,7 @@ LINEAR = "llmbuild.linear"
 ATTENTION = "llmbuild.attention"
 NORM = "llmbuild.norm"
 SCALE_GROUP = "llmbuild.scale_group"
+MOE = "llmbuild.moe"
 
 
 def annotate(node, key: str, value: dict[str, Any]) -> None:

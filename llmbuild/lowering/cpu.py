@@ -33,7 +33,9 @@ dtype, and
    position_ids as given (the same cos/sin rows and arithmetic as RotaryEmbedding:
    bit-identical, checked in tests/test_cpu_lowering.py);
 5. fuses each residual Add with the RMSNormalization that reads it into
-   `com.microsoft.SkipSimplifiedLayerNormalization`.
+   `com.microsoft.SkipSimplifiedLayerNormalization`;
+6. replaces each routed-expert block (`llmbuild.moe`) with one `com.microsoft.MoE`
+   (llmbuild.lowering.moe).
 
 Sliding windows and attention soft-capping are carried into the operator
 (`local_window_size`, `softcap`); per-head q/k norms stay before it (their output,
@@ -54,8 +56,10 @@ import onnx_ir as ir
 
 from llmbuild.graph import io
 from llmbuild.graph.annotations import ATTENTION, annotation
+from llmbuild.lowering.moe import MoELoweringError, lower_moe_blocks
 from llmbuild.lowering.quantized import fuse_sibling_matmulnbits, lower_quantized_matmuls
-from llmbuild.lowering.rewrite import MS_DOMAIN, insert_in_order, remove_unused, replace_with_split
+from llmbuild.lowering.rewrite import (MS_DOMAIN, float32_initializer, insert_in_order, remove_unused,
+                                       replace_with_split)
 
 _SIXTEEN_BIT = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 _log = logging.getLogger("llmbuild.cpu_lowering")
@@ -116,15 +120,10 @@ def _only_consumer(value: ir.Value, op_type: str) -> ir.Node:
 def _float_table(graph: ir.Graph, name: str) -> ir.Value:
     """Initializer `name` as the float32 graph reads it (the Cast that `_promote_to_float32`
     put after a 16-bit initializer)."""
-    init = graph.initializers.get(name)
-    if init is None:
-        raise LoweringError(f"rotary table {name} not found")
-    if init.dtype == ir.DataType.FLOAT:
-        return init
-    for user, _ in init.uses():
-        if user.op_type == "Cast" and user.outputs[0].dtype == ir.DataType.FLOAT:
-            return user.outputs[0]
-    raise LoweringError(f"rotary table {name} is {init.dtype} and has no float32 cast")
+    table = float32_initializer(graph, name)
+    if table is None:
+        raise LoweringError(f"rotary table {name} not found, or not float32 after promotion")
+    return table
 
 
 def _unheaded(x_heads: ir.Value | None, name: str, tape: ir.tape.Tape) -> ir.Value:
@@ -159,6 +158,10 @@ def lower_for_cpu(model: ir.Model, *, int4_accuracy_level: int = 4, int8_accurac
     fuse_sibling_matmulnbits(model)
     _promote_to_float32(graph)
     _fuse_sibling_matmuls(graph)
+    try:  # routed experts -> com.microsoft.MoE (llmbuild.lowering.moe)
+        lower_moe_blocks(graph)
+    except MoELoweringError as e:
+        raise LoweringError(str(e)) from None
 
     tape = ir.tape.Tape()
     kv_len = attentions[0].inputs[6]

@@ -16,6 +16,18 @@ def initializer_array(value: ir.Value | None) -> np.ndarray | None:
     return value.const_value.numpy()
 
 
+def float32_initializer(graph: ir.Graph, name: str) -> ir.Value | None:
+    """Initializer `name` as a float32 graph reads it: itself, or the Cast to float32 that
+    the CPU lowering's promotion put after a 16-bit one; None if there is neither."""
+    init = graph.initializers.get(name)
+    if init is None or init.dtype == ir.DataType.FLOAT:
+        return init
+    for user, _ in init.uses():
+        if user.op_type == "Cast" and user.outputs[0].dtype == ir.DataType.FLOAT:
+            return user.outputs[0]
+    return None
+
+
 def constant(name: str, array: np.ndarray, like: ir.Value | None = None) -> ir.Value:
     dtype = like.type if like is not None else ir.TensorType(ir.DataType.from_numpy(array.dtype))
     return ir.Value(name=name, type=dtype, shape=ir.Shape(array.shape), const_value=ir.tensor(array, name=name))

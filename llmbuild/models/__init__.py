@@ -24,8 +24,22 @@ ARCHITECTURES: dict[str, str] = {
     "Gemma2ForCausalLM": "llmbuild.models.gemma2.spec:Gemma2Spec",
     "Gemma3ForCausalLM": "llmbuild.models.gemma3.spec:Gemma3Spec",
     "Gemma3ForConditionalGeneration": "llmbuild.models.gemma3.spec:Gemma3ConditionalSpec",  # text part
+    "MixtralForCausalLM": "llmbuild.models.mixtral.spec:MixtralSpec",
+    "Qwen2MoeForCausalLM": "llmbuild.models.qwen2_moe.spec:Qwen2MoeSpec",
+    "Qwen3MoeForCausalLM": "llmbuild.models.qwen3_moe.spec:Qwen3MoeSpec",
 }
 SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
+# Architectures users ask for that are refused on purpose: HF class -> why (the error says it).
+REFUSED_ARCHITECTURES: dict[str, str] = {
+    "GptOssForCausalLM": (
+        "gpt-oss is not supported: its attention adds learned per-head sink logits to the softmax "
+        "(opset-24 Attention and TensorRT-RTX's fused attention have no sink input), its router takes a "
+        "bias and applies softmax after top-k, and its experts use biases and a clamped SwiGLU "
+        "(alpha 1.702, limit 7) over MXFP4 weights; none of these is built by llmbuild's graph yet"),
+    "DeepseekV3ForCausalLM": (
+        "DeepSeek-V3 is not supported: multi-head latent attention (compressed KV) and its grouped "
+        "sigmoid router with a score-correction bias are not built by llmbuild's graph"),
+}
 _SPECS: dict = {}
 
 
@@ -38,6 +52,8 @@ def architecture_of(config: dict) -> str:
 
 def architecture_spec(arch: str):
     """The registered spec of HF class `arch` (a UserError naming the supported ones if none)."""
+    if arch in REFUSED_ARCHITECTURES:
+        raise UserError(f"{REFUSED_ARCHITECTURES[arch]}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
     if arch not in ARCHITECTURES:
         raise UserError(f"unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
     if arch not in _SPECS:

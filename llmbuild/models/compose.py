@@ -6,11 +6,12 @@ from __future__ import annotations
 from llmbuild.graph import blocks
 
 
-def annotate_scale_groups(spec, layer: int, values: dict) -> None:
-    """Annotate each of the spec's scale groups on the value its linears read in `layer`
-    (`values`: group name -> value, e.g. {"attention_input": h, "mlp_input": h2, "down_input": act})."""
+def annotate_scale_groups(spec, layer: int, values: dict, groups=None) -> None:
+    """Annotate each of the spec's scale groups (or `groups`, this layer's) on the value its
+    linears read in `layer` (`values`: group name -> value, e.g. {"attention_input": h,
+    "mlp_input": h2, "down_input": act})."""
     p = spec.layer_prefix(layer)
-    for group in spec.scale_groups:
+    for group in spec.scale_groups if groups is None else groups:
         blocks.scale_group(values[group.name], name=group.name, kind=group.kind, layer=layer,
                            source=(p + group.source + ".weight" if group.kind == "norm"
                                    else spec.linear_weight_name(layer, group.source)),

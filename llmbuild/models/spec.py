@@ -303,12 +303,20 @@ class ArchitectureSpec:
         sizes = d.sizes()
         out = {}
         for layer in range(d.layers):
-            for lin in self.linears:
+            for lin in self.layer_linears(d, layer):
                 out[self.linear_weight_name(layer, lin.role)] = LinearWeight(
                     lin.role, layer, sizes[lin.inputs], sizes[lin.outputs], lin.shard)
         if not d.tied:
             out[self.lm_head] = LinearWeight("lm_head", None, d.hidden, d.vocab, None)
         return out
+
+    def layer_linears(self, d: Dims, layer: int) -> tuple[Linear, ...]:
+        """The linears of decoder layer `layer` (Llama: every layer has all of `linears`)."""
+        return self.linears
+
+    def layer_tensors(self, d: Dims, layer: int) -> dict[str, tuple[int, ...]]:
+        """Tensors of layer `layer` beyond its norms and linears (a router, experts), HF shapes."""
+        return {}
 
     def tensors(self, d: Dims) -> dict[str, tuple[int, ...]]:
         """HF parameter name -> HF shape, for every tensor the graph reads."""
@@ -322,10 +330,11 @@ class ArchitectureSpec:
                 shapes[f"{p}{norm}.weight"] = (d.hidden,)
             for norm in self.head_norms:
                 shapes[f"{p}{norm}.weight"] = (d.head_dim,)
-            for lin in self.linears:
+            for lin in self.layer_linears(d, layer):
                 shapes[f"{p}{lin.module}.weight"] = (sizes[lin.outputs], sizes[lin.inputs])
                 if lin.bias:
                     shapes[f"{p}{lin.module}.bias"] = (sizes[lin.outputs],)
+            shapes.update(self.layer_tensors(d, layer))
         return shapes
 
     def role_of(self, weight_name: str) -> tuple[int | None, str] | None:
@@ -345,9 +354,10 @@ class ArchitectureSpec:
                 return int(layer), lin.role
         return None
 
-    def shard_hints(self) -> dict[str, Shard]:
+    def shard_hints(self, config: dict | None = None) -> dict[str, Shard]:
         """HF weight name suffix (after `model.layers.<i>.`) -> hint; the rest is replicated.
-        A column-parallel linear's bias [out] is split with its rows (same hint, dim 0)."""
+        A column-parallel linear's bias [out] is split with its rows (same hint, dim 0).
+        `config`: for hints that depend on it (a mixture of experts' per-expert weights)."""
         hints = {}
         for lin in self.linears:
             if lin.shard is None:

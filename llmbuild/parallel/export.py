@@ -2,7 +2,8 @@
 
 Rank r's graph is the architecture's own graph code run on `RankSource` (fewer heads,
 a narrower MLP, sliced weights). Then every linear the graph blocks annotated as row
-parallel (`llmbuild.linear` with "parallel": "row", from the spec's hints) gets an
+parallel (`llmbuild.linear` with "parallel": "row", from the spec's hints), and every
+routed-expert block (`llmbuild.moe`, each expert split by its width), gets an
 all-reduce marker after it:
 
     attn ──MatMul(o_proj[r])──► allreduce.<k>.partial ──Identity "allreduce.<k>"──► allreduce.<k> ──► Add(residual)
@@ -29,7 +30,7 @@ from typing import Callable
 
 import onnx_ir as ir
 
-from llmbuild.graph.annotations import LINEAR, nodes_with
+from llmbuild.graph.annotations import LINEAR, MOE, annotation
 
 from llmbuild.parallel.sharder import RankSource, ShardPlan
 
@@ -53,8 +54,9 @@ def mark_allreduce_points(model: ir.Model) -> list[dict]:
     [{name, op, reduce, weight}] in graph order."""
     graph = model.graph
     points = []
-    for node, meta in nodes_with(list(graph), LINEAR):
-        if meta.get("parallel") != "row":
+    for node in list(graph):
+        meta = annotation(node, LINEAR) or annotation(node, MOE)  # routed experts: their sum is partial
+        if meta is None or meta.get("parallel") != "row":
             continue
         name = marker_name(len(points))
         partial = node.outputs[0]
@@ -64,6 +66,7 @@ def mark_allreduce_points(model: ir.Model) -> list[dict]:
         marker = ir.node("Identity", [partial], outputs=[reduced], name=name,
                          metadata_props={COLLECTIVE_KEY: ALL_REDUCE_SUM})
         graph.insert_after(node, marker)
-        points.append({"name": name, "op": "all_reduce", "reduce": "sum", "weight": meta["weight"]})
+        points.append({"name": name, "op": "all_reduce", "reduce": "sum",
+                       "weight": meta["weight"] if "weight" in meta else f"moe.{meta['layer']}"})
     model.metadata_props[META_POINTS] = json.dumps([p["name"] for p in points])
     return points

@@ -70,7 +70,7 @@ class ShardPlan:
         from llmbuild.models import spec_for
 
         spec = spec_for(config, check=False)
-        return cls(tp=tp, hints=spec.shard_hints(), sizes=spec.dims(config).sizes(), config_keys=dict(spec.config_keys))
+        return cls(tp=tp, hints=spec.shard_hints(config), sizes=spec.dims(config).sizes(), config_keys=dict(spec.config_keys))
 
     # -- checks ----------------------------------------------------------------------
     def problems(self) -> list[str]:

@@ -95,7 +95,7 @@ def _check_model(path: Path, tree: Tree, problems: list[Problem]) -> None:
         ))
 
     try:
-        from llmbuild.models import SUPPORTED_ARCHITECTURES
+        from llmbuild.models import REFUSED_ARCHITECTURES, SUPPORTED_ARCHITECTURES
     except ImportError:
         return
     architectures = config.get("architectures") or []
@@ -103,7 +103,8 @@ def _check_model(path: Path, tree: Tree, problems: list[Problem]) -> None:
     if arch not in SUPPORTED_ARCHITECTURES:
         problems.append(Problem(
             "model.source",
-            f"model architecture {arch!r} is not supported;"
+            f"model architecture {arch!r} is not supported"
+            f"{' (' + REFUSED_ARCHITECTURES[arch] + ')' if arch in REFUSED_ARCHITECTURES else ''};"
             f" supported: {', '.join(SUPPORTED_ARCHITECTURES)}",
             *source_loc,
         ))

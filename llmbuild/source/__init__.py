@@ -99,15 +99,18 @@ def open_source(path, *, check: bool = True):
 
 def _split_fused(source):
     """The source as its architecture's spec reads it: fused tensors (Phi-3's qkv_proj,
-    gate_up_proj) served as their row blocks (llmbuild.source.split)."""
+    gate_up_proj) served as their row blocks, a GGUF file's stacked experts per expert
+    (llmbuild.source.split)."""
     from llmbuild.models import SUPPORTED_ARCHITECTURES, spec_for
 
     archs = source.config.get("architectures") or []
     if not archs or archs[0] not in SUPPORTED_ARCHITECTURES:
         return source
     spec = spec_for(source.config, check=False)
+    from llmbuild.source.split import SplitSource, StackedExpertsSource
+
+    if getattr(spec, "experts", None) is not None and source.format == "gguf":
+        source = StackedExpertsSource(source, spec)  # llama.cpp's *_exps tensors, per expert
     if not spec.fused_tensors:
         return source
-    from llmbuild.source.split import SplitSource
-
     return SplitSource(source, spec)

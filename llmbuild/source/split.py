@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llmbuild.models.spec import LAYER_PREFIX
+from llmbuild.models.spec import LAYER_PREFIX, layer_index
 from llmbuild.source.base import ModelSource, TensorInfo, missing_tensor
 
 
@@ -70,3 +70,45 @@ class SplitSource(ModelSource):
 
     def __getattr__(self, attr):  # format-specific extras (e.g. a GGUF source's header)
         return getattr(self.inner, attr)
+
+
+class StackedExpertsSource(SplitSource):
+    """A source holding a mixture of experts' projections stacked (GGUF: `ffn_<proj>_exps`,
+    [E, out, in], named by the spec as `<layer>.<experts>.<proj>.weight`), served as the
+    per-expert HF tensors the spec reads (`<layer>.<experts>.<e>.<proj>.weight` = row e).
+    The last stacked tensor read is kept, so building the graph's stacked initializer
+    (expert 0, 1, ... in order) decodes each stacked tensor once."""
+
+    def __init__(self, inner: ModelSource, spec):
+        self.inner, self.format, self.path, self.config = inner, inner.format, inner.path, inner.config
+        t = spec.experts
+        stacked = {f"{t.stacked(proj)}.weight": proj for proj in ("gate", "up", "down")}
+        self._experts: dict[str, tuple[str, int]] = {}  # per-expert name -> (stacked name, e)
+        hidden = set()
+        for name in inner.names():
+            layer = layer_index(name)
+            rest = name[len(spec.layer_prefix(layer)):] if layer is not None else None
+            if rest not in stacked:
+                continue
+            hidden.add(name)
+            for e in range(inner.info(name).shape[0]):
+                self._experts[f"{spec.layer_prefix(layer)}{t.expert(e, stacked[rest])}.weight"] = (name, e)
+        self._names = [n for n in inner.names() if n not in hidden] + list(self._experts)
+        self._cached: tuple[str, np.ndarray] | None = None
+
+    def info(self, name: str) -> TensorInfo:
+        if name not in self._experts:
+            return self.inner.info(name)
+        stacked, _ = self._experts[name]
+        info = self.inner.info(stacked)
+        return TensorInfo(tuple(info.shape[1:]), info.dtype)
+
+    def load(self, name: str) -> np.ndarray:
+        if name not in self._experts:
+            if name not in self._names:
+                raise missing_tensor(name, self.path)
+            return self.inner.load(name)
+        stacked, e = self._experts[name]
+        if self._cached is None or self._cached[0] != stacked:
+            self._cached = (stacked, self.inner.load(stacked))
+        return np.ascontiguousarray(self._cached[1][e])

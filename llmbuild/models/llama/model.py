@@ -27,8 +27,19 @@ from llmbuild.models.compose import annotate_scale_groups, logits_head
 from llmbuild.models.rope import cos_sin_tables
 
 
-def build(gb: GraphBuilder, spec, config: dict, source, max_seq_len: int) -> None:
-    """Add the decoder's inputs, nodes and outputs to `gb`; weights read lazily from `source`."""
+def dense_mlp(gb: GraphBuilder, linear, h2, layer: int):
+    """down(silu(gate(h2)) * up(h2)) [B, S, H], and the values its scale groups read."""
+    act = blocks.silu_gate(gb, linear(h2, layer, "gate"), linear(h2, layer, "up"))  # [B, S, I]
+    return linear(act, layer, "down"), {"mlp_input": h2, "down_input": act}
+
+
+def build(gb: GraphBuilder, spec, config: dict, source, max_seq_len: int, *, mlp=None, scale_groups=None) -> None:
+    """Add the decoder's inputs, nodes and outputs to `gb`; weights read lazily from `source`.
+
+    `mlp(gb, linear, h2, layer) -> (y, scale-group values)` is the feed-forward of a layer
+    (default: `dense_mlp`; the mixture-of-experts decoder, models/mixtral/model.py, passes
+    its own), `scale_groups(layer)` the groups it annotates (default: the spec's)."""
+    mlp = mlp or dense_mlp
     d = spec.dims(config)
     sizes = d.sizes()
     inp = blocks.decoder_inputs(gb, layers=d.layers, kv_heads=d.kv_heads, head_dim=d.head_dim)
@@ -66,10 +77,11 @@ def build(gb: GraphBuilder, spec, config: dict, source, max_seq_len: int) -> Non
         x = gb.op("Add", [x, linear(attn, i, "o")])
         # -- MLP block
         h2 = norm(x, p + "post_attention_layernorm.weight", i)
-        act = blocks.silu_gate(gb, linear(h2, i, "gate"), linear(h2, i, "up"))  # [B, S, I]
-        x = gb.op("Add", [x, linear(act, i, "down")])
+        y, groups = mlp(gb, linear, h2, i)  # [B, S, H]
+        x = gb.op("Add", [x, y])
         presents.append((present_k, present_v))
-        annotate_scale_groups(spec, i, {"attention_input": h, "mlp_input": h2, "down_input": act})
+        annotate_scale_groups(spec, i, {"attention_input": h, **groups},
+                              groups=None if scale_groups is None else scale_groups(i))
 
     logits = logits_head(gb, spec, source, x, inp, d, embed, norm)  # [B, K, V]
     blocks.decoder_outputs(gb, logits, presents, vocab=d.vocab, kv_heads=d.kv_heads, head_dim=d.head_dim)

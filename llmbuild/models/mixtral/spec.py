@@ -1,0 +1,16 @@
+"""MixtralForCausalLM: Mistral's decoder (sliding window when the config sets one) with
+every layer's MLP replaced by routed experts (`block_sparse_moe`): 8 SwiGLU experts
+(`w1` gate, `w3` up, `w2` down), top-2, the two probabilities renormalised to sum 1
+(HF's MixtralTopKRouter: softmax, top-k, divide by their sum). No shared expert."""
+
+from __future__ import annotations
+
+from llmbuild.models.mistral.spec import MistralSpec
+from llmbuild.models.moe import Experts, RoutedExpertsSpec
+
+
+class MixtralSpec(RoutedExpertsSpec, MistralSpec):
+    hf_class = "MixtralForCausalLM"
+    gguf_architectures = ()  # llama.cpp writes Mixtral as `llama` with *_exps tensors (not read yet)
+    experts = Experts(module="block_sparse_moe", gate="w1", up="w3", down="w2", experts_keys=("num_local_experts",),
+                      intermediate_key="intermediate_size", normalize=True)
