@@ -59,13 +59,15 @@ def test_mistakes_are_reported_where_they_are(tmp_path):
         "4: algorithm 'gptq' applies to scheme int4 only; the scheme here is int8")
     assert found["quantization.weights.group_size"].startswith("4: group_size 64 applies to scheme int4 only")
     assert "an override needs `match`" in found["quantization.overrides[0]"]
-    assert "int5" in found["quantization.overrides[1].scheme"] and "'int4'" in found["quantization.overrides[1].scheme"]
+    # the choices are listed (the optional section's fields are found: llmbuild.recipe.paths.section_at)
+    assert found["quantization.overrides[1].scheme"] == (
+        "7: expected one of int8, int4, fp8, none; found 'int5' (string); did you mean 'int8'?")
     assert "expected a bundled corpus (kjv) or a path to a .txt or .jsonl file" in found["quantization.calibration.dataset"]
     assert found["quantization.calibration.samples"].startswith("8: ")
     assert found["verify.max_perplexity_increase"].startswith("9: ")
     assert "has splits ['calibration', 'evaluation'], not 'test'" in found["verify.eval_dataset"]
     found = problems(tmp_path, "quantization: {weights: {scheme: int4, group_size: 48}}\n")
-    assert found["quantization.weights.group_size"] == "3: expected one of 32, 64 or 128; found 48 (integer)"
+    assert found["quantization.weights.group_size"] == "3: expected one of 32, 64, 128; found 48 (integer)"
 
 
 def test_quantization_composes_with_tensor_parallelism(tmp_path):
