@@ -10,8 +10,11 @@ No weights are read and nothing heavy is imported (no torch, onnx or TensorRT), 
                     linears (split by tensor parallelism) + embeddings, lm_head and norms
     quantization    with `quantization:` each linear weight is counted at its scheme
                     (llmbuild.quantize.plan resolves the overrides): int8 = 1 byte + a 2-byte scale per
-                    output channel, int4 = 1/2 byte + 2-byte scales (and offsets) per group x output
-                    channel, fp8 = 1 byte + one scale; embeddings and norms stay at the precision
+                    output channel or per group x output channel, int4 = 1/2 byte + 2-byte scales
+                    (and offsets) per group x output channel, fp8 = 1 byte + one scale; embeddings
+                    and norms stay at the precision
+    bits/weight     of the linear weights (those kept unquantized at the precision's bits):
+                    codes + scales + offsets, as llama.cpp counts them (int4 g32 = 4.5, Q4_0's)
     weight bytes    each rank's share of the sharded linears (the spec's hints) + replicated
                     embeddings, lm_head, norms, at the precision
     KV cache        2 (K and V) x layers x kv_heads/tp x head_dim x bytes, per token; the engine
@@ -36,7 +39,7 @@ import os
 from dataclasses import dataclass
 from typing import Sequence
 
-from llmbuild.quantize.plan import resolve_plan, stored_bytes, tied_lm_head_spec
+from llmbuild.quantize.plan import ModuleSpec, mean_bits_per_weight, resolve_plan, stored_bytes, tied_lm_head_spec
 
 GiB = 1 << 30
 # CUDA context, TensorRT runtime, kernels and allocator slack: an allowance, not a measurement.
@@ -102,20 +105,34 @@ def linear_weights(config: dict) -> dict[str, tuple[int, int]]:
     return {name: (w.in_features, w.out_features) for name, w in spec.linear_weights(d).items()}
 
 
-def weight_bytes(config: dict, recipe: dict, tp: int = 1) -> tuple[int, int]:
-    """(all weights, one rank's weights) in bytes at the recipe's precision and quantization.
-    A rank holds its share of every sharded linear (the spec's hints: 1/tp, or one whole
-    KV head when KV heads are replicated) and the embeddings, lm_head and norms whole."""
+def _linear_specs(config: dict, recipe: dict):
+    """(spec, dims, linear weight name -> (in, out), name -> ModuleSpec of the quantized ones)."""
     spec, d = _spec_dims(config)
-    b = DTYPE_BYTES[recipe["precision"]]
-    linears = spec.linear_weights(d)
-    shapes = {name: (w.in_features, w.out_features) for name, w in linears.items()}
+    shapes = {name: (w.in_features, w.out_features) for name, w in spec.linear_weights(d).items()}
     specs = {}
     if recipe.get("quantization"):
         specs = resolve_plan(recipe["quantization"], list(shapes), d.layers)
         named = tied_lm_head_spec(recipe["quantization"], d.layers, spec.lm_head) if d.tied else None
         if named is not None:  # a tied lm_head an override names gets its own quantized copy
             shapes[spec.lm_head], specs[spec.lm_head] = (d.hidden, d.vocab), named[0]
+    return spec, d, shapes, specs
+
+
+def linear_bits_per_weight(config: dict, recipe: dict) -> float:
+    """Bits per weight of the graph's linear weights at the recipe's quantization."""
+    _, _, shapes, specs = _linear_specs(config, recipe)
+    b = DTYPE_BYTES[recipe["precision"]]
+    plan = {name: specs.get(name, ModuleSpec("none")) for name in shapes}
+    return mean_bits_per_weight(plan, shapes, b)
+
+
+def weight_bytes(config: dict, recipe: dict, tp: int = 1) -> tuple[int, int]:
+    """(all weights, one rank's weights) in bytes at the recipe's precision and quantization.
+    A rank holds its share of every sharded linear (the spec's hints: 1/tp, or one whole
+    KV head when KV heads are replicated) and the embeddings, lm_head and norms whole."""
+    spec, d, shapes, specs = _linear_specs(config, recipe)
+    b = DTYPE_BYTES[recipe["precision"]]
+    linears = spec.linear_weights(d)
     others = sum(math.prod(shape) for name, shape in spec.tensors(d).items() if name not in linears)
     total = per_rank = others * b  # embeddings, norms (replicated)
     for name, shape in shapes.items():
@@ -235,6 +252,7 @@ def plan_config(config: dict, recipe: dict) -> dict:
         "quantization": _quantization_label(recipe.get("quantization")),
         "parameters": params,
         "weight_bytes": weights_total,
+        "linear_bits_per_weight": round(linear_bits_per_weight(config, recipe), 4),
         "weight_bytes_per_rank": weights_per_rank,
         "kv_cache": {"bytes_per_token": kv_per_token, "bytes_at_limits": kv_at_limits,
                      "tokens_at_limits": batch * seq_len},
@@ -253,7 +271,8 @@ def _quantization_label(quantization: dict | None) -> str | None:
     if not quantization:
         return None
     w = quantization["weights"]
-    label = w["scheme"] + (f" g{w.get('group_size') or 128}" if w["scheme"] == "int4" else "")
+    group = (w.get("group_size") or 128) if w["scheme"] == "int4" else w.get("group_size")
+    label = w["scheme"] + (f" g{group}" if group else "") + (" asym" if w.get("symmetric") is False else "")
     n = len(quantization.get("overrides") or [])
     return label + (f" ({n} override{'s' if n > 1 else ''})" if n else "")
 
@@ -292,7 +311,7 @@ def format_plan(p: dict) -> str:
         f"heads {m['num_attention_heads']}/{m['num_key_value_heads']}, vocab {m['vocab_size']}",
         f"  parameters    {_count(p['parameters'])}; {p['precision']}"
         f"{' + ' + p['quantization'] if p.get('quantization') else ''} weights {_size(p['weight_bytes_per_rank'])}"
-        f" per rank ({tp} rank{'s' if tp > 1 else ''})",
+        f" per rank ({tp} rank{'s' if tp > 1 else ''}); linears {p['linear_bits_per_weight']:.2f} bits/weight",
         f"  KV cache      {_size(p['kv_cache']['bytes_per_token'])} per token; "
         f"{_size(p['kv_cache']['bytes_at_limits'])} at batch {lim['max_batch_size']} x {lim['max_seq_len']}",
         f"  activations   ~{_size(act['bytes'])} (prefill {pre['batch']} x {pre['tokens_per_sequence']} tokens "

@@ -183,6 +183,8 @@ def test_manifest_records_quantization_and_accuracy(artifacts):
     assert q["weights"]["algorithm"] == "gptq"
     assert q["summary"]["groups"][0]["setting"] == "int4 g32 sym gptq"
     assert q["summary"]["modules"]["model.layers.0.self_attn.q_proj"] == "int4 g32 sym gptq"
+    # float32 graph: 4-bit codes + one 32-bit scale per 32 weights (96 and 160 rows: whole blocks)
+    assert q["summary"]["groups"][0]["bits_per_weight"] == q["summary"]["bits_per_weight"] == 5.0
     c = q["calibration"]
     assert (c["samples"], c["seq_len"], c["tokens"]) == (8, 64, 512)
     assert c["hidden_state_bytes"] == 8 * 64 * HIDDEN * 4 and c["peak_rss_bytes"] > c["hidden_state_bytes"]

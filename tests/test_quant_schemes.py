@@ -10,7 +10,7 @@ import onnx_ir as ir
 import pytest
 
 from llmbuild.quantize.algorithms import awq_search_clip, awq_search_scales, gptq_quantize
-from llmbuild.quantize.plan import ModuleSpec, resolve_plan, unmatched_overrides
+from llmbuild.quantize.plan import ModuleSpec, bits_per_weight, resolve_plan, stored_bytes, unmatched_overrides
 from llmbuild.quantize.schemes import FP8_MAX, SCHEMES, Fp8, Int4, Int8, fp8_fake_quant, make_scheme
 
 RNG = np.random.default_rng(0)
@@ -306,3 +306,21 @@ def test_matmulnbits_packing():
     np.testing.assert_array_equal(s, [0.5, 2.0])
     b8, s8 = pack_matmulnbits(codes, np.array([[0.5, 2.0]] * 1, np.float32), 8, 16)
     assert b8.shape == (2, 1, 16) and list(b8[0, 0, :4]) == [120, 129, 128, 128]
+
+
+def test_bits_per_weight_of_every_scheme():
+    """Codes + scales (+ offsets) per weight, as llama.cpp counts its formats (16-bit scales)."""
+    sq = (576, 576)
+    assert bits_per_weight(ModuleSpec("int4", group_size=32), sq, 2) == 4.5  # Q4_0
+    assert bits_per_weight(ModuleSpec("int4", group_size=32, symmetric=False), sq, 2) == 5.0  # Q4_1
+    assert bits_per_weight(ModuleSpec("int8", group_size=32), sq, 2) == 8.5  # Q8_0
+    assert bits_per_weight(ModuleSpec("int4", group_size=128), sq, 2) == 4 + 16 * 5 / 576  # 4 blocks + a short one
+    assert bits_per_weight(ModuleSpec("int8"), (1536, 576), 2) == 8 + 16 / 1536  # one scale per output column
+    assert bits_per_weight(ModuleSpec("int4", group_size=64), sq, 4) == 4.5  # float32 scales
+    assert bits_per_weight(ModuleSpec("fp8"), sq, 2) == 8 + 16 / 576**2
+    assert bits_per_weight(ModuleSpec("none"), sq, 2) == 16
+    # and what the graph stores: int8 g128 pads 576 rows to 640 (the short block's codes)
+    assert stored_bytes(ModuleSpec("int8", group_size=128), sq, 2) == 640 * 576 + 5 * 576 * 2
+    for spec in (ModuleSpec("int4", group_size=32), ModuleSpec("int8", group_size=32), ModuleSpec("int8")):
+        qt = spec.make().quantize(weight(k=576, n=576), np.float16)
+        assert qt.storage_bytes * 8 == bits_per_weight(spec, sq, 2) * 576 * 576

@@ -53,7 +53,8 @@ class ModuleSpec:
 
 def stored_bytes(spec: ModuleSpec, shape: tuple[int, int], dtype_bytes: int) -> int:
     """Bytes the weight takes in the graph: codes (padded to whole blocks) + scales
-    (+ asymmetric int4's offsets and its block indicator [in, G])."""
+    (+ asymmetric int4's offsets and its block indicator [in, G], counted per weight though
+    the linears reading the same input share one)."""
     k, n = shape
     if spec.scheme == "none":
         return k * n * dtype_bytes
@@ -169,27 +170,41 @@ def _matches(override: dict, module: str, layer: int | None, num_layers: int) ->
     return True
 
 
-def summarize(plan: dict[str, ModuleSpec], shapes: dict[str, tuple[int, ...]], stored: dict[str, int]) -> dict:
-    """JSON-able summary: per distinct setting, how many weights / parameters / bytes, and
-    the per-module list (compact: module name → label)."""
+def mean_bits_per_weight(plan: dict[str, ModuleSpec], shapes: dict[str, tuple[int, int]], dtype_bytes: int) -> float:
+    """Bits per weight over the linear weights of `plan` (`bits_per_weight`, weighted by size)."""
+    bits = sum(bits_per_weight(spec, shapes[n], dtype_bytes) * shapes[n][0] * shapes[n][1] for n, spec in plan.items())
+    return bits / max(1, sum(shapes[n][0] * shapes[n][1] for n in plan))
+
+
+def summarize(plan: dict[str, ModuleSpec], shapes: dict[str, tuple[int, ...]], stored: dict[str, int],
+              dtype_bytes: int = 2) -> dict:
+    """JSON-able summary: per distinct setting, how many weights / parameters / bytes and
+    its bits per weight (`bits_per_weight`), the linears' mean bits per weight, and the
+    per-module list (compact: module name → label)."""
     groups: dict[str, dict] = {}
     for name, spec in plan.items():
-        g = groups.setdefault(spec.label, {"setting": spec.label, "weights": 0, "parameters": 0, "bytes": 0})
+        g = groups.setdefault(spec.label, {"setting": spec.label, "weights": 0, "parameters": 0, "bytes": 0,
+                                           "bits": 0.0})
         n = 1
         for d in shapes[name]:
             n *= int(d)
         g["weights"] += 1
         g["parameters"] += n
         g["bytes"] += int(stored.get(name, 0))
+        g["bits"] += bits_per_weight(spec, shapes[name], dtype_bytes) * n
+    for g in groups.values():
+        g["bits_per_weight"] = round(g.pop("bits") / max(1, g["parameters"]), 4)
     return {
         "groups": sorted(groups.values(), key=lambda g: -g["parameters"]),
+        "bits_per_weight": round(mean_bits_per_weight(plan, shapes, dtype_bytes), 4),
         "modules": {module_name(n): spec.label for n, spec in plan.items()},
     }
 
 
 def format_summary(summary: dict) -> str:
     """The summary as a small text table (compile's log, `llmbuild inspect`)."""
-    lines = [f"{'setting':<34} {'weights':>7} {'params':>12} {'bytes':>12}"]
+    lines = [f"{'setting':<34} {'weights':>7} {'params':>12} {'bytes':>12} {'bits/w':>7}"]
     for g in summary["groups"]:
-        lines.append(f"{g['setting']:<34} {g['weights']:>7} {g['parameters']:>12,} {g['bytes']:>12,}")
+        bpw = f"{g['bits_per_weight']:.2f}" if "bits_per_weight" in g else "-"
+        lines.append(f"{g['setting']:<34} {g['weights']:>7} {g['parameters']:>12,} {g['bytes']:>12,} {bpw:>7}")
     return "\n".join(lines)
