@@ -76,9 +76,12 @@ GATES = {
 # int8 KL 1.1e-5 (Gemma 2), int4 g32 KL 6.1e-3 / 1.1e-2 nats and top-1 0.52 (Gemma 2 / 3).
 # Their gates are set at about twice those figures; a graph quantized wrongly (e.g. a
 # (1 + w) norm folded as w) is caught by tests/test_family_gemma2_quant.py as well.
+# With Q4_0's signed-extreme int4 rule (weight RMS error 0.0043 against 0.0049 for the
+# former max|w|/7 on Gemma 2's tiny linears) its int4 g32 perplexity moved +1.46 % (KL
+# 7.3e-3, top-1 0.57) on these near-uniform models (perplexity ~285): its gate is 3 %.
 GATE_OVERRIDES: dict[str, dict[str, dict]] = {
     arch: {"int8": {"max_kl_divergence": 5e-5, "min_top1_agreement": 0.9},
-           "int4": {"max_kl_divergence": 0.025, "min_top1_agreement": 0.4}}
+           "int4": {"max_kl_divergence": 0.025, "min_top1_agreement": 0.4, "max_perplexity_increase": 0.03}}
     for arch in ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
 }
 

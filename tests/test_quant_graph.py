@@ -354,6 +354,17 @@ def test_tensorrt_rtx_parses_and_builds(case, tiny):
     assert np.isfinite(ours).all()
     ref = reference_logits(model_dir, *dequantized_weights(art)[:2])
     np.testing.assert_allclose(ours, ref, atol=0.05)
+    # and the CPU runtime's lowered graph of this float16 artifact (MatMulNBits at level 4,
+    # promoted to float32; asymmetric int4 with float zero points) gives the same logits
+    from llmbuild.runtime import load
+    from llmbuild.runtime.executors.base import StepInputs
+
+    pos = np.arange(len(IDS), dtype=np.int64)[None]
+    step = StepInputs(IDS[None], pos, np.zeros(1, np.int64), pos)
+    with load(art, backend="onnxruntime", threads=2, cpu_lowering=True) as lowered:
+        assert lowered.executor.lowered
+        got = lowered.executor.forward(step, 0)[0]
+    np.testing.assert_allclose(got, ours, atol=0.05)
 
 
 @pytest.mark.parametrize("case", ["int8", "int8-g64", "int4-g64-asym", "int4-gptq"])

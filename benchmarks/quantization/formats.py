@@ -12,9 +12,13 @@ scales by
   - int4 asym g32 (Q4_1's grid): the source *is* Q4_1 on the same blocks of 32 input
     rows, so this must give back its codes and its weights to fp16 rounding: the max
     |Δ| and the share of codes equal, next to the fp16 rounding of the weights themselves.
-greedy: fp16, int8 (per channel) and int8 g32 artifacts (no engines) on the CPU runtime
-(ONNX Runtime, MatMulNBits at accuracy level 4), 5 chat prompts, greedy: the first
-token where each int8 artifact leaves the fp16 continuation (or -1: identical).
+greedy: fp16, int8 (per channel) and int8 g32 artifacts (no engines), 5 chat prompts,
+greedy: the first token where each int8 artifact leaves the fp16 continuation (or -1:
+identical), run two ways:
+  - "runtime": the CPU runtime (the lowered graph: MatMulNBits at accuracy level 4, i.e.
+    int8 *activations* per block inside the kernel, as llama.cpp's Q8_0 dot products);
+  - "graph": the standard graph on ONNX Runtime with float matmuls (what the graph says:
+    DequantizeLinear → MatMul), each step a full recompute of the sequence.
 """
 
 from __future__ import annotations
@@ -115,22 +119,44 @@ def greedy_report(work: Path, tokens: int) -> dict:
     arts = {"fp16": compile_artifact("fp16", None, work),
             "int8": compile_artifact("int8", {"scheme": "int8"}, work),
             "int8-g32": compile_artifact("int8-g32", {"scheme": "int8", "group_size": 32}, work)}
-    outputs = {}
-    for name, art in arts.items():
-        with load(art, backend="onnxruntime", threads=2) as model:
-            gens = model.generate(PROMPTS, max_new_tokens=tokens, chat=True)
-            outputs[name] = [list(g.token_ids) for g in gens]
-    report = {"tokens": tokens, "prompts": PROMPTS, "first_divergence": {}, "identical": {}}
-    for name in ("int8", "int8-g32"):
-        firsts = []
-        for ref, ids in zip(outputs["fp16"], outputs[name]):
-            n = min(len(ref), len(ids))
-            diff = next((i for i in range(n) if ref[i] != ids[i]), -1 if len(ref) == len(ids) else n)
-            firsts.append(diff)
-        report["first_divergence"][name] = firsts
-        report["identical"][name] = sum(f == -1 for f in firsts)
-    report["fp16_lengths"] = [len(r) for r in outputs["fp16"]]
+    report = {"tokens": tokens, "prompts": PROMPTS}
+    for way in ("runtime", "graph"):
+        outputs, texts = {}, {}
+        for name, art in arts.items():
+            with load(art, backend="onnxruntime", threads=2) as model:
+                prompts = [model.encode(p, chat=True) for p in PROMPTS]
+                if way == "runtime":
+                    outputs[name] = [list(g.token_ids) for g in model.generate_ids(prompts, max_new_tokens=tokens)]
+                else:
+                    outputs[name] = [graph_greedy(art, p, tokens, set(model.eos_token_ids)) for p in prompts]
+                texts[name] = [model.tokenizer.decode(ids) for ids in outputs[name]]
+        r = {"first_divergence": {}, "identical": {}, "fp16_lengths": [len(x) for x in outputs["fp16"]],
+             "first_text": {k: v[0] for k, v in texts.items()}}
+        for name in ("int8", "int8-g32"):
+            firsts = []
+            for ref, ids in zip(outputs["fp16"], outputs[name]):
+                n = min(len(ref), len(ids))
+                firsts.append(next((i for i in range(n) if ref[i] != ids[i]), -1 if len(ref) == len(ids) else n))
+            r["first_divergence"][name] = firsts
+            r["identical"][name] = sum(f == -1 for f in firsts)
+        report[way] = r
+        print(json.dumps({way: r}), file=sys.stderr, flush=True)
     return report
+
+
+def graph_greedy(art: Path, prompt: list[int], tokens: int, eos: set[int]) -> list[int]:
+    from llmbuild.eval.runners import OrtGraphRunner, artifact_graph
+
+    runner = OrtGraphRunner(artifact_graph(art), threads=2)
+    ids, out = list(prompt), []
+    for _ in range(tokens):
+        t = int(np.argmax(runner.logits(np.array(ids))[-1]))
+        out.append(t)
+        if t in eos:
+            break
+        ids.append(t)
+    runner.close()
+    return out
 
 
 def main():
