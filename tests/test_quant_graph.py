@@ -390,6 +390,8 @@ def test_cpu_lowering_to_matmulnbits(case, artifacts, tmp_path):
         nbits = [node for node in model.graph if node.op_type == "MatMulNBits"]
         with_zero_points = [node for node in nbits if len(node.inputs) > 3 and node.inputs[3] is not None]
         assert len(with_zero_points) == (n if case == "int4-g64-asym" else 0)
+        levels = {node.attributes["accuracy_level"].value for node in nbits}
+        assert levels == ({1} if case == "int8-g64" else {level})  # int8 blocks: float activations
         if case == "int4-g64-asym":  # no float offset product is left
             assert not [v for v in model.graph.initializers if v.endswith((".offset", ".block_indicator"))]
             assert not [node for node in model.graph if node.name.endswith((".offset_product", ".block_sums"))]

@@ -154,10 +154,18 @@ def _drop_offset_term(graph: ir.Graph, add: ir.Node, y: ir.Value) -> None:
         drop_unused_initializers(graph, [indicator])
 
 
+# int8 stored in blocks (`group_size`) runs at accuracy level 1 (float32 activations): at
+# level 4 ONNX Runtime 1.32's 8-bit kernel on SmolLM2 int8 g32 answers "What is the capital
+# of France?" with "L'Étoile, la Cité…" (level 1 and the standard graph: "The capital of
+# France is Paris."; benchmarks/quantization/NOTES.md, 2026-12-01). Its speed is unmeasured.
+INT8_BLOCK_ACCURACY_LEVEL = 1
+
+
 def lower_quantized_matmuls(model: ir.Model, *, int4_accuracy_level: int = 4, int8_accuracy_level: int = 4,
-                            int8_block: int = 128) -> int:
+                            int8_block: int = 128, int8_block_accuracy_level: int = INT8_BLOCK_ACCURACY_LEVEL) -> int:
     """Rewrite every eligible DequantizeLinear → MatMul of `model` in place; returns how many
-    MatMuls became MatMulNBits."""
+    MatMuls became MatMulNBits. `int8_accuracy_level` applies to int8 per channel,
+    `int8_block_accuracy_level` to int8 in blocks."""
     graph = model.graph
     lowered = 0
     bypassed: list[ir.Node] = []  # Pads whose MatMuls now read their input
@@ -183,7 +191,7 @@ def lower_quantized_matmuls(model: ir.Model, *, int4_accuracy_level: int = 4, in
             bits, blk, level = 8, int8_block_size(k, int8_block), int8_accuracy_level
             per_block = np.repeat(scale[None, :], -(-k // blk), axis=0)
         elif q.dtype == ir.DataType.INT8 and axis == 0 and block:
-            bits, blk, per_block, level = 8, int(block), scale, int8_accuracy_level
+            bits, blk, per_block, level = 8, int(block), scale, int8_block_accuracy_level
         else:
             continue
         if blk < 16 or blk & (blk - 1):
