@@ -112,7 +112,7 @@ def compile_artifact(name: str, weights: dict | None, work: Path) -> Path:
     return compile_recipe(recipe, out_dir=out, quiet=True, verify=False)
 
 
-def greedy_report(work: Path, tokens: int) -> dict:
+def greedy_report(work: Path, tokens: int, ways: tuple[str, ...] = ("runtime", "graph")) -> dict:
     from llmbuild.runtime import load
 
     work.mkdir(parents=True, exist_ok=True)
@@ -120,7 +120,7 @@ def greedy_report(work: Path, tokens: int) -> dict:
             "int8": compile_artifact("int8", {"scheme": "int8"}, work),
             "int8-g32": compile_artifact("int8-g32", {"scheme": "int8", "group_size": 32}, work)}
     report = {"tokens": tokens, "prompts": PROMPTS}
-    for way in ("runtime", "graph"):
+    for way in ways:
         outputs, texts = {}, {}
         for name, art in arts.items():
             with load(art, backend="onnxruntime", threads=2) as model:
@@ -164,8 +164,10 @@ def main():
     ap.add_argument("what", choices=["weights", "greedy"])
     ap.add_argument("--work", default="/tmp/llmbuild-formats")
     ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--ways", default="runtime,graph", help="greedy: runtime and/or graph (graph is slow)")
     args = ap.parse_args()
-    report = weights_report() if args.what == "weights" else greedy_report(Path(args.work), args.tokens)
+    report = weights_report() if args.what == "weights" else greedy_report(Path(args.work), args.tokens,
+                                                                                       tuple(args.ways.split(",")))
     print(json.dumps(report, indent=2))
 
 
