@@ -10,8 +10,11 @@ No weights are read and nothing heavy is imported (no torch, onnx or TensorRT), 
                     linears (split by tensor parallelism) + embeddings, lm_head and norms
     quantization    with `quantization:` each linear weight is counted at its scheme
                     (llmbuild.quantize.plan resolves the overrides): int8 = 1 byte + a 2-byte scale per
-                    output channel, int4 = 1/2 byte + 2-byte scales (and offsets) per group x output
-                    channel, fp8 = 1 byte + one scale; embeddings and norms stay at the precision
+                    output channel or per group x output channel, int4 = 1/2 byte + 2-byte scales
+                    (and offsets) per group x output channel, fp8 = 1 byte + one scale; embeddings
+                    and norms stay at the precision
+    bits/weight     of the linear weights (those kept unquantized at the precision's bits):
+                    codes + scales + offsets, as llama.cpp counts them (int4 g32 = 4.5, Q4_0's)
     weight bytes    each rank's share of the sharded linears (the spec's hints) + replicated
                     embeddings, lm_head, norms, at the precision
     KV cache        2 (K and V) x layers x kv_heads/tp x head_dim x bytes, per token; the engine
@@ -38,7 +41,7 @@ import os
 from dataclasses import dataclass
 from typing import Sequence
 
-from llmbuild.quantize.plan import resolve_plan, stored_bytes, tied_lm_head_spec
+from llmbuild.quantize.plan import ModuleSpec, mean_bits_per_weight, resolve_plan, stored_bytes, tied_lm_head_spec
 
 GiB = 1 << 30
 # CUDA context, TensorRT runtime, kernels and allocator slack: an allowance, not a measurement.
@@ -105,14 +108,11 @@ def linear_weights(config: dict) -> dict[str, tuple[int, int]]:
     return linear_shapes(config)
 
 
-def weight_bytes(config: dict, recipe: dict, tp: int = 1) -> tuple[int, int]:
-    """(all weights, one rank's weights) in bytes at the recipe's precision and quantization.
-    A rank holds its share of every sharded linear (the spec's hints: 1/tp, or one whole
-    KV head when KV heads are replicated) and the embeddings, lm_head and norms whole."""
+def _linear_specs(config: dict, recipe: dict):
+    """(spec, dims, linear weight name -> (in, out), name -> ModuleSpec of the quantized ones)."""
     spec, d = _spec_dims(config)
     b = DTYPE_BYTES[recipe["precision"]]
-    linears = spec.linear_weights(d)
-    shapes = {name: (w.in_features, w.out_features) for name, w in linears.items()}
+    shapes = {name: (w.in_features, w.out_features) for name, w in spec.linear_weights(d).items()}
     specs = {}
     target = (recipe.get("quantization") or {}).get("target")
     if target:  # chosen at compile from measured sensitivities: the bound the target sets
@@ -123,6 +123,27 @@ def weight_bytes(config: dict, recipe: dict, tp: int = 1) -> tuple[int, int]:
         named = tied_lm_head_spec(recipe["quantization"], d.layers, spec.lm_head) if d.tied else None
         if named is not None:  # a tied lm_head an override names gets its own quantized copy
             shapes[spec.lm_head], specs[spec.lm_head] = (d.hidden, d.vocab), named[0]
+    return spec, d, shapes, specs
+
+
+def linear_bits_per_weight(config: dict, recipe: dict) -> float:
+    """Bits per weight of the graph's linear weights at the recipe's quantization."""
+    _, _, shapes, specs = _linear_specs(config, recipe)
+    b = DTYPE_BYTES[recipe["precision"]]
+    if any(isinstance(v, float | int) for v in specs.values()):  # a target: the bound it sets
+        weights = sum(k * n for k, n in shapes.values())
+        return sum(k * n * specs.get(name, 8 * b) for name, (k, n) in shapes.items()) / weights
+    plan = {name: specs.get(name, ModuleSpec("none")) for name in shapes}
+    return mean_bits_per_weight(plan, shapes, b)
+
+
+def weight_bytes(config: dict, recipe: dict, tp: int = 1) -> tuple[int, int]:
+    """(all weights, one rank's weights) in bytes at the recipe's precision and quantization.
+    A rank holds its share of every sharded linear (the spec's hints: 1/tp, or one whole
+    KV head when KV heads are replicated) and the embeddings, lm_head and norms whole."""
+    spec, d, shapes, specs = _linear_specs(config, recipe)
+    b = DTYPE_BYTES[recipe["precision"]]
+    linears = spec.linear_weights(d)
     others = sum(math.prod(shape) for name, shape in spec.tensors(d).items() if name not in linears)
     total = per_rank = others * b  # embeddings, norms (replicated)
     for name, shape in shapes.items():
@@ -252,6 +273,7 @@ def plan_config(config: dict, recipe: dict) -> dict:
         "parameters": params,
         **({"moe": moe} if moe else {}),
         "weight_bytes": weights_total,
+        "linear_bits_per_weight": round(linear_bits_per_weight(config, recipe), 4),
         "weight_bytes_per_rank": weights_per_rank,
         "kv_cache": {"bytes_per_token": kv_per_token, "bytes_at_limits": kv_at_limits,
                      "tokens_at_limits": batch * seq_len},
@@ -316,7 +338,8 @@ def _quantization_label(quantization: dict | None) -> str | None:
             return f"auto ≤ {t['bits_per_weight']:g} bits per weight"
         return f"auto, perplexity ≤ +{t['max_perplexity_increase']:.1%}"
     w = quantization["weights"]
-    label = w["scheme"] + (f" g{w.get('group_size') or 128}" if w["scheme"] == "int4" else "")
+    group = (w.get("group_size") or 128) if w["scheme"] == "int4" else w.get("group_size")
+    label = w["scheme"] + (f" g{group}" if group else "") + (" asym" if w.get("symmetric") is False else "")
     n = len(quantization.get("overrides") or [])
     return label + (f" ({n} override{'s' if n > 1 else ''})" if n else "")
 
@@ -355,7 +378,7 @@ def format_plan(p: dict) -> str:
         f"heads {m['num_attention_heads']}/{m['num_key_value_heads']}, vocab {m['vocab_size']}",
         f"  parameters    {_count(p['parameters'])}; {p['precision']}"
         f"{' + ' + p['quantization'] if p.get('quantization') else ''} weights {_size(p['weight_bytes_per_rank'])}"
-        f" per rank ({tp} rank{'s' if tp > 1 else ''})",
+        f" per rank ({tp} rank{'s' if tp > 1 else ''}); linears {p['linear_bits_per_weight']:.2f} bits/weight",
         *([f"  allocation    linears {_size(t['linear_bytes_min'])}..{_size(t['linear_bytes_max'])}"
            f" ({t['bits_per_weight_range'][0]:.2f}..{t['bits_per_weight_range'][1]:.2f} bits per weight possible);"
            f" {t['estimate']}"] if (t := p.get("quantization_target")) else []),

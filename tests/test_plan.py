@@ -88,6 +88,27 @@ def test_smollm2_int4_with_its_tied_lm_head_in_int8(smollm2_path):
     assert p["weight_bytes"] == 56_693_376 + 59_304_960 + 28_409_856
 
 
+def test_quantization_key_overrides_on_a_recipe_without_the_section(smollm2_path):
+    """`quantization.weights.scheme=int4` on the default recipe (no `quantization:` section)
+    creates the section, as `quantization={...}` does; it was refused as "not a mapping"."""
+    recipe = ROOT / "recipes" / "smollm2-135m-instruct.yaml"
+    [dotted] = plan_recipe(recipe, ["quantization.weights.scheme=int4", "quantization.weights.group_size=32"])
+    [whole] = plan_recipe(recipe, ["quantization={weights: {scheme: int4, group_size: 32}}"])
+    assert dotted["quantization"] == whole["quantization"] == "int4 g32"
+    assert dotted["linear_bits_per_weight"] == 4.5  # every linear int4 g32 with fp16 scales (Q4_0's 4.5)
+    [asym] = plan_recipe(recipe, ["quantization.weights.scheme=int4", "quantization.weights.group_size=32",
+                                  "quantization.weights.symmetric=false"])
+    [int8] = plan_recipe(recipe, ["quantization.weights.scheme=int8", "quantization.weights.group_size=32"])
+    assert (asym["quantization"], asym["linear_bits_per_weight"]) == ("int4 g32 asym", 5.0)  # Q4_1's 5.0
+    assert (int8["quantization"], int8["linear_bits_per_weight"]) == ("int8 g32", 8.5)  # Q8_0's 8.5
+    assert "linears 4.50 bits/weight" in format_plan(dotted)
+    assert dotted["weight_bytes"] == whole["weight_bytes"] < 269_030_016 / 2
+    result = CliRunner().invoke(cli, ["validate", str(recipe), "quantization.weights.scheme=int8"])
+    assert result.exit_code == 0, result.output
+    bad = CliRunner().invoke(cli, ["validate", str(recipe), "quantization.weights.shceme=int8"])
+    assert bad.exit_code != 0 and "did you mean 'scheme'" in bad.output and "Traceback" not in bad.output
+
+
 def test_llama3_8b_figures(llama3):
     [p] = plan_recipe(llama3)
     # 2 * 128256*4096 (untied) + 32 * (2*4096*4096 + 2*4096*1024 + 3*4096*14336 + 2*4096) + 4096

@@ -24,6 +24,7 @@ torch = pytest.importorskip("torch")
 HIDDEN, LAYERS, INTER = 96, 2, 160
 CASES = {
     "int8": {"scheme": "int8"},
+    "int8-g64": {"scheme": "int8", "group_size": 64},
     "int4-g32": {"scheme": "int4", "group_size": 32},
     "int4-g64-asym": {"scheme": "int4", "group_size": 64, "symmetric": False},
     "fp8": {"scheme": "fp8"},
@@ -90,8 +91,8 @@ def dequantized_weights(artifact: Path) -> tuple[dict[str, np.ndarray], dict[str
         if "block_size" in attrs:
             b = attrs["block_size"]
             w = codes * np.repeat(scale, b, axis=0)[: codes.shape[0]]
-            if name + ".zero_offset" in init:
-                w = w + np.repeat(init[name + ".zero_offset"].astype(np.float32), b, axis=0)[: codes.shape[0]]
+            if name + ".offset" in init:
+                w = w + np.repeat(init[name + ".offset"].astype(np.float32), b, axis=0)[: codes.shape[0]]
         elif attrs.get("axis") == 1:
             w = codes * scale[None, :]
         else:
@@ -148,7 +149,7 @@ def test_onnxruntime_logits_match_numpy_reference(case, tiny, artifacts):
         assert len(act_scales) == len(forms)
 
 
-@pytest.mark.parametrize("case", ["int8", "int4-g32", "int4-g64-asym", "fp8"])
+@pytest.mark.parametrize("case", ["int8", "int8-g64", "int4-g32", "int4-g64-asym", "fp8"])
 def test_round_to_nearest_codes_equal_the_numpy_reference(case, tiny, artifacts):
     """What compile stored is bit for bit the scheme's numpy quantization of the source."""
     from safetensors.numpy import load_file
@@ -157,11 +158,12 @@ def test_round_to_nearest_codes_equal_the_numpy_reference(case, tiny, artifacts)
     source = load_file(str(model_dir / "model.safetensors"))
     init = stored(onnx.load(str(artifact_graph(artifacts[case]))))
     c = CASES[case]
-    scheme = {"int8": Int8(), "fp8": Fp8()}.get(c["scheme"]) or Int4(c["group_size"], c.get("symmetric", True))
+    scheme = {"int8": Int8(c.get("group_size")), "fp8": Fp8()}.get(c["scheme"]) or Int4(
+        c["group_size"], c.get("symmetric", True))
     name = "model.layers.1.mlp.up_proj.weight"  # [in 96, out 160]
     qt = scheme.quantize(source[name].T.astype(np.float32), np.float32)
     codes = init[name]
-    if c["scheme"] == "int4" and codes.shape[0] > 96:  # 96 rows in groups of 64: padded to 128 with zeros
+    if codes.shape[0] > 96:  # 96 rows in groups of 64: padded to 128 with zeros
         assert codes.shape == (128, 160) and not codes.astype(np.int8)[96:].any()
         codes = codes[:96]
     if c["scheme"] == "fp8":
@@ -169,9 +171,10 @@ def test_round_to_nearest_codes_equal_the_numpy_reference(case, tiny, artifacts)
     else:
         np.testing.assert_array_equal(codes.astype(np.int8), qt.data)
     np.testing.assert_allclose(init[name + ".scale"], qt.scale, rtol=1e-7)
-    if qt.zero_point is not None:
-        np.testing.assert_allclose(init[name + ".zero_offset"], -qt.scale * qt.zero_point, rtol=1e-6, atol=1e-9)
+    if c.get("group_size") == 64:
         assert qt.scale.shape == (2, 160)  # 96 rows in groups of 64: one short block
+    if qt.offset is not None:
+        np.testing.assert_array_equal(init[name + ".offset"], qt.offset)
 
 
 def test_manifest_records_quantization_and_accuracy(artifacts):
@@ -180,6 +183,8 @@ def test_manifest_records_quantization_and_accuracy(artifacts):
     assert q["weights"]["algorithm"] == "gptq"
     assert q["summary"]["groups"][0]["setting"] == "int4 g32 sym gptq"
     assert q["summary"]["modules"]["model.layers.0.self_attn.q_proj"] == "int4 g32 sym gptq"
+    # float32 graph: 4-bit codes + one 32-bit scale per 32 weights (96 and 160 rows: whole blocks)
+    assert q["summary"]["groups"][0]["bits_per_weight"] == q["summary"]["bits_per_weight"] == 5.0
     c = q["calibration"]
     assert (c["samples"], c["seq_len"], c["tokens"]) == (8, 64, 512)
     assert c["hidden_state_bytes"] == 8 * 64 * HIDDEN * 4 and c["peak_rss_bytes"] > c["hidden_state_bytes"]
@@ -314,7 +319,7 @@ def test_failing_gate_fails_compile_with_exit_1_and_a_report(tiny):
 
 
 
-@pytest.mark.parametrize("case", ["int8", "int4-g32", "int4-g64-asym", "fp8"])
+@pytest.mark.parametrize("case", ["int8", "int8-g64", "int4-g32", "int4-g64-asym", "fp8"])
 def test_tensorrt_rtx_parses_and_builds(case, tiny):
     """fp16 graph of every form (int8 per channel; int4 blocks, padded to whole blocks,
     with the zero-point term; fp8 weights + activations; AWQ and GPTQ store the same
@@ -340,7 +345,7 @@ def test_tensorrt_rtx_parses_and_builds(case, tiny):
         expected += 4 * LAYERS + 1
     assert len(dq) == expected
     inputs = {str(layer.get_input(0).dtype) for layer in dq}
-    want = {"int8": {"DataType.INT8"}, "int4-g32": {"DataType.INT4", "DataType.INT8"},
+    want = {"int8": {"DataType.INT8"}, "int8-g64": {"DataType.INT8"}, "int4-g32": {"DataType.INT4", "DataType.INT8"},
             "int4-g64-asym": {"DataType.INT4"}, "fp8": {"DataType.FP8"}}[case]
     assert want <= inputs
     # the fp16 artifact also runs on ONNX Runtime, close to the float32 numpy reference
@@ -349,15 +354,27 @@ def test_tensorrt_rtx_parses_and_builds(case, tiny):
     assert np.isfinite(ours).all()
     ref = reference_logits(model_dir, *dequantized_weights(art)[:2])
     np.testing.assert_allclose(ours, ref, atol=0.05)
+    # and the CPU runtime's lowered graph of this float16 artifact (MatMulNBits at level 4,
+    # promoted to float32; asymmetric int4 with float zero points) gives the same logits
+    from llmbuild.runtime import load
+    from llmbuild.runtime.executors.base import StepInputs
+
+    pos = np.arange(len(IDS), dtype=np.int64)[None]
+    step = StepInputs(IDS[None], pos, np.zeros(1, np.int64), pos)
+    with load(art, backend="onnxruntime", threads=2, cpu_lowering=True) as lowered:
+        assert lowered.executor.lowered
+        got = lowered.executor.forward(step, 0)[0]
+    np.testing.assert_allclose(got, ours, atol=0.05)
 
 
-@pytest.mark.parametrize("case", ["int8", "int4-g64-asym", "int4-gptq"])
+@pytest.mark.parametrize("case", ["int8", "int8-g64", "int4-g64-asym", "int4-gptq"])
 def test_cpu_lowering_to_matmulnbits(case, artifacts, tmp_path):
     """DequantizeLinear → MatMul as com.microsoft.MatMulNBits (int8 per channel packed in
-    blocks of 128): exact at accuracy level 1, close at level 4 (int8 activations)."""
+    blocks of 128; int8 blocks as stored; asymmetric int4's offset term folded into float
+    zero points): exact at accuracy level 1, close at level 4 (int8 activations)."""
     import onnx_ir as ir
 
-    from llmbuild.lowering.quantized import lower_quantized_matmuls
+    from llmbuild.lowering.quantized import fuse_sibling_matmulnbits, lower_quantized_matmuls
 
     path = artifact_graph(artifacts[case])
     standard = OrtGraphRunner(path).logits(IDS)
@@ -365,8 +382,19 @@ def test_cpu_lowering_to_matmulnbits(case, artifacts, tmp_path):
         model = ir.load(path)
         n = lower_quantized_matmuls(model, int4_accuracy_level=level, int8_accuracy_level=level)
         assert n == 7 * LAYERS + 1
+        if level == 4:  # q/k/v and gate/up: one MatMulNBits each (zero points concatenated too)
+            assert fuse_sibling_matmulnbits(model) == 3 * LAYERS
+            n -= 3 * LAYERS
         ops = [node.op_type for node in model.graph]
         assert ops.count("MatMulNBits") == n and "DequantizeLinear" not in ops
+        nbits = [node for node in model.graph if node.op_type == "MatMulNBits"]
+        with_zero_points = [node for node in nbits if len(node.inputs) > 3 and node.inputs[3] is not None]
+        assert len(with_zero_points) == (n if case == "int4-g64-asym" else 0)
+        levels = {node.attributes["accuracy_level"].value for node in nbits}
+        assert levels == ({1} if case == "int8-g64" else {level})  # int8 blocks: float activations
+        if case == "int4-g64-asym":  # no float offset product is left
+            assert not [v for v in model.graph.initializers if v.endswith((".offset", ".block_indicator"))]
+            assert not [node for node in model.graph if node.name.endswith((".offset_product", ".block_sums"))]
         ir.save(model, tmp_path / f"l{level}.onnx", external_data=f"l{level}.onnx.data")
         np.testing.assert_allclose(OrtGraphRunner(tmp_path / f"l{level}.onnx").logits(IDS), standard, atol=atol)
 

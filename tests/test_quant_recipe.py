@@ -49,23 +49,39 @@ def test_issue_example_resolves_with_defaults(tmp_path):
 def test_mistakes_are_reported_where_they_are(tmp_path):
     found = problems(tmp_path, (
         "quantization:\n"
-        "  weights: {scheme: int8, algorithm: gptq, group_size: 64}\n"
+        "  weights: {scheme: fp8, algorithm: gptq, group_size: 64}\n"
         "  overrides:\n"
         "    - {scheme: none}\n"
         "    - {match: '*.q_proj', scheme: int5}\n"
         "  calibration: {dataset: wikitext, samples: 0}\n"
         "verify: {max_perplexity_increase: -1, eval_dataset: 'kjv:test'}\n"))
     assert found["quantization.weights.algorithm"].startswith(
-        "4: algorithm 'gptq' applies to scheme int4 only; the scheme here is int8")
-    assert found["quantization.weights.group_size"].startswith("4: group_size 64 applies to scheme int4 only")
+        "4: algorithm 'gptq' applies to scheme int4 only; the scheme here is fp8")
+    assert found["quantization.weights.group_size"].startswith(
+        "4: group_size 64 applies to scheme int4 and int8 only; the scheme here is fp8")
     assert "an override needs `match`" in found["quantization.overrides[0]"]
-    assert "int5" in found["quantization.overrides[1].scheme"] and "'int4'" in found["quantization.overrides[1].scheme"]
+    # the choices are listed (the optional section's fields are found: llmbuild.recipe.paths.section_at)
+    assert found["quantization.overrides[1].scheme"] == (
+        "7: expected one of int8, int4, fp8, none; found 'int5' (string); did you mean 'int8'?")
     assert "expected a bundled corpus (kjv) or a path to a .txt or .jsonl file" in found["quantization.calibration.dataset"]
     assert found["quantization.calibration.samples"].startswith("8: ")
     assert found["verify.max_perplexity_increase"].startswith("9: ")
     assert "has splits ['calibration', 'evaluation'], not 'test'" in found["verify.eval_dataset"]
+    found = problems(tmp_path, (
+        "quantization:\n"
+        "  weights: {scheme: int8, group_size: 32, symmetric: false}\n"
+        "  overrides: [{match: lm_head, scheme: fp8, group_size: 64}, {match: '*.o_proj', scheme: int8,"
+        " symmetric: false}]\n"))
+    assert found["quantization.weights.symmetric"].startswith(
+        "4: symmetric False applies to scheme int4 only; the scheme here is int8")
+    assert "quantization.weights.group_size" not in found  # int8 takes blocks
+    assert found["quantization.overrides[0].group_size"].startswith(
+        "5: group_size 64 applies to scheme int4 and int8 only; the scheme here is fp8")
+    assert found["quantization.overrides[1].symmetric"].startswith("5: symmetric False applies to scheme int4 only")
+    r = load(tmp_path, "quantization: {weights: {scheme: int8, group_size: 32}}\n")
+    assert r.to_dict()["quantization"]["weights"]["group_size"] == 32
     found = problems(tmp_path, "quantization: {weights: {scheme: int4, group_size: 48}}\n")
-    assert found["quantization.weights.group_size"] == "3: expected one of 32, 64 or 128; found 48 (integer)"
+    assert found["quantization.weights.group_size"] == "3: expected one of 32, 64, 128; found 48 (integer)"
 
 
 def test_quantization_composes_with_tensor_parallelism(tmp_path):

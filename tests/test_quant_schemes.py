@@ -10,7 +10,7 @@ import onnx_ir as ir
 import pytest
 
 from llmbuild.quantize.algorithms import awq_search_clip, awq_search_scales, gptq_quantize
-from llmbuild.quantize.plan import ModuleSpec, resolve_plan, unmatched_overrides
+from llmbuild.quantize.plan import ModuleSpec, bits_per_weight, resolve_plan, stored_bytes, unmatched_overrides
 from llmbuild.quantize.schemes import FP8_MAX, SCHEMES, Fp8, Int4, Int8, fp8_fake_quant, make_scheme
 
 RNG = np.random.default_rng(0)
@@ -45,24 +45,53 @@ def test_all_zero_channel_gets_a_safe_scale():
     w[:, 5] = 0
     for scheme in (Int8(), Int4(32), Int4(32, symmetric=False), Fp8()):
         qt = scheme.quantize(w, np.float16)
-        assert np.isfinite(qt.dequantize()).all() and (qt.scale > 0).all()
+        assert np.isfinite(qt.dequantize()).all() and (qt.scale != 0).all()
         assert np.abs(qt.dequantize()[:, 5]).max() == 0
 
 
 # -- int4 -----------------------------------------------------------------------------------
 
 
+def signed_extreme(blocks: np.ndarray) -> np.ndarray:
+    """[G, group, out] -> [G, out]: each block's value of largest |w|, with its sign."""
+    idx = np.abs(blocks).argmax(axis=1)[:, None, :]
+    return np.take_along_axis(blocks, idx, axis=1)[:, 0, :]
+
+
 @pytest.mark.parametrize("group", [32, 64, 128])
 def test_int4_symmetric_blocks(group):
+    """Q4_0's rule: scale = signed extreme / -8, so the extreme is code -8 exactly (16 levels)."""
     w = weight(k=256)
     qt = Int4(group).quantize(w, np.float32)
     g = 256 // group
-    assert qt.scale.shape == (g, 40) and qt.block_size == group and qt.axis == 0 and qt.zero_point is None
-    assert qt.data.min() >= -8 and qt.data.max() <= 7
+    assert qt.scale.shape == (g, 40) and qt.block_size == group and qt.axis == 0 and qt.offset is None
+    assert qt.data.min() == -8 and qt.data.max() == 7
     blocks = w.reshape(g, group, 40)
-    np.testing.assert_allclose(qt.scale, np.abs(blocks).max(axis=1) / 7, rtol=1e-6)
-    err = np.abs(qt.dequantize() - w)
-    assert (err <= np.repeat(qt.scale, group, axis=0) / 2 + 1e-7).all()
+    extreme = signed_extreme(blocks)
+    np.testing.assert_allclose(qt.scale, extreme / -8, rtol=1e-6)
+    assert (qt.scale < 0).any() and (qt.scale > 0).any()  # the sign follows the extreme
+    d = qt.dequantize()
+    # the extreme of every block is reproduced (code -8), the others lie within half a step
+    # except the far side's top level (w/s in (7.5, 8]), clipped to 7: within one step
+    at = np.abs(blocks).argmax(axis=1)
+    np.testing.assert_allclose(np.take_along_axis(d.reshape(g, group, 40), at[:, None], 1)[:, 0], extreme, rtol=1e-6)
+    s = np.abs(np.repeat(qt.scale, group, axis=0))
+    err = np.abs(d - w)
+    ratio = w / np.repeat(qt.scale, group, axis=0)
+    assert (err[ratio <= 7.5] <= s[ratio <= 7.5] / 2 + 1e-7).all() and (err <= s + 1e-7).all()
+
+
+def test_int4_signed_extreme_beats_max_over_7():
+    """The rule the issue measured: max|w|/7 leaves code -8 unused; on Gaussian weights the
+    signed extreme's 16 levels give a smaller RMS error at every group size."""
+    w = weight(k=512, n=256, seed=7)
+    for group in (32, 64, 128):
+        blocks = w.reshape(-1, group, 256)
+        s7 = np.repeat(np.abs(blocks).max(axis=1) / 7, group, axis=0)
+        old = np.clip(np.rint(w / s7), -8, 7) * s7
+        new = Int4(group).quantize(w, np.float32).dequantize()
+        rms_old, rms_new = (float(np.sqrt(np.mean((x - w) ** 2))) for x in (old, new))
+        assert rms_new < 0.95 * rms_old, (group, rms_new, rms_old)
 
 
 def test_int4_group_edge_not_divisible():
@@ -71,33 +100,83 @@ def test_int4_group_edge_not_divisible():
     w[512:] *= 100  # the short last block has its own scale, the others are unaffected
     qt = Int4(128).quantize(w, np.float32)
     assert qt.scale.shape == (5, 8) and qt.data.shape == (576, 8)
-    np.testing.assert_allclose(qt.scale[4], np.abs(w[512:]).max(axis=0) / 7, rtol=1e-6)
-    np.testing.assert_allclose(qt.scale[3], np.abs(w[384:512]).max(axis=0) / 7, rtol=1e-6)
+    np.testing.assert_allclose(qt.scale[4], signed_extreme(w[None, 512:])[0] / -8, rtol=1e-6)
+    np.testing.assert_allclose(qt.scale[3], signed_extreme(w[None, 384:512])[0] / -8, rtol=1e-6)
     err = np.abs(qt.dequantize() - w)
-    assert (err[:512] <= np.repeat(qt.scale[:4], 128, axis=0) / 2 + 1e-7).all()
-    assert (err[512:] <= qt.scale[4] / 2 + 1e-6).all()
+    assert (err[:512] <= np.abs(np.repeat(qt.scale[:4], 128, axis=0)) + 1e-7).all()
+    assert (err[512:] <= np.abs(qt.scale[4]) + 1e-6).all()
 
 
-def test_int4_asymmetric_zero_points():
-    w = weight(k=128, n=16) + 0.2  # all-positive blocks: zero points pay off
+def test_int4_asymmetric_float_offsets():
+    """Q4_1's grid: w = d·u + m, u in [0, 15], d = (max - min)/15, m = min (any float);
+    stored as signed codes q = u - 8 and the offset o = m + 8d."""
+    w = weight(k=128, n=16) + 0.2  # all-positive blocks: the offset pays off
     asym = Int4(64, symmetric=False).quantize(w, np.float32)
     sym = Int4(64).quantize(w, np.float32)
-    assert asym.zero_point.shape == (2, 16) and asym.zero_point.dtype == np.int8
-    assert asym.zero_point.min() >= -8 and asym.zero_point.max() <= 7
-    assert asym.data.min() >= -8 and asym.data.max() <= 7
+    assert asym.offset.shape == (2, 16) and asym.offset.dtype == np.float32
+    assert asym.data.min() == -8 and asym.data.max() == 7
     blocks = w.reshape(2, 64, 16)
-    lo, hi = np.minimum(blocks.min(1), 0), np.maximum(blocks.max(1), 0)  # the range includes 0
+    lo, hi = blocks.min(1), blocks.max(1)
     np.testing.assert_allclose(asym.scale, (hi - lo) / 15, rtol=1e-6)
-    z = asym.zero_point.astype(np.float32) + 8  # unsigned zero point in [0, 15]
-    np.testing.assert_array_equal(z, np.clip(np.rint(-lo / asym.scale), 0, 15))
+    np.testing.assert_allclose(asym.offset, lo + 8 * asym.scale, rtol=1e-6)
+    d = asym.dequantize().reshape(2, 64, 16)
+    np.testing.assert_allclose(d.min(1), lo, rtol=1e-5)  # both ends of every block are levels
+    np.testing.assert_allclose(d.max(1), hi, rtol=1e-5)
     err_a = np.abs(asym.dequantize() - w)
     assert (err_a <= np.repeat(asym.scale, 64, axis=0) * 0.5 + 1e-6).all()
     assert err_a.mean() < np.abs(sym.dequantize() - w).mean() / 1.5
 
 
+def q4_1_weight(k=128, n=24, seed=11):
+    """A weight as llama.cpp's Q4_1 stores it: fp16 d and m per block of 32 input rows,
+    codes u in [0, 15] with 0 and 15 in every block (Q4_1's own min/max rule), dequantized
+    in float32 as the GGUF reader does."""
+    rng = np.random.default_rng(seed)
+    g = k // 32
+    d = (rng.random((g, n)) * 0.01 + 1e-3).astype(np.float16).astype(np.float32)
+    m = (-rng.random((g, n)) * 0.1).astype(np.float16).astype(np.float32)
+    u = rng.integers(0, 16, (g, 32, n))
+    u[:, 0], u[:, 1] = 0, 15
+    return (d[:, None] * u + m[:, None]).reshape(k, n).astype(np.float32), u.reshape(k, n)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_int4_asymmetric_g32_reproduces_a_q4_1_weight(dtype):
+    """The sanity check of the default model's source: requantizing Q4_1 to asym g32 on the
+    same blocks gives back its codes exactly and its weights to the graph dtype's rounding."""
+    w, u = q4_1_weight()
+    qt = Int4(32, symmetric=False).quantize(w, dtype)
+    np.testing.assert_array_equal(qt.data.astype(np.int64) + 8, u)
+    err = np.abs(qt.dequantize() - w)
+    # the offset o = m + 8d is rounded to the graph dtype once: half an ulp of |o|
+    half_ulp = np.repeat(np.abs(qt.offset), 32, axis=0) * float(np.finfo(dtype).eps) / 2
+    assert (err <= half_ulp + 1e-7).all(), float(err.max())
+
+
+# -- int8 per block ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_int8_blocks_round_trip(group):
+    w = weight(k=256 + group // 2, n=24)  # a short last block too
+    w[5, :] *= 40  # an outlier row only hurts its own block
+    qt = Int8(group).quantize(w, np.float32)
+    g = -(-w.shape[0] // group)
+    assert qt.data.dtype == np.int8 and qt.scale.shape == (g, 24) and (qt.axis, qt.block_size) == (0, group)
+    pad = np.concatenate([w, np.repeat(w[-1:], g * group - w.shape[0], 0)]).reshape(g, group, 24)
+    np.testing.assert_allclose(qt.scale, np.abs(pad).max(1) / 127, rtol=1e-6)
+    assert np.abs(qt.data).max() == 127 and qt.data.min() >= -127
+    err = np.abs(qt.dequantize() - w)
+    assert (err <= np.repeat(qt.scale, group, axis=0)[: w.shape[0]] / 2 + 1e-7).all()
+    per_channel = np.abs(Int8().quantize(w, np.float32).dequantize() - w)
+    assert err[group:].mean() < per_channel[group:].mean() / 10  # blocks away from the outlier
+
+
 def test_int4_rejects_unsupported_groups_and_shapes():
     with pytest.raises(ValueError, match="group_size 48"):
         Int4(48)
+    with pytest.raises(ValueError, match="int8 group_size 16"):
+        Int8(16)
     with pytest.raises(ValueError, match="2-D"):
         Int4(32).quantize(np.zeros(64, np.float32))
     with pytest.raises(ValueError, match="non-finite"):
@@ -119,7 +198,7 @@ def test_shrink_narrows_the_range():
     full = Int4(32).quantize(w, np.float32)
     half = Int4(32).quantize(w, np.float32, shrink=np.full((2, 8), 0.5, np.float32))
     np.testing.assert_allclose(half.scale, full.scale * 0.5, rtol=1e-6)
-    assert np.abs(half.dequantize()).max() <= np.abs(w).max() * 0.5 * 8 / 7 + 1e-6
+    assert np.abs(half.dequantize()).max() <= np.abs(w).max() * 0.5 + 1e-6
 
 
 # -- fp8 ------------------------------------------------------------------------------------
@@ -154,7 +233,9 @@ def test_registry_and_plan_overrides():
     plan = resolve_plan(q, names, 4)
     assert plan["lm_head.weight"] == ModuleSpec("none")
     assert plan["model.layers.0.self_attn.q_proj.weight"] == ModuleSpec("int8")
-    assert plan["model.layers.3.mlp.down_proj.weight"] == ModuleSpec("int8")  # int8 has no groups
+    # int8 takes the later override's blocks (per channel without one)
+    assert plan["model.layers.3.mlp.down_proj.weight"] == ModuleSpec("int8", group_size=32)
+    assert plan["model.layers.0.self_attn.q_proj.weight"].make().describe() == "int8 per-channel"
     assert plan["model.layers.1.self_attn.q_proj.weight"] == ModuleSpec("int4", "awq", 64, True)
     assert plan["model.layers.2.mlp.down_proj.weight"] == ModuleSpec("int4", "awq", 32, True)
     q["overrides"].append({"match": "model.embed_tokens", "scheme": "none"})
@@ -189,7 +270,7 @@ def test_gptq_asymmetric_and_partial_block():
     x, w = correlated_inputs(k=96), weight(k=96, n=16, seed=4)
     scheme = Int4(64, symmetric=False)
     gptq = gptq_quantize(w, x.T.astype(np.float64) @ x, scheme, np.float32)
-    assert gptq.scale.shape == (2, 16) and gptq.zero_point.shape == (2, 16)
+    assert gptq.scale.shape == (2, 16) and gptq.offset.shape == (2, 16)
     assert output_error(x, w, gptq.dequantize()) < output_error(x, w, scheme.quantize(w, np.float32).dequantize())
 
 
@@ -225,3 +306,21 @@ def test_matmulnbits_packing():
     np.testing.assert_array_equal(s, [0.5, 2.0])
     b8, s8 = pack_matmulnbits(codes, np.array([[0.5, 2.0]] * 1, np.float32), 8, 16)
     assert b8.shape == (2, 1, 16) and list(b8[0, 0, :4]) == [120, 129, 128, 128]
+
+
+def test_bits_per_weight_of_every_scheme():
+    """Codes + scales (+ offsets) per weight, as llama.cpp counts its formats (16-bit scales)."""
+    sq = (576, 576)
+    assert bits_per_weight(ModuleSpec("int4", group_size=32), sq, 2) == 4.5  # Q4_0
+    assert bits_per_weight(ModuleSpec("int4", group_size=32, symmetric=False), sq, 2) == 5.0  # Q4_1
+    assert bits_per_weight(ModuleSpec("int8", group_size=32), sq, 2) == 8.5  # Q8_0
+    assert bits_per_weight(ModuleSpec("int4", group_size=128), sq, 2) == 4 + 16 * 5 / 576  # 4 blocks + a short one
+    assert bits_per_weight(ModuleSpec("int8"), (1536, 576), 2) == 8 + 16 / 1536  # one scale per output column
+    assert bits_per_weight(ModuleSpec("int4", group_size=64), sq, 4) == 4.5  # float32 scales
+    assert bits_per_weight(ModuleSpec("fp8"), sq, 2) == 8 + 16 / 576**2
+    assert bits_per_weight(ModuleSpec("none"), sq, 2) == 16
+    # and what the graph stores: int8 g128 pads 576 rows to 640 (the short block's codes)
+    assert stored_bytes(ModuleSpec("int8", group_size=128), sq, 2) == 640 * 576 + 5 * 576 * 2
+    for spec in (ModuleSpec("int4", group_size=32), ModuleSpec("int8", group_size=32), ModuleSpec("int8")):
+        qt = spec.make().quantize(weight(k=576, n=576), np.float16)
+        assert qt.storage_bytes * 8 == bits_per_weight(spec, sq, 2) * 576 * 576

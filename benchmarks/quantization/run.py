@@ -41,6 +41,9 @@ ROWS = {  # name -> quantization.weights
     "fp8": {"scheme": "fp8"},
     # context: the same round-to-nearest at llama.cpp's block size (Q4_0 = 32, symmetric)
     "int4-rtn-g32": {"scheme": "int4", "algorithm": "rtn", "group_size": 32},
+    # Q4_1's grid (the source's own format and blocks: must reproduce the fp16 row), Q8_0's blocks
+    "int4-asym-rtn-g32": {"scheme": "int4", "algorithm": "rtn", "group_size": 32, "symmetric": False},
+    "int8-g32": {"scheme": "int8", "group_size": 32},
 }
 OVERRIDES = {  # name -> quantization.overrides (the tied lm_head gets its own quantized copy)
     "int4-awq-g128-head8": [{"match": "lm_head", "scheme": "int8"}],

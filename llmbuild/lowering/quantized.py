@@ -25,8 +25,16 @@ first K rows of codes are packed. The dropped rows only ever multiplied zeros: e
 
 Codes are stored unsigned with MatMulNBits' default zero point (8 for 4 bits, 128 for
 8 bits), i.e. the graph's signed codes + 2^(bits−1); a short last block is padded with
-zero codes. DequantizeLinear nodes with a zero point, fp8, or other layouts are left
-alone. Operates in memory on an `onnx_ir` model (weights are read to be repacked).
+zero codes. int8 in blocks (`group_size`) keeps its blocks. DequantizeLinear nodes with
+a zero point, fp8, or other layouts are left alone. Operates in memory on an `onnx_ir`
+model (weights are read to be repacked).
+
+Asymmetric int4 (w = s·q + o per block; the standard graph adds (x summed per block)·o,
+llmbuild.quantize.graph) becomes one MatMulNBits with float zero points of the scale's
+dtype, w = s·(u − zp) with u = q + 8 and zp = 8 − o/s (ONNX Runtime's CPU kernel takes
+float zero points for 4 bits, not for 8):
+
+    y = MatMul(x, DQ(q, s)) + MatMul(MatMul(x, indicator), o)  ==>  x ─MatMulNBits(B, s, zp)─► y
 
 `fuse_sibling_matmulnbits` then makes one MatMulNBits of those reading the same
 activation (q/k/v, gate/up), as the float lowering does for plain MatMuls.
@@ -102,10 +110,62 @@ def _block_pad(x: ir.Value, rows: int) -> tuple[ir.Node, int] | None:
     return pad, width
 
 
+def _offset_term(y: ir.Value, a: ir.Value, k: int, blk: int) -> tuple[ir.Node, ir.Value, np.ndarray] | None:
+    """(the Add, the other MatMul input's offset o [G, N]) when `y` (a MatMul of the
+    activation `a`) feeds only `Add(y, MatMul(MatMul(a, indicator [k, G]), o))` with a 0/1
+    indicator of blocks of `blk` rows: asymmetric int4's offset term; else None."""
+    uses = list(y.uses())
+    if len(uses) != 1 or y.is_graph_output():
+        return None
+    add = uses[0].node
+    if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.inputs) != 2:
+        return None
+    corr = add.inputs[1 - uses[0].idx].producer()
+    if corr is None or corr.op_type != "MatMul" or corr.inputs[0] is None:
+        return None
+    sums, offset = corr.inputs[0].producer(), initializer_array(corr.inputs[1])
+    if sums is None or sums.op_type != "MatMul" or sums.inputs[0] is not a or offset is None:
+        return None
+    ind = initializer_array(sums.inputs[1])
+    g = -(-k // blk)
+    if ind is None or ind.shape != (k, g) or offset.ndim != 2 or offset.shape[0] != g:
+        return None
+    expected = np.zeros((k, g), ind.dtype)
+    expected[np.arange(k), np.arange(k) // blk] = 1
+    if not np.array_equal(ind, expected):
+        return None
+    return add, offset
+
+
+def _drop_offset_term(graph: ir.Graph, add: ir.Node, y: ir.Value) -> None:
+    """Remove an offset term's Add (its output now `y`'s) and what only it used."""
+    corr = next(v.producer() for v in add.inputs if v is not None and v is not y)
+    out = add.outputs[0]
+    name = out.name
+    out.replace_all_uses_with(y, replace_graph_outputs=True)
+    graph.remove(add, safe=True)
+    y.name = name
+    sums, offset = corr.inputs[0].producer(), corr.inputs[1]
+    graph.remove(corr, safe=True)
+    drop_unused_initializers(graph, [offset])
+    if not sums.outputs[0].uses():
+        indicator = sums.inputs[1]
+        graph.remove(sums, safe=True)
+        drop_unused_initializers(graph, [indicator])
+
+
+# int8 stored in blocks (`group_size`) runs at accuracy level 1 (float32 activations): at
+# level 4 ONNX Runtime 1.32's 8-bit kernel on SmolLM2 int8 g32 answers "What is the capital
+# of France?" with "L'Étoile, la Cité…" (level 1 and the standard graph: "The capital of
+# France is Paris."; benchmarks/quantization/NOTES.md, 2026-12-01). Its speed is unmeasured.
+INT8_BLOCK_ACCURACY_LEVEL = 1
+
+
 def lower_quantized_matmuls(model: ir.Model, *, int4_accuracy_level: int = 4, int8_accuracy_level: int = 4,
-                            int8_block: int = 128) -> int:
+                            int8_block: int = 128, int8_block_accuracy_level: int = INT8_BLOCK_ACCURACY_LEVEL) -> int:
     """Rewrite every eligible DequantizeLinear → MatMul of `model` in place; returns how many
-    MatMuls became MatMulNBits."""
+    MatMuls became MatMulNBits. `int8_accuracy_level` applies to int8 per channel,
+    `int8_block_accuracy_level` to int8 in blocks."""
     graph = model.graph
     lowered = 0
     bypassed: list[ir.Node] = []  # Pads whose MatMuls now read their input
@@ -131,7 +191,7 @@ def lower_quantized_matmuls(model: ir.Model, *, int4_accuracy_level: int = 4, in
             bits, blk, level = 8, int8_block_size(k, int8_block), int8_accuracy_level
             per_block = np.repeat(scale[None, :], -(-k // blk), axis=0)
         elif q.dtype == ir.DataType.INT8 and axis == 0 and block:
-            bits, blk, per_block, level = 8, int(block), scale, int8_accuracy_level
+            bits, blk, per_block, level = 8, int(block), scale, int8_block_accuracy_level
         else:
             continue
         if blk < 16 or blk & (blk - 1):
@@ -140,6 +200,7 @@ def lower_quantized_matmuls(model: ir.Model, *, int4_accuracy_level: int = 4, in
         for use in users:
             mm = use.node
             a, width = mm.inputs[0], k
+            term = _offset_term(mm.outputs[0], a, k, blk) if bits == 4 and a is not None else None
             found = _block_pad(a, k) if a is not None else None
             if found is not None:
                 pad, pad_width = found
@@ -156,7 +217,14 @@ def lower_quantized_matmuls(model: ir.Model, *, int4_accuracy_level: int = 4, in
                 graph.register_initializer(s_val)
                 packed[width] = b_val, s_val
             b_val, s_val = packed[width]
-            node = ir.node("MatMulNBits", [a, b_val, s_val],
+            inputs = [a, b_val, s_val]
+            if term is not None:  # w = s·q + o = s·(u − zp), u = q + 8: zp = 8 − o/s
+                g = -(-width // blk)
+                zp = (8.0 - term[1][:g].astype(np.float32) / np.asarray(per_block[:g], np.float32))
+                inputs.append(constant(f"{q.name}.nbits_zero_points", np.ascontiguousarray(zp.T).reshape(-1)
+                                       .astype(scale.dtype), like=s))
+                graph.register_initializer(inputs[-1])
+            node = ir.node("MatMulNBits", inputs,
                            {"K": width, "N": n, "bits": bits, "block_size": blk, "accuracy_level": level},
                            domain=MS_DOMAIN, name=f"{mm.name or q.name}.nbits")
             out, new = mm.outputs[0], node.outputs[0]
@@ -166,6 +234,8 @@ def lower_quantized_matmuls(model: ir.Model, *, int4_accuracy_level: int = 4, in
             out.replace_all_uses_with(new, replace_graph_outputs=True)
             graph.remove(mm, safe=True)
             new.name = name
+            if term is not None:
+                _drop_offset_term(graph, term[0], new)
             lowered += 1
         graph.remove(dq, safe=True)
         drop_unused_initializers(graph, (q, s))
@@ -185,23 +255,26 @@ def fuse_sibling_matmulnbits(model: ir.Model) -> int:
        ├─MatMulNBits(B2, s2, N2)─► y2   ==>
        └─MatMulNBits(B3, s3, N3)─► y3
     MatMulNBits nodes reading the same A with the same K, bits, block size, accuracy level
-    and scale dtype, without zero points, g_idx or bias (q/k/v; gate/up): one kernel call
+    and scale dtype, all with float zero points or none, without g_idx or bias (q/k/v;
+    gate/up): one kernel call
     (and, at accuracy level 4, one quantization of A) instead of several. B [N, G, ·] and
     the scales [N·G] are N-major, so they concatenate along N; the result is the same
-    per output column. Returns how many nodes were merged away.
+    per output column (zero points [N·G] too). Returns how many nodes were merged away.
     """
     graph = model.graph
     groups: dict[tuple, list[ir.Node]] = {}
     for node in graph:
         if node.op_type != "MatMulNBits" or node.domain != MS_DOMAIN or node.inputs[0] is None:
             continue
-        if len(node.inputs) < 3 or any(v is not None for v in node.inputs[3:]):
+        if len(node.inputs) < 3 or any(v is not None for v in node.inputs[4:]):
             continue
+        zp = node.inputs[3] if len(node.inputs) > 3 else None
         b, s = initializer_array(node.inputs[1]), initializer_array(node.inputs[2])
-        if b is None or s is None or b.ndim != 3:
+        if b is None or s is None or b.ndim != 3 or (zp is not None and (zp.dtype != node.inputs[2].dtype or
+                                                                         initializer_array(zp) is None)):
             continue
         key = (id(node.inputs[0]), _attr(node, "K"), _attr(node, "bits", 4), _attr(node, "block_size"),
-               _attr(node, "accuracy_level", 0), node.inputs[2].dtype)
+               _attr(node, "accuracy_level", 0), node.inputs[2].dtype, zp is not None)
         groups.setdefault(key, []).append(node)
     merged = 0
     for nodes in groups.values():
@@ -214,14 +287,17 @@ def fuse_sibling_matmulnbits(model: ir.Model) -> int:
         name = prefix + "+".join(b.name[len(prefix):] for b in bs)
         b_val = constant(name, np.concatenate([initializer_array(b) for b in bs], axis=0))
         s_val = constant(f"{name}.scales", np.concatenate([initializer_array(s).reshape(-1) for s in ss]), like=ss[0])
-        for v in (b_val, s_val):
+        zps = [n.inputs[3] for n in nodes if len(n.inputs) > 3 and n.inputs[3] is not None]
+        extra = [constant(f"{name}.zero_points", np.concatenate([initializer_array(z) for z in zps]), like=zps[0])
+                 ] if zps else []
+        for v in (b_val, s_val, *extra):
             graph.register_initializer(v)
         first = nodes[0]
         attrs = {k: a.value for k, a in first.attributes.items()}
-        fused = ir.node("MatMulNBits", [first.inputs[0], b_val, s_val], {**attrs, "N": sum(widths)},
+        fused = ir.node("MatMulNBits", [first.inputs[0], b_val, s_val, *extra], {**attrs, "N": sum(widths)},
                         domain=MS_DOMAIN, name=f"{first.name}+{len(nodes) - 1}")
         fused.outputs[0].type = first.outputs[0].type
         replace_with_split(graph, nodes, fused, widths, first.name)
-        drop_unused_initializers(graph, [*bs, *ss])
+        drop_unused_initializers(graph, [*bs, *ss, *zps])
         merged += len(nodes) - 1
     return merged

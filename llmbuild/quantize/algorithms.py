@@ -119,7 +119,7 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, scheme: Int4, scale_dtype=
     hinv = np.linalg.cholesky(np.linalg.inv(h)).T  # upper U with H⁻¹ = UᵀU
     g = scheme.num_groups(k)
     scales = np.zeros((g, n), np.float32)
-    zeros = None if scheme.symmetric else np.zeros((g, n), np.int8)
+    zeros = None if scheme.symmetric else np.zeros((g, n), np.float32)  # per-block offsets
     codes = np.zeros((k, n), np.int8)
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
@@ -138,8 +138,7 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, scheme: Int4, scale_dtype=
             z = None if zeros is None else zeros[gi:gi + 1]
             c = scheme.codes(w1[i:i + 1].astype(np.float32), scales[gi:gi + 1], z)
             codes[row] = c[0]
-            deq = c[0].astype(np.float64) - (0 if z is None else z[0].astype(np.float64))
-            deq = deq * scales[gi]
+            deq = c[0].astype(np.float64) * scales[gi] + (0 if z is None else z[0].astype(np.float64))
             e = (w1[i] - deq) / h1[i, i]
             w1[i:] -= np.outer(h1[i, i:], e)
             err1[i] = e

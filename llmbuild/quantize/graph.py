@@ -2,7 +2,7 @@
 
 Nothing is computed here: every new initializer is an `onnx_ir.LazyTensor`, so that
 `ir.save` quantizes one weight at a time while it streams the weights to disk (the
-weight's codes, scales and zero-point offsets are computed once, handed out as the
+weight's codes, scales and offsets are computed once, handed out as the
 saver asks for them, then dropped).
 
 Symmetric weights (int8, int4, fp8):
@@ -11,17 +11,25 @@ Symmetric weights (int8, int4, fp8):
     scale ──────────────────────┴─DequantizeLinear(axis, block_size)─► W ─┐
     x ────────────────────────────────────────────────────────────────────┴─MatMul─► y
 
-int4 with a short last block (576 input rows in groups of 128): TensorRT derives the
-block size as rows / scale rows, so the codes are stored padded with zero rows to whole
-blocks and the activation gets as many zero columns (one Pad per distinct input):
+int4 and int8 in blocks (`group_size`) with a short last block (576 input rows in groups
+of 128): TensorRT derives the block size as rows / scale rows, so the codes are stored
+padded with zero rows to whole blocks and the activation gets as many zero columns (one
+Pad per distinct input):
 
     x [.., 576] ─Pad(axes=[-1], 0..64)─► x' [.., 640] ─MatMul(x', DequantizeLinear(q [640, out], s [5, out]))
 
-Asymmetric int4 (w = s·(q − z)): TensorRT's DequantizeLinear takes no zero point, so
-the zero point is folded into a second, tiny product (G = blocks per column):
+Asymmetric int4 (w = s·q + o, o a float per block, as llama.cpp's Q4_1): DequantizeLinear
+cannot hold it (its zero point is an integer on the code grid, and TensorRT takes only
+zero-valued zero points), so the offset is a second, small product: x·(s·q) + (x summed
+per block)·o. The block sums are one MatMul with a 0/1 indicator [in, G] (G = blocks per
+column), shared by the linears that read the same x (q/k/v; gate/up):
 
     x ──MatMul(x, DequantizeLinear(q, s))──────────────────────────────┐
-     └─MatMul(x, indicator [in, G])──MatMul(·, −s·z [G, out])─────────(+)─► y
+     └─MatMul(x, indicator [in, G])──MatMul(·, o [G, out])─────────────(+)─► y
+
+All of it is plain ONNX that TensorRT parses (its int4 weight-only GEMM for the first
+product, two small GEMMs and an Add for the offset); the CPU lowering folds the offset
+back into MatMulNBits' float zero points (llmbuild.lowering.quantized).
 
 fp8 also quantizes the activation entering the MatMul (per-tensor scale from
 calibration; inputs shared by several linears are quantized once):
@@ -164,6 +172,7 @@ def quantize_graph(
     stored = {}
     act_cache: dict[int, ir.Value] = {}
     pad_cache: dict[tuple[int, int], ir.Value] = {}
+    sums_cache: dict[tuple[int, int, int], ir.Value] = {}
     for name, value in weights.items():
         spec = plan.get(name, ModuleSpec("none"))
         k, n = (int(d) for d in value.shape)
@@ -182,12 +191,12 @@ def quantize_graph(
         asym = spec.scheme == "int4" and not spec.symmetric
         shared = _SharedResult(make, 3 if asym else 2)
         code_type = _ONNX_CODES[spec.scheme]
-        kp = -(-k // spec.group_size) * spec.group_size if spec.scheme == "int4" else k
+        block = spec.group_size  # int4, int8 in blocks; None: int8 per channel, fp8 per tensor
+        kp = -(-k // block) * block if block else k
         q = _lazy(name, code_type, (kp, n), shared.part("q", lambda qt, kp=kp: _codes(qt, kp)))
-        scale_shape = {"int8": (n,), "fp8": (), "int4": (-(-k // (spec.group_size or 1)), n)}[spec.scheme]
+        scale_shape = (kp // block, n) if block else (n,) if spec.scheme == "int8" else ()
         s = _lazy(name + ".scale", compute, scale_shape, shared.part("s", lambda qt: qt.scale.astype(scale_np)))
-        attrs = {"axis": 1} if spec.scheme == "int8" else {"axis": 0, "block_size": spec.group_size} if (
-            spec.scheme == "int4") else {}
+        attrs = {"axis": 0, "block_size": block} if block else {"axis": 1} if spec.scheme == "int8" else {}
         consumers = [u.node for u in value.uses()]
         matmuls = [c for c in consumers if c.op_type == "MatMul"]
         first = matmuls[0]
@@ -234,7 +243,7 @@ def quantize_graph(
                 mm.replace_input_with(0, pad_cache[key])
         graph.insert_before(first, new_nodes)
         if asym:
-            _add_zero_point_term(graph, first, name, kp, n, spec.group_size, compute, shared, scale_np)
+            _add_offset_term(graph, first, name, kp, n, block, compute, shared, sums_cache)
     for name in replaced_names:
         old = graph.initializers[name]
         getter = replaced_floats
@@ -246,43 +255,47 @@ def quantize_graph(
     return stored
 
 
-def _add_zero_point_term(graph, matmul, name, k, n, block, compute, shared, scale_np):
+def _add_offset_term(graph, matmul, name, k, n, block, compute, shared, sums_cache):
     """
     x ─MatMul(x, indicator [k, G])─► xs [.., G] ─MatMul(xs, offset [G, n])─► c ─┐
     MatMul(x, W) ─► y ───────────────────────────────────────────────────────(+)─► y'
+    (xs is made once per input x and block layout: `sums_cache`)
     """
-    g = -(-k // block)
-    indicator = np.zeros((k, g), scale_np)
-    indicator[np.arange(k), np.arange(k) // block] = 1
-    ind = ir.Value(name=name + ".block_indicator", type=ir.TensorType(compute), shape=ir.Shape([k, g]),
-                   const_value=ir.tensor(indicator))
-    off = _lazy(name + ".zero_offset", compute, (g, n),
-                shared.part("z", lambda qt: (-(qt.scale * qt.zero_point.astype(np.float32))).astype(scale_np)))
-    graph.register_initializer(ind)
-    graph.register_initializer(off)
+    g = k // block
     x = matmul.inputs[0]
+    key = (id(x), k, block)
+    new_nodes = []
+    if key not in sums_cache:
+        indicator = np.zeros((k, g), compute.numpy())
+        indicator[np.arange(k), np.arange(k) // block] = 1
+        ind = ir.Value(name=name + ".block_indicator", type=ir.TensorType(compute), shape=ir.Shape([k, g]),
+                       const_value=ir.tensor(indicator))
+        graph.register_initializer(ind)
+        sums = ir.node("MatMul", [x, ind], name=name + ".block_sums")
+        new_nodes.append(sums)
+        sums_cache[key] = sums.outputs[0]
+    off = _lazy(name + ".offset", compute, (g, n), shared.part("o", lambda qt: qt.offset.astype(compute.numpy())))
+    graph.register_initializer(off)
     y = matmul.outputs[0]
-    sums = ir.node("MatMul", [x, ind], name=name + ".block_sums")
-    corr = ir.node("MatMul", [sums.outputs[0], off], name=name + ".zero_correction")
-    add = ir.node("Add", [y, corr.outputs[0]], name=name + ".zero_point_add")
+    corr = ir.node("MatMul", [sums_cache[key], off], name=name + ".offset_product")
+    add = ir.node("Add", [y, corr.outputs[0]], name=name + ".offset_add")
+    new_nodes += [corr, add]
     out = add.outputs[0]
     was_output, y_name = y.is_graph_output(), y.name
     y.replace_all_uses_with(out, replace_graph_outputs=True)
     add.replace_input_with(0, y)
     if was_output:  # an untied lm_head in a float32 graph: `logits` keeps its name
-        y.name, out.name = f"{y_name}.before_zero_point", y_name
+        y.name, out.name = f"{y_name}.before_offset", y_name
         out.type, out.shape = y.type, y.shape
-    graph.insert_after(matmul, [sums, corr, add])
+    graph.insert_after(matmul, new_nodes)
 
 
 def _codes(qt: QuantizedTensor, rows: int) -> np.ndarray:
-    """Codes as stored: int4 padded with zero rows to `rows` (whole blocks)."""
-    if qt.scheme == "int4":
-        data = qt.data
-        if rows > data.shape[0]:
-            data = np.concatenate([data, np.zeros((rows - data.shape[0], data.shape[1]), np.int8)])
-        return data.astype(ml_dtypes.int4)
-    return qt.data
+    """Codes as stored: blocked codes padded with zero rows to `rows` (whole blocks)."""
+    data = qt.data
+    if rows > data.shape[0]:
+        data = np.concatenate([data, np.zeros((rows - data.shape[0], data.shape[1]), data.dtype)])
+    return data.astype(ml_dtypes.int4) if qt.scheme == "int4" else data
 
 
 def _lazy(name: str, dtype: ir.DataType, shape, load) -> ir.Value:

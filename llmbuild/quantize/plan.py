@@ -35,10 +35,9 @@ class ModuleSpec:
     symmetric: bool = True
 
     def make(self):
-        params = {"group_size": self.group_size, "symmetric": self.symmetric} if self.scheme == "int4" else {}
         from llmbuild.quantize.schemes import make_scheme  # numpy: not needed to plan or validate
 
-        return make_scheme(self.scheme, **params)
+        return make_scheme(self.scheme, group_size=self.group_size, symmetric=self.symmetric)
 
     @property
     def label(self) -> str:
@@ -53,18 +52,38 @@ class ModuleSpec:
 
 
 def stored_bytes(spec: ModuleSpec, shape: tuple[int, int], dtype_bytes: int) -> int:
-    """Bytes the weight takes in the graph (codes + scales + zero-point terms)."""
+    """Bytes the weight takes in the graph: codes (padded to whole blocks) + scales
+    (+ asymmetric int4's offsets and its block indicator [in, G], counted per weight though
+    the linears reading the same input share one)."""
     k, n = shape
     if spec.scheme == "none":
         return k * n * dtype_bytes
-    if spec.scheme == "int8":
-        return k * n + n * dtype_bytes
     if spec.scheme == "fp8":
         return k * n + dtype_bytes
+    if spec.group_size is None:  # int8 per channel
+        return k * n + n * dtype_bytes
     g = -(-k // spec.group_size)
     kp = g * spec.group_size  # stored padded to whole blocks
+    codes = kp * n if spec.scheme == "int8" else (kp * n + 1) // 2
     extra = (g * n + kp * g) * dtype_bytes if not spec.symmetric else 0
-    return (kp * n + 1) // 2 + g * n * dtype_bytes + extra
+    return codes + g * n * dtype_bytes + extra
+
+
+def bits_per_weight(spec: ModuleSpec, shape: tuple[int, int], dtype_bytes: int) -> float:
+    """The scheme's bits per weight as llama.cpp counts them: codes + scales (+ offsets),
+    scales and offsets in the graph dtype, no padding (int4 g32 sym = 4.5 at 16 bits, like
+    Q4_0; asym 5.0, like Q4_1; int8 g32 = 8.5, like Q8_0)."""
+    k, n = shape
+    scale_bits = 8 * dtype_bytes
+    if spec.scheme == "none":
+        return float(scale_bits)
+    if spec.scheme == "fp8":
+        return 8 + scale_bits / (k * n)
+    if spec.group_size is None:
+        return 8 + scale_bits / k
+    code_bits = 8 if spec.scheme == "int8" else 4
+    per_block = scale_bits * (1 if spec.symmetric else 2)
+    return code_bits + per_block * (-(-k // spec.group_size)) / k
 
 
 def module_name(weight_name: str) -> str:
@@ -76,7 +95,8 @@ def default_spec(weights: dict) -> ModuleSpec:
     return ModuleSpec(
         scheme=scheme,
         algorithm=weights.get("algorithm") or "rtn",
-        group_size=(weights.get("group_size") or 128) if scheme == "int4" else None,
+        group_size=(weights.get("group_size") or 128) if scheme == "int4" else (
+            weights.get("group_size") if scheme == "int8" else None),
         symmetric=weights.get("symmetric", True) if weights.get("symmetric") is not None else True,
     )
 
@@ -100,7 +120,7 @@ def resolve_plan(quantization: dict, weight_names: list[str], num_layers: int) -
             if spec.scheme == "int4" and spec.group_size is None:
                 spec = replace(spec, group_size=128)
             if spec.scheme != "int4":
-                spec = replace(spec, group_size=None, symmetric=True)
+                spec = replace(spec, group_size=spec.group_size if spec.scheme == "int8" else None, symmetric=True)
             if spec.scheme in ("none", "fp8", "int8") and spec.algorithm != "rtn":
                 spec = replace(spec, algorithm="rtn")
         plan[name] = spec
@@ -150,27 +170,41 @@ def _matches(override: dict, module: str, layer: int | None, num_layers: int) ->
     return True
 
 
-def summarize(plan: dict[str, ModuleSpec], shapes: dict[str, tuple[int, ...]], stored: dict[str, int]) -> dict:
-    """JSON-able summary: per distinct setting, how many weights / parameters / bytes, and
-    the per-module list (compact: module name → label)."""
+def mean_bits_per_weight(plan: dict[str, ModuleSpec], shapes: dict[str, tuple[int, int]], dtype_bytes: int) -> float:
+    """Bits per weight over the linear weights of `plan` (`bits_per_weight`, weighted by size)."""
+    bits = sum(bits_per_weight(spec, shapes[n], dtype_bytes) * shapes[n][0] * shapes[n][1] for n, spec in plan.items())
+    return bits / max(1, sum(shapes[n][0] * shapes[n][1] for n in plan))
+
+
+def summarize(plan: dict[str, ModuleSpec], shapes: dict[str, tuple[int, ...]], stored: dict[str, int],
+              dtype_bytes: int = 2) -> dict:
+    """JSON-able summary: per distinct setting, how many weights / parameters / bytes and
+    its bits per weight (`bits_per_weight`), the linears' mean bits per weight, and the
+    per-module list (compact: module name → label)."""
     groups: dict[str, dict] = {}
     for name, spec in plan.items():
-        g = groups.setdefault(spec.label, {"setting": spec.label, "weights": 0, "parameters": 0, "bytes": 0})
+        g = groups.setdefault(spec.label, {"setting": spec.label, "weights": 0, "parameters": 0, "bytes": 0,
+                                           "bits": 0.0})
         n = 1
         for d in shapes[name]:
             n *= int(d)
         g["weights"] += 1
         g["parameters"] += n
         g["bytes"] += int(stored.get(name, 0))
+        g["bits"] += bits_per_weight(spec, shapes[name], dtype_bytes) * n
+    for g in groups.values():
+        g["bits_per_weight"] = round(g.pop("bits") / max(1, g["parameters"]), 4)
     return {
         "groups": sorted(groups.values(), key=lambda g: -g["parameters"]),
+        "bits_per_weight": round(mean_bits_per_weight(plan, shapes, dtype_bytes), 4),
         "modules": {module_name(n): spec.label for n, spec in plan.items()},
     }
 
 
 def format_summary(summary: dict) -> str:
     """The summary as a small text table (compile's log, `llmbuild inspect`)."""
-    lines = [f"{'setting':<34} {'weights':>7} {'params':>12} {'bytes':>12}"]
+    lines = [f"{'setting':<34} {'weights':>7} {'params':>12} {'bytes':>12} {'bits/w':>7}"]
     for g in summary["groups"]:
-        lines.append(f"{g['setting']:<34} {g['weights']:>7} {g['parameters']:>12,} {g['bytes']:>12,}")
+        bpw = f"{g['bits_per_weight']:.2f}" if "bits_per_weight" in g else "-"
+        lines.append(f"{g['setting']:<34} {g['weights']:>7} {g['parameters']:>12,} {g['bytes']:>12,} {bpw:>7}")
     return "\n".join(lines)

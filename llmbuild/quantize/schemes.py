@@ -3,21 +3,33 @@ reference of exactly what the graph's `DequantizeLinear` computes.
 
 Weights arrive as the graph stores them, `[in, out]` (the HF `[out, in]` transposed).
 
-| scheme | codes          | scale (graph dtype)          | DequantizeLinear          |
-|--------|----------------|------------------------------|---------------------------|
-| int8   | int8 [-127,127]| per output channel: [out]    | axis=1                    |
-| int4   | int4 [-8, 7]   | per block of `group_size`    | axis=0, block_size=group  |
-|        |                | input rows: [ceil(in/g), out]|                           |
-| fp8    | float8e4m3fn   | one per tensor: []           | (per tensor)              |
+| scheme          | codes           | scale (graph dtype)             | DequantizeLinear         | bits/weight |
+|-----------------|-----------------|---------------------------------|--------------------------|-------------|
+| int8            | int8 [-127,127] | per output channel: [out]       | axis=1                   | 8 + 16/in   |
+| int8 g32/64/128 | int8 [-127,127] | per block of `group_size` input | axis=0, block_size=group | 8 + 16/g    |
+|                 |                 | rows: [ceil(in/g), out]         |                          | (Q8_0: 8.5) |
+| int4 g… sym     | int4 [-8, 7]    | per block: [ceil(in/g), out]    | axis=0, block_size=group | 4 + 16/g    |
+| int4 g… asym    | int4 [-8, 7]    | per block + a float offset      | + a per-block offset     | 4 + 32/g    |
+|                 |                 | per block: [ceil(in/g), out]    | term (quantize.graph)    | (Q4_1: 5.0) |
+| fp8             | float8e4m3fn    | one per tensor: []              | (per tensor)             | 8           |
 
-int4 is symmetric (w ≈ s·q, s = max|w|/7) or asymmetric (w ≈ s·(q − z), 16 levels
-from min(w, 0) to max(w, 0); codes and zero points are stored shifted by −8 as signed int4,
-because TensorRT reads only signed int4). The last block may be shorter than the group
-(576 input rows in groups of 128: four full blocks and one of 64); ONNX allows that
-and both ONNX Runtime and TensorRT accept it.
+(bits per weight with 16-bit scales and offsets, before int4's padding to whole blocks.)
 
-Scales are rounded to the graph's dtype *before* the codes are computed, so the
-dequantized reference here is bit-for-bit what DequantizeLinear produces.
+Symmetric int4 is llama.cpp Q4_0's rule: the scale is `m / −8`, `m` the block's value of
+largest |w| *with its sign*, so that value maps to code −8 exactly and all 16 levels are
+used (max|w|/7 leaves −8 unused: 15 levels). The scale is therefore negative in blocks
+whose extreme is positive; DequantizeLinear is a plain multiply either way.
+
+Asymmetric int4 is Q4_1's grid: w = d·u + m with u in [0, 15], d = (max − min)/15 and
+m = min, any float (not a zero point on the integer grid). Codes are stored signed,
+q = u − 8 (TensorRT reads only signed int4), so w = d·q + o with the per-block offset
+o = m + 8·d kept in the graph dtype: `QuantizedTensor.offset`.
+
+The last block may be shorter than the group (576 input rows in groups of 128: four full
+blocks and one of 64); ONNX allows that and both ONNX Runtime and TensorRT accept it.
+
+Scales and offsets are rounded to the graph's dtype *before* the codes are computed, so
+the dequantized reference here is what the graph computes with.
 """
 
 from __future__ import annotations
@@ -28,6 +40,7 @@ import ml_dtypes
 import numpy as np
 
 FP8_MAX = 448.0  # largest finite float8e4m3fn
+GROUP_SIZES = (32, 64, 128)  # int4 and int8 blocks along the input dimension
 
 
 @dataclass(frozen=True)
@@ -37,7 +50,7 @@ class QuantizedTensor:
     scheme: str
     data: np.ndarray  # int8 codes (int8 and int4 schemes) or float8_e4m3fn values, [in, out]
     scale: np.ndarray  # float32 holding values exactly representable in the graph dtype
-    zero_point: np.ndarray | None = None  # int4 asymmetric: shifted zero points (int8 in [-8, 7])
+    offset: np.ndarray | None = None  # int4 asymmetric: per-block float offset o, w = s·q + o
     axis: int | None = None  # DequantizeLinear axis (None: per tensor)
     block_size: int | None = None
 
@@ -45,21 +58,21 @@ class QuantizedTensor:
         """The float32 weight the graph computes with."""
         codes = self.data.astype(np.float32)
         if self.block_size:
-            scale = _expand_blocks(self.scale, self.block_size, codes.shape[0])
-            if self.zero_point is not None:
-                codes = codes - _expand_blocks(self.zero_point.astype(np.float32), self.block_size, codes.shape[0])
-            return codes * scale
+            w = codes * _expand_blocks(self.scale, self.block_size, codes.shape[0])
+            if self.offset is not None:
+                w = w + _expand_blocks(self.offset, self.block_size, codes.shape[0])
+            return w
         if self.axis == 1:
             return codes * self.scale[None, :]
         return codes * self.scale
 
     @property
     def storage_bytes(self) -> int:
-        """Bytes of codes + scales (+ zero points) as stored in the graph, scales at 2 bytes."""
+        """Bytes of codes + scales (+ offsets) as stored in the graph, scales at 2 bytes."""
         bits = {"int4": 4, "int8": 8, "fp8": 8}[self.scheme]
         n = (self.data.size * bits + 7) // 8 + 2 * self.scale.size
-        if self.zero_point is not None:
-            n += 2 * self.zero_point.size  # stored as the folded offset -s*z (graph dtype)
+        if self.offset is not None:
+            n += 2 * self.offset.size
         return n
 
 
@@ -68,12 +81,33 @@ def _expand_blocks(per_block: np.ndarray, block: int, rows: int) -> np.ndarray:
     return np.repeat(per_block, block, axis=0)[:rows]
 
 
+def _round(x: np.ndarray, dtype) -> np.ndarray:
+    """Values as the graph stores them (float16 …), back in float32."""
+    return np.asarray(x, np.float32).astype(dtype).astype(np.float32)
+
+
 def _round_scale(scale: np.ndarray, scale_dtype) -> np.ndarray:
-    """Scales as the graph stores them (float16 …), back in float32; never 0 or subnormal-0."""
-    s = np.asarray(scale, np.float32).astype(scale_dtype).astype(np.float32)
-    # An all-zero block/channel gets the smallest normal scale (its codes are all 0).
+    """Scales as the graph stores them, keeping their sign; never 0 (or a subnormal that
+    rounds to 0): an all-zero block/channel gets the smallest normal scale (codes all 0)."""
+    s = _round(scale, scale_dtype)
     tiny = np.float32(ml_dtypes.finfo(scale_dtype).tiny)
-    return np.where(s > 0, s, tiny).astype(np.float32)
+    return np.where(s != 0, s, tiny).astype(np.float32)
+
+
+def _blocks(w: np.ndarray, group: int) -> np.ndarray:
+    """[in, out] → [G, group, out]; a short last block is padded with its own last row
+    (which changes neither its extremes nor its min/max)."""
+    g = -(-w.shape[0] // group)
+    pad = g * group - w.shape[0]
+    if pad:
+        w = np.concatenate([w, np.repeat(w[-1:], pad, axis=0)], axis=0)
+    return w.reshape(g, group, w.shape[1])
+
+
+def _check_group(name: str, group_size: int) -> int:
+    if group_size not in GROUP_SIZES:
+        raise ValueError(f"{name} group_size {group_size}: expected one of {list(GROUP_SIZES)}")
+    return int(group_size)
 
 
 def _check_matrix(w: np.ndarray) -> np.ndarray:
@@ -86,83 +120,83 @@ def _check_matrix(w: np.ndarray) -> np.ndarray:
 
 
 class Int8:
-    """Symmetric int8, one scale per output channel."""
+    """Symmetric int8 (scale max|w|/127): one scale per output channel, or with
+    `group_size` one per block of that many input rows (llama.cpp's Q8_0 at 32)."""
 
     name = "int8"
 
-    def __init__(self, **params):
+    def __init__(self, group_size: int | None = None, **params):
         _no_params(self.name, params)
+        self.group_size = None if group_size is None else _check_group(self.name, group_size)
 
     def quantize(self, w: np.ndarray, scale_dtype=np.float16, shrink: np.ndarray | None = None) -> QuantizedTensor:
         w = _check_matrix(w)
-        amax = np.abs(w).max(axis=0)
+        if self.group_size is None:
+            amax = np.abs(w).max(axis=0)
+            if shrink is not None:
+                amax = amax * shrink
+            scale = _round_scale(amax / 127.0, scale_dtype)
+            q = np.clip(np.rint(w / scale[None, :]), -127, 127).astype(np.int8)
+            return QuantizedTensor(self.name, q, scale, axis=1)
+        amax = np.abs(_blocks(w, self.group_size)).max(axis=1)
         if shrink is not None:
             amax = amax * shrink
         scale = _round_scale(amax / 127.0, scale_dtype)
-        q = np.clip(np.rint(w / scale[None, :]), -127, 127).astype(np.int8)
-        return QuantizedTensor(self.name, q, scale, axis=1)
+        s = _expand_blocks(scale, self.group_size, w.shape[0])
+        q = np.clip(np.rint(w / s), -127, 127).astype(np.int8)
+        return QuantizedTensor(self.name, q, scale, axis=0, block_size=self.group_size)
 
     def describe(self) -> str:
-        return "int8 per-channel"
+        return "int8 per-channel" if self.group_size is None else f"int8 g{self.group_size}"
 
 
 class Int4:
-    """Blockwise int4 along the input dimension, symmetric or with zero points."""
+    """Blockwise int4 along the input dimension: symmetric (Q4_0's signed-extreme scale)
+    or asymmetric (Q4_1's scale + float offset)."""
 
     name = "int4"
-    GROUP_SIZES = (32, 64, 128)
+    GROUP_SIZES = GROUP_SIZES
 
     def __init__(self, group_size: int = 128, symmetric: bool = True, **params):
         _no_params(self.name, params)
-        if group_size not in self.GROUP_SIZES:
-            raise ValueError(f"int4 group_size {group_size}: expected one of {list(self.GROUP_SIZES)}")
-        self.group_size = int(group_size)
+        self.group_size = _check_group(self.name, group_size)
         self.symmetric = bool(symmetric)
 
     def num_groups(self, rows: int) -> int:
         return -(-rows // self.group_size)
 
-    def _blocks(self, w: np.ndarray) -> np.ndarray:
-        """[in, out] → [G, group, out]; a short last block is padded with its own last row
-        (which changes neither its max |w| nor its min/max)."""
-        g = self.num_groups(w.shape[0])
-        pad = g * self.group_size - w.shape[0]
-        if pad:
-            w = np.concatenate([w, np.repeat(w[-1:], pad, axis=0)], axis=0)
-        return w.reshape(g, self.group_size, w.shape[1])
-
     def params(self, w: np.ndarray, scale_dtype=np.float16, shrink: np.ndarray | None = None):
-        """Scales and (shifted) zero points [G, out] of `w` [in, out]; `shrink` [G, out] in
-        (0, 1] narrows the range (AWQ's clipping search)."""
-        blocks = self._blocks(_check_matrix(w))
+        """Scales and offsets (None when symmetric) [G, out] of `w` [in, out]; `shrink`
+        [G, out] in (0, 1] narrows the range (AWQ's clipping search)."""
+        blocks = _blocks(_check_matrix(w), self.group_size)
         if self.symmetric:
-            amax = np.abs(blocks).max(axis=1)
+            # the block's value of largest |w|, signed: it becomes code -8 exactly
+            idx = np.abs(blocks).argmax(axis=1)[:, None, :]
+            extreme = np.take_along_axis(blocks, idx, axis=1)[:, 0, :]
             if shrink is not None:
-                amax = amax * shrink
-            return _round_scale(amax / 7.0, scale_dtype), None
-        # the range always includes 0 (as GPTQ's quantizer): an all-positive block would
-        # otherwise need a zero point outside the 16 codes and clip its largest values
-        lo, hi = np.minimum(blocks.min(axis=1), 0), np.maximum(blocks.max(axis=1), 0)
+                extreme = extreme * shrink
+            return _round_scale(extreme / -8.0, scale_dtype), None
+        lo, hi = blocks.min(axis=1), blocks.max(axis=1)
         if shrink is not None:
-            lo, hi = lo * shrink, hi * shrink
+            mid = (hi + lo) / 2  # narrow the range about its middle
+            lo, hi = mid + (lo - mid) * shrink, mid + (hi - mid) * shrink
         scale = _round_scale((hi - lo) / 15.0, scale_dtype)
-        zero = np.clip(np.rint(-lo / scale), 0, 15)
-        return scale, (zero - 8).astype(np.int8)
+        return scale, _round(lo + 8.0 * scale, scale_dtype)
 
-    def codes(self, w: np.ndarray, scale: np.ndarray, zero: np.ndarray | None) -> np.ndarray:
+    def codes(self, w: np.ndarray, scale: np.ndarray, offset: np.ndarray | None) -> np.ndarray:
         """int8 codes in [-8, 7] of `w` [rows, out] given per-block params [G, out] that
         start at row 0 of `w` (GPTQ calls this on slices whose rows lie in one block)."""
         rows = w.shape[0]
         s = _expand_blocks(scale, self.group_size, rows)
-        if zero is None:
-            return np.clip(np.rint(w / s), -8, 7).astype(np.int8)
-        z = _expand_blocks(zero.astype(np.float32) + 8, self.group_size, rows)
-        return (np.clip(np.rint(w / s) + z, 0, 15) - 8).astype(np.int8)
+        if offset is not None:
+            w = w - _expand_blocks(offset, self.group_size, rows)
+        return np.clip(np.rint(w / s), -8, 7).astype(np.int8)
 
     def quantize(self, w: np.ndarray, scale_dtype=np.float16, shrink: np.ndarray | None = None) -> QuantizedTensor:
         w = _check_matrix(w)
-        scale, zero = self.params(w, scale_dtype, shrink)
-        return QuantizedTensor(self.name, self.codes(w, scale, zero), scale, zero, axis=0, block_size=self.group_size)
+        scale, offset = self.params(w, scale_dtype, shrink)
+        return QuantizedTensor(self.name, self.codes(w, scale, offset), scale, offset, axis=0,
+                               block_size=self.group_size)
 
     def describe(self) -> str:
         return f"int4 g{self.group_size} {'sym' if self.symmetric else 'asym'}"
@@ -211,6 +245,7 @@ def _no_params(name: str, params: dict) -> None:
 # The registry: recipe name -> scheme class. "none" (keep the weight) is not a scheme.
 SCHEMES: dict[str, type] = {"int8": Int8, "int4": Int4, "fp8": Fp8}
 SCHEME_NAMES = (*SCHEMES, "none")
+SCHEME_SETTINGS = {"int4": ("group_size", "symmetric"), "int8": ("group_size",)}
 
 
 def make_scheme(name: str, **params):
@@ -218,6 +253,6 @@ def make_scheme(name: str, **params):
     if name not in SCHEMES:
         raise ValueError(f"unknown quantization scheme {name!r}; expected one of {list(SCHEME_NAMES)}")
     cls = SCHEMES[name]
-    if cls is not Int4:
-        params = {k: v for k, v in params.items() if k not in ("group_size", "symmetric") or v is None}
-    return cls(**{k: v for k, v in params.items() if v is not None})
+    # group_size / symmetric are ignored by the schemes that have no such setting
+    ignored = {"group_size", "symmetric"} - set(SCHEME_SETTINGS.get(name, ()))
+    return cls(**{k: v for k, v in params.items() if v is not None and k not in ignored})

@@ -1,4 +1,4 @@
-"""A tensor-parallel rank's part of a quantized weight: codes, scales and zero points of
+"""A tensor-parallel rank's part of a quantized weight: codes, scales and offsets of
 the whole weight sliced along the weight's shard dimension (llmbuild.parallel hints), in
 whole quantization groups.
 
@@ -48,7 +48,7 @@ def shard_quantized(qt, plan, name: str, rank: int):
         return replace(
             qt, data=np.ascontiguousarray(qt.data[:, a:b]),
             scale=np.ascontiguousarray(qt.scale[..., a:b]) if per_column else qt.scale,
-            zero_point=None if qt.zero_point is None else np.ascontiguousarray(qt.zero_point[..., a:b]))
+            offset=None if qt.offset is None else np.ascontiguousarray(qt.offset[..., a:b]))
     rows = qt.data.shape[0]
     block = qt.block_size
     if not block:  # per-channel / per-tensor scales do not depend on the rows
@@ -60,4 +60,4 @@ def shard_quantized(qt, plan, name: str, rank: int):
     g0, g1 = a // block, -(-b // block)
     return replace(
         qt, data=np.ascontiguousarray(qt.data[a:b]), scale=np.ascontiguousarray(qt.scale[g0:g1]),
-        zero_point=None if qt.zero_point is None else np.ascontiguousarray(qt.zero_point[g0:g1]))
+        offset=None if qt.offset is None else np.ascontiguousarray(qt.offset[g0:g1]))

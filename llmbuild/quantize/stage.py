@@ -142,7 +142,7 @@ class QuantizationJob:
     def manifest_entry(self, rep=None) -> dict:
         """The manifest's `quantization` entry (bytes of the whole model's linears)."""
         stored = {n: stored_bytes(self.plan[n], self.shapes[n], self.itemsize) for n in self.plan}
-        summary = summarize(self.plan, self.shapes, stored)
+        summary = summarize(self.plan, self.shapes, stored, self.itemsize)
         if self.unmatched:
             summary["unmatched_overrides"] = self.unmatched
         if rep is not None:

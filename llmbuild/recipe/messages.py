@@ -68,7 +68,7 @@ def _message(kind: str, path: YamlPath, value: object, ctx: dict, default: str) 
     if kind == "missing":
         return f"required key {path[-1]!r} is missing"
     if kind == "literal_error":
-        choices = choices_at(path) or (ctx.get("expected", "?"),)
+        choices = tuple(str(c) for c in choices_at(path)) or (ctx.get("expected", "?"),)
         return f"expected one of {', '.join(choices)}; found {found}{did_you_mean(value, choices)}"
     expected = {
         "int_type": "an integer",

@@ -23,10 +23,16 @@ def dotted(path: YamlPath) -> str:
     return out
 
 
-def _list_item_model(ann: Any) -> type[BaseModel] | None:
-    """`list[Model]` (or `list[Model] | None`) -> Model."""
+def _optional(ann: Any) -> Any:
+    """`X | None` -> X (an optional section, e.g. `quantization: Quantization | None`)."""
     while typing.get_origin(ann) in (typing.Union, types.UnionType):
         ann = next(a for a in typing.get_args(ann) if a is not type(None))
+    return ann
+
+
+def _list_item_model(ann: Any) -> type[BaseModel] | None:
+    """`list[Model]` (or `list[Model] | None`) -> Model."""
+    ann = _optional(ann)
     if typing.get_origin(ann) is list:
         (item,) = typing.get_args(ann)
         if isinstance(item, type) and issubclass(item, BaseModel):
@@ -52,7 +58,7 @@ def section_at(root: type[BaseModel], path: YamlPath) -> type[BaseModel] | None:
         field = model.model_fields.get(seg) if model is not None else None
         if field is None:
             return None
-        ann = field.annotation
+        ann = _optional(field.annotation)
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             model = ann
             continue

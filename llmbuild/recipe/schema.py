@@ -232,21 +232,25 @@ def _check_dataset(value: str | None) -> str | None:
     return value
 
 
-def _int4_only(field: str, value, scheme: str | None):
-    """group_size / symmetric / awq / gptq exist for int4 only."""
-    if scheme is not None and scheme != "int4":
+def _int4_only(field: str, value, scheme: str | None, schemes: tuple[str, ...] = ("int4",)):
+    """symmetric / awq / gptq exist for int4 only; group_size for int4 and int8."""
+    if scheme is not None and scheme not in schemes:
         raise PydanticCustomError(
-            "quantization", "{field} {value} applies to scheme int4 only; the scheme here is {scheme}",
-            {"field": field, "value": repr(value), "scheme": scheme},
+            "quantization", "{field} {value} applies to scheme {schemes} only; the scheme here is {scheme}",
+            {"field": field, "value": repr(value), "scheme": scheme, "schemes": " and ".join(schemes)},
         )
     return value
+
+
+BLOCKED = ("int4", "int8")  # the schemes that take group_size
 
 
 class QuantWeights(_Section):
     scheme: QuantScheme
     algorithm: QuantAlgorithm = "rtn"
-    group_size: GroupSize | None = None  # int4 blocks along the input dim; null = 128
-    symmetric: bool = True  # int4: false = zero points
+    # blocks along the input dim: int4 (null = 128), int8 (null = one scale per output channel)
+    group_size: GroupSize | None = None
+    symmetric: bool = True  # int4: false = Q4_1's scale + float offset per block
 
     @field_validator("algorithm")
     @classmethod
@@ -256,7 +260,7 @@ class QuantWeights(_Section):
     @field_validator("group_size")
     @classmethod
     def _group_for_int4(cls, value, info: ValidationInfo):
-        return value if value is None else _int4_only("group_size", value, info.data.get("scheme"))
+        return value if value is None else _int4_only("group_size", value, info.data.get("scheme"), BLOCKED)
 
     @field_validator("symmetric")
     @classmethod
@@ -283,13 +287,13 @@ class QuantOverride(_Section):
                                       " `layers` (layer indices); found neither")
         return self
 
-    @field_validator("algorithm", "group_size")
+    @field_validator("algorithm", "group_size", "symmetric")
     @classmethod
     def _int4_settings(cls, value, info: ValidationInfo):
         scheme = info.data.get("scheme")
-        if value is None or value == "rtn" or scheme is None:
+        if value is None or value == "rtn" or value is True or scheme is None:
             return value
-        return _int4_only(info.field_name, value, scheme)
+        return _int4_only(info.field_name, value, scheme, BLOCKED if info.field_name == "group_size" else ("int4",))
 
 
 class Calibration(_Section):

