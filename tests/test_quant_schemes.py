@@ -11,7 +11,9 @@ import pytest
 
 from llmbuild.quantize.algorithms import awq_search_clip, awq_search_scales, gptq_quantize
 from llmbuild.quantize.plan import ModuleSpec, bits_per_weight, resolve_plan, stored_bytes, unmatched_overrides
-from llmbuild.quantize.schemes import FP8_MAX, SCHEMES, Fp8, Int4, Int8, fp8_fake_quant, make_scheme
+from llmbuild.quantize.schemes import FP8_MAX, SCALE_SEARCH, SCHEMES, Fp8, Int4, Int8, fp8_fake_quant, make_scheme
+
+SCALE_SEARCH_MIN, SCALE_SEARCH_MAX = min(SCALE_SEARCH), max(SCALE_SEARCH)
 
 RNG = np.random.default_rng(0)
 
@@ -52,59 +54,65 @@ def test_all_zero_channel_gets_a_safe_scale():
 # -- int4 -----------------------------------------------------------------------------------
 
 
-def signed_extreme(blocks: np.ndarray) -> np.ndarray:
-    """[G, group, out] -> [G, out]: each block's value of largest |w|, with its sign."""
-    idx = np.abs(blocks).argmax(axis=1)[:, None, :]
-    return np.take_along_axis(blocks, idx, axis=1)[:, 0, :]
+def tight_scale(blocks: np.ndarray) -> np.ndarray:
+    """[G, group, out] -> [G, out]: the least positive scale with max w <= 7s and min w >= -8s."""
+    return np.maximum(blocks.max(axis=1) / 7, -blocks.min(axis=1) / 8)
+
+
+def rms_by_rule(w: np.ndarray, group: int, scale: np.ndarray) -> float:
+    s = np.repeat(scale, group, axis=0)
+    return float(np.sqrt(np.mean((np.clip(np.rint(w / s), -8, 7) * s - w) ** 2)))
 
 
 @pytest.mark.parametrize("group", [32, 64, 128])
 def test_int4_symmetric_blocks(group):
-    """Q4_0's rule: scale = signed extreme / -8, so the extreme is code -8 exactly (16 levels)."""
+    """16 levels, strictly positive scales (TensorRT's rule), each block's scale a searched
+    factor of its tight scale and never worse than the tight scale itself."""
     w = weight(k=256)
     qt = Int4(group).quantize(w, np.float32)
     g = 256 // group
     assert qt.scale.shape == (g, 40) and qt.block_size == group and qt.axis == 0 and qt.offset is None
     assert qt.data.min() == -8 and qt.data.max() == 7
+    assert (qt.scale > 0).all()
     blocks = w.reshape(g, group, 40)
-    extreme = signed_extreme(blocks)
-    np.testing.assert_allclose(qt.scale, extreme / -8, rtol=1e-6)
-    assert (qt.scale < 0).any() and (qt.scale > 0).any()  # the sign follows the extreme
-    d = qt.dequantize()
-    # the extreme of every block is reproduced (code -8), the others lie within half a step
-    # except the far side's top level (w/s in (7.5, 8]), clipped to 7: within one step
-    at = np.abs(blocks).argmax(axis=1)
-    np.testing.assert_allclose(np.take_along_axis(d.reshape(g, group, 40), at[:, None], 1)[:, 0], extreme, rtol=1e-6)
-    s = np.abs(np.repeat(qt.scale, group, axis=0))
-    err = np.abs(d - w)
-    ratio = w / np.repeat(qt.scale, group, axis=0)
-    assert (err[ratio <= 7.5] <= s[ratio <= 7.5] / 2 + 1e-7).all() and (err <= s + 1e-7).all()
+    tight = tight_scale(blocks)
+    ratio = qt.scale / tight
+    assert ratio.min() >= SCALE_SEARCH_MIN - 1e-6 and ratio.max() <= SCALE_SEARCH_MAX + 1e-6
+    assert len(np.unique(np.round(ratio, 2))) > 1  # the search chose different factors
+    d = qt.dequantize().reshape(g, group, 40)
+    s = np.repeat(tight, group, axis=0).reshape(g, group, 40)
+    tight_err = ((np.clip(np.rint(blocks / s), -8, 7) * s - blocks) ** 2).sum(axis=1)
+    assert (((d - blocks) ** 2).sum(axis=1) <= tight_err * (1 + 1e-6) + 1e-12).all()
 
 
-def test_int4_signed_extreme_beats_max_over_7():
-    """The rule the issue measured: max|w|/7 leaves code -8 unused; on Gaussian weights the
-    signed extreme's 16 levels give a smaller RMS error at every group size."""
+def test_int4_symmetric_beats_max_over_7_and_q4_0():
+    """The rule the issue measured: max|w|/7 leaves code -8 unused. On Gaussian weights the
+    searched positive scale has a smaller RMS error than it at every group size, and is
+    level with llama.cpp Q4_0's signed-extreme rule (which needs negative scales): measured
+    1.002x / 0.997x / 0.975x its error at g32 / g64 / g128 (on SmolLM2's weights 0.97x,
+    benchmarks/quantization/NOTES.md)."""
     w = weight(k=512, n=256, seed=7)
     for group in (32, 64, 128):
         blocks = w.reshape(-1, group, 256)
-        s7 = np.repeat(np.abs(blocks).max(axis=1) / 7, group, axis=0)
-        old = np.clip(np.rint(w / s7), -8, 7) * s7
-        new = Int4(group).quantize(w, np.float32).dequantize()
-        rms_old, rms_new = (float(np.sqrt(np.mean((x - w) ** 2))) for x in (old, new))
-        assert rms_new < 0.95 * rms_old, (group, rms_new, rms_old)
+        old = rms_by_rule(w, group, np.abs(blocks).max(axis=1) / 7)
+        idx = np.abs(blocks).argmax(axis=1)[:, None, :]
+        q4_0 = rms_by_rule(w, group, np.take_along_axis(blocks, idx, axis=1)[:, 0, :] / -8)
+        new = float(np.sqrt(np.mean((Int4(group).quantize(w, np.float32).dequantize() - w) ** 2)))
+        assert new < 0.95 * old and new <= 1.005 * q4_0, (group, new, q4_0, old)
 
 
 def test_int4_group_edge_not_divisible():
-    """576 rows in groups of 128 (SmolLM2's hidden size): 4 full blocks + one of 64."""
+    """576 rows in groups of 128 (SmolLM2's hidden size): 4 full blocks + one of 64, each
+    block's scale its own (the short block's padding rows do not count in its search)."""
     w = weight(k=576, n=8)
     w[512:] *= 100  # the short last block has its own scale, the others are unaffected
     qt = Int4(128).quantize(w, np.float32)
     assert qt.scale.shape == (5, 8) and qt.data.shape == (576, 8)
-    np.testing.assert_allclose(qt.scale[4], signed_extreme(w[None, 512:])[0] / -8, rtol=1e-6)
-    np.testing.assert_allclose(qt.scale[3], signed_extreme(w[None, 384:512])[0] / -8, rtol=1e-6)
-    err = np.abs(qt.dequantize() - w)
-    assert (err[:512] <= np.abs(np.repeat(qt.scale[:4], 128, axis=0)) + 1e-7).all()
-    assert (err[512:] <= np.abs(qt.scale[4]) + 1e-6).all()
+    np.testing.assert_array_equal(qt.scale[4], Int4(64).quantize(w[512:], np.float32).scale[0])
+    np.testing.assert_array_equal(qt.scale[3], Int4(128).quantize(w[384:512], np.float32).scale[0])
+    err = ((qt.dequantize() - w) ** 2)[512:].sum(axis=0)  # the short block, its own rows only
+    s = tight_scale(w[None, 512:])[0]
+    assert (err <= ((np.clip(np.rint(w[512:] / s), -8, 7) * s - w[512:]) ** 2).sum(axis=0) * (1 + 1e-6)).all()
 
 
 def test_int4_asymmetric_float_offsets():
@@ -195,9 +203,9 @@ def test_int4_packing_is_low_nibble_first():
 
 def test_shrink_narrows_the_range():
     w = weight(k=64, n=8)
-    full = Int4(32).quantize(w, np.float32)
     half = Int4(32).quantize(w, np.float32, shrink=np.full((2, 8), 0.5, np.float32))
-    np.testing.assert_allclose(half.scale, full.scale * 0.5, rtol=1e-6)
+    # a calibrated clip replaces the scale search: the tight scale, shrunk
+    np.testing.assert_allclose(half.scale, tight_scale(w.reshape(2, 32, 8)) * 0.5, rtol=1e-6)
     assert np.abs(half.dequantize()).max() <= np.abs(w).max() * 0.5 + 1e-6
 
 

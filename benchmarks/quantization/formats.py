@@ -7,8 +7,10 @@ of int8 artifacts with the fp16 one. Prints one JSON object; NOTES.md records th
 
 weights: every linear weight (graph layout [in, out], float32) is quantized at fp16
 scales by
-  - int4 sym, the old rule (scale max|w|/7, 15 levels) and the current one (Q4_0's
-    signed extreme / -8, 16 levels), at g32 and g128: RMS error over all weights;
+  - int4 sym: the old rule (scale max|w|/7, 15 levels), llama.cpp Q4_0's (signed extreme
+    / -8, 16 levels, negative scales where the extreme is positive) and the current one
+    (positive scale, 16 levels, searched per block: llmbuild.quantize.schemes), at g32 and
+    g128: RMS error over all weights;
   - int4 asym g32 (Q4_1's grid): the source *is* Q4_1 on the same blocks of 32 input
     rows, so this must give back its codes and its weights to fp16 rounding: the max
     |Δ| and the share of codes equal, next to the fp16 rounding of the weights themselves.
@@ -53,28 +55,34 @@ def linear_weights():
             yield name, np.asarray(src.load(name), np.float32).T  # HF [out, in] -> graph [in, out]
 
 
-def old_int4_rule(w: np.ndarray, group: int) -> np.ndarray:
-    """The rule before Q4_0's: scale = max|w| / 7 at fp16, codes in [-8, 7] (in divisible by group)."""
-    blocks = w.reshape(-1, group, w.shape[1])
-    s = (np.abs(blocks).max(axis=1) / 7).astype(np.float16).astype(np.float32)
-    s = np.repeat(np.where(s > 0, s, 1), group, axis=0)
-    return np.clip(np.rint(w / s), -8, 7) * s
+def reference_int4_rule(w: np.ndarray, group: int, rule: str) -> np.ndarray:
+    """int4 sym at fp16 scales by a fixed rule: "old" (scale max|w| / 7, what llmbuild used
+    first) or "q4_0" (llama.cpp's: the block's signed extreme / -8). A short last block is
+    padded with its last row (neither extreme changes)."""
+    rows = w.shape[0]
+    wp = np.concatenate([w, np.repeat(w[-1:], -rows % group, axis=0)]) if rows % group else w
+    blocks = wp.reshape(-1, group, w.shape[1])
+    if rule == "old":
+        s = np.abs(blocks).max(axis=1) / 7
+    else:
+        idx = np.abs(blocks).argmax(axis=1)[:, None, :]
+        s = np.take_along_axis(blocks, idx, axis=1)[:, 0, :] / -8
+    s = s.astype(np.float16).astype(np.float32)
+    s = np.repeat(np.where(s != 0, s, 1), group, axis=0)
+    return (np.clip(np.rint(wp / s), -8, 7) * s)[:rows]
 
 
 def weights_report() -> dict:
     from llmbuild.quantize.schemes import Int4
 
-    sq = {"old g32": 0.0, "new g32": 0.0, "old g128": 0.0, "new g128": 0.0}
+    sq = {f"{rule} g{g}": 0.0 for g in (32, 128) for rule in ("old", "q4_0", "new")}
     count, max_diff, max_fp16, codes_equal, codes_total, tensors = 0, 0.0, 0.0, 0, 0, 0
     for name, w in linear_weights():
         tensors += 1
         count += w.size
         for g in (32, 128):
-            if w.shape[0] % g == 0:
-                sq[f"old g{g}"] += float(np.sum((old_int4_rule(w, g) - w) ** 2))
-            else:  # 576 rows in groups of 128 need the short last block the schemes handle
-                wp = np.concatenate([w, np.repeat(w[-1:], -w.shape[0] % g, axis=0)])
-                sq[f"old g{g}"] += float(np.sum((old_int4_rule(wp, g)[: w.shape[0]] - w) ** 2))
+            for rule in ("old", "q4_0"):
+                sq[f"{rule} g{g}"] += float(np.sum((reference_int4_rule(w, g, rule) - w) ** 2))
             sq[f"new g{g}"] += float(np.sum((Int4(g).quantize(w, np.float16).dequantize() - w) ** 2))
         qt = Int4(32, symmetric=False).quantize(w, np.float16)
         max_diff = max(max_diff, float(np.abs(qt.dequantize() - w).max()))
@@ -91,6 +99,7 @@ def weights_report() -> dict:
         "tensors": tensors, "weights": count,
         "int4_sym_rms": rms,
         "int4_sym_rms_ratio_new_over_old": {g: rms[f"new {g}"] / rms[f"old {g}"] for g in ("g32", "g128")},
+        "int4_sym_rms_ratio_new_over_q4_0": {g: rms[f"new {g}"] / rms[f"q4_0 {g}"] for g in ("g32", "g128")},
         "q4_1_requantized_asym_g32": {"max_abs_diff": max_diff, "codes_equal_share": codes_equal / codes_total,
                                       "fp16_rounding_of_the_weights_max_abs": max_fp16},
     }

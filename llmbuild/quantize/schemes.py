@@ -15,10 +15,14 @@ Weights arrive as the graph stores them, `[in, out]` (the HF `[out, in]` transpo
 
 (bits per weight with 16-bit scales and offsets, before int4's padding to whole blocks.)
 
-Symmetric int4 is llama.cpp Q4_0's rule: the scale is `m / −8`, `m` the block's value of
-largest |w| *with its sign*, so that value maps to code −8 exactly and all 16 levels are
-used (max|w|/7 leaves −8 unused: 15 levels). The scale is therefore negative in blocks
-whose extreme is positive; DequantizeLinear is a plain multiply either way.
+Symmetric int4 uses all 16 levels with a strictly positive scale (TensorRT requires
+scales > 0: IDequantizeLayer): per block, the tightest scale that reaches both sides,
+s = max(max w / 7, −min w / 8), then a search over a few factors of it (0.76–1.04 and 1.0)
+for the least squared error of the block. llama.cpp Q4_0's rule (s = signed extreme / −8)
+also uses 16 levels but needs negative scales for blocks whose extreme is positive; on
+SmolLM2's weights the searched positive scale has 0.97× Q4_0's RMS error at g32 (0.83× the
+old max|w|/7 rule's; benchmarks/quantization/NOTES.md). With a calibrated clip (AWQ's
+`shrink`) the clipped tight scale is used as is.
 
 Asymmetric int4 is Q4_1's grid: w = d·u + m with u in [0, 15], d = (max − min)/15 and
 m = min, any float (not a zero point on the integer grid). Codes are stored signed,
@@ -41,6 +45,8 @@ import numpy as np
 
 FP8_MAX = 448.0  # largest finite float8e4m3fn
 GROUP_SIZES = (32, 64, 128)  # int4 and int8 blocks along the input dimension
+# Symmetric int4: factors of the tight scale tried per block (least squared error wins).
+SCALE_SEARCH = (1.0, *np.round(np.linspace(0.76, 1.04, 15), 2).tolist())
 
 
 @dataclass(frozen=True)
@@ -151,8 +157,8 @@ class Int8:
 
 
 class Int4:
-    """Blockwise int4 along the input dimension: symmetric (Q4_0's signed-extreme scale)
-    or asymmetric (Q4_1's scale + float offset)."""
+    """Blockwise int4 along the input dimension: symmetric (16 levels, a searched positive
+    scale) or asymmetric (Q4_1's scale + float offset)."""
 
     name = "int4"
     GROUP_SIZES = GROUP_SIZES
@@ -170,18 +176,36 @@ class Int4:
         [G, out] in (0, 1] narrows the range (AWQ's clipping search)."""
         blocks = _blocks(_check_matrix(w), self.group_size)
         if self.symmetric:
-            # the block's value of largest |w|, signed: it becomes code -8 exactly
-            idx = np.abs(blocks).argmax(axis=1)[:, None, :]
-            extreme = np.take_along_axis(blocks, idx, axis=1)[:, 0, :]
-            if shrink is not None:
-                extreme = extreme * shrink
-            return _round_scale(extreme / -8.0, scale_dtype), None
+            # the tightest positive scale that reaches both sides: max w at code 7, min w at -8
+            tight = np.maximum(blocks.max(axis=1) / 7.0, -blocks.min(axis=1) / 8.0)
+            if shrink is not None:  # a calibrated clip (AWQ) replaces the search
+                return _round_scale(tight * shrink, scale_dtype), None
+            return self._search_scale(blocks, tight, w.shape[0], scale_dtype), None
         lo, hi = blocks.min(axis=1), blocks.max(axis=1)
         if shrink is not None:
             mid = (hi + lo) / 2  # narrow the range about its middle
             lo, hi = mid + (lo - mid) * shrink, mid + (hi - mid) * shrink
         scale = _round_scale((hi - lo) / 15.0, scale_dtype)
         return scale, _round(lo + 8.0 * scale, scale_dtype)
+
+    @staticmethod
+    def _search_scale(blocks: np.ndarray, tight: np.ndarray, rows: int, scale_dtype) -> np.ndarray:
+        """Per block, the scale of least squared error among `SCALE_SEARCH` × the tight
+        scale (rounded to the graph dtype first, as stored); rows that only pad a short last
+        block do not count. 1.0 is among the factors, so no block is worse than the tight
+        rule."""
+        valid = (np.arange(blocks.shape[0] * blocks.shape[1]) < rows).reshape(blocks.shape[:2])[:, :, None]
+        best = best_err = None
+        for factor in SCALE_SEARCH:
+            scale = _round_scale(tight * factor, scale_dtype)
+            q = np.clip(np.rint(blocks / scale[:, None, :]), -8, 7)
+            err = (np.square(q * scale[:, None, :] - blocks) * valid).sum(axis=1)
+            if best is None:
+                best, best_err = scale, err
+            else:
+                better = err < best_err
+                best, best_err = np.where(better, scale, best), np.where(better, err, best_err)
+        return best.astype(np.float32)
 
     def codes(self, w: np.ndarray, scale: np.ndarray, offset: np.ndarray | None) -> np.ndarray:
         """int8 codes in [-8, 7] of `w` [rows, out] given per-block params [G, out] that
