@@ -253,7 +253,6 @@ def main():
     if args.decode_only:
         print(json.dumps(decode(args.decode_only, args.out / args.decode_only, args.rounds, args.threads)))
         return
-    results = json.loads(results_file.read_text()) if results_file.is_file() else {}
     names = args.only.split(",") if args.only else list(FAMILIES)
     for name in names:
         root = args.out / name
@@ -263,9 +262,10 @@ def main():
         run = subprocess.run([sys.executable, __file__, "--out", str(args.out), "--rounds", str(args.rounds),
                               "--threads", str(args.threads), "--decode-only", name],
                              check=True, stdout=subprocess.PIPE, text=True)
-        results[name] = {"layers": FAMILIES[name] or "all", "build": build, "decode": json.loads(run.stdout)}
-        print(json.dumps({name: results[name]}), flush=True)
-        results_file.write_text(json.dumps(results, indent=2))
+        result = {"layers": FAMILIES[name] or "all", "build": build, "decode": json.loads(run.stdout)}
+        print(json.dumps({name: result}), flush=True)
+        results = json.loads(results_file.read_text()) if results_file.is_file() else {}  # other runs' families
+        results_file.write_text(json.dumps({**results, name: result}, indent=2))
         shutil.rmtree(root / "genai-cache", ignore_errors=True)
 
 
