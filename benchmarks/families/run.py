@@ -47,7 +47,7 @@ FAMILIES = {  # name -> layers kept (None = all)
     "phi-4-mini-instruct": 2,
 }
 LIMITS = {"max_batch_size": 1, "max_input_len": 256, "max_seq_len": 512}
-PROMPT, STEPS = 128, 32
+PROMPT, STEPS = 128, 32  # interleaved.genai's generator holds the prompt + 40 tokens
 
 
 def prepare(name: str, layers: int | None, dst: Path) -> Path:
@@ -120,59 +120,13 @@ def build_genai(hf: Path, out: Path, threads: int) -> dict:
 # -- decode, in one process --------------------------------------------------------------------
 
 
-def ours(artifact: Path, threads: int):
-    import numpy as np
-
-    from llmbuild.runtime import load
-    from llmbuild.runtime.executors.base import StepInputs
-
-    model = load(artifact, backend="onnxruntime", threads=threads)
-    ex = model.executor
-    assert ex.graph_source == "cpu_graph", ex.graph_source
-
-    def prefill(ids):
-        ex.reset(1)
-        n = len(ids)
-        logits = ex.forward(StepInputs(np.array([ids]), np.arange(n)[None], np.zeros(1, np.int64),
-                                       np.array([[n - 1]])))
-        return int(logits[0, -1].argmax())
-
-    def step(token, pos):
-        p = np.array([pos])
-        return int(ex.forward(StepInputs(np.array([[token]]), p[:, None], p, np.zeros((1, 1), np.int64)))[0, 0].argmax())
-
-    return prefill, step
-
-
-def genai(path: Path, threads: int):
-    import onnxruntime_genai as og
-
-    got = json.loads((path / "genai_config.json").read_text())["model"]["decoder"]["session_options"]
-    assert got.get("intra_op_num_threads") == threads, got
-    model = og.Model(str(path))
-    state = {}
-
-    def prefill(ids):
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(ids) + STEPS + 8, do_sample=False)
-        state["g"] = og.Generator(model, params)
-        state["g"].append_tokens(ids)
-        return int(state["g"].get_next_tokens()[0])
-
-    def step(token, pos):
-        state["g"].generate_next_token()
-        return int(state["g"].get_next_tokens()[0])
-
-    return prefill, step
-
-
 def decode(name: str, root: Path, rounds: int, threads: int) -> dict:
     """All three runtimes of one family, interleaved; tokens/s per runtime and the ratios."""
     import numpy as np
     import psutil
 
     sys.path.insert(0, str(ROOT / "benchmarks" / "runtime"))
-    from interleaved import transformers
+    from interleaved import genai, ours, transformers
 
     proc = psutil.Process()
     loaders = {"llmbuild": lambda: ours(root / "out" / name, threads),
