@@ -197,6 +197,7 @@ def main():
     parser.add_argument("--only", help="comma-separated family names (default: all)")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--keep", action="store_true", help="keep each family's checkpoint and models")
     parser.add_argument("--table", action="store_true", help="print the tables of OUT/results.json and exit")
     parser.add_argument("--decode-only", help=argparse.SUPPRESS)  # internal: one family's decode process
     args = parser.parse_args()
@@ -220,7 +221,8 @@ def main():
         print(json.dumps({name: result}), flush=True)
         results = json.loads(results_file.read_text()) if results_file.is_file() else {}  # other runs' families
         results_file.write_text(json.dumps({**results, name: result}, indent=2))
-        shutil.rmtree(root / "genai-cache", ignore_errors=True)
+        for folder in ("genai-cache", *(() if args.keep else ("hf", "out", "genai-fp32"))):
+            shutil.rmtree(root / folder, ignore_errors=True)  # a family takes up to ~12 GB of disk
 
 
 if __name__ == "__main__":
