@@ -100,3 +100,15 @@ def llama_cpp(tmp_path_factory) -> Path:
         return fetch_llama_cpp(tmp_path_factory.mktemp("llama-cpp"))
     except RuntimeError as e:
         pytest.fail(str(e), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def llama_quantize(llama_cpp, tmp_path_factory) -> Path:
+    """llama.cpp's `llama-quantize`, built once per session from the same sdist
+    (tests/llama_cpp.py's build_quantize); a failed build fails the test."""
+    from tests.llama_cpp import build_quantize
+
+    try:
+        return build_quantize(llama_cpp.parent, tmp_path_factory.mktemp("llama-quantize"))
+    except RuntimeError as e:
+        pytest.fail(str(e), pytrace=False)

@@ -2,9 +2,11 @@
 from the `llama-cpp-python` sdist on PyPI once per test session (no compiler needed), and
 the chat templates llama.cpp keeps for real checkpoints (`models/templates/*.jinja`).
 
-The converter writes f32 / f16 / bf16 / q8_0 only (its `--outtype` choices; gguf-py has no
-K-quant quantizer, so Q4_K / Q6_K files need the compiled `llama-quantize`): the GGUF tests
-use q8_0 and f16. Nothing is vendored: if the sdist cannot be fetched, the tests fail.
+The converter writes f32 / f16 / bf16 / q8_0 only (its `--outtype` choices; gguf-py 0.19.0,
+the newest, dequantizes Q4_K / Q6_K but cannot quantize them): K-quant files come from
+llama.cpp's `llama-quantize`, built from the same sdist (`build_quantize`: that one target,
+portable CPU code, once per session). Nothing is vendored: if the sdist cannot be fetched,
+the tests fail.
 """
 
 from __future__ import annotations
@@ -96,6 +98,45 @@ def fetch_llama_cpp(dst: Path) -> Path:
     if not (out / "convert_hf_to_gguf.py").is_file():
         raise RuntimeError(f"{sdists[0]} has no {VENDOR}convert_hf_to_gguf.py")
     return out
+
+
+def build_quantize(sdist_dir: Path, dst: Path) -> Path:
+    """Build llama.cpp's `llama-quantize` (only that target; -DGGML_NATIVE=OFF, no curl,
+    no OpenMP; -O0: the tiny models quantize in milliseconds, and it compiles in a fraction
+    of a Release build's CPU time) from the llama-cpp-python sdist `fetch_llama_cpp` left in `sdist_dir`;
+    returns the binary. Takes a few minutes on 2 cores (benchmarks/families/RESULTS.md)."""
+    [sdist] = sorted(Path(sdist_dir).glob("llama_cpp_python-*.tar.gz"))
+    src, build = dst / "src", dst / "build"
+    with tarfile.open(sdist) as tar:
+        members = []
+        for m in tar.getmembers():
+            _, _, rel = m.name.partition("/")
+            if rel.startswith(VENDOR) and rel != VENDOR and (m.isfile() or m.isdir()):
+                m.name = rel[len(VENDOR):]
+                members.append(m)
+        tar.extractall(src, members=members, filter="data")
+    steps = [["cmake", "-S", str(src), "-B", str(build), "-DCMAKE_BUILD_TYPE=Debug", "-DCMAKE_C_FLAGS_DEBUG=-O0",
+              "-DCMAKE_CXX_FLAGS_DEBUG=-O0", "-DGGML_NATIVE=OFF",
+              "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_CURL=OFF", "-DGGML_OPENMP=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+              "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF"],
+             ["cmake", "--build", str(build), "--target", "llama-quantize", "-j2"]]
+    for cmd in steps:
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd[:3])} failed (exit {result.returncode}):\n"
+                               f"{result.stdout[-3000:]}{result.stderr[-3000:]}")
+    binary = build / "bin" / "llama-quantize"
+    if not binary.is_file():
+        raise RuntimeError(f"the llama-quantize build left no {binary}")
+    return binary
+
+
+def quantize(binary: Path, src: Path, dst: Path, qtype: str) -> Path:
+    """`llama-quantize SRC DST QTYPE` (e.g. Q4_K_M, Q6_K); returns dst."""
+    result = subprocess.run([str(binary), str(src), str(dst), qtype], capture_output=True, text=True)
+    if result.returncode != 0 or not dst.is_file():
+        raise RuntimeError(f"llama-quantize {qtype} failed (exit {result.returncode}):\n{result.stderr[-3000:]}")
+    return dst
 
 
 def legacy_config_dir(hf_dir: Path, dst: Path) -> Path:

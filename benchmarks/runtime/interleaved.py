@@ -25,12 +25,14 @@ import numpy as np
 
 def ours(artifact: Path, threads: int):
     from llmbuild.artifact import read_manifest
+    from llmbuild.lowering.cpu_graph import cpu_graph_file
     from llmbuild.runtime.executors.base import StepInputs
     from llmbuild.runtime.executors.onnxruntime import OnnxRuntimeExecutor
 
     m = read_manifest(artifact)
     ex = OnnxRuntimeExecutor(artifact / m["graph"]["file"], num_layers=m["model"]["num_layers"],
-                             cache_len=m["limits"]["max_seq_len"], threads=threads)
+                             cache_len=m["limits"]["max_seq_len"], threads=threads,
+                             cpu_graph=cpu_graph_file(artifact, m))  # the artifact's CPU-ready graph, if shipped
     chunk = m["limits"]["max_input_len"]
 
     def prefill(ids):
@@ -62,12 +64,13 @@ def genai(path: Path, threads: int):
         params = og.GeneratorParams(model)
         params.set_search_options(max_length=len(ids) + 40, do_sample=False)
         state["g"] = og.Generator(model, params)
-        state["g"].append_tokens(ids)
-        return 0
+        state["g"].append_tokens(ids)  # get_next_tokens() would be the prompt's last id here
+        state["g"].generate_next_token()  # picks the first token from the prompt's logits
+        return int(state["g"].get_next_tokens()[0])
 
     def step(token, pos):
         state["g"].generate_next_token()
-        return 0
+        return int(state["g"].get_next_tokens()[0])
 
     return prefill, step
 
@@ -151,7 +154,7 @@ def main():
                 prefill(ids)
                 times[name][key].append(time.perf_counter() - start)
             token = prefill(p128)
-            for k in range(33):  # the first step is not counted (genai returns the prefill's token)
+            for k in range(33):  # the first step is not counted
                 start = time.perf_counter()
                 token = step(token, 128 + k)
                 if k:

@@ -85,17 +85,27 @@ def hf_checkpoint(src: Path, dst: Path) -> Path:
     return dst
 
 
-def genai_model(hf_dir: Path, dst: Path, threads: int = 2, precision: str = "fp32") -> Path:
+def genai_command(hf_dir: Path, dst: Path, precision: str = "fp32") -> list[str]:
     """onnxruntime-genai's builder on the HF checkpoint: `-p fp32` or `-p int4` (its
     default int4 recipe for the CPU: MatMulNBits blocks of 32, accuracy level 4)."""
-    subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(dst),
-                    "-p", precision, "-e", "cpu", "-c", str(dst.parent / "genai-cache")], check=True)
+    return [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(dst),
+            "-p", precision, "-e", "cpu", "-c", str(dst.parent / "genai-cache")]
+
+
+def genai_threads(dst: Path, threads: int) -> None:
+    """Set the builder output's session to `threads` intra-op threads (1 inter-op)."""
     config_path = dst / "genai_config.json"
     config = json.loads(config_path.read_text())
     options = config["model"]["decoder"].setdefault("session_options", {})
     options["intra_op_num_threads"] = threads
     options["inter_op_num_threads"] = 1
     config_path.write_text(json.dumps(config, indent=4))
+
+
+def genai_model(hf_dir: Path, dst: Path, threads: int = 2, precision: str = "fp32") -> Path:
+    """The builder's output at dst, set to `threads` threads."""
+    subprocess.run(genai_command(hf_dir, dst, precision), check=True)
+    genai_threads(dst, threads)
     return dst
 
 
