@@ -56,6 +56,16 @@ def test_awq_grid_loss_is_the_output_error_at_every_point():
     assert info["loss"] < column_errors(x, w, alpha0).sum()
 
 
+def test_awq_alpha_from_strided_columns_is_the_alpha_of_all_columns():
+    x, w = inputs(k=128, tokens=1024), weight(k=128, n=1024, seed=8)
+    scheme = Int4(32)
+    h, mean = x.T @ x, np.abs(x).mean(0)
+    s_all, all_cols = awq_search_scales(h, mean, [w], scheme, np.float32, columns=None)
+    s_some, some = awq_search_scales(h, mean, [w], scheme, np.float32, columns=128)
+    assert some["alpha"] == all_cols["alpha"] and some["loss"] < 0.2 * all_cols["loss"]  # 128 of 1024 columns
+    np.testing.assert_array_equal(s_all, s_some)
+
+
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_clip_search_never_increases_any_channels_output_error(seed, symmetric):

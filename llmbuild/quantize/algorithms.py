@@ -33,6 +33,10 @@ CLIP_MAX_SHRINK = 0.5
 GPTQ_DAMP = 0.01
 GPTQ_BLOCK = 128
 GRID_BATCH = 5  # grid points quantized side by side (memory: 5 copies of the weight)
+# AWQ's α search scores every α on evenly strided output columns, at least this many
+# (a column's error depends on that column alone, so this is a fixed sample of the sum
+# every α is scored on); the scales then quantize every column.
+SEARCH_COLUMNS = 256
 
 
 # -- AWQ ----------------------------------------------------------------------------------
@@ -66,13 +70,18 @@ def _side_by_side(scheme, variants: np.ndarray, scale_dtype, shrink: np.ndarray 
 
 
 def awq_search_scales(h: np.ndarray, x_mean_abs: np.ndarray, weights: list[np.ndarray], scheme: Int4,
-                      scale_dtype=np.float16, batch: int = GRID_BATCH) -> tuple[np.ndarray, dict]:
+                      scale_dtype=np.float16, batch: int = GRID_BATCH,
+                      columns: int | None = SEARCH_COLUMNS) -> tuple[np.ndarray, dict]:
     """Best per-input-channel scales [in] for the linears `weights` sharing one input,
     whose rows give H = Σ xᵀx [in, in] and mean |x| [in]. The grid's points are
-    evaluated `batch` at a time, side by side in one quantization and one H·Δ product."""
+    evaluated `batch` at a time, side by side in one quantization and one H·Δ product,
+    on every ⌊out / columns⌋-th output column (`columns` None: all); the reported losses
+    are of those columns."""
     w = np.concatenate(weights, axis=1).astype(np.float32)
     h = np.asarray(h, np.float32)
     w_mean = _block_normalized_mean(w, scheme.group_size)
+    if columns is not None and w.shape[1] >= 2 * columns:
+        w = np.ascontiguousarray(w[:, ::w.shape[1] // columns])
     alphas = np.arange(AWQ_GRID, dtype=np.float64)[:, None] / AWQ_GRID
     s = np.power(np.maximum(x_mean_abs, 1e-8), alphas) / (np.power(w_mean, 1 - alphas) + 1e-4)
     s = np.maximum(s, 1e-4)
