@@ -47,8 +47,14 @@ OVERRIDES = {  # name -> quantization.overrides (the tied lm_head gets its own q
     "int4-rtn-g32-head4": [{"match": "lm_head", "scheme": "int4", "group_size": 32}],
     "int8-head8": [{"match": "lm_head", "scheme": "int8"}],
 }
+OPTIONS = {  # name -> extra quantization keys (the algorithms' settings)
+    "int4-awq-g128-noclip": {"awq": {"clip": False}},
+    "int4-awq-g128-qprop": {"calibration": {"propagate": "quantized"}},
+    "int4-gptq-g128-actorder": {"gptq": {"act_order": True}},
+}
 ROWS |= {"int4-awq-g128-head8": ROWS["int4-awq-g128"], "int4-rtn-g32-head4": ROWS["int4-rtn-g32"],
-         "int8-head8": ROWS["int8"]}
+         "int8-head8": ROWS["int8"], "int4-awq-g128-noclip": ROWS["int4-awq-g128"],
+         "int4-awq-g128-qprop": ROWS["int4-awq-g128"], "int4-gptq-g128-actorder": ROWS["int4-gptq-g128"]}
 LLAMA_CPP = ("F16", "Q8_0", "Q4_0", "Q4_K_M")
 
 
@@ -62,7 +68,10 @@ def compile_row(name: str, weights: dict | None, work: Path) -> Path:
     recipe = work / f"{name}.yaml"
     text = f"extends: {BASE_RECIPE}\nname: smollm2-{name}\nengines: []\nverify: {{enabled: false}}\n"
     if weights is not None:
-        text += "quantization:\n  weights: " + json.dumps(weights) + "\n  calibration: " + json.dumps(CALIBRATION) + "\n"
+        options = OPTIONS.get(name, {})
+        calibration = CALIBRATION | options.get("calibration", {})
+        text += "quantization:\n  weights: " + json.dumps(weights) + "\n  calibration: " + json.dumps(calibration) + "\n"
+        text += "".join(f"  {k}: {json.dumps(v)}\n" for k, v in options.items() if k != "calibration")
         text += "  overrides: " + json.dumps(OVERRIDES.get(name, [])) + "\n"
     recipe.write_text(text)
     return compile_recipe(recipe, out_dir=out, quiet=True, verify=False)
@@ -168,6 +177,8 @@ def main():
     ap.add_argument("--skip-llama-cpp", action="store_true")
     ap.add_argument("--cal-samples", type=int, default=CALIBRATION["samples"])
     ap.add_argument("--results", default="results.json", help="file name in WORK (parallel runs: one each)")
+    ap.add_argument("--no-merge", action="store_true",
+                    help="keep the rows out of benchmarks/quantization/results.json (short or partial runs)")
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -186,8 +197,9 @@ def main():
         results_path.write_text(json.dumps(results, indent=2))
     ref_runner.close()
 
-    for name, weights in ROWS.items():
-        if (only and name not in only) or name in results:
+    for name in (args.only.split(",") if args.only else ROWS):  # in the order asked for
+        weights = ROWS.get(name)
+        if weights is None or name in results:
             continue
         print(f"== {name}", flush=True)
         t0 = time.perf_counter()
@@ -225,14 +237,14 @@ def main():
             results[key] = row
             results_path.write_text(json.dumps(results, indent=2))
             print(json.dumps(row), flush=True)
-    write_table(results, work, args.results)
+    write_table(results, work, args.results, merge=not args.no_merge)
 
 
 def _weight_bytes(artifact: Path) -> int:
     return (artifact / "model" / "model.onnx.data").stat().st_size
 
 
-def write_table(results: dict, work: Path, name: str) -> None:
+def write_table(results: dict, work: Path, name: str, merge: bool = True) -> None:
     lines = [
         "| artifact | perplexity | Δ ppl vs fp16 | KL vs fp16 (nats/token) | top-1 vs fp16 | weight bytes |",
         "|---|---:|---:|---:|---:|---:|",
@@ -242,9 +254,10 @@ def write_table(results: dict, work: Path, name: str) -> None:
             f"| {name} | {r['perplexity']:.3f} | {r['perplexity_increase']:+.2%} | {r['kl_divergence']:.5f} | "
             f"{r['top1_agreement']:.4f} | {r['weight_bytes'] / 1e6:.1f} MB |"
         )
-    merged_path = Path(__file__).parent / "results.json"  # every run's rows, for report.py
-    merged = json.loads(merged_path.read_text()) if merged_path.is_file() else {}
-    merged_path.write_text(json.dumps(merged | results, indent=2))
+    if merge:
+        merged_path = Path(__file__).parent / "results.json"  # every run's rows, for report.py
+        merged = json.loads(merged_path.read_text()) if merged_path.is_file() else {}
+        merged_path.write_text(json.dumps(merged | results, indent=2))
     table = "\n".join(lines)
     print(table)
     (work / "table.md").write_text(table + "\n")

@@ -10,8 +10,11 @@ search α ∈ {0, 1/20, …, 19/20} for per-input-channel scales
 minimising ‖x·W − (x/s)·Q(s·W)‖²; the 1/s is folded into whatever produced x (the
 RMSNorm weight, or the output columns of the linear before it). Then, per linear
 except q/k, search a clipping ratio per block and output channel that minimises that
-block's output error. RTN is the same quantizer without either search. Output errors are computed from
-H = Σ xᵀx over every calibration row (‖xΔ‖² summed = tr(ΔᵀHΔ)), not from a sample.
+block's output error (a channel the chosen ratios would hurt as a whole keeps 1.0).
+RTN is the same quantizer without either search. Output errors are computed from
+H = Σ xᵀx over every calibration row (‖xΔ‖² summed = tr(ΔᵀHΔ)), not from a sample of
+rows; α is scored on a fixed sample of the output columns (SEARCH_COLUMNS). Grid points
+are evaluated side by side: R variants of a weight quantized as one [in, R·out] matrix.
 
 GPTQ (Frantar et al. 2022): quantize input rows one at a time, and push each row's
 rounding error onto the rows not yet quantized through the inverse Hessian
