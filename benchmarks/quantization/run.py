@@ -50,11 +50,13 @@ OVERRIDES = {  # name -> quantization.overrides (the tied lm_head gets its own q
 OPTIONS = {  # name -> extra quantization keys (the algorithms' settings)
     "int4-awq-g128-noclip": {"awq": {"clip": False}},
     "int4-awq-g128-qprop": {"calibration": {"propagate": "quantized"}},
-    "int4-gptq-g128-actorder": {"gptq": {"act_order": True}},
+    "int4-gptq-g128-actorder": {"gptq": {"act_order": True}},  # the default since 2026-12-01
+    "int4-gptq-g128-natural": {"gptq": {"act_order": False}},
 }
 ROWS |= {"int4-awq-g128-head8": ROWS["int4-awq-g128"], "int4-rtn-g32-head4": ROWS["int4-rtn-g32"],
          "int8-head8": ROWS["int8"], "int4-awq-g128-noclip": ROWS["int4-awq-g128"],
-         "int4-awq-g128-qprop": ROWS["int4-awq-g128"], "int4-gptq-g128-actorder": ROWS["int4-gptq-g128"]}
+         "int4-awq-g128-qprop": ROWS["int4-awq-g128"], "int4-gptq-g128-actorder": ROWS["int4-gptq-g128"],
+         "int4-gptq-g128-natural": ROWS["int4-gptq-g128"]}
 LLAMA_CPP = ("F16", "Q8_0", "Q4_0", "Q4_K_M")
 
 

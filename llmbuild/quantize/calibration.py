@@ -217,14 +217,14 @@ class AlgorithmOptions:
     """The recipe's `quantization.awq` / `quantization.gptq` / `calibration.propagate`."""
 
     awq_clip: bool = True
-    gptq_act_order: bool = False
+    gptq_act_order: bool = True
     gptq_damp: float = GPTQ_DAMP
     propagate: str = "auto"
 
     @classmethod
     def from_recipe(cls, quantization: dict) -> AlgorithmOptions:
         awq, gptq = quantization.get("awq") or {}, quantization.get("gptq") or {}
-        return cls(awq_clip=awq.get("clip", True), gptq_act_order=gptq.get("act_order", False),
+        return cls(awq_clip=awq.get("clip", True), gptq_act_order=gptq.get("act_order", True),
                    gptq_damp=gptq.get("damp", GPTQ_DAMP),
                    propagate=(quantization.get("calibration") or {}).get("propagate", "auto"))
 
