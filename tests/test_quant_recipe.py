@@ -43,7 +43,31 @@ def test_issue_example_resolves_with_defaults(tmp_path):
     assert load(tmp_path, "").quantization is None
     # the section can be switched on from the command line
     r = load(tmp_path, "", ["quantization={weights: {scheme: fp8}}"])
-    assert r.to_dict()["quantization"]["calibration"] == {"dataset": "kjv", "samples": 128, "seq_len": 512, "seed": 0}
+    q = r.to_dict()["quantization"]
+    assert q["calibration"] == {"dataset": "kjv", "samples": 128, "seq_len": 512, "seed": 0, "propagate": "auto"}
+    assert q["awq"] == {"clip": True} and q["gptq"] == {"act_order": True, "damp": 0.01}
+
+
+def test_algorithm_options_are_validated_where_they_are(tmp_path):
+    r = load(tmp_path, (
+        "quantization:\n"
+        "  weights: {scheme: int4, algorithm: gptq}\n"
+        "  gptq: {act_order: true, damp: 0.05}\n"
+        "  awq: {clip: false}\n"
+        "  calibration: {propagate: float}\n"))
+    from llmbuild.quantize.calibration import AlgorithmOptions
+
+    opts = AlgorithmOptions.from_recipe(r.to_dict()["quantization"])
+    assert opts == AlgorithmOptions(awq_clip=False, gptq_act_order=True, gptq_damp=0.05, propagate="float")
+    errors = problems(tmp_path, (
+        "quantization:\n"
+        "  weights: {scheme: int4, algorithm: gptq}\n"
+        "  gptq: {damp: 0, order: 1}\n"
+        "  calibration: {propagate: sideways}\n"))
+    assert errors["quantization.gptq.damp"].startswith("5:")
+    assert errors["quantization.gptq.order"].startswith("5:")
+    assert errors["quantization.calibration.propagate"].startswith("6:") and "'float'" in errors[
+        "quantization.calibration.propagate"]
 
 
 def test_mistakes_are_reported_where_they_are(tmp_path):

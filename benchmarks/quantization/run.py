@@ -50,8 +50,16 @@ OVERRIDES = {  # name -> quantization.overrides (the tied lm_head gets its own q
     "int4-rtn-g32-head4": [{"match": "lm_head", "scheme": "int4", "group_size": 32}],
     "int8-head8": [{"match": "lm_head", "scheme": "int8"}],
 }
+OPTIONS = {  # name -> extra quantization keys (the algorithms' settings)
+    "int4-awq-g128-noclip": {"awq": {"clip": False}},
+    "int4-awq-g128-qprop": {"calibration": {"propagate": "quantized"}},
+    "int4-gptq-g128-actorder": {"gptq": {"act_order": True}},  # the default since 2026-12-01
+    "int4-gptq-g128-natural": {"gptq": {"act_order": False}},
+}
 ROWS |= {"int4-awq-g128-head8": ROWS["int4-awq-g128"], "int4-rtn-g32-head4": ROWS["int4-rtn-g32"],
-         "int8-head8": ROWS["int8"]}
+         "int8-head8": ROWS["int8"], "int4-awq-g128-noclip": ROWS["int4-awq-g128"],
+         "int4-awq-g128-qprop": ROWS["int4-awq-g128"], "int4-gptq-g128-actorder": ROWS["int4-gptq-g128"],
+         "int4-gptq-g128-natural": ROWS["int4-gptq-g128"]}
 # name -> quantization.target: automatic bit allocation (llmbuild.quantize.allocate)
 TARGETS = {"auto-4.5bpw": {"bits_per_weight": 4.5}}
 ROWS |= {name: None for name in TARGETS}
@@ -70,7 +78,10 @@ def compile_row(name: str, weights: dict | None, work: Path) -> Path:
     if name in TARGETS:
         text += "quantization:\n  target: " + json.dumps(TARGETS[name]) + "\n  calibration: " + json.dumps(CALIBRATION) + "\n"
     elif weights is not None:
-        text += "quantization:\n  weights: " + json.dumps(weights) + "\n  calibration: " + json.dumps(CALIBRATION) + "\n"
+        options = OPTIONS.get(name, {})
+        calibration = CALIBRATION | options.get("calibration", {})
+        text += "quantization:\n  weights: " + json.dumps(weights) + "\n  calibration: " + json.dumps(calibration) + "\n"
+        text += "".join(f"  {k}: {json.dumps(v)}\n" for k, v in options.items() if k != "calibration")
         text += "  overrides: " + json.dumps(OVERRIDES.get(name, [])) + "\n"
     recipe.write_text(text)
     return compile_recipe(recipe, out_dir=out, quiet=True, verify=False)
@@ -177,7 +188,7 @@ def main():
     ap.add_argument("--cal-samples", type=int, default=CALIBRATION["samples"])
     ap.add_argument("--results", default="results.json", help="file name in WORK (parallel runs: one each)")
     ap.add_argument("--no-merge", action="store_true",
-                    help="do not merge the rows into benchmarks/quantization/results.json (e.g. a shorter --tokens)")
+                    help="keep the rows out of benchmarks/quantization/results.json (short or partial runs)")
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -196,8 +207,9 @@ def main():
         results_path.write_text(json.dumps(results, indent=2))
     ref_runner.close()
 
-    for name, weights in ROWS.items():
-        if (only and name not in only) or name in results:
+    for name in (args.only.split(",") if args.only else ROWS):  # in the order asked for
+        weights = ROWS.get(name)
+        if weights is None or name in results:
             continue
         print(f"== {name}", flush=True)
         t0 = time.perf_counter()

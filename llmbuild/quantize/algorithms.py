@@ -10,13 +10,18 @@ search α ∈ {0, 1/20, …, 19/20} for per-input-channel scales
 minimising ‖x·W − (x/s)·Q(s·W)‖²; the 1/s is folded into whatever produced x (the
 RMSNorm weight, or the output columns of the linear before it). Then, per linear
 except q/k, search a clipping ratio per block and output channel that minimises that
-block's output error. RTN is the same quantizer without either search. Output errors are computed from
-H = Σ xᵀx over every calibration row (‖xΔ‖² summed = tr(ΔᵀHΔ)), not from a sample.
+block's output error (a channel the chosen ratios would hurt as a whole keeps 1.0).
+RTN is the same quantizer without either search. Output errors are computed from
+H = Σ xᵀx over every calibration row (‖xΔ‖² summed = tr(ΔᵀHΔ)), not from a sample of
+rows; α is scored on a fixed sample of the output columns (SEARCH_COLUMNS). Grid points
+are evaluated side by side: R variants of a weight quantized as one [in, R·out] matrix.
 
 GPTQ (Frantar et al. 2022): quantize input rows one at a time, and push each row's
 rounding error onto the rows not yet quantized through the inverse Hessian
-H = XᵀX (+1 % damping), in blocks of 128 rows; block parameters are taken from the
-error-updated weights when a block starts.
+H = XᵀX (+1 % of its mean diagonal, as AutoGPTQ), in blocks of 128 rows with lazy
+updates of the rows after a block; block parameters are taken from the error-updated
+weights when a block starts. With act-order the rows go in decreasing diag(H) and the
+block parameters are fixed beforehand (static groups: the stored blocks stay contiguous).
 """
 
 from __future__ import annotations
@@ -30,6 +35,11 @@ CLIP_GRID = 20
 CLIP_MAX_SHRINK = 0.5
 GPTQ_DAMP = 0.01
 GPTQ_BLOCK = 128
+GRID_BATCH = 5  # grid points quantized side by side (memory: 5 copies of the weight)
+# AWQ's α search scores every α on evenly strided output columns, at least this many
+# (a column's error depends on that column alone, so this is a fixed sample of the sum
+# every α is scored on); the scales then quantize every column.
+SEARCH_COLUMNS = 256
 
 
 # -- AWQ ----------------------------------------------------------------------------------
@@ -47,65 +57,89 @@ def _block_normalized_mean(w: np.ndarray, group: int) -> np.ndarray:
     return norm.mean(axis=1)
 
 
-def _output_error(h: np.ndarray, delta: np.ndarray) -> float:
-    """Σ over calibration rows of ‖x·Δ‖² = tr(Δᵀ H Δ), H = Σ xᵀx (exact, all rows)."""
-    return float(np.sum((h @ delta) * delta))
+def _output_errors(h: np.ndarray, delta: np.ndarray) -> np.ndarray:
+    """Per output column of Δ [in, cols]: Σ over calibration rows of (x·δ_j)² = δ_jᵀ H δ_j
+    (H = Σ xᵀx, exact over all rows) → [cols]."""
+    return np.einsum("ij,ij->j", h @ delta, delta)
+
+
+def _side_by_side(scheme, variants: np.ndarray, scale_dtype, shrink: np.ndarray | None = None) -> np.ndarray:
+    """Quantize-dequantize R variants of one weight at once: `variants` [in, R, out] are
+    quantized as one [in, R·out] matrix (a scheme's parameters are per output column, so
+    each variant gets exactly what quantizing it alone gives); `shrink` [G, R, out]."""
+    k, r, n = variants.shape
+    flat = None if shrink is None else shrink.reshape(shrink.shape[0], r * n)
+    return scheme.quantize(variants.reshape(k, r * n), scale_dtype, shrink=flat).dequantize().reshape(k, r, n)
 
 
 def awq_search_scales(h: np.ndarray, x_mean_abs: np.ndarray, weights: list[np.ndarray], scheme: Int4,
-                      scale_dtype=np.float16) -> tuple[np.ndarray, dict]:
+                      scale_dtype=np.float16, batch: int = GRID_BATCH,
+                      columns: int | None = SEARCH_COLUMNS) -> tuple[np.ndarray, dict]:
     """Best per-input-channel scales [in] for the linears `weights` sharing one input,
-    whose rows give H = Σ xᵀx [in, in] and mean |x| [in]."""
+    whose rows give H = Σ xᵀx [in, in] and mean |x| [in]. The grid's points are
+    evaluated `batch` at a time, side by side in one quantization and one H·Δ product,
+    on every ⌊out / columns⌋-th output column (`columns` None: all); the reported losses
+    are of those columns."""
     w = np.concatenate(weights, axis=1).astype(np.float32)
     h = np.asarray(h, np.float32)
     w_mean = _block_normalized_mean(w, scheme.group_size)
-    best, best_loss, losses = np.ones(w.shape[0], np.float32), np.inf, []
-    for r in range(AWQ_GRID):
-        alpha = r / AWQ_GRID
-        s = np.power(np.maximum(x_mean_abs, 1e-8), alpha) / (np.power(w_mean, 1 - alpha) + 1e-4)
-        s = np.maximum(s, 1e-4)
-        s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)
-        wq = scheme.quantize(w * s[:, None], scale_dtype).dequantize() / s[:, None]
-        loss = _output_error(h, w - wq)
-        losses.append(loss)
-        if loss < best_loss:
-            best_loss, best = loss, s
-    return best, {"alpha": float(np.argmin(losses)) / AWQ_GRID, "loss": best_loss, "loss_alpha0": losses[0]}
+    if columns is not None and w.shape[1] >= 2 * columns:
+        w = np.ascontiguousarray(w[:, ::w.shape[1] // columns])
+    alphas = np.arange(AWQ_GRID, dtype=np.float64)[:, None] / AWQ_GRID
+    s = np.power(np.maximum(x_mean_abs, 1e-8), alphas) / (np.power(w_mean, 1 - alphas) + 1e-4)
+    s = np.maximum(s, 1e-4)
+    s = (s / np.sqrt(s.max(axis=1, keepdims=True) * s.min(axis=1, keepdims=True))).astype(np.float32)  # [R, in]
+    losses = []
+    for r0 in range(0, AWQ_GRID, batch):
+        sc = s[r0:r0 + batch].T[:, :, None]  # [in, b, 1]
+        wq = _side_by_side(scheme, w[:, None, :] * sc, scale_dtype) / sc
+        delta = (w[:, None, :] - wq).reshape(w.shape[0], -1)
+        losses.extend(_output_errors(h, delta).reshape(-1, w.shape[1]).sum(axis=1).tolist())
+    best = int(np.argmin(losses))
+    return s[best], {"alpha": best / AWQ_GRID, "loss": losses[best], "loss_alpha0": losses[0]}
 
 
-def awq_search_clip(h: np.ndarray, w: np.ndarray, scheme: Int4, scale_dtype=np.float16) -> np.ndarray:
+def awq_search_clip(h: np.ndarray, w: np.ndarray, scheme: Int4, scale_dtype=np.float16,
+                    batch: int = GRID_BATCH) -> np.ndarray:
     """Best range shrink [G, out] per block and output channel (1.0 = no clipping), by
-    each block's own output error Δ_gᵀ H_gg Δ_g (H's diagonal blocks: all rows)."""
+    each block's own output error Δ_gᵀ H_gg Δ_g (H's diagonal blocks: all rows), as
+    AutoAWQ's auto_clip; all ratios of a batch side by side. An output channel whose
+    whole error tr(δᵀHδ) (the cross-block terms included) the chosen shrinks would raise
+    keeps 1.0, so clipping never increases any channel's output error."""
     k, n = w.shape
     group = scheme.group_size
     g = scheme.num_groups(k)
     pad = g * group - k
+    w = np.asarray(w, np.float32)
+    h = np.asarray(h, np.float32)
     hp = np.zeros((g * group, g * group), np.float32)
     hp[:k, :k] = h
     hb = np.stack([hp[i * group:(i + 1) * group, i * group:(i + 1) * group] for i in range(g)])  # [G, B, B]
-
-    def block_error(delta):  # [G, out]
-        db = np.concatenate([delta, np.zeros((pad, n), np.float32)], axis=0).reshape(g, group, n)
-        return np.sum(np.matmul(hb, db) * db, axis=1)
-
-    best_err = np.full((g, n), np.inf, np.float32)
-    best = np.ones((g, n), np.float32)
-    for i in range(int(CLIP_MAX_SHRINK * CLIP_GRID)):
-        ratio = 1.0 - i / CLIP_GRID
-        shrink = np.full((g, n), ratio, np.float32)
-        err = block_error(scheme.quantize(w, scale_dtype, shrink=shrink).dequantize() - w)
-        better = err < best_err
-        best_err[better] = err[better]
-        best[better] = ratio
-    return best
-
-
+    ratios = 1.0 - np.arange(int(CLIP_MAX_SHRINK * CLIP_GRID), dtype=np.float32) / CLIP_GRID
+    errs = []
+    for r0 in range(0, len(ratios), batch):
+        rs = ratios[r0:r0 + batch]
+        shrink = np.broadcast_to(rs[None, :, None], (g, len(rs), n))
+        delta = _side_by_side(scheme, np.broadcast_to(w[:, None, :], (k, len(rs), n)), scale_dtype, shrink) \
+            - w[:, None, :]
+        db = np.concatenate([delta, np.zeros((pad, len(rs), n), np.float32)]).reshape(g, group, -1)
+        errs.append(np.einsum("gbc,gbc->gc", np.matmul(hb, db), db).reshape(g, len(rs), n))
+    best = ratios[np.argmin(np.concatenate(errs, axis=1), axis=1)]  # [G, out]; ties: the larger ratio
+    deltas = np.stack([scheme.quantize(w, scale_dtype, shrink=sh).dequantize() - w for sh in (None, best)], axis=1)
+    whole = _output_errors(h, deltas.reshape(k, -1)).reshape(2, n)
+    return np.where(whole[1] <= whole[0], best, np.float32(1.0)).astype(np.float32)
 # -- GPTQ ---------------------------------------------------------------------------------
 
 
 def gptq_quantize(w: np.ndarray, hessian: np.ndarray, scheme: Int4, scale_dtype=np.float16,
-                  damp: float = GPTQ_DAMP, block: int = GPTQ_BLOCK) -> QuantizedTensor:
-    """GPTQ of `w` [in, out] given H = Σ xᵀx [in, in] (float64) of its inputs."""
+                  damp: float = GPTQ_DAMP, block: int = GPTQ_BLOCK, act_order: bool = False) -> QuantizedTensor:
+    """GPTQ of `w` [in, out] given H = Σ xᵀx [in, in] (float64) of its inputs; `damp`
+    × mean(diag H) is added to H's diagonal (AutoGPTQ's percdamp).
+
+    `act_order` (AutoGPTQ's desc_act with static groups): rows are quantized in order of
+    decreasing diag(H), the inputs with the largest activations first, while every
+    block's parameters come from the weight as it was before any update (the blocks
+    stay contiguous input rows, as the graph stores them)."""
     w = np.array(w, np.float64)
     h = np.array(hessian, np.float64)
     k, n = w.shape
@@ -115,11 +149,19 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, scheme: Int4, scale_dtype=
     dead = np.diag(h) == 0
     h[dead, dead] = 1.0
     w[dead, :] = 0.0
-    h[np.diag_indices(k)] += damp * np.mean(np.diag(h))
-    hinv = np.linalg.cholesky(np.linalg.inv(h)).T  # upper U with H⁻¹ = UᵀU
     g = scheme.num_groups(k)
     scales = np.zeros((g, n), np.float32)
     zeros = None if scheme.symmetric else np.zeros((g, n), np.float32)  # per-block offsets
+    order = np.arange(k)
+    if act_order:
+        order = np.argsort(-np.diag(h), kind="stable")
+        s, z = scheme.params(w.astype(np.float32), scale_dtype)
+        scales[:] = s
+        if zeros is not None:
+            zeros[:] = z
+        w, h = w[order], h[np.ix_(order, order)]
+    h[np.diag_indices(k)] += damp * np.mean(np.diag(h))
+    hinv = np.linalg.cholesky(np.linalg.inv(h)).T  # upper U with H⁻¹ = UᵀU
     codes = np.zeros((k, n), np.int8)
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
@@ -127,14 +169,13 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, scheme: Int4, scale_dtype=
         err1 = np.zeros_like(w1)
         h1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            row = i1 + i
-            if row % group == 0:
-                gi = row // group
+            row = order[i1 + i]  # the input row this step quantizes
+            gi = row // group
+            if not act_order and row % group == 0:  # parameters of the updated block
                 s, z = scheme.params(w1[i:i + group].astype(np.float32), scale_dtype)
                 scales[gi] = s[0]
                 if zeros is not None:
                     zeros[gi] = z[0]
-            gi = row // group
             z = None if zeros is None else zeros[gi:gi + 1]
             c = scheme.codes(w1[i:i + 1].astype(np.float32), scales[gi:gi + 1], z)
             codes[row] = c[0]

@@ -4,11 +4,18 @@
     for layer i:
         slice i = the nodes between hᵢ and hᵢ₊₁ (+ the inputs of its linears as outputs);
                   its weights are graph *inputs*, fed from numpy
-        pass 1: float weights, chunk by chunk → per linear input: max |x|, mean |x|,
-                Σ xᵀx (GPTQ, and AWQ's output errors)
+        pass 1: float weights, all samples in chunks of ~CHUNK_TOKENS tokens (one
+                ONNX Runtime call per chunk) → per linear input: max |x|, mean |x|,
+                Σ xᵀx (GPTQ, and AWQ's output errors), computed once per input and
+                shared by every linear and algorithm reading it; with float
+                propagation also hᵢ₊₁
         quantize the layer (RTN / AWQ / GPTQ), fold AWQ scales into norms / up_proj
-        pass 2: the quantized weights → hᵢ₊₁ (later layers calibrate on what the
-                quantized model really feeds them, as GPTQ does)
+        pass 2 (quantized propagation only): the quantized weights → hᵢ₊₁ (later
+                layers calibrate on what the quantized model really feeds them, as
+                GPTQ does)
+
+`propagate`: "quantized" (pass 2), "float" (hᵢ₊₁ from pass 1, as AutoAWQ: one ONNX
+Runtime pass per layer instead of two), "auto" (quantized when any weight uses GPTQ).
 
 Only one layer's weights, the hidden states of the calibration set (two [N, S, H]
 float32 buffers) and one chunk's activations are in memory at a time; the peak RSS of
@@ -30,11 +37,12 @@ from onnx import TensorProto, helper
 from llmbuild.eval.runners import float_matmuls
 from llmbuild.graph import io
 from llmbuild.graph.annotations import LINEAR, NORM, SCALE_GROUP, nodes_with
-from llmbuild.quantize.algorithms import awq_search_clip, awq_search_scales, gptq_quantize
+from llmbuild.quantize.algorithms import GPTQ_DAMP, awq_search_clip, awq_search_scales, gptq_quantize
 from llmbuild.quantize.plan import ModuleSpec, module_name
 from llmbuild.quantize.schemes import QuantizedTensor
 
 CHUNK_TOKENS = 4096
+PROPAGATE = ("auto", "quantized", "float")
 # Roles of the linears whose outputs form attention scores: AWQ's clipping search skips
 # them (as AutoAWQ).
 _NO_CLIP = ("q", "k")
@@ -204,6 +212,30 @@ def _feeds(sess, tokens: np.ndarray, kv_heads: int, head_dim: int) -> dict[str, 
     return feeds
 
 
+@dataclass(frozen=True)
+class AlgorithmOptions:
+    """The recipe's `quantization.awq` / `quantization.gptq` / `calibration.propagate`."""
+
+    awq_clip: bool = True
+    gptq_act_order: bool = True
+    gptq_damp: float = GPTQ_DAMP
+    propagate: str = "auto"
+
+    @classmethod
+    def from_recipe(cls, quantization: dict) -> AlgorithmOptions:
+        awq, gptq = quantization.get("awq") or {}, quantization.get("gptq") or {}
+        return cls(awq_clip=awq.get("clip", True), gptq_act_order=gptq.get("act_order", True),
+                   gptq_damp=gptq.get("damp", GPTQ_DAMP),
+                   propagate=(quantization.get("calibration") or {}).get("propagate", "auto"))
+
+    def float_propagation(self, plan: dict[str, ModuleSpec]) -> bool:
+        if self.propagate not in PROPAGATE:
+            raise ValueError(f"propagate {self.propagate!r}: expected one of {list(PROPAGATE)}")
+        if self.propagate == "auto":
+            return not any(spec.algorithm == "gptq" and spec.scheme != "none" for spec in plan.values())
+        return self.propagate == "float"
+
+
 @dataclass
 class CalibrationResult:
     results: dict[str, QuantizedTensor]  # calibrated weights (AWQ, GPTQ, and RTN when run here)
@@ -216,6 +248,7 @@ def calibrate(
     model_path: Path, tokens: np.ndarray, plan: dict[str, ModuleSpec], loaders: dict[str, Callable[[], np.ndarray]],
     *, kv_heads: int, head_dim: int, work_dir: Path, scale_dtype=np.float16, seed: int = 0,
     threads: int | None = None, progress: Callable[[int, int, str], None] | None = None,
+    options: AlgorithmOptions = AlgorithmOptions(), chunk_tokens: int = CHUNK_TOKENS,
 ) -> CalibrationResult:
     """Run the calibration set through the float32 graph at `model_path` layer by layer
     and quantize every planned weight that needs calibration data."""
@@ -231,7 +264,8 @@ def calibrate(
 
     slices = GraphSlices(model_path, lambda name: name in loaders)
     n, s = tokens.shape
-    chunk = max(1, CHUNK_TOKENS // s)
+    chunk = max(1, chunk_tokens // s)
+    float_prop = options.float_propagation(plan)
     results, floats, amax, layer_reports = {}, {}, {}, []
 
     # h0: the embedding (prefix slice), [N, S, H]
@@ -269,18 +303,21 @@ def calibrate(
         weights = {w: np.ascontiguousarray(np.asarray(loaders[w](), np.float32))
                    for w in dict.fromkeys([*weight_inputs, *lin])}
         for w in weights:  # the head step runs the last layer as already quantized
-            if layer == "head" and slices.weight_layer(w) == last_layer:
+            if layer == "head" and not float_prop and slices.weight_layer(w) == last_layer:
                 weights[w] = results[w].dequantize() if w in results else floats.get(w, weights[w])
         needs_xtx = {a for w, a in lin.items() if plan[w].algorithm in ("gptq", "awq")}
         stats = {}
-        # pass 1: statistics of every linear input under float weights
+        # pass 1: statistics of every linear input under float weights (and hᵢ₊₁)
+        ask = acts + ([slices.layer_inputs[layer + 1]] if float_prop and not last else [])
         for c0 in range(0, n, chunk):
             feeds = _feeds(sess, tokens[c0:c0 + chunk], kv_heads, head_dim)
             feeds[cut] = hidden[c0:c0 + chunk]
             feeds.update({w: weights[w] for w in weight_inputs})
-            outs = sess.run(acts, feeds)
+            outs = sess.run(ask, feeds)
             note_rss()
-            act_bytes_chunk = max(act_bytes_chunk, sum(o.nbytes for o in outs))
+            act_bytes_chunk = max(act_bytes_chunk, sum(o.nbytes for o in outs[:len(acts)]))
+            if len(outs) > len(acts):
+                nxt[c0:c0 + chunk] = outs[-1]
             for a, x in zip(acts, outs):
                 st = stats.setdefault(a, ActStats(x.shape[-1]))
                 st.update(x, a in needs_xtx)
@@ -289,11 +326,13 @@ def calibrate(
             amax[w] = stats[a].amax
         t1 = time.perf_counter()
         # quantize this layer
-        info = _quantize_layer(slices, fold_layer, lin, stats, weights, plan, results, floats, scale_dtype, seed)
+        info = _quantize_layer(slices, fold_layer, lin, stats, weights, plan, results, floats, scale_dtype, options)
         note_rss()
         t2 = time.perf_counter()
         # pass 2: hᵢ₊₁ under the quantized weights
-        if not last:
+        if not last and float_prop:
+            hidden, nxt = nxt, hidden
+        elif not last:
             qweights = dict(weights)
             for w in weight_inputs:
                 if w in results:
@@ -320,6 +359,7 @@ def calibrate(
     note_rss()
     report = {
         "samples": int(n), "seq_len": int(s), "tokens": int(n * s), "chunk_sequences": int(chunk),
+        "propagate": "float" if float_prop else "quantized",
         "seconds": round(time.perf_counter() - start, 2),
         "peak_rss_bytes": int(peak), "rss_before_bytes": int(rss0),
         "hidden_state_bytes": int(hidden.nbytes),
@@ -330,7 +370,8 @@ def calibrate(
     return CalibrationResult(results, floats, amax, report)
 
 
-def _quantize_layer(slices, layer, lin, stats, weights, plan, results, floats, scale_dtype, seed) -> dict:
+def _quantize_layer(slices, layer, lin, stats, weights, plan, results, floats, scale_dtype,
+                    options: AlgorithmOptions) -> dict:
     """Quantize the planned weights of one layer in place of `results` / `floats`."""
     info = {"awq": {}, "gptq": []}
     by_act: dict[str, list[str]] = {}
@@ -370,11 +411,12 @@ def _quantize_layer(slices, layer, lin, stats, weights, plan, results, floats, s
         scheme = spec.make()
         if spec.algorithm == "awq":
             shrink = None
-            if slices.role_of.get(w) not in _NO_CLIP:
+            if options.awq_clip and slices.role_of.get(w) not in _NO_CLIP:
                 shrink = awq_search_clip(stats[a].xtx, work[w], scheme, scale_dtype)
             results[w] = scheme.quantize(work[w], scale_dtype, shrink=shrink)
         elif spec.algorithm == "gptq":
-            results[w] = gptq_quantize(work[w], stats[a].xtx, scheme, scale_dtype)
+            results[w] = gptq_quantize(work[w], stats[a].xtx, scheme, scale_dtype, damp=options.gptq_damp,
+                                       act_order=options.gptq_act_order)
             info["gptq"].append(module_name(w))
         else:
             results[w] = scheme.quantize(work[w], scale_dtype)

@@ -99,7 +99,7 @@ class QuantizationJob:
         self.unmatched = unmatched_overrides(q, list(weights), dims.layers)
         self.cal = None
         if any(spec.calibrated for spec in self.plan.values()):
-            from llmbuild.quantize.calibration import calibrate
+            from llmbuild.quantize.calibration import AlgorithmOptions, calibrate
 
             c = q["calibration"]
             work_dir.mkdir(parents=True, exist_ok=True)
@@ -109,7 +109,8 @@ class QuantizationJob:
                 ref = reference_graph(source, work_dir, max(rd["limits"]["max_seq_len"], c["seq_len"]))
                 self.cal = calibrate(ref, tokens, self.plan, self.loaders, kv_heads=dims.kv_heads,
                                      head_dim=dims.head_dim, work_dir=ref.parent, scale_dtype=self.scale_dtype,
-                                     seed=c["seed"], threads=threads, progress=lambda d, t, msg: update(d, t, msg))
+                                     seed=c["seed"], threads=threads, progress=lambda d, t, msg: update(d, t, msg),
+                                     options=AlgorithmOptions.from_recipe(q))
 
     def apply(self, model, shard=None, *, last: bool = True) -> dict[str, int]:
         """Rewrite `model` (lazy, not yet saved): the whole model (`shard` None) or rank

@@ -301,6 +301,10 @@ class Calibration(_Section):
     samples: PositiveInt = 128  # sequences
     seq_len: PositiveInt = 512  # tokens per sequence
     seed: Annotated[int, Field(ge=0)] = 0
+    # What the layer after a calibrated one sees: "quantized" (the quantized layer's
+    # outputs, a second ONNX Runtime pass per layer), "float" (the float layer's, as
+    # AutoAWQ), "auto" (quantized when any weight uses GPTQ, else float).
+    propagate: Literal["auto", "quantized", "float"] = "auto"
 
     @field_validator("dataset")
     @classmethod
@@ -332,11 +336,22 @@ class QuantTarget(_Section):
         return self
 
 
+class AwqOptions(_Section):
+    clip: bool = True  # per block and output channel clipping search after the scales (AutoAWQ auto_clip)
+
+
+class GptqOptions(_Section):
+    act_order: bool = True  # rows in decreasing diag(XᵀX), static groups (AutoGPTQ desc_act); measured: NOTES.md
+    damp: Annotated[float, Field(gt=0, le=1)] = 0.01  # × mean diag(XᵀX) added to it (AutoGPTQ percdamp)
+
+
 class Quantization(_Section):
     # One setting for every linear (plus overrides), or a `target` the allocation meets.
     weights: QuantWeights | None = None
     overrides: list[QuantOverride] = []
     calibration: Calibration = Calibration()
+    awq: AwqOptions = AwqOptions()  # settings of algorithm awq, wherever it is used
+    gptq: GptqOptions = GptqOptions()
     target: QuantTarget | None = None
 
     @model_validator(mode="after")

@@ -1,0 +1,187 @@
+"""Calibration and the calibrated algorithms on random matrices and a tiny random Llama:
+batched statistics equal the per-sample ones, the grid searches evaluated side by side
+equal one point at a time, AWQ's clipping never raises a channel's output error, and
+act-order GPTQ puts every row back where it belongs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from llmbuild.quantize.algorithms import (AWQ_GRID, _side_by_side, awq_search_clip, awq_search_scales,
+                                          gptq_quantize)
+from llmbuild.quantize.calibration import ActStats, AlgorithmOptions
+from llmbuild.quantize.schemes import Int4
+
+
+def inputs(tokens=2048, k=256, seed=0, outliers=(3, 77, 150, 201, 90)):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((tokens, k)).astype(np.float32)
+    x = x @ (np.eye(k) + 0.5 * rng.standard_normal((k, k)) / np.sqrt(k)).astype(np.float32)
+    x[:, [o for o in outliers if o < k]] *= 25  # outlier channels, scattered (act-order must move them first)
+    return x
+
+
+def weight(k=256, n=48, seed=1):
+    return (np.random.default_rng(seed).standard_normal((k, n)) * 0.05).astype(np.float32)
+
+
+def column_errors(x, w, deq):
+    """Σ over rows of (x·(w − deq))² per output column, in float64 from the rows."""
+    d = x.astype(np.float64) @ (w.astype(np.float64) - deq)
+    return np.sum(d * d, axis=0)
+
+
+@pytest.mark.parametrize("scheme", [Int4(32), Int4(64, symmetric=False), Int4(128)], ids=lambda s: s.describe())
+def test_side_by_side_quantization_is_each_variant_alone(scheme):
+    w = weight(k=200, n=24)  # 200 rows: a short last block for every group size
+    rng = np.random.default_rng(2)
+    scales = rng.uniform(0.5, 2.0, (200, 3)).astype(np.float32)
+    shrink = rng.uniform(0.5, 1.0, (scheme.num_groups(200), 3, 24)).astype(np.float32)
+    variants = w[:, None, :] * scales[:, :, None]
+    together = _side_by_side(scheme, variants, np.float16, shrink)
+    for r in range(3):
+        alone = scheme.quantize(variants[:, r], np.float16, shrink=shrink[:, r]).dequantize()
+        np.testing.assert_array_equal(together[:, r], alone)
+
+
+def test_awq_grid_loss_is_the_output_error_at_every_point():
+    x, w = inputs(), weight()
+    scheme = Int4(64)
+    s, info = awq_search_scales(x.T @ x, np.abs(x).mean(0), [w], scheme, np.float32)
+    deq = scheme.quantize(w * s[:, None], np.float32).dequantize() / s[:, None]
+    assert info["loss"] == pytest.approx(column_errors(x, w, deq).sum(), rel=1e-3)
+    alpha0 = scheme.quantize(w, np.float32).dequantize()  # α = 0 with w_mean's normalisation ≈ RTN of a scaled w
+    assert info["loss"] <= info["loss_alpha0"] and 0 <= info["alpha"] < 1 and AWQ_GRID * info["alpha"] % 1 == 0
+    assert info["loss"] < column_errors(x, w, alpha0).sum()
+
+
+def test_awq_alpha_from_strided_columns_is_the_alpha_of_all_columns():
+    x, w = inputs(k=128, tokens=1024), weight(k=128, n=1024, seed=8)
+    scheme = Int4(32)
+    h, mean = x.T @ x, np.abs(x).mean(0)
+    s_all, all_cols = awq_search_scales(h, mean, [w], scheme, np.float32, columns=None)
+    s_some, some = awq_search_scales(h, mean, [w], scheme, np.float32, columns=128)
+    assert some["alpha"] == all_cols["alpha"] and some["loss"] < 0.2 * all_cols["loss"]  # 128 of 1024 columns
+    np.testing.assert_array_equal(s_all, s_some)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_clip_search_never_increases_any_channels_output_error(seed, symmetric):
+    x, w = inputs(seed=seed, k=192), weight(k=192, seed=10 + seed)
+    w[5, :7] = 0.6  # weight outliers: clipping pays for their blocks' other rows
+    scheme = Int4(64, symmetric=symmetric)
+    shrink = awq_search_clip(x.T @ x, w, scheme, np.float32)
+    assert shrink.shape == (3, 48) and shrink.min() >= 0.55 and shrink.max() == 1.0
+    plain = column_errors(x, w, scheme.quantize(w, np.float32).dequantize())
+    clipped = column_errors(x, w, scheme.quantize(w, np.float32, shrink=shrink).dequantize())
+    assert np.all(clipped <= plain * (1 + 1e-5) + 1e-9)
+    assert clipped.sum() < plain.sum()  # and it clips somewhere it pays
+
+
+def test_act_order_gptq_beats_natural_order_on_scattered_outliers():
+    x, w = inputs(k=256), weight(k=256, n=64, seed=7)
+    h = x.T.astype(np.float64) @ x
+    scheme = Int4(32)
+    natural = gptq_quantize(w, h, scheme, np.float32)
+    ordered = gptq_quantize(w, h, scheme, np.float32, act_order=True)
+    assert ordered.scale.shape == natural.scale.shape == (8, 64) and ordered.block_size == 32
+    e_nat, e_act = column_errors(x, w, natural.dequantize()).sum(), column_errors(x, w, ordered.dequantize()).sum()
+    e_rtn = column_errors(x, w, scheme.quantize(w, np.float32).dequantize()).sum()
+    assert e_act <= e_nat < e_rtn, (e_act, e_nat, e_rtn)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_act_order_rows_land_where_they_belong(symmetric):
+    """With a diagonal H nothing is pushed between rows, so GPTQ in any order is round to
+    nearest with the static block parameters: codes equal RTN's exactly, however
+    scrambled the order diag(H) imposes."""
+    k, n = 96, 16
+    w = weight(k=k, n=n, seed=3)
+    diag = np.random.default_rng(4).permutation(np.arange(1, k + 1)).astype(np.float64)
+    scheme = Int4(32, symmetric=symmetric)
+    ordered = gptq_quantize(w, np.diag(diag), scheme, np.float32, act_order=True)
+    rtn = scheme.quantize(w, np.float32)
+    np.testing.assert_array_equal(ordered.data, rtn.data)
+    np.testing.assert_array_equal(ordered.scale, rtn.scale)
+
+
+def test_gptq_damp_is_a_fraction_of_the_mean_diagonal():
+    """Scaling H scales its damping with it: the result does not depend on H's units."""
+    x, w = inputs(k=128, tokens=512), weight(k=128, n=32)
+    h = x.T.astype(np.float64) @ x
+    scheme = Int4(32)
+    a, b = gptq_quantize(w, h, scheme, np.float32, damp=0.1), gptq_quantize(w, 1e4 * h, scheme, np.float32, damp=0.1)
+    assert np.mean(a.data == b.data) > 0.999
+    c = gptq_quantize(w, h, scheme, np.float32, damp=0.9)  # heavy damping drifts toward RTN
+    rtn = scheme.quantize(w, np.float32)
+    assert np.mean(c.data == rtn.data) > np.mean(a.data == rtn.data)
+
+
+def test_statistics_of_all_samples_at_once_equal_the_per_sample_sums():
+    x = inputs(tokens=8 * 64, k=96).reshape(8, 64, 96)
+    batched, per_sample = ActStats(96), ActStats(96)
+    for c0 in range(0, 8, 4):
+        batched.update(x[c0:c0 + 4], True)
+    for sample in x:
+        per_sample.update(sample[None], True)
+    assert batched.amax == per_sample.amax and batched.rows == per_sample.rows == 512
+    np.testing.assert_allclose(batched.mean_abs, per_sample.mean_abs, rtol=1e-6)
+    np.testing.assert_allclose(batched.xtx, per_sample.xtx, rtol=1e-4, atol=1e-3)
+
+
+def test_auto_propagation_is_quantized_only_for_gptq():
+    from llmbuild.quantize.plan import ModuleSpec
+
+    awq = {"a": ModuleSpec("int4", "awq", 32), "b": ModuleSpec("int8")}
+    gptq = {**awq, "c": ModuleSpec("int4", "gptq", 32)}
+    assert AlgorithmOptions().float_propagation(awq) and not AlgorithmOptions().float_propagation(gptq)
+    assert not AlgorithmOptions(propagate="quantized").float_propagation(awq)
+    assert AlgorithmOptions(propagate="float").float_propagation(gptq)
+
+
+@pytest.fixture(scope="module")
+def tiny_graph(tmp_path_factory):
+    """A tiny random Llama's float32 graph, its lazy weights and 8 calibration sequences."""
+    pytest.importorskip("torch")
+    from llmbuild.graph.export import save_model
+    from llmbuild.models.build import build_model
+    from llmbuild.source import open_source
+    from tests.tiny import make_tiny_hf
+
+    root = tmp_path_factory.mktemp("calib")
+    model_dir = make_tiny_hf(root / "hf", hidden=96, num_heads=6, num_kv_heads=2, layers=2, intermediate=160,
+                             vocab=256, tie=False, seed=0)
+    source = open_source(model_dir)
+    model = build_model(source, "float32", 64)
+    path = save_model(model, root / "ref")
+    loaders = {n: v.meta["llmbuild.source_loader"] for n, v in model.graph.initializers.items()
+               if "llmbuild.source_loader" in v.meta}
+    tokens = np.random.default_rng(0).integers(0, 256, (8, 32)).astype(np.int64)
+    return path, loaders, tokens
+
+
+@pytest.mark.parametrize("algorithm", ["awq", "gptq"])
+def test_calibration_in_chunks_equals_one_sample_at_a_time(tiny_graph, algorithm):
+    """All samples through a layer in one ONNX Runtime call (chunk of 8 sequences) or one
+    sequence per call: the same statistics, hence the same quantized weights."""
+    from llmbuild.quantize.calibration import calibrate
+    from llmbuild.quantize.plan import ModuleSpec
+
+    path, loaders, tokens = tiny_graph
+    plan = {w: ModuleSpec("int4", algorithm, 32) for w in loaders if w.endswith("proj.weight")}
+    runs = {}
+    for label, chunk in (("batched", 8 * 32), ("per_sample", 32)):
+        runs[label] = calibrate(path, tokens, plan, loaders, kv_heads=2, head_dim=16, work_dir=path.parent,
+                                scale_dtype=np.float32, threads=1, chunk_tokens=chunk)
+    a, b = runs["batched"], runs["per_sample"]
+    assert a.report["chunk_sequences"] == 8 and b.report["chunk_sequences"] == 1
+    assert a.report["propagate"] == ("float" if algorithm == "awq" else "quantized")
+    assert set(a.results) == set(plan) == set(b.results)
+    for w in plan:
+        assert a.activation_amax[w] == pytest.approx(b.activation_amax[w], rel=1e-5)
+        assert np.mean(a.results[w].data == b.results[w].data) > 0.995, w
+        np.testing.assert_allclose(a.results[w].scale, b.results[w].scale, rtol=1e-4)
+    for name in a.floats:  # AWQ's scaled norms / up_proj columns
+        np.testing.assert_allclose(a.floats[name], b.floats[name], rtol=1e-4, atol=1e-6)
