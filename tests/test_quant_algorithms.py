@@ -11,7 +11,7 @@ import pytest
 from llmbuild.quantize.algorithms import (AWQ_GRID, _side_by_side, awq_search_clip, awq_search_scales,
                                           gptq_quantize)
 from llmbuild.quantize.calibration import ActStats, AlgorithmOptions
-from llmbuild.quantize.schemes import Int4
+from llmbuild.quantize.schemes import SCALE_SEARCH, Int4
 
 
 def inputs(tokens=2048, k=256, seed=0, outliers=(3, 77, 150, 201, 90)):
@@ -73,7 +73,7 @@ def test_clip_search_never_increases_any_channels_output_error(seed, symmetric):
     w[5, :7] = 0.6  # weight outliers: clipping pays for their blocks' other rows
     scheme = Int4(64, symmetric=symmetric)
     shrink = awq_search_clip(x.T @ x, w, scheme, np.float32)
-    assert shrink.shape == (3, 48) and shrink.min() >= 0.55 and shrink.max() == 1.0
+    assert shrink.shape == (3, 48) and shrink.min() >= 0.55 and shrink.max() <= max(SCALE_SEARCH)
     plain = column_errors(x, w, scheme.quantize(w, np.float32).dequantize())
     clipped = column_errors(x, w, scheme.quantize(w, np.float32, shrink=shrink).dequantize())
     assert np.all(clipped <= plain * (1 + 1e-5) + 1e-9)

@@ -66,7 +66,7 @@ def test_algorithm_options_are_validated_where_they_are(tmp_path):
         "  calibration: {propagate: sideways}\n"))
     assert errors["quantization.gptq.damp"].startswith("5:")
     assert errors["quantization.gptq.order"].startswith("5:")
-    assert errors["quantization.calibration.propagate"].startswith("6:") and "'float'" in errors[
+    assert errors["quantization.calibration.propagate"].startswith("6:") and "auto, quantized, float" in errors[
         "quantization.calibration.propagate"]
 
 

@@ -105,7 +105,8 @@ def awq_search_clip(h: np.ndarray, w: np.ndarray, scheme: Int4, scale_dtype=np.f
     each block's own output error Δ_gᵀ H_gg Δ_g (H's diagonal blocks: all rows), as
     AutoAWQ's auto_clip; all ratios of a batch side by side. An output channel whose
     whole error tr(δᵀHδ) (the cross-block terms included) the chosen shrinks would raise
-    keeps 1.0, so clipping never increases any channel's output error."""
+    keeps the shrink of plain quantization (`default_shrink`), so clipping never increases
+    any channel's output error."""
     k, n = w.shape
     group = scheme.group_size
     g = scheme.num_groups(k)
@@ -125,9 +126,10 @@ def awq_search_clip(h: np.ndarray, w: np.ndarray, scheme: Int4, scale_dtype=np.f
         db = np.concatenate([delta, np.zeros((pad, len(rs), n), np.float32)]).reshape(g, group, -1)
         errs.append(np.einsum("gbc,gbc->gc", np.matmul(hb, db), db).reshape(g, len(rs), n))
     best = ratios[np.argmin(np.concatenate(errs, axis=1), axis=1)]  # [G, out]; ties: the larger ratio
-    deltas = np.stack([scheme.quantize(w, scale_dtype, shrink=sh).dequantize() - w for sh in (None, best)], axis=1)
+    default = scheme.default_shrink(w, scale_dtype)  # what quantizing without a clip does
+    deltas = np.stack([scheme.quantize(w, scale_dtype, shrink=sh).dequantize() - w for sh in (default, best)], axis=1)
     whole = _output_errors(h, deltas.reshape(k, -1)).reshape(2, n)
-    return np.where(whole[1] <= whole[0], best, np.float32(1.0)).astype(np.float32)
+    return np.where(whole[1] <= whole[0], best, default).astype(np.float32)
 # -- GPTQ ---------------------------------------------------------------------------------
 
 

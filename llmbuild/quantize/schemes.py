@@ -180,7 +180,7 @@ class Int4:
             tight = np.maximum(blocks.max(axis=1) / 7.0, -blocks.min(axis=1) / 8.0)
             if shrink is not None:  # a calibrated clip (AWQ) replaces the search
                 return _round_scale(tight * shrink, scale_dtype), None
-            return self._search_scale(blocks, tight, w.shape[0], scale_dtype), None
+            return _round_scale(tight * self._search_factor(blocks, tight, w.shape[0], scale_dtype), scale_dtype), None
         lo, hi = blocks.min(axis=1), blocks.max(axis=1)
         if shrink is not None:
             mid = (hi + lo) / 2  # narrow the range about its middle
@@ -188,23 +188,33 @@ class Int4:
         scale = _round_scale((hi - lo) / 15.0, scale_dtype)
         return scale, _round(lo + 8.0 * scale, scale_dtype)
 
+    def default_shrink(self, w: np.ndarray, scale_dtype=np.float16) -> np.ndarray:
+        """[G, out]: the `shrink` that gives exactly the scales of `params(w)` without one
+        (the searched factors; 1.0 when asymmetric), so a calibrated clip search can fall
+        back per channel to what plain quantization does."""
+        blocks = _blocks(_check_matrix(w), self.group_size)
+        if not self.symmetric:
+            return np.ones((blocks.shape[0], blocks.shape[2]), np.float32)
+        tight = np.maximum(blocks.max(axis=1) / 7.0, -blocks.min(axis=1) / 8.0)
+        return self._search_factor(blocks, tight, w.shape[0], scale_dtype)
+
     @staticmethod
-    def _search_scale(blocks: np.ndarray, tight: np.ndarray, rows: int, scale_dtype) -> np.ndarray:
-        """Per block, the scale of least squared error among `SCALE_SEARCH` × the tight
-        scale (rounded to the graph dtype first, as stored); rows that only pad a short last
-        block do not count. 1.0 is among the factors, so no block is worse than the tight
-        rule."""
+    def _search_factor(blocks: np.ndarray, tight: np.ndarray, rows: int, scale_dtype) -> np.ndarray:
+        """Per block, the factor of `SCALE_SEARCH` whose scale (tight × factor, rounded to
+        the graph dtype first, as stored) gives the least squared error; rows that only pad
+        a short last block do not count. 1.0 is among the factors, so no block is worse than
+        the tight rule."""
         valid = (np.arange(blocks.shape[0] * blocks.shape[1]) < rows).reshape(blocks.shape[:2])[:, :, None]
         best = best_err = None
         for factor in SCALE_SEARCH:
-            scale = _round_scale(tight * factor, scale_dtype)
+            scale = _round_scale(tight * np.float32(factor), scale_dtype)
             q = np.clip(np.rint(blocks / scale[:, None, :]), -8, 7)
             err = (np.square(q * scale[:, None, :] - blocks) * valid).sum(axis=1)
             if best is None:
-                best, best_err = scale, err
+                best, best_err = np.full(err.shape, factor, np.float32), err
             else:
                 better = err < best_err
-                best, best_err = np.where(better, scale, best), np.where(better, err, best_err)
+                best, best_err = np.where(better, np.float32(factor), best), np.where(better, err, best_err)
         return best.astype(np.float32)
 
     def codes(self, w: np.ndarray, scale: np.ndarray, offset: np.ndarray | None) -> np.ndarray:
