@@ -73,7 +73,7 @@ SIDES = {
     "moe-ort": "routed MoE, llmbuild CPU-ready graph (com.microsoft.MoE), ONNX Runtime",
     "dense-ort": "dense, active-equivalent (intermediate 4096), llmbuild CPU-ready graph, ONNX Runtime",
     "moe-dense-ort": "the MoE computed densely (all 8 experts, benchmark's reference graph), ONNX Runtime",
-    "moe-hf": "routed MoE, HF transformers (torch eager), same safetensors",
+    "moe-hf": "routed MoE, HF transformers (torch eager), the same weights (rebuilt from the seed)",
 }
 
 
@@ -302,6 +302,53 @@ def plan_figures(recipe_path: Path) -> dict:
     return json.loads(out.stdout)
 
 
+def bytes_per_token(plan: dict) -> dict[str, float]:
+    """Weight bytes a decoded token reads, per side, from `llmbuild plan` (the embedding
+    table is one row per token, left out): the routed MoE's figure is plan's own; the dense
+    model and the dense-computed MoE read every weight."""
+    def dense(p):
+        m = p["model"]
+        return p["weight_bytes"] - m["vocab_size"] * m["hidden_size"] * 4  # float32 embedding table
+    return {"moe-ort": plan["moe"]["moe"]["bytes_read_per_decoded_token"], "dense-ort": dense(plan["dense"]),
+            "moe-dense-ort": dense(plan["moe"]), "moe-hf": plan["moe"]["moe"]["bytes_read_per_decoded_token"]}
+
+
+def markdown(raw: dict, command: str) -> str:
+    """RESULTS.md: the table of medians, the targets, then the raw figures."""
+    res, summ = raw["results"], raw["summary"]
+    lines = ["| side | what runs | decode tok/s (median) | min - max | prefill 512 s (median) | min - max | runs |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for side, runs in res.items():
+        dec, pre = [r["decode"] for r in runs], [r["prefill"] for r in runs]
+        lines.append(f"| {side} | {SIDES[side]} ({runs[0]['graph']}) | {summ[side]['decode_median']:.2f} | "
+                     f"{min(dec):.2f} - {max(dec):.2f} | {summ[side]['prefill_median']:.2f} | "
+                     f"{min(pre):.2f} - {max(pre):.2f} | {len(runs)} |")
+    ids = {side: {tuple(r["ids"]) for r in runs} for side, runs in res.items()}
+    same = [s for s in ("moe-dense-ort", "moe-hf") if s in ids and ids[s] == ids.get("moe-ort")]
+    out = ["\n".join(lines), ""]
+    if all("error" not in p for p in [*raw["plan"].values(), *raw["plan_1b"].values()]):
+        measured, design = bytes_per_token(raw["plan"]), bytes_per_token(raw["plan_1b"])
+        out += ["| side | weight bytes read per decoded token (measured model) | (the 1 B design) |",
+                "| --- | --- | --- |"]
+        out += [f"| {s} | {measured[s] / 1e6:.1f} MB | {design[s] / 1e9:.3f} GB |" for s in res]
+        out += [""]
+    out += [
+           f"Load average (1 min) over the run: {min(raw['loadavg']):.1f} - {max(raw['loadavg']):.1f} "
+           f"(2 cores shared with other engineers' jobs). Greedy ids of moe-ort equal those of: "
+           f"{', '.join(same) or 'none'} (every run).", ""]
+    if {"moe-ort", "dense-ort", "moe-dense-ort"} <= set(summ):
+        m, d, x = summ["moe-ort"], summ["dense-ort"], summ["moe-dense-ort"]
+        checks = [
+            ("MoE decode >= 0.7 x active-equivalent dense", m["decode_median"] / d["decode_median"], 0.7),
+            ("MoE decode >= 2.5 x dense-computed MoE", m["decode_median"] / x["decode_median"], 2.5),
+            ("prefill 512 no slower than the dense-computed MoE (time ratio dense-computed / MoE >= 1)",
+             x["prefill_median"] / m["prefill_median"], 1.0),
+        ]
+        out += ["| target | measured ratio (medians) | met |", "| --- | --- | --- |"]
+        out += [f"| {name} | {ratio:.2f} | {'met' if ratio >= bar else 'NOT met'} |" for name, ratio, bar in checks]
+    return "\n".join(out) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=32, help="decoded tokens per run")
@@ -311,8 +358,12 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=8192, help="vocabulary of the measured models")
     parser.add_argument("--side", choices=list(SIDES), action="append", help="default: all")
     parser.add_argument("--out", type=Path, help="also write the raw results (JSON) to this file")
+    parser.add_argument("--render", type=Path, help="print the markdown tables of a raw JSON file and exit")
     parser.add_argument("--one", choices=list(SIDES), help=argparse.SUPPRESS)  # internal: a measured run
     args = parser.parse_args()
+    if args.render:
+        print(markdown(json.loads(args.render.read_text()), ""))
+        return
     if args.one:
         print(json.dumps(one_run(args.one, args.tokens, args.threads, args.layers, args.vocab)))
         return
