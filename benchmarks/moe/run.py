@@ -147,9 +147,9 @@ def dense_moe_graph(artifact: Path) -> Path:
         ReduceSum_E(experts · w) [T,H] ─Reshape like x─► y
 
     i.e. every expert computed on every token, the unselected ones weighted by zero."""
+    import numpy as np
     import onnx
     from onnx import helper, numpy_helper
-    import numpy as np
 
     path = artifact / "model" / "model.dense_moe.onnx"
     if path.is_file():
@@ -284,6 +284,43 @@ def one_run(side: str, tokens: int, threads: int, layers: int, vocab: int) -> di
     return run_hf(layers, vocab, tokens, threads)
 
 
+def profile_decode(side: str, threads: int, steps: int = 20) -> str:
+    """ONNX Runtime's kernel time per decode step, by operator (batch 1, one token at cache
+    position 600, zero cache): is the fused MoE used, and where does the step go."""
+    import collections
+
+    import numpy as np
+    import onnxruntime as ort
+
+    from llmbuild.runtime.executors.onnxruntime import session_options
+
+    artifact = WORK / "artifacts" / ("dense" if side == "dense-ort" else "moe")
+    graph = artifact / "model" / ("model.dense_moe.onnx" if side == "moe-dense-ort" else "model.cpu.onnx")
+    opts = session_options(threads, 3)
+    opts.enable_profiling = True
+    opts.profile_file_prefix = str(WORK / f"profile-{side}")
+    session = ort.InferenceSession(str(graph), opts, providers=["CPUExecutionProvider"])
+    feeds = {i.name: np.zeros((1, i.shape[1], SEQ_LEN, i.shape[3]), np.float32)
+             for i in session.get_inputs() if i.name.startswith("past")}
+    feeds.update(input_ids=np.array([[5]], np.int64), position_ids=np.array([[600]], np.int64),
+                 write_indices=np.array([600], np.int64), logits_indices=np.array([[0]], np.int64))
+    for _ in range(steps):
+        session.run(None, feeds)
+    events = json.loads(Path(session.end_profiling()).read_text())
+    per_op: collections.Counter = collections.Counter()
+    nodes: collections.Counter = collections.Counter()
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            per_op[e["args"]["op_name"]] += e["dur"]
+            nodes[e["args"]["op_name"]] += 1
+    total = sum(per_op.values())
+    lines = [f"{side}, {threads} thread(s), {graph.name}: kernel time per decode step", "| op | nodes | ms | share |",
+             "| --- | --- | --- | --- |"]
+    lines += [f"| {op} | {nodes[op] // steps} | {us / steps / 1000:.2f} | {100 * us / total:.0f} % |"
+              for op, us in per_op.most_common(6)]
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------- driver
 
 def plan_1b(name: str) -> Path:
@@ -359,10 +396,15 @@ def main() -> None:
     parser.add_argument("--side", choices=list(SIDES), action="append", help="default: all")
     parser.add_argument("--out", type=Path, help="also write the raw results (JSON) to this file")
     parser.add_argument("--render", type=Path, help="print the markdown tables of a raw JSON file and exit")
+    parser.add_argument("--profile", choices=[s for s in SIDES if s != "moe-hf"],
+                        help="print ONNX Runtime's per-operator decode-step profile of a side and exit")
     parser.add_argument("--one", choices=list(SIDES), help=argparse.SUPPRESS)  # internal: a measured run
     args = parser.parse_args()
     if args.render:
         print(markdown(json.loads(args.render.read_text()), ""))
+        return
+    if args.profile:
+        print(profile_decode(args.profile, args.threads))
         return
     if args.one:
         print(json.dumps(one_run(args.one, args.tokens, args.threads, args.layers, args.vocab)))
