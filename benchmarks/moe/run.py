@@ -10,10 +10,9 @@ as safetensors into benchmarks/_work/moe/; no hub):
     moe     Qwen3MoeForCausalLM: hidden 1024, 16 heads x 64 (4 KV heads), 8 experts, top-2,
             moe_intermediate 2048, norm_topk_prob; the 1 B design is 18 layers and vocab
             32000 untied (1.02 B total, 0.34 B active per token; `llmbuild plan` figures for
-            it come from its config alone, plan_1b below); the measured model is --layers
-            4, --vocab 8192 (0.23 B total, 0.078 B active): the same layer shape, because
-            this shared machine's disk had 1.1 GB free (a 4 GB checkpoint plus its 4 GB
-            artifact do not fit)
+            it come from its config alone, plan_1b below); --layers 18 --vocab 32000 measures
+            it; the default, --layers 4 --vocab 8192 (0.23 B total, 0.078 B active), keeps
+            the layer shape and needs ~2.5 GB of disk instead of ~10 GB
     dense   Qwen3ForCausalLM, the same but one MLP of intermediate 2 x 2048 = 4096
             -> the MoE's active parameters
 
