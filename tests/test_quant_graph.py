@@ -275,7 +275,7 @@ def test_calibration_slices_match_transformers_hidden_states(tiny, tmp_path):
     """Layer by layer on ONNX Runtime == HF's hidden states (the calibration's inputs)."""
     from llmbuild.graph.export import save_model
     from llmbuild.models.build import build_model
-    from llmbuild.quantize.calibration import GraphSlices, _feeds, _session
+    from llmbuild.quantize.calibration import GraphSlices, decoder_feeds, ort_session
     from llmbuild.source import open_source
 
     _, model_dir = tiny
@@ -287,16 +287,16 @@ def test_calibration_slices_match_transformers_hidden_states(tiny, tmp_path):
         slices = GraphSlices(path, lambda n: n in loaders)
         tokens = IDS[None, :8]
         prefix, _ = slices.slice([slices.layer_inputs[0]], None, tmp_path / "ref" / "p.onnx")
-        s = _session(prefix, 1)
-        h = s.run(None, _feeds(s, tokens, 2, 16))[0]
+        s = ort_session(prefix, 1)
+        h = s.run(None, decoder_feeds(s, tokens, 2, 16))[0]
         with torch.no_grad():
             hf = load_tiny_hf(model_dir).float()(torch.from_numpy(tokens), output_hidden_states=True)
         for layer in range(LAYERS - 1):
             p, weights = slices.slice([slices.layer_inputs[layer + 1]], slices.layer_inputs[layer],
                                       tmp_path / "ref" / f"l{layer}.onnx", lambda v: f"layers.{layer}." in v)
             assert len(weights) == 9  # 7 linears + 2 norms are inputs, fed from numpy
-            s = _session(p, 1)
-            feeds = _feeds(s, tokens, 2, 16) | {slices.layer_inputs[layer]: h}
+            s = ort_session(p, 1)
+            feeds = decoder_feeds(s, tokens, 2, 16) | {slices.layer_inputs[layer]: h}
             feeds |= {w: np.asarray(loaders[w](), np.float32) for w in weights}
             h = s.run(None, feeds)[0]
             np.testing.assert_allclose(h, hf.hidden_states[layer + 1].numpy(), atol=1e-5)

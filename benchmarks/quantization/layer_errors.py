@@ -32,7 +32,7 @@ def main():
     from llmbuild.models import spec_for
     from llmbuild.models.build import build_model
     from llmbuild.quantize.algorithms import awq_search_clip, awq_search_scales, gptq_quantize
-    from llmbuild.quantize.calibration import ActStats, GraphSlices, _feeds, _session
+    from llmbuild.quantize.calibration import ActStats, GraphSlices, decoder_feeds, ort_session
     from llmbuild.quantize.schemes import Int4
     from llmbuild.quantize.stage import calibration_tokens, reference_graph
     from llmbuild.recipe import load_recipe
@@ -51,8 +51,8 @@ def main():
                if "llmbuild.source_loader" in v.meta}
     slices = GraphSlices(ref, lambda n: n in loaders)
     path, _ = slices.slice([slices.layer_inputs[0]], None, ref.parent / "prefix.onnx")
-    sess = _session(path, None)
-    hidden = np.concatenate([sess.run(None, _feeds(sess, tokens[i:i + 8], dims.kv_heads, dims.head_dim))[0]
+    sess = ort_session(path, None)
+    hidden = np.concatenate([sess.run(None, decoder_feeds(sess, tokens[i:i + 8], dims.kv_heads, dims.head_dim))[0]
                              for i in range(0, len(tokens), 8)])
     scheme = Int4(128)
     for layer in range(args.layers):
@@ -60,11 +60,11 @@ def main():
         acts = sorted(set(lin.values()))
         path, inputs = slices.slice(acts + [slices.layer_inputs[layer + 1]], slices.layer_inputs[layer],
                                     ref.parent / f"layer{layer}.onnx", lambda v, i=layer: slices.weight_layer(v) == i)
-        sess = _session(path, None)
+        sess = ort_session(path, None)
         weights = {w: np.asarray(loaders[w](), np.float32) for w in dict.fromkeys([*inputs, *lin])}
         stats, nxt = {}, []
         for i in range(0, len(tokens), 8):
-            feeds = _feeds(sess, tokens[i:i + 8], dims.kv_heads, dims.head_dim) | {slices.layer_inputs[layer]: hidden[i:i + 8]}
+            feeds = decoder_feeds(sess, tokens[i:i + 8], dims.kv_heads, dims.head_dim) | {slices.layer_inputs[layer]: hidden[i:i + 8]}
             outs = sess.run(acts + [slices.layer_inputs[layer + 1]], feeds | {w: weights[w] for w in inputs})
             for a, x in zip(acts, outs):
                 stats.setdefault(a, ActStats(x.shape[-1])).update(x, True)

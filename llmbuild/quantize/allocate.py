@@ -206,7 +206,7 @@ def input_moments(slices, tokens, weight_names, *, kv_heads: int, head_dim: int,
     through the float32 graph of `slices` (every linear input in one pass)."""
     import numpy as np
 
-    from llmbuild.quantize.calibration import _feeds, _session
+    from llmbuild.quantize.calibration import decoder_feeds, ort_session
 
     act_of = {}
     for layer in [*range(slices.num_layers), None]:
@@ -216,12 +216,12 @@ def input_moments(slices, tokens, weight_names, *, kv_heads: int, head_dim: int,
         raise ValueError(f"no annotated linear reads {missing[:3]}")
     acts = sorted(set(act_of.values()))
     path, _ = slices.slice(acts, None, work_dir / "moments.onnx")
-    sess = _session(path, threads)
+    sess = ort_session(path, threads)
     n, s = tokens.shape
     sums: dict[str, np.ndarray] = {}
     c0, chunk = 0, 1  # one sequence first, then chunks sized to the memory allowance
     while c0 < n:
-        outs = sess.run(acts, _feeds(sess, tokens[c0:c0 + chunk], kv_heads, head_dim))
+        outs = sess.run(acts, decoder_feeds(sess, tokens[c0:c0 + chunk], kv_heads, head_dim))
         for a, x in zip(acts, outs):
             x = x.reshape(-1, x.shape[-1])
             sq = np.einsum("ij,ij->j", x, x, dtype=np.float64)
@@ -493,12 +493,12 @@ class FedWeightsRunner:
 
     def __init__(self, slices, weight_names: list[str], threads: int | None = None):
         from llmbuild.graph import io
-        from llmbuild.quantize.calibration import _session
+        from llmbuild.quantize.calibration import ort_session
 
         names = set(weight_names)
         path, self.inputs = slices.slice([io.LOGITS], None, slices.path.parent / "fed-weights.onnx",
                                          lambda v: v in names)
-        self.session = _session(path, threads)
+        self.session = ort_session(path, threads)
         self.path = path
         self.weights: dict = {}
 
@@ -509,21 +509,11 @@ class FedWeightsRunner:
         import numpy as np
 
         from llmbuild.graph import io
+        from llmbuild.quantize.calibration import decoder_feeds
 
-        s = len(ids)
-        pos = np.arange(s, dtype=np.int64)[None]
-        feeds = {}
-        for inp in self.session.get_inputs():
-            if inp.name in self.inputs:
-                feeds[inp.name] = self.weights[inp.name]
-            elif inp.name == io.INPUT_IDS:
-                feeds[inp.name] = np.asarray(ids, np.int64)[None]
-            elif inp.name in (io.POSITION_IDS, io.LOGITS_INDICES):
-                feeds[inp.name] = pos
-            elif inp.name == io.WRITE_INDICES:
-                feeds[inp.name] = np.zeros(1, np.int64)
-            else:  # a KV cache
-                feeds[inp.name] = np.zeros((1, int(inp.shape[1]), s, int(inp.shape[3])), np.float32)
+        past = next(i for i in self.session.get_inputs() if i.name.startswith("past_key"))
+        feeds = decoder_feeds(self.session, np.asarray(ids, np.int64)[None], int(past.shape[1]), int(past.shape[3]))
+        feeds |= {name: self.weights[name] for name in self.inputs}
         return self.session.run([io.LOGITS], feeds)[0][0]
 
     def close(self) -> None:

@@ -182,7 +182,7 @@ class GraphSlices:
         return dst, weight_inputs
 
 
-def _session(path: Path, threads: int | None):
+def ort_session(path: Path, threads: int | None):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -193,7 +193,7 @@ def _session(path: Path, threads: int | None):
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
-def _feeds(sess, tokens: np.ndarray, kv_heads: int, head_dim: int) -> dict[str, np.ndarray]:
+def decoder_feeds(sess, tokens: np.ndarray, kv_heads: int, head_dim: int) -> dict[str, np.ndarray]:
     """The decoder's own inputs for full sequences written from cache row 0."""
     b, s = tokens.shape
     feeds = {}
@@ -270,10 +270,10 @@ def calibrate(
 
     # h0: the embedding (prefix slice), [N, S, H]
     path, _ = slices.slice([slices.layer_inputs[0]], None, work_dir / "prefix.onnx")
-    sess = _session(path, threads)
+    sess = ort_session(path, threads)
     hidden = None
     for c0 in range(0, n, chunk):
-        out = sess.run(None, _feeds(sess, tokens[c0:c0 + chunk], kv_heads, head_dim))[0]
+        out = sess.run(None, decoder_feeds(sess, tokens[c0:c0 + chunk], kv_heads, head_dim))[0]
         if hidden is None:
             hidden = np.empty((n, s, out.shape[-1]), np.float32)
         hidden[c0:c0 + chunk] = out
@@ -297,7 +297,7 @@ def calibrate(
         acts = sorted(set(lin.values()))
         outputs = acts + ([] if last else [slices.layer_inputs[layer + 1]])
         path, weight_inputs = slices.slice(outputs, cut, work_dir / f"layer{layer}.onnx", as_input)
-        sess = _session(path, threads)
+        sess = ort_session(path, threads)
         # the slice's weight inputs, plus linears it does not need to run (the last layer's
         # down_proj: its output is not asked for) but that are quantized all the same
         weights = {w: np.ascontiguousarray(np.asarray(loaders[w](), np.float32))
@@ -310,7 +310,7 @@ def calibrate(
         # pass 1: statistics of every linear input under float weights (and hᵢ₊₁)
         ask = acts + ([slices.layer_inputs[layer + 1]] if float_prop and not last else [])
         for c0 in range(0, n, chunk):
-            feeds = _feeds(sess, tokens[c0:c0 + chunk], kv_heads, head_dim)
+            feeds = decoder_feeds(sess, tokens[c0:c0 + chunk], kv_heads, head_dim)
             feeds[cut] = hidden[c0:c0 + chunk]
             feeds.update({w: weights[w] for w in weight_inputs})
             outs = sess.run(ask, feeds)
@@ -341,7 +341,7 @@ def calibrate(
                     qweights[w] = floats[w]
             nxt_name = slices.layer_inputs[layer + 1]
             for c0 in range(0, n, chunk):
-                feeds = _feeds(sess, tokens[c0:c0 + chunk], kv_heads, head_dim)
+                feeds = decoder_feeds(sess, tokens[c0:c0 + chunk], kv_heads, head_dim)
                 feeds[cut] = hidden[c0:c0 + chunk]
                 feeds.update({w: qweights[w] for w in weight_inputs})
                 nxt[c0:c0 + chunk] = sess.run([nxt_name], feeds)[0]
