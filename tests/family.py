@@ -126,24 +126,27 @@ def check_greedy_past_window(tiny: Tiny, *, lowered: bool) -> list[int]:
     return want
 
 
+def decode_in_steps(ex, ids: list[int]) -> np.ndarray:
+    """Logits of positions 8..19 of `ids` (20 ids) from a fresh cache: prefill 8, decode
+    8 one at a time, then a chunk of 4 (what a full pass must equal)."""
+    ex.reset(1)
+    ex.forward(StepInputs(np.array([ids[:8]]), np.arange(8)[None], np.zeros(1, np.int64), np.array([[7]])))
+    steps = []
+    for pos in range(8, 16):
+        out = ex.forward(StepInputs(np.array([[ids[pos]]]), np.array([[pos]]), np.array([pos]), np.array([[0]])))
+        steps.append(out[0, 0])
+    out = ex.forward(StepInputs(np.array([ids[16:20]]), np.arange(16, 20)[None], np.array([16]), np.arange(4)[None]))
+    return np.stack(steps + list(out[0]))
+
+
 def check_decode_equals_recompute(tiny: Tiny, *, lowered: bool) -> None:
     """Prefill 8, decode one by one, then a chunk of 4: the logits of one pass over all."""
     model = open_model(tiny, "float32", lowered=lowered)
     try:
         ids = np.random.default_rng(1).integers(5, 256, 20).tolist()
         full = prefill_all(model, ids)
-        ex = model.executor
-        ex.reset(1)
-        ex.forward(StepInputs(np.array([ids[:8]]), np.arange(8)[None], np.zeros(1, np.int64), np.array([[7]])))
-        steps = []
-        for pos in range(8, 16):
-            out = ex.forward(StepInputs(np.array([[ids[pos]]]), np.array([[pos]]), np.array([pos]),
-                                        np.array([[0]])))
-            steps.append(out[0, 0])
-        out = ex.forward(StepInputs(np.array([ids[16:20]]), np.arange(16, 20)[None], np.array([16]),
-                                    np.arange(4)[None]))
-        steps += list(out[0])
-        np.testing.assert_allclose(np.stack(steps), full[8:], atol=1e-4, rtol=0)
+        steps = decode_in_steps(model.executor, ids)
+        np.testing.assert_allclose(steps, full[8:], atol=1e-4, rtol=0)
     finally:
         model.close()
 

@@ -44,6 +44,7 @@ from llmbuild.models import ARCHITECTURES
 from llmbuild.runtime import load
 from llmbuild.runtime.executors.base import StepInputs
 from tests.conformance import gate as conformance_gate
+from tests.family import decode_in_steps
 from tests.conformance import LIMITS, TINY_CONFIGS, VOCAB, TinyArchitecture, tiny_config_kwargs
 
 TOLERANCE = {"float32": 1e-4, "float16": 2e-2}
@@ -124,17 +125,8 @@ def test_decode_with_cache_equals_full_recompute(tiny, lowered):
     try:
         ids = np.random.default_rng(1).integers(5, VOCAB, 20).tolist()
         full = prefill(ex, ids)
-        # prefill 8 tokens, then 8 one at a time and a chunk of 4
-        ex.forward(StepInputs(np.array([ids[:8]]), np.arange(8)[None], np.zeros(1, np.int64), np.array([[7]])))
-        steps = []
-        for pos in range(8, 16):
-            out = ex.forward(StepInputs(np.array([[ids[pos]]]), np.array([[pos]]), np.array([pos]),
-                                        np.array([[0]])))
-            steps.append(out[0, 0])
-        out = ex.forward(StepInputs(np.array([ids[16:20]]), np.arange(16, 20)[None], np.array([16]),
-                                    np.arange(4)[None]))
-        steps += list(out[0])
-        np.testing.assert_allclose(np.stack(steps), full[8:], atol=1e-5, rtol=0)
+        steps = decode_in_steps(ex, ids)  # prefill 8 tokens, then 8 one at a time and a chunk of 4
+        np.testing.assert_allclose(steps, full[8:], atol=1e-5, rtol=0)
     finally:
         model.close()
 
