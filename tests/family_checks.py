@@ -23,6 +23,7 @@ import torch
 
 from llmbuild.runtime import load
 from llmbuild.runtime.executors.base import StepInputs
+from tests.family import decode_in_steps
 from tests.tiny import compile_tiny
 
 LIMITS = {"max_batch_size": 4, "max_input_len": 64, "max_seq_len": 128}
@@ -74,16 +75,8 @@ def check_decode_equals_recompute(art: Path, vocab: int, *, lowered: bool = Fals
     model = load(art, backend="onnxruntime", cpu_lowering=lowered)
     ids = np.random.default_rng(1).integers(5, vocab, 20).tolist()
     full = prefill_all(model, ids)
-    ex = model.executor
-    ex.reset(1)
-    ex.forward(StepInputs(np.array([ids[:8]]), np.arange(8)[None], np.zeros(1, np.int64), np.array([[7]])))
-    steps = []
-    for pos in range(8, 16):
-        out = ex.forward(StepInputs(np.array([[ids[pos]]]), np.array([[pos]]), np.array([pos]), np.array([[0]])))
-        steps.append(out[0, 0])
-    out = ex.forward(StepInputs(np.array([ids[16:20]]), np.arange(16, 20)[None], np.array([16]), np.arange(4)[None]))
-    steps += list(out[0])
-    np.testing.assert_allclose(np.stack(steps), full[8:], atol=1e-5, rtol=0)
+    steps = decode_in_steps(model.executor, ids)  # prefill 8, 8 single steps, a chunk of 4
+    np.testing.assert_allclose(steps, full[8:], atol=1e-5, rtol=0)
 
 
 def check_batched_equals_one_by_one_and_hf(art: Path, ref, *, lowered: bool = False, new_tokens: int = 12) -> None:
@@ -233,3 +226,16 @@ def split_tensor(spec, config: dict, state: dict, name: str) -> np.ndarray:
                 return state[name.replace(f".{part}.", f".{fused}.")][start:start + sizes[size]]
             start += sizes[size]
     raise KeyError(name)
+
+
+def tokenizers_with_template(model_dir: Path, template: str, out: Path):
+    """(our artifact's tokenizer, HF's AutoTokenizer) of `model_dir` with its chat template
+    set to `template` (a real checkpoint's, tests.llama_cpp.template)."""
+    from transformers import AutoTokenizer
+
+    cfg_path = model_dir / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["chat_template"] = template
+    cfg_path.write_text(json.dumps(cfg))
+    art = compile_tiny(model_dir, out, limits=LIMITS)
+    return load(art, backend="onnxruntime").tokenizer, AutoTokenizer.from_pretrained(model_dir)

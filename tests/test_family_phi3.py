@@ -152,18 +152,10 @@ def test_partial_rotary_gqa_cannot_run_falls_back_per_layer_with_a_warning(tmp_p
 
 
 def test_phi35_chat_template_renders_as_hf(llama_cpp, tmp_path):
-    from transformers import AutoTokenizer
-
     from tests.llama_cpp import template
 
     model_dir = make_tiny_hf(tmp_path / "hf", ARCH, **TINY_SHAPES[ARCH][2])
-    cfg_path = model_dir / "tokenizer_config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["chat_template"] = template(llama_cpp, "microsoft-Phi-3.5-mini-instruct")
-    cfg_path.write_text(json.dumps(cfg))
-    art = compile_tiny(model_dir, tmp_path / "out", limits=fc.LIMITS)
-    ours = load(art, backend="onnxruntime").tokenizer
-    hf = AutoTokenizer.from_pretrained(model_dir)
+    ours, hf = fc.tokenizers_with_template(model_dir, template(llama_cpp, "microsoft-Phi-3.5-mini-instruct"), tmp_path / "out")
     for messages in ([{"role": "user", "content": "Hi there"}],
                      [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
                       {"role": "assistant", "content": "4"}, {"role": "user", "content": "and 3+3?"}]):

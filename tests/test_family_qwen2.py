@@ -158,19 +158,10 @@ def test_gguf_from_llama_cpp_matches_transformers_tensor_for_tensor(arch, llama_
 
 # -- chat template -----------------------------------------------------------------------------
 def test_qwen25_chat_template_renders_as_hf(llama_cpp, tmp_path):
-    from transformers import AutoTokenizer
-
-    from llmbuild.runtime import load
     from tests.llama_cpp import template
 
     model_dir = make_tiny_hf(tmp_path / "hf", ARCH, **SHAPES[0])
-    cfg_path = model_dir / "tokenizer_config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["chat_template"] = template(llama_cpp, "Qwen-Qwen2.5-7B-Instruct")
-    cfg_path.write_text(json.dumps(cfg))
-    art = compile_tiny(model_dir, tmp_path / "out", limits=fc.LIMITS)
-    ours = load(art, backend="onnxruntime").tokenizer
-    hf = AutoTokenizer.from_pretrained(model_dir)
+    ours, hf = fc.tokenizers_with_template(model_dir, template(llama_cpp, "Qwen-Qwen2.5-7B-Instruct"), tmp_path / "out")
     for messages in ([{"role": "user", "content": "Hi there"}],  # default system prompt inserted
                      [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
                       {"role": "assistant", "content": "4"}, {"role": "user", "content": "and 3+3?"}]):

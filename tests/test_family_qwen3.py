@@ -19,7 +19,7 @@ from tests.test_family_qwen2 import (  # noqa: F401  (the shared checks, collect
     test_cpp_greedy_equals_python, test_decode_with_cache_equals_recompute, test_gguf_from_llama_cpp_matches_transformers_tensor_for_tensor,
     test_logits_match_hf, test_quantized_accuracy_gate_passes, test_tensor_parallel_tp2_equals_tp1,
     test_tensorrt_rtx_fp16_engine_builds)
-from tests.tiny import compile_tiny, make_tiny_hf
+from tests.tiny import make_tiny_hf
 from tests.tiny_configs import TINY_SHAPES
 
 ARCH = "Qwen3ForCausalLM"
@@ -80,19 +80,10 @@ def test_attention_bias_is_refused():
 
 
 def test_qwen3_chat_template_renders_as_hf(llama_cpp, tmp_path):
-    from transformers import AutoTokenizer
-
-    from llmbuild.runtime import load
     from tests.llama_cpp import template
 
     model_dir = make_tiny_hf(tmp_path / "hf", ARCH, **TINY_SHAPES[ARCH][0])
-    cfg_path = model_dir / "tokenizer_config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["chat_template"] = template(llama_cpp, "Qwen-Qwen3-0.6B")
-    cfg_path.write_text(json.dumps(cfg))
-    art = compile_tiny(model_dir, tmp_path / "out", limits=fc.LIMITS)
-    ours = load(art, backend="onnxruntime").tokenizer
-    hf = AutoTokenizer.from_pretrained(model_dir)
+    ours, hf = fc.tokenizers_with_template(model_dir, template(llama_cpp, "Qwen-Qwen3-0.6B"), tmp_path / "out")
     for messages in ([{"role": "user", "content": "Hi there"}],
                      [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
                       {"role": "assistant", "content": "<think>\nadd\n</think>\n\n4"},
