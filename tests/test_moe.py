@@ -13,9 +13,10 @@ import pytest
 
 from llmbuild.artifact import read_manifest
 from llmbuild.graph.annotations import MOE, nodes_with
+from llmbuild.lowering.moe import EXPERT_SHARDS
 from llmbuild.runtime import load
 from tests.conformance import LIMITS, make_tiny_model
-from tests.test_conformance import prefill
+from tests.test_conformance import prefill, trace
 
 PROMPT = [17, 90, 41]  # 3 tokens: top-2 of 8 leaves >= 2 experts unpicked in every sparse layer
 
@@ -131,7 +132,7 @@ def test_cpu_lowering_fuses_each_routed_block_into_one_moe(tmp_path):
     lowered = onnx.load_from_string(lowered_model_bytes(art / read_manifest(art)["graph"]["file"])).graph
     fused = [n for n in lowered.node if n.op_type == "MoE" and n.domain == "com.microsoft"]
     assert len(fused) == 2  # layers 0 and 2 (layer 1 is in mlp_only_layers)
-    assert {a.name: a for a in fused[0].attribute}["k"].i == 1
+    assert {a.name: a for a in fused[0].attribute}["k"].i == 1 * EXPERT_SHARDS  # top-1, each expert sliced
     assert not [n for n in lowered.node if n.op_type in ("TopK", "Gather") and "experts" in "".join(n.input)]
     ids = [5, 9, 200, 31, 77, 140, 18]
     got = []
@@ -142,6 +143,44 @@ def test_cpu_lowering_fuses_each_routed_block_into_one_moe(tmp_path):
         finally:
             model.close()
     np.testing.assert_allclose(got[1], got[0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM"])
+def test_sliced_experts_equal_the_standard_graph(arch, tmp_path):
+    """Every expert split in S slices of its width (llmbuild.lowering.moe, repeated logits,
+    k·S picked, fc2 · S): ragged prefills, batched decode steps whose tokens pick different
+    experts and a chunk give the standard graph's logits for S = 1, 2, 4 (top-2
+    renormalised, top-1 not); greedy picks too."""
+    from unittest import mock
+
+    import onnx_ir as ir
+
+    from llmbuild.lowering import moe as moe_lowering
+    from llmbuild.lowering.cpu import lower_for_cpu
+    from llmbuild.runtime.executors.onnxruntime import OnnxRuntimeExecutor
+
+    art = compile_fp32(make_tiny_model(arch, tmp_path / "hf"), tmp_path / "out")
+    standard = art / read_manifest(art)["graph"]["file"]
+    n_layers, top_k = read_manifest(art)["model"]["num_layers"], read_manifest(art)["model"]["moe"]["top_k"]
+
+    def run(graph=None):
+        ex = OnnxRuntimeExecutor(standard, num_layers=n_layers, cache_len=LIMITS["max_seq_len"], batch_size=2,
+                                 threads=2, cpu_lowering=graph is not None, cpu_graph=graph)
+        return trace(ex)
+
+    want = run()
+    for shards in (1, 2, 4):
+        model = ir.load(str(standard))
+        with mock.patch.object(moe_lowering, "EXPERT_SHARDS", shards):
+            lower_for_cpu(model)
+        moes = [n for n in model.graph if n.op_type == "MoE"]
+        assert moes and all(n.attributes["k"].as_int() == top_k * shards for n in moes)
+        graph = standard.parent / f"model.cpu.s{shards}.onnx"  # beside model.onnx.data
+        ir.save(model, str(graph))
+        got = run(graph)
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g, w, atol=1e-5, rtol=0, err_msg=f"{shards} slices")
+            assert (g.argmax(-1) == w.argmax(-1)).all()
 
 
 def test_gpt_oss_is_refused_with_why(tmp_path):

@@ -145,7 +145,10 @@ def dense_moe_graph(artifact: Path) -> Path:
         logits ─Softmax─TopK(k)─(renormalise)─ScatterElements into zeros [T,E]─Transpose─► w [E,T,1]
         ReduceSum_E(experts · w) [T,H] ─Reshape like x─► y
 
-    i.e. every expert computed on every token, the unselected ones weighted by zero."""
+    i.e. every expert computed on every token, the unselected ones weighted by zero. The
+    kernel's "experts" are what the lowering made of them (llmbuild.lowering.moe: each
+    expert in S slices of its width, E·S kernel experts, k·S picked, repeated logits): all
+    E·S slices computed is all E experts computed, the same bytes and FLOPs."""
     import numpy as np
     import onnx
     from onnx import helper, numpy_helper
@@ -174,12 +177,12 @@ def dense_moe_graph(artifact: Path) -> Path:
         n("Reshape", [x, c(p + "s1", np.array([1, -1, HIDDEN], np.int64))], [p + "x"])
         n("Transpose", [fc1], [p + "fc1t"], perm=[0, 2, 1])
         n("MatMul", [p + "x", p + "fc1t"], [p + "gu"])
-        n("Reshape", [p + "gu", c(p + "s2", np.array([EXPERTS, -1, MOE_INTER, 2], np.int64))], [p + "gu4"])
+        n("Reshape", [p + "gu", c(p + "s2", np.array([0, 0, -1, 2], np.int64))], [p + "gu4"])  # 0: kept
         n("Split", [p + "gu4"], [p + "g", p + "u"], axis=3, num_outputs=2)
         n("Sigmoid", [p + "g"], [p + "sg"])
         n("Mul", [p + "g", p + "sg"], [p + "silu"])
         n("Mul", [p + "silu", p + "u"], [p + "h4"])
-        n("Reshape", [p + "h4", c(p + "s3", np.array([EXPERTS, -1, MOE_INTER], np.int64))], [p + "h"])
+        n("Reshape", [p + "h4", c(p + "s3", np.array([0, 0, -1], np.int64))], [p + "h"])
         n("Transpose", [fc2], [p + "fc2t"], perm=[0, 2, 1])
         n("MatMul", [p + "h", p + "fc2t"], [p + "out"])  # [E, T, H]
         n("Softmax", [logits], [p + "prob"], axis=-1)

@@ -45,9 +45,15 @@ def default_threads() -> int:
     return max(1, min(available, physical, 8))
 
 
-def session_options(threads: int | None, log_severity: int = 3):
+def session_options(threads: int | None, log_severity: int = 3, *, spinning: bool = False):
     """Session options tuned for decoding: one intra-op pool, sequential graph, all
-    graph optimizations, denormals flushed (they appear in softmax tails and are slow)."""
+    graph optimizations, denormals flushed (they appear in softmax tails and are slow),
+    and intra-op workers that block instead of spinning between kernels (`spinning`:
+    ONNX Runtime's default). A decode step is hundreds of short parallel kernels; where
+    other processes share the cores, a spinning worker burns the time slice its own
+    kernel's other half needs: on the shared 2-core machine of benchmarks/moe (load
+    average ~25), 2-thread decode of the routed MoE went from 10.4 to 16.1 tok/s and of
+    the dense-computed MoE from 3.8 to 5.2 (RESULTS.md); at 1 thread there is no worker."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -57,6 +63,7 @@ def session_options(threads: int | None, log_severity: int = 3):
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = log_severity
     opts.add_session_config_entry("session.set_denormal_as_zero", "1")
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     return opts
 
 
