@@ -25,7 +25,8 @@ not), which fc2 · S undoes (exact for S a power of 2); the kernel sums the slic
 down projections. Bytes read and FLOPs are those of whole experts. (Two experts whose
 probabilities tie exactly at the k-th place could have their slices split; HF's topk and
 the unsliced kernel already break such ties differently.) Measured on the 4-layer model of
-benchmarks/moe, 2 threads: decode +6 % over whole experts; at 1 thread no difference.
+benchmarks/moe, 2 threads: decode +6 % over whole experts; at 1 thread no loss
+(benchmarks/moe/RESULTS.md, run f).
 Quantized experts would need `com.microsoft.QMoE` (not lowered: experts are not quantized yet).
 """
 
