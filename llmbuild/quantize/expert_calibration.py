@@ -27,7 +27,8 @@ from onnx import TensorProto, helper
 
 from llmbuild.quantize.algorithms import awq_search_clip, awq_search_scales, gptq_quantize
 from llmbuild.quantize.calibration import CHUNK_TOKENS, AlgorithmOptions, decoder_feeds, ort_session
-from llmbuild.quantize.experts import PROJECTIONS, StackedQuantized, quantize_stacked
+from llmbuild.quantize.expert_plan import PROJECTIONS
+from llmbuild.quantize.experts import StackedQuantized, quantize_stacked
 from llmbuild.quantize.plan import ModuleSpec
 
 

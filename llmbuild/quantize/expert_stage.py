@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from llmbuild.graph.builder import SOURCE_LOADER
-from llmbuild.quantize.experts import (expert_blocks, expert_stored_bytes, quantize_experts_graph,
-                                       resolve_expert_plan, stacked_expert_weights)
+from llmbuild.quantize.expert_plan import expert_stored_bytes, resolve_expert_plan
+from llmbuild.quantize.experts import expert_blocks, quantize_experts_graph, stacked_expert_weights
 from llmbuild.quantize.plan import ModuleSpec, module_name
 
 _NONE = ModuleSpec("none")

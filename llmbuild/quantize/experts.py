@@ -46,10 +46,10 @@ import onnx_ir as ir
 from llmbuild.graph.annotations import MOE, nodes_with
 from llmbuild.graph.builder import SOURCE_LOADER
 from llmbuild.quantize.graph import _SharedResult, _lazy
-from llmbuild.quantize.plan import ModuleSpec, resolve_plan, stored_bytes
+from llmbuild.quantize.expert_plan import PROJECTIONS, expert_stored_bytes
+from llmbuild.quantize.plan import ModuleSpec
 from llmbuild.quantize.schemes import QuantizedTensor
 
-PROJECTIONS = ("gate", "up", "down")
 _CODES = {"int8": ir.DataType.INT8, "int4": ir.DataType.INT4}
 
 
@@ -111,19 +111,6 @@ def stacked_expert_weights(model: ir.Model) -> dict[str, ir.Value]:
             if v is not None and SOURCE_LOADER in v.meta and len(v.shape) == 3:
                 found[v.name] = v
     return found
-
-
-def resolve_expert_plan(quantization: dict, names: list[str], num_layers: int) -> dict[str, ModuleSpec]:
-    """The recipe's weights/overrides resolved for the stacked experts (module names such as
-    `model.layers.1.mlp.experts.gate_proj`: `{match: "*.experts.*", scheme: none}` keeps them
-    float); fp8 keeps them unquantized."""
-    plan = resolve_plan(quantization, names, num_layers)
-    return {n: (ModuleSpec("none") if s.scheme == "fp8" else s) for n, s in plan.items()}
-
-
-def expert_stored_bytes(spec: ModuleSpec, shape: tuple[int, int, int], itemsize: int) -> int:
-    e, k, n = shape
-    return e * stored_bytes(spec, (k, n), itemsize)
 
 
 def quantize_experts_graph(model: ir.Model, plan: dict[str, ModuleSpec], *,
