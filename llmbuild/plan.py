@@ -147,11 +147,11 @@ def weight_bytes(config: dict, recipe: dict, tp: int = 1) -> tuple[int, int]:
     linears = spec.linear_weights(d)
     others = sum(math.prod(shape) for name, shape in spec.tensors(d).items() if name not in linears)
     total = per_rank = others * b  # embeddings, norms (replicated)
-    if hasattr(d, "top_k"):  # routed experts at their quantized size (per expert scales; tp 1 only)
-        stacked = _expert_bytes(spec, d, recipe, tp)
-        delta = sum(stacked.values()) - sum(math.prod(s) for s in stacked_expert_shapes(spec, d).values()) * b
-        total += delta
-        per_rank += delta
+    if hasattr(d, "top_k"):  # routed experts at their stored size; each rank holds 1/tp of every expert
+        stored = sum(_expert_bytes(spec, d, recipe).values())
+        unquantized = sum(math.prod(s) for s in stacked_expert_shapes(spec, d).values()) * b
+        total += stored - unquantized
+        per_rank += stored // tp - unquantized
     for name, shape in shapes.items():
         if name not in specs:
             stored = shape[0] * shape[1] * b
@@ -321,14 +321,14 @@ def _target_plan(config: dict, recipe: dict) -> dict | None:
     }
 
 
-def _expert_bytes(spec, d, recipe: dict, tp: int) -> dict[str, int]:
+def _expert_bytes(spec, d, recipe: dict) -> dict[str, int]:
     """Stacked expert weight name -> stored bytes: quantized per expert as the recipe's
     `weights` / `overrides` say (llmbuild.quantize.expert_plan); in the graph dtype with a
-    quantization target (chosen at compile) or tensor parallelism (ranks keep them float)."""
+    quantization target (chosen at compile: the upper bound)."""
     b = DTYPE_BYTES[recipe["precision"]]
     shapes = stacked_expert_shapes(spec, d)
     q = recipe.get("quantization")
-    plan = (resolve_expert_plan(q, list(shapes), d.layers) if q and not q.get("target") and tp == 1 else {})
+    plan = resolve_expert_plan(q, list(shapes), d.layers) if q and not q.get("target") else {}
     return {n: expert_stored_bytes(plan.get(n, ModuleSpec("none")), shape, b) for n, shape in shapes.items()}
 
 
@@ -340,8 +340,7 @@ def moe_figures(config: dict, recipe: dict, groups: dict, weights_total: int) ->
     one row; `expert_weight_bytes` is every routed expert's stored bytes."""
     spec, d = _spec_dims(config)
     b = DTYPE_BYTES[recipe["precision"]]
-    tp = int((recipe.get("parallel") or {}).get("tp", 1))
-    stacked = _expert_bytes(spec, d, recipe, tp)
+    stacked = _expert_bytes(spec, d, recipe)
     expert_bytes = sum(stacked.values())
     unpicked = expert_bytes * (d.experts - d.top_k) // d.experts  # every expert stores the same bytes
     embedding = 0 if d.tied else (d.vocab - 1) * d.hidden * b

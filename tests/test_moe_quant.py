@@ -25,7 +25,7 @@ EXPERTS_ONLY = [{"match": "*", "scheme": "none"}]  # then the experts' own overr
 
 
 def compile_quantized(hf_dir, out, weights: dict, *, experts_only: bool = False, precision: str = "float32",
-                      engines=(), calibration: dict | None = None, quiet: bool = True):
+                      engines=(), calibration: dict | None = None, quiet: bool = True, parallel: dict | None = None):
     from llmbuild.compile import compile_recipe
 
     out.mkdir(parents=True, exist_ok=True)
@@ -36,7 +36,8 @@ def compile_quantized(hf_dir, out, weights: dict, *, experts_only: bool = False,
         q["calibration"] = calibration
     recipe = out / "r.yaml"
     recipe.write_text(json.dumps({"name": "moeq", "model": {"source": str(hf_dir)}, "limits": LIMITS,
-                                  "precision": precision, "engines": list(engines), "quantization": q}))
+                                  "precision": precision, "engines": list(engines), "quantization": q,
+                                  **({"parallel": parallel} if parallel else {})}))
     return compile_recipe(recipe, out_dir=out, quiet=quiet, verify=False)
 
 
@@ -192,6 +193,44 @@ def test_nan_scales_of_unselected_experts_never_reach_the_logits(arch, tmp_path)
         assert np.isnan(logits(control, lowered, check_hashes=False)).any()
 
 
+@pytest.mark.parametrize("weights", [{"scheme": "int4", "group_size": 32}, {"scheme": "int8"},
+                                     {"scheme": "int4", "group_size": 32, "symmetric": False}],
+                         ids=["int4-g32", "int8", "int4-asym"])
+def test_quantized_experts_tensor_parallel_equal_tp1(weights, tmp_path):
+    """tp = 2 (each expert split by its width): rank r holds its slice of the tp = 1 artifact's
+    per-expert codes and scales, so simulated tp = 2 gives the quantized tp = 1 logits."""
+    import llmbuild
+    from tests.test_parallel import run_steps
+
+    hf = make_tiny_model("Qwen2MoeForCausalLM", tmp_path / "hf", overrides={"moe_intermediate_size": 64})
+    one = compile_quantized(hf, tmp_path / "one", weights, experts_only=True)
+    two = compile_quantized(hf, tmp_path / "two", weights, experts_only=True, parallel={"tp": 2})
+    m = read_manifest(two)
+    assert m["quantization"]["experts"] == read_manifest(one)["quantization"]["experts"]
+    for r in m["parallel"]["ranks"]:
+        graph = onnx.load(str(two / r["graph"]), load_external_data=False).graph
+        init = {t.name: t for t in graph.initializer}
+        for _, meta in nodes_with(graph, MOE):
+            assert init[meta["stacked"]["down"]].dims[1] == 32  # its 32 of 64 expert rows
+            assert init[meta["stacked"]["gate"]].data_type in (onnx.TensorProto.INT4, onnx.TensorProto.INT8)
+    ref = run_steps(llmbuild.load(one, backend="onnxruntime", cpu_lowering=False).executor)
+    sim = run_steps(llmbuild.load(two, backend="onnxruntime").executor)
+    for a, b in zip(sim, ref):
+        np.testing.assert_allclose(a, b, atol=2e-5, rtol=0)
+
+
+def test_tp_expert_groups_that_straddle_a_rank_are_refused(tmp_path):
+    """moe_intermediate 32 split 16 + 16 at tp = 2: int4 groups of 32 of the down experts'
+    input rows would straddle the ranks."""
+    from llmbuild.errors import UserError
+
+    hf = make_tiny_model("Qwen2MoeForCausalLM", tmp_path / "hf")
+    with pytest.raises(UserError, match=r"experts\.0\.down_proj\.weight: tensor-parallel rank 0 holds expert "
+                                        r"input rows 0\.\.16 of 32, which do not start and end on whole int4 groups"):
+        compile_quantized(hf, tmp_path / "two", {"scheme": "int4", "group_size": 32}, experts_only=True,
+                          parallel={"tp": 2})
+
+
 # -- calibration per expert ---------------------------------------------------------------------------
 
 
@@ -295,3 +334,20 @@ def test_int4_moe_artifact_builds_a_tensorrt_rtx_engine(tmp_path):
     assert (art / engine["file"]).stat().st_size == engine["bytes"] > 0
     fp16_experts = read_manifest(art)["quantization"]["experts"]["unquantized_bytes"]
     assert float_engine["bytes"] - engine["bytes"] > fp16_experts / 2, (float_engine["bytes"], engine["bytes"])
+
+
+@pytest.mark.parametrize("lowered", [True, False], ids=["qmoe", "standard"])
+def test_cpp_greedy_ids_equal_python_with_quantized_experts(cpp_build, lowered, tmp_path):
+    """The C++ runtime on an int4-expert artifact: the CPU-ready graph (com.microsoft.QMoE)
+    and the standard graph (DequantizeLinear → Gather) give Python's greedy ids."""
+    from llmbuild.runtime.sampling import SamplingParams
+    from tests.test_cpp import TINY_PROMPTS, assert_same_ids, python_model
+
+    art = compile_quantized(make_tiny_model("Qwen3MoeForCausalLM", tmp_path / "hf"), tmp_path / "q",
+                            {"scheme": "int4", "group_size": 32})
+    model = python_model(art, lowered=lowered)
+    try:
+        results = assert_same_ids(model, art, TINY_PROMPTS, 16, SamplingParams())
+        assert all(r["token_ids"] for r in results)
+    finally:
+        model.close()

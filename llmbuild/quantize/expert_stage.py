@@ -11,11 +11,10 @@ from pathlib import Path
 import numpy as np
 
 from llmbuild.graph.builder import SOURCE_LOADER
-from llmbuild.quantize.expert_plan import expert_stored_bytes, resolve_expert_plan
-from llmbuild.quantize.experts import expert_blocks, quantize_experts_graph, stacked_expert_weights
-from llmbuild.quantize.plan import ModuleSpec, module_name
-
-_NONE = ModuleSpec("none")
+from llmbuild.quantize.expert_plan import PROJECTIONS, expert_stored_bytes, resolve_expert_plan
+from llmbuild.quantize.experts import (expert_blocks, quantize_experts_graph, quantize_stacked, shard_stacked,
+                                       stacked_expert_weights)
+from llmbuild.quantize.plan import module_name
 
 
 class ExpertQuantization:
@@ -28,7 +27,7 @@ class ExpertQuantization:
         self.plan = resolve_expert_plan(quantization, list(weights), num_layers) if weights else {}
         self.results: dict = {}
         self.report: list[dict] = []
-        self.tensor_parallel = False
+        self.scale_np = next(iter(weights.values())).dtype.numpy() if weights else np.float32
 
     @property
     def calibrated(self) -> bool:
@@ -43,28 +42,34 @@ class ExpertQuantization:
             ref, tokens, self.blocks, self.plan, self.loaders, kv_heads=kv_heads, head_dim=head_dim,
             scale_dtype=scale_dtype, threads=threads, options=AlgorithmOptions.from_recipe(options))
 
-    def apply(self, model, *, tensor_parallel: bool, last: bool) -> None:
-        """Quantize `model`'s stacked experts. Tensor-parallel ranks keep them in the graph
-        dtype (the per-rank slicing of per-expert codes is not built)."""
+    def apply(self, model, *, shard=None, last: bool) -> None:
+        """Quantize `model`'s stacked experts: the whole model's, or tensor-parallel rank
+        `shard = (ShardPlan, rank)`'s slice of the whole model's codes and scales."""
         if not self.plan:
             return
-        if tensor_parallel:
-            self.tensor_parallel = True
-            return
         results = self.results
-        quantize_experts_graph(model, self.plan,
-                               results=(lambda n: results.pop(n, None)) if last else results.get)
+        if shard is None:
+            quantize_experts_graph(model, self.plan, results=(lambda n: results.pop(n, None)) if last else results.get)
+            return
+        plan, rank = shard
+        first = {m["stacked"][p]: m["expert_weights"][p][0] for m in self.blocks for p in PROJECTIONS}
+
+        def rank_part(name):
+            sq = results.get(name)
+            if sq is None:  # RTN of the whole stacked weight, then this rank's slice
+                sq = quantize_stacked(self.plan[name], np.asarray(self.loaders[name](), np.float32), self.scale_np)
+            return shard_stacked(sq, plan, first[name], rank)
+
+        quantize_experts_graph(model, self.plan, results=rank_part)
+        if last:
+            results.clear()
 
     def manifest_entry(self, rep=None) -> dict:
-        quantized = not self.tensor_parallel
-        stored = {n: expert_stored_bytes(self.plan[n] if quantized else _NONE, self.shapes[n], self.itemsize)
-                  for n in self.plan}
-        out = {"modules": {module_name(n): (s.label if quantized else _NONE.label) for n, s in self.plan.items()},
+        stored = {n: expert_stored_bytes(self.plan[n], self.shapes[n], self.itemsize) for n in self.plan}
+        out = {"modules": {module_name(n): s.label for n, s in self.plan.items()},
                "weight_bytes": int(sum(stored.values())),
                "unquantized_bytes": int(sum(np.prod(s) for s in self.shapes.values()) * self.itemsize),
                "router": "not quantized (graph dtype)"}
-        if self.tensor_parallel:
-            out["note"] = "tensor-parallel ranks keep the routed experts in the graph dtype"
         if self.report:
             out["calibration"] = self.report
             out["round_to_nearest"] = {str(r["layer"]): r["round_to_nearest"] for r in self.report

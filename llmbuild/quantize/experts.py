@@ -36,7 +36,7 @@ leaves the experts unquantized (no per-expert fp8 activation scales).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import ml_dtypes
@@ -63,6 +63,7 @@ class StackedQuantized:
     offset: np.ndarray | None  # asymmetric int4: [E, G, out]
     block: int  # rows per block (int8 per channel: in)
     rows: int  # the weight's input rows (in)
+    per_channel: bool = False  # int8 per channel: one block of all rows, whatever they are
 
     def dequantize(self) -> np.ndarray:
         """[E, in, out] float32: what the graph computes with."""
@@ -83,7 +84,7 @@ def stack(parts: list[QuantizedTensor], rows: int) -> StackedQuantized:
         codes[e, :rows] = qt.data
     scale = np.stack([qt.scale.reshape(g, -1) for qt in parts]).astype(np.float32)
     offset = None if first.offset is None else np.stack([qt.offset for qt in parts]).astype(np.float32)
-    return StackedQuantized(first.scheme, codes, scale, offset, block, rows)
+    return StackedQuantized(first.scheme, codes, scale, offset, block, rows, per_channel=first.block_size is None)
 
 
 def quantize_stacked(spec: ModuleSpec, w: np.ndarray, scale_dtype=np.float16,
@@ -95,6 +96,31 @@ def quantize_stacked(spec: ModuleSpec, w: np.ndarray, scale_dtype=np.float16,
     parts = [per_expert[e] if e in per_expert else scheme.quantize(np.asarray(w[e], np.float32), scale_dtype)
              for e in range(w.shape[0])]
     return stack(parts, w.shape[1])
+
+
+def shard_stacked(sq: StackedQuantized, plan, expert_name: str, rank: int) -> StackedQuantized:
+    """Rank `rank`'s part of the whole stacked weight's codes and scales, by the shard hint of
+    its experts' HF weight `expert_name` (llmbuild.quantize.shard, per expert): gate/up split
+    their output columns, down its input rows in whole groups (int8 per channel: any rows,
+    its one block becoming the rank's rows)."""
+    from llmbuild.errors import UserError
+
+    hint = plan.hint(expert_name)
+    if hint is None:
+        return sq
+    a, b = plan.rank_range(hint, rank)
+    if hint.dim == 0:  # HF out features: the stacked tensor's columns
+        return replace(sq, codes=sq.codes[:, :, a:b], scale=sq.scale[..., a:b],
+                       offset=None if sq.offset is None else sq.offset[..., a:b])
+    if sq.per_channel:  # the scales do not depend on the rows
+        return replace(sq, codes=sq.codes[:, a:b], block=b - a, rows=b - a)
+    if a % sq.block or (b % sq.block and b != sq.rows):
+        raise UserError(f"{expert_name}: tensor-parallel rank {rank} holds expert input rows {a}..{b} of {sq.rows}, "
+                        f"which do not start and end on whole {sq.scheme} groups of {sq.block}; choose a group_size "
+                        f"that divides {b - a}")
+    g0, g1 = a // sq.block, -(-b // sq.block)
+    return replace(sq, codes=sq.codes[:, a:a + (g1 - g0) * sq.block], scale=sq.scale[:, g0:g1],
+                   offset=None if sq.offset is None else sq.offset[:, g0:g1], rows=b - a)
 
 
 def expert_blocks(model: ir.Model) -> list[dict]:

@@ -97,8 +97,8 @@ class QuantizationJob:
             self.allocation = _allocate(self, source, recipe, work_dir, rep, threads)
             self.q = q = {**q, **self.allocation.quantization}
         self.plan = resolve_plan(q, list(weights), dims.layers)
-        self.unmatched = unmatched_overrides(q, list(weights), dims.layers)
         self.experts = ExpertQuantization(full_model, q, dims.layers)  # routed experts (MoE), per expert
+        self.unmatched = unmatched_overrides(q, [*weights, *self.experts.plan], dims.layers)
         self.cal = None
         if any(spec.calibrated for spec in self.plan.values()):
             from llmbuild.quantize.calibration import AlgorithmOptions, calibrate
@@ -137,7 +137,7 @@ class QuantizationJob:
                 qt = self.plan[name].make().quantize(np.asarray(self.loaders[name](), np.float32), self.scale_dtype)
             return qt
 
-        self.experts.apply(model, tensor_parallel=shard is not None, last=last)
+        self.experts.apply(model, shard=shard, last=last)
         if shard is None:
             results, floats = whole, (lambda name: cal.floats[name]) if cal is not None else None
         else:
