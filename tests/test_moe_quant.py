@@ -98,7 +98,8 @@ def test_quantized_experts_on_the_cpu(arch, weights, fused, tmp_path):
     """Only the experts quantized: the standard graph reads codes + per-expert scales through
     DequantizeLinear → Gather (no float copy of the experts in the artifact); its logits move
     from the float graph's but stay close; the CPU lowering runs com.microsoft.QMoE for int4
-    blocks and int8 per channel (else the standard routed path), with the standard graph's logits."""
+    blocks and int8 per channel (else the routed path with the codes gathered before the
+    DequantizeLinear), with the standard graph's logits."""
     from llmbuild.lowering.cpu import lowered_model_bytes
 
     hf = make_tiny_model(arch, tmp_path / "hf")
@@ -119,6 +120,11 @@ def test_quantized_experts_on_the_cpu(arch, weights, fused, tmp_path):
     qmoe = [n for n in lowered.node if n.op_type == "QMoE"]
     assert len(qmoe) == (len(blocks) if fused else 0)
     assert not [n for n in lowered.node if n.op_type == "MoE"]  # quantized blocks never take the float kernel
+    if not fused:  # the routed path gathers the picked experts' codes, then dequantizes only those
+        for _, meta in blocks:
+            for name in meta["stacked"].values():
+                readers = [n.op_type for n in lowered.node if set(n.input) & {name, f"{name}.int8"}]
+                assert readers == ["Gather"], (name, readers)
     standard, cpu, float_ = logits(art, False), logits(art, True), logits(ref, False)
     np.testing.assert_allclose(cpu, standard, atol=2e-5, rtol=0)
     moved = np.abs(standard - float_).max()

@@ -25,7 +25,8 @@ dequantized weights: int4 in blocks of 32 and int8 per channel agree to 2e-7; in
 of 32 was off by 1 % of the output's range, so int8 in blocks stays on the standard routed
 path, as do asymmetric int4 (QMoE's zero points are integers, our offsets are floats) and
 int4 blocks that do not divide the hidden and expert widths (QMoE requires it). Those blocks
-run DequantizeLinear ─► Gather ─► MatMul as the standard graph has them.
+keep the routed path with the Gather moved before the DequantizeLinear
+(`_gather_before_dequantize`), so a step dequantizes only the picked experts.
 """
 
 from __future__ import annotations
@@ -95,6 +96,36 @@ def _interleave(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     return np.stack([gate, up], axis=2).reshape(e, 2 * i, *gate.shape[2:])
 
 
+def _gather_before_dequantize(graph: ir.Graph, dq: ir.Node, tape: ir.tape.Tape) -> None:
+    """
+    DQ(codes [E,in_p,out], s [E,G,out]) ─Gather(idx)─► W [..,k,in_p,out]
+      ==>  Gather(codes as int8, idx) ─┐
+           Gather(s, idx) ─────────────┴─DQ(axis=-2, block_size)─► W      (the same values)
+
+    For the blocks QMoE cannot run: a step then reads (and dequantizes) only the picked
+    experts' codes, not all E experts' (ONNX Runtime's Gather takes int8, not int4: int4
+    codes are widened to int8 here, in memory).
+    """
+    codes, scale = dq.inputs[0], dq.inputs[1]
+    array = initializer_array(codes)
+    if array is None:
+        return
+    if codes.dtype == ir.DataType.INT4:
+        name = f"{codes.name}.int8"
+        codes = tape.initializer(ir.tensor(array.astype(np.int8), name=name), name=name)
+    block = dq.attributes.get_int("block_size", 0)
+    for use in list(dq.outputs[0].uses()):
+        gather = use.node
+        if gather.op_type != "Gather" or use.idx != 0:
+            continue
+        idx = gather.inputs[1]
+        gc = tape.op("Gather", [codes, idx], {"axis": 0})
+        gs = tape.op("Gather", [scale, idx], {"axis": 0})
+        w = tape.op("DequantizeLinear", [gc, gs], {"axis": -2, "block_size": block})
+        w.shape, w.type = gather.outputs[0].shape, gather.outputs[0].type
+        ir.convenience.replace_all_uses_with(gather.outputs[0], w)
+
+
 def lower_quantized_moe_blocks(graph: ir.Graph) -> int:
     """Replace every `llmbuild.moe` block with quantized experts by one com.microsoft.QMoE
     where QMoE computes it exactly (see the module docstring); returns how many. Every
@@ -113,6 +144,8 @@ def lower_quantized_moe_blocks(graph: ir.Graph) -> int:
         layout = _qmoe_layout(dqs, graph, hidden, inter)
         x, logits = values.get(meta["input"]), values.get(meta["logits"])
         if layout is None or x is None or logits is None:
+            for dq in dqs.values():
+                _gather_before_dequantize(graph, dq, tape)
             continue
         bits, block, arrays = layout
 
