@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from contextlib import closing
 
 import numpy as np
 import onnx
@@ -351,9 +352,6 @@ def test_cpp_greedy_ids_equal_python_with_quantized_experts(cpp_build, lowered, 
 
     art = compile_quantized(make_tiny_model("Qwen3MoeForCausalLM", tmp_path / "hf"), tmp_path / "q",
                             {"scheme": "int4", "group_size": 32})
-    model = python_model(art, lowered=lowered)
-    try:
+    with closing(python_model(art, lowered=lowered)) as model:
         results = assert_same_ids(model, art, TINY_PROMPTS, 16, SamplingParams())
-        assert all(r["token_ids"] for r in results)
-    finally:
-        model.close()
+    assert all(r["token_ids"] for r in results)
