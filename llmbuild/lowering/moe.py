@@ -11,7 +11,7 @@ checked against the standard graph and HF in tests/test_moe.py and the conforman
 replacing TopK ─► Gather(stacked experts) ─► MatMul ... ReduceSum. fc1/fc2 are computed
 from the stacked initializers by Transpose/Unsqueeze/Concat/Reshape nodes that ONNX
 Runtime folds once at session creation (the artifact's weights are not duplicated on disk).
-Quantized experts would need `com.microsoft.QMoE` (not lowered: experts are not quantized yet).
+Quantized experts: llmbuild/lowering/moe_quantized.py (`com.microsoft.QMoE`), which runs first.
 """
 
 from __future__ import annotations
