@@ -41,6 +41,7 @@ import os
 from dataclasses import dataclass
 from typing import Sequence
 
+from llmbuild.quantize.expert_plan import expert_stored_bytes, resolve_expert_plan, stacked_expert_shapes
 from llmbuild.quantize.plan import ModuleSpec, mean_bits_per_weight, resolve_plan, stored_bytes, tied_lm_head_spec
 
 GiB = 1 << 30
@@ -146,6 +147,11 @@ def weight_bytes(config: dict, recipe: dict, tp: int = 1) -> tuple[int, int]:
     linears = spec.linear_weights(d)
     others = sum(math.prod(shape) for name, shape in spec.tensors(d).items() if name not in linears)
     total = per_rank = others * b  # embeddings, norms (replicated)
+    if hasattr(d, "top_k"):  # routed experts at their stored size; each rank holds 1/tp of every expert
+        stored = sum(_expert_bytes(spec, d, recipe).values())
+        unquantized = sum(math.prod(s) for s in stacked_expert_shapes(spec, d).values()) * b
+        total += stored - unquantized
+        per_rank += stored // tp - unquantized
     for name, shape in shapes.items():
         if name not in specs:
             stored = shape[0] * shape[1] * b
@@ -315,17 +321,32 @@ def _target_plan(config: dict, recipe: dict) -> dict | None:
     }
 
 
+def _expert_bytes(spec, d, recipe: dict) -> dict[str, int]:
+    """Stacked expert weight name -> stored bytes: quantized per expert as the recipe's
+    `weights` / `overrides` say (llmbuild.quantize.expert_plan); in the graph dtype with a
+    quantization target (chosen at compile: the upper bound)."""
+    b = DTYPE_BYTES[recipe["precision"]]
+    shapes = stacked_expert_shapes(spec, d)
+    q = recipe.get("quantization")
+    plan = resolve_expert_plan(q, list(shapes), d.layers) if q and not q.get("target") else {}
+    return {n: expert_stored_bytes(plan.get(n, ModuleSpec("none")), shape, b) for n, shape in shapes.items()}
+
+
 def moe_figures(config: dict, recipe: dict, groups: dict, weights_total: int) -> dict:
     """A mixture-of-experts model's total and active parameters (the spec's
     `parameter_count`) and the weight bytes one decoded token reads: every weight but the
-    E - k experts it does not pick in each sparse layer (routed experts are stored at the
-    precision), and of an untied embedding one row."""
+    E - k experts it does not pick in each sparse layer (routed experts at their stored
+    size: quantized per expert when the recipe quantizes them), and of an untied embedding
+    one row; `expert_weight_bytes` is every routed expert's stored bytes."""
     spec, d = _spec_dims(config)
     b = DTYPE_BYTES[recipe["precision"]]
-    unpicked = 3 * d.hidden * d.moe_intermediate * (d.experts - d.top_k) * len(d.sparse_layers) * b
+    stacked = _expert_bytes(spec, d, recipe)
+    expert_bytes = sum(stacked.values())
+    unpicked = expert_bytes * (d.experts - d.top_k) // d.experts  # every expert stores the same bytes
     embedding = 0 if d.tied else (d.vocab - 1) * d.hidden * b
     return {"experts": d.experts, "top_k": d.top_k, "sparse_layers": len(d.sparse_layers),
             "expert_parameters": groups["experts"], "active_parameters": groups["active"],
+            "expert_weight_bytes": expert_bytes,
             "bytes_read_per_decoded_token": weights_total - unpicked - embedding}
 
 
@@ -384,7 +405,8 @@ def format_plan(p: dict) -> str:
            f" {t['estimate']}"] if (t := p.get("quantization_target")) else []),
         *([f"  experts       {p['moe']['top_k']} of {p['moe']['experts']} in {p['moe']['sparse_layers']} layers: "
             f"{_count(p['moe']['active_parameters'])} active parameters per token; a decoded token reads "
-            f"{_size(p['moe']['bytes_read_per_decoded_token'])} of weights"] if p.get("moe") else []),
+            f"{_size(p['moe']['bytes_read_per_decoded_token'])} of weights; routed experts stored in "
+            f"{_size(p['moe']['expert_weight_bytes'])}"] if p.get("moe") else []),
         f"  KV cache      {_size(p['kv_cache']['bytes_per_token'])} per token; "
         f"{_size(p['kv_cache']['bytes_at_limits'])} at batch {lim['max_batch_size']} x {lim['max_seq_len']}",
         f"  activations   ~{_size(act['bytes'])} (prefill {pre['batch']} x {pre['tokens_per_sequence']} tokens "

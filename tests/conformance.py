@@ -145,15 +145,16 @@ def tiny_config_kwargs(arch: str) -> dict:
     return {**copy.deepcopy(COMMON), **kwargs}
 
 
-def make_tiny_model(arch: str, dst: Path, *, seed: int = SEED) -> Path:
-    """Write a random `arch` model (float32, fixed seed) and the tiny tokenizer to `dst`."""
+def make_tiny_model(arch: str, dst: Path, *, seed: int = SEED, overrides: dict | None = None) -> Path:
+    """Write a random `arch` model (float32, fixed seed) and the tiny tokenizer to `dst`;
+    `overrides`: config keys that replace the tiny config's."""
     import torch
     import transformers
 
     model_cls = getattr(transformers, arch, None)
     if model_cls is None:
         pytest.fail(f"transformers {transformers.__version__} has no class {arch}", pytrace=False)
-    config = model_cls.config_class(**tiny_config_kwargs(arch))
+    config = model_cls.config_class(**{**tiny_config_kwargs(arch), **(overrides or {})})
     torch.manual_seed(seed)
     model = model_cls(config).to(torch.float32).eval()
     with torch.no_grad():  # HF initialises biases to 0 and norm weights to 1 (or 0): make a graph

@@ -11,7 +11,8 @@ architecture without one fails here). Registering an architecture enrolls it.
   graph's;
 - simulated tp = 2 (llmbuild.parallel.simulate) = tp = 1;
 - int8 and int4 (round to nearest, groups of 32) artifacts pass their accuracy gate
-  (`tests/conformance.py` GATES) with every linear quantized;
+  (`tests/conformance.py` GATES) with every linear quantized, and every routed expert
+  (MoE classes) quantized with its own scales;
 - the fp16 graph builds into a TensorRT-RTX engine whose I/O contract and profiles are the
   manifest's (running it needs a GPU);
 - the C++ runtime's greedy ids equal Python's (graph as written and CPU-lowered).
@@ -40,6 +41,7 @@ import pytest
 
 from llmbuild.artifact import read_manifest
 from llmbuild.graph import io
+from llmbuild.graph.annotations import MOE, nodes_with
 from llmbuild.models import ARCHITECTURES
 from llmbuild.runtime import load
 from llmbuild.runtime.executors.base import StepInputs
@@ -244,6 +246,15 @@ def test_quantized_artifact_passes_its_accuracy_gate(tiny, scheme):
         if w.layer is None:
             continue  # lm_head: quantized or not by the scheme's defaults
         assert name in dequantized and init[name] == code, name
+    dims = {t.name: list(t.dims) for t in graph.graph.initializer}
+    for _, meta in nodes_with(graph.graph, MOE):  # routed experts: codes and scales per expert
+        experts = meta["experts"]
+        for proj, name in meta["stacked"].items():
+            assert name in dequantized and init[name] == code, name
+            rows = meta["intermediate"] if proj == "down" else meta["hidden"]
+            blocks = 1 if scheme == "int8" else -(-rows // 32)  # int8 per channel: one block of all rows
+            assert dims[f"{name}.scale"] == [experts, blocks, dims[name][2]], name
+    assert bool(nodes_with(graph.graph, MOE)) == ("experts" in m["quantization"])
 
 
 # -- the TensorRT-RTX engine ------------------------------------------------------------------------

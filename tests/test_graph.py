@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from llmbuild.runtime import load
-from llmbuild.runtime.executors.base import StepInputs
 from llmbuild.runtime.sampling import SamplingParams
+from tests.family import decode_in_steps, prefill_all
 from tests.tiny import compile_tiny, make_tiny_hf
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -43,13 +43,6 @@ def hf_logits(ref, ids: list[int]) -> np.ndarray:
         return ref(torch.tensor([ids])).logits[0].float().numpy()
 
 
-def prefill_all(model, ids: list[int]) -> np.ndarray:
-    ex = model.executor
-    ex.reset(1)
-    ar = np.arange(len(ids), dtype=np.int64)[None]
-    return ex.forward(StepInputs(np.array([ids]), ar, np.zeros(1, np.int64), ar))[0]
-
-
 @pytest.mark.parametrize("precision", ["float32", "float16"])
 def test_logits_match_hf(variant, precision, tmp_path):
     name, model_dir, ref = variant
@@ -73,18 +66,8 @@ def test_decode_with_cache_equals_recompute(variant, tmp_path):
     model = load(art, backend="onnxruntime", cpu_lowering=False)  # the artifact's graph as written
     ids = np.random.default_rng(1).integers(5, 256, 20).tolist()
     full = prefill_all(model, ids)
-    ex = model.executor
-    ex.reset(1)
     # Prefill 8 tokens, then feed the remaining 12 one at a time and in a chunk of 4.
-    ex.forward(StepInputs(np.array([ids[:8]]), np.arange(8)[None], np.zeros(1, np.int64), np.array([[7]])))
-    steps = []
-    for pos in range(8, 16):
-        out = ex.forward(StepInputs(np.array([[ids[pos]]]), np.array([[pos]]), np.array([pos]), np.array([[0]])))
-        steps.append(out[0, 0])
-    out = ex.forward(StepInputs(np.array([ids[16:20]]), np.arange(16, 20)[None], np.array([16]),
-                                np.arange(4)[None]))
-    steps += list(out[0])
-    np.testing.assert_allclose(np.stack(steps), full[8:], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(decode_in_steps(model.executor, ids), full[8:], atol=1e-5, rtol=0)
 
 
 def test_batch_of_different_lengths_equals_one_by_one(variant, tmp_path):

@@ -57,6 +57,7 @@ import onnx_ir as ir
 from llmbuild.graph import io
 from llmbuild.graph.annotations import ATTENTION, annotation
 from llmbuild.lowering.moe import MoELoweringError, lower_moe_blocks
+from llmbuild.lowering.moe_quantized import lower_quantized_moe_blocks
 from llmbuild.lowering.quantized import fuse_sibling_matmulnbits, lower_quantized_matmuls
 from llmbuild.lowering.rewrite import (MS_DOMAIN, float32_initializer, insert_in_order, remove_unused,
                                        replace_with_split)
@@ -158,6 +159,7 @@ def lower_for_cpu(model: ir.Model, *, int4_accuracy_level: int = 4, int8_accurac
     fuse_sibling_matmulnbits(model)
     _promote_to_float32(graph)
     _fuse_sibling_matmuls(graph)
+    lower_quantized_moe_blocks(graph)  # quantized routed experts -> com.microsoft.QMoE (lowering.moe_quantized)
     try:  # routed experts -> com.microsoft.MoE (llmbuild.lowering.moe)
         lower_moe_blocks(graph)
     except MoELoweringError as e:

@@ -27,7 +27,7 @@ probabilities tie exactly at the k-th place could have their slices split; HF's 
 the unsliced kernel already break such ties differently.) Measured on the 4-layer model of
 benchmarks/moe, 2 threads: decode +6 % over whole experts; at 1 thread no loss
 (benchmarks/moe/RESULTS.md, run f).
-Quantized experts would need `com.microsoft.QMoE` (not lowered: experts are not quantized yet).
+Quantized experts: llmbuild/lowering/moe_quantized.py (`com.microsoft.QMoE`), which runs first.
 """
 
 from __future__ import annotations

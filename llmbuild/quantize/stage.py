@@ -22,6 +22,7 @@ import numpy as np
 
 from llmbuild.errors import BuildError, UserError
 from llmbuild.graph.builder import SOURCE_LOADER
+from llmbuild.quantize.expert_stage import ExpertQuantization
 from llmbuild.quantize.graph import linear_weights, quantize_graph, tied_lm_head, untie_lm_head
 from llmbuild.quantize.plan import (format_summary, resolve_plan, stored_bytes, summarize, tied_lm_head_refusal,
                                     tied_lm_head_spec, unmatched_overrides)
@@ -96,7 +97,8 @@ class QuantizationJob:
             self.allocation = _allocate(self, source, recipe, work_dir, rep, threads)
             self.q = q = {**q, **self.allocation.quantization}
         self.plan = resolve_plan(q, list(weights), dims.layers)
-        self.unmatched = unmatched_overrides(q, list(weights), dims.layers)
+        self.experts = ExpertQuantization(full_model, q, dims.layers)  # routed experts (MoE), per expert
+        self.unmatched = unmatched_overrides(q, [*weights, *self.experts.plan], dims.layers)
         self.cal = None
         if any(spec.calibrated for spec in self.plan.values()):
             from llmbuild.quantize.calibration import AlgorithmOptions, calibrate
@@ -111,6 +113,13 @@ class QuantizationJob:
                                      head_dim=dims.head_dim, work_dir=ref.parent, scale_dtype=self.scale_dtype,
                                      seed=c["seed"], threads=threads, progress=lambda d, t, msg: update(d, t, msg),
                                      options=AlgorithmOptions.from_recipe(q))
+        if self.experts.calibrated:
+            c = q["calibration"]
+            work_dir.mkdir(parents=True, exist_ok=True)
+            tokens = calibration_tokens(source, c, _base_dir(recipe), work_dir)
+            ref = reference_graph(source, work_dir, max(rd["limits"]["max_seq_len"], c["seq_len"]))
+            self.experts.calibrate(ref, tokens, kv_heads=dims.kv_heads, head_dim=dims.head_dim,
+                                   scale_dtype=self.scale_dtype, threads=threads, options=q)
 
     def apply(self, model, shard=None, *, last: bool = True) -> dict[str, int]:
         """Rewrite `model` (lazy, not yet saved): the whole model (`shard` None) or rank
@@ -128,6 +137,7 @@ class QuantizationJob:
                 qt = self.plan[name].make().quantize(np.asarray(self.loaders[name](), np.float32), self.scale_dtype)
             return qt
 
+        self.experts.apply(model, shard=shard, last=last)
         if shard is None:
             results, floats = whole, (lambda name: cal.floats[name]) if cal is not None else None
         else:
@@ -153,6 +163,8 @@ class QuantizationJob:
         q = self.q
         out = {"weights": q["weights"], "overrides": q.get("overrides") or [], "summary": summary,
                "linear_weight_bytes": int(sum(stored.values()))}
+        if self.experts.plan:
+            out["experts"] = self.experts.manifest_entry(rep)
         if self.cal is not None:
             out["calibration"] = {"dataset": q["calibration"]["dataset"], **self.cal.report}
         if self.allocation is not None:
