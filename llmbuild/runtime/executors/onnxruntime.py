@@ -47,9 +47,13 @@ def default_threads() -> int:
     return max(1, min(available, physical, 8))
 
 
-def session_options(threads: int | None, log_severity: int = 3):
+def session_options(threads: int | None, log_severity: int = 3, spinning: bool = True):
     """Session options tuned for decoding: one intra-op pool, sequential graph, all
-    graph optimizations, denormals flushed (they appear in softmax tails and are slow)."""
+    graph optimizations, denormals flushed (they appear in softmax tails and are slow).
+    spinning=False: the pool's threads sleep between kernels instead of spinning
+    (ONNX Runtime's default is to spin); on a machine with more runnable threads than
+    cores a spinning thread burns the time slice the thread it waits for needs
+    (benchmarks/quantization/RESULTS.md measures both)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -59,6 +63,8 @@ def session_options(threads: int | None, log_severity: int = 3):
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = log_severity
     opts.add_session_config_entry("session.set_denormal_as_zero", "1")
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return opts
 
 
@@ -74,18 +80,19 @@ class OnnxRuntimeExecutor:
 
     def __init__(self, model_path: Path, *, num_layers: int, cache_len: int, batch_size: int = 1,
                  threads: int | None = None, cpu_lowering: bool | None = None, log_severity: int = 3,
-                 cpu_graph: Path | None = None, profile: str | None = None):
+                 cpu_graph: Path | None = None, profile: str | None = None, spinning: bool = True):
         """cpu_lowering: True = lowered graph or an error, False = the standard graph,
         None = lowered when the graph allows it (else the standard graph, logged).
         cpu_graph: the artifact's CPU-ready graph file (already lowered), used unless
         cpu_lowering is False. `graph_source` says which graph runs: "cpu_graph",
         "lowered at load" or "standard". profile: a file prefix; ONNX Runtime then records
-        every node's run time (`end_profiling()` writes the JSON trace and returns its path)."""
+        every node's run time (`end_profiling()` writes the JSON trace and returns its path).
+        spinning: see session_options."""
         import onnxruntime as ort
 
         self._ort = ort
         model_path = Path(model_path)
-        opts = session_options(threads, log_severity)
+        opts = session_options(threads, log_severity, spinning)
         if profile:
             opts.enable_profiling = True
             opts.profile_file_prefix = profile
