@@ -9,7 +9,11 @@ seeds; ours in chunks of the artifact's max_input_len = 512), then 32 greedy dec
 steps after a 128-token prompt (the first of them not counted). Each step is one forward pass plus the argmax, as the
 peers do it (llmbuild's engine adds its scheduling on top: `llmbuild bench` reports that
 Python overhead, about 0.1-0.5 ms per step). Prints a markdown table: tokens/s of the
-best pass / step, and of the median.
+best pass / step, and of the median. Row names carry bits per weight (ours: the
+manifest's quantization summary). Each of our quantized artifacts runs twice: ONNX
+Runtime's thread pool spinning (its default) and sleeping between kernels
+(`spinning=False`); llama.cpp's OpenMP threads sleep instead of spinning with
+OMP_WAIT_POLICY=PASSIVE in the environment.
 """
 
 from __future__ import annotations
