@@ -119,6 +119,28 @@ def test_cache_is_updated_in_place_and_only_in_the_slot_range(tiny, lowering):
         assert set(changed[:, 1]) == set(range(3, 8)), "only the 5 written rows may change"
 
 
+def test_decode_steps_on_bound_inputs_match_fresh_executors_and_profile(tiny, tmp_path):
+    """Decode steps write into input arrays bound once: each step's logits equal those
+    of an executor that saw the same tokens in one prefill (so no stale input is read),
+    with the pool threads sleeping; the profiler records the lowered graph's kernels."""
+    import json
+
+    art, _ = tiny
+    ids = [5, 9, 33, 70, 2, 41, 8]
+    ex = executor(art, lowering=True, slots=2, spinning=False, profile=str(tmp_path / "trace"))
+    ex.forward(StepInputs(np.array([ids[:3]]), np.arange(3)[None], np.array([0]), np.array([[2]])), 1)
+    for n in range(3, len(ids)):
+        p = np.array([n])
+        got = ex.forward(StepInputs(np.array([[ids[n]]]), p[:, None], p, np.zeros((1, 1), np.int64)), 1)
+        fresh = executor(art, lowering=True, slots=2)
+        want = fresh.forward(StepInputs(np.array([ids[: n + 1]]), np.arange(n + 1)[None], np.array([0]),
+                                        np.array([[n]])), 1)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    events = json.loads(open(ex.end_profiling()).read())
+    ops = {e["args"].get("op_name") for e in events if e.get("cat") == "Node"}
+    assert {"GroupQueryAttention", "SkipSimplifiedLayerNormalization"} <= ops
+
+
 def test_no_whole_cache_copy_on_the_standard_graph(tiny, capfd):
     """ONNX Runtime's TensorScatter warns whenever it copies the cache ("in-place
     optimization not activated"); with past and present bound to one buffer it never does."""

@@ -74,6 +74,8 @@ def main():
     speed_path = HERE / "cpu_speed.json"
     speed = json.loads(speed_path.read_text()) if speed_path.is_file() else {}
     notes = (HERE / "NOTES.md").read_text() if (HERE / "NOTES.md").is_file() else ""
+    side_by_side = HERE / "cpu_speed_interleaved.md"  # benchmarks/runtime/interleaved.py, written by hand
+    interleaved = "\n" + side_by_side.read_text() if side_by_side.is_file() else ""
     clean_path = HERE / "calibration_compile.json"
     clean = ""
     if clean_path.is_file():
@@ -130,6 +132,7 @@ design never does. {clean}
 ## CPU decode speed (ONNX Runtime executor vs llama.cpp)
 
 {speed_table(speed) if speed else "(not measured yet: benchmarks/quantization/cpu_speed.py)"}
+{interleaved}
 
 {notes}
 """

@@ -9,7 +9,11 @@ seeds; ours in chunks of the artifact's max_input_len = 512), then 32 greedy dec
 steps after a 128-token prompt (the first of them not counted). Each step is one forward pass plus the argmax, as the
 peers do it (llmbuild's engine adds its scheduling on top: `llmbuild bench` reports that
 Python overhead, about 0.1-0.5 ms per step). Prints a markdown table: tokens/s of the
-best pass / step, and of the median.
+best pass / step, and of the median. Row names carry bits per weight (ours: the
+manifest's quantization summary). Each of our quantized artifacts runs twice: ONNX
+Runtime's thread pool spinning (its default) and sleeping between kernels
+(`spinning=False`); llama.cpp's OpenMP threads sleep instead of spinning with
+OMP_WAIT_POLICY=PASSIVE in the environment.
 """
 
 from __future__ import annotations
@@ -23,7 +27,16 @@ from pathlib import Path
 import numpy as np
 
 
-def ours(artifact: Path, threads: int):
+def bpw(artifact: Path) -> str:
+    """Bits per weight over all matrices of a quantized artifact ("?" before it exists)."""
+    from llmbuild.artifact import read_manifest
+
+    if not (artifact / "manifest.json").is_file():
+        return "?"
+    return f"{read_manifest(artifact)['quantization']['summary']['bits_per_weight']:.2f}"
+
+
+def ours(artifact: Path, threads: int, spinning: bool = True):
     from llmbuild.artifact import read_manifest
     from llmbuild.lowering.cpu_graph import cpu_graph_file
     from llmbuild.runtime.executors.base import StepInputs
@@ -32,7 +45,8 @@ def ours(artifact: Path, threads: int):
     m = read_manifest(artifact)
     ex = OnnxRuntimeExecutor(artifact / m["graph"]["file"], num_layers=m["model"]["num_layers"],
                              cache_len=m["limits"]["max_seq_len"], threads=threads,
-                             cpu_graph=cpu_graph_file(artifact, m))  # the artifact's CPU-ready graph, if shipped
+                             cpu_graph=cpu_graph_file(artifact, m),  # the artifact's CPU-ready graph, if shipped
+                             spinning=spinning)
     chunk = m["limits"]["max_input_len"]
 
     def prefill(ids):
@@ -126,20 +140,29 @@ def main():
     parser.add_argument("--only", help="comma-separated substrings: run the rows whose name contains one")
     args = parser.parse_args()
     m, t, q = args.models, args.threads, args.quantized
-    quantized = {
-        "llmbuild ORT executor, int8 artifact + int8 lm_head": q / "smollm2-int8-head8",
-        "llmbuild ORT executor, int4 AWQ g128 artifact + int8 lm_head": q / "smollm2-int4-awq-g128-head8",
-        "llmbuild ORT executor, int4 g32 artifact + int4 lm_head": q / "smollm2-int4-rtn-g32-head4",
+    quantized = {  # bits per weight over every matrix (the manifest's quantization summary)
+        f"llmbuild ORT executor, int8 artifact + int8 lm_head ({bpw(path)} bpw)": path
+        for path in (q / "smollm2-int8-head8",)
+    } | {
+        f"llmbuild ORT executor, int4 {kind} artifact ({bpw(path)} bpw)": path
+        for kind, path in (("AWQ g128 + int8 lm_head", q / "smollm2-int4-awq-g128-head8"),
+                           ("RTN g128 + int8 lm_head", q / "smollm2-int4-rtn-g128-head8"),
+                           ("g32 + int4 g32 lm_head", q / "smollm2-int4-rtn-g32-head4"))
     }
     runtimes = {
         "llmbuild ORT executor, fp32 artifact (CPU lowering)": lambda: ours(m / "smollm2-135m-instruct-fp32", t),
         "llmbuild ORT executor, fp16 artifact (CPU lowering)": lambda: ours(m / "smollm2-135m-instruct-fp16", t),
         "onnxruntime-genai fp32": lambda: genai(m / "genai-fp32", t),
         "llama.cpp F16": lambda: llama_cpp(m / "gguf" / "smollm2-f16.gguf", t),
-        "llama.cpp Q4_0 (every matrix Q4_0, output too)": lambda: llama_cpp(m / "gguf" / "smollm2-q4_0.gguf", t),
+        "llama.cpp Q4_0 (every matrix Q4_0, output too: 4.5 bpw)":
+            lambda: llama_cpp(m / "gguf" / "smollm2-q4_0.gguf", t),
+        "llama.cpp Q8_0 (every matrix Q8_0: 8.5 bpw)": lambda: llama_cpp(m / "gguf" / "smollm2-q8_0.gguf", t),
         "HF transformers (torch) fp32": lambda: transformers(m / "hf", t),
-        **{name: (lambda path=path: ours(path, t)) for name, path in quantized.items() if path.is_dir()},
-        **({"onnxruntime-genai int4": lambda: genai(m / "genai-int4", t)} if (m / "genai-int4").is_dir() else {}),
+        **{name: (lambda path=path: ours(path, t)) for name, path in quantized.items() if (path / "manifest.json").is_file()},
+        **{f"{name}, threads sleep (no spinning)": (lambda path=path: ours(path, t, spinning=False))
+           for name, path in quantized.items() if (path / "manifest.json").is_file()},
+        **({"onnxruntime-genai int4 (g32, float32 scales, lm_head too: 5.0 bpw)": lambda: genai(m / "genai-int4", t)}
+           if (m / "genai-int4").is_dir() else {}),
     }
     wanted = args.only.split(",") if args.only else None
     loaded = {name: make() for name, make in runtimes.items() if wanted is None or any(w in name for w in wanted)}

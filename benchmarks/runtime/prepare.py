@@ -8,6 +8,7 @@ writes into OUT:
     smollm2-135m-instruct-fp16/   llmbuild artifact, float16 (ONNX only)
     gguf/smollm2-f16.gguf         llama.cpp: every matrix as F16 (norms F32), same metadata
     gguf/smollm2-q4_0.gguf        llama.cpp: matrices requantized to Q4_0
+    gguf/smollm2-q8_0.gguf        llama.cpp: matrices requantized to Q8_0
     hf/                           HF checkpoint (safetensors, float32) + tokenizer, for
                                   transformers and the onnxruntime-genai builder
     genai-fp32/, genai-int4/      onnxruntime-genai's builder output (-p fp32 / -p int4, -e cpu), 2 threads
@@ -123,7 +124,7 @@ def main():
         overrides = ["~engines", f"name={name}"] if name else []
         if not (out / (name or "smollm2-135m-instruct-fp32")).exists():
             print(compile_recipe(ROOT / "recipes" / recipe, overrides, out, quiet=True, verify=False))
-    for qtype, fname in (("F16", "smollm2-f16.gguf"), ("Q4_0", "smollm2-q4_0.gguf")):
+    for qtype, fname in (("F16", "smollm2-f16.gguf"), ("Q4_0", "smollm2-q4_0.gguf"), ("Q8_0", "smollm2-q8_0.gguf")):
         if not (out / "gguf" / fname).exists():
             print(requantized_gguf(src, out / "gguf" / fname, qtype))
     if not (out / "hf" / "config.json").exists():

@@ -4,8 +4,9 @@ Each layer's `past_*` input and `present_*` output are bound (IOBinding) to the 
 preallocated buffer, so the cache update writes the new rows into it instead of
 copying the whole cache every step. A pass over slots a..a+B-1 binds views of those
 slots (the slot dimension is the buffers' leading one, so the views are contiguous
-and no bytes move); one IOBinding per slot range is built once and reused, with a
-preallocated logits buffer, so a step allocates nothing but its small token arrays.
+and no bytes move). Decode steps reuse one IOBinding per slot range, built once, whose
+inputs and logits are preallocated arrays bound once: a step writes its token ids and
+positions into them and copies the logits out, and creates no ORT value.
 
 By default the executor runs the graph lowered for the CPU (llmbuild.lowering.cpu:
 ONNX Runtime's fused GroupQueryAttention, 16-bit weights promoted to float32): the
@@ -19,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -45,15 +47,14 @@ def default_threads() -> int:
     return max(1, min(available, physical, 8))
 
 
-def session_options(threads: int | None, log_severity: int = 3, *, spinning: bool = False):
+def session_options(threads: int | None, log_severity: int = 3, *, spinning: bool = True):
     """Session options tuned for decoding: one intra-op pool, sequential graph, all
-    graph optimizations, denormals flushed (they appear in softmax tails and are slow),
-    and intra-op workers that block instead of spinning between kernels (`spinning`:
-    ONNX Runtime's default). A decode step is hundreds of short parallel kernels; where
-    other processes share the cores, a spinning worker burns the time slice its own
-    kernel's other half needs: on the shared 2-core machine of benchmarks/moe (load
-    average ~25), 2-thread decode of the routed MoE went from 10.4 to 16.1 tok/s and of
-    the dense-computed MoE from 3.8 to 5.2 (RESULTS.md); at 1 thread there is no worker."""
+    graph optimizations, denormals flushed (they appear in softmax tails and are slow).
+    `spinning`: whether the pool's workers spin between kernels (ONNX Runtime's default)
+    or block. A decode step is hundreds of short parallel kernels; where more threads are
+    runnable than there are cores, a spinning worker burns the time slice its kernel's
+    other half needs (benchmarks/moe/RESULTS.md and benchmarks/quantization/RESULTS.md
+    measure both); on cores the process has to itself, spinning saves the wake-up."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -67,23 +68,34 @@ def session_options(threads: int | None, log_severity: int = 3, *, spinning: boo
     return opts
 
 
+class _Binding(NamedTuple):
+    binding: object  # onnxruntime.IOBinding
+    logits: np.ndarray | None  # the bound logits output (one logit per row)
+    inputs: dict[str, np.ndarray] | None  # the bound input arrays (decode steps)
+
+
 class OnnxRuntimeExecutor:
     name = "onnxruntime"
     slot_ranges = True  # forward() may cover any contiguous range of cache slots
 
     def __init__(self, model_path: Path, *, num_layers: int, cache_len: int, batch_size: int = 1,
                  threads: int | None = None, cpu_lowering: bool | None = None, log_severity: int = 3,
-                 cpu_graph: Path | None = None):
+                 cpu_graph: Path | None = None, profile: str | None = None, spinning: bool = True):
         """cpu_lowering: True = lowered graph or an error, False = the standard graph,
         None = lowered when the graph allows it (else the standard graph, logged).
         cpu_graph: the artifact's CPU-ready graph file (already lowered), used unless
         cpu_lowering is False. `graph_source` says which graph runs: "cpu_graph",
-        "lowered at load" or "standard"."""
+        "lowered at load" or "standard". profile: a file prefix; ONNX Runtime then records
+        every node's run time (`end_profiling()` writes the JSON trace and returns its path).
+        spinning: see session_options."""
         import onnxruntime as ort
 
         self._ort = ort
         model_path = Path(model_path)
-        opts = session_options(threads, log_severity)
+        opts = session_options(threads, log_severity, spinning=spinning)
+        if profile:
+            opts.enable_profiling = True
+            opts.profile_file_prefix = profile
         self.threads = opts.intra_op_num_threads
         self.lowered = False
         self.graph_source = "standard"
@@ -128,47 +140,71 @@ class OnnxRuntimeExecutor:
         """Fresh zeroed cache buffers for `batch_size` slots, bound as past and present."""
         shape = (batch_size, self.kv_heads, self.cache_len, self.head_dim)
         self._buffers = [np.zeros(shape, self.cache_dtype) for _ in range(2 * self.num_layers)]
-        self._bindings: dict[tuple[int, int, int], tuple[object, np.ndarray | None]] = {}
+        self._bindings: dict[tuple[int, int, bool], _Binding] = {}
         self.batch_size = batch_size
 
-    def _binding(self, first_slot: int, batch: int, num_logits: int):
-        key = (first_slot, batch, num_logits)
-        cached = self._bindings.get(key)
-        if cached is not None:
-            return cached
+    def _binding(self, first_slot: int, batch: int, tokens: int, num_logits: int) -> _Binding:
+        """The IOBinding of a pass over slots first_slot..+batch: the cache views bound as
+        past and present. Passes with one logit per row (decode steps, prefill ends) keep
+        theirs, with a preallocated logits output; decode steps (one token per row) also
+        have their inputs in preallocated arrays bound once: a step only writes its token
+        ids and positions into them."""
+        decode = tokens == 1 and num_logits == 1
+        key = (first_slot, batch, decode)
+        if num_logits == 1 and key in self._bindings:
+            return self._bindings[key]
         ort = self._ort
         binding = self.session.io_binding()
         # Logits first: get_outputs() lists outputs in binding order.
-        logits = None
-        if num_logits == 1:  # decode steps and prefill ends: a reusable output buffer
+        logits = inputs = None
+        if num_logits == 1:
             logits = np.empty((batch, 1, self.vocab), np.float32)
             binding.bind_ortvalue_output(io.LOGITS, ort.OrtValue.ortvalue_from_numpy(logits))
         else:
             binding.bind_output(io.LOGITS, "cpu")
+        if decode:
+            inputs = {io.INPUT_IDS: np.zeros((batch, 1), np.int64), io.POSITION_IDS: np.zeros((batch, 1), np.int64),
+                      io.WRITE_INDICES: np.zeros(batch, np.int64), io.LOGITS_INDICES: np.zeros((batch, 1), np.int64)}
+            for name, array in inputs.items():
+                binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array))
         for (past, present), buf in zip(io.cache_pairs(self.num_layers), self._buffers):
             value = ort.OrtValue.ortvalue_from_numpy(buf[first_slot : first_slot + batch])
             binding.bind_ortvalue_input(past, value)
             binding.bind_ortvalue_output(present, value)
+        bound = _Binding(binding, logits, inputs)
         if num_logits == 1:
-            self._bindings[key] = (binding, logits)
-        return binding, logits
+            self._bindings[key] = bound
+        return bound
 
     def forward(self, step: StepInputs, first_slot: int = 0) -> np.ndarray:
         """Logits [B, K, vocab] (a fresh array the caller may keep)."""
         check_slots(step, first_slot, self.batch_size)
-        b, logits = self._binding(first_slot, step.input_ids.shape[0], step.logits_indices.shape[1])
-        b.bind_cpu_input(io.INPUT_IDS, np.ascontiguousarray(step.input_ids, np.int64))
-        b.bind_cpu_input(io.POSITION_IDS, np.ascontiguousarray(step.position_ids, np.int64))
-        b.bind_cpu_input(io.WRITE_INDICES, np.ascontiguousarray(step.write_indices, np.int64))
-        b.bind_cpu_input(io.LOGITS_INDICES, np.ascontiguousarray(step.logits_indices, np.int64))
+        (batch, tokens), num_logits = step.input_ids.shape, step.logits_indices.shape[1]
+        bound = self._binding(first_slot, batch, tokens, num_logits)
+        b = bound.binding
+        if bound.inputs is not None:  # in place: the arrays are bound
+            ins = bound.inputs
+            ins[io.INPUT_IDS][...] = step.input_ids
+            ins[io.POSITION_IDS][...] = step.position_ids
+            ins[io.WRITE_INDICES][...] = step.write_indices
+            ins[io.LOGITS_INDICES][...] = step.logits_indices
+        else:
+            b.bind_cpu_input(io.INPUT_IDS, np.ascontiguousarray(step.input_ids, np.int64))
+            b.bind_cpu_input(io.POSITION_IDS, np.ascontiguousarray(step.position_ids, np.int64))
+            b.bind_cpu_input(io.WRITE_INDICES, np.ascontiguousarray(step.write_indices, np.int64))
+            b.bind_cpu_input(io.LOGITS_INDICES, np.ascontiguousarray(step.logits_indices, np.int64))
         self.session.run_with_iobinding(b)
-        if logits is not None:
-            return logits.copy()
+        if bound.logits is not None:
+            return bound.logits.copy()
         return b.get_outputs()[0].numpy()
 
     def cache_arrays(self) -> list[np.ndarray]:
         """The live cache buffers (past/present alias), in cache_pairs order."""
         return self._buffers
+
+    def end_profiling(self) -> str:
+        """Stop ONNX Runtime's profiler (see `profile`); the trace file's path."""
+        return self.session.end_profiling()
 
     def close(self) -> None:
         self._bindings = {}
