@@ -272,14 +272,28 @@ class CachedReference:
     sequences); the HF model is loaded (once) only on a miss."""
 
     def __init__(self, directory: Path | None, fingerprint: str, load: Callable[[], object]):
-        self.dir = (Path(directory) / "reference" / fingerprint[:2] / fingerprint) if directory else None
+        self.dir = self.directory(directory, fingerprint) if directory else None
         self._load, self._model = load, None
         self.tools = tool_versions("torch", "transformers")
         self.misses = 0
         self._memo: dict = {}
 
+    @staticmethod
+    def directory(cache_dir: Path, fingerprint: str) -> Path:
+        return Path(cache_dir) / "reference" / fingerprint[:2] / fingerprint
+
+    @classmethod
+    def holds_outputs(cls, cache_dir: Path | None, fingerprint: str) -> bool:
+        """Whether any reference output of this source is cached (compile then loads the
+        HF model only at a miss, not ahead of time)."""
+        if cache_dir is None:
+            return False
+        return any(cls.directory(cache_dir, fingerprint).glob("logits-*.npz"))
+
     @property
     def model(self):
+        """What `load` returned: an HF model, or an object computing `logits(ids)` itself
+        (llmbuild.verify.reference.ReferenceProcess)."""
         if self._model is None:
             self._model = self._load()
         return self._model
@@ -292,7 +306,7 @@ class CachedReference:
 
         import numpy as np
 
-        from llmbuild.verify.reference import reference_logits
+        from llmbuild.verify.reference import ReferenceProcess, ReferenceThread, reference_logits
 
         ids = [int(i) for i in ids]
         digest = hashlib.sha256(json.dumps({"kind": "logits", "tools": self.tools, "ids": ids},
@@ -313,7 +327,9 @@ class CachedReference:
                 value = None  # a damaged entry: computed again and replaced
         if value is None:
             self.misses += 1
-            value = np.asarray(reference_logits(self.model, ids))
+            model = self.model
+            value = np.asarray(model.logits(ids) if isinstance(model, (ReferenceProcess, ReferenceThread))
+                               else reference_logits(model, ids))
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
