@@ -319,7 +319,6 @@ def _onnx_stage(store, rep, recipe, rd: dict, source, stage: Path, tp: int) -> d
     """The ONNX graph (quantized if the recipe says so), one per tensor-parallel rank
     (export_graphs)."""
     from llmbuild.buildcache import run_stage, stage_key, tool_versions
-    from llmbuild.parallel.export import rank_dir
 
     precision, max_seq_len = rd["precision"], rd["limits"]["max_seq_len"]
 
@@ -333,7 +332,12 @@ def _onnx_stage(store, rep, recipe, rd: dict, source, stage: Path, tp: int) -> d
     key = stage_key("onnx", source=source.fingerprint(), model=model, precision=precision, max_seq_len=max_seq_len,
                     quantization=rd.get("quantization"), parallel=rd.get("parallel"),
                     tools=tool_versions("onnx", "onnx-ir", "numpy", "ml-dtypes", "gguf", "onnxruntime"))
-    rels = [MODEL_DIR] if tp == 1 else [rank_dir(r) for r in range(tp)]
+    if tp == 1:
+        rels = [MODEL_DIR]
+    else:  # (parallel.export imports onnx_ir: not on a reused tp = 1 stage)
+        from llmbuild.parallel.export import rank_dir
+
+        rels = [rank_dir(r) for r in range(tp)]
     meta = run_stage(store, rep, "onnx", key, stage, rels, build)
     return {**meta, "paths": [stage / p for p in meta["paths"]]}
 
@@ -344,12 +348,13 @@ def _cpu_graph_stage(store, rep, rd: dict, stage: Path, graphs: dict) -> dict | 
     graph the lowering does not recognise: runtimes then run the standard graph)."""
     from llmbuild.lowering.cpu_graph import CPU_DATA_FILE, CPU_GRAPH_FILE, write_cpu_graph
     from llmbuild.buildcache import run_stage, stage_key, tool_versions
-    from llmbuild.lowering.cpu import LoweringError
 
     if not rd.get("runtime", {}).get("cpu_graph", True):
         return None
 
     def build(update):
+        from llmbuild.lowering.cpu import LoweringError  # (imports onnx_ir: only when the stage runs)
+
         try:
             entry = write_cpu_graph(graphs["paths"][0])
         except LoweringError as e:

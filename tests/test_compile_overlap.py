@@ -114,7 +114,7 @@ def test_noop_recompile_imports_no_heavy_library(tiny_hf, tmp_path):
     code = (
         "import sys, json\n"
         "from llmbuild.cli import cli\n"
-        f"try:\n    cli.main({compile_args!r}, standalone_mode=False)\n"
+        f"try:\n    cli.main({['compile', *compile_args]!r}, standalone_mode=False)\n"
         "finally:\n"
         "    heavy = ('torch', 'transformers', 'onnxruntime', 'onnx', 'onnx_ir', 'tensorrt_rtx', 'sympy')\n"
         "    print(json.dumps([m for m in heavy if m in sys.modules]))\n"
