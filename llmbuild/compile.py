@@ -1,4 +1,9 @@
-"""`llmbuild compile`: recipe → source → ONNX → (verify) → engines → artifact.
+"""`llmbuild compile`: recipe → source → ONNX → engines ‖ (CPU-ready graph, tokenizer,
+verify) → artifact.
+
+    source ──► onnx ──► engines (main thread) ─────────────────────────┐
+      │                  ‖ cpu_graph → tokenizer → manifest → verify ──┴─► publish
+      └─► HF reference loading in a child process (verify's HF side) ──┘
 
 Every stage writes into a staging directory that becomes the artifact only when the
 manifest is complete (`llmbuild.artifact.writer`).

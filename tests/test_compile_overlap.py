@@ -123,3 +123,48 @@ def test_noop_recompile_imports_no_heavy_library(tiny_hf, tmp_path):
     assert json.loads(out.strip().splitlines()[-1]) == []
     manifest = json.loads((tmp_path / "out" / "r" / "manifest.json").read_text())
     assert all(t["reused"] for t in manifest["timings"].values()), manifest["timings"]
+
+
+def test_file_digests_are_memoised_by_stat_and_recomputed_when_it_changes(tmp_path):
+    import hashlib
+    import os
+
+    from llmbuild.buildcache import file_digests
+
+    f, memo = tmp_path / "weights.bin", tmp_path / "digests.json"  # (a cache directory that exists)
+    f.write_bytes(b"a" * 1000)
+    first = file_digests([f], memo)[str(f)]
+    assert first == hashlib.sha256(b"a" * 1000).hexdigest() and memo.is_file()
+    st = os.stat(f)
+    with open(f, "r+b") as fh:  # same inode, same size, mtime put back: the stat is unchanged
+        fh.write(b"b")
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert file_digests([f], memo)[str(f)] == first  # trusted, not read (what make and ninja do)
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1))  # mtime moved: read again
+    assert file_digests([f], memo)[str(f)] == hashlib.sha256(b"b" + b"a" * 999).hexdigest()
+    replacement = tmp_path / "new.bin"
+    replacement.write_bytes(b"c" * 1000)
+    os.utime(replacement, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+    os.replace(replacement, f)  # same size and mtime, another inode: read again
+    assert file_digests([f], memo)[str(f)] == hashlib.sha256(b"c" * 1000).hexdigest()
+    memo.write_text("not json")  # a damaged memo is ignored
+    assert file_digests([f], memo)[str(f)] == hashlib.sha256(b"c" * 1000).hexdigest()
+    assert file_digests([f])[str(f)] == hashlib.sha256(b"c" * 1000).hexdigest()  # no memo
+
+
+def test_code_digest_is_the_same_with_and_without_the_memo(tmp_path):
+    from llmbuild import buildcache
+
+    buildcache.code_digest.cache_clear()
+    saved = buildcache._digest_memo[0]
+    try:
+        buildcache._digest_memo[0] = None
+        plain = buildcache.code_digest()
+        buildcache.code_digest.cache_clear()
+        buildcache._digest_memo[0] = tmp_path / "digests.json"
+        assert buildcache.code_digest() == plain  # first with the memo: computed and recorded
+        buildcache.code_digest.cache_clear()
+        assert buildcache.code_digest() == plain  # from the memo
+    finally:
+        buildcache._digest_memo[0] = saved
+        buildcache.code_digest.cache_clear()
