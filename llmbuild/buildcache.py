@@ -25,10 +25,15 @@ edited or names paths outside it is a miss (rebuilt and replaced), never an erro
 
 Reference outputs for verification (HF's teacher-forced logits over prompt + greedy
 continuation) are cached by source fingerprint and token ids (`CachedReference`), so a
-graph change that keeps the continuations re-runs only our side.
+graph change that keeps the continuations re-runs only our side; compile starts loading
+the HF model ahead of time only when none of the source's outputs is cached
+(`CachedReference.holds_outputs`).
 
 Layout: `<cache>/stages/<stage>/<key[:2]>/<key>/{meta.json, files/...}`, written into a
-temporary sibling and renamed; `<cache>/reference/<fingerprint[:2]>/<fingerprint>/<hash>.npz`.
+temporary sibling and renamed; `<cache>/reference/<fingerprint[:2]>/<fingerprint>/<hash>.npz`;
+`<cache>/digests.json`: sha256 of llmbuild's own sources (`code_digest`, part of every
+stage key) memoised by each file's (path, inode, size, mtime_ns), as make and ninja trust
+a file's stat (`file_digests`).
 `llmbuild cache ls|du|prune` lists, sums and removes entries of all three kinds
 (`cache_entries`, `select_prune`, `remove_entries`; last use = the entry's mtime, set on
 every reuse).
@@ -52,15 +57,59 @@ META_FILE = "meta.json"
 FILES_DIR = "files"
 
 
+DIGESTS_FILE = "digests.json"
+_digest_memo: list = [None]  # the memo file code_digest uses (StageStore sets it; a memo only saves reading)
+
+
 @functools.lru_cache(maxsize=1)
 def code_digest() -> str:
-    """sha256 over llmbuild's own Python sources: a stage built by other code (a
-    development checkout between releases, a patched install) is never reused."""
+    """sha256 over llmbuild's own Python sources (each file's sha256, memoised by its stat
+    in the cache: `file_digests`): a stage built by other code (a development checkout
+    between releases, a patched install) is never reused."""
     root = Path(__file__).resolve().parent
+    paths = sorted(root.rglob("*.py"))
+    digests = file_digests(paths, _digest_memo[0])
     digest = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
-        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    for path in paths:
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + digests[str(path)].encode() + b"\0")
     return digest.hexdigest()
+
+
+def file_digests(paths: Iterable[Path], memo: Path | None = None) -> dict[str, str]:
+    """{str(path): sha256 of its bytes}, read only for files whose (path, inode, size,
+    mtime_ns) is not the one recorded in the JSON file `memo` (then recorded): what make
+    and ninja trust — a file rewritten in place to the same size within the clock's
+    granularity (a few ms) keeps a stale digest. The memo is rewritten atomically when it
+    changed; a damaged one is ignored."""
+    memo_data: dict = {}
+    if memo is not None:
+        try:
+            memo_data = json.loads(Path(memo).read_text())
+        except (OSError, ValueError):
+            memo_data = {}
+        if not isinstance(memo_data, dict):
+            memo_data = {}
+    out, changed = {}, False
+    for path in paths:
+        key = str(path)
+        st = os.stat(path)
+        stat = [st.st_ino, st.st_size, st.st_mtime_ns]
+        entry = memo_data.get(key)
+        if isinstance(entry, list) and len(entry) == 2 and entry[0] == stat and isinstance(entry[1], str):
+            out[key] = entry[1]
+            continue
+        out[key] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        memo_data[key] = [stat, out[key]]
+        changed = True
+    if memo is not None and changed:
+        memo = Path(memo)
+        tmp = memo.with_name(f".{memo.name}.{os.getpid()}.tmp")
+        try:
+            tmp.write_text(json.dumps(memo_data))  # (into an existing directory only)
+            os.replace(tmp, memo)
+        except OSError:  # a read-only cache: digests are computed again next time
+            tmp.unlink(missing_ok=True)
+    return out
 
 
 def tool_versions(*dists: str) -> dict:
@@ -123,6 +172,8 @@ class StageStore:
     def __init__(self, directory: Path, *, lock_timeout: float = -1):
         self.dir = Path(directory)
         self.lock_timeout = lock_timeout
+        if _digest_memo[0] is None:
+            _digest_memo[0] = self.dir / DIGESTS_FILE
 
     @classmethod
     def for_cache(cls, cache) -> "StageStore | None":
@@ -272,14 +323,28 @@ class CachedReference:
     sequences); the HF model is loaded (once) only on a miss."""
 
     def __init__(self, directory: Path | None, fingerprint: str, load: Callable[[], object]):
-        self.dir = (Path(directory) / "reference" / fingerprint[:2] / fingerprint) if directory else None
+        self.dir = self.directory(directory, fingerprint) if directory else None
         self._load, self._model = load, None
         self.tools = tool_versions("torch", "transformers")
         self.misses = 0
         self._memo: dict = {}
 
+    @staticmethod
+    def directory(cache_dir: Path, fingerprint: str) -> Path:
+        return Path(cache_dir) / "reference" / fingerprint[:2] / fingerprint
+
+    @classmethod
+    def holds_outputs(cls, cache_dir: Path | None, fingerprint: str) -> bool:
+        """Whether any reference output of this source is cached (compile then loads the
+        HF model only at a miss, not ahead of time)."""
+        if cache_dir is None:
+            return False
+        return any(cls.directory(cache_dir, fingerprint).glob("logits-*.npz"))
+
     @property
     def model(self):
+        """What `load` returned: an HF model, or an object computing `logits(ids)` itself
+        (llmbuild.verify.reference.ReferenceProcess)."""
         if self._model is None:
             self._model = self._load()
         return self._model
@@ -292,7 +357,7 @@ class CachedReference:
 
         import numpy as np
 
-        from llmbuild.verify.reference import reference_logits
+        from llmbuild.verify.reference import ReferenceProcess, ReferenceThread, reference_logits
 
         ids = [int(i) for i in ids]
         digest = hashlib.sha256(json.dumps({"kind": "logits", "tools": self.tools, "ids": ids},
@@ -313,7 +378,9 @@ class CachedReference:
                 value = None  # a damaged entry: computed again and replaced
         if value is None:
             self.misses += 1
-            value = np.asarray(reference_logits(self.model, ids))
+            model = self.model
+            value = np.asarray(model.logits(ids) if isinstance(model, (ReferenceProcess, ReferenceThread))
+                               else reference_logits(model, ids))
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")

@@ -1,4 +1,9 @@
-"""`llmbuild compile`: recipe → source → ONNX → (verify) → engines → artifact.
+"""`llmbuild compile`: recipe → source → ONNX → engines ‖ (CPU-ready graph, tokenizer,
+verify) → artifact.
+
+    source ──► onnx ──► engines (main thread) ─────────────────────────┐
+      │                  ‖ cpu_graph → tokenizer → manifest → verify ──┴─► publish
+      └─► HF reference loading in a child process (verify's HF side) ──┘
 
 Every stage writes into a staging directory that becomes the artifact only when the
 manifest is complete (`llmbuild.artifact.writer`).
@@ -9,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import threading
 from importlib import metadata
 from pathlib import Path
 from typing import Sequence
@@ -114,65 +120,90 @@ def compile_loaded(
     verification runs concurrently with the engine builds, and the artifact is published
     when both are done."""
     from llmbuild.buildcache import StageStore
-    from llmbuild.quantize.stage import raise_if_failed, record_allocation_result
 
     rd = recipe.to_dict()
     limits = dict(rd["limits"])
     check_engines_before_work(rd)
     store = StageStore.for_cache(cache)
-    with Reporter(quiet=quiet) as rep, staged_artifact(out_dir, recipe.name) as stage:
+    with Reporter(quiet=quiet) as rep, staged_artifact(out_dir, recipe.name) as stage, \
+            _ReferenceSupply(recipe, rd, verify, store) as reference:
         source = _source_stage(store, rep, recipe.source_path)
         fingerprint = source.fingerprint()
+        reference.prefetch(fingerprint)  # the HF load overlaps the ONNX export and the engine build
         dims = model_dims(source.config, rd["precision"])
         tp = rd.get("parallel", {}).get("tp", 1)
         graphs = _onnx_stage(store, rep, recipe, rd, source, stage, tp)
         model_paths, graph_hash = graphs["paths"], graphs["graph_hash"]
-        cpu_graph = _cpu_graph_stage(store, rep, rd, stage, graphs) if tp == 1 else None
-        if cpu_graph is not None:
-            graphs["graph"]["cpu"] = cpu_graph
-        tok_stage = _tokenizer_stage(store, rep, source, stage)
-        tokenizer = tok_stage["tokenizer"]
-        manifest = Manifest(
-            name=recipe.name,
-            recipe=rd,
-            hashes=Hashes(recipe=recipe_hash(rd), source=fingerprint, graph=graph_hash),
-            source={"path": str(recipe.source_path), "format": source.format,
-                    **source_record(recipe.model.source, recipe.source_path)},
-            variant=getattr(recipe, "variant", None),
-            toolchain=toolchain(),
-            model=dims,
-            limits=limits,
-            graph={**graphs["graph"], "opset": 24, **graphs["contract"]},
-            parallel=graphs["parallel"],
-            quantization=graphs["quantization"],
-            tokenizer=Tokenizer(
-                dir=TOKENIZER_DIR,
-                bos_token_id=tokenizer.get("bos_token_id"),
-                eos_token_ids=_eos_ids(tokenizer, source.config),
-                add_bos_token=bool(tokenizer.get("add_bos_token", False)),
-                chat_template=tokenizer.get("chat_template"),
-            ),
-            timings=rep.stages,
-        )
-        # The runtime reads the manifest: write a provisional one into the staging dir.
-        write_manifest(stage, manifest)
+        cancelled = threading.Event()
 
-        # Verification and the engine builds are independent: verify in a thread while
-        # the engines build; publishing waits for both.
-        verification = _concurrently(
-            lambda: _verify_stage(store, rep, recipe, rd, stage, source, verify, graph_hash, tok_stage["key"],
-                                  cpu_graph),
-            lambda: build_engines(stage, rd, dims, model_paths, rep, source_hash=fingerprint,
-                                  graph_hash=graph_hash, cache=cache),
+        def beside_engines():
+            """What does not need the engines, in a thread while they build: the CPU-ready
+            graph, the tokenizer, the provisional manifest, verification."""
+            cpu_graph = None
+            if tp == 1 and not cancelled.is_set():
+                cpu_graph = _cpu_graph_stage(store, rep, rd, stage, graphs)
+            if cpu_graph is not None:
+                graphs["graph"]["cpu"] = cpu_graph
+            if cancelled.is_set():
+                return None
+            tok_stage = _tokenizer_stage(store, rep, source, stage)
+            tokenizer = tok_stage["tokenizer"]
+            manifest = Manifest(
+                name=recipe.name,
+                recipe=rd,
+                hashes=Hashes(recipe=recipe_hash(rd), source=fingerprint, graph=graph_hash),
+                source={"path": str(recipe.source_path), "format": source.format,
+                        **source_record(recipe.model.source, recipe.source_path)},
+                variant=getattr(recipe, "variant", None),
+                toolchain=toolchain(),
+                model=dims,
+                limits=limits,
+                graph={**graphs["graph"], "opset": 24, **graphs["contract"]},
+                parallel=graphs["parallel"],
+                quantization=graphs["quantization"],
+                tokenizer=Tokenizer(
+                    dir=TOKENIZER_DIR,
+                    bos_token_id=tokenizer.get("bos_token_id"),
+                    eos_token_ids=_eos_ids(tokenizer, source.config),
+                    add_bos_token=bool(tokenizer.get("add_bos_token", False)),
+                    chat_template=tokenizer.get("chat_template"),
+                ),
+                timings=dict(rep.stages),
+            )
+            # The runtime reads the manifest: write a provisional one into the staging dir.
+            write_manifest(stage, manifest)
+            if cancelled.is_set():
+                return None
+            verification = _verify_stage(store, rep, recipe, rd, stage, source, verify, graph_hash, tok_stage["key"],
+                                         cpu_graph, reference)
+            return manifest, verification
+
+        # The engines need only the graph: they build from here on (here, in the main
+        # thread: Ctrl-C reaches it), everything else in a thread; publishing waits for both.
+        def cancel():  # the thread starts no further stage; a verification waiting for HF fails at once
+            cancelled.set()
+            reference.kill()
+
+        (manifest, verification), engines = _concurrently(
+            beside_engines,
+            lambda: build_engines(stage, rd, dims, model_paths, rep, source_hash=fingerprint, graph_hash=graph_hash,
+                                  cache=cache),
+            cancel=cancel,
         )
-        verification, engines = verification
+        reference.close()
         manifest.record_engines(engines)
         manifest.verification = verification
-        record_allocation_result(manifest.quantization, verification)
+        if rd.get("quantization"):  # (quantize.stage imports onnx_ir: not on an unquantized no-op)
+            from llmbuild.quantize.stage import record_allocation_result
+
+            record_allocation_result(manifest.quantization, verification)
         source.close()
-        manifest.timings = rep.stages
+        manifest.timings = _stage_order(rep.stages)
         write_manifest(stage, manifest)
-        raise_if_failed(verification, out_dir / recipe.name)  # quantized: the accuracy gate
+        if rd.get("quantization"):
+            from llmbuild.quantize.stage import raise_if_failed
+
+            raise_if_failed(verification, out_dir / recipe.name)  # the accuracy gate
         if verification is not None and not verification["passed"]:
             report_path = keep_failed_report(verification, out_dir / recipe.name)
             raise BuildError(
@@ -235,11 +266,15 @@ def export_graphs(source, stage: Path, *, precision: str, max_seq_len: int, tp: 
     }
 
 
-def _concurrently(first, second):
-    """(first(), second()), first run in a daemon thread while second runs here; an
-    exception of second is raised at once, one of first after second finished."""
-    import threading
+_CANCEL_WAIT = 30.0  # seconds an interrupted compile waits for the thread's current step
 
+
+def _concurrently(first, second, *, cancel=None):
+    """(first(), second()), first run in a thread while second runs here; an exception of
+    first is raised after second finished. On an exception of second (Ctrl-C included),
+    `cancel()` tells first to stop, and first's current step is waited for (at most
+    _CANCEL_WAIT s) before the exception propagates: the staging directory is removed
+    after it, so no step of first writes into it again."""
     result: dict = {}
 
     def run():
@@ -248,10 +283,16 @@ def _concurrently(first, second):
         except BaseException as e:  # re-raised in the caller's thread
             result["error"] = e
 
-    thread = threading.Thread(target=run, name="llmbuild-verify", daemon=True)
+    thread = threading.Thread(target=run, name="llmbuild-beside-engines", daemon=True)
     thread.start()
-    second_value = second()  # on an error or Ctrl-C here, the daemon thread is abandoned
-    thread.join()
+    try:
+        second_value = second()
+        thread.join()
+    except BaseException:
+        if cancel is not None:
+            cancel()
+        thread.join(timeout=_CANCEL_WAIT)
+        raise
     if "error" in result:
         raise result["error"]
     return result["value"], second_value
@@ -283,7 +324,6 @@ def _onnx_stage(store, rep, recipe, rd: dict, source, stage: Path, tp: int) -> d
     """The ONNX graph (quantized if the recipe says so), one per tensor-parallel rank
     (export_graphs)."""
     from llmbuild.buildcache import run_stage, stage_key, tool_versions
-    from llmbuild.parallel.export import rank_dir
 
     precision, max_seq_len = rd["precision"], rd["limits"]["max_seq_len"]
 
@@ -297,7 +337,12 @@ def _onnx_stage(store, rep, recipe, rd: dict, source, stage: Path, tp: int) -> d
     key = stage_key("onnx", source=source.fingerprint(), model=model, precision=precision, max_seq_len=max_seq_len,
                     quantization=rd.get("quantization"), parallel=rd.get("parallel"),
                     tools=tool_versions("onnx", "onnx-ir", "numpy", "ml-dtypes", "gguf", "onnxruntime"))
-    rels = [MODEL_DIR] if tp == 1 else [rank_dir(r) for r in range(tp)]
+    if tp == 1:
+        rels = [MODEL_DIR]
+    else:  # (parallel.export imports onnx_ir: not on a reused tp = 1 stage)
+        from llmbuild.parallel.export import rank_dir
+
+        rels = [rank_dir(r) for r in range(tp)]
     meta = run_stage(store, rep, "onnx", key, stage, rels, build)
     return {**meta, "paths": [stage / p for p in meta["paths"]]}
 
@@ -308,12 +353,13 @@ def _cpu_graph_stage(store, rep, rd: dict, stage: Path, graphs: dict) -> dict | 
     graph the lowering does not recognise: runtimes then run the standard graph)."""
     from llmbuild.lowering.cpu_graph import CPU_DATA_FILE, CPU_GRAPH_FILE, write_cpu_graph
     from llmbuild.buildcache import run_stage, stage_key, tool_versions
-    from llmbuild.lowering.cpu import LoweringError
 
     if not rd.get("runtime", {}).get("cpu_graph", True):
         return None
 
     def build(update):
+        from llmbuild.lowering.cpu import LoweringError  # (imports onnx_ir: only when the stage runs)
+
         try:
             entry = write_cpu_graph(graphs["paths"][0])
         except LoweringError as e:
@@ -341,7 +387,7 @@ def _tokenizer_stage(store, rep, source, stage: Path) -> dict:
 
 
 def _verify_stage(store, rep, recipe, rd: dict, stage: Path, source, verify: bool | None, graph_hash: str,
-                  tokenizer_key: str, cpu_graph: dict | None = None) -> dict | None:
+                  tokenizer_key: str, cpu_graph: dict | None = None, reference=None) -> dict | None:
     """Verification of the graph (HF logits, or the accuracy gate of a quantized graph),
     reused when the graph, tokenizer and verify settings are unchanged; only passing
     reports are reused."""
@@ -349,7 +395,7 @@ def _verify_stage(store, rep, recipe, rd: dict, stage: Path, source, verify: boo
 
     settings = rd.get("verify") or {}
     if store is None or verify is False or not settings.get("enabled", True):
-        report = _maybe_verify(recipe, rd, stage, source, rep, verify, store)
+        report = _maybe_verify(recipe, rd, stage, source, rep, verify, store, reference)
         if "verify" in rep.stages:
             rep.stages["verify"]["reused"] = False
         return report
@@ -364,7 +410,7 @@ def _verify_stage(store, rep, recipe, rd: dict, stage: Path, source, verify: boo
                 update(1, 1, "reused")
             rep.stages["verify"]["reused"] = True
             return report
-        report = _maybe_verify(recipe, rd, stage, source, rep, verify, store)
+        report = _maybe_verify(recipe, rd, stage, source, rep, verify, store, reference)
         if report is not None and report.get("passed") and "skipped" not in report:
             store.store("verify", key, stage, [], report)
         if "verify" in rep.stages:
@@ -383,7 +429,7 @@ def keep_failed_report(report: dict, artifact: Path) -> Path:
 def check_engines_before_work(rd: dict) -> None:
     """What would stop the engine stage, found before the source is read: a precision no
     engine can be built at, a backend whose TensorRT package is missing or too old."""
-    from llmbuild.engine.backends import import_backend
+    from llmbuild.engine.backends import installed_version
     from llmbuild.engine.options import precision_problem
     from llmbuild.errors import UserError
 
@@ -393,7 +439,7 @@ def check_engines_before_work(rd: dict) -> None:
     if problem:
         raise UserError(problem)
     for backend in dict.fromkeys(e["backend"] for e in rd["engines"]):
-        import_backend(backend)
+        installed_version(backend)
 
 
 def _engine_cache(cache: bool | str | Path | None):
@@ -409,7 +455,7 @@ def build_engines(
 ) -> list[dict]:
     """Every engine of the recipe (one per entry and tensor-parallel rank), from the
     cache when an identical one was built before; their manifest entries."""
-    from llmbuild.engine.backends import import_backend
+    from llmbuild.engine.backends import installed_version
     from llmbuild.engine.build import build_engine
     from llmbuild.engine.cache import engine_key
     from llmbuild.engine.options import target_label
@@ -421,7 +467,7 @@ def build_engines(
         backend = entry["backend"]
         options = {k: v for k, v in entry.items() if k != "backend"}
         label = target_label(backend, options)
-        trt = import_backend(backend)  # before any work: a missing package is a UserError
+        trt_module, trt_version = installed_version(backend)  # TensorRT is imported only to build
         for rank, rank_path in enumerate(model_paths):  # one engine per tensor-parallel rank
             name = engine_file_name(backend, label, rank)
             stage_name = f"engine:{backend}:{label}" + (f":rank{rank}" if len(model_paths) > 1 else "")
@@ -441,7 +487,7 @@ def build_engines(
                     info = build(path)
                 else:
                     key = engine_key(recipe=rd, source=source_hash, graph=graph_hash, toolchain=tools, engine=entry,
-                                     trt_module=trt.__name__, trt_version=trt.__version__, rank=rank)
+                                     trt_module=trt_module, trt_version=trt_version, rank=rank)
                     info, hit = engine_cache.get_or_build(key, path, build)
                     if hit:
                         update(1, 1, "reused")
@@ -459,7 +505,8 @@ def _eos_ids(tokenizer: dict, config: dict) -> list[int]:
     return ids
 
 
-def _maybe_verify(recipe, rd, stage: Path, source, rep: Reporter, verify: bool | None, store=None) -> dict | None:
+def _maybe_verify(recipe, rd, stage: Path, source, rep: Reporter, verify: bool | None, store=None,
+                  reference=None) -> dict | None:
     from llmbuild.quantize.stage import maybe_gate
     from llmbuild.verify.reference import reference_available
 
@@ -480,7 +527,8 @@ def _maybe_verify(recipe, rd, stage: Path, source, rep: Reporter, verify: bool |
         return None
     with rep.stage("verify") as update:
         report = verify_in_compile(stage, recipe.source_path, source.fingerprint(), rd,
-                                   cache_dir=store.dir if store is not None else None)
+                                   cache_dir=store.dir if store is not None else None,
+                                   reference=None if reference is None else reference.get)
         update(1, 1, "passed" if report["passed"] else "FAILED")
     return report
 
@@ -499,21 +547,101 @@ def verification_threads(rd: dict) -> int | None:
 
 
 def verify_in_compile(stage: Path, source_path: Path, fingerprint: str, rd: dict, *, cache_dir: Path | None,
-                      threads: int | None = None) -> dict:
+                      threads: int | None = None, reference=None) -> dict:
     """Compile's verification of a staged artifact against HF transformers: reference
     outputs cached under `cache_dir` by source fingerprint (the HF model is loaded once,
-    only on a miss), the recipe's thresholds and prompts, `threads` (default:
-    verification_threads). The staged files' hashes were just computed: not re-read."""
+    only on a miss: `reference()` returns it, already loading — compile's _ReferenceSupply;
+    default: a ReferenceProcess started at the first miss and ended here), the recipe's
+    thresholds and prompts, `threads` (default: verification_threads). The staged files'
+    hashes were just computed: not re-read."""
     from llmbuild.buildcache import CachedReference
     from llmbuild.verify import DEFAULT_PROMPTS, default_thresholds
     from llmbuild.verify.compare import verify_what_runs
-    from llmbuild.verify.reference import load_reference
+    from llmbuild.verify.reference import start_reference
 
     settings = rd.get("verify") or {}
     threads = threads or verification_threads(rd)
-    outputs = CachedReference(cache_dir, fingerprint, lambda: load_reference(source_path, threads=threads))
-    return verify_what_runs(
-        stage, source_path, prompts=settings.get("prompts") or DEFAULT_PROMPTS,
-        thresholds=default_thresholds(rd["precision"], settings), reference_outputs=outputs, threads=threads,
-        check_hashes=False,
-    )
+    started = []
+
+    def start():
+        started.append(start_reference(source_path, threads))
+        return started[0]
+
+    outputs = CachedReference(cache_dir, fingerprint, reference or start)
+    try:
+        return verify_what_runs(
+            stage, source_path, prompts=settings.get("prompts") or DEFAULT_PROMPTS,
+            thresholds=default_thresholds(rd["precision"], settings), reference_outputs=outputs, threads=threads,
+            check_hashes=False,
+        )
+    finally:
+        for process in started:
+            process.close()
+
+
+class _ReferenceSupply:
+    """The HF reference of one compile's verification: started (`start_reference`, a
+    child process) right after the source stage when verification will need HF outputs
+    the cache does not hold (`prefetch`) — its load then overlaps the ONNX export and the
+    engine build — else at the first miss (`get`); ended when the compile ends, also on
+    an error or Ctrl-C."""
+
+    def __init__(self, recipe, rd: dict, verify: bool | None, store):
+        self.path, self.threads = recipe.source_path, verification_threads(rd)
+        self.cache_dir = None if store is None else store.dir
+        self.wanted = _verifies_against_hf(rd, verify)
+        self._reference = None
+
+    def prefetch(self, fingerprint: str) -> None:
+        from llmbuild.buildcache import CachedReference
+
+        if self.wanted and not CachedReference.holds_outputs(self.cache_dir, fingerprint):
+            self.get()
+
+    def get(self):
+        from llmbuild.verify.reference import start_reference
+
+        if self._reference is None:
+            self._reference = start_reference(self.path, self.threads)
+        return self._reference
+
+    def close(self) -> None:
+        if self._reference is not None:
+            self._reference.close()
+            self._reference = None
+
+    def kill(self) -> None:
+        """End the reference at once (from another thread than the one using it)."""
+        if self._reference is not None:
+            self._reference.kill()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _verifies_against_hf(rd: dict, verify: bool | None) -> bool:
+    """Whether compile's verification will compare with HF transformers (not: disabled,
+    quantized — the accuracy gate —, bfloat16, or torch/transformers not installed)."""
+    from llmbuild.verify.reference import reference_available
+
+    settings = rd.get("verify") or {}
+    return (verify is not False and settings.get("enabled", True) and not rd.get("quantization")
+            and rd["precision"] != "bfloat16" and reference_available())
+
+
+_STAGE_RANK = {"source": 0, "onnx": 1, "cpu_graph": 2, "tokenizer": 3, "verify": 5}
+
+
+def _stage_order(stages: dict) -> dict:
+    """The stages' timings in pipeline order (source, onnx and its quantization steps,
+    cpu_graph, tokenizer, engines, verify), not in the order the concurrent ones ended:
+    the manifest of a recompile is laid out as the first one's."""
+    def rank(name: str) -> float:
+        if name in _STAGE_RANK:
+            return _STAGE_RANK[name]
+        return 4 if name.startswith("engine:") else 1.5
+
+    return {name: stages[name] for name in sorted(stages, key=rank)}

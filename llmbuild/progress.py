@@ -112,12 +112,45 @@ _QUIET_ENV = {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFO
 def quiet_third_party() -> None:
     """Silence third-party progress bars and logs in this process (ours, Reporter's, stay):
     the variables above (a value the user set is kept), and ONNX Runtime's process-wide
-    logger at ERROR (its coloured WARNING lines about fusions and copies). For the CLI's
-    compile, verify and eval, which import ONNX Runtime anyway."""
+    logger at ERROR (its coloured WARNING lines about fusions and copies) — set when ONNX
+    Runtime is imported, not by importing it here: a compile that reuses every stage never
+    needs it (0.9 s of a no-op recompile's imports, benchmarks/compile_smollm2.md). For the
+    CLI's compile, verify and eval."""
     for name, value in _QUIET_ENV.items():
         os.environ.setdefault(name, value)
-    try:
-        import onnxruntime as ort
-    except ImportError:
+    after_import("onnxruntime", lambda ort: ort.set_default_logger_severity(3))
+
+
+def after_import(name: str, callback) -> None:
+    """`callback(module)` once the top-level module `name` is imported: now if it already
+    is, else right after its first import (a finder at the head of sys.meta_path that
+    wraps the module's loader, then removes itself)."""
+    import importlib.abc
+    import importlib.util
+    import sys
+
+    if name in sys.modules:
+        callback(sys.modules[name])
         return
-    ort.set_default_logger_severity(3)
+
+    class AfterImport(importlib.abc.MetaPathFinder):
+        def find_spec(self, fullname, path=None, target=None):
+            if fullname != name:
+                return None
+            sys.meta_path.remove(self)  # the real finders from here on
+            spec = importlib.util.find_spec(fullname)
+            if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+                return spec
+            exec_module = spec.loader.exec_module
+
+            def run(module):
+                exec_module(module)
+                callback(module)
+
+            spec.loader.exec_module = run
+            return spec
+
+    if not any(type(f).__name__ == "AfterImport" and getattr(f, "name", None) == name for f in sys.meta_path):
+        finder = AfterImport()
+        finder.name = name
+        sys.meta_path.insert(0, finder)

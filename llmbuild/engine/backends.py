@@ -40,6 +40,9 @@ class Backend:
     strongly_typed_flag: bool
     # Applies the requested targets to an IBuilderConfig and returns what to record.
     set_targets: Callable[..., dict]  # (trt, config, targets, hardware_compatibility) -> record
+    # Distributions whose version is the module's `__version__` (installed_version reads
+    # it without importing the module); the first one installed counts.
+    dists: tuple[str, ...] = ()
 
 
 # -- compute-capability targets ------------------------------------------------------
@@ -136,6 +139,7 @@ BACKENDS: dict[str, Backend] = {
         min_version=(1, 7),
         strongly_typed_flag=False,
         set_targets=_rtx_set_targets,
+        dists=("tensorrt-rtx-cu13", "tensorrt-rtx-cu12", "tensorrt-rtx"),
     ),
     "tensorrt": Backend(
         name="tensorrt",
@@ -172,6 +176,30 @@ def import_backend(name: str) -> ModuleType:
             f"install: pip install {backend.pip}"
         )
     return trt
+
+
+def installed_version(name: str) -> tuple[str, str]:
+    """(module name, version) of a backend's TensorRT package, as import_backend would
+    find them (and the same UserError when it is missing or too old), read from the
+    distribution's metadata when one of `Backend.dists` is installed: importing TensorRT
+    loads its libraries (half a second), which a compile that reuses its engines does not
+    need. Without such a distribution, the module is imported."""
+    import importlib.util
+    from importlib import metadata
+
+    backend = get_backend(name)
+    if importlib.util.find_spec(backend.module) is None:
+        import_backend(name)  # raises the UserError that names the package
+    for dist in backend.dists:
+        try:
+            version = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+        if _version_tuple(version) < backend.min_version:
+            import_backend(name)  # raises the UserError "needs >= ..."
+        return backend.module, version
+    trt = import_backend(name)
+    return trt.__name__, trt.__version__
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:

@@ -53,16 +53,33 @@ def _gguf_read_once():
     the weights; the tokenizer's 49k strings are most of it) and builds gguf's
     TensorNameMap again for every module of the model: 3/4 of loading SmolLM2-135M's
     GGUF (benchmarks/compile_smollm2.md). Both are pure functions of their arguments,
-    memoized here for one load (what is read and converted is unchanged)."""
+    memoized here for one load, and the header's views skip numpy's memmap subclass
+    (what is read and converted is unchanged)."""
     import gguf
+    import numpy as np
 
     reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
     readers: dict = {}
 
+    class PlainViews(reader):
+        """gguf's reader, its views plain ndarrays over the same memmap (`data` is the
+        memmap seen as an ndarray): numpy runs Python code (memmap.__array_finalize__)
+        for every view of a memmap, and the header is two views per tokenizer string —
+        98k for SmolLM2's tokens and merges, a third of the header parse. The bytes read
+        are the same."""
+
+        @property
+        def data(self):
+            return self._plain
+
+        @data.setter
+        def data(self, value):
+            self._plain = value.view(np.ndarray)  # its base keeps the mapping open
+
     def read_once(path, mode="r"):
         key = (str(path), mode)
         if key not in readers:
-            readers[key] = reader(path, mode)
+            readers[key] = PlainViews(path, mode)
         return readers[key]
 
     gguf.GGUFReader, gguf.get_tensor_name_map = read_once, functools.lru_cache(maxsize=None)(name_map)
@@ -140,3 +157,138 @@ def source_mismatch(reference, manifest: dict) -> str | None:
     return (f"the reference {path} is not the source this artifact was compiled from (its fingerprint "
             f"{fingerprint[:12]} differs from the manifest's hashes.source {recorded[:12]}): the figures compare two "
             "different models")
+
+
+# -- the HF reference in a child process (compile) -----------------------------------------
+
+class ReferenceProcess:
+    """The HF reference (`load_reference`) loaded and run in a child process: started at
+    once, it loads while the caller works (compile starts it right after the source
+    stage, so the load overlaps the ONNX export and the engine build); `logits(ids)` waits
+    for the load, then computes in the child. A process, not a thread: transformers'
+    GGUF load is mostly Python (header parse, dequantization), which in a thread holds the
+    GIL against compile's own Python work (ONNX export, tokenizer, ONNX Runtime feeds); the
+    parent never imports torch, and its peak memory excludes the float32 HF model. `close()`
+    ends the child (it ignores Ctrl-C: the parent, interrupted, ends it)."""
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")  # not fork: the parent runs threads (progress, engine build)
+        self._conn, child = ctx.Pipe()
+        self._process = ctx.Process(target=_serve_reference, args=(child, str(path), threads), daemon=True,
+                                    name="llmbuild-hf-reference")
+        self._process.start()
+        child.close()
+
+    def logits(self, ids: list[int]):
+        """Float32 logits [S, vocab] of one sequence, computed by the child
+        (`reference_logits`; OutOfVocabulary and UserError re-raised here)."""
+        try:
+            self._conn.send(("logits", [int(i) for i in ids]))
+            kind, value = self._conn.recv()
+        except (EOFError, OSError, BrokenPipeError):
+            code = self._process.exitcode
+            raise UserError(f"the HF reference process ended unexpectedly (exit code {code})") from None
+        if kind == "oov":
+            raise OutOfVocabulary(value)
+        if kind == "user_error":
+            raise UserError(value)
+        if kind == "error":
+            raise RuntimeError(f"the HF reference process failed: {value}")
+        return value
+
+    def kill(self) -> None:
+        """End the child now (safe from another thread than the one using `logits`: that
+        one's wait then fails with a UserError)."""
+        if self._process.is_alive():
+            self._process.terminate()
+
+    def close(self) -> None:
+        if self._process.is_alive():
+            try:
+                self._conn.send(("stop", None))
+            except (OSError, BrokenPipeError):
+                pass
+            self._process.join(timeout=5)
+        if self._process.is_alive():
+            self._process.terminate()
+            self._process.join(timeout=5)
+        self._conn.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _serve_reference(conn, path: str, threads: int | None) -> None:
+    """The child of ReferenceProcess: load, then answer `logits` requests until `stop`.
+    A load that fails is reported on the first request."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the parent ends this process
+    model, failure = None, None
+    try:
+        model = load_reference(path, threads=threads)
+    except UserError as e:
+        failure = ("user_error", str(e))
+    except Exception as e:  # reported to the parent, which raises it
+        failure = ("error", f"{type(e).__name__}: {e}")
+    while True:
+        try:
+            kind, ids = conn.recv()
+        except (EOFError, OSError):
+            return
+        if kind == "stop":
+            return
+        if failure is not None:
+            conn.send(failure)
+            continue
+        try:
+            conn.send(("ok", reference_logits(model, ids)))
+        except OutOfVocabulary as e:
+            conn.send(("oov", e.vocab))
+        except Exception as e:
+            conn.send(("error", f"{type(e).__name__}: {e}"))
+
+
+class ReferenceThread:
+    """ReferenceProcess's alternative in this process: the load runs in a thread, started
+    at once (what compile did before; kept to measure the two, `LLMBUILD_HF_REFERENCE=thread`,
+    benchmarks/compile_smollm2.md). It cannot be stopped: `close()` only forgets it."""
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        import threading
+
+        self._result: dict = {}
+
+        def load():
+            try:
+                self._result["model"] = load_reference(path, threads=threads)
+            except BaseException as e:  # raised by logits()
+                self._result["error"] = e
+
+        self._thread = threading.Thread(target=load, name="llmbuild-hf-reference", daemon=True)
+        self._thread.start()
+
+    def logits(self, ids: list[int]):
+        self._thread.join()
+        if "error" in self._result:
+            raise self._result["error"]
+        return reference_logits(self._result["model"], ids)
+
+    def close(self) -> None:
+        self._result.pop("model", None)
+
+    kill = close
+
+
+def start_reference(path: str | Path, threads: int | None = None):
+    """compile's HF reference, loading from now on: a ReferenceProcess, or a ReferenceThread
+    when the environment says LLMBUILD_HF_REFERENCE=thread."""
+    import os
+
+    mode = os.environ.get("LLMBUILD_HF_REFERENCE", "process")
+    return ReferenceThread(path, threads) if mode == "thread" else ReferenceProcess(path, threads)
