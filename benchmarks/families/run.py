@@ -106,11 +106,48 @@ def build_ours(name: str, hf: Path, out: Path) -> dict:
     return figures
 
 
-def build_genai(hf: Path, out: Path, threads: int) -> dict:
+def flat_rope_checkpoint(hf: Path, dst: Path) -> Path:
+    """Gemma 3's checkpoint for genai's builder: the same weights (symlinked), config.json
+    with the rope settings also given in the flat form the builder reads.
+
+    transformers 5 holds Gemma 3's rope settings per layer type (`rope_parameters =
+    {"sliding_attention": {...}, "full_attention": {...}}`, from the published
+    `rope_theta`, `rope_local_base_freq` and `rope_scaling: null`); the builder's base
+    class reads `rope_parameters["rope_type"]` (KeyError) and its Gemma 3 class
+    `rope_local_base_freq`, neither of which the nested form has. Given a flat
+    `rope_parameters = {"rope_type": "default", "rope_theta": <global>,
+    "rope_local_base_freq": <local>}`, transformers keeps those keys and adds the same two
+    per-layer-type entries it derives from the published config; checked here: the
+    per-layer-type settings transformers reads are equal for both configs."""
+    from transformers import AutoConfig
+
+    shutil.rmtree(dst, ignore_errors=True)
+    dst.mkdir(parents=True)
+    for f in hf.iterdir():
+        if f.name != "config.json":
+            (dst / f.name).symlink_to(f.resolve())
+    config = json.loads((hf / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "default", "rope_theta": config["rope_theta"],
+                                 "rope_local_base_freq": config["rope_local_base_freq"]}
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
+    ours, theirs = AutoConfig.from_pretrained(hf), AutoConfig.from_pretrained(dst)
+    for layer_type in ("sliding_attention", "full_attention"):
+        if ours.rope_parameters[layer_type] != theirs.rope_parameters[layer_type]:
+            raise SystemExit(f"{dst}: {layer_type} rope {theirs.rope_parameters[layer_type]} != "
+                             f"{ours.rope_parameters[layer_type]}")
+    return dst
+
+
+GENAI_CHECKPOINT = {"gemma-3-270m": flat_rope_checkpoint}  # name -> the checkpoint genai's builder reads
+
+
+def build_genai(name: str, hf: Path, out: Path, threads: int) -> dict:
     sys.path.insert(0, str(ROOT / "benchmarks" / "runtime"))
     from prepare import genai_command, genai_threads
 
     shutil.rmtree(out, ignore_errors=True)
+    if name in GENAI_CHECKPOINT:
+        hf = GENAI_CHECKPOINT[name](hf, out.parent / "hf-genai")
     figures = timed(genai_command(hf, out, "fp32"), out.parent / "genai-builder.log")
     if "error" not in figures:
         genai_threads(out, threads)
@@ -213,7 +250,7 @@ def main():
         root = args.out / name
         hf = prepare(name, FAMILIES[name], root / "hf")
         build = {"llmbuild": build_ours(name, hf, root / "out"),
-                 "onnxruntime-genai": build_genai(hf, root / "genai-fp32", args.threads)}
+                 "onnxruntime-genai": build_genai(name, hf, root / "genai-fp32", args.threads)}
         run = subprocess.run([sys.executable, __file__, "--out", str(args.out), "--rounds", str(args.rounds),
                               "--threads", str(args.threads), "--decode-only", name],
                              check=True, stdout=subprocess.PIPE, text=True)
@@ -221,7 +258,7 @@ def main():
         print(json.dumps({name: result}), flush=True)
         results = json.loads(results_file.read_text()) if results_file.is_file() else {}  # other runs' families
         results_file.write_text(json.dumps({**results, name: result}, indent=2))
-        for folder in ("genai-cache", *(() if args.keep else ("hf", "out", "genai-fp32"))):
+        for folder in ("genai-cache", "hf-genai", *(() if args.keep else ("hf", "out", "genai-fp32"))):
             shutil.rmtree(root / folder, ignore_errors=True)  # a family takes up to ~12 GB of disk
 
 
