@@ -112,7 +112,7 @@ def flat_rope_checkpoint(hf: Path, dst: Path) -> Path:
 
     transformers 5 holds Gemma 3's rope settings per layer type (`rope_parameters =
     {"sliding_attention": {...}, "full_attention": {...}}`, from the published
-    `rope_theta`, `rope_local_base_freq` and `rope_scaling: null`); the builder's base
+    `rope_theta`, `rope_local_base_freq` and `rope_scaling: null`, and saves them so); the builder's base
     class reads `rope_parameters["rope_type"]` (KeyError) and its Gemma 3 class
     `rope_local_base_freq`, neither of which the nested form has. Given a flat
     `rope_parameters = {"rope_type": "default", "rope_theta": <global>,
@@ -126,9 +126,12 @@ def flat_rope_checkpoint(hf: Path, dst: Path) -> Path:
     for f in hf.iterdir():
         if f.name != "config.json":
             (dst / f.name).symlink_to(f.resolve())
-    config = json.loads((hf / "config.json").read_text())
-    config["rope_parameters"] = {"rope_type": "default", "rope_theta": config["rope_theta"],
-                                 "rope_local_base_freq": config["rope_local_base_freq"]}
+    config = json.loads((hf / "config.json").read_text())  # as transformers saved it: nested
+    rope = config["rope_parameters"]
+    if any(rope[t].get("rope_type") != "default" for t in ("sliding_attention", "full_attention")):
+        raise SystemExit(f"{hf}: rope {rope} is not the default rope of both layer types")
+    config["rope_parameters"] = {"rope_type": "default", "rope_theta": rope["full_attention"]["rope_theta"],
+                                 "rope_local_base_freq": rope["sliding_attention"]["rope_theta"]}
     (dst / "config.json").write_text(json.dumps(config, indent=2))
     ours, theirs = AutoConfig.from_pretrained(hf), AutoConfig.from_pretrained(dst)
     for layer_type in ("sliding_attention", "full_attention"):
