@@ -13,7 +13,9 @@ Phi-4-mini trimmed to 2 layers):
 2. build (each in its own process, wall time and peak RSS from the kernel's rusage):
    `llmbuild compile RECIPE '~engines' verify.enabled=false` (float32, a fresh stage cache;
    the manifest's per-stage timings give the onnx and cpu_graph stages), and
-   `python -m onnxruntime_genai.models.builder -p fp32 -e cpu`;
+   `python -m onnxruntime_genai.models.builder -p fp32 -e cpu` (Gemma 3: on a copy of the
+   checkpoint whose config gives the rope settings in the flat form it reads,
+   flat_rope_checkpoint);
 3. decode, all three in one process taking turns (`--rounds` rounds; within a round each
    runtime prefills the same 128-token prompt of random ids, then runs 32 greedy steps,
    the first not counted): our artifact's CPU-ready graph on ONNX Runtime through the
@@ -221,7 +223,7 @@ def table(results: dict) -> str:
         genai_tok = d.get("onnxruntime-genai", {}).get("decode_tok_s_median", "—")
         ratio = d.get("ratio_llmbuild_vs_genai")
         met = "no genai figure" if ratio is None else ("yes" if ratio >= 1 else "NO")
-        builder = g.get("error") or f"{g['wall_s']} / {g['peak_rss_mib']}"
+        builder = g.get("error") or g.get("note") or f"{g['wall_s']} / {g['peak_rss_mib']}"
         lines.append(
             f"| {name} | {o['onnx_s']} / {o['onnx_peak_rss_mib']} | {o['cpu_graph_s']} "
             f"| {o['wall_s']} / {o['peak_rss_mib']} | {builder} | {d['llmbuild']['decode_tok_s_median']} / "
