@@ -215,8 +215,8 @@ def decode(name: str, root: Path, rounds: int, threads: int) -> dict:
 def table(results: dict) -> str:
     lines = ["| family | ours: onnx stage (s) / its peak RSS (MiB) | ours: cpu_graph (s) "
              "| ours: compile wall (s) / peak RSS (MiB) | genai builder wall (s) / peak RSS (MiB) "
-             "| decode tok/s ours / genai / HF (median) | ours ÷ genai | ours ÷ HF | load avg | decode ≥ genai |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+             "| decode tok/s ours / genai / HF (median) | ours ÷ genai | ours ÷ HF | load avg | decode ≥ genai | run |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|"]
     for name, r in results.items():
         o, g, d = r["build"]["llmbuild"], r["build"]["onnxruntime-genai"], r["decode"]
         loads = d["load_average_1min"]
@@ -229,7 +229,7 @@ def table(results: dict) -> str:
             f"| {o['wall_s']} / {o['peak_rss_mib']} | {builder} | {d['llmbuild']['decode_tok_s_median']} / "
             f"{genai_tok} / {d['transformers']['decode_tok_s_median']} "
             f"| {ratio if ratio is not None else '—'} | {d['ratio_llmbuild_vs_transformers']} "
-            f"| {min(loads)}–{max(loads)} | {met} |")
+            f"| {min(loads)}–{max(loads)} | {met} | {r.get('run', '')} |")
     return "\n".join(lines)
 
 
