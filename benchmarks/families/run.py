@@ -13,7 +13,9 @@ Phi-4-mini trimmed to 2 layers):
 2. build (each in its own process, wall time and peak RSS from the kernel's rusage):
    `llmbuild compile RECIPE '~engines' verify.enabled=false` (float32, a fresh stage cache;
    the manifest's per-stage timings give the onnx and cpu_graph stages), and
-   `python -m onnxruntime_genai.models.builder -p fp32 -e cpu`;
+   `python -m onnxruntime_genai.models.builder -p fp32 -e cpu` (Gemma 3: on a copy of the
+   checkpoint whose config gives the rope settings in the flat form it reads,
+   flat_rope_checkpoint);
 3. decode, all three in one process taking turns (`--rounds` rounds; within a round each
    runtime prefills the same 128-token prompt of random ids, then runs 32 greedy steps,
    the first not counted): our artifact's CPU-ready graph on ONNX Runtime through the
@@ -106,11 +108,51 @@ def build_ours(name: str, hf: Path, out: Path) -> dict:
     return figures
 
 
-def build_genai(hf: Path, out: Path, threads: int) -> dict:
+def flat_rope_checkpoint(hf: Path, dst: Path) -> Path:
+    """Gemma 3's checkpoint for genai's builder: the same weights (symlinked), config.json
+    with the rope settings also given in the flat form the builder reads.
+
+    transformers 5 holds Gemma 3's rope settings per layer type (`rope_parameters =
+    {"sliding_attention": {...}, "full_attention": {...}}`, from the published
+    `rope_theta`, `rope_local_base_freq` and `rope_scaling: null`, and saves them so); the builder's base
+    class reads `rope_parameters["rope_type"]` (KeyError) and its Gemma 3 class
+    `rope_local_base_freq`, neither of which the nested form has. Given a flat
+    `rope_parameters = {"rope_type": "default", "rope_theta": <global>,
+    "rope_local_base_freq": <local>}`, transformers keeps those keys and adds the same two
+    per-layer-type entries it derives from the published config; checked here: the
+    per-layer-type settings transformers reads are equal for both configs."""
+    from transformers import AutoConfig
+
+    shutil.rmtree(dst, ignore_errors=True)
+    dst.mkdir(parents=True)
+    for f in hf.iterdir():
+        if f.name != "config.json":
+            (dst / f.name).symlink_to(f.resolve())
+    config = json.loads((hf / "config.json").read_text())  # as transformers saved it: nested
+    rope = config["rope_parameters"]
+    if any(rope[t].get("rope_type") != "default" for t in ("sliding_attention", "full_attention")):
+        raise SystemExit(f"{hf}: rope {rope} is not the default rope of both layer types")
+    config["rope_parameters"] = {"rope_type": "default", "rope_theta": rope["full_attention"]["rope_theta"],
+                                 "rope_local_base_freq": rope["sliding_attention"]["rope_theta"]}
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
+    ours, theirs = AutoConfig.from_pretrained(hf), AutoConfig.from_pretrained(dst)
+    for layer_type in ("sliding_attention", "full_attention"):
+        if ours.rope_parameters[layer_type] != theirs.rope_parameters[layer_type]:
+            raise SystemExit(f"{dst}: {layer_type} rope {theirs.rope_parameters[layer_type]} != "
+                             f"{ours.rope_parameters[layer_type]}")
+    return dst
+
+
+GENAI_CHECKPOINT = {"gemma-3-270m": flat_rope_checkpoint}  # name -> the checkpoint genai's builder reads
+
+
+def build_genai(name: str, hf: Path, out: Path, threads: int) -> dict:
     sys.path.insert(0, str(ROOT / "benchmarks" / "runtime"))
     from prepare import genai_command, genai_threads
 
     shutil.rmtree(out, ignore_errors=True)
+    if name in GENAI_CHECKPOINT:
+        hf = GENAI_CHECKPOINT[name](hf, out.parent / "hf-genai")
     figures = timed(genai_command(hf, out, "fp32"), out.parent / "genai-builder.log")
     if "error" not in figures:
         genai_threads(out, threads)
@@ -173,21 +215,21 @@ def decode(name: str, root: Path, rounds: int, threads: int) -> dict:
 def table(results: dict) -> str:
     lines = ["| family | ours: onnx stage (s) / its peak RSS (MiB) | ours: cpu_graph (s) "
              "| ours: compile wall (s) / peak RSS (MiB) | genai builder wall (s) / peak RSS (MiB) "
-             "| decode tok/s ours / genai / HF (median) | ours ÷ genai | ours ÷ HF | load avg | decode ≥ genai |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+             "| decode tok/s ours / genai / HF (median) | ours ÷ genai | ours ÷ HF | load avg | decode ≥ genai | run |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|"]
     for name, r in results.items():
         o, g, d = r["build"]["llmbuild"], r["build"]["onnxruntime-genai"], r["decode"]
         loads = d["load_average_1min"]
         genai_tok = d.get("onnxruntime-genai", {}).get("decode_tok_s_median", "—")
         ratio = d.get("ratio_llmbuild_vs_genai")
         met = "no genai figure" if ratio is None else ("yes" if ratio >= 1 else "NO")
-        builder = g.get("error") or f"{g['wall_s']} / {g['peak_rss_mib']}"
+        builder = g.get("error") or g.get("note") or f"{g['wall_s']} / {g['peak_rss_mib']}"
         lines.append(
             f"| {name} | {o['onnx_s']} / {o['onnx_peak_rss_mib']} | {o['cpu_graph_s']} "
             f"| {o['wall_s']} / {o['peak_rss_mib']} | {builder} | {d['llmbuild']['decode_tok_s_median']} / "
             f"{genai_tok} / {d['transformers']['decode_tok_s_median']} "
             f"| {ratio if ratio is not None else '—'} | {d['ratio_llmbuild_vs_transformers']} "
-            f"| {min(loads)}–{max(loads)} | {met} |")
+            f"| {min(loads)}–{max(loads)} | {met} | {r.get('run', '')} |")
     return "\n".join(lines)
 
 
@@ -213,7 +255,7 @@ def main():
         root = args.out / name
         hf = prepare(name, FAMILIES[name], root / "hf")
         build = {"llmbuild": build_ours(name, hf, root / "out"),
-                 "onnxruntime-genai": build_genai(hf, root / "genai-fp32", args.threads)}
+                 "onnxruntime-genai": build_genai(name, hf, root / "genai-fp32", args.threads)}
         run = subprocess.run([sys.executable, __file__, "--out", str(args.out), "--rounds", str(args.rounds),
                               "--threads", str(args.threads), "--decode-only", name],
                              check=True, stdout=subprocess.PIPE, text=True)
@@ -221,7 +263,7 @@ def main():
         print(json.dumps({name: result}), flush=True)
         results = json.loads(results_file.read_text()) if results_file.is_file() else {}  # other runs' families
         results_file.write_text(json.dumps({**results, name: result}, indent=2))
-        for folder in ("genai-cache", *(() if args.keep else ("hf", "out", "genai-fp32"))):
+        for folder in ("genai-cache", "hf-genai", *(() if args.keep else ("hf", "out", "genai-fp32"))):
             shutil.rmtree(root / folder, ignore_errors=True)  # a family takes up to ~12 GB of disk
 
 

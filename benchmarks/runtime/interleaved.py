@@ -69,14 +69,20 @@ def genai(path: Path, threads: int):
 
     import onnxruntime_genai as og
 
-    got = json.loads((path / "genai_config.json").read_text())["model"]["decoder"]["session_options"]
+    decoder = json.loads((path / "genai_config.json").read_text())["model"]["decoder"]
+    got = decoder["session_options"]
     assert got.get("intra_op_num_threads") == threads, got
+    # Windowed layers (Gemma 3): genai sizes their ring cache from max_length, and its
+    # GroupQueryAttention requires at least the window's rows. (Phi-4-mini's config names a
+    # window, 262144, but no windowed layers.)
+    sliding = decoder.get("sliding_window", {})
+    window = int(sliding.get("window_size", 0)) if sliding.get("layers") else 0
     model = og.Model(str(path))
     state = {}
 
     def prefill(ids):
         params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(ids) + 40, do_sample=False)
+        params.set_search_options(max_length=max(len(ids) + 40, window), do_sample=False)
         state["g"] = og.Generator(model, params)
         state["g"].append_tokens(ids)  # get_next_tokens() would be the prompt's last id here
         state["g"].generate_next_token()  # picks the first token from the prompt's logits
