@@ -255,7 +255,7 @@ def calibrate(
     import psutil
 
     proc = psutil.Process()
-    start = time.perf_counter()
+    start, cpu0 = time.perf_counter(), time.process_time()
     rss0 = peak = proc.memory_info().rss
 
     def note_rss():
@@ -361,6 +361,7 @@ def calibrate(
         "samples": int(n), "seq_len": int(s), "tokens": int(n * s), "chunk_sequences": int(chunk),
         "propagate": "float" if float_prop else "quantized",
         "seconds": round(time.perf_counter() - start, 2),
+        "cpu_seconds": round(time.process_time() - cpu0, 2),  # every thread of the process
         "peak_rss_bytes": int(peak), "rss_before_bytes": int(rss0),
         "hidden_state_bytes": int(hidden.nbytes),
         "layer_activation_bytes_per_chunk": int(act_bytes_chunk),
