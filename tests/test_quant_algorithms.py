@@ -185,3 +185,38 @@ def test_calibration_in_chunks_equals_one_sample_at_a_time(tiny_graph, algorithm
         np.testing.assert_allclose(a.results[w].scale, b.results[w].scale, rtol=1e-4)
     for name in a.floats:  # AWQ's scaled norms / up_proj columns
         np.testing.assert_allclose(a.floats[name], b.floats[name], rtol=1e-4, atol=1e-6)
+
+
+def test_statistics_in_the_slice_equal_numpy_on_the_activations(tiny_graph, tmp_path):
+    """max |x|, Σ|x| and XᵀX computed by the nodes calibration adds to a layer slice
+    equal ActStats.update (numpy) on the same activations fetched from the slice."""
+    from llmbuild.quantize.calibration import (ActStats, GraphSlices, decoder_feeds, ort_session,
+                                               statistics_names)
+
+    path, loaders, tokens = tiny_graph
+    slices = GraphSlices(path, lambda name: name in loaders)
+    prefix, _ = slices.slice([slices.layer_inputs[0]], None, path.parent / "stats-prefix.onnx")
+    sess = ort_session(prefix, 1)
+    h0 = sess.run(None, decoder_feeds(sess, tokens, 2, 16))[0]
+    acts = sorted(set(slices.linear_inputs(0).values()))
+    assert len(acts) == 4  # q/k/v, o, gate/up, down
+    statistics = {a: i % 2 == 0 for i, a in enumerate(acts)}  # with and without XᵀX
+    p, weights = slices.slice(acts, slices.layer_inputs[0], path.parent / "stats-layer0.onnx",
+                              statistics=statistics)
+    sess = ort_session(p, 1)
+    feeds = decoder_feeds(sess, tokens, 2, 16)
+    feeds[slices.layer_inputs[0]] = h0
+    names = [o.name for o in sess.get_outputs()]
+    got = dict(zip(names, sess.run(None, feeds)))
+    for a, with_xtx in statistics.items():
+        ref, st = ActStats(got[a].shape[-1]), ActStats(got[a].shape[-1])
+        ref.update(got[a], with_xtx)
+        out = statistics_names(a)
+        assert got[out["abs_sum"]].dtype == np.float64 and (out["xtx"] in got) == with_xtx
+        st.add(got[out["amax"]], got[out["abs_sum"]], tokens.size, got.get(out["xtx"]))
+        assert st.amax == ref.amax and st.rows == ref.rows == tokens.size
+        np.testing.assert_allclose(st.abs_sum, ref.abs_sum, rtol=1e-6)
+        if with_xtx:
+            np.testing.assert_allclose(st.xtx, ref.xtx, rtol=1e-4, atol=1e-4 * np.abs(ref.xtx).max())
+        else:
+            assert st.xtx is None
