@@ -220,3 +220,44 @@ def test_statistics_in_the_slice_equal_numpy_on_the_activations(tiny_graph, tmp_
             np.testing.assert_allclose(st.xtx, ref.xtx, rtol=1e-4, atol=1e-4 * np.abs(ref.xtx).max())
         else:
             assert st.xtx is None
+
+
+def test_output_error_from_h_equals_the_error_over_the_rows():
+    """The searches' objective tr(ΔᵀHΔ) per column (ONNX Runtime, float32, H = XᵀX)
+    equals ‖XΔ‖² per column computed from the rows in float64 (numpy), for one Δ and for
+    a batch of per-block Δ with their diagonal blocks of H."""
+    from llmbuild.quantize.quadratic import column_quadratic_forms
+
+    x = inputs(tokens=1024, k=192)
+    rng = np.random.default_rng(5)
+    delta = (rng.standard_normal((192, 40)) * 0.01).astype(np.float32)
+    h = x.T @ x
+    ref = column_errors(x, delta, np.zeros_like(delta))
+    np.testing.assert_allclose(column_quadratic_forms(h, delta), ref, rtol=1e-4)
+    hb = np.stack([h[i:i + 64, i:i + 64] for i in range(0, 192, 64)])  # [3, 64, 64]
+    db = delta.reshape(3, 64, 40)
+    ref_blocks = np.stack([column_errors(x[:, i:i + 64], db[b], np.zeros_like(db[b]))
+                           for b, i in enumerate(range(0, 192, 64))])
+    np.testing.assert_allclose(column_quadratic_forms(hb, db), ref_blocks, rtol=1e-4)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_searches_choose_what_the_numpy_objective_chooses(seed, monkeypatch):
+    """AWQ's α and clip ratios with the objective on ONNX Runtime are those chosen with
+    the plain numpy einsum of H·Δ (the reference the searches were written against)."""
+    from llmbuild.quantize import algorithms
+
+    x, w = inputs(seed=seed, k=256), weight(k=256, n=96, seed=20 + seed)
+    w[7, :5] = 0.5
+    h, mean = x.T @ x, np.abs(x).mean(0)
+    scheme = Int4(64)
+    fast_s, fast_info = awq_search_scales(h, mean, [w], scheme, np.float16)
+    fast_clip = awq_search_clip(h, w * fast_s[:, None], scheme, np.float16)
+    monkeypatch.setattr(algorithms, "column_quadratic_forms",
+                        lambda a, d: np.einsum("...ij,...ij->...j", np.matmul(a, d), d))
+    ref_s, ref_info = awq_search_scales(h, mean, [w], scheme, np.float16)
+    ref_clip = awq_search_clip(h, w * ref_s[:, None], scheme, np.float16)
+    assert fast_info["alpha"] == ref_info["alpha"]
+    assert fast_info["loss"] == pytest.approx(ref_info["loss"], rel=1e-4)
+    np.testing.assert_array_equal(fast_s, ref_s)
+    np.testing.assert_array_equal(fast_clip, ref_clip)

@@ -14,7 +14,8 @@ block's output error (a channel the chosen ratios would hurt as a whole keeps 1.
 RTN is the same quantizer without either search. Output errors are computed from
 H = Σ xᵀx over every calibration row (‖xΔ‖² summed = tr(ΔᵀHΔ)), not from a sample of
 rows; α is scored on a fixed sample of the output columns (SEARCH_COLUMNS). Grid points
-are evaluated side by side: R variants of a weight quantized as one [in, R·out] matrix.
+are evaluated side by side: R variants of a weight quantized as one [in, R·out] matrix,
+their errors in one H·Δ product on ONNX Runtime (`quantize.quadratic`).
 
 GPTQ (Frantar et al. 2022): quantize input rows one at a time, and push each row's
 rounding error onto the rows not yet quantized through the inverse Hessian
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from llmbuild.quantize.quadratic import column_quadratic_forms
 from llmbuild.quantize.schemes import Int4, QuantizedTensor
 
 AWQ_GRID = 20
@@ -60,7 +62,7 @@ def _block_normalized_mean(w: np.ndarray, group: int) -> np.ndarray:
 def _output_errors(h: np.ndarray, delta: np.ndarray) -> np.ndarray:
     """Per output column of Δ [in, cols]: Σ over calibration rows of (x·δ_j)² = δ_jᵀ H δ_j
     (H = Σ xᵀx, exact over all rows) → [cols]."""
-    return np.einsum("ij,ij->j", h @ delta, delta)
+    return column_quadratic_forms(h, delta)
 
 
 def _side_by_side(scheme, variants: np.ndarray, scale_dtype, shrink: np.ndarray | None = None) -> np.ndarray:
@@ -124,7 +126,7 @@ def awq_search_clip(h: np.ndarray, w: np.ndarray, scheme: Int4, scale_dtype=np.f
         delta = _side_by_side(scheme, np.broadcast_to(w[:, None, :], (k, len(rs), n)), scale_dtype, shrink) \
             - w[:, None, :]
         db = np.concatenate([delta, np.zeros((pad, len(rs), n), np.float32)]).reshape(g, group, -1)
-        errs.append(np.einsum("gbc,gbc->gc", np.matmul(hb, db), db).reshape(g, len(rs), n))
+        errs.append(column_quadratic_forms(hb, db).reshape(g, len(rs), n))
     best = ratios[np.argmin(np.concatenate(errs, axis=1), axis=1)]  # [G, out]; ties: the larger ratio
     default = scheme.default_shrink(w, scale_dtype)  # what quantizing without a clip does
     deltas = np.stack([scheme.quantize(w, scale_dtype, shrink=sh).dequantize() - w for sh in (default, best)], axis=1)
