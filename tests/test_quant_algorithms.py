@@ -261,3 +261,23 @@ def test_searches_choose_what_the_numpy_objective_chooses(seed, monkeypatch):
     assert fast_info["loss"] == pytest.approx(ref_info["loss"], rel=1e-4)
     np.testing.assert_array_equal(fast_s, ref_s)
     np.testing.assert_array_equal(fast_clip, ref_clip)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_with_a_shared_inverse_is_gptq_from_h(act_order):
+    """The linears of one input share GPTQ's factor of H⁻¹ (one inversion per input):
+    each weight's codes and scales are exactly those computed from H alone."""
+    from llmbuild.quantize.algorithms import gptq_inverse
+
+    x = inputs(k=128, tokens=512)
+    h = x.T.astype(np.float64) @ x
+    h[:, 9] = h[9, :] = 0.0  # a dead input
+    scheme = Int4(32, symmetric=False)
+    inverse = gptq_inverse(h, 0.01, act_order)
+    for seed in (1, 2):
+        w = weight(k=128, n=24, seed=seed)
+        alone = gptq_quantize(w, h, scheme, np.float16, damp=0.01, act_order=act_order)
+        shared = gptq_quantize(w, None, scheme, np.float16, inverse=inverse)
+        np.testing.assert_array_equal(shared.data, alone.data)
+        np.testing.assert_array_equal(shared.scale, alone.scale)
+        np.testing.assert_array_equal(shared.offset, alone.offset)

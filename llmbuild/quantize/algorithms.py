@@ -27,6 +27,8 @@ block parameters are fixed beforehand (static groups: the stored blocks stay con
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from llmbuild.quantize.quadratic import column_quadratic_forms
@@ -135,37 +137,61 @@ def awq_search_clip(h: np.ndarray, w: np.ndarray, scheme: Int4, scale_dtype=np.f
 # -- GPTQ ---------------------------------------------------------------------------------
 
 
-def gptq_quantize(w: np.ndarray, hessian: np.ndarray, scheme: Int4, scale_dtype=np.float16,
-                  damp: float = GPTQ_DAMP, block: int = GPTQ_BLOCK, act_order: bool = False) -> QuantizedTensor:
-    """GPTQ of `w` [in, out] given H = Σ xᵀx [in, in] (float64) of its inputs; `damp`
-    × mean(diag H) is added to H's diagonal (AutoGPTQ's percdamp).
+@dataclass(frozen=True)
+class GptqInverse:
+    """What GPTQ needs of H for any weight reading that input: the row order, the dead
+    inputs (diag H = 0) and the upper Cholesky factor U of the damped (and reordered) H⁻¹
+    = UᵀU. The linears sharing one input share it (q/k/v, gate/up): one inversion."""
+
+    order: np.ndarray
+    dead: np.ndarray
+    hinv: np.ndarray
+    act_order: bool
+
+
+def gptq_inverse(hessian: np.ndarray, damp: float = GPTQ_DAMP, act_order: bool = False) -> GptqInverse:
+    """`damp` × mean(diag H) is added to H's diagonal (AutoGPTQ's percdamp); with
+    `act_order` the rows go in decreasing diag(H)."""
+    h = np.array(hessian, np.float64)
+    k = h.shape[0]
+    dead = np.diag(h) == 0
+    h[dead, dead] = 1.0
+    order = np.arange(k)
+    if act_order:
+        order = np.argsort(-np.diag(h), kind="stable")
+        h = h[np.ix_(order, order)]
+    h[np.diag_indices(k)] += damp * np.mean(np.diag(h))
+    return GptqInverse(order, dead, np.linalg.cholesky(np.linalg.inv(h)).T, act_order)
+
+
+def gptq_quantize(w: np.ndarray, hessian: np.ndarray | None, scheme: Int4, scale_dtype=np.float16,
+                  damp: float = GPTQ_DAMP, block: int = GPTQ_BLOCK, act_order: bool = False,
+                  inverse: GptqInverse | None = None) -> QuantizedTensor:
+    """GPTQ of `w` [in, out] given H = Σ xᵀx [in, in] (float64) of its inputs, or its
+    `inverse` (`gptq_inverse(H, damp, act_order)`, shared by the linears of one input).
 
     `act_order` (AutoGPTQ's desc_act with static groups): rows are quantized in order of
     decreasing diag(H), the inputs with the largest activations first, while every
     block's parameters come from the weight as it was before any update (the blocks
     stay contiguous input rows, as the graph stores them)."""
+    if inverse is None:
+        inverse = gptq_inverse(hessian, damp, act_order)
+    act_order, order, hinv = inverse.act_order, inverse.order, inverse.hinv
     w = np.array(w, np.float64)
-    h = np.array(hessian, np.float64)
     k, n = w.shape
     group = scheme.group_size
     if block % group:
         raise ValueError(f"GPTQ block {block} must be a multiple of the group size {group}")
-    dead = np.diag(h) == 0
-    h[dead, dead] = 1.0
-    w[dead, :] = 0.0
+    w[inverse.dead, :] = 0.0
     g = scheme.num_groups(k)
     scales = np.zeros((g, n), np.float32)
     zeros = None if scheme.symmetric else np.zeros((g, n), np.float32)  # per-block offsets
-    order = np.arange(k)
     if act_order:
-        order = np.argsort(-np.diag(h), kind="stable")
         s, z = scheme.params(w.astype(np.float32), scale_dtype)
         scales[:] = s
         if zeros is not None:
             zeros[:] = z
-        w, h = w[order], h[np.ix_(order, order)]
-    h[np.diag_indices(k)] += damp * np.mean(np.diag(h))
-    hinv = np.linalg.cholesky(np.linalg.inv(h)).T  # upper U with H⁻¹ = UᵀU
+        w = w[order]
     codes = np.zeros((k, n), np.int8)
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)

@@ -39,7 +39,7 @@ from onnx import TensorProto, helper
 from llmbuild.eval.runners import float_matmuls
 from llmbuild.graph import io
 from llmbuild.graph.annotations import LINEAR, NORM, SCALE_GROUP, nodes_with
-from llmbuild.quantize.algorithms import GPTQ_DAMP, awq_search_clip, awq_search_scales, gptq_quantize
+from llmbuild.quantize.algorithms import GPTQ_DAMP, awq_search_clip, awq_search_scales, gptq_inverse, gptq_quantize
 from llmbuild.quantize.plan import ModuleSpec, module_name
 from llmbuild.quantize.schemes import QuantizedTensor
 
@@ -353,7 +353,10 @@ def calibrate(
         acts = sorted(set(lin.values()))
         needs_xtx = {a for w, a in lin.items() if plan[w].algorithm in ("gptq", "awq")}
         statistics = {a: a in needs_xtx for a in acts}
-        outputs = [] if last else [slices.layer_inputs[layer + 1]]
+        # hᵢ₊₁ from this pass only with float propagation (else pass 2 computes it, from a
+        # slice without the statistics: ONNX Runtime runs every node of a graph whatever
+        # outputs are asked for)
+        outputs = [slices.layer_inputs[layer + 1]] if float_prop and not last else []
         path, weight_inputs = slices.slice(outputs, cut, work_dir / f"layer{layer}.onnx", as_input, statistics)
         sess = ort_session(path, threads)
         # the slice's weight inputs, plus linears it does not need to run (the last layer's
@@ -394,17 +397,22 @@ def calibrate(
         if not last and float_prop:
             hidden, nxt = nxt, hidden
         elif not last:
-            qweights = dict(weights)
-            for w in weight_inputs:
+            nxt_name = slices.layer_inputs[layer + 1]
+            del sess
+            path, prop_inputs = slices.slice([nxt_name], cut, work_dir / f"layer{layer}-propagate.onnx", as_input)
+            sess = ort_session(path, threads)
+            qweights = {}
+            for w in prop_inputs:
                 if w in results:
                     qweights[w] = results[w].dequantize()
                 elif w in floats:
                     qweights[w] = floats[w]
-            nxt_name = slices.layer_inputs[layer + 1]
+                else:
+                    qweights[w] = weights[w] if w in weights else np.asarray(loaders[w](), np.float32)
             for c0 in range(0, n, chunk):
                 feeds = decoder_feeds(sess, tokens[c0:c0 + chunk], kv_heads, head_dim)
                 feeds[cut] = hidden[c0:c0 + chunk]
-                feeds.update({w: qweights[w] for w in weight_inputs})
+                feeds.update(qweights)
                 nxt[c0:c0 + chunk] = sess.run([nxt_name], feeds)[0]
                 note_rss()
             hidden, nxt = nxt, hidden
@@ -466,6 +474,7 @@ def _quantize_layer(slices, layer, lin, stats, weights, plan, results, floats, s
                     "folded_into": module_name(tname)}
     # down_proj's scale may have changed up_proj after up_proj's group was searched: the
     # clip search and quantization below use the final float weights.
+    inverses = {}  # activation -> GPTQ's factor of H⁻¹, one per input (q/k/v, gate/up share it)
     for w, a in lin.items():
         spec = plan[w]
         if spec.scheme == "none":
@@ -477,8 +486,9 @@ def _quantize_layer(slices, layer, lin, stats, weights, plan, results, floats, s
                 shrink = awq_search_clip(stats[a].xtx, work[w], scheme, scale_dtype)
             results[w] = scheme.quantize(work[w], scale_dtype, shrink=shrink)
         elif spec.algorithm == "gptq":
-            results[w] = gptq_quantize(work[w], stats[a].xtx, scheme, scale_dtype, damp=options.gptq_damp,
-                                       act_order=options.gptq_act_order)
+            if a not in inverses:
+                inverses[a] = gptq_inverse(stats[a].xtx, options.gptq_damp, options.gptq_act_order)
+            results[w] = gptq_quantize(work[w], None, scheme, scale_dtype, inverse=inverses[a])
             info["gptq"].append(module_name(w))
         else:
             results[w] = scheme.quantize(work[w], scale_dtype)
