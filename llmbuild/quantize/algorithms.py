@@ -27,6 +27,8 @@ block parameters are fixed beforehand (static groups: the stored blocks stay con
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,6 +46,22 @@ GRID_BATCH = 5  # grid points quantized side by side (memory: 5 copies of the we
 # (a column's error depends on that column alone, so this is a fixed sample of the sum
 # every α is scored on); the scales then quantize every column.
 SEARCH_COLUMNS = 256
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _grid_map(fn, items) -> list:
+    """`[fn(x) for x in items]`, the items on a thread per core: the grid's batches are
+    independent and numpy's elementwise work (most of a quantization) and ONNX Runtime
+    release the GIL, so the searches use every core, not only BLAS's."""
+    global _POOL
+    items = list(items)
+    if len(items) < 2 or (os.cpu_count() or 1) < 2:
+        return [fn(x) for x in items]
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=min(os.cpu_count() or 1, 4), thread_name_prefix="llmbuild-grid")
+    return list(_POOL.map(fn, items))
 
 
 # -- AWQ ----------------------------------------------------------------------------------
@@ -93,12 +111,14 @@ def awq_search_scales(h: np.ndarray, x_mean_abs: np.ndarray, weights: list[np.nd
     s = np.power(np.maximum(x_mean_abs, 1e-8), alphas) / (np.power(w_mean, 1 - alphas) + 1e-4)
     s = np.maximum(s, 1e-4)
     s = (s / np.sqrt(s.max(axis=1, keepdims=True) * s.min(axis=1, keepdims=True))).astype(np.float32)  # [R, in]
-    losses = []
-    for r0 in range(0, AWQ_GRID, batch):
+
+    def batch_losses(r0: int) -> list[float]:
         sc = s[r0:r0 + batch].T[:, :, None]  # [in, b, 1]
         wq = _side_by_side(scheme, w[:, None, :] * sc, scale_dtype) / sc
         delta = (w[:, None, :] - wq).reshape(w.shape[0], -1)
-        losses.extend(_output_errors(h, delta).reshape(-1, w.shape[1]).sum(axis=1).tolist())
+        return _output_errors(h, delta).reshape(-1, w.shape[1]).sum(axis=1).tolist()
+
+    losses = [x for part in _grid_map(batch_losses, range(0, AWQ_GRID, batch)) for x in part]
     best = int(np.argmin(losses))
     return s[best], {"alpha": best / AWQ_GRID, "loss": losses[best], "loss_alpha0": losses[0]}
 
@@ -121,17 +141,20 @@ def awq_search_clip(h: np.ndarray, w: np.ndarray, scheme: Int4, scale_dtype=np.f
     hp[:k, :k] = h
     hb = np.stack([hp[i * group:(i + 1) * group, i * group:(i + 1) * group] for i in range(g)])  # [G, B, B]
     ratios = 1.0 - np.arange(int(CLIP_MAX_SHRINK * CLIP_GRID), dtype=np.float32) / CLIP_GRID
-    errs = []
-    for r0 in range(0, len(ratios), batch):
+
+    def batch_errors(r0: int) -> np.ndarray:
         rs = ratios[r0:r0 + batch]
         shrink = np.broadcast_to(rs[None, :, None], (g, len(rs), n))
         delta = _side_by_side(scheme, np.broadcast_to(w[:, None, :], (k, len(rs), n)), scale_dtype, shrink) \
             - w[:, None, :]
         db = np.concatenate([delta, np.zeros((pad, len(rs), n), np.float32)]).reshape(g, group, -1)
-        errs.append(column_quadratic_forms(hb, db).reshape(g, len(rs), n))
+        return column_quadratic_forms(hb, db).reshape(g, len(rs), n)
+
+    errs = _grid_map(batch_errors, range(0, len(ratios), batch))
     best = ratios[np.argmin(np.concatenate(errs, axis=1), axis=1)]  # [G, out]; ties: the larger ratio
     default = scheme.default_shrink(w, scale_dtype)  # what quantizing without a clip does
-    deltas = np.stack([scheme.quantize(w, scale_dtype, shrink=sh).dequantize() - w for sh in (default, best)], axis=1)
+    deltas = np.stack(_grid_map(lambda sh: scheme.quantize(w, scale_dtype, shrink=sh).dequantize() - w,
+                                (default, best)), axis=1)
     whole = _output_errors(h, deltas.reshape(k, -1)).reshape(2, n)
     return np.where(whole[1] <= whole[0], best, default).astype(np.float32)
 # -- GPTQ ---------------------------------------------------------------------------------
