@@ -233,7 +233,9 @@ class Int4:
         s = _expand_blocks(scale, self.group_size, rows)
         if offset is not None:
             w = w - _expand_blocks(offset, self.group_size, rows)
-        return np.clip(np.rint(w / s), -8, 7).astype(np.int8)
+        q = np.divide(w, s)
+        np.rint(q, out=q)
+        return np.clip(q, -8, 7, out=q).astype(np.int8)
 
     def quantize(self, w: np.ndarray, scale_dtype=np.float16, shrink: np.ndarray | None = None) -> QuantizedTensor:
         w = _check_matrix(w)
