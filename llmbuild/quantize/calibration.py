@@ -341,7 +341,7 @@ def calibrate(
     steps = list(range(slices.num_layers)) + (["head"] if head else [])
     last_layer = slices.num_layers - 1
     for layer in steps:
-        t0, c0 = time.perf_counter(), time.process_time()
+        t0, layer_cpu0 = time.perf_counter(), time.process_time()
         if layer == "head":  # linears after the last layer (untied lm_head): re-run it, quantized
             lin = {w: a for w, a in slices.linear_inputs(None).items() if w in plan}
             cut, fold_layer, last = slices.layer_inputs[last_layer], None, True
@@ -419,7 +419,7 @@ def calibrate(
             del qweights
         del sess, weights, stats
         t3 = time.perf_counter()
-        layer_reports.append({"layer": layer, "seconds": round(t3 - t0, 2), "cpu_s": round(time.process_time() - c0, 2),
+        layer_reports.append({"layer": layer, "seconds": round(t3 - t0, 2), "cpu_s": round(time.process_time() - layer_cpu0, 2),
                               "statistics_s": round(t1 - t0, 2),
                               "quantize_s": round(t2 - t1, 2), "propagate_s": round(t3 - t2, 2), **info})
         if os.environ.get("LLMBUILD_CALIBRATION_LOG"):
