@@ -419,7 +419,8 @@ def calibrate(
             del qweights
         del sess, weights, stats
         t3 = time.perf_counter()
-        layer_reports.append({"layer": layer, "seconds": round(t3 - t0, 2), "cpu_s": round(time.process_time() - layer_cpu0, 2),
+        layer_reports.append({"layer": layer, "seconds": round(t3 - t0, 2),
+                              "cpu_s": round(time.process_time() - layer_cpu0, 2),
                               "statistics_s": round(t1 - t0, 2),
                               "quantize_s": round(t2 - t1, 2), "propagate_s": round(t3 - t2, 2), **info})
         if os.environ.get("LLMBUILD_CALIBRATION_LOG"):
