@@ -2,8 +2,8 @@
 
     tokens [N, S] ─► prefix slice (embedding) ─► h₀ [N, S, H]
     for layer i:
-        slice i = the nodes between hᵢ and hᵢ₊₁ (+ the inputs of its linears as outputs);
-                  its weights are graph *inputs*, fed from numpy
+        slice i = the nodes between hᵢ and hᵢ₊₁ (+ the statistics of its linears'
+                  inputs as outputs); its weights are graph *inputs*, fed from numpy
         pass 1: float weights, all samples in chunks of ~CHUNK_TOKENS tokens (one
                 ONNX Runtime call per chunk) → per linear input: max |x|, Σ|x|,
                 Σ xᵀx (GPTQ, and AWQ's output errors), computed once per input and
