@@ -185,3 +185,99 @@ def test_calibration_in_chunks_equals_one_sample_at_a_time(tiny_graph, algorithm
         np.testing.assert_allclose(a.results[w].scale, b.results[w].scale, rtol=1e-4)
     for name in a.floats:  # AWQ's scaled norms / up_proj columns
         np.testing.assert_allclose(a.floats[name], b.floats[name], rtol=1e-4, atol=1e-6)
+
+
+def test_statistics_in_the_slice_equal_numpy_on_the_activations(tiny_graph, tmp_path):
+    """max |x|, Σ|x| and XᵀX computed by the nodes calibration adds to a layer slice
+    equal ActStats.update (numpy) on the same activations fetched from the slice."""
+    from llmbuild.quantize.calibration import (ActStats, GraphSlices, decoder_feeds, ort_session,
+                                               statistics_names)
+
+    path, loaders, tokens = tiny_graph
+    slices = GraphSlices(path, lambda name: name in loaders)
+    prefix, _ = slices.slice([slices.layer_inputs[0]], None, path.parent / "stats-prefix.onnx")
+    sess = ort_session(prefix, 1)
+    h0 = sess.run(None, decoder_feeds(sess, tokens, 2, 16))[0]
+    acts = sorted(set(slices.linear_inputs(0).values()))
+    assert len(acts) == 4  # q/k/v, o, gate/up, down
+    statistics = {a: i % 2 == 0 for i, a in enumerate(acts)}  # with and without XᵀX
+    p, weights = slices.slice(acts, slices.layer_inputs[0], path.parent / "stats-layer0.onnx",
+                              statistics=statistics)
+    sess = ort_session(p, 1)
+    feeds = decoder_feeds(sess, tokens, 2, 16)
+    feeds[slices.layer_inputs[0]] = h0
+    names = [o.name for o in sess.get_outputs()]
+    got = dict(zip(names, sess.run(None, feeds)))
+    for a, with_xtx in statistics.items():
+        ref, st = ActStats(got[a].shape[-1]), ActStats(got[a].shape[-1])
+        ref.update(got[a], with_xtx)
+        out = statistics_names(a)
+        assert got[out["abs_sum"]].dtype == np.float64 and (out["xtx"] in got) == with_xtx
+        st.add(got[out["amax"]], got[out["abs_sum"]], tokens.size, got.get(out["xtx"]))
+        assert st.amax == ref.amax and st.rows == ref.rows == tokens.size
+        np.testing.assert_allclose(st.abs_sum, ref.abs_sum, rtol=1e-6)
+        if with_xtx:
+            np.testing.assert_allclose(st.xtx, ref.xtx, rtol=1e-4, atol=1e-4 * np.abs(ref.xtx).max())
+        else:
+            assert st.xtx is None
+
+
+def test_output_error_from_h_equals_the_error_over_the_rows():
+    """The searches' objective tr(ΔᵀHΔ) per column (ONNX Runtime, float32, H = XᵀX)
+    equals ‖XΔ‖² per column computed from the rows in float64 (numpy), for one Δ and for
+    a batch of per-block Δ with their diagonal blocks of H."""
+    from llmbuild.quantize.quadratic import column_quadratic_forms
+
+    x = inputs(tokens=1024, k=192)
+    rng = np.random.default_rng(5)
+    delta = (rng.standard_normal((192, 40)) * 0.01).astype(np.float32)
+    h = x.T @ x
+    ref = column_errors(x, delta, np.zeros_like(delta))
+    np.testing.assert_allclose(column_quadratic_forms(h, delta), ref, rtol=1e-4)
+    hb = np.stack([h[i:i + 64, i:i + 64] for i in range(0, 192, 64)])  # [3, 64, 64]
+    db = delta.reshape(3, 64, 40)
+    ref_blocks = np.stack([column_errors(x[:, i:i + 64], db[b], np.zeros_like(db[b]))
+                           for b, i in enumerate(range(0, 192, 64))])
+    np.testing.assert_allclose(column_quadratic_forms(hb, db), ref_blocks, rtol=1e-4)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_searches_choose_what_the_numpy_objective_chooses(seed, monkeypatch):
+    """AWQ's α and clip ratios with the objective on ONNX Runtime are those chosen with
+    the plain numpy einsum of H·Δ (the reference the searches were written against)."""
+    from llmbuild.quantize import algorithms
+
+    x, w = inputs(seed=seed, k=256), weight(k=256, n=96, seed=20 + seed)
+    w[7, :5] = 0.5
+    h, mean = x.T @ x, np.abs(x).mean(0)
+    scheme = Int4(64)
+    fast_s, fast_info = awq_search_scales(h, mean, [w], scheme, np.float16)
+    fast_clip = awq_search_clip(h, w * fast_s[:, None], scheme, np.float16)
+    monkeypatch.setattr(algorithms, "column_quadratic_forms",
+                        lambda a, d: np.einsum("...ij,...ij->...j", np.matmul(a, d), d))
+    ref_s, ref_info = awq_search_scales(h, mean, [w], scheme, np.float16)
+    ref_clip = awq_search_clip(h, w * ref_s[:, None], scheme, np.float16)
+    assert fast_info["alpha"] == ref_info["alpha"]
+    assert fast_info["loss"] == pytest.approx(ref_info["loss"], rel=1e-4)
+    np.testing.assert_array_equal(fast_s, ref_s)
+    np.testing.assert_array_equal(fast_clip, ref_clip)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_with_a_shared_inverse_is_gptq_from_h(act_order):
+    """The linears of one input share GPTQ's factor of H⁻¹ (one inversion per input):
+    each weight's codes and scales are exactly those computed from H alone."""
+    from llmbuild.quantize.algorithms import gptq_inverse
+
+    x = inputs(k=128, tokens=512)
+    h = x.T.astype(np.float64) @ x
+    h[:, 9] = h[9, :] = 0.0  # a dead input
+    scheme = Int4(32, symmetric=False)
+    inverse = gptq_inverse(h, 0.01, act_order)
+    for seed in (1, 2):
+        w = weight(k=128, n=24, seed=seed)
+        alone = gptq_quantize(w, h, scheme, np.float16, damp=0.01, act_order=act_order)
+        shared = gptq_quantize(w, None, scheme, np.float16, inverse=inverse)
+        np.testing.assert_array_equal(shared.data, alone.data)
+        np.testing.assert_array_equal(shared.scale, alone.scale)
+        np.testing.assert_array_equal(shared.offset, alone.offset)

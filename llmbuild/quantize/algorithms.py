@@ -14,7 +14,8 @@ block's output error (a channel the chosen ratios would hurt as a whole keeps 1.
 RTN is the same quantizer without either search. Output errors are computed from
 H = Σ xᵀx over every calibration row (‖xΔ‖² summed = tr(ΔᵀHΔ)), not from a sample of
 rows; α is scored on a fixed sample of the output columns (SEARCH_COLUMNS). Grid points
-are evaluated side by side: R variants of a weight quantized as one [in, R·out] matrix.
+are evaluated side by side: R variants of a weight quantized as one [in, R·out] matrix,
+their errors in one H·Δ product on ONNX Runtime (`quantize.quadratic`).
 
 GPTQ (Frantar et al. 2022): quantize input rows one at a time, and push each row's
 rounding error onto the rows not yet quantized through the inverse Hessian
@@ -26,8 +27,13 @@ block parameters are fixed beforehand (static groups: the stored blocks stay con
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
 import numpy as np
 
+from llmbuild.quantize.quadratic import column_quadratic_forms
 from llmbuild.quantize.schemes import Int4, QuantizedTensor
 
 AWQ_GRID = 20
@@ -40,6 +46,22 @@ GRID_BATCH = 5  # grid points quantized side by side (memory: 5 copies of the we
 # (a column's error depends on that column alone, so this is a fixed sample of the sum
 # every α is scored on); the scales then quantize every column.
 SEARCH_COLUMNS = 256
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _grid_map(fn, items) -> list:
+    """`[fn(x) for x in items]`, the items on a thread per core: the grid's batches are
+    independent and numpy's elementwise work (most of a quantization) and ONNX Runtime
+    release the GIL, so the searches use every core, not only BLAS's."""
+    global _POOL
+    items = list(items)
+    if len(items) < 2 or (os.cpu_count() or 1) < 2:
+        return [fn(x) for x in items]
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=min(os.cpu_count() or 1, 4), thread_name_prefix="llmbuild-grid")
+    return list(_POOL.map(fn, items))
 
 
 # -- AWQ ----------------------------------------------------------------------------------
@@ -60,7 +82,7 @@ def _block_normalized_mean(w: np.ndarray, group: int) -> np.ndarray:
 def _output_errors(h: np.ndarray, delta: np.ndarray) -> np.ndarray:
     """Per output column of Δ [in, cols]: Σ over calibration rows of (x·δ_j)² = δ_jᵀ H δ_j
     (H = Σ xᵀx, exact over all rows) → [cols]."""
-    return np.einsum("ij,ij->j", h @ delta, delta)
+    return column_quadratic_forms(h, delta)
 
 
 def _side_by_side(scheme, variants: np.ndarray, scale_dtype, shrink: np.ndarray | None = None) -> np.ndarray:
@@ -89,12 +111,14 @@ def awq_search_scales(h: np.ndarray, x_mean_abs: np.ndarray, weights: list[np.nd
     s = np.power(np.maximum(x_mean_abs, 1e-8), alphas) / (np.power(w_mean, 1 - alphas) + 1e-4)
     s = np.maximum(s, 1e-4)
     s = (s / np.sqrt(s.max(axis=1, keepdims=True) * s.min(axis=1, keepdims=True))).astype(np.float32)  # [R, in]
-    losses = []
-    for r0 in range(0, AWQ_GRID, batch):
+
+    def batch_losses(r0: int) -> list[float]:
         sc = s[r0:r0 + batch].T[:, :, None]  # [in, b, 1]
         wq = _side_by_side(scheme, w[:, None, :] * sc, scale_dtype) / sc
         delta = (w[:, None, :] - wq).reshape(w.shape[0], -1)
-        losses.extend(_output_errors(h, delta).reshape(-1, w.shape[1]).sum(axis=1).tolist())
+        return _output_errors(h, delta).reshape(-1, w.shape[1]).sum(axis=1).tolist()
+
+    losses = [x for part in _grid_map(batch_losses, range(0, AWQ_GRID, batch)) for x in part]
     best = int(np.argmin(losses))
     return s[best], {"alpha": best / AWQ_GRID, "loss": losses[best], "loss_alpha0": losses[0]}
 
@@ -117,53 +141,80 @@ def awq_search_clip(h: np.ndarray, w: np.ndarray, scheme: Int4, scale_dtype=np.f
     hp[:k, :k] = h
     hb = np.stack([hp[i * group:(i + 1) * group, i * group:(i + 1) * group] for i in range(g)])  # [G, B, B]
     ratios = 1.0 - np.arange(int(CLIP_MAX_SHRINK * CLIP_GRID), dtype=np.float32) / CLIP_GRID
-    errs = []
-    for r0 in range(0, len(ratios), batch):
+
+    def batch_errors(r0: int) -> np.ndarray:
         rs = ratios[r0:r0 + batch]
         shrink = np.broadcast_to(rs[None, :, None], (g, len(rs), n))
         delta = _side_by_side(scheme, np.broadcast_to(w[:, None, :], (k, len(rs), n)), scale_dtype, shrink) \
             - w[:, None, :]
         db = np.concatenate([delta, np.zeros((pad, len(rs), n), np.float32)]).reshape(g, group, -1)
-        errs.append(np.einsum("gbc,gbc->gc", np.matmul(hb, db), db).reshape(g, len(rs), n))
+        return column_quadratic_forms(hb, db).reshape(g, len(rs), n)
+
+    errs = _grid_map(batch_errors, range(0, len(ratios), batch))
     best = ratios[np.argmin(np.concatenate(errs, axis=1), axis=1)]  # [G, out]; ties: the larger ratio
     default = scheme.default_shrink(w, scale_dtype)  # what quantizing without a clip does
-    deltas = np.stack([scheme.quantize(w, scale_dtype, shrink=sh).dequantize() - w for sh in (default, best)], axis=1)
+    deltas = np.stack(_grid_map(lambda sh: scheme.quantize(w, scale_dtype, shrink=sh).dequantize() - w,
+                                (default, best)), axis=1)
     whole = _output_errors(h, deltas.reshape(k, -1)).reshape(2, n)
     return np.where(whole[1] <= whole[0], best, default).astype(np.float32)
 # -- GPTQ ---------------------------------------------------------------------------------
 
 
-def gptq_quantize(w: np.ndarray, hessian: np.ndarray, scheme: Int4, scale_dtype=np.float16,
-                  damp: float = GPTQ_DAMP, block: int = GPTQ_BLOCK, act_order: bool = False) -> QuantizedTensor:
-    """GPTQ of `w` [in, out] given H = Σ xᵀx [in, in] (float64) of its inputs; `damp`
-    × mean(diag H) is added to H's diagonal (AutoGPTQ's percdamp).
+@dataclass(frozen=True)
+class GptqInverse:
+    """What GPTQ needs of H for any weight reading that input: the row order, the dead
+    inputs (diag H = 0) and the upper Cholesky factor U of the damped (and reordered) H⁻¹
+    = UᵀU. The linears sharing one input share it (q/k/v, gate/up): one inversion."""
+
+    order: np.ndarray
+    dead: np.ndarray
+    hinv: np.ndarray
+    act_order: bool
+
+
+def gptq_inverse(hessian: np.ndarray, damp: float = GPTQ_DAMP, act_order: bool = False) -> GptqInverse:
+    """`damp` × mean(diag H) is added to H's diagonal (AutoGPTQ's percdamp); with
+    `act_order` the rows go in decreasing diag(H)."""
+    h = np.array(hessian, np.float64)
+    k = h.shape[0]
+    dead = np.diag(h) == 0
+    h[dead, dead] = 1.0
+    order = np.arange(k)
+    if act_order:
+        order = np.argsort(-np.diag(h), kind="stable")
+        h = h[np.ix_(order, order)]
+    h[np.diag_indices(k)] += damp * np.mean(np.diag(h))
+    return GptqInverse(order, dead, np.linalg.cholesky(np.linalg.inv(h)).T, act_order)
+
+
+def gptq_quantize(w: np.ndarray, hessian: np.ndarray | None, scheme: Int4, scale_dtype=np.float16,
+                  damp: float = GPTQ_DAMP, block: int = GPTQ_BLOCK, act_order: bool = False,
+                  inverse: GptqInverse | None = None) -> QuantizedTensor:
+    """GPTQ of `w` [in, out] given H = Σ xᵀx [in, in] (float64) of its inputs, or its
+    `inverse` (`gptq_inverse(H, damp, act_order)`, shared by the linears of one input).
 
     `act_order` (AutoGPTQ's desc_act with static groups): rows are quantized in order of
     decreasing diag(H), the inputs with the largest activations first, while every
     block's parameters come from the weight as it was before any update (the blocks
     stay contiguous input rows, as the graph stores them)."""
+    if inverse is None:
+        inverse = gptq_inverse(hessian, damp, act_order)
+    act_order, order, hinv = inverse.act_order, inverse.order, inverse.hinv
     w = np.array(w, np.float64)
-    h = np.array(hessian, np.float64)
     k, n = w.shape
     group = scheme.group_size
     if block % group:
         raise ValueError(f"GPTQ block {block} must be a multiple of the group size {group}")
-    dead = np.diag(h) == 0
-    h[dead, dead] = 1.0
-    w[dead, :] = 0.0
+    w[inverse.dead, :] = 0.0
     g = scheme.num_groups(k)
     scales = np.zeros((g, n), np.float32)
     zeros = None if scheme.symmetric else np.zeros((g, n), np.float32)  # per-block offsets
-    order = np.arange(k)
     if act_order:
-        order = np.argsort(-np.diag(h), kind="stable")
         s, z = scheme.params(w.astype(np.float32), scale_dtype)
         scales[:] = s
         if zeros is not None:
             zeros[:] = z
-        w, h = w[order], h[np.ix_(order, order)]
-    h[np.diag_indices(k)] += damp * np.mean(np.diag(h))
-    hinv = np.linalg.cholesky(np.linalg.inv(h)).T  # upper U with H⁻¹ = UᵀU
+        w = w[order]
     codes = np.zeros((k, n), np.int8)
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)

@@ -2,12 +2,14 @@
 
     tokens [N, S] ─► prefix slice (embedding) ─► h₀ [N, S, H]
     for layer i:
-        slice i = the nodes between hᵢ and hᵢ₊₁ (+ the inputs of its linears as outputs);
-                  its weights are graph *inputs*, fed from numpy
+        slice i = the nodes between hᵢ and hᵢ₊₁ (+ the statistics of its linears'
+                  inputs as outputs); its weights are graph *inputs*, fed from numpy
         pass 1: float weights, all samples in chunks of ~CHUNK_TOKENS tokens (one
-                ONNX Runtime call per chunk) → per linear input: max |x|, mean |x|,
+                ONNX Runtime call per chunk) → per linear input: max |x|, Σ|x|,
                 Σ xᵀx (GPTQ, and AWQ's output errors), computed once per input and
-                shared by every linear and algorithm reading it; with float
+                shared by every linear and algorithm reading it — by nodes added to
+                the slice (`statistics_nodes`), so the activations never leave ONNX
+                Runtime and XᵀX runs in its multithreaded GEMM; with float
                 propagation also hᵢ₊₁
         quantize the layer (RTN / AWQ / GPTQ), fold AWQ scales into norms / up_proj
         pass 2 (quantized propagation only): the quantized weights → hᵢ₊₁ (later
@@ -37,7 +39,7 @@ from onnx import TensorProto, helper
 from llmbuild.eval.runners import float_matmuls
 from llmbuild.graph import io
 from llmbuild.graph.annotations import LINEAR, NORM, SCALE_GROUP, nodes_with
-from llmbuild.quantize.algorithms import GPTQ_DAMP, awq_search_clip, awq_search_scales, gptq_quantize
+from llmbuild.quantize.algorithms import GPTQ_DAMP, awq_search_clip, awq_search_scales, gptq_inverse, gptq_quantize
 from llmbuild.quantize.plan import ModuleSpec, module_name
 from llmbuild.quantize.schemes import QuantizedTensor
 
@@ -59,19 +61,55 @@ class ActStats:
     xtx: np.ndarray | None = None
 
     def update(self, x: np.ndarray, need_xtx: bool) -> None:
+        """Add the rows of `x` [..., width] (the numpy reference of `statistics_nodes`)."""
         x = x.reshape(-1, self.width)
-        self.amax = max(self.amax, float(np.abs(x).max()))
-        s = np.abs(x).sum(axis=0, dtype=np.float64)
-        self.abs_sum = s if self.abs_sum is None else self.abs_sum + s
-        self.rows += x.shape[0]
-        if need_xtx:
-            p = (x.T @ x).astype(np.float64)
+        self.add(np.abs(x).max(), np.abs(x).sum(axis=0, dtype=np.float64), x.shape[0],
+                 (x.T @ x) if need_xtx else None)
+
+    def add(self, amax, abs_sum: np.ndarray, rows: int, xtx: np.ndarray | None) -> None:
+        """Add one chunk's max |x|, Σ|x| [width] (float64), row count and XᵀX (float32,
+        summed here in float64)."""
+        self.amax = max(self.amax, float(amax))
+        self.abs_sum = abs_sum if self.abs_sum is None else self.abs_sum + abs_sum
+        self.rows += int(rows)
+        if xtx is not None:
+            p = np.asarray(xtx, np.float64)
             self.xtx = p if self.xtx is None else self.xtx + p
 
     @property
     def mean_abs(self) -> np.ndarray:
         return (self.abs_sum / max(self.rows, 1)).astype(np.float32)
 
+
+
+STAT_OUTPUTS = ("amax", "abs_sum", "xtx")
+
+
+def statistics_names(activation: str) -> dict[str, str]:
+    """Output names of the statistics `statistics_nodes` computes for `activation`."""
+    return {k: f"{activation}::{k}" for k in STAT_OUTPUTS}
+
+
+def statistics_nodes(activation: str, xtx: bool, axis0: str) -> list[onnx.NodeProto]:
+    """Nodes computing one chunk's statistics of a linear input x [..., W] inside the
+    slice (`axis0`: the name of an int64 [0] constant):
+
+        x ─► Flatten(axis=-1) ─► xf [T, W] ─► Abs ─┬─► ReduceMax ─────────────► ::amax []
+                                  │                 └─► Cast(double) ─► ReduceSum(axis 0) ─► ::abs_sum [W]
+                                  └─► Gemm(xf, xf, transA=1) ────────────────► ::xtx [W, W]   (if xtx)
+
+    Σ|x| is summed in float64 as ActStats.update does; XᵀX in float32 (one chunk of
+    ≤ CHUNK_TOKENS rows; chunks are summed in float64)."""
+    out = statistics_names(activation)
+    flat, absx, absd = f"{activation}::flat", f"{activation}::abs", f"{activation}::abs_f64"
+    nodes = [helper.make_node("Flatten", [activation], [flat], axis=-1),
+             helper.make_node("Abs", [flat], [absx]),
+             helper.make_node("ReduceMax", [absx], [out["amax"]], keepdims=0),
+             helper.make_node("Cast", [absx], [absd], to=TensorProto.DOUBLE),
+             helper.make_node("ReduceSum", [absd, axis0], [out["abs_sum"]], keepdims=0)]
+    if xtx:
+        nodes.append(helper.make_node("Gemm", [flat, flat], [out["xtx"]], transA=1))
+    return nodes
 
 
 class GraphSlices:
@@ -145,11 +183,16 @@ class GraphSlices:
         return ("norm" if group["kind"] == "norm" else "columns", group["source"])
 
     def slice(self, outputs: list[str], cut: str | None, dst: Path,
-              as_input: Callable[[str], bool] = lambda name: False) -> tuple[Path, list[str]]:
+              as_input: Callable[[str], bool] = lambda name: False,
+              statistics: dict[str, bool] | None = None) -> tuple[Path, list[str]]:
         """Write the subgraph computing `outputs` from `cut` (an input) to `dst` (next to
         the full model, so external weights resolve). Weights for which `as_input(name)`
-        holds become graph inputs. Returns the path and the names of the weight inputs."""
-        needed, stack, leaves = set(), list(outputs), set()
+        holds become graph inputs. `statistics`: activation → with XᵀX; each such
+        activation's `statistics_nodes` are added and their outputs
+        (`statistics_names`) appended to `outputs`. Returns the path and the names of
+        the weight inputs."""
+        statistics = statistics or {}
+        needed, stack, leaves = set(), [*outputs, *statistics], set()
         while stack:
             v = stack.pop()
             if v == cut or v in self.graph_inputs or v in self.inits or not v:
@@ -176,6 +219,16 @@ class GraphSlices:
             else:
                 inits.append(self.inits[v])
         outs = [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs]
+        if statistics:
+            axis0 = "llmbuild.calibration.axis0"
+            inits.append(helper.make_tensor(axis0, TensorProto.INT64, [1], [0]))
+            for a, xtx in statistics.items():
+                nodes = [*nodes, *statistics_nodes(a, xtx, axis0)]
+                names = statistics_names(a)
+                outs += [helper.make_tensor_value_info(names["amax"], TensorProto.FLOAT, None),
+                         helper.make_tensor_value_info(names["abs_sum"], TensorProto.DOUBLE, None)]
+                if xtx:
+                    outs.append(helper.make_tensor_value_info(names["xtx"], TensorProto.FLOAT, None))
         graph = helper.make_graph(nodes, f"slice-{dst.stem}", inputs, outs, inits)
         model = helper.make_model(graph, opset_imports=self.proto.opset_import, ir_version=self.proto.ir_version)
         onnx.save(model, str(dst))
@@ -189,6 +242,9 @@ def ort_session(path: Path, threads: int | None):
     opts.intra_op_num_threads = threads or min(os.cpu_count() or 1, 8)
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
+    # numpy (the searches, BLAS threads) runs between the calls: idle ORT threads block
+    # instead of spinning on the cores it needs
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     float_matmuls(opts)
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
@@ -255,7 +311,7 @@ def calibrate(
     import psutil
 
     proc = psutil.Process()
-    start = time.perf_counter()
+    start, cpu0 = time.perf_counter(), time.process_time()
     rss0 = peak = proc.memory_info().rss
 
     def note_rss():
@@ -285,7 +341,7 @@ def calibrate(
     steps = list(range(slices.num_layers)) + (["head"] if head else [])
     last_layer = slices.num_layers - 1
     for layer in steps:
-        t0 = time.perf_counter()
+        t0, layer_cpu0 = time.perf_counter(), time.process_time()
         if layer == "head":  # linears after the last layer (untied lm_head): re-run it, quantized
             lin = {w: a for w, a in slices.linear_inputs(None).items() if w in plan}
             cut, fold_layer, last = slices.layer_inputs[last_layer], None, True
@@ -295,8 +351,13 @@ def calibrate(
             cut, fold_layer, last = slices.layer_inputs[layer], layer, layer == last_layer
             as_input = lambda v, layer=layer: slices.weight_layer(v) == layer  # noqa: E731
         acts = sorted(set(lin.values()))
-        outputs = acts + ([] if last else [slices.layer_inputs[layer + 1]])
-        path, weight_inputs = slices.slice(outputs, cut, work_dir / f"layer{layer}.onnx", as_input)
+        needs_xtx = {a for w, a in lin.items() if plan[w].algorithm in ("gptq", "awq")}
+        statistics = {a: a in needs_xtx for a in acts}
+        # hᵢ₊₁ from this pass only with float propagation (else pass 2 computes it, from a
+        # slice without the statistics: ONNX Runtime runs every node of a graph whatever
+        # outputs are asked for)
+        outputs = [slices.layer_inputs[layer + 1]] if float_prop and not last else []
+        path, weight_inputs = slices.slice(outputs, cut, work_dir / f"layer{layer}.onnx", as_input, statistics)
         sess = ort_session(path, threads)
         # the slice's weight inputs, plus linears it does not need to run (the last layer's
         # down_proj: its output is not asked for) but that are quantized all the same
@@ -305,23 +366,26 @@ def calibrate(
         for w in weights:  # the head step runs the last layer as already quantized
             if layer == "head" and not float_prop and slices.weight_layer(w) == last_layer:
                 weights[w] = results[w].dequantize() if w in results else floats.get(w, weights[w])
-        needs_xtx = {a for w, a in lin.items() if plan[w].algorithm in ("gptq", "awq")}
         stats = {}
         # pass 1: statistics of every linear input under float weights (and hᵢ₊₁)
-        ask = acts + ([slices.layer_inputs[layer + 1]] if float_prop and not last else [])
+        names = {a: statistics_names(a) for a in acts}
+        ask = [names[a][k] for a in acts for k in STAT_OUTPUTS if k != "xtx" or statistics[a]]
+        ask += [slices.layer_inputs[layer + 1]] if float_prop and not last else []
         for c0 in range(0, n, chunk):
             feeds = decoder_feeds(sess, tokens[c0:c0 + chunk], kv_heads, head_dim)
             feeds[cut] = hidden[c0:c0 + chunk]
             feeds.update({w: weights[w] for w in weight_inputs})
-            outs = sess.run(ask, feeds)
+            got = dict(zip(ask, sess.run(ask, feeds)))
             note_rss()
-            act_bytes_chunk = max(act_bytes_chunk, sum(o.nbytes for o in outs[:len(acts)]))
-            if len(outs) > len(acts):
-                nxt[c0:c0 + chunk] = outs[-1]
-            for a, x in zip(acts, outs):
-                st = stats.setdefault(a, ActStats(x.shape[-1]))
-                st.update(x, a in needs_xtx)
-            del outs
+            rows = int(np.prod(feeds[cut].shape[:-1]))
+            if float_prop and not last:
+                nxt[c0:c0 + chunk] = got[slices.layer_inputs[layer + 1]]
+            for a in acts:
+                st = stats.setdefault(a, ActStats(got[names[a]["abs_sum"]].shape[0]))
+                st.add(got[names[a]["amax"]], got[names[a]["abs_sum"]], rows, got.get(names[a]["xtx"]))
+            # what the chunk's linear inputs occupy inside ONNX Runtime (they never leave it)
+            act_bytes_chunk = max(act_bytes_chunk, 4 * rows * sum(st.width for st in stats.values()))
+            del got
         for w, a in lin.items():
             amax[w] = stats[a].amax
         t1 = time.perf_counter()
@@ -333,24 +397,31 @@ def calibrate(
         if not last and float_prop:
             hidden, nxt = nxt, hidden
         elif not last:
-            qweights = dict(weights)
-            for w in weight_inputs:
+            nxt_name = slices.layer_inputs[layer + 1]
+            del sess
+            path, prop_inputs = slices.slice([nxt_name], cut, work_dir / f"layer{layer}-propagate.onnx", as_input)
+            sess = ort_session(path, threads)
+            qweights = {}
+            for w in prop_inputs:
                 if w in results:
                     qweights[w] = results[w].dequantize()
                 elif w in floats:
                     qweights[w] = floats[w]
-            nxt_name = slices.layer_inputs[layer + 1]
+                else:
+                    qweights[w] = weights[w] if w in weights else np.asarray(loaders[w](), np.float32)
             for c0 in range(0, n, chunk):
                 feeds = decoder_feeds(sess, tokens[c0:c0 + chunk], kv_heads, head_dim)
                 feeds[cut] = hidden[c0:c0 + chunk]
-                feeds.update({w: qweights[w] for w in weight_inputs})
+                feeds.update(qweights)
                 nxt[c0:c0 + chunk] = sess.run([nxt_name], feeds)[0]
                 note_rss()
             hidden, nxt = nxt, hidden
             del qweights
         del sess, weights, stats
         t3 = time.perf_counter()
-        layer_reports.append({"layer": layer, "seconds": round(t3 - t0, 2), "statistics_s": round(t1 - t0, 2),
+        layer_reports.append({"layer": layer, "seconds": round(t3 - t0, 2),
+                              "cpu_s": round(time.process_time() - layer_cpu0, 2),
+                              "statistics_s": round(t1 - t0, 2),
                               "quantize_s": round(t2 - t1, 2), "propagate_s": round(t3 - t2, 2), **info})
         if os.environ.get("LLMBUILD_CALIBRATION_LOG"):
             print(f"calibration layer {layer}: {layer_reports[-1]}", flush=True)
@@ -361,6 +432,7 @@ def calibrate(
         "samples": int(n), "seq_len": int(s), "tokens": int(n * s), "chunk_sequences": int(chunk),
         "propagate": "float" if float_prop else "quantized",
         "seconds": round(time.perf_counter() - start, 2),
+        "cpu_seconds": round(time.process_time() - cpu0, 2),  # every thread of the process
         "peak_rss_bytes": int(peak), "rss_before_bytes": int(rss0),
         "hidden_state_bytes": int(hidden.nbytes),
         "layer_activation_bytes_per_chunk": int(act_bytes_chunk),
@@ -404,6 +476,7 @@ def _quantize_layer(slices, layer, lin, stats, weights, plan, results, floats, s
                     "folded_into": module_name(tname)}
     # down_proj's scale may have changed up_proj after up_proj's group was searched: the
     # clip search and quantization below use the final float weights.
+    inverses = {}  # activation -> GPTQ's factor of H⁻¹, one per input (q/k/v, gate/up share it)
     for w, a in lin.items():
         spec = plan[w]
         if spec.scheme == "none":
@@ -415,8 +488,9 @@ def _quantize_layer(slices, layer, lin, stats, weights, plan, results, floats, s
                 shrink = awq_search_clip(stats[a].xtx, work[w], scheme, scale_dtype)
             results[w] = scheme.quantize(work[w], scale_dtype, shrink=shrink)
         elif spec.algorithm == "gptq":
-            results[w] = gptq_quantize(work[w], stats[a].xtx, scheme, scale_dtype, damp=options.gptq_damp,
-                                       act_order=options.gptq_act_order)
+            if a not in inverses:
+                inverses[a] = gptq_inverse(stats[a].xtx, options.gptq_damp, options.gptq_act_order)
+            results[w] = gptq_quantize(work[w], None, scheme, scale_dtype, inverse=inverses[a])
             info["gptq"].append(module_name(w))
         else:
             results[w] = scheme.quantize(work[w], scale_dtype)

@@ -204,12 +204,21 @@ class Int4:
         the graph dtype first, as stored) gives the least squared error; rows that only pad
         a short last block do not count. 1.0 is among the factors, so no block is worse than
         the tight rule."""
+        pad = blocks.shape[0] * blocks.shape[1] > rows
         valid = (np.arange(blocks.shape[0] * blocks.shape[1]) < rows).reshape(blocks.shape[:2])[:, :, None]
         best = best_err = None
+        e = np.empty_like(blocks)  # one buffer for every factor: (clip(rint(w / s)) · s − w)²
         for factor in SCALE_SEARCH:
             scale = _round_scale(tight * np.float32(factor), scale_dtype)
-            q = np.clip(np.rint(blocks / scale[:, None, :]), -8, 7)
-            err = (np.square(q * scale[:, None, :] - blocks) * valid).sum(axis=1)
+            np.divide(blocks, scale[:, None, :], out=e)
+            np.rint(e, out=e)
+            np.clip(e, -8, 7, out=e)
+            e *= scale[:, None, :]
+            e -= blocks
+            np.square(e, out=e)
+            if pad:  # rows that only pad a short last block count 0
+                e *= valid
+            err = e.sum(axis=1)
             if best is None:
                 best, best_err = np.full(err.shape, factor, np.float32), err
             else:
@@ -224,7 +233,9 @@ class Int4:
         s = _expand_blocks(scale, self.group_size, rows)
         if offset is not None:
             w = w - _expand_blocks(offset, self.group_size, rows)
-        return np.clip(np.rint(w / s), -8, 7).astype(np.int8)
+        q = np.divide(w, s)
+        np.rint(q, out=q)
+        return np.clip(q, -8, 7, out=q).astype(np.int8)
 
     def quantize(self, w: np.ndarray, scale_dtype=np.float16, shrink: np.ndarray | None = None) -> QuantizedTensor:
         w = _check_matrix(w)
