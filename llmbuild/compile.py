@@ -269,6 +269,20 @@ def export_graphs(source, stage: Path, *, precision: str, max_seq_len: int, tp: 
 _CANCEL_WAIT = 30.0  # seconds an interrupted compile waits for the thread's current step
 
 
+def yield_cpu(increment: int = 10) -> None:
+    """Lower the calling thread's scheduling priority (Linux: nice is per thread, and
+    threads it starts, ONNX Runtime's pools included, inherit it), so that work run beside
+    the engine build takes only the cycles the build leaves. Best effort: where the
+    platform has no per-thread priority, nothing changes."""
+    import os
+
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + increment)
+    except (AttributeError, OSError):
+        pass
+
+
 def _concurrently(first, second, *, cancel=None):
     """(first(), second()), first run in a thread while second runs here; an exception of
     first is raised after second finished. On an exception of second (Ctrl-C included),
@@ -279,6 +293,7 @@ def _concurrently(first, second, *, cancel=None):
 
     def run():
         try:
+            yield_cpu()
             result["value"] = first()
         except BaseException as e:  # re-raised in the caller's thread
             result["error"] = e

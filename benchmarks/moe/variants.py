@@ -57,10 +57,9 @@ def executor(artifact: Path, graph: Path, threads: int, spinning: bool):
     from llmbuild.runtime.executors import onnxruntime as ortx
 
     manifest = read_manifest(artifact)
-    options = ortx.session_options
-    with mock.patch.object(ortx, "session_options", lambda t, s=3: options(t, s, spinning=spinning)):
-        return ortx.OnnxRuntimeExecutor(artifact / manifest["graph"]["file"], num_layers=manifest["model"]["num_layers"],
-                                        cache_len=bench.SEQ_LEN, batch_size=1, threads=threads, cpu_graph=graph)
+    return ortx.OnnxRuntimeExecutor(artifact / manifest["graph"]["file"], num_layers=manifest["model"]["num_layers"],
+                                    cache_len=bench.SEQ_LEN, batch_size=1, threads=threads, cpu_graph=graph,
+                                    spinning=spinning)
 
 
 def decode(ex, prompt: list[int], tokens: int) -> tuple[float, list[int]]:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+
 import contextlib
 import functools
+import os
 from pathlib import Path
 
 from llmbuild.errors import UserError
@@ -229,6 +231,10 @@ def _serve_reference(conn, path: str, threads: int | None) -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the parent ends this process
+    try:
+        os.nice(10)  # beside the engine build: take only the cycles it leaves
+    except (AttributeError, OSError):
+        pass
     model, failure = None, None
     try:
         model = load_reference(path, threads=threads)
