@@ -20,8 +20,9 @@ Every row also gets:
   - greedy agreement with the fp16 artifact: 5 chat prompts (the model's chat template),
     64 new tokens each, the first position where the row's greedy continuation leaves
     fp16's (-1: identical). llmbuild rows decode with the standard graph on ONNX Runtime
-    and its KV cache (float32 matmuls, what the graph says, as the accuracy columns);
-    llama.cpp rows with llama-cpp-python on the same prompt ids.
+    and its KV cache, the weights' DequantizeLinear folded once into float weights
+    (FoldedGraph: what the graph says, DequantizeLinear → MatMul); llama.cpp rows with
+    llama-cpp-python on the same prompt ids.
 
 Without --only, every row of TABLE runs, cheap rows first; each row is written to
 WORK/results.json as soon as it is measured (delete a row there to re-measure it).
@@ -77,13 +78,15 @@ ROWS |= {"int4-awq-g128-head8": ROWS["int4-awq-g128"], "int4-rtn-g32-head4": ROW
          "int4-awq-g128-qprop": ROWS["int4-awq-g128"], "int4-gptq-g128-actorder": ROWS["int4-gptq-g128"],
          "int4-gptq-g128-natural": ROWS["int4-gptq-g128"]}
 # name -> quantization.target: automatic bit allocation (llmbuild.quantize.allocate)
-TARGETS = {"auto-4.5bpw": {"bits_per_weight": 4.5}}
+TARGETS = {"auto-4.5bpw": {"bits_per_weight": 4.5},
+           # the same allocation, its int4 linears by GPTQ (target.algorithm)
+           "auto-4.5bpw-gptq": {"bits_per_weight": 4.5, "algorithm": "gptq"}}
 ROWS |= {name: None for name in TARGETS}
 LLAMA_CPP = ("F16", "Q8_0", "Q4_0", "Q4_1", "Q4_K_M")
 # The full table (issue #17), cheap rows first: no calibration, then llama.cpp, then the
 # calibrated rows (the 4.5-bit ones first).
 TABLE = ["fp16", "int8", "int8-g32", "int8-g128", "int4-rtn-g32", "int4-asym-rtn-g32", "int4-rtn-g128",
-         "int4-asym-rtn-g128", *(f"llama.cpp {q}" for q in LLAMA_CPP), "auto-4.5bpw", "fp8",
+         "int4-asym-rtn-g128", *(f"llama.cpp {q}" for q in LLAMA_CPP), "auto-4.5bpw", "auto-4.5bpw-gptq", "fp8",
          "int4-gptq-g32", "int4-awq-g32", "int4-gptq-g128", "int4-awq-g128", "int4-asym-gptq-g32",
          "int4-asym-awq-g32", "int4-asym-gptq-g128", "int4-asym-awq-g128"]
 PROMPTS = [  # greedy agreement: chat prompts (the model's template), GREEDY_TOKENS new tokens each
@@ -157,9 +160,29 @@ def chat_prompts(artifact: Path) -> tuple[list[list[int]], set[int]]:
     return [tok.encode_chat([{"role": "user", "content": p}]) for p in PROMPTS], set(tok.eos_token_ids)
 
 
+class FoldedGraph:
+    """The graph on ONNX Runtime with its weights' DequantizeLinear folded into float weights
+    when the session is made (`session.disable_quant_qdq`: no QDQ fusion, so constant
+    folding dequantizes the initializers once): the same DequantizeLinear → MatMul the
+    graph says, without dequantizing every weight at every decode step (int8 per channel
+    has no fused kernel: 4x slower per token)."""
+
+    def __init__(self, model_path: Path, threads: int = 2):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads, opts.inter_op_num_threads, opts.log_severity_level = threads, 1, 3
+        opts.add_session_config_entry("session.disable_quant_qdq", "1")
+        self.session = ort.InferenceSession(str(model_path), sess_options=opts, providers=["CPUExecutionProvider"])
+        self.caches = [i for i in self.session.get_inputs() if i.name.startswith(("past_key", "past_value"))]
+
+    def close(self) -> None:
+        self.session = None
+
+
 def graph_greedy(runner, prompt: list[int], tokens: int, eos: set[int]) -> list[int]:
-    """Greedy continuation of `prompt` by the standard graph (OrtGraphRunner's session:
-    float32 matmuls) with its KV cache: the prompt in one pass, then one token per pass."""
+    """Greedy continuation of `prompt` by the standard graph (`runner`: an OrtGraphRunner or
+    FoldedGraph) with its KV cache: the prompt in one pass, then one token per pass."""
     sess = runner.session
     cap = len(prompt) + tokens
     from llmbuild.eval.runners import _NP
@@ -383,7 +406,13 @@ def main():
     ggufs = None
 
     for name in names:
-        if name == "fp16" or name in results:
+        if name == "fp16" or (name in results and "greedy" in results[name]):
+            continue
+        if name in results and not name.startswith("llama.cpp "):  # measured; its greedy was not
+            art = work / "artifacts" / f"smollm2-{name}"
+            runner, t0 = FoldedGraph(artifact_graph(art)), time.perf_counter()
+            greedy = greedy_row([graph_greedy(runner, p, GREEDY_TOKENS, eos) for p in prompts], fp16_greedy)
+            save(name, results[name] | {"greedy": greedy | {"seconds": round(time.perf_counter() - t0, 1)}})
             continue
         print(f"== {name} (load average {_load_average()})", flush=True)
         if name.startswith("llama.cpp "):
@@ -403,7 +432,8 @@ def main():
         m = json.loads((art / "manifest.json").read_text())
         runner = OrtGraphRunner(artifact_graph(art), threads=2)
         row = measure(runner.logits, chunks, ref)
-        t0 = time.perf_counter()
+        runner.close()
+        runner, t0 = FoldedGraph(artifact_graph(art)), time.perf_counter()
         row["greedy"] = greedy_row([graph_greedy(runner, p, GREEDY_TOKENS, eos) for p in prompts], fp16_greedy)
         row["greedy"]["seconds"] = round(time.perf_counter() - t0, 1)
         runner.close()
