@@ -41,12 +41,13 @@ for _sym, _tag in (("", "sym"), ("asym-", "asym")):
 
 
 def _greedy(r: dict) -> str:
-    g = r.get("greedy")
+    g = r.get("greedy") or r.get("greedy_default_session")
     if not g:
         return "–"
     if "first_divergence" not in g:
         return "(reference)"
-    return f"{g['identical']}/5 ({', '.join(str(f) for f in g['first_divergence'])})"
+    how = "" if "greedy" in r else ", DequantizeLinear not folded"
+    return f"{g['identical']}/5 ({', '.join(str(f) for f in g['first_divergence'])}{how})"
 
 
 def accuracy_table(results: dict) -> str:
@@ -145,15 +146,15 @@ like Q4_1; no padding), and the tied lm_head is the fp16 embedding (16 bits) unl
 row quantizes its own copy; llama.cpp counts its GGUF's tensors by their types, the
 output tensor or, when tied, the token embedding as the lm_head. "Whole file":
 llmbuild `model.onnx.data` × 8, llama.cpp the GGUF's tensor data × 8, each over the
-model's {params / 1e6:.1f} M parameters (the
-tied embedding counted once; norms included).
+model's {params / 1e6:.1f} M parameters (the tied embedding counted once; norms
+included).
 
 **Greedy.** 5 chat prompts through the model's chat template, 64 new tokens (or to the
 end-of-sequence token), greedy; the column gives how many of the 5 continuations equal
 fp16's and, per prompt, the first new token where the row's leaves fp16's (−1:
-identical). llmbuild rows decode with the standard graph and its KV cache (float32
-matmuls: what the graph says, like the other columns); llama.cpp rows with
-llama-cpp-python on the same prompt ids.
+identical). llmbuild rows decode with the standard graph and its KV cache, the weights'
+DequantizeLinear folded into float weights once at session start (the graph's own
+DequantizeLinear → MatMul); llama.cpp rows with llama-cpp-python on the same prompt ids.
 
 ## Accuracy
 
@@ -161,7 +162,8 @@ llama-cpp-python on the same prompt ids.
 
 ## Calibration memory (SmolLM2, 30 layers, hidden 576)
 
-{calibration_table(results)}
+{calibration_table(results) if any(r.get("calibration") for r in results.values()) else
+ "(no calibrated row in this run; the previous run's table: notes, 'The previous table')"}
 
 RSS growth is measured inside the benchmark process (which also holds the cached fp16
 reference logits, so its absolute RSS says nothing about calibration). It covers the two
