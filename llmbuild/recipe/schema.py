@@ -324,6 +324,9 @@ class QuantTarget(_Section):
     max_perplexity_increase: Annotated[float, Field(gt=0)] | None = None
     # Calibration sequences (of calibration.seq_len tokens) the sensitivity pass runs.
     samples: PositiveInt = 8
+    # How the int4 linears of the allocation are quantized: round to nearest, or calibrated
+    # (awq / gptq, with calibration.* and the awq / gptq options) on their allocated settings.
+    algorithm: Literal["rtn", "awq", "gptq"] = "rtn"
 
     @model_validator(mode="after")
     def _exactly_one(self):
