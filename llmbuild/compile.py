@@ -193,16 +193,15 @@ def compile_loaded(
         reference.close()
         manifest.record_engines(engines)
         manifest.verification = verification
-        if rd.get("quantization"):  # (quantize.stage imports onnx_ir: not on an unquantized no-op)
-            from llmbuild.quantize.stage import record_allocation_result
+        quantized = bool(rd.get("quantization"))
+        if quantized:  # (quantize.stage imports onnx_ir: not on an unquantized no-op)
+            from llmbuild.quantize.stage import raise_if_failed, record_allocation_result
 
             record_allocation_result(manifest.quantization, verification)
         source.close()
         manifest.timings = _stage_order(rep.stages)
         write_manifest(stage, manifest)
-        if rd.get("quantization"):
-            from llmbuild.quantize.stage import raise_if_failed
-
+        if quantized:
             raise_if_failed(verification, out_dir / recipe.name)  # the accuracy gate
         if verification is not None and not verification["passed"]:
             report_path = keep_failed_report(verification, out_dir / recipe.name)

@@ -121,6 +121,9 @@ def quiet_third_party() -> None:
     after_import("onnxruntime", lambda ort: ort.set_default_logger_severity(3))
 
 
+_AWAITED: set[str] = set()  # modules an after_import finder waits for
+
+
 def after_import(name: str, callback) -> None:
     """`callback(module)` once the top-level module `name` is imported: now if it already
     is, else right after its first import (a finder at the head of sys.meta_path that
@@ -138,6 +141,7 @@ def after_import(name: str, callback) -> None:
             if fullname != name:
                 return None
             sys.meta_path.remove(self)  # the real finders from here on
+            _AWAITED.discard(name)
             spec = importlib.util.find_spec(fullname)
             if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
                 return spec
@@ -150,7 +154,6 @@ def after_import(name: str, callback) -> None:
             spec.loader.exec_module = run
             return spec
 
-    if not any(type(f).__name__ == "AfterImport" and getattr(f, "name", None) == name for f in sys.meta_path):
-        finder = AfterImport()
-        finder.name = name
-        sys.meta_path.insert(0, finder)
+    if name not in _AWAITED:  # one finder per module
+        _AWAITED.add(name)
+        sys.meta_path.insert(0, AfterImport())

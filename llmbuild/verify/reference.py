@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import contextlib
 import functools
 import os
@@ -294,7 +293,5 @@ class ReferenceThread:
 def start_reference(path: str | Path, threads: int | None = None):
     """compile's HF reference, loading from now on: a ReferenceProcess, or a ReferenceThread
     when the environment says LLMBUILD_HF_REFERENCE=thread."""
-    import os
-
     mode = os.environ.get("LLMBUILD_HF_REFERENCE", "process")
     return ReferenceThread(path, threads) if mode == "thread" else ReferenceProcess(path, threads)

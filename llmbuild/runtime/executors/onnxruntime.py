@@ -182,17 +182,12 @@ class OnnxRuntimeExecutor:
         (batch, tokens), num_logits = step.input_ids.shape, step.logits_indices.shape[1]
         bound = self._binding(first_slot, batch, tokens, num_logits)
         b = bound.binding
-        if bound.inputs is not None:  # in place: the arrays are bound
-            ins = bound.inputs
-            ins[io.INPUT_IDS][...] = step.input_ids
-            ins[io.POSITION_IDS][...] = step.position_ids
-            ins[io.WRITE_INDICES][...] = step.write_indices
-            ins[io.LOGITS_INDICES][...] = step.logits_indices
-        else:
-            b.bind_cpu_input(io.INPUT_IDS, np.ascontiguousarray(step.input_ids, np.int64))
-            b.bind_cpu_input(io.POSITION_IDS, np.ascontiguousarray(step.position_ids, np.int64))
-            b.bind_cpu_input(io.WRITE_INDICES, np.ascontiguousarray(step.write_indices, np.int64))
-            b.bind_cpu_input(io.LOGITS_INDICES, np.ascontiguousarray(step.logits_indices, np.int64))
+        for name, value in ((io.INPUT_IDS, step.input_ids), (io.POSITION_IDS, step.position_ids),
+                            (io.WRITE_INDICES, step.write_indices), (io.LOGITS_INDICES, step.logits_indices)):
+            if bound.inputs is not None:  # in place: the arrays are bound
+                bound.inputs[name][...] = value
+            else:
+                b.bind_cpu_input(name, np.ascontiguousarray(value, np.int64))
         self.session.run_with_iobinding(b)
         if bound.logits is not None:
             return bound.logits.copy()
