@@ -14,9 +14,6 @@ transformers are installed) — in one run, against #16's targets:
    artifact's ONNX graph with `llmbuild.engine.build.build_engine`, as compile's engine
    stage does, without cache; the build's own seconds (imports excluded) are the figure,
    the process's wall time is given too;
-4. (`--thread` only) first compile again with an empty cache, the HF reference loaded in a
-   thread of the compile's process (`LLMBUILD_HF_REFERENCE=thread`) instead of a child
-   process: the comparison of the two, in the same run.
 
 Wall times are the whole command's (process start to exit). Per-stage figures come from
 the manifests (wall time, RSS at stage start, peak RSS sampled every 20 ms; verification
@@ -84,9 +81,8 @@ def stage_table(m: dict) -> list[str]:
     return lines
 
 
-def one_run(tmp: Path, thread: bool = False) -> dict:
-    """First compile, no-op recompile, engine stage alone, back to back (one fresh cache);
-    `thread`: then a first compile with the HF reference in a thread (another fresh cache)."""
+def one_run(tmp: Path) -> dict:
+    """First compile, no-op recompile, engine stage alone, back to back (one fresh cache)."""
     load_before = os.getloadavg()
     command = [*LLMBUILD, "compile", str(RECIPE), "-o", str(tmp / "out"), "-q", "--cache-dir", str(tmp / "cache")]
     first_s, first_peak, _ = run_time(command)
@@ -96,13 +92,7 @@ def one_run(tmp: Path, thread: bool = False) -> dict:
     noop = json.loads((art / "manifest.json").read_text())
     alone_wall, alone_peak, out = run_time([sys.executable, "-c", ENGINE_ALONE, str(art), str(tmp / "alone.engine")])
     alone = json.loads(out.strip().splitlines()[-1])["build_seconds"]
-    threaded = None
-    if thread:
-        cmd = [*LLMBUILD, "compile", str(RECIPE), "-o", str(tmp / "out-t"), "-q", "--cache-dir", str(tmp / "cache-t")]
-        seconds, peak, _ = run_time(cmd, env={"LLMBUILD_HF_REFERENCE": "thread"})
-        m = json.loads((tmp / "out-t" / art.name / "manifest.json").read_text())
-        threaded = {"seconds": seconds, "peak": peak, "manifest": m, "load_after": os.getloadavg()}
-    return {"threaded": threaded, "first_s": first_s, "first_peak": first_peak, "first": first, "noop_s": noop_s, "noop_peak": noop_peak,
+    return {"first_s": first_s, "first_peak": first_peak, "first": first, "noop_s": noop_s, "noop_peak": noop_peak,
             "noop": noop, "alone_wall": alone_wall, "alone_peak": alone_peak, "alone": alone,
             "weights": (art / first["graph"]["weights"]).stat().st_size, "load_before": load_before,
             "load_after": os.getloadavg()}
@@ -129,9 +119,6 @@ def run_section(i: int, r: dict) -> list[str]:
         f"| no-op recompile | {noop_s:.1f} | {r['noop_peak'] / MiB:.0f} | ≤ 5 % of the first = {0.05 * first_s:.1f} s "
         f"(is {ratio_noop:.1%}) | {'yes' if ratio_noop <= 0.05 else 'NO'} |",
         f"| engine stage alone (build_engine) | {alone:.1f} | {r['alone_peak'] / MiB:.0f} | — | — |",
-        *([f"| first compile, HF reference in a thread (empty cache, after the above) | {r['threaded']['seconds']:.1f} | "
-           f"{r['threaded']['peak'] / MiB:.0f} | (is {r['threaded']['seconds'] / alone:.2f} × the engine stage; "
-           f"1-min load after {r['threaded']['load_after'][0]:.1f}) | — |"] if r["threaded"] else []),
         "",
         f"The engine stage alone ran in a process of {r['alone_wall']:.1f} s wall (imports of TensorRT-RTX and onnx "
         f"included); inside the first compile the engine stage took {engine_stage:.1f} s. The no-op recompile "
@@ -146,8 +133,6 @@ def run_section(i: int, r: dict) -> list[str]:
         "",
         *stage_table(noop),
         "",
-        *(["### First compile with the HF reference in a thread, per stage", "", *stage_table(r["threaded"]["manifest"]),
-           ""] if r["threaded"] else []),
     ]
 
 
@@ -158,13 +143,11 @@ def main() -> None:
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=1, help="repeat the three measurements (each with a fresh cache)")
-    parser.add_argument("--thread", action="store_true",
-                        help="also time a first compile with the HF reference in a thread, not a child process")
     args = parser.parse_args()
     runs = []
     for _ in range(args.runs):
         with tempfile.TemporaryDirectory() as tmp:
-            runs.append(one_run(Path(tmp), thread=args.thread))
+            runs.append(one_run(Path(tmp)))
         write_report(args, runs, None, None)  # after every run: a run cut short keeps the ones before
     write_report(args, runs, startup([*LLMBUILD, "--help"]), startup([*LLMBUILD, "validate", str(RECIPE)]))
 
@@ -174,12 +157,12 @@ def write_report(args, runs: list[dict], help_s: float | None, validate_s: float
         "# Compile benchmark: SmolLM2-135M-Instruct (`recipes/smollm2-135m-instruct.yaml`)",
         "",
         f"Machine: {os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}; measured "
-        f"{time.strftime('%Y-%m-%d %H:%M %Z')} while other engineers' test suites and benchmarks shared the cores "
-        "(load averages per run below): the absolute figures are slower than on an idle machine, the ratios "
-        "(measured back to back in one run) are what the run compares.",
+        f"{time.strftime('%Y-%m-%d %H:%M %Z')} (1-minute load averages per run below: on a machine shared with other "
+        "jobs the absolute figures are slower than idle; the ratios, measured back to back in one run, are what the "
+        "run compares).",
         "",
         f"Reproduce: `.venv/bin/python benchmarks/compile_smollm2.py --runs {args.runs}"
-        f"{' --thread' if args.thread else ''}` (method: the script's "
+        "` (method: the script's "
         f"docstring). Command measured: `llmbuild compile {RECIPE.relative_to(ROOT)} -o OUT -q --cache-dir FRESH` "
         "(fp16, TensorRT-RTX portable engine, verification against HF transformers on).",
         "",

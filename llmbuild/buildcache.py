@@ -357,7 +357,7 @@ class CachedReference:
 
         import numpy as np
 
-        from llmbuild.verify.reference import ReferenceProcess, ReferenceThread, reference_logits
+        from llmbuild.verify.reference import ReferenceProcess, reference_logits
 
         ids = [int(i) for i in ids]
         digest = hashlib.sha256(json.dumps({"kind": "logits", "tools": self.tools, "ids": ids},
@@ -379,7 +379,7 @@ class CachedReference:
         if value is None:
             self.misses += 1
             model = self.model
-            value = np.asarray(model.logits(ids) if isinstance(model, (ReferenceProcess, ReferenceThread))
+            value = np.asarray(model.logits(ids) if isinstance(model, ReferenceProcess)
                                else reference_logits(model, ids))
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)

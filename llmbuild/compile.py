@@ -571,14 +571,14 @@ def verify_in_compile(stage: Path, source_path: Path, fingerprint: str, rd: dict
     from llmbuild.buildcache import CachedReference
     from llmbuild.verify import DEFAULT_PROMPTS, default_thresholds
     from llmbuild.verify.compare import verify_what_runs
-    from llmbuild.verify.reference import start_reference
+    from llmbuild.verify.reference import ReferenceProcess
 
     settings = rd.get("verify") or {}
     threads = threads or verification_threads(rd)
     started = []
 
     def start():
-        started.append(start_reference(source_path, threads))
+        started.append(ReferenceProcess(source_path, threads))
         return started[0]
 
     outputs = CachedReference(cache_dir, fingerprint, reference or start)
@@ -594,8 +594,8 @@ def verify_in_compile(stage: Path, source_path: Path, fingerprint: str, rd: dict
 
 
 class _ReferenceSupply:
-    """The HF reference of one compile's verification: started (`start_reference`, a
-    child process) right after the source stage when verification will need HF outputs
+    """The HF reference of one compile's verification: started (a ReferenceProcess,
+    a child process) right after the source stage when verification will need HF outputs
     the cache does not hold (`prefetch`) — its load then overlaps the ONNX export and the
     engine build — else at the first miss (`get`); ended when the compile ends, also on
     an error or Ctrl-C."""
@@ -613,10 +613,10 @@ class _ReferenceSupply:
             self.get()
 
     def get(self):
-        from llmbuild.verify.reference import start_reference
+        from llmbuild.verify.reference import ReferenceProcess
 
         if self._reference is None:
-            self._reference = start_reference(self.path, self.threads)
+            self._reference = ReferenceProcess(self.path, self.threads)
         return self._reference
 
     def close(self) -> None:
