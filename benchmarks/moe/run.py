@@ -148,10 +148,18 @@ def dense_moe_graph(artifact: Path) -> Path:
     i.e. every expert computed on every token, the unselected ones weighted by zero. The
     kernel's "experts" are what the lowering made of them (llmbuild.lowering.moe: each
     expert in S slices of its width, E·S kernel experts, k·S picked, repeated logits): all
-    E·S slices computed is all E experts computed, the same bytes and FLOPs."""
+    E·S slices computed is all E experts computed, the same bytes and FLOPs.
+
+    The transposed expert weights (the lowering's constant slicing above the MoE node
+    evaluated once, with onnx's reference evaluator) are written once, here, as the graph's own initializers
+    (model.dense_moe.data), in place of the MoE node's: with Transpose nodes over the
+    originals ONNX Runtime's constant folding held the originals, their folded transposes
+    and the MatMuls' pre-packed copies at once, and the 1 B model's session was OOM-killed at
+    22.6 GB (24 GB machine)."""
     import numpy as np
     import onnx
     from onnx import helper, numpy_helper
+    from onnx.reference import ReferenceEvaluator
 
     path = artifact / "model" / "model.dense_moe.onnx"
     if path.is_file():
@@ -160,10 +168,51 @@ def dense_moe_graph(artifact: Path) -> Path:
     model = onnx.load(str(src), load_external_data=False)
     graph = model.graph
     nodes, replaced = [], 0
+    inits = {t.name: t for t in graph.initializer}
+    data_name = "model.dense_moe.data"
+    data = open(path.parent / data_name, "wb")
 
     def c(name, array):
         graph.initializer.append(numpy_helper.from_array(np.asarray(array), name))
         return name
+
+    producer = {out: node for node in graph.node for out in node.output}
+
+    def constant(name):
+        """The value of `name`: an initializer, or what the constant nodes above it make of
+        initializers (the lowering's slicing: Transpose/Reshape/Concat over the HF experts),
+        evaluated with onnx's reference evaluator."""
+        if name in inits:
+            return numpy_helper.to_array(inits[name], str(src.parent))
+        order, seen = [], set()
+
+        def visit(value):
+            if not value or value in inits or value in seen:
+                return
+            node = producer[value]
+            seen.update(node.output)
+            for i in node.input:
+                visit(i)
+            order.append(node)
+        visit(name)
+        used = {i for node in order for i in node.input if i in inits}
+        sub = helper.make_graph(order, "constant", [], [helper.make_tensor_value_info(name, onnx.TensorProto.UNDEFINED, None)],
+                                [numpy_helper.from_array(constant(i), i) for i in sorted(used)])
+        sub_model = helper.make_model(sub, opset_imports=model.opset_import, ir_version=model.ir_version)
+        return ReferenceEvaluator(sub_model).run(None, {})[0]
+
+    def transposed(name, new):
+        """`name`'s expert weights [E, out, in] as a new external initializer [E, in, out]."""
+        array = np.ascontiguousarray(np.swapaxes(constant(name), 1, 2))
+        tensor = onnx.TensorProto(name=new, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape)
+        offset = data.tell()
+        data.write(array.tobytes())
+        for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(array.nbytes))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        graph.initializer.append(tensor)
+        return new
 
     for node in graph.node:
         if node.op_type != "MoE" or node.domain != "com.microsoft":
@@ -175,16 +224,14 @@ def dense_moe_graph(artifact: Path) -> Path:
         k = int(attrs["k"])
         n = lambda op, ins, outs, **kw: nodes.append(helper.make_node(op, ins, outs, **kw))  # noqa: E731
         n("Reshape", [x, c(p + "s1", np.array([1, -1, HIDDEN], np.int64))], [p + "x"])
-        n("Transpose", [fc1], [p + "fc1t"], perm=[0, 2, 1])
-        n("MatMul", [p + "x", p + "fc1t"], [p + "gu"])
+        n("MatMul", [p + "x", transposed(fc1, p + "fc1t")], [p + "gu"])
         n("Reshape", [p + "gu", c(p + "s2", np.array([0, 0, -1, 2], np.int64))], [p + "gu4"])  # 0: kept
         n("Split", [p + "gu4"], [p + "g", p + "u"], axis=3, num_outputs=2)
         n("Sigmoid", [p + "g"], [p + "sg"])
         n("Mul", [p + "g", p + "sg"], [p + "silu"])
         n("Mul", [p + "silu", p + "u"], [p + "h4"])
         n("Reshape", [p + "h4", c(p + "s3", np.array([0, 0, -1], np.int64))], [p + "h"])
-        n("Transpose", [fc2], [p + "fc2t"], perm=[0, 2, 1])
-        n("MatMul", [p + "h", p + "fc2t"], [p + "out"])  # [E, T, H]
+        n("MatMul", [p + "h", transposed(fc2, p + "fc2t")], [p + "out"])  # [E, T, H]
         n("Softmax", [logits], [p + "prob"], axis=-1)
         n("TopK", [p + "prob", c(p + "k", np.array([k], np.int64))], [p + "top", p + "idx"], axis=-1)
         top = p + "top"
@@ -201,11 +248,20 @@ def dense_moe_graph(artifact: Path) -> Path:
         n("Shape", [x], [p + "xshape"])
         n("Reshape", [p + "sum_e", p + "xshape"], [y])
         replaced += 1
+    data.close()
     if not replaced:
         sys.exit(f"{src} has no com.microsoft.MoE node to replace")
+    live, needed = [], {o.name for o in graph.output}  # the slicing nodes above fc1/fc2 are dead now
+    for node in reversed(nodes):
+        if any(o in needed for o in node.output):
+            live.append(node)
+            needed.update(i for i in node.input if i)
     del graph.node[:]
-    graph.node.extend(nodes)
-    onnx.save(model, str(path))  # initializers keep their external-data references (same folder)
+    graph.node.extend(reversed(live))
+    kept = [t for t in graph.initializer if t.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    onnx.save(model, str(path))  # the other initializers keep their external-data references (same folder)
     return path
 
 
