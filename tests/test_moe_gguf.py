@@ -1,4 +1,5 @@
-"""GGUF input of the mixture-of-experts families (llama.cpp `qwen2moe`, `qwen3moe`): tiny HF
+"""GGUF input of the mixture-of-experts families (llama.cpp `qwen2moe`, `qwen3moe`, and `llama`
+with experts for Mixtral): tiny HF
 models converted by llama.cpp's converter (tests/llama_cpp.py; the session fixture fetches
 it), whose stacked `ffn_<proj>_exps` tensors our source serves per expert
 (llmbuild.source.split.StackedExpertsSource): tensor for tensor against transformers' own
@@ -18,7 +19,7 @@ from tests.conformance import TINY_CONFIGS, make_tiny_model
 ALL_SPARSE = {"mlp_only_layers": [], "decoder_sparse_step": 1}
 
 
-@pytest.fixture(scope="module", params=["Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM"])
+@pytest.fixture(scope="module", params=["Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM", "MixtralForCausalLM"])
 def converted(request, llama_cpp, tmp_path_factory, monkeypatch_module):
     from tests.llama_cpp import convert
 
@@ -55,14 +56,16 @@ def test_experts_equal_transformers_gguf_loading(converted):
                                                       config=AutoConfig.from_pretrained(hf)).state_dict()
     else:
         # transformers 5.24 cannot load this converter's qwen2moe files (it adds a unit axis to
-        # the already [1, H] shared_expert_gate: [1, 1, H] vs [1, H]); an f32 file is lossless,
-        # so the reference is the directory the file was converted from
+        # the already [1, H] shared_expert_gate: [1, 1, H] vs [1, H]) and reads a `llama` file
+        # with experts as a dense Llama; an f32 file is lossless, so the reference is the
+        # directory the file was converted from (llama.cpp's q/k row permutation undone)
         theirs = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).state_dict()
     with open_source(path) as source:
         assert source.config["architectures"] == [arch]
         spec = spec_for(source.config)
         d = spec.dims(source.config)
-        assert (d.experts, d.top_k, d.sparse_layers) == (8, TINY_CONFIGS[arch]["num_experts_per_tok"],
+        tiny = TINY_CONFIGS[arch]
+        assert (d.experts, d.top_k, d.sparse_layers) == (tiny.get("num_experts") or tiny["num_local_experts"], tiny["num_experts_per_tok"],
                                                          tuple(range(d.layers)))
         checked = 0
         for layer in d.sparse_layers:
@@ -76,8 +79,8 @@ def test_experts_equal_transformers_gguf_loading(converted):
                 np.testing.assert_array_equal(source.load(per["up"][e]), gate_up[e, i:])
                 np.testing.assert_array_equal(source.load(per["down"][e]), down[e])
                 checked += 3
-            router = f"{p}mlp.gate.weight"
-            np.testing.assert_array_equal(source.load(router), theirs[router].numpy())
+            # transformers 5 names every family's router mlp.gate in memory (Mixtral's file: block_sparse_moe.gate)
+            np.testing.assert_array_equal(source.load(f"{p}{spec.experts.router}.weight"), theirs[f"{p}mlp.gate.weight"].numpy())
             if d.shared_intermediate:
                 for name in (f"{p}mlp.shared_expert_gate.weight", f"{p}mlp.shared_expert.down_proj.weight"):
                     np.testing.assert_array_equal(source.load(name), theirs[name].numpy())

@@ -24,7 +24,8 @@ _STRING, _ARRAY = 8, 9
 _F32, _F16, _BF16 = 0, 1, 30
 # general.architecture -> HF architectures[0] for llama.cpp architectures no registered
 # spec claims (llmbuild.models.gguf_architectures), so that refusals name the HF class.
-# llama.cpp also writes Mistral models as "llama"; they load as LlamaForCausalLM.
+# llama.cpp also writes Mistral models as "llama"; they load as LlamaForCausalLM (Mixtral's,
+# `llama` with `llama.expert_count`, as MixtralForCausalLM: config_from_gguf).
 UNREGISTERED_ARCHITECTURES = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
@@ -226,6 +227,8 @@ def config_from_gguf(header: GGUFHeader, path: Path) -> dict:
         return value
 
     hf_class = hf_architecture(arch)
+    if arch == "llama" and get("expert_count"):  # llama.cpp writes Mixtral as `llama` with experts
+        hf_class = "MixtralForCausalLM"
     # Tensor names come from the architecture's spec (llmbuild.models); for a GGUF
     # architecture without one the config only names what is refused, and what the
     # tensor table would tell is left unknown (None).
