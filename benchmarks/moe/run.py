@@ -429,7 +429,7 @@ def markdown(raw: dict, command: str) -> str:
         out += [""]
     out += [
            f"Load average (1 min) over the run: {min(raw['loadavg']):.1f} - {max(raw['loadavg']):.1f} "
-           f"(2 cores shared with other engineers' jobs). Greedy ids of moe-ort equal those of: "
+           f"(2 cores; what else ran is said beside the run). Greedy ids of moe-ort equal those of: "
            f"{', '.join(same) or 'none'} (every run).", ""]
     if {"moe-ort", "dense-ort", "moe-dense-ort"} <= set(summ):
         m, d, x = summ["moe-ort"], summ["dense-ort"], summ["moe-dense-ort"]
