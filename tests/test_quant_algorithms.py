@@ -319,3 +319,35 @@ def test_gptq_with_a_shared_inverse_is_gptq_from_h(act_order):
         np.testing.assert_array_equal(shared.data, alone.data)
         np.testing.assert_array_equal(shared.scale, alone.scale)
         np.testing.assert_array_equal(shared.offset, alone.offset)
+
+
+def test_overlapped_calibration_and_xtx_block_rows_give_the_serial_full_product_results(tiny_graph, monkeypatch):
+    """AWQ (float propagation) with pass 1 of the next layer overlapping the quantization
+    and XᵀX in block rows of its upper triangle quantizes exactly as the serial run with
+    one full XᵀX product per input (up to XᵀX's summation order: codes ≥ 99.5 % equal)."""
+    from llmbuild.quantize import calibration
+    from llmbuild.quantize.plan import ModuleSpec
+
+    path, loaders, tokens = tiny_graph
+    plan = {w: ModuleSpec("int4", "awq", 32) for w in loaders if w.endswith("proj.weight")}
+
+    def run(overlap, block):
+        monkeypatch.setattr(calibration, "XTX_BLOCK", block)
+        return calibration.calibrate(path, tokens, plan, loaders, kv_heads=2, head_dim=16, work_dir=path.parent,
+                                     scale_dtype=np.float32, threads=1, overlap=overlap)
+
+    serial, overlapped = run(False, 10_000), run(True, 48)  # widths 96 and 160: 2 and 4 block rows
+    assert calibration.xtx_row_blocks(160) == [(0, 48), (48, 96), (96, 144), (144, 160)]
+    assert not serial.report["overlap"] and overlapped.report["overlap"]
+    assert "cpu_s" in serial.report["layers"][0] and "waited_s" in overlapped.report["layers"][0]
+    assert set(serial.results) == set(overlapped.results) == set(plan)
+    for a, b in zip(serial.report["layers"], overlapped.report["layers"], strict=True):  # the same α per group
+        assert a["layer"] == b["layer"] and a["awq"].keys() == b["awq"].keys() and a["awq"]
+        for group, info in a["awq"].items():
+            assert info["alpha"] == b["awq"][group]["alpha"]
+            assert info["loss"] == pytest.approx(b["awq"][group]["loss"], rel=1e-4)
+    for w in plan:
+        assert np.mean(serial.results[w].data == overlapped.results[w].data) > 0.995, w
+        np.testing.assert_allclose(serial.results[w].scale, overlapped.results[w].scale, rtol=1e-4)
+    for name in serial.floats:
+        np.testing.assert_allclose(serial.floats[name], overlapped.floats[name], rtol=1e-4, atol=1e-6)
