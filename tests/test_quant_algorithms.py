@@ -209,17 +209,55 @@ def test_statistics_in_the_slice_equal_numpy_on_the_activations(tiny_graph, tmp_
     names = [o.name for o in sess.get_outputs()]
     got = dict(zip(names, sess.run(None, feeds)))
     for a, with_xtx in statistics.items():
-        ref, st = ActStats(got[a].shape[-1]), ActStats(got[a].shape[-1])
+        width = got[a].shape[-1]
+        assert slices.input_width[a] == width
+        ref, st = ActStats(width), ActStats(width)
         ref.update(got[a], with_xtx)
-        out = statistics_names(a)
-        assert got[out["abs_sum"]].dtype == np.float64 and (out["xtx"] in got) == with_xtx
-        st.add(got[out["amax"]], got[out["abs_sum"]], tokens.size, got.get(out["xtx"]))
+        out = statistics_names(a, width, with_xtx)
+        assert got[out["abs_sum"]].dtype == np.float64 and all(nm in got for nm in out["xtx"].values())
+        blocks = {r0: got[nm] for r0, nm in out["xtx"].items()}
+        st.add(got[out["amax"]], got[out["abs_sum"]], tokens.size, blocks or None)
+        st.mirror()
         assert st.amax == ref.amax and st.rows == ref.rows == tokens.size
         np.testing.assert_allclose(st.abs_sum, ref.abs_sum, rtol=1e-6)
         if with_xtx:
+            np.testing.assert_array_equal(st.xtx, st.xtx.T)
             np.testing.assert_allclose(st.xtx, ref.xtx, rtol=1e-4, atol=1e-4 * np.abs(ref.xtx).max())
         else:
-            assert st.xtx is None
+            assert st.xtx is None and not blocks
+
+
+def test_xtx_in_block_rows_of_the_upper_triangle_is_the_whole_product(monkeypatch, tmp_path):
+    """XᵀX from the slice's block rows (widths that split into several blocks, one short)
+    equals the full product: every entry of the upper triangle is computed, the lower
+    one mirrored."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from llmbuild.quantize import calibration
+    from llmbuild.quantize.calibration import ActStats, statistics_names, statistics_nodes
+
+    monkeypatch.setattr(calibration, "XTX_BLOCK", 32)
+    x = inputs(tokens=300, k=100, outliers=(3, 77))  # blocks 0:32, 32:64, 64:96, 96:100
+    assert calibration.xtx_row_blocks(100) == [(0, 32), (32, 64), (64, 96), (96, 100)]
+    axis0 = helper.make_tensor("axis0", TensorProto.INT64, [1], [0])
+    names = statistics_names("x", 100)
+    outs = [helper.make_tensor_value_info(nm, TensorProto.FLOAT, None) for nm in names["xtx"].values()]
+    graph = helper.make_graph(statistics_nodes("x", 100, True, "axis0"), "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)], outs, [axis0])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    got = ort.InferenceSession(model.SerializeToString()).run(list(names["xtx"].values()), {"x": x})
+    for (r0, r1), block in zip(calibration.xtx_row_blocks(100), got):
+        assert block.shape == (r1 - r0, 100 - r0)
+    st, ref = ActStats(100), ActStats(100)
+    for c0 in range(0, 300, 150):  # two chunks, summed in float64
+        part = x[c0:c0 + 150]
+        out = ort.InferenceSession(model.SerializeToString()).run(list(names["xtx"].values()), {"x": part})
+        st.add(0.0, np.zeros(100), 150, dict(zip(names["xtx"], out)))
+        ref.update(part, True)
+    st.mirror()
+    np.testing.assert_array_equal(st.xtx, st.xtx.T)
+    np.testing.assert_allclose(st.xtx, ref.xtx, rtol=1e-5, atol=1e-5 * np.abs(ref.xtx).max())
 
 
 def test_output_error_from_h_equals_the_error_over_the_rows():
@@ -281,3 +319,35 @@ def test_gptq_with_a_shared_inverse_is_gptq_from_h(act_order):
         np.testing.assert_array_equal(shared.data, alone.data)
         np.testing.assert_array_equal(shared.scale, alone.scale)
         np.testing.assert_array_equal(shared.offset, alone.offset)
+
+
+def test_overlapped_calibration_and_xtx_block_rows_give_the_serial_full_product_results(tiny_graph, monkeypatch):
+    """AWQ (float propagation) with pass 1 of the next layer overlapping the quantization
+    and XᵀX in block rows of its upper triangle quantizes exactly as the serial run with
+    one full XᵀX product per input (up to XᵀX's summation order: codes ≥ 99.5 % equal)."""
+    from llmbuild.quantize import calibration
+    from llmbuild.quantize.plan import ModuleSpec
+
+    path, loaders, tokens = tiny_graph
+    plan = {w: ModuleSpec("int4", "awq", 32) for w in loaders if w.endswith("proj.weight")}
+
+    def run(overlap, block):
+        monkeypatch.setattr(calibration, "XTX_BLOCK", block)
+        return calibration.calibrate(path, tokens, plan, loaders, kv_heads=2, head_dim=16, work_dir=path.parent,
+                                     scale_dtype=np.float32, threads=1, overlap=overlap)
+
+    serial, overlapped = run(False, 10_000), run(True, 48)  # widths 96 and 160: 2 and 4 block rows
+    assert calibration.xtx_row_blocks(160) == [(0, 48), (48, 96), (96, 144), (144, 160)]
+    assert not serial.report["overlap"] and overlapped.report["overlap"]
+    assert "cpu_s" in serial.report["layers"][0] and "waited_s" in overlapped.report["layers"][0]
+    assert set(serial.results) == set(overlapped.results) == set(plan)
+    for a, b in zip(serial.report["layers"], overlapped.report["layers"], strict=True):  # the same α per group
+        assert a["layer"] == b["layer"] and a["awq"].keys() == b["awq"].keys() and a["awq"]
+        for group, info in a["awq"].items():
+            assert info["alpha"] == b["awq"][group]["alpha"]
+            assert info["loss"] == pytest.approx(b["awq"][group]["loss"], rel=1e-4)
+    for w in plan:
+        assert np.mean(serial.results[w].data == overlapped.results[w].data) > 0.995, w
+        np.testing.assert_allclose(serial.results[w].scale, overlapped.results[w].scale, rtol=1e-4)
+    for name in serial.floats:
+        np.testing.assert_allclose(serial.floats[name], overlapped.floats[name], rtol=1e-4, atol=1e-6)

@@ -2,7 +2,7 @@
 
     python benchmarks/quantization/calibration_speed.py [--samples 64] [--algorithm awq]
         [--group-size 128] [--work /tmp/llmbuild-calib-bench] [--repeat 1] [--option 'awq: {clip: false}']
-        [--profile out.prof] [--save results.npz]
+        [--profile out.prof] [--save results.npz] [--serial]
 
 Builds the QuantizationJob of `recipes/smollm2-135m-instruct.yaml` with
 `quantization.weights = {scheme: int4, algorithm: ALGORITHM, group_size: G}` and
@@ -12,7 +12,12 @@ reported). `--option` adds a line to the quantization section (`'awq: {clip: fal
 JSON line per run: calibration seconds (wall), the CPU seconds of the process over the
 job (every thread: ONNX Runtime's, BLAS's and ours; steadier than wall on a shared
 machine), peak RSS of the process during calibration (psutil, sampled after every ONNX
-Runtime call), and the per-phase totals. `--profile` writes a cProfile of the job and
+Runtime call), and the per-phase totals (wall: `statistics_s` = pass 1 on ONNX Runtime,
+`quantize_s`, and `waited_s`, the time quantization waited for pass 1; with float
+propagation pass 1 of the next layer overlaps the quantization, so the wall phases add up
+to more than `calibrate_s`). `--serial` turns that overlap off
+(LLMBUILD_CALIBRATION_OVERLAP=0), which also gives the phases' CPU seconds
+(`statistics_cpu_s`, `quantize_cpu_s`). `--profile` writes a cProfile of the job and
 prints the cumulative seconds of the calls that make up calibration. `--save` writes the
 calibrated weights (codes, scales, offsets; AWQ's rescaled floats) to compare two
 checkouts (`--compare A.npz B.npz`).
@@ -75,8 +80,9 @@ def run_once(args) -> dict:
         np.savez(args.save, **arrays)
     rep = job.cal.report
     phases = {k: round(sum(layer[k] for layer in rep["layers"]), 2)
-              for k in ("statistics_s", "quantize_s", "propagate_s")}
-    return {"algorithm": args.algorithm, "samples": args.samples, "options": args.option,
+              for k in ("statistics_s", "waited_s", "quantize_s", "propagate_s", "statistics_cpu_s", "quantize_cpu_s")
+              if all(k in layer for layer in rep["layers"])}
+    return {"algorithm": args.algorithm, "samples": args.samples, "options": args.option, "overlap": rep["overlap"],
             "calibrate_s": rep["seconds"], "calibrate_cpu_s": rep["cpu_seconds"],
             "job_wall_s": round(wall, 2), "job_cpu_s": round(cpu, 2), **phases,
             "peak_rss_mib": round(rep["peak_rss_bytes"] / 2**20), "rss_before_mib": round(rep["rss_before_bytes"] / 2**20),
@@ -95,7 +101,10 @@ def main():
     ap.add_argument("--profile", help="write a cProfile of the job to this file and print its main calls")
     ap.add_argument("--save", help="write the calibrated weights to this .npz")
     ap.add_argument("--compare", nargs=2, metavar="NPZ", help="compare two --save files and exit")
+    ap.add_argument("--serial", action="store_true", help="no overlap of pass 1 and quantization (phase CPU seconds)")
     args = ap.parse_args()
+    if args.serial:
+        os.environ["LLMBUILD_CALIBRATION_OVERLAP"] = "0"
     if args.compare:
         compare(*args.compare)
         return

@@ -9,8 +9,8 @@
                 Σ xᵀx (GPTQ, and AWQ's output errors), computed once per input and
                 shared by every linear and algorithm reading it — by nodes added to
                 the slice (`statistics_nodes`), so the activations never leave ONNX
-                Runtime and XᵀX runs in its multithreaded GEMM; with float
-                propagation also hᵢ₊₁
+                Runtime and XᵀX runs in its multithreaded GEMM (its upper triangle
+                only, in block rows); with float propagation also hᵢ₊₁
         quantize the layer (RTN / AWQ / GPTQ), fold AWQ scales into norms / up_proj
         pass 2 (quantized propagation only): the quantized weights → hᵢ₊₁ (later
                 layers calibrate on what the quantized model really feeds them, as
@@ -18,16 +18,23 @@
 
 `propagate`: "quantized" (pass 2), "float" (hᵢ₊₁ from pass 1, as AutoAWQ: one ONNX
 Runtime pass per layer instead of two), "auto" (quantized when any weight uses GPTQ).
+With float propagation no layer's input depends on a quantization, so pass 1 of layer
+i+1 runs on a worker thread while layer i is quantized (`overlap`; one layer ahead):
 
-Only one layer's weights, the hidden states of the calibration set (two [N, S, H]
-float32 buffers) and one chunk's activations are in memory at a time; the peak RSS of
+    worker:  pass 1 (layer 0) │ pass 1 (layer 1) │ pass 1 (layer 2) │ …
+    caller:                   │ quantize layer 0 │ quantize layer 1 │ …
+
+Only one layer's weights (two when overlapped), the hidden states of the calibration
+set (two [N, S, H] float32 buffers) and one chunk's activations are in memory at a time; the peak RSS of
 the whole stage is measured and reported next to those sizes.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -59,6 +66,7 @@ class ActStats:
     abs_sum: np.ndarray | None = None
     rows: int = 0
     xtx: np.ndarray | None = None
+    _upper_only: bool = False  # xtx holds block rows of the upper triangle until `mirror`
 
     def update(self, x: np.ndarray, need_xtx: bool) -> None:
         """Add the rows of `x` [..., width] (the numpy reference of `statistics_nodes`)."""
@@ -66,49 +74,97 @@ class ActStats:
         self.add(np.abs(x).max(), np.abs(x).sum(axis=0, dtype=np.float64), x.shape[0],
                  (x.T @ x) if need_xtx else None)
 
-    def add(self, amax, abs_sum: np.ndarray, rows: int, xtx: np.ndarray | None) -> None:
+    def add(self, amax, abs_sum: np.ndarray, rows: int, xtx: np.ndarray | dict[int, np.ndarray] | None) -> None:
         """Add one chunk's max |x|, Σ|x| [width] (float64), row count and XᵀX (float32,
-        summed here in float64)."""
+        summed here in float64): the whole [width, width], or its block rows of the upper
+        triangle {r0: XᵀX[r0:r1, r0:]} as `statistics_nodes` computes them (then call
+        `mirror` once after the last chunk)."""
         self.amax = max(self.amax, float(amax))
         self.abs_sum = abs_sum if self.abs_sum is None else self.abs_sum + abs_sum
         self.rows += int(rows)
-        if xtx is not None:
+        if isinstance(xtx, dict):
+            if self.xtx is None:
+                self.xtx, self._upper_only = np.zeros((self.width, self.width), np.float64), True
+            for r0, block in xtx.items():
+                self.xtx[r0:r0 + block.shape[0], r0:] += block
+        elif xtx is not None:
             p = np.asarray(xtx, np.float64)
             self.xtx = p if self.xtx is None else self.xtx + p
+
+    def mirror(self) -> None:
+        """Complete XᵀX from its upper triangle (exactly symmetric) after block rows."""
+        if self._upper_only:
+            self.xtx = np.triu(self.xtx) + np.triu(self.xtx, 1).T
+            self._upper_only = False
 
     @property
     def mean_abs(self) -> np.ndarray:
         return (self.abs_sum / max(self.rows, 1)).astype(np.float32)
 
 
-
 STAT_OUTPUTS = ("amax", "abs_sum", "xtx")
+# XᵀX of an input at least twice this wide is computed in block rows of this many rows,
+# each only from its diagonal block rightwards (the upper triangle: (b + 1) / 2b of a
+# full product's FLOPs for b blocks). Measured on ONNX Runtime's MLAS, 4096 rows: 1536
+# wide in 4 blocks 0.66× the CPU seconds of one Gemm; at 576 no split paid (2 or 3 blocks:
+# 0.95–1.2×), hence one product below two blocks.
+XTX_BLOCK = 384
 
 
-def statistics_names(activation: str) -> dict[str, str]:
-    """Output names of the statistics `statistics_nodes` computes for `activation`."""
-    return {k: f"{activation}::{k}" for k in STAT_OUTPUTS}
+def xtx_row_blocks(width: int) -> list[tuple[int, int]]:
+    """The block rows [r0, r1) in which `statistics_nodes` computes XᵀX of a [T, width] x."""
+    if width < 2 * XTX_BLOCK:
+        return [(0, width)]
+    return [(r0, min(r0 + XTX_BLOCK, width)) for r0 in range(0, width, XTX_BLOCK)]
 
 
-def statistics_nodes(activation: str, xtx: bool, axis0: str) -> list[onnx.NodeProto]:
+def statistics_names(activation: str, width: int, xtx: bool = True) -> dict:
+    """Output names of the statistics `statistics_nodes` computes for `activation`:
+    "amax", "abs_sum" and "xtx" {r0: name of XᵀX[r0:r1, r0:]} (empty without XᵀX)."""
+    rows = xtx_row_blocks(width) if xtx else []
+    return {"amax": f"{activation}::amax", "abs_sum": f"{activation}::abs_sum",
+            "xtx": {r0: f"{activation}::xtx{r0}" for r0, _ in rows}}
+
+
+def statistics_nodes(activation: str, width: int, xtx: bool, axis0: str) -> list[onnx.NodeProto]:
     """Nodes computing one chunk's statistics of a linear input x [..., W] inside the
     slice (`axis0`: the name of an int64 [0] constant):
 
         x ─► Flatten(axis=-1) ─► xf [T, W] ─► Abs ─┬─► ReduceMax ─────────────► ::amax []
                                   │                 └─► Cast(double) ─► ReduceSum(axis 0) ─► ::abs_sum [W]
-                                  └─► Gemm(xf, xf, transA=1) ────────────────► ::xtx [W, W]   (if xtx)
+                                  ├─► Slice(cols r0:r1) ─► a [T, r1−r0] ─┐
+                                  └─► Slice(cols r0:W) ──► b [T, W−r0] ──┴─► Gemm(a, b, transA=1) ─► ::xtx{r0}
+                                                                             [r1−r0, W−r0] per block row (if xtx)
 
     Σ|x| is summed in float64 as ActStats.update does; XᵀX in float32 (one chunk of
-    ≤ CHUNK_TOKENS rows; chunks are summed in float64)."""
-    out = statistics_names(activation)
+    ≤ CHUNK_TOKENS rows; chunks are summed in float64), only its upper block triangle
+    (`xtx_row_blocks`; ActStats.mirror completes it)."""
+    out = statistics_names(activation, width, xtx)
     flat, absx, absd = f"{activation}::flat", f"{activation}::abs", f"{activation}::abs_f64"
     nodes = [helper.make_node("Flatten", [activation], [flat], axis=-1),
              helper.make_node("Abs", [flat], [absx]),
              helper.make_node("ReduceMax", [absx], [out["amax"]], keepdims=0),
              helper.make_node("Cast", [absx], [absd], to=TensorProto.DOUBLE),
              helper.make_node("ReduceSum", [absd, axis0], [out["abs_sum"]], keepdims=0)]
-    if xtx:
-        nodes.append(helper.make_node("Gemm", [flat, flat], [out["xtx"]], transA=1))
+
+    consts: dict[int, str] = {}
+
+    def at(v: int) -> str:  # an int64 [v] constant (Slice's starts / ends / axes)
+        if v not in consts:
+            consts[v] = f"{activation}::at{v}"
+            nodes.append(helper.make_node("Constant", [], [consts[v]],
+                                          value=helper.make_tensor(consts[v], TensorProto.INT64, [1], [v])))
+        return consts[v]
+
+    for r0, r1 in xtx_row_blocks(width) if xtx else []:
+        a = b = flat  # one block: the whole product
+        if r1 - r0 < width:
+            a = f"{activation}::cols{r0}_{r1}"
+            nodes.append(helper.make_node("Slice", [flat, at(r0), at(r1), at(1)], [a]))
+            if r0:  # the first block row has all of x on its right
+                b = f"{activation}::cols{r0}_"
+                nodes.append(helper.make_node("Slice", [flat, at(r0), at(width), at(1)], [b]))
+        nodes.append(helper.make_node("Gemm", [a, b], [out["xtx"][r0]], transA=1))
     return nodes
 
 
@@ -126,6 +182,9 @@ class GraphSlices:
         self.is_weight = layer_weights
         # What the graph blocks annotated: each linear's and norm's weight, role and layer.
         self.linear_nodes = nodes_with(g, LINEAR)
+        # each linear input's width: the rows of a weight that multiplies it
+        self.input_width = {n.input[0]: int(self.inits[n.input[1]].dims[0]) for n, _ in self.linear_nodes
+                            if n.op_type == "MatMul" and n.input[1] in self.inits}
         self.layer_of: dict[str, int | None] = {}
         self.role_of: dict[str, str] = {}
         # A norm's scale is offset + w (Gemma: 1 + w); folding 1/s into it stores (offset + w) / s - offset.
@@ -223,12 +282,11 @@ class GraphSlices:
             axis0 = "llmbuild.calibration.axis0"
             inits.append(helper.make_tensor(axis0, TensorProto.INT64, [1], [0]))
             for a, xtx in statistics.items():
-                nodes = [*nodes, *statistics_nodes(a, xtx, axis0)]
-                names = statistics_names(a)
+                nodes = [*nodes, *statistics_nodes(a, self.input_width[a], xtx, axis0)]
+                names = statistics_names(a, self.input_width[a], xtx)
                 outs += [helper.make_tensor_value_info(names["amax"], TensorProto.FLOAT, None),
                          helper.make_tensor_value_info(names["abs_sum"], TensorProto.DOUBLE, None)]
-                if xtx:
-                    outs.append(helper.make_tensor_value_info(names["xtx"], TensorProto.FLOAT, None))
+                outs += [helper.make_tensor_value_info(nm, TensorProto.FLOAT, None) for nm in names["xtx"].values()]
         graph = helper.make_graph(nodes, f"slice-{dst.stem}", inputs, outs, inits)
         model = helper.make_model(graph, opset_imports=self.proto.opset_import, ir_version=self.proto.ir_version)
         onnx.save(model, str(dst))
@@ -292,6 +350,29 @@ class AlgorithmOptions:
         return self.propagate == "float"
 
 
+@dataclass(frozen=True)
+class _Step:
+    """One step of calibration: a decoder layer, or "head" (the linears after the last)."""
+
+    layer: int | str
+    lin: dict[str, str]  # planned weight -> the activation it multiplies
+    cut: str  # the slice's input
+    fold_layer: int | None  # the layer whose scale groups AWQ folds into
+    last: bool
+    as_input: Callable[[str], bool]  # the weights fed to the slice as inputs
+
+
+@dataclass
+class _Pass:
+    """A step's pass 1: its linear inputs' statistics and its float weights."""
+
+    step: _Step
+    stats: dict[str, ActStats]
+    weights: dict[str, np.ndarray]
+    seconds: float
+    cpu_s: float = 0.0  # (set when not overlapped)
+
+
 @dataclass
 class CalibrationResult:
     results: dict[str, QuantizedTensor]  # calibrated weights (AWQ, GPTQ, and RTN when run here)
@@ -304,24 +385,32 @@ def calibrate(
     model_path: Path, tokens: np.ndarray, plan: dict[str, ModuleSpec], loaders: dict[str, Callable[[], np.ndarray]],
     *, kv_heads: int, head_dim: int, work_dir: Path, scale_dtype=np.float16, seed: int = 0,
     threads: int | None = None, progress: Callable[[int, int, str], None] | None = None,
-    options: AlgorithmOptions = AlgorithmOptions(), chunk_tokens: int = CHUNK_TOKENS,
+    options: AlgorithmOptions = AlgorithmOptions(), chunk_tokens: int = CHUNK_TOKENS, overlap: bool | None = None,
 ) -> CalibrationResult:
     """Run the calibration set through the float32 graph at `model_path` layer by layer
-    and quantize every planned weight that needs calibration data."""
+    and quantize every planned weight that needs calibration data. `overlap` (float
+    propagation only; None: unless LLMBUILD_CALIBRATION_OVERLAP=0): layer i+1's pass 1
+    runs while layer i is quantized."""
     import psutil
 
     proc = psutil.Process()
     start, cpu0 = time.perf_counter(), time.process_time()
     rss0 = peak = proc.memory_info().rss
 
-    def note_rss():
+    rss_lock = threading.Lock()
+
+    def note_rss():  # from both threads when overlapped
         nonlocal peak
-        peak = max(peak, proc.memory_info().rss)
+        with rss_lock:
+            peak = max(peak, proc.memory_info().rss)
 
     slices = GraphSlices(model_path, lambda name: name in loaders)
     n, s = tokens.shape
     chunk = max(1, chunk_tokens // s)
     float_prop = options.float_propagation(plan)
+    if overlap is None:
+        overlap = os.environ.get("LLMBUILD_CALIBRATION_OVERLAP", "1") != "0"
+    overlap = overlap and float_prop  # quantized propagation: layer i+1 reads layer i's quantized output
     results, floats, amax, layer_reports = {}, {}, {}, []
 
     # h0: the embedding (prefix slice), [N, S, H]
@@ -340,24 +429,32 @@ def calibrate(
     head = {w for w in slices.linear_inputs(None) if w in plan and plan[w].scheme != "none"}
     steps = list(range(slices.num_layers)) + (["head"] if head else [])
     last_layer = slices.num_layers - 1
-    for layer in steps:
-        t0, layer_cpu0 = time.perf_counter(), time.process_time()
+
+    def step_of(layer) -> _Step:
         if layer == "head":  # linears after the last layer (untied lm_head): re-run it, quantized
-            lin = {w: a for w, a in slices.linear_inputs(None).items() if w in plan}
-            cut, fold_layer, last = slices.layer_inputs[last_layer], None, True
-            as_input = lambda v: slices.weight_layer(v) in (last_layer, None)  # noqa: E731
-        else:
-            lin = {w: a for w, a in slices.linear_inputs(layer).items() if w in plan}
-            cut, fold_layer, last = slices.layer_inputs[layer], layer, layer == last_layer
-            as_input = lambda v, layer=layer: slices.weight_layer(v) == layer  # noqa: E731
+            return _Step(layer, {w: a for w, a in slices.linear_inputs(None).items() if w in plan},
+                         slices.layer_inputs[last_layer], None, True,
+                         lambda v: slices.weight_layer(v) in (last_layer, None))
+        return _Step(layer, {w: a for w, a in slices.linear_inputs(layer).items() if w in plan},
+                     slices.layer_inputs[layer], layer, layer == last_layer,
+                     lambda v: slices.weight_layer(v) == layer)
+
+    def statistics_pass(layer) -> _Pass:
+        """Pass 1 of one step: float weights, every chunk → the statistics of its linear
+        inputs (and hᵢ₊₁ into `nxt`, then swapped in, with float propagation)."""
+        nonlocal hidden, nxt, act_bytes_chunk
+        t0 = time.perf_counter()
+        st = step_of(layer)
+        lin, cut, last = st.lin, st.cut, st.last
         acts = sorted(set(lin.values()))
         needs_xtx = {a for w, a in lin.items() if plan[w].algorithm in ("gptq", "awq")}
         statistics = {a: a in needs_xtx for a in acts}
         # hᵢ₊₁ from this pass only with float propagation (else pass 2 computes it, from a
         # slice without the statistics: ONNX Runtime runs every node of a graph whatever
         # outputs are asked for)
-        outputs = [slices.layer_inputs[layer + 1]] if float_prop and not last else []
-        path, weight_inputs = slices.slice(outputs, cut, work_dir / f"layer{layer}.onnx", as_input, statistics)
+        nxt_name = slices.layer_inputs[layer + 1] if float_prop and not last else None
+        path, weight_inputs = slices.slice([nxt_name] if nxt_name else [], cut, work_dir / f"layer{layer}.onnx",
+                                           st.as_input, statistics)
         sess = ort_session(path, threads)
         # the slice's weight inputs, plus linears it does not need to run (the last layer's
         # down_proj: its output is not asked for) but that are quantized all the same
@@ -366,11 +463,10 @@ def calibrate(
         for w in weights:  # the head step runs the last layer as already quantized
             if layer == "head" and not float_prop and slices.weight_layer(w) == last_layer:
                 weights[w] = results[w].dequantize() if w in results else floats.get(w, weights[w])
-        stats = {}
-        # pass 1: statistics of every linear input under float weights (and hᵢ₊₁)
-        names = {a: statistics_names(a) for a in acts}
-        ask = [names[a][k] for a in acts for k in STAT_OUTPUTS if k != "xtx" or statistics[a]]
-        ask += [slices.layer_inputs[layer + 1]] if float_prop and not last else []
+        names = {a: statistics_names(a, slices.input_width[a], statistics[a]) for a in acts}
+        ask = [nm for a in acts for nm in (names[a]["amax"], names[a]["abs_sum"], *names[a]["xtx"].values())]
+        ask += [nxt_name] if nxt_name else []
+        stats = {a: ActStats(slices.input_width[a]) for a in acts}
         for c0 in range(0, n, chunk):
             feeds = decoder_feeds(sess, tokens[c0:c0 + chunk], kv_heads, head_dim)
             feeds[cut] = hidden[c0:c0 + chunk]
@@ -378,28 +474,37 @@ def calibrate(
             got = dict(zip(ask, sess.run(ask, feeds)))
             note_rss()
             rows = int(np.prod(feeds[cut].shape[:-1]))
-            if float_prop and not last:
-                nxt[c0:c0 + chunk] = got[slices.layer_inputs[layer + 1]]
+            if nxt_name:
+                nxt[c0:c0 + chunk] = got[nxt_name]
             for a in acts:
-                st = stats.setdefault(a, ActStats(got[names[a]["abs_sum"]].shape[0]))
-                st.add(got[names[a]["amax"]], got[names[a]["abs_sum"]], rows, got.get(names[a]["xtx"]))
+                stats[a].add(got[names[a]["amax"]], got[names[a]["abs_sum"]], rows,
+                             {r0: got[nm] for r0, nm in names[a]["xtx"].items()} or None)
             # what the chunk's linear inputs occupy inside ONNX Runtime (they never leave it)
-            act_bytes_chunk = max(act_bytes_chunk, 4 * rows * sum(st.width for st in stats.values()))
+            act_bytes_chunk = max(act_bytes_chunk, 4 * rows * sum(x.width for x in stats.values()))
             del got
-        for w, a in lin.items():
+        del sess
+        for x in stats.values():
+            x.mirror()
+        if nxt_name:
+            hidden, nxt = nxt, hidden
+        return _Pass(st, stats, weights, round(time.perf_counter() - t0, 2))
+
+    def quantize_step(p: _Pass, waited: float) -> None:
+        """Quantize one step's weights from its statistics (and pass 2: hᵢ₊₁ under the
+        quantized weights, with quantized propagation)."""
+        nonlocal hidden, nxt
+        st, stats, weights = p.step, p.stats, p.weights
+        t1, layer_cpu0 = time.perf_counter(), time.process_time()
+        for w, a in st.lin.items():
             amax[w] = stats[a].amax
-        t1 = time.perf_counter()
-        # quantize this layer
-        info = _quantize_layer(slices, fold_layer, lin, stats, weights, plan, results, floats, scale_dtype, options)
+        info = _quantize_layer(slices, st.fold_layer, st.lin, stats, weights, plan, results, floats, scale_dtype,
+                               options)
         note_rss()
         t2 = time.perf_counter()
-        # pass 2: hᵢ₊₁ under the quantized weights
-        if not last and float_prop:
-            hidden, nxt = nxt, hidden
-        elif not last:
-            nxt_name = slices.layer_inputs[layer + 1]
-            del sess
-            path, prop_inputs = slices.slice([nxt_name], cut, work_dir / f"layer{layer}-propagate.onnx", as_input)
+        if not st.last and not float_prop:
+            nxt_name = slices.layer_inputs[st.layer + 1]
+            path, prop_inputs = slices.slice([nxt_name], st.cut, work_dir / f"layer{st.layer}-propagate.onnx",
+                                             st.as_input)
             sess = ort_session(path, threads)
             qweights = {}
             for w in prop_inputs:
@@ -411,26 +516,51 @@ def calibrate(
                     qweights[w] = weights[w] if w in weights else np.asarray(loaders[w](), np.float32)
             for c0 in range(0, n, chunk):
                 feeds = decoder_feeds(sess, tokens[c0:c0 + chunk], kv_heads, head_dim)
-                feeds[cut] = hidden[c0:c0 + chunk]
+                feeds[st.cut] = hidden[c0:c0 + chunk]
                 feeds.update(qweights)
                 nxt[c0:c0 + chunk] = sess.run([nxt_name], feeds)[0]
                 note_rss()
             hidden, nxt = nxt, hidden
-            del qweights
-        del sess, weights, stats
+            del sess, qweights
         t3 = time.perf_counter()
-        layer_reports.append({"layer": layer, "seconds": round(t3 - t0, 2),
-                              "cpu_s": round(time.process_time() - layer_cpu0, 2),
-                              "statistics_s": round(t1 - t0, 2),
-                              "quantize_s": round(t2 - t1, 2), "propagate_s": round(t3 - t2, 2), **info})
+        rep = {"layer": st.layer, "seconds": round(waited + p.seconds * (not overlap) + t3 - t1, 2)}
+        if not overlap:  # overlapped, the process's CPU seconds mix two layers
+            q_cpu = time.process_time() - layer_cpu0
+            rep |= {"cpu_s": round(p.cpu_s + q_cpu, 2), "statistics_cpu_s": round(p.cpu_s, 2),
+                    "quantize_cpu_s": round(q_cpu, 2)}
+        rep |= {"statistics_s": p.seconds, "waited_s": round(waited, 2), "quantize_s": round(t2 - t1, 2),
+                "propagate_s": round(t3 - t2, 2), **info}
+        layer_reports.append(rep)
         if os.environ.get("LLMBUILD_CALIBRATION_LOG"):
-            print(f"calibration layer {layer}: {layer_reports[-1]}", flush=True)
+            print(f"calibration layer {st.layer}: {rep}", flush=True)
         if progress is not None:
-            progress(len(layer_reports), len(steps), f"layer {layer}")
+            progress(len(layer_reports), len(steps), f"layer {st.layer}")
+
+    if overlap:
+        # Float propagation: layer i+1's input is layer i's float output, so its pass 1
+        # (ONNX Runtime) runs on a worker thread while layer i's searches run here (numpy
+        # and ONNX Runtime release the GIL): one layer ahead, no more.
+        with ThreadPoolExecutor(1, thread_name_prefix="llmbuild-calibration-statistics") as pool:
+            ahead = pool.submit(statistics_pass, steps[0])
+            for i in range(len(steps)):
+                t = time.perf_counter()
+                p = ahead.result()
+                waited = time.perf_counter() - t
+                if i + 1 < len(steps):
+                    ahead = pool.submit(statistics_pass, steps[i + 1])
+                quantize_step(p, waited)
+                del p
+    else:
+        for layer in steps:
+            c = time.process_time()
+            p = statistics_pass(layer)
+            p.cpu_s = time.process_time() - c
+            quantize_step(p, 0.0)
+            del p
     note_rss()
     report = {
         "samples": int(n), "seq_len": int(s), "tokens": int(n * s), "chunk_sequences": int(chunk),
-        "propagate": "float" if float_prop else "quantized",
+        "propagate": "float" if float_prop else "quantized", "overlap": bool(overlap),
         "seconds": round(time.perf_counter() - start, 2),
         "cpu_seconds": round(time.process_time() - cpu0, 2),  # every thread of the process
         "peak_rss_bytes": int(peak), "rss_before_bytes": int(rss0),
