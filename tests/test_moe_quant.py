@@ -117,7 +117,9 @@ def test_quantized_experts_on_the_cpu(arch, weights, fused, tmp_path):
             [dq] = [n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] == name]
             assert [n.op_type for n in graph.node if dq.output[0] in n.input] == ["Gather"]
     entry = read_manifest(art)["quantization"]["experts"]
-    assert entry["weight_bytes"] < entry["unquantized_bytes"] / 3
+    # float32 experts: int8 codes + float32 scales (+ asym int8 g32's offsets and block indicator: 1.44 bytes)
+    asym8 = weights["scheme"] == "int8" and weights.get("symmetric") is False
+    assert entry["weight_bytes"] < entry["unquantized_bytes"] / (2.5 if asym8 else 3)
     lowered = onnx.load_from_string(lowered_model_bytes(art / read_manifest(art)["graph"]["file"])).graph
     qmoe = [n for n in lowered.node if n.op_type == "QMoE"]
     assert len(qmoe) == (len(blocks) if fused else 0)
