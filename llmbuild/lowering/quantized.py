@@ -41,10 +41,10 @@ term: MatMulNBits(bits=8) without zero points computes x·(s·q), and the Add of
 (x summed per block)·o stays as the standard graph has it (exact; G = K/32 columns of block
 sums, 1/32 of the main product's work at g32). Why not zero points: ONNX Runtime 1.32's
 CPU MatMulNBits takes uint8 (integer) zero points for 8 bits, which cannot hold a float
-offset, and its float zero points only for 4 bits (`MatMulNBits<float>::ComputeBUnpacked`:
-"Only 4b quantization is supported for unpacked compute using non-MLAS de-quantization");
-float zero points also skip MLAS's prepacked kernels (the weight is dequantized at every
-call), which the offset term does not.
+offset, and refuses float zero points at 8 bits when the session is made (checked with
+1.32.0: "MatMulNBits on CPU does not support 8-bit weights with floating-point zero points;
+use uint8 zero points"); float zero points also skip MLAS's prepacked kernels (the weight
+is dequantized at every call), which the offset term does not.
 
     y = MatMul(x, DQ(q, s)) + MatMul(MatMul(x, indicator), o)  ==>  MatMulNBits(x, B, s, bits=8) + (same term)
 
