@@ -76,8 +76,9 @@ def test_unreachable_budget_is_refused_at_validate(tmp_path):
 def test_candidates_are_every_uncalibrated_registry_setting():
     keys = [spec_key(c) for c in candidate_specs()]
     assert len(keys) == len(set(keys))
-    assert sorted(keys) == sorted(["int8", "int8-g32", "int8-g64", "int8-g128", "int4-g32-sym", "int4-g32-asym",
-                                   "int4-g64-sym", "int4-g64-asym", "int4-g128-sym", "int4-g128-asym", "none"])
+    assert sorted(keys) == sorted(["int8", "int8-g32", "int8-g64", "int8-g128", "int8-g32-asym", "int8-g64-asym",
+                                   "int8-g128-asym", "int4-g32-sym", "int4-g32-asym", "int4-g64-sym", "int4-g64-asym",
+                                   "int4-g128-sym", "int4-g128-asym", "none"])
     for c in candidate_specs():  # each key names its setting: an override with its keys resolves to it
         ov = {"match": "x", **spec_override(c)}
         assert resolve_plan({"weights": {"scheme": "none"}, "overrides": [ov]}, ["x.weight"], 1)["x.weight"] == c

@@ -27,6 +27,7 @@ CASES = {
     "int8-g64": {"scheme": "int8", "group_size": 64},
     "int4-g32": {"scheme": "int4", "group_size": 32},
     "int4-g64-asym": {"scheme": "int4", "group_size": 64, "symmetric": False},
+    "int8-g64-asym": {"scheme": "int8", "group_size": 64, "symmetric": False},
     "fp8": {"scheme": "fp8"},
     "int4-awq": {"scheme": "int4", "group_size": 32, "algorithm": "awq"},
     "int4-gptq": {"scheme": "int4", "group_size": 32, "algorithm": "gptq"},
@@ -149,7 +150,7 @@ def test_onnxruntime_logits_match_numpy_reference(case, tiny, artifacts):
         assert len(act_scales) == len(forms)
 
 
-@pytest.mark.parametrize("case", ["int8", "int8-g64", "int4-g32", "int4-g64-asym", "fp8"])
+@pytest.mark.parametrize("case", ["int8", "int8-g64", "int4-g32", "int4-g64-asym", "int8-g64-asym", "fp8"])
 def test_round_to_nearest_codes_equal_the_numpy_reference(case, tiny, artifacts):
     """What compile stored is bit for bit the scheme's numpy quantization of the source."""
     from safetensors.numpy import load_file
@@ -158,7 +159,7 @@ def test_round_to_nearest_codes_equal_the_numpy_reference(case, tiny, artifacts)
     source = load_file(str(model_dir / "model.safetensors"))
     init = stored(onnx.load(str(artifact_graph(artifacts[case]))))
     c = CASES[case]
-    scheme = {"int8": Int8(c.get("group_size")), "fp8": Fp8()}.get(c["scheme"]) or Int4(
+    scheme = {"int8": Int8(c.get("group_size"), c.get("symmetric", True)), "fp8": Fp8()}.get(c["scheme"]) or Int4(
         c["group_size"], c.get("symmetric", True))
     name = "model.layers.1.mlp.up_proj.weight"  # [in 96, out 160]
     qt = scheme.quantize(source[name].T.astype(np.float32), np.float32)
@@ -173,6 +174,7 @@ def test_round_to_nearest_codes_equal_the_numpy_reference(case, tiny, artifacts)
     np.testing.assert_allclose(init[name + ".scale"], qt.scale, rtol=1e-7)
     if c.get("group_size") == 64:
         assert qt.scale.shape == (2, 160)  # 96 rows in groups of 64: one short block
+    assert (qt.offset is not None) == (name + ".offset" in init) == (not c.get("symmetric", True))
     if qt.offset is not None:
         np.testing.assert_array_equal(init[name + ".offset"], qt.offset)
 
@@ -319,7 +321,7 @@ def test_failing_gate_fails_compile_with_exit_1_and_a_report(tiny):
 
 
 
-@pytest.mark.parametrize("case", ["int8", "int8-g64", "int4-g32", "int4-g64-asym", "fp8"])
+@pytest.mark.parametrize("case", ["int8", "int8-g64", "int4-g32", "int4-g64-asym", "int8-g64-asym", "fp8"])
 def test_tensorrt_rtx_parses_and_builds(case, tiny):
     """fp16 graph of every form (int8 per channel; int4 blocks, padded to whole blocks,
     with the zero-point term; fp8 weights + activations; AWQ and GPTQ store the same
@@ -346,7 +348,7 @@ def test_tensorrt_rtx_parses_and_builds(case, tiny):
     assert len(dq) == expected
     inputs = {str(layer.get_input(0).dtype) for layer in dq}
     want = {"int8": {"DataType.INT8"}, "int8-g64": {"DataType.INT8"}, "int4-g32": {"DataType.INT4", "DataType.INT8"},
-            "int4-g64-asym": {"DataType.INT4"}, "fp8": {"DataType.FP8"}}[case]
+            "int4-g64-asym": {"DataType.INT4"}, "int8-g64-asym": {"DataType.INT8"}, "fp8": {"DataType.FP8"}}[case]
     assert want <= inputs
     # the fp16 artifact also runs on ONNX Runtime, close to the float32 numpy reference
     _, model_dir = tiny
@@ -367,11 +369,12 @@ def test_tensorrt_rtx_parses_and_builds(case, tiny):
     np.testing.assert_allclose(got, ours, atol=0.05)
 
 
-@pytest.mark.parametrize("case", ["int8", "int8-g64", "int4-g64-asym", "int4-gptq"])
+@pytest.mark.parametrize("case", ["int8", "int8-g64", "int4-g64-asym", "int8-g64-asym", "int4-gptq"])
 def test_cpu_lowering_to_matmulnbits(case, artifacts, tmp_path):
     """DequantizeLinear → MatMul as com.microsoft.MatMulNBits (int8 per channel packed in
     blocks of 128; int8 blocks as stored; asymmetric int4's offset term folded into float
-    zero points): exact at accuracy level 1, close at level 4 (int8 activations)."""
+    zero points; asymmetric int8's kept, its MatMulNBits without zero points): exact at
+    accuracy level 1, close at level 4 (int8 activations)."""
     import onnx_ir as ir
 
     from llmbuild.lowering.quantized import fuse_sibling_matmulnbits, lower_quantized_matmuls
@@ -391,10 +394,19 @@ def test_cpu_lowering_to_matmulnbits(case, artifacts, tmp_path):
         with_zero_points = [node for node in nbits if len(node.inputs) > 3 and node.inputs[3] is not None]
         assert len(with_zero_points) == (n if case == "int4-g64-asym" else 0)
         levels = {node.attributes["accuracy_level"].value for node in nbits}
-        assert levels == ({1} if case == "int8-g64" else {level})  # int8 blocks: float activations
+        assert levels == ({1} if case.startswith("int8-g64") else {level})  # int8 blocks: float activations
+        assert {node.attributes["bits"].value for node in nbits} == {4 if case.startswith("int4") else 8}
+        offsets = [v for v in model.graph.initializers if v.endswith(".offset")]
+        products = [node for node in model.graph if node.name.endswith(".offset_product")]
         if case == "int4-g64-asym":  # no float offset product is left
-            assert not [v for v in model.graph.initializers if v.endswith((".offset", ".block_indicator"))]
-            assert not [node for node in model.graph if node.name.endswith((".offset_product", ".block_sums"))]
+            assert not offsets and not products
+            assert not [v for v in model.graph.initializers if v.endswith(".block_indicator")]
+            assert not [node for node in model.graph if node.name.endswith(".block_sums")]
+        elif case == "int8-g64-asym":  # every linear keeps its offset product, added to MatMulNBits' output
+            assert len(offsets) == len(products) == 7 * LAYERS + 1
+            adds = [node for node in model.graph if node.name.endswith(".offset_add")]
+            assert len(adds) == 7 * LAYERS + 1
+            assert all(a.inputs[0].producer().op_type in ("MatMulNBits", "Split") for a in adds)
         ir.save(model, tmp_path / f"l{level}.onnx", external_data=f"l{level}.onnx.data")
         np.testing.assert_allclose(OrtGraphRunner(tmp_path / f"l{level}.onnx").logits(IDS), standard, atol=atol)
 

@@ -93,15 +93,19 @@ def test_mistakes_are_reported_where_they_are(tmp_path):
     assert "has splits ['calibration', 'evaluation'], not 'test'" in found["verify.eval_dataset"]
     found = problems(tmp_path, (
         "quantization:\n"
-        "  weights: {scheme: int8, group_size: 32, symmetric: false}\n"
-        "  overrides: [{match: lm_head, scheme: fp8, group_size: 64}, {match: '*.o_proj', scheme: int8,"
+        "  weights: {scheme: int8, symmetric: false}\n"
+        "  overrides: [{match: lm_head, scheme: fp8, group_size: 64}, {match: '*.o_proj', scheme: fp8,"
         " symmetric: false}]\n"))
-    assert found["quantization.weights.symmetric"].startswith(
-        "4: symmetric False applies to scheme int4 only; the scheme here is int8")
-    assert "quantization.weights.group_size" not in found  # int8 takes blocks
+    assert found["quantization.weights"].startswith(  # int8 per channel has no offsets
+        "4: symmetric false with scheme int8 needs a group_size (32, 64 or 128)")
     assert found["quantization.overrides[0].group_size"].startswith(
         "5: group_size 64 applies to scheme int4 and int8 only; the scheme here is fp8")
-    assert found["quantization.overrides[1].symmetric"].startswith("5: symmetric False applies to scheme int4 only")
+    assert found["quantization.overrides[1].symmetric"].startswith(
+        "5: symmetric False applies to scheme int4 and int8 only; the scheme here is fp8")
+    r = load(tmp_path, "quantization: {weights: {scheme: int8, group_size: 32, symmetric: false},"
+                       " overrides: [{match: '*.o_proj', scheme: int8, symmetric: true}]}\n")
+    assert r.to_dict()["quantization"]["weights"] == {"scheme": "int8", "algorithm": "rtn", "group_size": 32,
+                                                      "symmetric": False}
     r = load(tmp_path, "quantization: {weights: {scheme: int8, group_size: 32}}\n")
     assert r.to_dict()["quantization"]["weights"]["group_size"] == 32
     found = problems(tmp_path, "quantization: {weights: {scheme: int4, group_size: 48}}\n")

@@ -45,7 +45,7 @@ def test_int8_float16_scales_are_what_the_graph_stores():
 def test_all_zero_channel_gets_a_safe_scale():
     w = weight()
     w[:, 5] = 0
-    for scheme in (Int8(), Int4(32), Int4(32, symmetric=False), Fp8()):
+    for scheme in (Int8(), Int8(32, symmetric=False), Int4(32), Int4(32, symmetric=False), Fp8()):
         qt = scheme.quantize(w, np.float16)
         assert np.isfinite(qt.dequantize()).all() and (qt.scale != 0).all()
         assert np.abs(qt.dequantize()[:, 5]).max() == 0
@@ -180,6 +180,53 @@ def test_int8_blocks_round_trip(group):
     assert err[group:].mean() < per_channel[group:].mean() / 10  # blocks away from the outlier
 
 
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_int8_asymmetric_blocks_round_trip(group):
+    """256 levels per block: w = d·u + m, u in [0, 255], d = (max - min)/255, m = min (any
+    float); stored as signed codes q = u - 128 and the offset o = m + 128d."""
+    w = weight(k=256 + group // 2, n=24, seed=5) + 0.2  # a short last block; all-positive blocks
+    qt = Int8(group, symmetric=False).quantize(w, np.float32)
+    g = -(-w.shape[0] // group)
+    assert qt.data.dtype == np.int8 and qt.scale.shape == qt.offset.shape == (g, 24)
+    assert (qt.axis, qt.block_size) == (0, group) and qt.data.min() == -128 and qt.data.max() == 127
+    pad = np.concatenate([w, np.repeat(w[-1:], g * group - w.shape[0], 0)]).reshape(g, group, 24)
+    lo, hi = pad.min(1), pad.max(1)
+    np.testing.assert_allclose(qt.scale, (hi - lo) / 255, rtol=1e-6)
+    np.testing.assert_allclose(qt.offset, lo + 128 * (hi - lo) / 255, rtol=1e-6)
+    d = np.concatenate([qt.dequantize(), np.repeat(qt.dequantize()[-1:], g * group - w.shape[0], 0)])
+    np.testing.assert_allclose(d.reshape(g, group, 24).min(1), lo, rtol=1e-5)  # both ends are levels
+    np.testing.assert_allclose(d.reshape(g, group, 24).max(1), hi, rtol=1e-5)
+    err = np.abs(qt.dequantize() - w)
+    assert (err <= np.repeat(qt.scale, group, axis=0)[: w.shape[0]] * 0.5 + 1e-7).all()
+    sym = np.abs(Int8(group).quantize(w, np.float32).dequantize() - w)
+    assert err.mean() < sym.mean() / 1.5  # off-centre blocks: the offset uses the whole range
+    assert Int8(group, symmetric=False).describe() == f"int8 g{group} asym"
+
+
+def test_int8_asymmetric_needs_blocks():
+    with pytest.raises(ValueError, match="asymmetric int8 needs a group_size"):
+        Int8(symmetric=False)
+    assert make_scheme("int8", symmetric=False, group_size=32).symmetric is False
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_int8_asymmetric_g32_holds_every_q4_1_value(dtype):
+    """A Q4_1 block (d4·u4 + m, u4 in [0, 15] with both ends used) has max - min = 15·d4,
+    so asym int8 g32 has d = d4/17 and each Q4_1 value is its level u = 17·u4: requantizing
+    gives back those codes, and the weights up to the rounding of d and o to the graph dtype
+    (exact at float32 scales, to float32 arithmetic)."""
+    w, u4 = q4_1_weight()
+    qt = Int8(32, symmetric=False).quantize(w, dtype)
+    np.testing.assert_array_equal(qt.data.astype(np.int64) + 128, 17 * u4)
+    err = np.abs(qt.dequantize() - w)
+    # o rounded once (half an ulp of o), d rounded once (half an ulp of d, subnormal or not, times |q| <= 128)
+    half_ulp = lambda x: np.spacing(np.abs(x).astype(dtype)).astype(np.float32) / 2  # noqa: E731
+    bound = np.repeat(half_ulp(qt.offset) + 128 * half_ulp(qt.scale), 32, axis=0)
+    assert (err <= bound * (1 + 1e-3) + 1e-7).all(), float((err - bound).max())
+    if dtype == np.float32:
+        assert err.max() < 1e-6 * np.abs(w).max()
+
+
 def test_int4_rejects_unsupported_groups_and_shapes():
     with pytest.raises(ValueError, match="group_size 48"):
         Int4(48)
@@ -258,6 +305,19 @@ def test_registry_and_plan_overrides():
     assert plan["model.layers.2.mlp.down_proj.weight"] == ModuleSpec("int4", "awq", 32, True)
     q["overrides"].append({"match": "model.embed_tokens", "scheme": "none"})
     assert unmatched_overrides(q, names, 4) == [3]
+    # asymmetric int8 in blocks, the override's group inherited; per channel it is symmetric
+    q8 = {"weights": {"scheme": "int8", "group_size": 32, "symmetric": False},
+          "overrides": [{"match": "*.q_proj", "group_size": 64}, {"match": "lm_head", "scheme": "int8"},
+                        {"layers": [3], "match": "*.down_proj", "symmetric": True}]}
+    plan = resolve_plan(q8, names, 4)
+    assert plan["model.layers.0.mlp.down_proj.weight"] == ModuleSpec("int8", group_size=32, symmetric=False)
+    assert plan["model.layers.0.self_attn.q_proj.weight"] == ModuleSpec("int8", group_size=64, symmetric=False)
+    assert plan["model.layers.3.mlp.down_proj.weight"] == ModuleSpec("int8", group_size=32)
+    assert plan["lm_head.weight"] == ModuleSpec("int8", group_size=32, symmetric=False)  # same scheme: inherits
+    assert plan["model.layers.0.self_attn.q_proj.weight"].label == "int8 g64 asym"
+    per_channel = resolve_plan({"weights": {"scheme": "int4", "symmetric": False},
+                                "overrides": [{"match": "lm_head", "scheme": "int8", "symmetric": False}]}, names, 4)
+    assert per_channel["lm_head.weight"] == ModuleSpec("int8")
 
 
 # -- AWQ / GPTQ -----------------------------------------------------------------------------
@@ -332,6 +392,7 @@ def test_bits_per_weight_of_every_scheme():
     assert bits_per_weight(ModuleSpec("int4", group_size=32), sq, 2) == 4.5  # Q4_0
     assert bits_per_weight(ModuleSpec("int4", group_size=32, symmetric=False), sq, 2) == 5.0  # Q4_1
     assert bits_per_weight(ModuleSpec("int8", group_size=32), sq, 2) == 8.5  # Q8_0
+    assert bits_per_weight(ModuleSpec("int8", group_size=32, symmetric=False), sq, 2) == 9.0  # + a 16-bit offset
     assert bits_per_weight(ModuleSpec("int4", group_size=128), sq, 2) == 4 + 16 * 5 / 576  # 4 blocks + a short one
     assert bits_per_weight(ModuleSpec("int8"), (1536, 576), 2) == 8 + 16 / 1536  # one scale per output column
     assert bits_per_weight(ModuleSpec("int4", group_size=64), sq, 4) == 4.5  # float32 scales
@@ -339,6 +400,10 @@ def test_bits_per_weight_of_every_scheme():
     assert bits_per_weight(ModuleSpec("none"), sq, 2) == 16
     # and what the graph stores: int8 g128 pads 576 rows to 640 (the short block's codes)
     assert stored_bytes(ModuleSpec("int8", group_size=128), sq, 2) == 640 * 576 + 5 * 576 * 2
-    for spec in (ModuleSpec("int4", group_size=32), ModuleSpec("int8", group_size=32), ModuleSpec("int8")):
+    # asymmetric: + one offset per block and the block indicator [in, G] of the offset term
+    asym8 = ModuleSpec("int8", group_size=32, symmetric=False)
+    assert stored_bytes(asym8, sq, 2) == 576 * 576 + 2 * 18 * 576 * 2 + 576 * 18 * 2
+    for spec in (ModuleSpec("int4", group_size=32), ModuleSpec("int8", group_size=32), ModuleSpec("int8"),
+                 ModuleSpec("int4", group_size=32, symmetric=False), asym8):
         qt = spec.make().quantize(weight(k=576, n=576), np.float16)
         assert qt.storage_bytes * 8 == bits_per_weight(spec, sq, 2) * 576 * 576

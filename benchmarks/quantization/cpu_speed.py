@@ -11,12 +11,25 @@ CPU as the runtime loads it (llmbuild.lowering.cpu: MatMulNBits, fused
 attention); llama.cpp and onnxruntime-genai rows run benchmarks/runtime/peers.py (the
 same protocol; the genai int4 model comes from benchmarks/runtime/prepare.py). One
 process at a time, one after the other; run it on a quiet machine.
+
+    python benchmarks/quantization/cpu_speed.py --prefill [--prefill-rows fp16,int8-g32,int8-asym-g32]
+        [--levels 1,4] [--lengths 128,512] [--rounds 5]
+
+--prefill: prefill speed side by side in one process (the comparison that holds on a
+shared machine): every row's CPU graph (llmbuild.lowering.cpu.save_lowered_graph, the fp16
+artifact promoted to float32: "our fp32"; each quantized row at each MatMulNBits accuracy
+level, int8 in blocks included: 1 = float32 activations, what compile ships for int8
+blocks; 4 = int8 activations) takes turns, one prompt of each length (random ids, fixed
+seed, chunks of max_input_len) per round; prints tokens/s best and median per row and its
+ratio to the fp16 row's, and the first token each row predicts (accuracy level 4 may
+change it). Graphs and their weight copies go to WORK/cpu-graphs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -42,6 +55,67 @@ def one(artifact: str, threads: int) -> None:
         model.close()
 
 
+def prefill_report(work: Path, rows: list[str], levels: list[int], lengths: list[int], rounds: int,
+                   threads: int) -> dict:
+    import statistics
+    import time
+
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT))
+    from llmbuild.artifact import read_manifest
+    from llmbuild.lowering.cpu import save_lowered_graph
+    from llmbuild.runtime.executors.base import StepInputs
+    from llmbuild.runtime.executors.onnxruntime import OnnxRuntimeExecutor
+
+    runners = {}
+    for row in rows:
+        art = work / "artifacts" / f"smollm2-{row}"
+        m = read_manifest(art)
+        for level in (levels if m.get("quantization") else [None]):
+            name = row if level is None else f"{row} level {level}"
+            options = {} if level is None else {"int4_accuracy_level": level, "int8_accuracy_level": level,
+                                                "int8_block_accuracy_level": level}
+            graph = save_lowered_graph(art, work / "cpu-graphs" / name.replace(" ", "-"), **options)
+            ex = OnnxRuntimeExecutor(art / m["graph"]["file"], num_layers=m["model"]["num_layers"],
+                                     cache_len=m["limits"]["max_seq_len"], threads=threads, cpu_graph=graph)
+            runners[name] = ex, m["limits"]["max_input_len"]
+            print(f"  loaded {name}", file=sys.stderr, flush=True)
+    prompts = {n: np.random.default_rng(n).integers(100, 40000, n).tolist() for n in lengths}
+
+    def prefill(ex, chunk, ids):
+        for c in range(0, len(ids), chunk):
+            part = ids[c : c + chunk]
+            n = len(part)
+            logits = ex.forward(StepInputs(np.array([part]), np.arange(c, c + n)[None], np.array([c]),
+                                           np.array([[n - 1]])))
+        return int(logits[0, -1].argmax())
+
+    times = {(name, n): [] for name in runners for n in lengths}
+    first = {}
+    for (ex, chunk), n in ((r, n) for r in runners.values() for n in lengths):  # warm-up
+        prefill(ex, chunk, prompts[n])
+    for r in range(rounds):
+        for name, (ex, chunk) in runners.items():
+            for n in lengths:
+                t0 = time.perf_counter()
+                first[(name, n)] = prefill(ex, chunk, prompts[n])
+                times[(name, n)].append(time.perf_counter() - t0)
+        print(f"  round {r + 1}/{rounds}", file=sys.stderr, flush=True)
+    out = {"threads": threads, "rounds": rounds, "load_average_end": [round(x, 2) for x in os.getloadavg()],
+           "rows": {}}
+    for name in runners:
+        for n in lengths:
+            t = times[(name, n)]
+            ref = times[(rows[0], n)]
+            out["rows"][f"{name}, {n} tokens"] = {
+                "best_tokens_per_s": round(n / min(t), 1), "median_tokens_per_s": round(n / statistics.median(t), 1),
+                f"best_vs_{rows[0]}": round(min(ref) / min(t), 3),
+                f"median_vs_{rows[0]}": round(statistics.median(ref) / statistics.median(t), 3),
+                "first_token": first[(name, n)]}
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", default="/tmp/llmbuild-quant-bench")
@@ -51,10 +125,20 @@ def main():
     ap.add_argument("--genai", default="/tmp/llmbuild-bench/genai-int4",
                     help="onnxruntime-genai int4 model (benchmarks/runtime/prepare.py)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--prefill", action="store_true", help="prefill side by side in one process (see the docstring)")
+    ap.add_argument("--prefill-rows", default="fp16,int8-g32,int8-asym-g32", help="--prefill: the first is the reference")
+    ap.add_argument("--levels", default="1,4", help="--prefill: MatMulNBits accuracy levels of the quantized rows")
+    ap.add_argument("--lengths", default="128,512", help="--prefill: prompt lengths")
+    ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
     if args.one:
         return one(args.one, args.threads)
     work = Path(args.work)
+    if args.prefill:
+        report = prefill_report(work, args.prefill_rows.split(","), [int(x) for x in args.levels.split(",")],
+                                [int(x) for x in args.lengths.split(",")], args.rounds, args.threads)
+        print(json.dumps(report, indent=2))
+        return
     path = Path(__file__).parent / "cpu_speed.json"
     results = json.loads(path.read_text()) if path.is_file() else {}
     for row in args.rows.split(","):

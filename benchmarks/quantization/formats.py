@@ -4,6 +4,7 @@ of int8 artifacts with the fp16 one. Prints one JSON object; NOTES.md records th
 
     python benchmarks/quantization/formats.py weights          # RMS error, Q4_1 round trip
     python benchmarks/quantization/formats.py greedy [--work /tmp/llmbuild-formats] [--tokens 64]
+    python benchmarks/quantization/formats.py int8-rules [--work /tmp/llmbuild-quant-bench] [--tokens 64]
 
 weights: every linear weight (graph layout [in, out], float32) is quantized at fp16
 scales by
@@ -14,7 +15,18 @@ scales by
   - int4 asym g32 (Q4_1's grid): the source *is* Q4_1 on the same blocks of 32 input
     rows, so this must give back its codes and its weights to fp16 rounding: the max
     |Δ| and the share of codes equal, next to the fp16 rounding of the weights themselves.
-greedy: fp16, int8 (per channel) and int8 g32 artifacts (no engines), 5 chat prompts,
+  - int8 asym g32: d = (max - min)/255 = d_q4/17 on the same blocks, so every Q4_1 code
+    u4 must come back as the level 17·u4 (codes equal share) and the weights to fp16
+    rounding of d and o (max |Δ|).
+int8-rules: int8 g32 symmetric by three scale rules, each written into a copy of the
+int8 g32 artifact's graph (codes and scales replaced; WORK/artifacts from run.py, compiled
+if missing) and decoded greedily as run.py does (FoldedGraph, 5 chat prompts): "max127"
+(the scheme's max|w|/127, Q8_0's rule: must reproduce the int8-g32 row), "signed_extreme"
+(the block's signed extreme / -128, codes in [-128, 127], negative scales where the extreme
+is positive: what Q4_0 does at 4 bits; ONNX Runtime takes negative scales, TensorRT does
+not) and "tight" (its positive-scale form: max(max w / 127, -min w / 128)); RMS error of
+each over all linear weights.
+greedy: fp16, int8 (per channel), int8 g32 and int8 g32 asym artifacts (no engines), 5 chat prompts,
 greedy: the first token where each int8 artifact leaves the fp16 continuation (or -1:
 identical), run two ways:
   - "runtime": the CPU runtime (the lowered graph: MatMulNBits at accuracy level 4, i.e.
@@ -67,10 +79,11 @@ def reference_int4_rule(w: np.ndarray, group: int, rule: str) -> np.ndarray:
 
 
 def weights_report() -> dict:
-    from llmbuild.quantize.schemes import Int4
+    from llmbuild.quantize.schemes import Int4, Int8
 
     sq = {f"{rule} g{g}": 0.0 for g in (32, 128) for rule in ("old", "q4_0", "new")}
     count, max_diff, max_fp16, codes_equal, codes_total, tensors = 0, 0.0, 0.0, 0, 0, 0
+    max_diff8, codes_equal8 = 0.0, 0
     for name, w in linear_weights():
         tensors += 1
         count += w.size
@@ -78,6 +91,8 @@ def weights_report() -> dict:
             for rule in ("old", "q4_0"):
                 sq[f"{rule} g{g}"] += float(np.sum((reference_int4_rule(w, g, rule) - w) ** 2))
             sq[f"new g{g}"] += float(np.sum((Int4(g).quantize(w, np.float16).dequantize() - w) ** 2))
+        q8 = Int8(32, symmetric=False).quantize(w, np.float16)
+        max_diff8 = max(max_diff8, float(np.abs(q8.dequantize() - w).max()))
         qt = Int4(32, symmetric=False).quantize(w, np.float16)
         max_diff = max(max_diff, float(np.abs(qt.dequantize() - w).max()))
         max_fp16 = max(max_fp16, float(np.abs(w.astype(np.float16).astype(np.float32) - w).max()))
@@ -86,6 +101,7 @@ def weights_report() -> dict:
         lo, hi = blocks.min(axis=1, keepdims=True), blocks.max(axis=1, keepdims=True)
         u = np.rint((blocks - lo) / np.where(hi > lo, (hi - lo) / 15, 1)).reshape(w.shape)
         codes_equal += int(np.sum(u == qt.data.astype(np.int64) + 8))
+        codes_equal8 += int(np.sum(17 * u == q8.data.astype(np.int64) + 128))
         codes_total += w.size
         print(f"  {name}: max |Δ| asym g32 {np.abs(qt.dequantize() - w).max():.2e}", file=sys.stderr, flush=True)
     rms = {k: (v / count) ** 0.5 for k, v in sq.items()}
@@ -96,7 +112,67 @@ def weights_report() -> dict:
         "int4_sym_rms_ratio_new_over_q4_0": {g: rms[f"new {g}"] / rms[f"q4_0 {g}"] for g in ("g32", "g128")},
         "q4_1_requantized_asym_g32": {"max_abs_diff": max_diff, "codes_equal_share": codes_equal / codes_total,
                                       "fp16_rounding_of_the_weights_max_abs": max_fp16},
+        "q4_1_requantized_int8_asym_g32": {"max_abs_diff": max_diff8, "codes_equal_share": codes_equal8 / codes_total},
     }
+
+
+def int8_rule(w: np.ndarray, rule: str, group: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """int8 codes [in, out] and fp16-rounded scales [G, out] of `w` [in, out] by `rule`
+    (rows a multiple of `group`, as SmolLM2's 576 and 1536)."""
+    import ml_dtypes
+
+    blocks = w.reshape(-1, group, w.shape[1])
+    if rule == "max127":
+        s, lo = np.abs(blocks).max(axis=1) / 127, -127
+    elif rule == "signed_extreme":
+        idx = np.abs(blocks).argmax(axis=1)[:, None, :]
+        s, lo = np.take_along_axis(blocks, idx, axis=1)[:, 0, :] / -128, -128
+    elif rule == "tight":
+        s, lo = np.maximum(blocks.max(axis=1) / 127, -blocks.min(axis=1) / 128), -128
+    else:
+        raise ValueError(rule)
+    s = s.astype(np.float16).astype(np.float32)
+    s = np.where(s != 0, s, np.float32(ml_dtypes.finfo(np.float16).tiny))
+    q = np.clip(np.rint(w / np.repeat(s, group, axis=0)), lo, 127).astype(np.int8)
+    return q, s
+
+
+def int8_rules_report(work: Path, tokens: int, rules=("max127", "signed_extreme", "tight")) -> dict:
+    import onnx_ir as ir
+
+    from llmbuild.eval.runners import artifact_graph
+    from run import FoldedGraph, chat_prompts, greedy_row
+
+    fp16 = compile_artifact("fp16", None, work)
+    g32 = compile_artifact("int8-g32", {"scheme": "int8", "group_size": 32}, work)
+    prompts, eos = chat_prompts(fp16)
+
+    def greedy(path: Path) -> list[list[int]]:
+        runner = FoldedGraph(path)
+        try:
+            return [cached_graph_greedy(runner, p, tokens, eos) for p in prompts]
+        finally:
+            runner.close()
+
+    reference = greedy(artifact_graph(fp16))
+    report = {"tokens": tokens, "int8-g32 artifact": greedy_row(greedy(artifact_graph(g32)), reference)}
+    weights = dict(linear_weights())
+    for rule in rules:
+        model = ir.load(artifact_graph(g32))
+        sq, count = 0.0, 0
+        for name, w in weights.items():
+            q, s = int8_rule(w, rule)
+            model.graph.initializers[name].const_value = ir.tensor(q, name=name)
+            model.graph.initializers[name + ".scale"].const_value = ir.tensor(s.astype(np.float16), name=name + ".scale")
+            sq += float(np.sum((q.astype(np.float32) * np.repeat(s, 32, axis=0) - w) ** 2))
+            count += w.size
+        dst = work / f"int8-g32-{rule}"
+        dst.mkdir(parents=True, exist_ok=True)
+        ir.save(model, dst / "model.onnx", external_data="model.onnx.data")
+        del model
+        report[rule] = greedy_row(greedy(dst / "model.onnx"), reference) | {"rms": (sq / count) ** 0.5}
+        print(json.dumps({rule: report[rule]}), file=sys.stderr, flush=True)
+    return report
 
 
 def compile_artifact(name: str, weights: dict | None, work: Path) -> Path:
@@ -121,7 +197,9 @@ def greedy_report(work: Path, tokens: int, ways: tuple[str, ...] = ("runtime", "
     work.mkdir(parents=True, exist_ok=True)
     arts = {"fp16": compile_artifact("fp16", None, work),
             "int8": compile_artifact("int8", {"scheme": "int8"}, work),
-            "int8-g32": compile_artifact("int8-g32", {"scheme": "int8", "group_size": 32}, work)}
+            "int8-g32": compile_artifact("int8-g32", {"scheme": "int8", "group_size": 32}, work),
+            "int8-asym-g32": compile_artifact("int8-asym-g32", {"scheme": "int8", "group_size": 32,
+                                                                "symmetric": False}, work)}
     report = {"tokens": tokens, "prompts": PROMPTS}
     for way in ways:
         outputs, texts = {}, {}
@@ -135,7 +213,7 @@ def greedy_report(work: Path, tokens: int, ways: tuple[str, ...] = ("runtime", "
                 texts[name] = [model.tokenizer.decode(ids) for ids in outputs[name]]
         r = {"first_divergence": {}, "identical": {}, "fp16_lengths": [len(x) for x in outputs["fp16"]],
              "first_text": {k: v[0] for k, v in texts.items()}}
-        for name in ("int8", "int8-g32"):
+        for name in ("int8", "int8-g32", "int8-asym-g32"):
             firsts = []
             for ref, ids in zip(outputs["fp16"], outputs[name]):
                 n = min(len(ref), len(ids))
@@ -159,13 +237,17 @@ def graph_greedy(art: Path, prompt: list[int], tokens: int, eos: set[int]) -> li
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["weights", "greedy"])
+    ap.add_argument("what", choices=["weights", "greedy", "int8-rules"])
     ap.add_argument("--work", default="/tmp/llmbuild-formats")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--ways", default="runtime,graph", help="greedy: runtime and/or graph (graph is slow)")
     args = ap.parse_args()
-    report = weights_report() if args.what == "weights" else greedy_report(Path(args.work), args.tokens,
-                                                                                       tuple(args.ways.split(",")))
+    if args.what == "weights":
+        report = weights_report()
+    elif args.what == "int8-rules":
+        report = int8_rules_report(Path(args.work), args.tokens)
+    else:
+        report = greedy_report(Path(args.work), args.tokens, tuple(args.ways.split(",")))
     print(json.dumps(report, indent=2))
 
 

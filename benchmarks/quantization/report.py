@@ -10,7 +10,7 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 
-ORDER = ["fp16", "int8", "int8-g32", "int8-g128", "int8-head8", "fp8",
+ORDER = ["fp16", "int8", "int8-g32", "int8-g128", "int8-asym-g32", "int8-asym-g128", "int8-head8", "fp8",
          "int4-rtn-g32", "int4-awq-g32", "int4-gptq-g32", "int4-asym-rtn-g32", "int4-asym-awq-g32", "int4-asym-gptq-g32",
          "int4-rtn-g128", "int4-awq-g128", "int4-gptq-g128", "int4-asym-rtn-g128", "int4-asym-awq-g128",
          "int4-asym-gptq-g128", "int4-awq-g128-head8", "int4-rtn-g32-head4", "auto-4.5bpw", "auto-4.5bpw-gptq",
@@ -20,6 +20,8 @@ LABELS = {
     "int8": "llmbuild int8 per-channel",
     "int8-g32": "llmbuild int8 g32 (Q8_0's blocks)",
     "int8-g128": "llmbuild int8 g128",
+    "int8-asym-g32": "llmbuild int8 g32 asym (holds the Q4_1 source's grid: d = d_q4/17)",
+    "int8-asym-g128": "llmbuild int8 g128 asym",
     "fp8": "llmbuild fp8 e4m3 (W8A8, per-tensor)",
     "int8-head8": "llmbuild int8 per-channel + lm_head int8 (recipes/smollm2-135m-instruct-int8.yaml)",
     "int4-awq-g128-head8": "llmbuild int4 g128 AWQ + lm_head int8 (recipes/smollm2-135m-instruct-int4-awq.yaml)",

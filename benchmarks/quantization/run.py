@@ -56,6 +56,10 @@ ROWS = {  # name -> quantization.weights
     "int8": {"scheme": "int8"},
     "int8-g32": {"scheme": "int8", "group_size": 32},  # Q8_0's blocks
     "int8-g128": {"scheme": "int8", "group_size": 128},
+    # asymmetric int8 blocks (a float offset per block): on this Q4_1 source g32 holds every
+    # source value on its grid (d = d_q4/17), so it measures the format, not int8's rounding
+    "int8-asym-g32": {"scheme": "int8", "group_size": 32, "symmetric": False},
+    "int8-asym-g128": {"scheme": "int8", "group_size": 128, "symmetric": False},
     "fp8": {"scheme": "fp8"},
 }
 for _alg in ("rtn", "awq", "gptq"):  # int4: sym/asym × g32/g128 × rtn/awq/gptq (asym g32 is Q4_1's grid)
@@ -85,7 +89,7 @@ ROWS |= {name: None for name in TARGETS}
 LLAMA_CPP = ("F16", "Q8_0", "Q4_0", "Q4_1", "Q4_K_M")
 # The full table (issue #17), cheap rows first: no calibration, then llama.cpp, then the
 # calibrated rows (the 4.5-bit ones first).
-TABLE = ["fp16", "int8", "int8-g32", "int8-g128", "int4-rtn-g32", "int4-asym-rtn-g32", "int4-rtn-g128",
+TABLE = ["fp16", "int8", "int8-g32", "int8-g128", "int8-asym-g32", "int4-rtn-g32", "int4-asym-rtn-g32", "int4-rtn-g128",
          "int4-asym-rtn-g128", *(f"llama.cpp {q}" for q in LLAMA_CPP), "auto-4.5bpw", "auto-4.5bpw-gptq", "fp8",
          "int4-gptq-g32", "int4-awq-g32", "int4-gptq-g128", "int4-awq-g128", "int4-asym-gptq-g32",
          "int4-asym-awq-g32", "int4-asym-gptq-g128", "int4-asym-awq-g128"]

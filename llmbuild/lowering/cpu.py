@@ -58,7 +58,7 @@ from llmbuild.graph import io
 from llmbuild.graph.annotations import ATTENTION, annotation
 from llmbuild.lowering.moe import MoELoweringError, lower_moe_blocks
 from llmbuild.lowering.moe_quantized import lower_quantized_moe_blocks
-from llmbuild.lowering.quantized import fuse_sibling_matmulnbits, lower_quantized_matmuls
+from llmbuild.lowering.quantized import INT8_BLOCK_ACCURACY_LEVEL, fuse_sibling_matmulnbits, lower_quantized_matmuls
 from llmbuild.lowering.rewrite import (MS_DOMAIN, float32_initializer, insert_in_order, remove_unused,
                                        replace_with_split)
 
@@ -140,9 +140,11 @@ def _unheaded(x_heads: ir.Value | None, name: str, tape: ir.tape.Tape) -> ir.Val
     return tape.op("Reshape", [x_heads, flat])
 
 
-def lower_for_cpu(model: ir.Model, *, int4_accuracy_level: int = 4, int8_accuracy_level: int = 4) -> ir.Model:
+def lower_for_cpu(model: ir.Model, *, int4_accuracy_level: int = 4, int8_accuracy_level: int = 4,
+                  int8_block_accuracy_level: int = INT8_BLOCK_ACCURACY_LEVEL) -> ir.Model:
     """Rewrite `model` in place (see the module docstring) and return it. The accuracy
-    levels are MatMulNBits' (4: int8 activations, 1: float32; tests compare both)."""
+    levels are MatMulNBits' (4: int8 activations, 1: float32; tests compare both):
+    int8 per channel, int8 in blocks (`group_size`) and int4 each have their own."""
     graph = model.graph
     inputs = {v.name: v for v in graph.inputs}
     for name in (io.INPUT_IDS, io.POSITION_IDS, io.WRITE_INDICES):
@@ -155,7 +157,8 @@ def lower_for_cpu(model: ir.Model, *, int4_accuracy_level: int = 4, int8_accurac
     # ONNX Runtime's int8-activation kernels keep per-block activation scales; siblings
     # reading one activation (q/k/v, gate/up) as one MatMulNBits (no-op for unquantized
     # graphs).
-    lower_quantized_matmuls(model, int4_accuracy_level=int4_accuracy_level, int8_accuracy_level=int8_accuracy_level)
+    lower_quantized_matmuls(model, int4_accuracy_level=int4_accuracy_level, int8_accuracy_level=int8_accuracy_level,
+                            int8_block_accuracy_level=int8_block_accuracy_level)
     fuse_sibling_matmulnbits(model)
     _promote_to_float32(graph)
     _fuse_sibling_matmuls(graph)

@@ -36,6 +36,18 @@ float zero points for 4 bits, not for 8):
 
     y = MatMul(x, DQ(q, s)) + MatMul(MatMul(x, indicator), o)  ==>  x ─MatMulNBits(B, s, zp)─► y
 
+Asymmetric int8 in blocks (w = s·q + o per block, the same offset term) keeps the offset
+term: MatMulNBits(bits=8) without zero points computes x·(s·q), and the Add of
+(x summed per block)·o stays as the standard graph has it (exact; G = K/32 columns of block
+sums, 1/32 of the main product's work at g32). Why not zero points: ONNX Runtime 1.32's
+CPU MatMulNBits takes uint8 (integer) zero points for 8 bits, which cannot hold a float
+offset, and refuses float zero points at 8 bits when the session is made (checked with
+1.32.0: "MatMulNBits on CPU does not support 8-bit weights with floating-point zero points;
+use uint8 zero points"); float zero points also skip MLAS's prepacked kernels (the weight
+is dequantized at every call), which the offset term does not.
+
+    y = MatMul(x, DQ(q, s)) + MatMul(MatMul(x, indicator), o)  ==>  MatMulNBits(x, B, s, bits=8) + (same term)
+
 `fuse_sibling_matmulnbits` then makes one MatMulNBits of those reading the same
 activation (q/k/v, gate/up), as the float lowering does for plain MatMuls.
 """
@@ -200,6 +212,7 @@ def lower_quantized_matmuls(model: ir.Model, *, int4_accuracy_level: int = 4, in
         for use in users:
             mm = use.node
             a, width = mm.inputs[0], k
+            # int4: the offset term becomes float zero points; int8's stays (see the module doc)
             term = _offset_term(mm.outputs[0], a, k, blk) if bits == 4 and a is not None else None
             found = _block_pad(a, k) if a is not None else None
             if found is not None:

@@ -5,8 +5,8 @@
 
 1. **Candidates**: every setting of the scheme registry that needs no calibration
    (round to nearest; fp8 quantizes activations and is left out): `none` (the graph
-   dtype), int8 per channel and per block, int4 at each of its group sizes, symmetric or
-   not — enumerated from `schemes.SCHEMES` (a scheme's `GROUP_SIZES` and whether it takes
+   dtype), int8 per channel and per block, int4 at each of its group sizes, blocks
+   symmetric or not — enumerated from `schemes.SCHEMES` (a scheme's `GROUP_SIZES` and whether it takes
    `symmetric`), so a scheme or group size registered there is a candidate too. Their
    sizes are `plan.stored_bytes` (what the graph stores).
 2. **Sensitivity** of linear `W` [in, out] under candidate `c`: the output error its
@@ -88,16 +88,16 @@ def spec_override(spec: ModuleSpec) -> dict:
     if spec.scheme == "int4":
         ov |= {"group_size": spec.group_size, "symmetric": spec.symmetric}
     elif spec.scheme == "int8" and spec.group_size is not None:
-        ov |= {"group_size": spec.group_size}
+        ov |= {"group_size": spec.group_size, "symmetric": spec.symmetric}
     return ov
 
 
 def spec_key(spec: ModuleSpec) -> str:
-    """A short stable name: none, int8 (per channel), int8-g32, int4-g32-sym …"""
+    """A short stable name: none, int8 (per channel), int8-g32, int8-g32-asym, int4-g32-sym …"""
     if spec.scheme == "int4":
         return f"int4-g{spec.group_size}-{'sym' if spec.symmetric else 'asym'}"
     if spec.scheme == "int8" and spec.group_size is not None:
-        return f"int8-g{spec.group_size}"
+        return f"int8-g{spec.group_size}" + ("" if spec.symmetric else "-asym")
     return spec.scheme
 
 

@@ -24,7 +24,7 @@ block_size = in): per-axis DequantizeLinear takes only a 1-D scale, not one per 
 Blocks that do not divide the input (int4 g128 over 64 rows) are padded with zero rows,
 and the MatMul's activation with as many zero columns, as for dense linears.
 
-Asymmetric int4 (w = s·q + o per block) adds the offset term after the MatMul, with the
+Asymmetric int4 and int8 (w = s·q + o per block) add the offset term after the MatMul, with the
 offsets gathered like the weights:
 
     a ─MatMul(indicator [in_p, G])─► sums [..,1,G] ─MatMul(Gather(offsets [E,G,out], idx))─► c ─┐
@@ -60,7 +60,7 @@ class StackedQuantized:
     scheme: str  # "int4" | "int8"
     codes: np.ndarray  # int8 values [E, in_p, out] (in_p: rows padded to whole blocks)
     scale: np.ndarray  # float32 [E, G, out]
-    offset: np.ndarray | None  # asymmetric int4: [E, G, out]
+    offset: np.ndarray | None  # asymmetric int4/int8: [E, G, out]
     block: int  # rows per block (int8 per channel: in)
     rows: int  # the weight's input rows (in)
     per_channel: bool = False  # int8 per channel: one block of all rows, whatever they are
@@ -163,7 +163,7 @@ def quantize_experts_graph(model: ir.Model, plan: dict[str, ModuleSpec], *,
             sq = results(name)
             return sq if sq is not None else quantize_stacked(spec, np.asarray(loader(), np.float32), scale_np)
 
-        asym = spec.scheme == "int4" and not spec.symmetric
+        asym = not spec.symmetric  # int4 or int8 in blocks with a float offset per block
         shared = _SharedResult(make, 3 if asym else 2)
         block = spec.group_size or k
         g = -(-k // block)

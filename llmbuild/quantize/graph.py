@@ -18,7 +18,7 @@ Pad per distinct input):
 
     x [.., 576] ─Pad(axes=[-1], 0..64)─► x' [.., 640] ─MatMul(x', DequantizeLinear(q [640, out], s [5, out]))
 
-Asymmetric int4 (w = s·q + o, o a float per block, as llama.cpp's Q4_1): DequantizeLinear
+Asymmetric int4 and int8 (w = s·q + o, o a float per block, as llama.cpp's Q4_1): DequantizeLinear
 cannot hold it (its zero point is an integer on the code grid, and TensorRT takes only
 zero-valued zero points), so the offset is a second, small product: x·(s·q) + (x summed
 per block)·o. The block sums are one MatMul with a 0/1 indicator [in, G] (G = blocks per
@@ -27,9 +27,10 @@ column), shared by the linears that read the same x (q/k/v; gate/up):
     x ──MatMul(x, DequantizeLinear(q, s))──────────────────────────────┐
      └─MatMul(x, indicator [in, G])──MatMul(·, o [G, out])─────────────(+)─► y
 
-All of it is plain ONNX that TensorRT parses (its int4 weight-only GEMM for the first
-product, two small GEMMs and an Add for the offset); the CPU lowering folds the offset
-back into MatMulNBits' float zero points (llmbuild.lowering.quantized).
+All of it is plain ONNX that TensorRT parses (its int4/int8 weight-only GEMM for the first
+product, two small GEMMs and an Add for the offset); the CPU lowering folds int4's offset
+back into MatMulNBits' float zero points and keeps int8's offset product
+(llmbuild.lowering.quantized).
 
 fp8 also quantizes the activation entering the MatMul (per-tensor scale from
 calibration; inputs shared by several linears are quantized once):
@@ -188,7 +189,7 @@ def quantize_graph(
                 qt = scheme.quantize(np.asarray(loader(), np.float32), scale_np)
             return qt
 
-        asym = spec.scheme == "int4" and not spec.symmetric
+        asym = not spec.symmetric  # int4 or int8 in blocks with a float offset per block
         shared = _SharedResult(make, 3 if asym else 2)
         code_type = _ONNX_CODES[spec.scheme]
         block = spec.group_size  # int4, int8 in blocks; None: int8 per channel, fp8 per tensor

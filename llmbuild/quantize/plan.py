@@ -53,8 +53,8 @@ class ModuleSpec:
 
 def stored_bytes(spec: ModuleSpec, shape: tuple[int, int], dtype_bytes: int) -> int:
     """Bytes the weight takes in the graph: codes (padded to whole blocks) + scales
-    (+ asymmetric int4's offsets and its block indicator [in, G], counted per weight though
-    the linears reading the same input share one)."""
+    (+ asymmetric int4/int8's offsets and its block indicator [in, G], counted per weight
+    though the linears reading the same input share one)."""
     k, n = shape
     if spec.scheme == "none":
         return k * n * dtype_bytes
@@ -72,7 +72,7 @@ def stored_bytes(spec: ModuleSpec, shape: tuple[int, int], dtype_bytes: int) -> 
 def bits_per_weight(spec: ModuleSpec, shape: tuple[int, int], dtype_bytes: int) -> float:
     """The scheme's bits per weight as llama.cpp counts them: codes + scales (+ offsets),
     scales and offsets in the graph dtype, no padding (int4 g32 sym = 4.5 at 16 bits, like
-    Q4_0; asym 5.0, like Q4_1; int8 g32 = 8.5, like Q8_0)."""
+    Q4_0; asym 5.0, like Q4_1; int8 g32 = 8.5, like Q8_0; int8 g32 asym 9.0)."""
     k, n = shape
     scale_bits = 8 * dtype_bytes
     if spec.scheme == "none":
@@ -97,7 +97,7 @@ def default_spec(weights: dict) -> ModuleSpec:
         algorithm=weights.get("algorithm") or "rtn",
         group_size=(weights.get("group_size") or 128) if scheme == "int4" else (
             weights.get("group_size") if scheme == "int8" else None),
-        symmetric=weights.get("symmetric", True) if weights.get("symmetric") is not None else True,
+        symmetric=weights.get("symmetric") is not False or (scheme == "int8" and not weights.get("group_size")),
     )
 
 
@@ -120,7 +120,10 @@ def resolve_plan(quantization: dict, weight_names: list[str], num_layers: int) -
             if spec.scheme == "int4" and spec.group_size is None:
                 spec = replace(spec, group_size=128)
             if spec.scheme != "int4":
-                spec = replace(spec, group_size=spec.group_size if spec.scheme == "int8" else None, symmetric=True)
+                spec = replace(spec, group_size=spec.group_size if spec.scheme == "int8" else None,
+                               symmetric=spec.symmetric if spec.scheme == "int8" else True)
+            if spec.scheme == "int8" and spec.group_size is None:
+                spec = replace(spec, symmetric=True)  # per output channel: symmetric only
             if spec.scheme in ("none", "fp8", "int8") and spec.algorithm != "rtn":
                 spec = replace(spec, algorithm="rtn")
         plan[name] = spec

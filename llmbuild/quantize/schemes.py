@@ -8,6 +8,8 @@ Weights arrive as the graph stores them, `[in, out]` (the HF `[out, in]` transpo
 | int8            | int8 [-127,127] | per output channel: [out]       | axis=1                   | 8 + 16/in   |
 | int8 g32/64/128 | int8 [-127,127] | per block of `group_size` input | axis=0, block_size=group | 8 + 16/g    |
 |                 |                 | rows: [ceil(in/g), out]         |                          | (Q8_0: 8.5) |
+| int8 g… asym    | int8 [-128,127] | per block + a float offset      | + a per-block offset     | 8 + 32/g    |
+|                 |                 | per block: [ceil(in/g), out]    | term (quantize.graph)    | (g32: 9.0)  |
 | int4 g… sym     | int4 [-8, 7]    | per block: [ceil(in/g), out]    | axis=0, block_size=group | 4 + 16/g    |
 | int4 g… asym    | int4 [-8, 7]    | per block + a float offset      | + a per-block offset     | 4 + 32/g    |
 |                 |                 | per block: [ceil(in/g), out]    | term (quantize.graph)    | (Q4_1: 5.0) |
@@ -28,6 +30,12 @@ Asymmetric int4 is Q4_1's grid: w = d·u + m with u in [0, 15], d = (max − min
 m = min, any float (not a zero point on the integer grid). Codes are stored signed,
 q = u − 8 (TensorRT reads only signed int4), so w = d·q + o with the per-block offset
 o = m + 8·d kept in the graph dtype: `QuantizedTensor.offset`.
+
+Asymmetric int8 (blocks only) is the same with 256 levels: u in [0, 255], d = (max − min)/255,
+q = u − 128, o = m + 128·d. On a Q4_1 source (SmolLM2's GGUF) each block of 32 is
+d₄·u₄ + m with u₄ in [0, 15] using both ends, so max − min = 15·d₄ and d = d₄/17: every
+Q4_1 value is a level of asym int8 g32 (u = 17·u₄), up to the rounding of d and o to the
+graph dtype (a half ulp of each, times |q| ≤ 128 for d: o is computed from the unrounded d).
 
 The last block may be shorter than the group (576 input rows in groups of 128: four full
 blocks and one of 64); ONNX allows that and both ONNX Runtime and TensorRT accept it.
@@ -56,7 +64,7 @@ class QuantizedTensor:
     scheme: str
     data: np.ndarray  # int8 codes (int8 and int4 schemes) or float8_e4m3fn values, [in, out]
     scale: np.ndarray  # float32 holding values exactly representable in the graph dtype
-    offset: np.ndarray | None = None  # int4 asymmetric: per-block float offset o, w = s·q + o
+    offset: np.ndarray | None = None  # asymmetric int4/int8: per-block float offset o, w = s·q + o
     axis: int | None = None  # DequantizeLinear axis (None: per tensor)
     block_size: int | None = None
 
@@ -126,15 +134,22 @@ def _check_matrix(w: np.ndarray) -> np.ndarray:
 
 
 class Int8:
-    """Symmetric int8 (scale max|w|/127): one scale per output channel, or with
-    `group_size` one per block of that many input rows (llama.cpp's Q8_0 at 32)."""
+    """int8 along the input dimension. Symmetric (scale max|w|/127): one scale per output
+    channel, or with `group_size` one per block of that many input rows (llama.cpp's Q8_0
+    at 32). Asymmetric (`symmetric=False`, blocks only): w = d·u + m per block, u in
+    [0, 255], d = (max − min)/255, m = min (any float), stored as signed codes q = u − 128
+    and the offset o = m + 128·d (`QuantizedTensor.offset`), as asymmetric int4 does."""
 
     name = "int8"
     GROUP_SIZES = GROUP_SIZES  # and None: per output channel (the default)
 
-    def __init__(self, group_size: int | None = None, **params):
+    def __init__(self, group_size: int | None = None, symmetric: bool = True, **params):
         _no_params(self.name, params)
         self.group_size = None if group_size is None else _check_group(self.name, group_size)
+        self.symmetric = bool(symmetric)
+        if not self.symmetric and self.group_size is None:
+            raise ValueError(f"asymmetric int8 needs a group_size (one of {list(GROUP_SIZES)}); "
+                             "per output channel it is symmetric only")
 
     def quantize(self, w: np.ndarray, scale_dtype=np.float16, shrink: np.ndarray | None = None) -> QuantizedTensor:
         w = _check_matrix(w)
@@ -145,16 +160,33 @@ class Int8:
             scale = _round_scale(amax / 127.0, scale_dtype)
             q = np.clip(np.rint(w / scale[None, :]), -127, 127).astype(np.int8)
             return QuantizedTensor(self.name, q, scale, axis=1)
-        amax = np.abs(_blocks(w, self.group_size)).max(axis=1)
-        if shrink is not None:
-            amax = amax * shrink
-        scale = _round_scale(amax / 127.0, scale_dtype)
+        blocks = _blocks(w, self.group_size)
+        offset = None
+        if self.symmetric:
+            amax = np.abs(blocks).max(axis=1)
+            if shrink is not None:
+                amax = amax * shrink
+            scale = _round_scale(amax / 127.0, scale_dtype)
+            lo_code = -127
+        else:
+            lo, hi = blocks.min(axis=1), blocks.max(axis=1)
+            if shrink is not None:  # narrow the range about its middle
+                mid = (hi + lo) / 2
+                lo, hi = mid + (lo - mid) * shrink, mid + (hi - mid) * shrink
+            # o from the unrounded step: the rounding of d then moves w by |q|·δd ≤ 128·δd
+            # (o from the rounded d would put all of 255·δd at the block's top)
+            scale = _round_scale((hi - lo) / 255.0, scale_dtype)
+            offset = _round(lo + 128.0 * ((hi - lo) / 255.0), scale_dtype)
+            lo_code = -128
         s = _expand_blocks(scale, self.group_size, w.shape[0])
-        q = np.clip(np.rint(w / s), -127, 127).astype(np.int8)
-        return QuantizedTensor(self.name, q, scale, axis=0, block_size=self.group_size)
+        x = w if offset is None else w - _expand_blocks(offset, self.group_size, w.shape[0])
+        q = np.clip(np.rint(x / s), lo_code, 127).astype(np.int8)
+        return QuantizedTensor(self.name, q, scale, offset, axis=0, block_size=self.group_size)
 
     def describe(self) -> str:
-        return "int8 per-channel" if self.group_size is None else f"int8 g{self.group_size}"
+        if self.group_size is None:
+            return "int8 per-channel"
+        return f"int8 g{self.group_size}" + ("" if self.symmetric else " asym")
 
 
 class Int4:
@@ -291,7 +323,7 @@ def _no_params(name: str, params: dict) -> None:
 # The registry: recipe name -> scheme class. "none" (keep the weight) is not a scheme.
 SCHEMES: dict[str, type] = {"int8": Int8, "int4": Int4, "fp8": Fp8}
 SCHEME_NAMES = (*SCHEMES, "none")
-SCHEME_SETTINGS = {"int4": ("group_size", "symmetric"), "int8": ("group_size",)}
+SCHEME_SETTINGS = {"int4": ("group_size", "symmetric"), "int8": ("group_size", "symmetric")}
 
 
 def make_scheme(name: str, **params):

@@ -233,7 +233,7 @@ def _check_dataset(value: str | None) -> str | None:
 
 
 def _int4_only(field: str, value, scheme: str | None, schemes: tuple[str, ...] = ("int4",)):
-    """symmetric / awq / gptq exist for int4 only; group_size for int4 and int8."""
+    """awq / gptq exist for int4 only; group_size and symmetric for int4 and int8."""
     if scheme is not None and scheme not in schemes:
         raise PydanticCustomError(
             "quantization", "{field} {value} applies to scheme {schemes} only; the scheme here is {scheme}",
@@ -242,7 +242,7 @@ def _int4_only(field: str, value, scheme: str | None, schemes: tuple[str, ...] =
     return value
 
 
-BLOCKED = ("int4", "int8")  # the schemes that take group_size
+BLOCKED = ("int4", "int8")  # the schemes that take group_size and symmetric: false
 
 
 class QuantWeights(_Section):
@@ -250,7 +250,7 @@ class QuantWeights(_Section):
     algorithm: QuantAlgorithm = "rtn"
     # blocks along the input dim: int4 (null = 128), int8 (null = one scale per output channel)
     group_size: GroupSize | None = None
-    symmetric: bool = True  # int4: false = Q4_1's scale + float offset per block
+    symmetric: bool = True  # int4, int8 blocks: false = a scale + float offset per block (Q4_1's)
 
     @field_validator("algorithm")
     @classmethod
@@ -264,8 +264,17 @@ class QuantWeights(_Section):
 
     @field_validator("symmetric")
     @classmethod
-    def _zero_points_for_int4(cls, value: bool, info: ValidationInfo) -> bool:
-        return value if value else _int4_only("symmetric", value, info.data.get("scheme"))
+    def _offsets_for_blocks(cls, value: bool, info: ValidationInfo) -> bool:
+        return value if value else _int4_only("symmetric", value, info.data.get("scheme"), BLOCKED)
+
+    @model_validator(mode="after")
+    def _int8_asym_blocks(self):
+        """Asymmetric int8 has an offset per block: per output channel it does not exist."""
+        if self.scheme == "int8" and not self.symmetric and self.group_size is None:
+            raise PydanticCustomError(
+                "quantization", "symmetric false with scheme int8 needs a group_size (32, 64 or 128): per output"
+                " channel int8 is symmetric only")
+        return self
 
 
 class QuantOverride(_Section):
@@ -293,7 +302,9 @@ class QuantOverride(_Section):
         scheme = info.data.get("scheme")
         if value is None or value == "rtn" or value is True or scheme is None:
             return value
-        return _int4_only(info.field_name, value, scheme, BLOCKED if info.field_name == "group_size" else ("int4",))
+        # symmetric: false on a module that resolves to int8 per channel stays symmetric
+        # (llmbuild.quantize.plan.resolve_plan): its group_size may be inherited
+        return _int4_only(info.field_name, value, scheme, ("int4",) if info.field_name == "algorithm" else BLOCKED)
 
 
 class Calibration(_Section):
