@@ -298,3 +298,22 @@ def test_engine_deserializes_with_the_recorded_contract(built):
         if t["mode"] == "input":
             shapes = engine.get_tensor_profile_shape(t["name"], 0)
             assert [list(s) for s in shapes] == t["profile_shapes"][0]
+
+
+def test_build_errors_reach_the_error_recorder_and_the_logger_stays_in_cpp():
+    """The builder's errors are kept by make_error_recorder (for BuildError), and the
+    process logger is TensorRT's own C++ one (no Python call, hence no GIL, per message)
+    unless logging listens at INFO."""
+    from llmbuild.engine.build import make_error_recorder, make_logger
+
+    trt = pytest.importorskip("tensorrt_rtx")
+    logger = make_logger(trt)
+    assert type(logger) is trt.Logger and make_logger(trt) is logger
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    network.add_input("x", trt.float32, (1, 4))  # no output: the build must fail
+    recorder = make_error_recorder(trt)
+    builder.error_recorder = recorder
+    assert builder.build_serialized_network(network, builder.create_builder_config()) is None
+    assert any("at least one output" in m for m in recorder.messages)
+    del network, builder

@@ -77,26 +77,83 @@ class ParsedNetwork:
     network: object
     parser: object
     decomposed_attention: list = field(default_factory=list)  # llmbuild.engine.decompose records
+    recorder: object = None  # make_error_recorder: the builder's (and network's) errors
+
+    @property
+    def errors(self) -> list[str]:
+        return [] if self.recorder is None else list(self.recorder.messages)
+
+
+_LOGGERS: dict[str, object] = {}  # one per TensorRT module: a process keeps the first logger it gives TensorRT
 
 
 def make_logger(trt: ModuleType):
-    """A trt.ILogger that forwards to `logging` and keeps error messages for BuildError."""
+    """The TensorRT logger of this process. TensorRT calls it for every message — about
+    32,000 VERBOSE ones for SmolLM2-135M — and a Python logger takes the GIL for each:
+    with Python work beside the build (compile's verification thread) every call waits
+    for that thread to yield it, which slowed the engine build by seconds
+    (benchmarks/compile_smollm2.md). So unless `logging` listens to this module at INFO
+    (TensorRT's warnings) or DEBUG (the rest), the logger is TensorRT's own C++ one, set
+    to print errors only (on stdout); the builder's errors reach BuildError through an
+    error recorder (make_error_recorder), which TensorRT calls only for errors.
+    TensorRT keeps the first logger given in a process (a later builder's is ignored, with
+    a warning): this one is made once per TensorRT module and reused."""
+    if trt.__name__ in _LOGGERS:
+        return _LOGGERS[trt.__name__]
+    if not log.isEnabledFor(logging.INFO):
+        logger = trt.Logger(trt.Logger.ERROR)
+    else:
+        class Logger(trt.ILogger):
+            def __init__(self):
+                trt.ILogger.__init__(self)
 
-    class Logger(trt.ILogger):
+            def log(self, severity, msg):
+                if severity in (trt.ILogger.INTERNAL_ERROR, trt.ILogger.ERROR):
+                    log.debug("%s", msg)  # reported through BuildError (the error recorder)
+                elif severity == trt.ILogger.WARNING:
+                    log.info("%s", msg)
+                else:
+                    log.debug("%s", msg)
+
+        logger = Logger()
+    _LOGGERS[trt.__name__] = logger
+    return logger
+
+
+def make_error_recorder(trt: ModuleType):
+    """A trt.IErrorRecorder keeping the errors of one build (`messages`) for BuildError:
+    with a recorder set, TensorRT reports its errors there instead of to the logger."""
+
+    class Recorder(trt.IErrorRecorder):
         def __init__(self):
-            trt.ILogger.__init__(self)
-            self.errors: list[str] = []
+            trt.IErrorRecorder.__init__(self)
+            self.recorded: list = []  # (ErrorCode, description)
 
-        def log(self, severity, msg):
-            if severity in (trt.ILogger.INTERNAL_ERROR, trt.ILogger.ERROR):
-                self.errors.append(msg)
-                log.debug("%s", msg)  # reported through BuildError
-            elif severity == trt.ILogger.WARNING:
-                log.info("%s", msg)
-            else:
-                log.debug("%s", msg)
+        @property
+        def messages(self) -> list[str]:
+            return [desc for _, desc in self.recorded]
 
-    return Logger()
+        def clear(self):
+            self.recorded.clear()
+
+        def get_error_code(self, index):
+            return self.recorded[index][0]
+
+        def get_error_desc(self, index):
+            return self.recorded[index][1]
+
+        def has_overflowed(self):
+            return False
+
+        def num_errors(self):
+            return len(self.recorded)
+
+        def report_error(self, code, desc):
+            self.recorded.append((code, desc))
+            log.debug("%s", desc)
+            return False  # not fatal by our decision: TensorRT goes on as it would without a recorder
+
+    return Recorder()
 
 
 def _pinned_model_bytes(onnx_path: Path, cache_len: int, decomposed: list | None = None) -> bytes:
@@ -157,12 +214,14 @@ def parse_onnx(
     if strongly_typed_flag:
         flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flags)
+    recorder = make_error_recorder(trt)
+    builder.error_recorder = recorder  # (set after the network: one that inherits it crashes TensorRT-RTX 1.7 when freed)
     parser = trt.OnnxParser(network, logger)
     # parse(bytes, path): path resolves the external weights (model.onnx.data) next to it.
     decomposed: list[dict] = []
     if not parser.parse(_pinned_model_bytes(onnx_path, cache_len, decomposed), path=str(onnx_path)):
         raise BuildError(f"TensorRT could not parse {onnx_path}:\n  " + "\n  ".join(_parser_errors(parser)))
-    return ParsedNetwork(trt, logger, builder, network, parser, decomposed)
+    return ParsedNetwork(trt, logger, builder, network, parser, decomposed, recorder)
 
 
 def _parser_errors(parser) -> list[str]:
@@ -347,7 +406,7 @@ def build_engine(
         for name, (lo, opt, hi) in profile.items():
             trt_profile.set_shape(name, lo, opt, hi)
         if config.add_optimization_profile(trt_profile) < 0:
-            raise BuildError(f"TensorRT rejected optimization profile {profile}: {parsed.logger.errors}")
+            raise BuildError(f"TensorRT rejected optimization profile {profile}: {parsed.errors}")
     recorded_targets = spec.set_targets(trt, config, options["compute_capabilities"], options["hardware_compatibility"])
     applied = apply_builder_options(trt, config, options)
     if weak_precision_flag is not None:
@@ -362,7 +421,7 @@ def build_engine(
     if serialized is None:
         raise BuildError(
             f"{backend} could not build an engine from {onnx_path}:\n  "
-            + "\n  ".join(parsed.logger.errors or ["(no error was logged)"])
+            + "\n  ".join(parsed.errors or ["(no error was logged)"])
         )
     digest, size = _write_atomically(serialized, engine_path)
     del serialized
