@@ -320,6 +320,54 @@ def test_registry_and_plan_overrides():
     assert per_channel["lm_head.weight"] == ModuleSpec("int8")
 
 
+# Every (scheme, group_size, symmetric) of `weights:` / of an override (None = key unset),
+# and which of them resolve asymmetric (all others resolve symmetric). Pinned from the code
+# as it was before `resolved_symmetric` gathered the rule in one place.
+PLAN_SCHEMES, PLAN_GROUPS, PLAN_SYMMETRIC = ("int4", "int8", "fp8", "none"), (None, 32, 64, 128), (None, True, False)
+BLOCKS = (32, 64, 128)
+ASYM_WEIGHTS = {("int4", g, False) for g in PLAN_GROUPS} | {("int8", g, False) for g in BLOCKS} | {
+    # fp8 / none keep a `symmetric: false` of `weights:` (the recipe schema refuses it there;
+    # it describes nothing: no offsets); int8 per channel (None) resolves symmetric
+    (s, g, False) for s in ("fp8", "none") for g in PLAN_GROUPS}
+PLAN_BASES = {"int4-g64-asym": {"scheme": "int4", "group_size": 64, "symmetric": False},
+              "int8-g32-asym": {"scheme": "int8", "group_size": 32, "symmetric": False},
+              "int8": {"scheme": "int8"}, "none": {"scheme": "none"}}
+ASYM_OVERRIDES = {  # (base, override scheme) -> the override's (group_size, symmetric) that resolve asymmetric
+    ("int4-g64-asym", None): {(g, y) for g in PLAN_GROUPS for y in (None, False)},  # same scheme: inherits
+    ("int4-g64-asym", "int4"): {(g, y) for g in PLAN_GROUPS for y in (None, False)},
+    ("int4-g64-asym", "int8"): {(g, False) for g in BLOCKS},  # a new scheme starts symmetric
+    ("int8-g32-asym", None): {(g, y) for g in PLAN_GROUPS for y in (None, False)},  # g32 inherited
+    ("int8-g32-asym", "int8"): {(g, y) for g in PLAN_GROUPS for y in (None, False)},
+    ("int8-g32-asym", "int4"): {(g, False) for g in PLAN_GROUPS},  # int4: 128 when unset
+    ("int8", None): {(g, False) for g in BLOCKS},  # per channel (no group) stays symmetric
+    ("int8", "int8"): {(g, False) for g in BLOCKS},
+    ("int8", "int4"): {(g, False) for g in PLAN_GROUPS},
+    ("none", "int4"): {(g, False) for g in PLAN_GROUPS},
+    ("none", "int8"): {(g, False) for g in BLOCKS},
+}  # fp8 / none overrides, and any other pair: always symmetric
+
+
+def _given(**keys):
+    return {k: v for k, v in keys.items() if v is not None}
+
+
+@pytest.mark.parametrize("symmetric", PLAN_SYMMETRIC)
+@pytest.mark.parametrize("group", PLAN_GROUPS)
+@pytest.mark.parametrize("scheme", PLAN_SCHEMES)
+def test_resolved_symmetric_of_weights_and_overrides(scheme, group, symmetric):
+    weights = _given(scheme=scheme, group_size=group, symmetric=symmetric)
+    spec = resolve_plan({"weights": weights}, ["x.weight"], 1)["x.weight"]
+    assert spec.symmetric is ((scheme, group, symmetric) not in ASYM_WEIGHTS), weights
+    if scheme in ("int4", "int8"):
+        assert spec.make().symmetric is spec.symmetric  # int8 per channel: no asymmetric request left
+    for base, ov_scheme in ((b, s) for b in PLAN_BASES for s in (None, *PLAN_SCHEMES)):
+        ov = _given(match="x", scheme=ov_scheme, group_size=group, symmetric=symmetric)
+        spec = resolve_plan({"weights": PLAN_BASES[base], "overrides": [ov]}, ["x.weight"], 1)["x.weight"]
+        expected = (group, symmetric) not in ASYM_OVERRIDES.get((base, ov_scheme), set())
+        assert spec.symmetric is expected, (base, ov)
+        if spec.scheme in ("int4", "int8"):
+            assert spec.make().symmetric is spec.symmetric  # never a per-channel asymmetric int8
+
 # -- AWQ / GPTQ -----------------------------------------------------------------------------
 
 

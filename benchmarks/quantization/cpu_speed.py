@@ -63,9 +63,10 @@ def prefill_report(work: Path, rows: list[str], levels: list[int], lengths: list
     import numpy as np
 
     sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT / "benchmarks" / "runtime"))
+    from executor_steps import chunked_prefill
     from llmbuild.artifact import read_manifest
     from llmbuild.lowering.cpu import save_lowered_graph
-    from llmbuild.runtime.executors.base import StepInputs
     from llmbuild.runtime.executors.onnxruntime import OnnxRuntimeExecutor
 
     runners = {}
@@ -83,23 +84,15 @@ def prefill_report(work: Path, rows: list[str], levels: list[int], lengths: list
             print(f"  loaded {name}", file=sys.stderr, flush=True)
     prompts = {n: np.random.default_rng(n).integers(100, 40000, n).tolist() for n in lengths}
 
-    def prefill(ex, chunk, ids):
-        for c in range(0, len(ids), chunk):
-            part = ids[c : c + chunk]
-            n = len(part)
-            logits = ex.forward(StepInputs(np.array([part]), np.arange(c, c + n)[None], np.array([c]),
-                                           np.array([[n - 1]])))
-        return int(logits[0, -1].argmax())
-
     times = {(name, n): [] for name in runners for n in lengths}
     first = {}
     for (ex, chunk), n in ((r, n) for r in runners.values() for n in lengths):  # warm-up
-        prefill(ex, chunk, prompts[n])
+        chunked_prefill(ex, prompts[n], chunk)
     for r in range(rounds):
         for name, (ex, chunk) in runners.items():
             for n in lengths:
                 t0 = time.perf_counter()
-                first[(name, n)] = prefill(ex, chunk, prompts[n])
+                first[(name, n)] = chunked_prefill(ex, prompts[n], chunk)
                 times[(name, n)].append(time.perf_counter() - t0)
         print(f"  round {r + 1}/{rounds}", file=sys.stderr, flush=True)
     out = {"threads": threads, "rounds": rounds, "load_average_end": [round(x, 2) for x in os.getloadavg()],

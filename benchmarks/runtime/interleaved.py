@@ -42,6 +42,8 @@ def ours(artifact: Path, threads: int, spinning: bool = True):
     from llmbuild.runtime.executors.base import StepInputs
     from llmbuild.runtime.executors.onnxruntime import OnnxRuntimeExecutor
 
+    from executor_steps import chunked_prefill  # benchmarks/runtime, next to this file
+
     m = read_manifest(artifact)
     ex = OnnxRuntimeExecutor(artifact / m["graph"]["file"], num_layers=m["model"]["num_layers"],
                              cache_len=m["limits"]["max_seq_len"], threads=threads,
@@ -50,12 +52,7 @@ def ours(artifact: Path, threads: int, spinning: bool = True):
     chunk = m["limits"]["max_input_len"]
 
     def prefill(ids):
-        for c in range(0, len(ids), chunk):
-            part = ids[c : c + chunk]
-            n = len(part)
-            logits = ex.forward(StepInputs(np.array([part]), np.arange(c, c + n)[None], np.array([c]),
-                                           np.array([[n - 1]])))
-        return int(logits[0, -1].argmax())
+        return chunked_prefill(ex, ids, chunk)
 
     def step(token, pos):
         p = np.array([pos])

@@ -90,14 +90,23 @@ def module_name(weight_name: str) -> str:
     return weight_name[: -len(".weight")] if weight_name.endswith(".weight") else weight_name
 
 
+def resolved_symmetric(scheme: str, group_size: int | None, symmetric: bool) -> bool:
+    """The `symmetric` a module resolves to: int8 per output channel (no group_size) is
+    symmetric only, so an asymmetric request there resolves symmetric (the recipe schema
+    refuses it in `weights:`, and `schemes.Int8` refuses to be built so; an override may
+    inherit the missing group_size). Any other setting keeps `symmetric`."""
+    return symmetric or (scheme == "int8" and group_size is None)
+
+
 def default_spec(weights: dict) -> ModuleSpec:
     scheme = weights["scheme"]
+    group_size = (weights.get("group_size") or 128) if scheme == "int4" else (
+        weights.get("group_size") if scheme == "int8" else None)
     return ModuleSpec(
         scheme=scheme,
         algorithm=weights.get("algorithm") or "rtn",
-        group_size=(weights.get("group_size") or 128) if scheme == "int4" else (
-            weights.get("group_size") if scheme == "int8" else None),
-        symmetric=weights.get("symmetric") is not False or (scheme == "int8" and not weights.get("group_size")),
+        group_size=group_size,
+        symmetric=resolved_symmetric(scheme, group_size, weights.get("symmetric") is not False),
     )
 
 
@@ -119,11 +128,9 @@ def resolve_plan(quantization: dict, weight_names: list[str], num_layers: int) -
             spec = replace(spec, **changes)
             if spec.scheme == "int4" and spec.group_size is None:
                 spec = replace(spec, group_size=128)
-            if spec.scheme != "int4":
-                spec = replace(spec, group_size=spec.group_size if spec.scheme == "int8" else None,
-                               symmetric=spec.symmetric if spec.scheme == "int8" else True)
-            if spec.scheme == "int8" and spec.group_size is None:
-                spec = replace(spec, symmetric=True)  # per output channel: symmetric only
+            if spec.scheme not in ("int4", "int8"):  # schemes without these settings
+                spec = replace(spec, group_size=None, symmetric=True)
+            spec = replace(spec, symmetric=resolved_symmetric(spec.scheme, spec.group_size, spec.symmetric))
             if spec.scheme in ("none", "fp8", "int8") and spec.algorithm != "rtn":
                 spec = replace(spec, algorithm="rtn")
         plan[name] = spec

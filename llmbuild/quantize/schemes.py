@@ -29,13 +29,16 @@ old max|w|/7 rule's; benchmarks/quantization/NOTES.md). With a calibrated clip (
 Asymmetric int4 is Q4_1's grid: w = d·u + m with u in [0, 15], d = (max − min)/15 and
 m = min, any float (not a zero point on the integer grid). Codes are stored signed,
 q = u − 8 (TensorRT reads only signed int4), so w = d·q + o with the per-block offset
-o = m + 8·d kept in the graph dtype: `QuantizedTensor.offset`.
+o = m + 8·d kept in the graph dtype: `QuantizedTensor.offset` (d here the stored, rounded
+d, so the grid's bottom stays at m as in Q4_1).
 
 Asymmetric int8 (blocks only) is the same with 256 levels: u in [0, 255], d = (max − min)/255,
 q = u − 128, o = m + 128·d. On a Q4_1 source (SmolLM2's GGUF) each block of 32 is
 d₄·u₄ + m with u₄ in [0, 15] using both ends, so max − min = 15·d₄ and d = d₄/17: every
 Q4_1 value is a level of asym int8 g32 (u = 17·u₄), up to the rounding of d and o to the
 graph dtype (a half ulp of each, times |q| ≤ 128 for d: o is computed from the unrounded d).
+Both asymmetric grids come from one helper, `_asym_params(blocks, bits, …)`: they differ
+only in the number of levels (2^bits) and in which d (stored or unrounded) the offset takes.
 
 The last block may be shorter than the group (576 input rows in groups of 128: four full
 blocks and one of 64); ONNX allows that and both ONNX Runtime and TensorRT accept it.
@@ -118,6 +121,41 @@ def _blocks(w: np.ndarray, group: int) -> np.ndarray:
     return w.reshape(g, group, w.shape[1])
 
 
+def _asym_params(blocks: np.ndarray, bits: int, scale_dtype, shrink: np.ndarray | None,
+                 offset_from_stored_step: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Asymmetric scales and offsets [G, out] of `blocks` [G, group, out] on a grid of
+    2^bits levels: w = d·u + m, u in [0, 2^bits − 1], d = (max − min)/(2^bits − 1), m = min,
+    stored as signed codes q = u − 2^(bits−1) and the offset o = m + 2^(bits−1)·d, both
+    rounded to the graph dtype. `shrink` [G, out] narrows each range about its middle.
+
+    `offset_from_stored_step` picks the d of o, the one genuine difference between the
+    schemes: int4 takes the stored (rounded) d, which keeps the grid's bottom at m as
+    Q4_1 does (d·u + m with the stored d); int8 takes the unrounded d, so the rounding of
+    d moves w by |q|·δd ≤ 128·δd (from the rounded d all of 255·δd would be at the
+    block's top)."""
+    steps, half = float(2 ** bits - 1), float(2 ** (bits - 1))
+    lo, hi = blocks.min(axis=1), blocks.max(axis=1)
+    if shrink is not None:  # narrow the range about its middle
+        mid = (hi + lo) / 2
+        lo, hi = mid + (lo - mid) * shrink, mid + (hi - mid) * shrink
+    step = (hi - lo) / steps
+    scale = _round_scale(step, scale_dtype)
+    return scale, _round(lo + half * (scale if offset_from_stored_step else step), scale_dtype)
+
+
+def _block_codes(w: np.ndarray, scale: np.ndarray, offset: np.ndarray | None, group: int,
+                 lo_code: int, hi_code: int) -> np.ndarray:
+    """int8 codes in [lo_code, hi_code] of `w` [rows, out] given per-block scales (and
+    offsets) [G, out] of `group` rows that start at row 0 of `w`: rint((w − o) / s)."""
+    rows = w.shape[0]
+    s = _expand_blocks(scale, group, rows)
+    if offset is not None:
+        w = w - _expand_blocks(offset, group, rows)
+    q = np.divide(w, s)
+    np.rint(q, out=q)
+    return np.clip(q, lo_code, hi_code, out=q).astype(np.int8)
+
+
 def _check_group(name: str, group_size: int) -> int:
     if group_size not in GROUP_SIZES:
         raise ValueError(f"{name} group_size {group_size}: expected one of {list(GROUP_SIZES)}")
@@ -161,26 +199,14 @@ class Int8:
             q = np.clip(np.rint(w / scale[None, :]), -127, 127).astype(np.int8)
             return QuantizedTensor(self.name, q, scale, axis=1)
         blocks = _blocks(w, self.group_size)
-        offset = None
         if self.symmetric:
             amax = np.abs(blocks).max(axis=1)
             if shrink is not None:
                 amax = amax * shrink
-            scale = _round_scale(amax / 127.0, scale_dtype)
-            lo_code = -127
+            scale, offset = _round_scale(amax / 127.0, scale_dtype), None
         else:
-            lo, hi = blocks.min(axis=1), blocks.max(axis=1)
-            if shrink is not None:  # narrow the range about its middle
-                mid = (hi + lo) / 2
-                lo, hi = mid + (lo - mid) * shrink, mid + (hi - mid) * shrink
-            # o from the unrounded step: the rounding of d then moves w by |q|·δd ≤ 128·δd
-            # (o from the rounded d would put all of 255·δd at the block's top)
-            scale = _round_scale((hi - lo) / 255.0, scale_dtype)
-            offset = _round(lo + 128.0 * ((hi - lo) / 255.0), scale_dtype)
-            lo_code = -128
-        s = _expand_blocks(scale, self.group_size, w.shape[0])
-        x = w if offset is None else w - _expand_blocks(offset, self.group_size, w.shape[0])
-        q = np.clip(np.rint(x / s), lo_code, 127).astype(np.int8)
+            scale, offset = _asym_params(blocks, 8, scale_dtype, shrink, offset_from_stored_step=False)
+        q = _block_codes(w, scale, offset, self.group_size, -127 if self.symmetric else -128, 127)
         return QuantizedTensor(self.name, q, scale, offset, axis=0, block_size=self.group_size)
 
     def describe(self) -> str:
@@ -214,12 +240,7 @@ class Int4:
             if shrink is not None:  # a calibrated clip (AWQ) replaces the search
                 return _round_scale(tight * shrink, scale_dtype), None
             return _round_scale(tight * self._search_factor(blocks, tight, w.shape[0], scale_dtype), scale_dtype), None
-        lo, hi = blocks.min(axis=1), blocks.max(axis=1)
-        if shrink is not None:
-            mid = (hi + lo) / 2  # narrow the range about its middle
-            lo, hi = mid + (lo - mid) * shrink, mid + (hi - mid) * shrink
-        scale = _round_scale((hi - lo) / 15.0, scale_dtype)
-        return scale, _round(lo + 8.0 * scale, scale_dtype)
+        return _asym_params(blocks, 4, scale_dtype, shrink, offset_from_stored_step=True)
 
     def default_shrink(self, w: np.ndarray, scale_dtype=np.float16) -> np.ndarray:
         """[G, out]: the `shrink` that gives exactly the scales of `params(w)` without one
@@ -262,13 +283,7 @@ class Int4:
     def codes(self, w: np.ndarray, scale: np.ndarray, offset: np.ndarray | None) -> np.ndarray:
         """int8 codes in [-8, 7] of `w` [rows, out] given per-block params [G, out] that
         start at row 0 of `w` (GPTQ calls this on slices whose rows lie in one block)."""
-        rows = w.shape[0]
-        s = _expand_blocks(scale, self.group_size, rows)
-        if offset is not None:
-            w = w - _expand_blocks(offset, self.group_size, rows)
-        q = np.divide(w, s)
-        np.rint(q, out=q)
-        return np.clip(q, -8, 7, out=q).astype(np.int8)
+        return _block_codes(w, scale, offset, self.group_size, -8, 7)
 
     def quantize(self, w: np.ndarray, scale_dtype=np.float16, shrink: np.ndarray | None = None) -> QuantizedTensor:
         w = _check_matrix(w)
