@@ -183,6 +183,110 @@ def test_sliced_experts_equal_the_standard_graph(arch, tmp_path):
             assert (g.argmax(-1) == w.argmax(-1)).all()
 
 
+def kernel_layout(gate, up, down, shards):
+    """numpy: com.microsoft.MoE's fc1 [S·E, 2I/S, H] (rows g0, u0, g1, u1, ...) and fc2
+    [S·E, H, I/S] · S from stacked gate, up [E, H, I] and down [E, I, H]; slice s of expert e
+    is kernel expert s·E + e (llmbuild.lowering.moe)."""
+    e, h, i = gate.shape
+    p = i // shards
+    fc1 = np.empty((shards * e, 2 * p, h), np.float32)
+    fc2 = np.empty((shards * e, h, p), np.float32)
+    for s in range(shards):
+        for x in range(e):
+            cols = slice(s * p, (s + 1) * p)
+            fc1[s * e + x, 0::2] = gate[x][:, cols].T
+            fc1[s * e + x, 1::2] = up[x][:, cols].T
+            fc2[s * e + x] = down[x][cols].T * np.float32(shards)
+    return fc1, fc2
+
+
+def folded_expert_weights(graph_path, moe_inputs):
+    """fc1 and fc2 of every com.microsoft.MoE in `graph_path` as ONNX Runtime computes them
+    (the nodes above them as a graph of their own, the MoE nodes' x as its inputs), and the op
+    types of the nodes it constant-folds to make each (all inputs initializers, transitively)."""
+    import onnxruntime as ort
+    from onnx import helper
+
+    model = onnx.load(str(graph_path), load_external_data=False)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    inits = {t.name for t in model.graph.initializer}
+    moes = [n for n in model.graph.node if n.op_type == "MoE"]
+    xs = {n.input[0] for n in moes}
+    order, seen, folded = [], set(), {}
+
+    def visit(value):
+        if value in seen or value in inits or value in xs:
+            return value in inits
+        node = producer[value]
+        seen.update(node.output)
+        const = [visit(i) for i in node.input if i]
+        order.append(node)
+        folded[value] = all(const) and node.op_type != "Shape"
+        return folded[value]
+
+    def folded_ops(value):
+        if value in inits or value in xs:
+            return []
+        node = producer[value]
+        own = [node.op_type] if folded[value] else []
+        return own + [op for i in node.input if i for op in folded_ops(i)]
+
+    wanted = [n.input[i] for n in moes for i in (2, 4)]
+    for v in wanted:
+        visit(v)
+    outputs = [helper.make_node("Identity", [v], [f"{v}.out"]) for v in wanted]
+    sub = helper.make_graph(order + outputs, "experts",
+                            [helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, None) for x in sorted(xs)],
+                            [helper.make_tensor_value_info(f"{v}.out", onnx.TensorProto.FLOAT, None) for v in wanted],
+                            [t for t in model.graph.initializer if any(t.name in n.input for n in order)])
+    path = graph_path.parent / "experts.onnx"  # beside the data file its views read
+    onnx.save(helper.make_model(sub, opset_imports=model.opset_import, ir_version=model.ir_version), str(path))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    values = session.run(None, {x: moe_inputs[x] for x in xs})
+    return list(zip(values[0::2], values[1::2])), [(folded_ops(n.input[2]), folded_ops(n.input[4])) for n in moes]
+
+
+def test_folded_expert_weights_are_the_kernel_layout(tmp_path):
+    """The fc1 / fc2 ONNX Runtime folds for each com.microsoft.MoE equal, bit for bit, a numpy
+    construction of the kernel's layout from the stacked experts, for S = 1, 2, 4 slices, with
+    the weights read from the artifact's data file (views over its bytes) and from memory
+    (Reshape / Concat); from the file, session creation folds one Transpose for fc1 and a
+    Mul and a Transpose for fc2 (a Transpose for S = 1), nothing else (each folded node writes
+    its output twice: session creation time)."""
+    from unittest import mock
+
+    import onnx_ir as ir
+
+    from llmbuild.lowering import moe as moe_lowering
+    from llmbuild.lowering.cpu import lower_for_cpu
+
+    art = compile_fp32(make_tiny_model("Qwen3MoeForCausalLM", tmp_path / "hf"), tmp_path / "out")
+    standard = art / read_manifest(art)["graph"]["file"]
+    for shards in (1, 2, 4):
+        for in_memory in (False, True):
+            model = ir.load(str(standard))
+            metas = [meta for _, meta in nodes_with(list(model.graph), MOE)]
+            stacked = [[model.graph.initializers[m["stacked"][p]].const_value.numpy() for p in ("gate", "up", "down")]
+                       for m in metas]
+            if in_memory:
+                for value in model.graph.initializers.values():
+                    value.const_value = ir.tensor(value.const_value.numpy(), name=value.name)
+            with mock.patch.object(moe_lowering, "EXPERT_SHARDS", shards):
+                lower_for_cpu(model)
+            graph = standard.parent / "model.cpu.test.onnx"
+            ir.save(model, str(graph))
+            x = {m["input"]: np.zeros((1, 1, m["hidden"]), np.float32) for m in metas}
+            got, folded = folded_expert_weights(graph, x)
+            assert len(got) == len(metas) > 0
+            for (fc1, fc2), weights in zip(got, stacked):
+                want1, want2 = kernel_layout(*weights, shards)
+                assert fc1.shape == want1.shape and fc2.shape == want2.shape
+                assert fc1.tobytes() == want1.tobytes() and fc2.tobytes() == want2.tobytes(), (shards, in_memory)
+            if not in_memory:
+                fc2_ops = ["Transpose", "Mul"] if shards > 1 else ["Transpose"]
+                assert folded == [(["Transpose"], fc2_ops)] * len(metas), shards
+
+
 def test_gpt_oss_is_refused_with_why(tmp_path):
     """An unregistered MoE users ask for is a UserError saying why, and `llmbuild validate`
     exits non-zero with that message (no traceback)."""

@@ -179,8 +179,8 @@ def dense_moe_graph(artifact: Path) -> Path:
     producer = {out: node for node in graph.node for out in node.output}
 
     def constant(name):
-        """The value of `name`: an initializer, or what the constant nodes above it make of
-        initializers (the lowering's slicing: Transpose/Reshape/Concat over the HF experts),
+        """The value of `name`: an initializer, or what the nodes above it make of initializers
+        (the lowering's slicing: Transpose/Mul/Reshape over views of the HF experts),
         evaluated with onnx's reference evaluator."""
         if name in inits:
             return numpy_helper.to_array(inits[name], str(src.parent))
@@ -191,6 +191,10 @@ def dense_moe_graph(artifact: Path) -> Path:
                 return
             node = producer[value]
             seen.update(node.output)
+            if node.op_type == "Shape":  # the lowering's run-time zero, Sub(Shape(x), Shape(x)): any length
+                order.append(helper.make_node("Constant", [], list(node.output),
+                                              value=numpy_helper.from_array(np.array([1], np.int64))))
+                return
             for i in node.input:
                 visit(i)
             order.append(node)
