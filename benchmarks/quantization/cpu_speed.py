@@ -18,8 +18,9 @@ process at a time, one after the other; run it on a quiet machine.
 --prefill: prefill speed side by side in one process (the comparison that holds on a
 shared machine): every row's CPU graph (llmbuild.lowering.cpu.save_lowered_graph, the fp16
 artifact promoted to float32: "our fp32"; each quantized row at each MatMulNBits accuracy
-level, int8 in blocks included: 1 = float32 activations, what compile ships for int8
-blocks; 4 = int8 activations) takes turns, one prompt of each length (random ids, fixed
+level, int8 in blocks included: 1 = float32 activations; 4 = int8 activations, for int8
+blocks with the activation residual, what compile ships: float32-level, level 1 above 64
+rows, lowering.quantized.add_activation_residuals) takes turns, one prompt of each length (random ids, fixed
 seed, chunks of max_input_len) per round; prints tokens/s best and median per row and its
 ratio to the fp16 row's, and the first token each row predicts (accuracy level 4 may
 change it). Graphs and their weight copies go to WORK/cpu-graphs.

@@ -10,7 +10,8 @@ FLOP. The lowering keeps the I/O contract (llmbuild.graph.io) except for the cac
 dtype, and
 
 1. lowers quantized linears to `com.microsoft.MatMulNBits` (llmbuild.lowering.quantized:
-   int4 without the Pad to whole blocks; siblings reading one activation fused);
+   int4 without the Pad to whole blocks; siblings reading one activation fused; int8
+   blocks at level 4 with the activation residual, level 1 above 64 rows, after step 2);
 2. promotes float16/bfloat16 graphs to float32 (every 16-bit initializer gets a Cast
    that ONNX Runtime folds once at session creation; the KV cache becomes float32).
    CPU kernels compute in float32 anyway, so this only removes per-step casts;
@@ -58,7 +59,8 @@ from llmbuild.graph import io
 from llmbuild.graph.annotations import ATTENTION, annotation
 from llmbuild.lowering.moe import MoELoweringError, lower_moe_blocks
 from llmbuild.lowering.moe_quantized import lower_quantized_moe_blocks
-from llmbuild.lowering.quantized import INT8_BLOCK_ACCURACY_LEVEL, fuse_sibling_matmulnbits, lower_quantized_matmuls
+from llmbuild.lowering.quantized import (INT8_BLOCK_ACCURACY_LEVEL, add_activation_residuals, fuse_sibling_matmulnbits,
+                                        lower_quantized_matmuls)
 from llmbuild.lowering.rewrite import (MS_DOMAIN, float32_initializer, insert_in_order, remove_unused,
                                        replace_with_split)
 
@@ -141,10 +143,13 @@ def _unheaded(x_heads: ir.Value | None, name: str, tape: ir.tape.Tape) -> ir.Val
 
 
 def lower_for_cpu(model: ir.Model, *, int4_accuracy_level: int = 4, int8_accuracy_level: int = 4,
-                  int8_block_accuracy_level: int = INT8_BLOCK_ACCURACY_LEVEL) -> ir.Model:
+                  int8_block_accuracy_level: int = INT8_BLOCK_ACCURACY_LEVEL, int8_block_residual: bool = True) -> ir.Model:
     """Rewrite `model` in place (see the module docstring) and return it. The accuracy
     levels are MatMulNBits' (4: int8 activations, 1: float32; tests compare both):
-    int8 per channel, int8 in blocks (`group_size`) and int4 each have their own."""
+    int8 per channel, int8 in blocks (`group_size`) and int4 each have their own; int8
+    blocks at level 4 get the activation residual (lowering.quantized
+    `add_activation_residuals`: float32-level products) unless `int8_block_residual` is
+    false."""
     graph = model.graph
     inputs = {v.name: v for v in graph.inputs}
     for name in (io.INPUT_IDS, io.POSITION_IDS, io.WRITE_INDICES):
@@ -158,9 +163,10 @@ def lower_for_cpu(model: ir.Model, *, int4_accuracy_level: int = 4, int8_accurac
     # reading one activation (q/k/v, gate/up) as one MatMulNBits (no-op for unquantized
     # graphs).
     lower_quantized_matmuls(model, int4_accuracy_level=int4_accuracy_level, int8_accuracy_level=int8_accuracy_level,
-                            int8_block_accuracy_level=int8_block_accuracy_level)
+                            int8_block_accuracy_level=int8_block_accuracy_level, int8_block_residual=int8_block_residual)
     fuse_sibling_matmulnbits(model)
     _promote_to_float32(graph)
+    add_activation_residuals(model)  # int8 blocks at level 4: float32-level activations (lowering.quantized)
     _fuse_sibling_matmuls(graph)
     lower_quantized_moe_blocks(graph)  # quantized routed experts -> com.microsoft.QMoE (lowering.moe_quantized)
     try:  # routed experts -> com.microsoft.MoE (llmbuild.lowering.moe)

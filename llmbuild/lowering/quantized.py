@@ -166,18 +166,26 @@ def _drop_offset_term(graph: ir.Graph, add: ir.Node, y: ir.Value) -> None:
         drop_unused_initializers(graph, [indicator])
 
 
-# int8 stored in blocks (`group_size`) runs at accuracy level 1 (float32 activations): at
-# level 4 ONNX Runtime 1.32's 8-bit kernel on SmolLM2 int8 g32 answers "What is the capital
-# of France?" with "L'Étoile, la Cité…" (level 1 and the standard graph: "The capital of
-# France is Paris."; benchmarks/quantization/NOTES.md, 2026-12-01). Its speed is unmeasured.
-INT8_BLOCK_ACCURACY_LEVEL = 1
+# int8 stored in blocks (`group_size`) runs at accuracy level 4 *with the activation
+# residual* (`add_activation_residuals`): plain level 4 quantizes activations to int8 per
+# block (0.5 % error per product), and on SmolLM2 int8 g32 answers "What is the capital of
+# France?" with "L'Étoile, la Cité…" (the standard graph: "The capital of France is Paris.";
+# benchmarks/quantization/NOTES.md, 2026-12-01); level 1 (float32 activations) is exact
+# but ONNX Runtime 1.32's 8-bit float kernel dequantizes the weight at every call: SmolLM2
+# int8 g32 decoded 4.4 tokens/s against 46.8 for float32 (benchmarks/quantization/NOTES.md,
+# 2026-12-02). The residual keeps level 4's kernel and float32-level error.
+INT8_BLOCK_ACCURACY_LEVEL = 4
+RESIDUAL_MARK = "llmbuild.activation_residual"  # metadata of MatMulNBits that get the residual
+RESIDUAL_MAX_ROWS = 64  # passes of more rows run int8 blocks at level 1 (add_activation_residuals)
 
 
 def lower_quantized_matmuls(model: ir.Model, *, int4_accuracy_level: int = 4, int8_accuracy_level: int = 4,
-                            int8_block: int = 128, int8_block_accuracy_level: int = INT8_BLOCK_ACCURACY_LEVEL) -> int:
+                            int8_block: int = 128, int8_block_accuracy_level: int = INT8_BLOCK_ACCURACY_LEVEL,
+                            int8_block_residual: bool = True) -> int:
     """Rewrite every eligible DequantizeLinear → MatMul of `model` in place; returns how many
     MatMuls became MatMulNBits. `int8_accuracy_level` applies to int8 per channel,
-    `int8_block_accuracy_level` to int8 in blocks."""
+    `int8_block_accuracy_level` to int8 in blocks; at level 4 those are marked for
+    `add_activation_residuals` unless `int8_block_residual` is false."""
     graph = model.graph
     lowered = 0
     bypassed: list[ir.Node] = []  # Pads whose MatMuls now read their input
@@ -240,6 +248,8 @@ def lower_quantized_matmuls(model: ir.Model, *, int4_accuracy_level: int = 4, in
             node = ir.node("MatMulNBits", inputs,
                            {"K": width, "N": n, "bits": bits, "block_size": blk, "accuracy_level": level},
                            domain=MS_DOMAIN, name=f"{mm.name or q.name}.nbits")
+            if bits == 8 and block and level == 4 and int8_block_residual:
+                node.metadata_props[RESIDUAL_MARK] = "1"
             out, new = mm.outputs[0], node.outputs[0]
             new.type, new.shape = out.type, out.shape
             graph.insert_before(mm, node)
@@ -287,7 +297,8 @@ def fuse_sibling_matmulnbits(model: ir.Model) -> int:
                                                                          initializer_array(zp) is None)):
             continue
         key = (id(node.inputs[0]), _attr(node, "K"), _attr(node, "bits", 4), _attr(node, "block_size"),
-               _attr(node, "accuracy_level", 0), node.inputs[2].dtype, zp is not None)
+               _attr(node, "accuracy_level", 0), node.inputs[2].dtype, zp is not None,
+               node.metadata_props.get(RESIDUAL_MARK))
         groups.setdefault(key, []).append(node)
     merged = 0
     for nodes in groups.values():
@@ -309,8 +320,120 @@ def fuse_sibling_matmulnbits(model: ir.Model) -> int:
         attrs = {k: a.value for k, a in first.attributes.items()}
         fused = ir.node("MatMulNBits", [first.inputs[0], b_val, s_val, *extra], {**attrs, "N": sum(widths)},
                         domain=MS_DOMAIN, name=f"{first.name}+{len(nodes) - 1}")
+        fused.metadata_props.update(first.metadata_props)
         fused.outputs[0].type = first.outputs[0].type
         replace_with_split(graph, nodes, fused, widths, first.name)
         drop_unused_initializers(graph, [*bs, *ss, *zps])
         merged += len(nodes) - 1
     return merged
+
+
+def add_activation_residuals(model: ir.Model, max_rows: int = RESIDUAL_MAX_ROWS) -> int:
+    """Give every MatMulNBits marked `RESIDUAL_MARK` (int8 blocks at accuracy level 4) its
+    activation residual for passes of at most `max_rows` rows; returns how many nodes got
+    one.
+
+    At level 4 ONNX Runtime quantizes each row of A to int8 per block of `block_size`
+    inputs (scale max|a|/127) before the integer dot products: 0.5 % error per product.
+    Here A is split into the part that grid holds exactly and the rest, both rows go
+    through the same kernel call, and the two results are added:
+
+        â = round(a / s)·s, s = max(max|a_block|, tiny)/127     (per row, per block)
+        r = a − â
+        A ─► [â ; r] (Concat on axis 0) ─MatMulNBits(level 4)─► [y₁ ; y₂] ─Split(0)─► y₁ + y₂
+
+    The kernel requantizes â to the same codes (its scale is max|â|/127 = s: exact), and
+    r (|r| ≤ s/2) with its own scale, so what is left is the quantization error of r:
+    about 1/254 of plain level 4's (tests/test_activation_residual.py). The weights are
+    read once for both rows, so a decode step costs about what plain level 4 costs.
+
+    A pass of more rows (a prefill) does twice the integer work that way, while level 1
+    (float32 activations: exact) costs a fixed dequantization of the weight per call plus
+    little per row; with ONNX Runtime 1.32 on 2 AVX2 cores the two cross near 64 rows
+    (benchmarks/quantization/NOTES.md, 2026-12-02). So each node becomes
+
+        If(rows(A) ≤ max_rows) ─then─► the residual construction at level 4
+                               └else─► the same MatMulNBits at level 1
+
+    Both branches read the same packed weights. Activations whose width is not a whole
+    number of blocks are padded with zeros for the block maxima (the kernel's short last
+    block has the same maximum)."""
+    graph = model.graph
+    marked = [n for n in graph if n.op_type == "MatMulNBits" and n.domain == MS_DOMAIN
+              and n.metadata_props.get(RESIDUAL_MARK) == "1" and n.inputs[0] is not None]
+    if not marked:
+        return 0
+    limit = constant("residual.max_rows", np.array(max_rows, np.int64))
+    graph.register_initializer(limit)
+    conds: dict[int, ir.Value] = {}
+    for node in marked:
+        a = node.inputs[0]
+        attrs = {key: attr.value for key, attr in node.attributes.items()}
+        if id(a) not in conds:  # rows(A) <= max_rows, once per activation
+            rows = ir.node("Shape", [a], {"end": -1}, name=f"{node.name}.rows")
+            count = ir.node("ReduceProd", [rows.outputs[0]], {"keepdims": 0}, name=f"{node.name}.row_count")
+            few = ir.node("LessOrEqual", [count.outputs[0], limit], name=f"{node.name}.few_rows")
+            for n in (rows, count, few):
+                n.outputs[0].name = n.name
+            graph.insert_before(node, [rows, count, few])
+            conds[id(a)] = few.outputs[0]
+        stacked, residual_nodes = _residual_rows(graph, node.name, a, int(attrs["K"]), int(attrs["block_size"]))
+        level4 = ir.node("MatMulNBits", [stacked, *node.inputs[1:]], attrs, domain=MS_DOMAIN, name=f"{node.name}.residual")
+        halves = ir.node("Split", [level4.outputs[0]], {"axis": 0, "num_outputs": 2}, num_outputs=2,
+                         name=f"{node.name}.residual_split")
+        add = ir.node("Add", list(halves.outputs), name=f"{node.name}.residual_add")
+        level1 = ir.node("MatMulNBits", list(node.inputs), {**attrs, "accuracy_level": 1}, domain=MS_DOMAIN,
+                         name=f"{node.name}.float")
+        out = node.outputs[0]
+        for n in (level4, halves, add, level1):
+            for j, v in enumerate(n.outputs):
+                v.type, v.name = out.type, f"{n.name}.out{j}"
+        then = ir.Graph([], [add.outputs[0]], nodes=[*residual_nodes, level4, halves, add], name=f"{node.name}.then")
+        other = ir.Graph([], [level1.outputs[0]], nodes=[level1], name=f"{node.name}.else")
+        branch = ir.node("If", [conds[id(a)]], {"then_branch": then, "else_branch": other}, name=f"{node.name}.if")
+        new = branch.outputs[0]
+        new.type, new.shape = out.type, out.shape
+        graph.insert_before(node, branch)
+        name = out.name
+        out.replace_all_uses_with(new, replace_graph_outputs=True)
+        graph.remove(node, safe=True)
+        new.name = name
+    return len(marked)
+
+
+def _residual_rows(graph: ir.Graph, base: str, a: ir.Value, k: int, blk: int) -> tuple[ir.Value, list[ir.Node]]:
+    """[â ; r] of `add_activation_residuals` for activation `a` (last axis `k` wide) and the
+    nodes that compute it (for a subgraph; their constants become `graph`'s initializers)."""
+    dtype = a.dtype or ir.DataType.FLOAT
+    np_dtype = dtype.numpy()
+    base += ".residual"
+    g = -(-k // blk)
+    consts = {"shape": np.array([-1, g, blk], np.int64), "axes": np.array([-1], np.int64),
+              "tiny": np.array(np.finfo(np_dtype).tiny, np_dtype), "inv127": np.array(1 / 127, np_dtype)}
+    if g * blk != k:
+        consts.update(pads=np.array([0, g * blk - k], np.int64), zero=np.array([0], np.int64),
+                      k=np.array([k], np.int64))
+    c = {key: constant(f"{base}.{key}", value) for key, value in consts.items()}
+    for value in c.values():
+        graph.register_initializer(value)
+    nodes: list[ir.Node] = []
+
+    def op(op_type, inputs, attrs=None):
+        name = f"{base}.{op_type.lower()}{len(nodes)}"
+        nodes.append(ir.node(op_type, inputs, attrs or {}, name=name))
+        nodes[-1].outputs[0].name = name  # subgraph values need names unique in the model
+        return nodes[-1].outputs[0]
+
+    wide = op("Pad", [a, c["pads"], None, c["axes"]]) if g * blk != k else a
+    blocks = op("Reshape", [wide, c["shape"]])
+    amax = op("ReduceMax", [op("Abs", [blocks]), c["axes"]], {"keepdims": 1})
+    scale = op("Mul", [op("Max", [amax, c["tiny"]]), c["inv127"]])
+    on_grid = op("Mul", [op("Round", [op("Div", [blocks, scale])]), scale])
+    on_grid = op("Reshape", [on_grid, op("Shape", [wide])])
+    if g * blk != k:
+        on_grid = op("Slice", [on_grid, c["zero"], c["k"], c["axes"]])
+    rest = op("Sub", [a, on_grid])
+    rows = op("Concat", [on_grid, rest], {"axis": 0})
+    for v in (on_grid, rest, rows):
+        v.type = a.type
+    return rows, nodes
