@@ -250,15 +250,9 @@ def lower_quantized_matmuls(model: ir.Model, *, int4_accuracy_level: int = 4, in
                            domain=MS_DOMAIN, name=f"{mm.name or q.name}.nbits")
             if bits == 8 and block and level == 4 and int8_block_residual:
                 node.metadata_props[RESIDUAL_MARK] = "1"
-            out, new = mm.outputs[0], node.outputs[0]
-            new.type, new.shape = out.type, out.shape
-            graph.insert_before(mm, node)
-            name = out.name
-            out.replace_all_uses_with(new, replace_graph_outputs=True)
-            graph.remove(mm, safe=True)
-            new.name = name
+            _replace_node(graph, mm, node)
             if term is not None:
-                _drop_offset_term(graph, term[0], new)
+                _drop_offset_term(graph, term[0], node.outputs[0])
             lowered += 1
         graph.remove(dq, safe=True)
         drop_unused_initializers(graph, (q, s))
@@ -391,14 +385,20 @@ def add_activation_residuals(model: ir.Model, max_rows: int = RESIDUAL_MAX_ROWS)
         then = ir.Graph([], [add.outputs[0]], nodes=[*residual_nodes, level4, halves, add], name=f"{node.name}.then")
         other = ir.Graph([], [level1.outputs[0]], nodes=[level1], name=f"{node.name}.else")
         branch = ir.node("If", [conds[id(a)]], {"then_branch": then, "else_branch": other}, name=f"{node.name}.if")
-        new = branch.outputs[0]
-        new.type, new.shape = out.type, out.shape
-        graph.insert_before(node, branch)
-        name = out.name
-        out.replace_all_uses_with(new, replace_graph_outputs=True)
-        graph.remove(node, safe=True)
-        new.name = name
+        _replace_node(graph, node, branch)
     return len(marked)
+
+
+def _replace_node(graph: ir.Graph, old: ir.Node, new: ir.Node) -> None:
+    """Insert `new` before `old`; its output takes over `old`'s (uses, name, type, shape,
+    graph-output place); remove `old`."""
+    out, value = old.outputs[0], new.outputs[0]
+    value.type, value.shape = out.type, out.shape
+    graph.insert_before(old, new)
+    name = out.name
+    out.replace_all_uses_with(value, replace_graph_outputs=True)
+    graph.remove(old, safe=True)
+    value.name = name
 
 
 def _residual_rows(graph: ir.Graph, base: str, a: ir.Value, k: int, blk: int) -> tuple[ir.Value, list[ir.Node]]:
