@@ -17,6 +17,27 @@ LLMBUILD = Path(sys.executable).with_name("llmbuild")
 
 
 def free_port() -> int:
+    """A free loopback port *below* the kernel's ephemeral range. A port the kernel hands out
+    (bind to port 0) is free when chosen but can be handed out again to any process that
+    binds port 0 before the server binds it: a local Ray instance starts a dozen such
+    processes between the two, and once one took the port Ray Serve then failed to bind
+    (CI, 2026-12-02: "Failed to bind to address '127.0.0.1:44227'"). Below the range (and
+    above Ray's worker ports, 10002-19999) nothing is assigned implicitly."""
+    import random
+
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):  # not Linux: the kernel's choice
+        low = 0
+    candidates = list(range(20000, low))
+    random.shuffle(candidates)
+    for port in candidates[:200]:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
