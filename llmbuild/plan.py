@@ -361,6 +361,8 @@ def _quantization_label(quantization: dict | None) -> str | None:
     w = quantization["weights"]
     group = (w.get("group_size") or 128) if w["scheme"] == "int4" else w.get("group_size")
     label = w["scheme"] + (f" g{group}" if group else "") + (" asym" if w.get("symmetric") is False else "")
+    if w["scheme"] == "int4" and w.get("scale_bits") == 8:
+        label += " s8"
     n = len(quantization.get("overrides") or [])
     return label + (f" ({n} override{'s' if n > 1 else ''})" if n else "")
 

@@ -78,7 +78,9 @@ def test_candidates_are_every_uncalibrated_registry_setting():
     assert len(keys) == len(set(keys))
     assert sorted(keys) == sorted(["int8", "int8-g32", "int8-g64", "int8-g128", "int8-g32-asym", "int8-g64-asym",
                                    "int8-g128-asym", "int4-g32-sym", "int4-g32-asym", "int4-g64-sym", "int4-g64-asym",
-                                   "int4-g128-sym", "int4-g128-asym", "none"])
+                                   "int4-g128-sym", "int4-g128-asym", "none",
+                                   # int4's 8-bit scale codes (scale_bits: 8)
+                                   *(f"int4-g{g}-{k}-s8" for g in (32, 64, 128) for k in ("sym", "asym"))])
     for c in candidate_specs():  # each key names its setting: an override with its keys resolves to it
         ov = {"match": "x", **spec_override(c)}
         assert resolve_plan({"weights": {"scheme": "none"}, "overrides": [ov]}, ["x.weight"], 1)["x.weight"] == c
@@ -274,19 +276,30 @@ def test_compile_applies_and_records_the_allocation(tiny):
 
 
 def test_calibrated_algorithm_quantizes_the_allocated_int4_linears(tiny):
-    """target.algorithm gptq: the same allocation as round-to-nearest (it is chosen on the
-    same sensitivities), its int4 linears quantized by GPTQ on the calibration text, which
-    lowers the logits' KL on the held-out text; int8 stays round-to-nearest."""
+    """target.algorithm gptq: the allocation chosen without int4's 8-bit scale codes (GPTQ
+    takes none), its int4 linears quantized by GPTQ on the calibration text, which lowers
+    the logits' KL on the held-out text against the same allocation round to nearest;
+    int8 stays round-to-nearest."""
     from llmbuild.compile import compile_recipe
 
     root, model_dir = tiny
     manifests = {}
-    for alg in ("rtn", "gptq"):
-        path = _recipe(root, f"auto-{alg}", model_dir, {"bits_per_weight": 5.0, "samples": 4, "algorithm": alg})
-        art = compile_recipe(path, out_dir=root / "out", quiet=True, cache=False)
-        manifests[alg] = json.loads((art / "manifest.json").read_text())
-    rtn, gptq = (manifests[k]["quantization"] for k in ("rtn", "gptq"))
-    assert gptq["allocation"]["modules"] == rtn["allocation"]["modules"]
+    path = _recipe(root, "auto-gptq", model_dir, {"bits_per_weight": 5.0, "samples": 4, "algorithm": "gptq"})
+    art = compile_recipe(path, out_dir=root / "out", quiet=True, cache=False)
+    manifests["gptq"] = json.loads((art / "manifest.json").read_text())
+    gptq = manifests["gptq"]["quantization"]
+    assert not [c for c in gptq["allocation"]["candidates"] if c.endswith("-s8")]
+    # the same allocation, round to nearest: the allocated sections with algorithm rtn
+    recipe = json.loads(path.read_text())
+    recipe["name"] = "auto-gptq-as-rtn"
+    recipe["quantization"] = {"weights": {**gptq["weights"], "algorithm": "rtn"},
+                              "overrides": [{**o, "algorithm": "rtn"} for o in gptq["overrides"]],
+                              "calibration": recipe["quantization"]["calibration"]}
+    (root / "auto-gptq-as-rtn.yaml").write_text(json.dumps(recipe))
+    art = compile_recipe(root / "auto-gptq-as-rtn.yaml", out_dir=root / "out", quiet=True, cache=False)
+    manifests["rtn"] = json.loads((art / "manifest.json").read_text())
+    rtn = manifests["rtn"]["quantization"]
+    assert rtn["summary"]["modules"] == {m: v.removesuffix(" gptq") for m, v in gptq["summary"]["modules"].items()}
     labels = gptq["summary"]["modules"]
     int4 = [m for m, k in gptq["allocation"]["modules"].items() if k.startswith("int4")]
     assert int4 and all(labels[m].endswith(" gptq") for m in int4)

@@ -28,6 +28,8 @@ CASES = {
     "int4-g32": {"scheme": "int4", "group_size": 32},
     "int4-g64-asym": {"scheme": "int4", "group_size": 64, "symmetric": False},
     "int8-g64-asym": {"scheme": "int8", "group_size": 64, "symmetric": False},
+    "int4-g32-s8": {"scheme": "int4", "group_size": 32, "scale_bits": 8},
+    "int4-g64-asym-s8": {"scheme": "int4", "group_size": 64, "symmetric": False, "scale_bits": 8},
     "fp8": {"scheme": "fp8"},
     "int4-awq": {"scheme": "int4", "group_size": 32, "algorithm": "awq"},
     "int4-gptq": {"scheme": "int4", "group_size": 32, "algorithm": "gptq"},
@@ -76,6 +78,17 @@ def stored(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
 
 
+def _table(init: dict[str, np.ndarray], name: str) -> np.ndarray | None:
+    """A weight's scales or offsets in float32: stored as is, or (int4 `scale_bits: 8`) as
+    8-bit codes times a float32 step per column (not rounded to a 16-bit graph dtype here)."""
+    if name in init:
+        return init[name].astype(np.float32)
+    if name + "_codes" in init:  # scales: codes 1..255 stored as code - 128
+        bias = 128 if name.endswith(".scale") else 0
+        return (init[name + "_codes"].astype(np.float32) + bias) * init[name + "_step"][None, :]
+    return None
+
+
 def dequantized_weights(artifact: Path) -> tuple[dict[str, np.ndarray], dict[str, float], dict[str, str]]:
     """HF-layout float weights computed in numpy from the artifact's stored codes and
     scales; fp8 input scales; each weight's DequantizeLinear attributes."""
@@ -87,13 +100,14 @@ def dequantized_weights(artifact: Path) -> tuple[dict[str, np.ndarray], dict[str
         if not name.endswith(".weight"):
             continue
         codes = init[name].astype(np.float32)
-        scale = init[name + ".scale"].astype(np.float32)
+        scale = _table(init, name + ".scale")
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         if "block_size" in attrs:
             b = attrs["block_size"]
             w = codes * np.repeat(scale, b, axis=0)[: codes.shape[0]]
-            if name + ".offset" in init:
-                w = w + np.repeat(init[name + ".offset"].astype(np.float32), b, axis=0)[: codes.shape[0]]
+            offset = _table(init, name + ".offset")
+            if offset is not None:
+                w = w + np.repeat(offset, b, axis=0)[: codes.shape[0]]
         elif attrs.get("axis") == 1:
             w = codes * scale[None, :]
         else:
@@ -150,7 +164,8 @@ def test_onnxruntime_logits_match_numpy_reference(case, tiny, artifacts):
         assert len(act_scales) == len(forms)
 
 
-@pytest.mark.parametrize("case", ["int8", "int8-g64", "int4-g32", "int4-g64-asym", "int8-g64-asym", "fp8"])
+@pytest.mark.parametrize("case", ["int8", "int8-g64", "int4-g32", "int4-g64-asym", "int8-g64-asym", "int4-g32-s8",
+                                  "int4-g64-asym-s8", "fp8"])
 def test_round_to_nearest_codes_equal_the_numpy_reference(case, tiny, artifacts):
     """What compile stored is bit for bit the scheme's numpy quantization of the source."""
     from safetensors.numpy import load_file
@@ -160,7 +175,7 @@ def test_round_to_nearest_codes_equal_the_numpy_reference(case, tiny, artifacts)
     init = stored(onnx.load(str(artifact_graph(artifacts[case]))))
     c = CASES[case]
     scheme = {"int8": Int8(c.get("group_size"), c.get("symmetric", True)), "fp8": Fp8()}.get(c["scheme"]) or Int4(
-        c["group_size"], c.get("symmetric", True))
+        c["group_size"], c.get("symmetric", True), c.get("scale_bits"))
     name = "model.layers.1.mlp.up_proj.weight"  # [in 96, out 160]
     qt = scheme.quantize(source[name].T.astype(np.float32), np.float32)
     codes = init[name]
@@ -171,12 +186,21 @@ def test_round_to_nearest_codes_equal_the_numpy_reference(case, tiny, artifacts)
         np.testing.assert_array_equal(codes.view(np.uint8), qt.data.view(np.uint8))
     else:
         np.testing.assert_array_equal(codes.astype(np.int8), qt.data)
-    np.testing.assert_allclose(init[name + ".scale"], qt.scale, rtol=1e-7)
+    if c.get("scale_bits"):  # 8-bit codes [G, out] + a float32 step per column, no float table stored
+        assert name + ".scale" not in init and init[name + ".scale_codes"].dtype == np.int8
+        np.testing.assert_array_equal(init[name + ".scale_codes"], qt.scale_codes)
+        np.testing.assert_array_equal(init[name + ".scale_step"], qt.scale_step)
+        assert qt.scale_codes.min() >= 1 - 128  # codes 1..255 (stored - 128): every scale > 0
+    else:
+        np.testing.assert_allclose(init[name + ".scale"], qt.scale, rtol=1e-7)
+    np.testing.assert_array_equal(_table(init, name + ".scale"), qt.scale)
     if c.get("group_size") == 64:
         assert qt.scale.shape == (2, 160)  # 96 rows in groups of 64: one short block
-    assert (qt.offset is not None) == (name + ".offset" in init) == (not c.get("symmetric", True))
+    assert (qt.offset is not None) == (_table(init, name + ".offset") is not None) == (not c.get("symmetric", True))
     if qt.offset is not None:
-        np.testing.assert_array_equal(init[name + ".offset"], qt.offset)
+        np.testing.assert_array_equal(_table(init, name + ".offset"), qt.offset)
+        if c.get("scale_bits"):
+            assert init[name + ".offset_codes"].dtype == np.int8
 
 
 def test_manifest_records_quantization_and_accuracy(artifacts):
@@ -321,7 +345,8 @@ def test_failing_gate_fails_compile_with_exit_1_and_a_report(tiny):
 
 
 
-@pytest.mark.parametrize("case", ["int8", "int8-g64", "int4-g32", "int4-g64-asym", "int8-g64-asym", "fp8"])
+@pytest.mark.parametrize("case", ["int8", "int8-g64", "int4-g32", "int4-g64-asym", "int8-g64-asym", "int4-g64-asym-s8",
+                                  "fp8"])
 def test_tensorrt_rtx_parses_and_builds(case, tiny):
     """fp16 graph of every form (int8 per channel; int4 blocks, padded to whole blocks,
     with the zero-point term; fp8 weights + activations; AWQ and GPTQ store the same
@@ -345,10 +370,13 @@ def test_tensorrt_rtx_parses_and_builds(case, tiny):
         expected -= 1
     if case == "fp8":  # + one activation Q/DQ per distinct input: qkv, o, gate/up, down; lm_head
         expected += 4 * LAYERS + 1
+    if case.endswith("-s8"):  # + the int8 scale and offset codes' own DequantizeLinear per linear
+        expected *= 3
     assert len(dq) == expected
     inputs = {str(layer.get_input(0).dtype) for layer in dq}
     want = {"int8": {"DataType.INT8"}, "int8-g64": {"DataType.INT8"}, "int4-g32": {"DataType.INT4", "DataType.INT8"},
-            "int4-g64-asym": {"DataType.INT4"}, "int8-g64-asym": {"DataType.INT8"}, "fp8": {"DataType.FP8"}}[case]
+            "int4-g64-asym": {"DataType.INT4"}, "int8-g64-asym": {"DataType.INT8"}, "fp8": {"DataType.FP8"},
+            "int4-g64-asym-s8": {"DataType.INT4"}}[case]
     assert want <= inputs
     # the fp16 artifact also runs on ONNX Runtime, close to the float32 numpy reference
     _, model_dir = tiny
@@ -369,7 +397,8 @@ def test_tensorrt_rtx_parses_and_builds(case, tiny):
     np.testing.assert_allclose(got, ours, atol=0.05)
 
 
-@pytest.mark.parametrize("case", ["int8", "int8-g64", "int4-g64-asym", "int8-g64-asym", "int4-gptq"])
+@pytest.mark.parametrize("case", ["int8", "int8-g64", "int4-g64-asym", "int8-g64-asym", "int4-gptq", "int4-g32-s8",
+                                  "int4-g64-asym-s8"])
 def test_cpu_lowering_to_matmulnbits(case, artifacts, tmp_path):
     """DequantizeLinear → MatMul as com.microsoft.MatMulNBits (int8 per channel packed in
     blocks of 128; int8 blocks as stored; asymmetric int4's offset term folded into float
@@ -378,13 +407,21 @@ def test_cpu_lowering_to_matmulnbits(case, artifacts, tmp_path):
     activation residual (add_activation_residuals): float32-level, far inside level 4's bound."""
     import onnx_ir as ir
 
-    from llmbuild.lowering.quantized import add_activation_residuals, fuse_sibling_matmulnbits, lower_quantized_matmuls
+    from llmbuild.lowering.quantized import (add_activation_residuals, fold_decoded_tables, fuse_sibling_matmulnbits,
+                                             lower_quantized_matmuls)
 
     path = artifact_graph(artifacts[case])
     standard = OrtGraphRunner(path).logits(IDS)
     for level, atol in ((1, 1e-5), (4, 0.05)):
         blocks8 = case.startswith("int8-g64") and level == 4  # int8 blocks with the residual
         model = ir.load(path)
+        asym = case.startswith("int4-g64-asym")
+        # scale_bits 8: each linear's scale table (+ offset table) decoded from its codes;
+        # asymmetric: + one block indicator per distinct input (q/k/v, o, gate/up, down; lm_head)
+        tables = (7 * LAYERS + 1) * (2 if asym else 1) if case.endswith("-s8") else 0
+        indicators = 4 * LAYERS + 1 if "asym" in case else 0
+        assert fold_decoded_tables(model) == tables + indicators
+        assert not [v for v in model.graph.initializers if v.endswith("_codes")]
         n = lower_quantized_matmuls(model, int4_accuracy_level=level, int8_accuracy_level=level,
                                     int8_block_accuracy_level=level)
         assert n == 7 * LAYERS + 1
@@ -401,13 +438,13 @@ def test_cpu_lowering_to_matmulnbits(case, artifacts, tmp_path):
         nbits = [node for node in ir.traversal.RecursiveGraphIterator(model.graph) if node.op_type == "MatMulNBits"]
         assert len(nbits) == (2 * n if blocks8 else n)
         with_zero_points = [node for node in nbits if len(node.inputs) > 3 and node.inputs[3] is not None]
-        assert len(with_zero_points) == (n if case == "int4-g64-asym" else 0)
+        assert len(with_zero_points) == (n if asym else 0)
         levels = sorted(node.attributes["accuracy_level"].value for node in nbits)
         assert levels == ([1] * n + [4] * n if blocks8 else [level] * n)
         assert {node.attributes["bits"].value for node in nbits} == {4 if case.startswith("int4") else 8}
         offsets = [v for v in model.graph.initializers if v.endswith(".offset")]
         products = [node for node in model.graph if node.name.endswith(".offset_product")]
-        if case == "int4-g64-asym":  # no float offset product is left
+        if asym:  # no float offset product is left
             assert not offsets and not products
             assert not [v for v in model.graph.initializers if v.endswith(".block_indicator")]
             assert not [node for node in model.graph if node.name.endswith(".block_sums")]

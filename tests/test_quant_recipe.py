@@ -138,3 +138,23 @@ def test_calibrated_override_of_a_tied_lm_head_is_refused_at_its_line(tmp_path):
     (tmp_path / "m" / "config.json").write_text(json.dumps(config))
     path.write_text(path.read_text().replace("{match: lm_head, scheme: int8}", "{match: lm_head, group_size: 64}"))
     assert load_recipe(path).to_dict()["quantization"]["overrides"][1]["group_size"] == 64
+
+
+def test_scale_bits_is_an_int4_setting_not_for_gptq(tmp_path):
+    """`scale_bits: 8` (int4's block scales as 8-bit codes): int4 only, not with GPTQ, and an
+    unset one leaves the resolved recipe (its content hash) as before."""
+    found = problems(tmp_path, (
+        "quantization:\n"
+        "  weights: {scheme: int8, group_size: 32, scale_bits: 8}\n"
+        "  overrides: [{match: lm_head, scheme: int4, algorithm: gptq, scale_bits: 8}]\n"))
+    assert found["quantization.weights.scale_bits"].startswith(
+        "4: scale_bits 8 applies to scheme int4 only; the scheme here is int8")
+    assert "scale_bits 8 does not apply to algorithm gptq" in found["quantization.overrides[0]"]
+    found = problems(tmp_path, "quantization: {weights: {scheme: int4, scale_bits: 4}}\n")
+    assert found["quantization.weights.scale_bits"].startswith("3: expected one of 8, 16; found 4")
+    r = load(tmp_path, "quantization: {weights: {scheme: int4, group_size: 32, symmetric: false, scale_bits: 8}}\n")
+    assert r.to_dict()["quantization"]["weights"]["scale_bits"] == 8
+    r = load(tmp_path, "quantization: {weights: {scheme: int4}}\n")
+    assert "scale_bits" not in r.to_dict()["quantization"]["weights"]
+    r = load(tmp_path, "quantization: {weights: {scheme: int4}}\n", ["quantization.weights.scale_bits=8"])
+    assert r.to_dict()["quantization"]["weights"]["scale_bits"] == 8

@@ -161,6 +161,61 @@ def test_int4_asymmetric_g32_reproduces_a_q4_1_weight(dtype):
     assert (err <= half_ulp + 1e-7).all(), float(err.max())
 
 
+# -- int4 with 8-bit scale codes (scale_bits: 8) ------------------------------------------
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_int4_coded_scales_round_trip(symmetric, dtype):
+    """Scales (and offsets) are 8-bit codes times a float32 step per column: the decoded
+    tables are exactly (code + 128)·step / code·step rounded once to the graph dtype, every
+    scale > 0, and the weight error is that of float scales to within 2 %."""
+    w = weight(k=192, n=48, seed=3)
+    w[:, 5] *= 30  # one loud column: its own step
+    w[:, 7] = 0  # an all-zero column: codes 1, the smallest step
+    plain = Int4(32, symmetric=symmetric).quantize(w, dtype)
+    qt = Int4(32, symmetric=symmetric, scale_bits=8).quantize(w, dtype)
+    assert qt.scale_step.dtype == np.float32 and qt.scale_step.shape == (48,)
+    m, _ = np.frexp(qt.scale_step)  # 16 significant bits: code · step is exact in float32
+    assert np.array_equal(m * 2.0**16, np.rint(m * 2.0**16))
+    codes = qt.scale_codes.astype(np.float32) + 128
+    assert qt.scale_codes.dtype == np.int8 and codes.min() >= 1 and codes.max() <= 255
+    np.testing.assert_array_equal(qt.scale, (codes * qt.scale_step).astype(dtype).astype(np.float32))
+    assert (qt.scale > 0).all()
+    assert (codes.max(axis=0)[np.arange(48) != 7] >= 254).all()  # each column's largest scale uses the top code
+    if not symmetric:
+        oc = qt.offset_codes.astype(np.float32)
+        assert np.abs(oc).max() <= 127
+        np.testing.assert_array_equal(qt.offset, (oc * qt.offset_step).astype(dtype).astype(np.float32))
+    else:
+        assert qt.offset is None and qt.offset_step is None
+    # codes recomputed on the decoded tables: within [-8, 7], and as accurate as float scales
+    assert qt.data.min() >= -8 and qt.data.max() <= 7
+    err = np.sqrt(np.mean((qt.dequantize() - w) ** 2))
+    ref = np.sqrt(np.mean((plain.dequantize() - w) ** 2))
+    assert err < 1.02 * ref, (err, ref)
+    assert not qt.dequantize()[:, 7].any()
+    assert qt.storage_bytes == 192 * 48 // 2 + (1 if symmetric else 2) * (6 * 48 + 4 * 48)
+
+
+def test_int4_coded_scales_nearly_reproduce_a_q4_1_weight():
+    """On a Q4_1 source asym g32 with 8-bit scale and offset codes lands near the source's
+    own grid: far closer than round to nearest on another grid (symmetric g32)."""
+    w, u = q4_1_weight(k=128, n=64)
+    coded = Int4(32, symmetric=False, scale_bits=8).quantize(w, np.float16)
+    err = np.sqrt(np.mean((coded.dequantize() - w) ** 2))
+    rtn = np.sqrt(np.mean((Int4(32).quantize(w, np.float16).dequantize() - w) ** 2))
+    assert err < rtn / 10, (err, rtn)
+    assert np.mean(coded.data.astype(np.int64) + 8 == u) > 0.9  # most codes are the source's
+
+
+def test_int4_scale_bits_is_validated():
+    with pytest.raises(ValueError, match="scale_bits 4"):
+        Int4(32, scale_bits=4)
+    assert make_scheme("int8", group_size=32, scale_bits=8).describe() == "int8 g32"  # not an int8 setting
+    assert make_scheme("int4", group_size=64, symmetric=False, scale_bits=8).describe() == "int4 g64 asym scales 8-bit"
+
+
 # -- int8 per block ---------------------------------------------------------------------
 
 
@@ -448,10 +503,34 @@ def test_bits_per_weight_of_every_scheme():
     assert bits_per_weight(ModuleSpec("none"), sq, 2) == 16
     # and what the graph stores: int8 g128 pads 576 rows to 640 (the short block's codes)
     assert stored_bytes(ModuleSpec("int8", group_size=128), sq, 2) == 640 * 576 + 5 * 576 * 2
-    # asymmetric: + one offset per block and the block indicator [in, G] of the offset term
+    # asymmetric: + one offset per block and the [G, 1, G] identity of the offset term's block indicator
     asym8 = ModuleSpec("int8", group_size=32, symmetric=False)
-    assert stored_bytes(asym8, sq, 2) == 576 * 576 + 2 * 18 * 576 * 2 + 576 * 18 * 2
+    assert stored_bytes(asym8, sq, 2) == 576 * 576 + 2 * 18 * 576 * 2 + 18 * 18 * 2
+    # 8-bit scale (+ offset) codes per block and a float32 step per column: Q4_K's idea, 8-bit codes
+    s8 = ModuleSpec("int4", group_size=32, scale_bits=8)
+    asym_s8 = ModuleSpec("int4", group_size=32, symmetric=False, scale_bits=8)
+    assert bits_per_weight(s8, sq, 2) == 4 + (8 * 18 + 32) / 576  # 4.306
+    assert bits_per_weight(asym_s8, sq, 2) == 4 + 2 * (8 * 18 + 32) / 576  # 4.611
+    assert stored_bytes(asym_s8, sq, 2) == 576 * 576 // 2 + 2 * (18 * 576 + 4 * 576) + 18 * 18 * 2
     for spec in (ModuleSpec("int4", group_size=32), ModuleSpec("int8", group_size=32), ModuleSpec("int8"),
-                 ModuleSpec("int4", group_size=32, symmetric=False), asym8):
+                 ModuleSpec("int4", group_size=32, symmetric=False), asym8, s8, asym_s8):
         qt = spec.make().quantize(weight(k=576, n=576), np.float16)
         assert qt.storage_bytes * 8 == bits_per_weight(spec, sq, 2) * 576 * 576
+
+
+def test_scale_bits_in_plans_and_overrides():
+    """scale_bits is inherited like group_size, 16 sets it back to the graph dtype, a new
+    scheme drops it, and GPTQ refuses it where a module resolves to it."""
+    from llmbuild.errors import UserError
+
+    names = [f"model.layers.{i}.{m}.weight" for i in range(2) for m in ("self_attn.q_proj", "mlp.down_proj")]
+    q = {"weights": {"scheme": "int4", "group_size": 32, "symmetric": False, "scale_bits": 8},
+         "overrides": [{"match": "*.down_proj", "scale_bits": 16}, {"layers": [1], "match": "*.q_proj", "scheme": "int8"}]}
+    plan = resolve_plan(q, names, 2)
+    assert plan["model.layers.0.self_attn.q_proj.weight"] == ModuleSpec("int4", group_size=32, symmetric=False,
+                                                                          scale_bits=8)
+    assert plan["model.layers.0.mlp.down_proj.weight"].scale_bits is None
+    assert plan["model.layers.1.self_attn.q_proj.weight"] == ModuleSpec("int8")
+    assert resolve_plan({"weights": {"scheme": "int4", "scale_bits": 16}}, names, 2)[names[0]].scale_bits is None
+    with pytest.raises(UserError, match="scale_bits 8 does not apply to algorithm gptq"):
+        resolve_plan({**q, "overrides": [{"match": "*.q_proj", "algorithm": "gptq"}]}, names, 2)

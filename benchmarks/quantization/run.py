@@ -66,6 +66,14 @@ for _alg in ("rtn", "awq", "gptq"):  # int4: sym/asym × g32/g128 × rtn/awq/gpt
     for _g in (32, 128):
         ROWS[f"int4-{_alg}-g{_g}"] = {"scheme": "int4", "algorithm": _alg, "group_size": _g}
         ROWS[f"int4-asym-{_alg}-g{_g}"] = {"scheme": "int4", "algorithm": _alg, "group_size": _g, "symmetric": False}
+# int4 with 8-bit scale (+ offset) codes per block and a float32 step per column
+# (`scale_bits: 8`, llama.cpp K-quants' idea with 8-bit codes): asym g32 at 4.61 bits
+for _name, _w in (("int4-rtn-g32-s8", {"scheme": "int4", "group_size": 32}),
+                  ("int4-asym-rtn-g32-s8", {"scheme": "int4", "group_size": 32, "symmetric": False}),
+                  ("int4-asym-rtn-g64-s8", {"scheme": "int4", "group_size": 64, "symmetric": False}),
+                  ("int4-asym-awq-g32-s8", {"scheme": "int4", "algorithm": "awq", "group_size": 32,
+                                            "symmetric": False})):
+    ROWS[_name] = _w | {"scale_bits": 8}
 OVERRIDES = {  # name -> quantization.overrides (the tied lm_head gets its own quantized copy)
     "int4-awq-g128-head8": [{"match": "lm_head", "scheme": "int8"}],
     "int4-rtn-g32-head4": [{"match": "lm_head", "scheme": "int4", "group_size": 32}],
@@ -90,7 +98,7 @@ LLAMA_CPP = ("F16", "Q8_0", "Q4_0", "Q4_1", "Q4_K_M")
 # The full table (issue #17), cheap rows first: no calibration, then llama.cpp, then the
 # calibrated rows (the 4.5-bit ones first).
 TABLE = ["fp16", "int8", "int8-g32", "int8-g128", "int8-asym-g32", "int4-rtn-g32", "int4-asym-rtn-g32", "int4-rtn-g128",
-         "int4-asym-rtn-g128", *(f"llama.cpp {q}" for q in LLAMA_CPP), "auto-4.5bpw", "auto-4.5bpw-gptq", "fp8",
+         "int4-asym-rtn-g128", "int4-rtn-g32-s8", "int4-asym-rtn-g32-s8", "int4-asym-rtn-g64-s8", *(f"llama.cpp {q}" for q in LLAMA_CPP), "auto-4.5bpw", "auto-4.5bpw-gptq", "fp8",
          "int4-gptq-g32", "int4-awq-g32", "int4-gptq-g128", "int4-awq-g128", "int4-asym-gptq-g32",
          "int4-asym-awq-g32", "int4-asym-gptq-g128", "int4-asym-awq-g128"]
 PROMPTS = [  # greedy agreement: chat prompts (the model's template), GREEDY_TOKENS new tokens each

@@ -59,8 +59,8 @@ from llmbuild.graph import io
 from llmbuild.graph.annotations import ATTENTION, annotation
 from llmbuild.lowering.moe import MoELoweringError, lower_moe_blocks
 from llmbuild.lowering.moe_quantized import lower_quantized_moe_blocks
-from llmbuild.lowering.quantized import (INT8_BLOCK_ACCURACY_LEVEL, add_activation_residuals, fuse_sibling_matmulnbits,
-                                        lower_quantized_matmuls)
+from llmbuild.lowering.quantized import (INT8_BLOCK_ACCURACY_LEVEL, add_activation_residuals, fold_decoded_tables,
+                                        fuse_sibling_matmulnbits, lower_quantized_matmuls)
 from llmbuild.lowering.rewrite import (MS_DOMAIN, float32_initializer, insert_in_order, remove_unused,
                                        replace_with_split)
 
@@ -162,6 +162,7 @@ def lower_for_cpu(model: ir.Model, *, int4_accuracy_level: int = 4, int8_accurac
     # ONNX Runtime's int8-activation kernels keep per-block activation scales; siblings
     # reading one activation (q/k/v, gate/up) as one MatMulNBits (no-op for unquantized
     # graphs).
+    fold_decoded_tables(model)  # int4 scale_bits 8: float scales/offsets for MatMulNBits (lowering.quantized)
     lower_quantized_matmuls(model, int4_accuracy_level=int4_accuracy_level, int8_accuracy_level=int8_accuracy_level,
                             int8_block_accuracy_level=int8_block_accuracy_level, int8_block_residual=int8_block_residual)
     fuse_sibling_matmulnbits(model)

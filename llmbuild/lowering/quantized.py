@@ -48,6 +48,11 @@ is dequantized at every call), which the offset term does not.
 
     y = MatMul(x, DQ(q, s)) + MatMul(MatMul(x, indicator), o)  ==>  MatMulNBits(x, B, s, bits=8) + (same term)
 
+int4 with `scale_bits: 8` (scale and offset tables as 8-bit codes · a float32 step per
+column, decoded in the standard graph) is first folded to those float tables
+(`fold_decoded_tables`, in memory: the lowered graph carries the decoded tables, the
+artifact's standard graph the codes), then lowered as above.
+
 `fuse_sibling_matmulnbits` then makes one MatMulNBits of those reading the same
 activation (q/k/v, gate/up), as the float lowering does for plain MatMuls.
 """
@@ -164,6 +169,63 @@ def _drop_offset_term(graph: ir.Graph, add: ir.Node, y: ir.Value) -> None:
         indicator = sums.inputs[1]
         graph.remove(sums, safe=True)
         drop_unused_initializers(graph, [indicator])
+
+
+# Metadata of the constant-only nodes of the standard graph that the lowering folds: int4's
+# `scale_bits: 8` tables and the block indicators (llmbuild.quantize.graph writes it;
+# fold_decoded_tables reads it).
+DECODE_MARK = "llmbuild.decoded_table"
+
+
+def fold_decoded_tables(model: ir.Model) -> int:
+    """Replace the constant subgraphs the quantized graph marks with DECODE_MARK by their
+    values: int4's `scale_bits: 8` tables (llmbuild.quantize.graph._decoded_table:
+    DequantizeLinear(int8 codes, float32 step, axis=1) [→ Add(step · 128)] [→ Cast]),
+    computed as the graph computes them (exact in float32, one rounding by the Cast), and
+    the asymmetric schemes' block indicators (Expand → Reshape of an identity), so that
+    `lower_quantized_matmuls` sees float scales, offsets and indicators. In memory only:
+    the artifact keeps the compact forms. Returns how many values were folded."""
+    graph = model.graph
+    marked = [node for node in graph if node.metadata_props.get(DECODE_MARK)]
+    values: dict[int, np.ndarray] = {}
+
+    def array(v: ir.Value) -> np.ndarray | None:
+        return values[id(v)] if id(v) in values else initializer_array(v)
+
+    for node in marked:
+        ins = [array(v) for v in node.inputs]
+        if any(a is None for a in ins):
+            raise ValueError(f"{node.name}: a scale_bits table decoded from a value that is not a constant")
+        if node.op_type == "DequantizeLinear":
+            out = ins[0].astype(np.float32) * ins[1][None, :].astype(np.float32)  # [G, n] codes, [n] step (axis 1)
+        elif node.op_type == "Mul":
+            out = ins[0] * ins[1]
+        elif node.op_type == "Add":
+            out = ins[0] + ins[1]
+        elif node.op_type == "Cast":
+            out = ins[0].astype(ir.DataType(_attr(node, "to")).numpy())
+        elif node.op_type == "Expand":  # the block indicator (quantize.graph.block_indicator)
+            out = ins[0] * np.ones(tuple(int(d) for d in ins[1]), ins[0].dtype)
+        elif node.op_type == "Reshape":
+            out = ins[0].reshape(tuple(int(d) for d in ins[1]))
+        else:
+            raise ValueError(f"{node.name}: unexpected {node.op_type} in a scale_bits table")
+        values[id(node.outputs[0])] = out
+    folded = 0
+    for node in marked:
+        v = node.outputs[0]
+        if v.is_graph_output() or any(not u.node.metadata_props.get(DECODE_MARK) for u in v.uses()):
+            c = constant(f"{v.name}.folded", np.ascontiguousarray(values[id(v)]))
+            v.replace_all_uses_with(c, replace_graph_outputs=True)
+            c.name = v.name
+            v.name = f"{c.name}.decoded_in_graph"
+            graph.register_initializer(c)
+            folded += 1
+    inputs = [v for node in marked for v in node.inputs]
+    for node in reversed(marked):
+        graph.remove(node, safe=True)
+    drop_unused_initializers(graph, inputs)
+    return folded
 
 
 # int8 stored in blocks (`group_size`) runs at accuracy level 4 *with the activation

@@ -6,7 +6,7 @@
 1. **Candidates**: every setting of the scheme registry that needs no calibration
    (round to nearest; fp8 quantizes activations and is left out): `none` (the graph
    dtype), int8 per channel and per block, int4 at each of its group sizes, blocks
-   symmetric or not — enumerated from `schemes.SCHEMES` (a scheme's `GROUP_SIZES` and whether it takes
+   symmetric or not, scales in the graph dtype or as 8-bit codes (`scale_bits`) — enumerated from `schemes.SCHEMES` (a scheme's `GROUP_SIZES` and whether it takes
    `symmetric`), so a scheme or group size registered there is a candidate too. Their
    sizes are `plan.stored_bytes` (what the graph stores).
 2. **Sensitivity** of linear `W` [in, out] under candidate `c`: the output error its
@@ -75,10 +75,11 @@ def candidate_specs() -> list[ModuleSpec]:
             groups = groups[:-1]  # no per-channel setting (int4: blocks of 128 by default)
         for group in groups:
             for sym in (True, False) if "symmetric" in params else (True,):
-                ov = {"match": "x", "scheme": name, "group_size": group, "symmetric": sym}
-                spec = resolve_plan({"weights": {"scheme": "none"}, "overrides": [ov]}, ["x.weight"], 1)["x.weight"]
-                if not spec.calibrated and spec not in found:
-                    found.append(spec)
+                for bits in getattr(cls, "SCALE_BITS", (None,)) if "scale_bits" in params else (None,):
+                    ov = {"match": "x", "scheme": name, "group_size": group, "symmetric": sym, "scale_bits": bits}
+                    spec = resolve_plan({"weights": {"scheme": "none"}, "overrides": [ov]}, ["x.weight"], 1)["x.weight"]
+                    if not spec.calibrated and spec not in found:
+                        found.append(spec)
     return [*found, ModuleSpec("none")]
 
 
@@ -86,7 +87,7 @@ def spec_override(spec: ModuleSpec) -> dict:
     """The override keys that give a module `spec`."""
     ov = {"scheme": spec.scheme}
     if spec.scheme == "int4":
-        ov |= {"group_size": spec.group_size, "symmetric": spec.symmetric}
+        ov |= {"group_size": spec.group_size, "symmetric": spec.symmetric, "scale_bits": spec.scale_bits or 16}
     elif spec.scheme == "int8" and spec.group_size is not None:
         ov |= {"group_size": spec.group_size, "symmetric": spec.symmetric}
     return ov
@@ -95,7 +96,7 @@ def spec_override(spec: ModuleSpec) -> dict:
 def spec_key(spec: ModuleSpec) -> str:
     """A short stable name: none, int8 (per channel), int8-g32, int8-g32-asym, int4-g32-sym …"""
     if spec.scheme == "int4":
-        return f"int4-g{spec.group_size}-{'sym' if spec.symmetric else 'asym'}"
+        return f"int4-g{spec.group_size}-{'sym' if spec.symmetric else 'asym'}" + ("-s8" if spec.scale_bits else "")
     if spec.scheme == "int8" and spec.group_size is not None:
         return f"int8-g{spec.group_size}" + ("" if spec.symmetric else "-asym")
     return spec.scheme
@@ -195,7 +196,8 @@ def as_quantization(alloc: dict[str, ModuleSpec], calibration: dict, algorithm: 
     base, _ = Counter(alloc.values()).most_common(1)[0]
     alg = {"algorithm": algorithm}
     overrides = [{"match": module_name(n), **spec_override(s), **alg} for n, s in alloc.items() if s != base]
-    return {"weights": {**spec_override(base), **alg}, "overrides": overrides, "calibration": calibration}
+    weights = {k: v for k, v in spec_override(base).items() if (k, v) != ("scale_bits", 16)}  # 16: the default
+    return {"weights": {**weights, **alg}, "overrides": overrides, "calibration": calibration}
 
 
 # -- sensitivity -------------------------------------------------------------------------
@@ -403,6 +405,8 @@ def allocate_target(job, target: dict, calibration: dict, prepare: Callable, eva
         update(0, 1, "sensitivities")
         slices = graph_slices(ref)
         candidates = candidate_specs()
+        if (target.get("algorithm") or "rtn") == "gptq":  # GPTQ takes no 8-bit scale codes (quantize.plan)
+            candidates = [c for c in candidates if c.scale_bits is None]
         costs, report = sensitivities(slices, tokens, lambda n: job.loaders[n](), list(job.shapes), candidates,
                                       job.scale_dtype, kv_heads=job.dims.kv_heads, head_dim=job.dims.head_dim,
                                       work_dir=ref.parent, threads=threads)

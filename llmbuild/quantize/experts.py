@@ -45,7 +45,7 @@ import onnx_ir as ir
 
 from llmbuild.graph.annotations import MOE, nodes_with
 from llmbuild.graph.builder import SOURCE_LOADER
-from llmbuild.quantize.graph import _SharedResult, _lazy
+from llmbuild.quantize.graph import _const, _lazy, _SharedResult, block_indicator
 from llmbuild.quantize.expert_plan import PROJECTIONS, expert_stored_bytes
 from llmbuild.quantize.plan import ModuleSpec
 from llmbuild.quantize.schemes import QuantizedTensor
@@ -222,10 +222,7 @@ def _add_expert_offsets(graph, mm, a, offsets, idx, kp, block, compute, name, su
     key = (id(a), kp, block)
     nodes = []
     if key not in sums_cache:
-        indicator = np.zeros((kp, g), compute.numpy())
-        indicator[np.arange(kp), np.arange(kp) // block] = 1
-        ind = _const(name + ".block_indicator", indicator)
-        graph.register_initializer(ind)
+        ind = block_indicator(graph, nodes, name, kp, block, compute)
         sums = ir.node("MatMul", [a, ind], name=name + ".block_sums")
         nodes.append(sums)
         sums_cache[key] = sums.outputs[0]
@@ -238,8 +235,3 @@ def _add_expert_offsets(graph, mm, a, offsets, idx, kp, block, compute, name, su
     y.replace_all_uses_with(add.outputs[0])
     add.replace_input_with(0, y)
     graph.insert_after(mm, add)
-
-
-def _const(name: str, array: np.ndarray) -> ir.Value:
-    return ir.Value(name=name, type=ir.TensorType(ir.DataType.from_numpy(array.dtype)), shape=ir.Shape(array.shape),
-                    const_value=ir.tensor(array))

@@ -22,7 +22,8 @@ Asymmetric int4 and int8 (w = s·q + o, o a float per block, as llama.cpp's Q4_1
 cannot hold it (its zero point is an integer on the code grid, and TensorRT takes only
 zero-valued zero points), so the offset is a second, small product: x·(s·q) + (x summed
 per block)·o. The block sums are one MatMul with a 0/1 indicator [in, G] (G = blocks per
-column), shared by the linears that read the same x (q/k/v; gate/up):
+column; made in the graph from a [G, 1, G] identity: `block_indicator`), shared by the
+linears that read the same x (q/k/v; gate/up):
 
     x ──MatMul(x, DequantizeLinear(q, s))──────────────────────────────┐
      └─MatMul(x, indicator [in, G])──MatMul(·, o [G, out])─────────────(+)─► y
@@ -31,6 +32,13 @@ All of it is plain ONNX that TensorRT parses (its int4/int8 weight-only GEMM for
 product, two small GEMMs and an Add for the offset); the CPU lowering folds int4's offset
 back into MatMulNBits' float zero points and keeps int8's offset product
 (llmbuild.lowering.quantized).
+
+int4 with `scale_bits: 8` stores the scale table [G, out] (and the offset table) as int8
+codes and a float32 step per column, decoded by a few nodes of constants only, which ONNX
+Runtime and TensorRT fold (TensorRT-RTX builds it; the CPU lowering folds the tables
+itself, llmbuild.lowering.quantized.fold_decoded_tables):
+
+    codes [G, out] int8 ─DequantizeLinear(step [out], axis=1)─(+128·step)─Cast─► s ─► DequantizeLinear(q, s)
 
 fp8 also quantizes the activation entering the MatMul (per-tensor scale from
 calibration; inputs shared by several linears are quantized once):
@@ -49,6 +57,7 @@ import onnx_ir as ir
 
 from llmbuild.graph.annotations import LINEAR, annotate, annotation, nodes_with
 from llmbuild.graph.builder import SOURCE_LOADER
+from llmbuild.lowering.quantized import DECODE_MARK  # the mark the CPU lowering folds
 from llmbuild.quantize.plan import ModuleSpec, stored_bytes
 from llmbuild.quantize.schemes import QuantizedTensor, fp8_activation_scale
 
@@ -190,22 +199,28 @@ def quantize_graph(
             return qt
 
         asym = not spec.symmetric  # int4 or int8 in blocks with a float offset per block
-        shared = _SharedResult(make, 3 if asym else 2)
+        coded = spec.scale_bits is not None  # int4: scales (+ offsets) as 8-bit codes · a step per column
+        shared = _SharedResult(make, (1 + (2 if asym else 1) * (2 if coded else 1)))
         code_type = _ONNX_CODES[spec.scheme]
         block = spec.group_size  # int4, int8 in blocks; None: int8 per channel, fp8 per tensor
         kp = -(-k // block) * block if block else k
         q = _lazy(name, code_type, (kp, n), shared.part("q", lambda qt, kp=kp: _codes(qt, kp)))
         scale_shape = (kp // block, n) if block else (n,) if spec.scheme == "int8" else ()
-        s = _lazy(name + ".scale", compute, scale_shape, shared.part("s", lambda qt: qt.scale.astype(scale_np)))
-        attrs = {"axis": 0, "block_size": block} if block else {"axis": 1} if spec.scheme == "int8" else {}
         consumers = [u.node for u in value.uses()]
         matmuls = [c for c in consumers if c.op_type == "MatMul"]
         first = matmuls[0]
         graph.initializers.pop(name)
-        for v in (q, s):
-            graph.register_initializer(v)
+        graph.register_initializer(q)
+        new_nodes = []
+        if coded:
+            s = _decoded_table(graph, new_nodes, name + ".scale", scale_shape, compute, shared.part(
+                "sc", lambda qt: qt.scale_codes), shared.part("ss", lambda qt: qt.scale_step), bias=128.0)
+        else:
+            s = _lazy(name + ".scale", compute, scale_shape, shared.part("s", lambda qt: qt.scale.astype(scale_np)))
+            graph.register_initializer(s)
+        attrs = {"axis": 0, "block_size": block} if block else {"axis": 1} if spec.scheme == "int8" else {}
         dq = ir.node("DequantizeLinear", [q, s], attrs, name=name + ".dequantize")
-        new_nodes = [dq]
+        new_nodes.append(dq)
         w_out = dq.outputs[0]
         w_out.name = name + ".dequantized"
         value.replace_all_uses_with(w_out)
@@ -244,7 +259,7 @@ def quantize_graph(
                 mm.replace_input_with(0, pad_cache[key])
         graph.insert_before(first, new_nodes)
         if asym:
-            _add_offset_term(graph, first, name, kp, n, block, compute, shared, sums_cache)
+            _add_offset_term(graph, first, name, kp, n, block, compute, shared, sums_cache, coded)
     for name in replaced_names:
         old = graph.initializers[name]
         getter = replaced_floats
@@ -256,27 +271,88 @@ def quantize_graph(
     return stored
 
 
-def _add_offset_term(graph, matmul, name, k, n, block, compute, shared, sums_cache):
+def _decoded_table(graph, new_nodes, name, shape, compute, codes, step, bias: float) -> ir.Value:
+    """`scale_bits: 8`: a per-block table [G, n] stored as int8 codes [G, n] and a float32
+    step per column [n], decoded in the graph from constants only (ONNX Runtime and TensorRT
+    fold it at load / build time; the CPU lowering folds it itself: fold_decoded_tables):
+
+        codes [G, n] int8 ─DequantizeLinear(step [n], axis=1)─(+ bias·step)─(Cast(graph dtype))─► table
+
+    Scales take bias 128 (codes 1..255 stored as code − 128), offsets 0. Every value is
+    exact in float32 (schemes.STEP_BITS); the Cast rounds once, as schemes.coded_params."""
+    c = _lazy(name + "_codes", ir.DataType.INT8, shape, codes)
+    st = _lazy(name + "_step", ir.DataType.FLOAT, shape[-1:], step)
+    for v in (c, st):
+        graph.register_initializer(v)
+    nodes = [ir.node("DequantizeLinear", [c, st], {"axis": 1}, name=name + "_decode")]
+    if bias:
+        k = ir.Value(name=name + "_bias", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([]),
+                     const_value=ir.tensor(np.array(bias, np.float32)))
+        graph.register_initializer(k)
+        offset = ir.node("Mul", [st, k], name=name + "_decode_bias")
+        nodes += [offset, ir.node("Add", [nodes[0].outputs[0], offset.outputs[0]], name=name + "_decode_add")]
+    if compute != ir.DataType.FLOAT:
+        nodes.append(ir.node("Cast", [nodes[-1].outputs[0]], {"to": compute}, name=name + "_decode_round"))
+    for node in nodes:
+        node.metadata_props[DECODE_MARK] = "1"
+    new_nodes += nodes
+    out = nodes[-1].outputs[0]
+    out.name = name
+    out.dtype, out.shape = compute, ir.Shape(list(shape))
+    return out
+
+
+def block_indicator(graph, new_nodes, name, k, block, compute) -> ir.Value:
+    """The 0/1 indicator [k, G] of blocks of `block` rows (x·M = x summed per block), made
+    from the identity [G, 1, G] (G² values stored, not k·G):
+
+        eye [G, 1, G] ─Expand([G, block, G])─Reshape([k, G])─► M
+
+    Constants only: ONNX Runtime and TensorRT fold it; so does the CPU lowering
+    (`fold_decoded_tables`, the nodes carry its DECODE_MARK)."""
+    g = k // block
+    eye = _const(name + ".block_eye", np.eye(g, dtype=compute.numpy())[:, None, :])
+    expand_to = _const(name + ".block_expand", np.array([g, block, g], np.int64))
+    flat = _const(name + ".block_shape", np.array([k, g], np.int64))
+    for v in (eye, expand_to, flat):
+        graph.register_initializer(v)
+    expand = ir.node("Expand", [eye, expand_to], name=name + ".block_indicator_expand")
+    reshape = ir.node("Reshape", [expand.outputs[0], flat], name=name + ".block_indicator_reshape")
+    for node in (expand, reshape):
+        node.metadata_props[DECODE_MARK] = "1"
+    new_nodes += [expand, reshape]
+    out = reshape.outputs[0]
+    out.name, out.dtype, out.shape = name + ".block_indicator", compute, ir.Shape([k, g])
+    return out
+
+
+def _const(name: str, array: np.ndarray) -> ir.Value:
+    return ir.Value(name=name, type=ir.TensorType(ir.DataType.from_numpy(array.dtype)), shape=ir.Shape(array.shape),
+                    const_value=ir.tensor(array))
+
+
+def _add_offset_term(graph, matmul, name, k, n, block, compute, shared, sums_cache, coded=False):
     """
     x ─MatMul(x, indicator [k, G])─► xs [.., G] ─MatMul(xs, offset [G, n])─► c ─┐
     MatMul(x, W) ─► y ───────────────────────────────────────────────────────(+)─► y'
-    (xs is made once per input x and block layout: `sums_cache`)
+    (xs is made once per input x and block layout: `sums_cache`; `coded`: the offsets are
+    8-bit codes decoded by `_decoded_table`)
     """
     g = k // block
     x = matmul.inputs[0]
     key = (id(x), k, block)
     new_nodes = []
     if key not in sums_cache:
-        indicator = np.zeros((k, g), compute.numpy())
-        indicator[np.arange(k), np.arange(k) // block] = 1
-        ind = ir.Value(name=name + ".block_indicator", type=ir.TensorType(compute), shape=ir.Shape([k, g]),
-                       const_value=ir.tensor(indicator))
-        graph.register_initializer(ind)
+        ind = block_indicator(graph, new_nodes, name, k, block, compute)
         sums = ir.node("MatMul", [x, ind], name=name + ".block_sums")
         new_nodes.append(sums)
         sums_cache[key] = sums.outputs[0]
-    off = _lazy(name + ".offset", compute, (g, n), shared.part("o", lambda qt: qt.offset.astype(compute.numpy())))
-    graph.register_initializer(off)
+    if coded:
+        off = _decoded_table(graph, new_nodes, name + ".offset", (g, n), compute, shared.part(
+            "oc", lambda qt: qt.offset_codes), shared.part("os", lambda qt: qt.offset_step), bias=0.0)
+    else:
+        off = _lazy(name + ".offset", compute, (g, n), shared.part("o", lambda qt: qt.offset.astype(compute.numpy())))
+        graph.register_initializer(off)
     y = matmul.outputs[0]
     corr = ir.node("MatMul", [sums_cache[key], off], name=name + ".offset_product")
     add = ir.node("Add", [y, corr.outputs[0]], name=name + ".offset_add")

@@ -33,11 +33,13 @@ class ModuleSpec:
     algorithm: str = "rtn"
     group_size: int | None = None
     symmetric: bool = True
+    scale_bits: int | None = None  # int4: 8 = scales (+ offsets) as 8-bit codes (schemes.coded_params)
 
     def make(self):
         from llmbuild.quantize.schemes import make_scheme  # numpy: not needed to plan or validate
 
-        return make_scheme(self.scheme, group_size=self.group_size, symmetric=self.symmetric)
+        return make_scheme(self.scheme, group_size=self.group_size, symmetric=self.symmetric,
+                           scale_bits=self.scale_bits)
 
     @property
     def label(self) -> str:
@@ -53,8 +55,8 @@ class ModuleSpec:
 
 def stored_bytes(spec: ModuleSpec, shape: tuple[int, int], dtype_bytes: int) -> int:
     """Bytes the weight takes in the graph: codes (padded to whole blocks) + scales
-    (+ asymmetric int4/int8's offsets and its block indicator [in, G], counted per weight
-    though the linears reading the same input share one)."""
+    (+ asymmetric int4/int8's offsets and the [G, 1, G] identity its block indicator is
+    made from, counted per weight though the linears reading the same input share one)."""
     k, n = shape
     if spec.scheme == "none":
         return k * n * dtype_bytes
@@ -65,8 +67,10 @@ def stored_bytes(spec: ModuleSpec, shape: tuple[int, int], dtype_bytes: int) -> 
     g = -(-k // spec.group_size)
     kp = g * spec.group_size  # stored padded to whole blocks
     codes = kp * n if spec.scheme == "int8" else (kp * n + 1) // 2
-    extra = (g * n + kp * g) * dtype_bytes if not spec.symmetric else 0
-    return codes + g * n * dtype_bytes + extra
+    # per block: a scale (+ an offset) in the graph dtype, or 8-bit codes + a float32 step per column
+    per_block = g * n * dtype_bytes if spec.scale_bits is None else g * n + 4 * n
+    extra = per_block + g * g * dtype_bytes if not spec.symmetric else 0  # offsets + the indicator's identity
+    return codes + per_block + extra
 
 
 def bits_per_weight(spec: ModuleSpec, shape: tuple[int, int], dtype_bytes: int) -> float:
@@ -82,8 +86,10 @@ def bits_per_weight(spec: ModuleSpec, shape: tuple[int, int], dtype_bytes: int) 
     if spec.group_size is None:
         return 8 + scale_bits / k
     code_bits = 8 if spec.scheme == "int8" else 4
-    per_block = scale_bits * (1 if spec.symmetric else 2)
-    return code_bits + per_block * (-(-k // spec.group_size)) / k
+    tables = 1 if spec.symmetric else 2  # scales (+ offsets)
+    if spec.scale_bits is not None:  # 8-bit codes per block + a float32 step per column
+        return code_bits + tables * (8 * (-(-k // spec.group_size)) + 32) / k
+    return code_bits + tables * scale_bits * (-(-k // spec.group_size)) / k
 
 
 def module_name(weight_name: str) -> str:
@@ -107,6 +113,7 @@ def default_spec(weights: dict) -> ModuleSpec:
         algorithm=weights.get("algorithm") or "rtn",
         group_size=group_size,
         symmetric=resolved_symmetric(scheme, group_size, weights.get("symmetric") is not False),
+        scale_bits=weights.get("scale_bits") if scheme == "int4" and weights.get("scale_bits") != 16 else None,
     )
 
 
@@ -120,12 +127,17 @@ def resolve_plan(quantization: dict, weight_names: list[str], num_layers: int) -
         for ov in quantization.get("overrides") or []:
             if not _matches(ov, module, layer, num_layers):
                 continue
-            changes = {k: ov[k] for k in ("scheme", "algorithm", "group_size", "symmetric") if ov.get(k) is not None}
+            changes = {k: ov[k] for k in ("scheme", "algorithm", "group_size", "symmetric", "scale_bits")
+                       if ov.get(k) is not None}
             if "scheme" in changes and changes["scheme"] != spec.scheme:
                 # A new scheme starts from its own defaults, not the other scheme's settings.
                 spec = ModuleSpec(scheme=changes["scheme"], algorithm="rtn",
                                   group_size=128 if changes["scheme"] == "int4" else None)
             spec = replace(spec, **changes)
+            if changes.get("scale_bits") == 16:  # an override back to scales in the graph dtype
+                spec = replace(spec, scale_bits=None)
+            if spec.scheme != "int4":
+                spec = replace(spec, scale_bits=None)
             if spec.scheme == "int4" and spec.group_size is None:
                 spec = replace(spec, group_size=128)
             if spec.scheme not in ("int4", "int8"):  # schemes without these settings
@@ -133,6 +145,12 @@ def resolve_plan(quantization: dict, weight_names: list[str], num_layers: int) -
             spec = replace(spec, symmetric=resolved_symmetric(spec.scheme, spec.group_size, spec.symmetric))
             if spec.scheme in ("none", "fp8", "int8") and spec.algorithm != "rtn":
                 spec = replace(spec, algorithm="rtn")
+        if spec.algorithm == "gptq" and spec.scale_bits is not None:
+            from llmbuild.errors import UserError
+
+            raise UserError(f"quantization: {module}: scale_bits 8 does not apply to algorithm gptq (GPTQ fixes each"
+                            " block's scale as it quantizes, before a column's 8-bit scale step is known); use rtn or"
+                            " awq, or set scale_bits: 16 in that override")
         plan[name] = spec
     return plan
 

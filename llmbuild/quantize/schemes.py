@@ -14,8 +14,17 @@ Weights arrive as the graph stores them, `[in, out]` (the HF `[out, in]` transpo
 | int4 g… asym    | int4 [-8, 7]    | per block + a float offset      | + a per-block offset     | 4 + 32/g    |
 |                 |                 | per block: [ceil(in/g), out]    | term (quantize.graph)    | (Q4_1: 5.0) |
 | fp8             | float8e4m3fn    | one per tensor: []              | (per tensor)             | 8           |
+| int4 … s8       | int4 [-8, 7]    | 8-bit codes per block + a       | the tables decoded first | 4 + 8/g (+ 8/g) |
+| (`scale_bits:8`)|                 | float32 step per column [out]   | (quantize.graph)         | + 32/in each |
 
 (bits per weight with 16-bit scales and offsets, before int4's padding to whole blocks.)
+
+`scale_bits: 8` (int4, symmetric or not) stores each block's scale, and offset, as an
+8-bit code times a float32 step per output column (`coded_params`), as llama.cpp's
+K-quants store their sub-block scales (6-bit codes and a float16 step per 256 weights
+there; SmolLM2's 576-wide rows do not divide into 256, so llama.cpp falls back to other
+formats on most of its tensors): asymmetric int4 g32 costs 4.61 bits per weight at 576
+input rows instead of 5.0, and on the Q4_1 source lands close to the source's own grid.
 
 Symmetric int4 uses all 16 levels with a strictly positive scale (TensorRT requires
 scales > 0: IDequantizeLayer): per block, the tightest scale that reaches both sides,
@@ -56,6 +65,7 @@ import numpy as np
 
 FP8_MAX = 448.0  # largest finite float8e4m3fn
 GROUP_SIZES = (32, 64, 128)  # int4 and int8 blocks along the input dimension
+SCALE_BITS = (None, 8)  # int4: scales (+ offsets) in the graph dtype, or 8-bit codes (coded_params)
 # Symmetric int4: factors of the tight scale tried per block (least squared error wins).
 SCALE_SEARCH = (1.0, *np.round(np.linspace(0.76, 1.04, 15), 2).tolist())
 
@@ -70,6 +80,21 @@ class QuantizedTensor:
     offset: np.ndarray | None = None  # asymmetric int4/int8: per-block float offset o, w = s·q + o
     axis: int | None = None  # DequantizeLinear axis (None: per tensor)
     block_size: int | None = None
+    # int4 with `scale_bits: 8`: `scale` (and `offset`) are stored as 8-bit codes times a
+    # float32 step per output column [out]; `scale`/`offset` hold the decoded values.
+    scale_step: np.ndarray | None = None
+    offset_step: np.ndarray | None = None
+
+    @property
+    def scale_codes(self) -> np.ndarray:
+        """int8 [G, out] codes of the scales (`scale_bits: 8`): scale = (code + 128) · scale_step,
+        code + 128 in 1..255 (stored signed: TensorRT dequantizes int8, not uint8)."""
+        return (_step_codes(self.scale, self.scale_step, 1, 255) - 128).astype(np.int8)
+
+    @property
+    def offset_codes(self) -> np.ndarray:
+        """int8 [G, out] codes of the offsets (`scale_bits: 8`, asymmetric): offset = code · offset_step."""
+        return _step_codes(self.offset, self.offset_step, -127, 127).astype(np.int8)
 
     def dequantize(self) -> np.ndarray:
         """The float32 weight the graph computes with."""
@@ -87,10 +112,44 @@ class QuantizedTensor:
     def storage_bytes(self) -> int:
         """Bytes of codes + scales (+ offsets) as stored in the graph, scales at 2 bytes."""
         bits = {"int4": 4, "int8": 8, "fp8": 8}[self.scheme]
-        n = (self.data.size * bits + 7) // 8 + 2 * self.scale.size
-        if self.offset is not None:
-            n += 2 * self.offset.size
+        n = (self.data.size * bits + 7) // 8
+        for values, step in ((self.scale, self.scale_step), (self.offset, self.offset_step)):
+            if values is not None:
+                n += 2 * values.size if step is None else values.size + 4 * step.size
         return n
+
+
+def _step_codes(values: np.ndarray, step: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """rint(values / step) per column, clipped to [lo, hi] (float32)."""
+    return np.clip(np.rint(np.asarray(values, np.float32) / step[None, :]), lo, hi)
+
+
+STEP_BITS = 16  # significant bits of a `scale_bits: 8` step: code · step is exact in float32
+
+
+def _step(top: np.ndarray, levels: int) -> np.ndarray:
+    """float32 step per column: top / levels rounded to STEP_BITS significant bits (so that
+    every code · step, |code| ≤ 255, is exact in float32), never 0."""
+    tiny = np.float32(np.finfo(np.float32).tiny)
+    m, e = np.frexp(np.maximum(np.asarray(top, np.float32) / np.float32(levels), tiny))
+    return np.ldexp(np.rint(m * 2.0 ** STEP_BITS) / 2.0 ** STEP_BITS, e).astype(np.float32)
+
+
+def coded_params(scale: np.ndarray, offset: np.ndarray | None, scale_dtype):
+    """`scale_bits: 8`: per-block scales [G, out] (and offsets) stored as 8-bit codes times
+    a float32 step per output column, as llama.cpp's K-quants store their sub-block scales
+    (6-bit codes there, one float16 step per 256 weights). Scales: codes 1..255 of
+    step = max scale / 255 (never 0: TensorRT requires scales > 0); offsets: codes
+    −127..127 of step = max |offset| / 127. The decoded values are what the graph computes:
+    code · step, exact in float32 (`_step`), rounded once to the graph dtype. Returns
+    (scale, offset, scale_step, offset_step), decoded values first."""
+    sstep = _step(scale.max(axis=0), 255)
+    dec_scale = _round_scale(_step_codes(scale, sstep, 1, 255) * sstep, scale_dtype)
+    if offset is None:
+        return dec_scale, None, sstep, None
+    ostep = _step(np.abs(offset).max(axis=0), 127)
+    dec_offset = _round(_step_codes(offset, ostep, -127, 127) * ostep, scale_dtype)
+    return dec_scale, dec_offset, sstep, ostep
 
 
 def _expand_blocks(per_block: np.ndarray, block: int, rows: int) -> np.ndarray:
@@ -221,18 +280,33 @@ class Int4:
 
     name = "int4"
     GROUP_SIZES = GROUP_SIZES
+    SCALE_BITS = SCALE_BITS
 
-    def __init__(self, group_size: int = 128, symmetric: bool = True, **params):
+    def __init__(self, group_size: int = 128, symmetric: bool = True, scale_bits: int | None = None, **params):
         _no_params(self.name, params)
         self.group_size = _check_group(self.name, group_size)
         self.symmetric = bool(symmetric)
+        if scale_bits not in SCALE_BITS:
+            raise ValueError(f"int4 scale_bits {scale_bits}: expected one of {[b for b in SCALE_BITS if b]}"
+                             " (or none: scales in the graph dtype)")
+        self.scale_bits = scale_bits
 
     def num_groups(self, rows: int) -> int:
         return -(-rows // self.group_size)
 
     def params(self, w: np.ndarray, scale_dtype=np.float16, shrink: np.ndarray | None = None):
-        """Scales and offsets (None when symmetric) [G, out] of `w` [in, out]; `shrink`
-        [G, out] in (0, 1] narrows the range (AWQ's clipping search)."""
+        """Scales and offsets (None when symmetric) [G, out] of `w` [in, out], as the graph
+        decodes them; `shrink` [G, out] in (0, 1] narrows the range (AWQ's clipping search)."""
+        return self._params(w, scale_dtype, shrink)[:2]
+
+    def _params(self, w: np.ndarray, scale_dtype, shrink: np.ndarray | None):
+        """(scale, offset, scale_step, offset_step): the steps are None unless `scale_bits`."""
+        scale, offset = self._float_params(w, scale_dtype, shrink)
+        if self.scale_bits is None:
+            return scale, offset, None, None
+        return coded_params(scale, offset, scale_dtype)
+
+    def _float_params(self, w: np.ndarray, scale_dtype, shrink: np.ndarray | None):
         blocks = _blocks(_check_matrix(w), self.group_size)
         if self.symmetric:
             # the tightest positive scale that reaches both sides: max w at code 7, min w at -8
@@ -287,12 +361,13 @@ class Int4:
 
     def quantize(self, w: np.ndarray, scale_dtype=np.float16, shrink: np.ndarray | None = None) -> QuantizedTensor:
         w = _check_matrix(w)
-        scale, offset = self.params(w, scale_dtype, shrink)
+        scale, offset, sstep, ostep = self._params(w, scale_dtype, shrink)
         return QuantizedTensor(self.name, self.codes(w, scale, offset), scale, offset, axis=0,
-                               block_size=self.group_size)
+                               block_size=self.group_size, scale_step=sstep, offset_step=ostep)
 
     def describe(self) -> str:
-        return f"int4 g{self.group_size} {'sym' if self.symmetric else 'asym'}"
+        coded = f" scales {self.scale_bits}-bit" if self.scale_bits else ""
+        return f"int4 g{self.group_size} {'sym' if self.symmetric else 'asym'}{coded}"
 
 
 class Fp8:
@@ -338,14 +413,14 @@ def _no_params(name: str, params: dict) -> None:
 # The registry: recipe name -> scheme class. "none" (keep the weight) is not a scheme.
 SCHEMES: dict[str, type] = {"int8": Int8, "int4": Int4, "fp8": Fp8}
 SCHEME_NAMES = (*SCHEMES, "none")
-SCHEME_SETTINGS = {"int4": ("group_size", "symmetric"), "int8": ("group_size", "symmetric")}
+SCHEME_SETTINGS = {"int4": ("group_size", "symmetric", "scale_bits"), "int8": ("group_size", "symmetric")}
 
 
 def make_scheme(name: str, **params):
-    """A scheme object from its registry name and parameters (group_size, symmetric)."""
+    """A scheme object from its registry name and parameters (group_size, symmetric, scale_bits)."""
     if name not in SCHEMES:
         raise ValueError(f"unknown quantization scheme {name!r}; expected one of {list(SCHEME_NAMES)}")
     cls = SCHEMES[name]
-    # group_size / symmetric are ignored by the schemes that have no such setting
-    ignored = {"group_size", "symmetric"} - set(SCHEME_SETTINGS.get(name, ()))
+    # group_size / symmetric / scale_bits are ignored by the schemes that have no such setting
+    ignored = {"group_size", "symmetric", "scale_bits"} - set(SCHEME_SETTINGS.get(name, ()))
     return cls(**{k: v for k, v in params.items() if v is not None and k not in ignored})

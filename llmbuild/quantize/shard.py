@@ -48,7 +48,10 @@ def shard_quantized(qt, plan, name: str, rank: int):
         return replace(
             qt, data=np.ascontiguousarray(qt.data[:, a:b]),
             scale=np.ascontiguousarray(qt.scale[..., a:b]) if per_column else qt.scale,
-            offset=None if qt.offset is None else np.ascontiguousarray(qt.offset[..., a:b]))
+            offset=None if qt.offset is None else np.ascontiguousarray(qt.offset[..., a:b]),
+            # int4 `scale_bits: 8`: the steps are per column too (per row block they do not change)
+            scale_step=None if qt.scale_step is None else np.ascontiguousarray(qt.scale_step[a:b]),
+            offset_step=None if qt.offset_step is None else np.ascontiguousarray(qt.offset_step[a:b]))
     rows = qt.data.shape[0]
     block = qt.block_size
     if not block:  # per-channel / per-tensor scales do not depend on the rows

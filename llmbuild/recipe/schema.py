@@ -10,7 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator, model_serializer,
+                      model_validator)
 from pydantic_core import PydanticCustomError
 
 PRECISIONS = ("float32", "float16", "bfloat16")
@@ -221,6 +222,7 @@ class Verify(_Section):
 QuantScheme = Literal["int8", "int4", "fp8", "none"]
 QuantAlgorithm = Literal["rtn", "awq", "gptq"]
 GroupSize = Literal[32, 64, 128]
+ScaleBits = Literal[8, 16]  # int4: 8 = scales (+ offsets) as 8-bit codes per block; 16 = the graph dtype
 
 
 def _check_dataset(value: str | None) -> str | None:
@@ -245,12 +247,33 @@ def _int4_only(field: str, value, scheme: str | None, schemes: tuple[str, ...] =
 BLOCKED = ("int4", "int8")  # the schemes that take group_size and symmetric: false
 
 
+def _without_unset_scale_bits(data: dict) -> dict:
+    """The resolved recipe leaves out an unset `scale_bits`, so recipes written before it
+    existed keep their content hash (engine cache keys)."""
+    if isinstance(data, dict) and data.get("scale_bits") is None:
+        data.pop("scale_bits", None)
+    return data
+
+
+def _no_gptq_coded_scales(algorithm, scale_bits) -> None:
+    """GPTQ fixes each block's scale as it goes; 8-bit scale codes need a column's scales first."""
+    if algorithm == "gptq" and scale_bits == 8:
+        raise PydanticCustomError(
+            "quantization", "scale_bits 8 does not apply to algorithm gptq (GPTQ fixes each block's scale as it"
+            " quantizes, before a column's 8-bit scale step is known); use rtn or awq, or scale_bits 16")
+
+
 class QuantWeights(_Section):
     scheme: QuantScheme
     algorithm: QuantAlgorithm = "rtn"
     # blocks along the input dim: int4 (null = 128), int8 (null = one scale per output channel)
     group_size: GroupSize | None = None
     symmetric: bool = True  # int4, int8 blocks: false = a scale + float offset per block (Q4_1's)
+    scale_bits: ScaleBits | None = None  # int4: 8 = the block scales (+ offsets) as 8-bit codes
+
+    @model_serializer(mode="wrap")
+    def _serialize(self, handler):
+        return _without_unset_scale_bits(handler(self))
 
     @field_validator("algorithm")
     @classmethod
@@ -266,6 +289,16 @@ class QuantWeights(_Section):
     @classmethod
     def _offsets_for_blocks(cls, value: bool, info: ValidationInfo) -> bool:
         return value if value else _int4_only("symmetric", value, info.data.get("scheme"), BLOCKED)
+
+    @field_validator("scale_bits")
+    @classmethod
+    def _scale_bits_for_int4(cls, value, info: ValidationInfo):
+        return value if value in (None, 16) else _int4_only("scale_bits", value, info.data.get("scheme"))
+
+    @model_validator(mode="after")
+    def _coded_scales_not_gptq(self):
+        _no_gptq_coded_scales(self.algorithm, self.scale_bits)
+        return self
 
     @model_validator(mode="after")
     def _int8_asym_blocks(self):
@@ -288,6 +321,11 @@ class QuantOverride(_Section):
     algorithm: QuantAlgorithm | None = None
     group_size: GroupSize | None = None
     symmetric: bool | None = None
+    scale_bits: ScaleBits | None = None
+
+    @model_serializer(mode="wrap")
+    def _serialize(self, handler):
+        return _without_unset_scale_bits(handler(self))
 
     @model_validator(mode="after")
     def _selects_something(self):
@@ -296,12 +334,19 @@ class QuantOverride(_Section):
                                       " `layers` (layer indices); found neither")
         return self
 
-    @field_validator("algorithm", "group_size", "symmetric")
+    @model_validator(mode="after")
+    def _coded_scales_not_gptq(self):
+        _no_gptq_coded_scales(self.algorithm, self.scale_bits)
+        return self
+
+    @field_validator("algorithm", "group_size", "symmetric", "scale_bits")
     @classmethod
     def _int4_settings(cls, value, info: ValidationInfo):
         scheme = info.data.get("scheme")
-        if value is None or value == "rtn" or value is True or scheme is None:
+        if value is None or value == "rtn" or value is True or value == 16 or scheme is None:
             return value
+        if info.field_name == "scale_bits":
+            return _int4_only("scale_bits", value, scheme)
         # symmetric: false on a module that resolves to int8 per channel stays symmetric
         # (llmbuild.quantize.plan.resolve_plan): its group_size may be inherited
         return _int4_only(info.field_name, value, scheme, ("int4",) if info.field_name == "algorithm" else BLOCKED)
