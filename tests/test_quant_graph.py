@@ -401,10 +401,11 @@ def test_tensorrt_rtx_parses_and_builds(case, tiny):
                                   "int4-g64-asym-s8"])
 def test_cpu_lowering_to_matmulnbits(case, artifacts, tmp_path):
     """DequantizeLinear → MatMul as com.microsoft.MatMulNBits (int8 per channel packed in
-    blocks of 128; int8 blocks as stored; asymmetric int4's offset term folded into float
-    zero points; asymmetric int8's kept, its MatMulNBits without zero points): exact at
-    accuracy level 1, close at level 4 (int8 activations). At level 4 int8 blocks get the
-    activation residual (add_activation_residuals): float32-level, far inside level 4's bound."""
+    blocks of 128; int8 blocks as stored; asymmetric int4's and int8's offset term kept
+    after a MatMulNBits without zero points, or, on request, int4's folded into float zero
+    points): exact at accuracy level 1, close at level 4 (int8 activations). At level 4
+    int8 blocks get the activation residual (add_activation_residuals): float32-level, far
+    inside level 4's bound."""
     import onnx_ir as ir
 
     from llmbuild.lowering.quantized import (add_activation_residuals, fold_decoded_tables, fuse_sibling_matmulnbits,
@@ -412,20 +413,22 @@ def test_cpu_lowering_to_matmulnbits(case, artifacts, tmp_path):
 
     path = artifact_graph(artifacts[case])
     standard = OrtGraphRunner(path).logits(IDS)
-    for level, atol in ((1, 1e-5), (4, 0.05)):
+    asym4 = case.startswith("int4-g64-asym")
+    passes = [(1, 1e-5, False), (4, 0.05, False)] + ([(1, 1e-5, True)] if asym4 else [])
+    for level, atol, float_zero_points in passes:
         blocks8 = case.startswith("int8-g64") and level == 4  # int8 blocks with the residual
         model = ir.load(path)
-        asym = case.startswith("int4-g64-asym")
+        asym = asym4 and float_zero_points  # the offset term folded into float zero points
         # scale_bits 8: each linear's scale table (+ offset table) decoded from its codes;
         # asymmetric: + one block indicator per distinct input (q/k/v, o, gate/up, down; lm_head)
-        tables = (7 * LAYERS + 1) * (2 if asym else 1) if case.endswith("-s8") else 0
+        tables = (7 * LAYERS + 1) * (2 if asym4 else 1) if case.endswith("-s8") else 0
         indicators = 4 * LAYERS + 1 if "asym" in case else 0
         assert fold_decoded_tables(model) == tables + indicators
         assert not [v for v in model.graph.initializers if v.endswith("_codes")]
         n = lower_quantized_matmuls(model, int4_accuracy_level=level, int8_accuracy_level=level,
-                                    int8_block_accuracy_level=level)
+                                    int8_block_accuracy_level=level, int4_float_zero_points=float_zero_points)
         assert n == 7 * LAYERS + 1
-        if level == 4:  # q/k/v and gate/up: one MatMulNBits each (zero points concatenated too)
+        if level == 4:  # q/k/v and gate/up: one MatMulNBits each
             assert fuse_sibling_matmulnbits(model) == 3 * LAYERS
             n -= 3 * LAYERS
         assert add_activation_residuals(model) == (n if blocks8 else 0)
@@ -448,13 +451,16 @@ def test_cpu_lowering_to_matmulnbits(case, artifacts, tmp_path):
             assert not offsets and not products
             assert not [v for v in model.graph.initializers if v.endswith(".block_indicator")]
             assert not [node for node in model.graph if node.name.endswith(".block_sums")]
-        elif case == "int8-g64-asym":  # every linear keeps its offset product, added to MatMulNBits' output
-            assert len(offsets) == len(products) == 7 * LAYERS + 1
+        elif "asym" in case:  # every linear keeps its offset product, added to MatMulNBits' output;
+            # fused siblings (level 4: q/k/v, gate/up) share one product and Add, before their Split
+            terms = 4 * LAYERS + 1 if level == 4 else 7 * LAYERS + 1
+            assert len(offsets) == len(products) == terms
             adds = [node for node in model.graph if node.name.endswith(".offset_add")]
-            assert len(adds) == 7 * LAYERS + 1
+            assert len(adds) == terms
             assert all(a.inputs[0].producer().op_type in ("MatMulNBits", "Split", "If") for a in adds)
-        ir.save(model, tmp_path / f"l{level}.onnx", external_data=f"l{level}.onnx.data")
-        np.testing.assert_allclose(OrtGraphRunner(tmp_path / f"l{level}.onnx").logits(IDS), standard, atol=atol)
+        name = f"l{level}{'-zp' if float_zero_points else ''}"
+        ir.save(model, tmp_path / f"{name}.onnx", external_data=f"{name}.onnx.data")
+        np.testing.assert_allclose(OrtGraphRunner(tmp_path / f"{name}.onnx").logits(IDS), standard, atol=atol)
 
 
 def test_awq_folds_every_scale_group_the_spec_declares(tiny):

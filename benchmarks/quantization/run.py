@@ -78,6 +78,7 @@ OVERRIDES = {  # name -> quantization.overrides (the tied lm_head gets its own q
     "int4-awq-g128-head8": [{"match": "lm_head", "scheme": "int8"}],
     "int4-rtn-g32-head4": [{"match": "lm_head", "scheme": "int4", "group_size": 32}],
     "int8-head8": [{"match": "lm_head", "scheme": "int8"}],
+    "int4-asym-rtn-g32-s8-head8": [{"match": "lm_head", "scheme": "int8"}],
 }
 OPTIONS = {  # name -> extra quantization keys (the algorithms' settings)
     "int4-awq-g128-noclip": {"awq": {"clip": False}},
@@ -85,7 +86,7 @@ OPTIONS = {  # name -> extra quantization keys (the algorithms' settings)
     "int4-gptq-g128-actorder": {"gptq": {"act_order": True}},  # the default since 2026-12-01
     "int4-gptq-g128-natural": {"gptq": {"act_order": False}},
 }
-ROWS |= {"int4-awq-g128-head8": ROWS["int4-awq-g128"], "int4-rtn-g32-head4": ROWS["int4-rtn-g32"],
+ROWS |= {"int4-asym-rtn-g32-s8-head8": ROWS["int4-asym-rtn-g32-s8"], "int4-awq-g128-head8": ROWS["int4-awq-g128"], "int4-rtn-g32-head4": ROWS["int4-rtn-g32"],
          "int8-head8": ROWS["int8"], "int4-awq-g128-noclip": ROWS["int4-awq-g128"],
          "int4-awq-g128-qprop": ROWS["int4-awq-g128"], "int4-gptq-g128-actorder": ROWS["int4-gptq-g128"],
          "int4-gptq-g128-natural": ROWS["int4-gptq-g128"]}
@@ -94,11 +95,16 @@ TARGETS = {"auto-4.5bpw": {"bits_per_weight": 4.5},
            # the same allocation, its int4 linears by GPTQ (target.algorithm)
            "auto-4.5bpw-gptq": {"bits_per_weight": 4.5, "algorithm": "gptq"}}
 ROWS |= {name: None for name in TARGETS}
+# name -> (a target row, overrides appended): that row's allocation (the manifest's plain
+# weights + overrides) with more overrides, e.g. the tied lm_head quantized too
+DERIVED = {"auto-4.5bpw-head8": ("auto-4.5bpw", [{"match": "lm_head", "scheme": "int8"}])}
+ROWS |= {name: None for name in DERIVED}
 LLAMA_CPP = ("F16", "Q8_0", "Q4_0", "Q4_1", "Q4_K_M")
 # The full table (issue #17), cheap rows first: no calibration, then llama.cpp, then the
 # calibrated rows (the 4.5-bit ones first).
 TABLE = ["fp16", "int8", "int8-g32", "int8-g128", "int8-asym-g32", "int4-rtn-g32", "int4-asym-rtn-g32", "int4-rtn-g128",
-         "int4-asym-rtn-g128", "int4-rtn-g32-s8", "int4-asym-rtn-g32-s8", "int4-asym-rtn-g64-s8", *(f"llama.cpp {q}" for q in LLAMA_CPP), "auto-4.5bpw", "auto-4.5bpw-gptq", "fp8",
+         "int4-asym-rtn-g128", "int4-rtn-g32-s8", "int4-asym-rtn-g32-s8", "int4-asym-rtn-g64-s8",
+         *(f"llama.cpp {q}" for q in LLAMA_CPP), "auto-4.5bpw", "auto-4.5bpw-head8", "auto-4.5bpw-gptq", "fp8",
          "int4-gptq-g32", "int4-awq-g32", "int4-gptq-g128", "int4-awq-g128", "int4-asym-gptq-g32",
          "int4-asym-awq-g32", "int4-asym-gptq-g128", "int4-asym-awq-g128"]
 PROMPTS = [  # greedy agreement: chat prompts (the model's template), GREEDY_TOKENS new tokens each
@@ -120,7 +126,12 @@ def compile_row(name: str, weights: dict | None, work: Path) -> Path:
         return artifact
     recipe = work / f"{name}.yaml"
     text = f"extends: {BASE_RECIPE}\nname: smollm2-{name}\nengines: []\nverify: {{enabled: false}}\n"
-    if name in TARGETS:
+    if name in DERIVED:
+        base, extra = DERIVED[name]
+        q = json.loads((compile_row(base, None, work) / "manifest.json").read_text())["quantization"]
+        text += ("quantization:\n  weights: " + json.dumps(q["weights"]) + "\n  calibration: " + json.dumps(CALIBRATION)
+                 + "\n  overrides: " + json.dumps(q["overrides"] + extra) + "\n")
+    elif name in TARGETS:
         text += "quantization:\n  target: " + json.dumps(TARGETS[name]) + "\n  calibration: " + json.dumps(CALIBRATION) + "\n"
     elif weights is not None:
         options = OPTIONS.get(name, {})

@@ -150,8 +150,15 @@ def main():
         f"llmbuild ORT executor, int4 {kind} artifact ({bpw(path)} bpw)": path
         for kind, path in (("AWQ g128 + int8 lm_head", q / "smollm2-int4-awq-g128-head8"),
                            ("RTN g128 + int8 lm_head", q / "smollm2-int4-rtn-g128-head8"),
-                           ("g32 + int4 g32 lm_head", q / "smollm2-int4-rtn-g32-head4"))
+                           ("g32 + int4 g32 lm_head", q / "smollm2-int4-rtn-g32-head4"),
+                           # 8-bit scale codes (scale_bits: 8): Q4_K-like, asym g32
+                           ("asym g32 scales 8-bit", q / "smollm2-int4-asym-rtn-g32-s8"),
+                           ("asym g32 scales 8-bit + int8 lm_head", q / "smollm2-int4-asym-rtn-g32-s8-head8"),
+                           ("auto 4.5 bpw (scales 8-bit) + int8 lm_head", q / "smollm2-auto-4.5bpw-head8"))
     }
+    # llama.cpp GGUFs of the quantization benchmark (same weights; its WORK, next to `artifacts`)
+    quant_ggufs = {f"llama.cpp {kind} (quantization benchmark's GGUF)": q.parent / f"smollm2-{kind}.gguf"
+                   for kind in ("Q4_K_M", "Q4_1", "Q4_0", "Q8_0")}
     runtimes = {
         "llmbuild ORT executor, fp32 artifact (CPU lowering)": lambda: ours(m / "smollm2-135m-instruct-fp32", t),
         "llmbuild ORT executor, fp16 artifact (CPU lowering)": lambda: ours(m / "smollm2-135m-instruct-fp16", t),
@@ -164,6 +171,7 @@ def main():
         **{name: (lambda path=path: ours(path, t)) for name, path in quantized.items() if (path / "manifest.json").is_file()},
         **{f"{name}, threads sleep (no spinning)": (lambda path=path: ours(path, t, spinning=False))
            for name, path in quantized.items() if (path / "manifest.json").is_file()},
+        **{name: (lambda path=path: llama_cpp(path, t)) for name, path in quant_ggufs.items() if path.is_file()},
         **({"onnxruntime-genai int4 (g32, float32 scales, lm_head too: 5.0 bpw)": lambda: genai(m / "genai-int4", t)}
            if (m / "genai-int4").is_dir() else {}),
     }

@@ -143,7 +143,8 @@ def _unheaded(x_heads: ir.Value | None, name: str, tape: ir.tape.Tape) -> ir.Val
 
 
 def lower_for_cpu(model: ir.Model, *, int4_accuracy_level: int = 4, int8_accuracy_level: int = 4,
-                  int8_block_accuracy_level: int = INT8_BLOCK_ACCURACY_LEVEL, int8_block_residual: bool = True) -> ir.Model:
+                  int8_block_accuracy_level: int = INT8_BLOCK_ACCURACY_LEVEL, int8_block_residual: bool = True,
+                  int4_float_zero_points: bool = False) -> ir.Model:
     """Rewrite `model` in place (see the module docstring) and return it. The accuracy
     levels are MatMulNBits' (4: int8 activations, 1: float32; tests compare both):
     int8 per channel, int8 in blocks (`group_size`) and int4 each have their own; int8
@@ -164,7 +165,8 @@ def lower_for_cpu(model: ir.Model, *, int4_accuracy_level: int = 4, int8_accurac
     # graphs).
     fold_decoded_tables(model)  # int4 scale_bits 8: float scales/offsets for MatMulNBits (lowering.quantized)
     lower_quantized_matmuls(model, int4_accuracy_level=int4_accuracy_level, int8_accuracy_level=int8_accuracy_level,
-                            int8_block_accuracy_level=int8_block_accuracy_level, int8_block_residual=int8_block_residual)
+                            int8_block_accuracy_level=int8_block_accuracy_level, int8_block_residual=int8_block_residual,
+                            int4_float_zero_points=int4_float_zero_points)
     fuse_sibling_matmulnbits(model)
     _promote_to_float32(graph)
     add_activation_residuals(model)  # int8 blocks at level 4: float32-level activations (lowering.quantized)

@@ -29,24 +29,22 @@ zero codes. int8 in blocks (`group_size`) keeps its blocks. DequantizeLinear nod
 a zero point, fp8, or other layouts are left alone. Operates in memory on an `onnx_ir`
 model (weights are read to be repacked).
 
-Asymmetric int4 (w = s·q + o per block; the standard graph adds (x summed per block)·o,
-llmbuild.quantize.graph) becomes one MatMulNBits with float zero points of the scale's
-dtype, w = s·(u − zp) with u = q + 8 and zp = 8 − o/s (ONNX Runtime's CPU kernel takes
-float zero points for 4 bits, not for 8):
+Asymmetric int4 and int8 in blocks (w = s·q + o per block; the standard graph adds
+(x summed per block)·o, llmbuild.quantize.graph) keep the offset term: MatMulNBits without
+zero points computes x·(s·q), and the Add of (x summed per block)·o stays as the standard
+graph has it (exact; G = K/32 columns of block sums, 1/32 of the main product's work at
+g32; fused siblings share one product and Add, `fuse_sibling_matmulnbits`):
 
-    y = MatMul(x, DQ(q, s)) + MatMul(MatMul(x, indicator), o)  ==>  x ─MatMulNBits(B, s, zp)─► y
+    y = MatMul(x, DQ(q, s)) + MatMul(MatMul(x, indicator), o)  ==>  MatMulNBits(x, B, s) + (same term)
 
-Asymmetric int8 in blocks (w = s·q + o per block, the same offset term) keeps the offset
-term: MatMulNBits(bits=8) without zero points computes x·(s·q), and the Add of
-(x summed per block)·o stays as the standard graph has it (exact; G = K/32 columns of block
-sums, 1/32 of the main product's work at g32). Why not zero points: ONNX Runtime 1.32's
-CPU MatMulNBits takes uint8 (integer) zero points for 8 bits, which cannot hold a float
-offset, and refuses float zero points at 8 bits when the session is made (checked with
-1.32.0: "MatMulNBits on CPU does not support 8-bit weights with floating-point zero points;
-use uint8 zero points"); float zero points also skip MLAS's prepacked kernels (the weight
-is dequantized at every call), which the offset term does not.
-
-    y = MatMul(x, DQ(q, s)) + MatMul(MatMul(x, indicator), o)  ==>  MatMulNBits(x, B, s, bits=8) + (same term)
+Why not zero points: ONNX Runtime 1.32's CPU MatMulNBits takes uint8 (integer) zero
+points for 8 bits, which cannot hold a float offset, and refuses float zero points at 8
+bits when the session is made ("MatMulNBits on CPU does not support 8-bit weights with
+floating-point zero points; use uint8 zero points"). At 4 bits it takes float zero points
+(w = s·(u − zp), u = q + 8, zp = 8 − o/s; `int4_float_zero_points=True` folds the term
+into them), but then skips MLAS's prepacked kernels and dequantizes the weight at every
+call: SmolLM2 int4 asym g32 decoded 9–13 tokens/s that way against 87–116 with the offset
+term kept (2026-12-02, benchmarks/quantization/NOTES.md).
 
 int4 with `scale_bits: 8` (scale and offset tables as 8-bit codes · a float32 step per
 column, decoded in the standard graph) is first folded to those float tables
@@ -65,7 +63,7 @@ import numpy as np
 import onnx_ir as ir
 
 from llmbuild.lowering.rewrite import (MS_DOMAIN, constant, drop_unused_initializers, initializer_array,
-                                       replace_with_split)
+                                       insert_in_order, replace_with_split)
 
 
 def _attr(node: ir.Node, name: str, default=None):
@@ -243,7 +241,7 @@ RESIDUAL_MAX_ROWS = 64  # passes of more rows run int8 blocks at level 1 (add_ac
 
 def lower_quantized_matmuls(model: ir.Model, *, int4_accuracy_level: int = 4, int8_accuracy_level: int = 4,
                             int8_block: int = 128, int8_block_accuracy_level: int = INT8_BLOCK_ACCURACY_LEVEL,
-                            int8_block_residual: bool = True) -> int:
+                            int8_block_residual: bool = True, int4_float_zero_points: bool = False) -> int:
     """Rewrite every eligible DequantizeLinear → MatMul of `model` in place; returns how many
     MatMuls became MatMulNBits. `int8_accuracy_level` applies to int8 per channel,
     `int8_block_accuracy_level` to int8 in blocks; at level 4 those are marked for
@@ -283,7 +281,8 @@ def lower_quantized_matmuls(model: ir.Model, *, int4_accuracy_level: int = 4, in
             mm = use.node
             a, width = mm.inputs[0], k
             # int4: the offset term becomes float zero points; int8's stays (see the module doc)
-            term = _offset_term(mm.outputs[0], a, k, blk) if bits == 4 and a is not None else None
+            fold = bits == 4 and int4_float_zero_points and a is not None
+            term = _offset_term(mm.outputs[0], a, k, blk) if fold else None
             found = _block_pad(a, k) if a is not None else None
             if found is not None:
                 pad, pad_width = found
@@ -378,10 +377,52 @@ def fuse_sibling_matmulnbits(model: ir.Model) -> int:
                         domain=MS_DOMAIN, name=f"{first.name}+{len(nodes) - 1}")
         fused.metadata_props.update(first.metadata_props)
         fused.outputs[0].type = first.outputs[0].type
+        terms = [_offset_add(n.outputs[0]) for n in nodes]
         replace_with_split(graph, nodes, fused, widths, first.name)
         drop_unused_initializers(graph, [*bs, *ss, *zps])
+        if all(terms) and len({id(t[1]) for t in terms}) == 1:
+            _fuse_offset_terms(graph, fused, terms, name)
         merged += len(nodes) - 1
     return merged
+
+
+def _offset_add(y: ir.Value) -> tuple[ir.Node, ir.Value, np.ndarray] | None:
+    """(the Add, the block sums, o [G, N]) when `y` feeds only an asymmetric scheme's
+    offset term `Add(y, MatMul(block sums, o))` (llmbuild.quantize.graph); else None."""
+    uses = list(y.uses())
+    if len(uses) != 1 or y.is_graph_output():
+        return None
+    add = uses[0].node
+    if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.inputs) != 2:
+        return None
+    corr = add.inputs[1 - uses[0].idx].producer()
+    if corr is None or corr.op_type != "MatMul" or corr.inputs[0] is None or len(corr.outputs[0].uses()) != 1:
+        return None
+    offset, sums = initializer_array(corr.inputs[1]), corr.inputs[0].producer()
+    if offset is None or offset.ndim != 2 or sums is None or sums.op_type != "MatMul":
+        return None
+    return add, corr.inputs[0], offset
+
+
+def _fuse_offset_terms(graph: ir.Graph, fused: ir.Node, terms: list, name: str) -> None:
+    """
+    MatMulNBits(fused) ─Split─► y_i ─(+ sums·o_i)─►   ==>   MatMulNBits(fused) ─(+ sums·[o_1 … o_k])─Split─► y_i
+    Siblings' offset terms (same block sums, q/k/v; gate/up) as one product and one Add
+    before the Split: two nodes per group instead of two per linear (decode runs each small
+    node at a fixed cost)."""
+    sums = terms[0][1]
+    o_val = constant(f"{name}.offset", np.concatenate([t[2] for t in terms], axis=1))
+    graph.register_initializer(o_val)
+    corr = ir.node("MatMul", [sums, o_val], name=f"{name}.offset_product")
+    add = ir.node("Add", [fused.outputs[0], corr.outputs[0]], name=f"{name}.offset_add")
+    add.outputs[0].type = fused.outputs[0].type
+    split = next(u.node for u in fused.outputs[0].uses())
+    split.replace_input_with(0, add.outputs[0])
+    graph.remove(split)  # re-inserted after the Add, itself after the block sums (made after the first linear)
+    insert_in_order(graph, [corr, add, split])
+    for t in terms:  # each sibling's own term (its Split output already in place of its MatMulNBits)
+        y = next(v for v in t[0].inputs if v is not None and v.producer() is split)
+        _drop_offset_term(graph, t[0], y)
 
 
 def add_activation_residuals(model: ir.Model, max_rows: int = RESIDUAL_MAX_ROWS) -> int:

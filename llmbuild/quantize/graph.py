@@ -29,9 +29,8 @@ linears that read the same x (q/k/v; gate/up):
      └─MatMul(x, indicator [in, G])──MatMul(·, o [G, out])─────────────(+)─► y
 
 All of it is plain ONNX that TensorRT parses (its int4/int8 weight-only GEMM for the first
-product, two small GEMMs and an Add for the offset); the CPU lowering folds int4's offset
-back into MatMulNBits' float zero points and keeps int8's offset product
-(llmbuild.lowering.quantized).
+product, two small GEMMs and an Add for the offset); the CPU lowering keeps the offset
+product after a zero-point-free MatMulNBits (llmbuild.lowering.quantized).
 
 int4 with `scale_bits: 8` stores the scale table [G, out] (and the offset table) as int8
 codes and a float32 step per column, decoded by a few nodes of constants only, which ONNX
