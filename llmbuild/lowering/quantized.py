@@ -129,21 +129,16 @@ def _offset_term(y: ir.Value, a: ir.Value, k: int, blk: int) -> tuple[ir.Node, i
     """(the Add, the other MatMul input's offset o [G, N]) when `y` (a MatMul of the
     activation `a`) feeds only `Add(y, MatMul(MatMul(a, indicator [k, G]), o))` with a 0/1
     indicator of blocks of `blk` rows: asymmetric int4's offset term; else None."""
-    uses = list(y.uses())
-    if len(uses) != 1 or y.is_graph_output():
+    found = _offset_add(y)
+    if found is None:
         return None
-    add = uses[0].node
-    if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.inputs) != 2:
-        return None
-    corr = add.inputs[1 - uses[0].idx].producer()
-    if corr is None or corr.op_type != "MatMul" or corr.inputs[0] is None:
-        return None
-    sums, offset = corr.inputs[0].producer(), initializer_array(corr.inputs[1])
-    if sums is None or sums.op_type != "MatMul" or sums.inputs[0] is not a or offset is None:
+    add, sums_out, offset = found
+    sums = sums_out.producer()
+    if sums.inputs[0] is not a:
         return None
     ind = initializer_array(sums.inputs[1])
     g = -(-k // blk)
-    if ind is None or ind.shape != (k, g) or offset.ndim != 2 or offset.shape[0] != g:
+    if ind is None or ind.shape != (k, g) or offset.shape[0] != g:
         return None
     expected = np.zeros((k, g), ind.dtype)
     expected[np.arange(k), np.arange(k) // blk] = 1
