@@ -534,3 +534,29 @@ def test_scale_bits_in_plans_and_overrides():
     assert resolve_plan({"weights": {"scheme": "int4", "scale_bits": 16}}, names, 2)[names[0]].scale_bits is None
     with pytest.raises(UserError, match="scale_bits 8 does not apply to algorithm gptq"):
         resolve_plan({**q, "overrides": [{"match": "*.q_proj", "algorithm": "gptq"}]}, names, 2)
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+def test_coded_scales_shard_with_their_steps(dim):
+    """Tensor parallelism slices int4 `scale_bits: 8` weights like float-scale ones: a
+    column range takes its steps along (per column), a row range of whole blocks keeps them;
+    each rank's decoded weight is that part of the whole one."""
+    from types import SimpleNamespace
+
+    from llmbuild.quantize.shard import shard_quantized
+
+    w = weight(k=128, n=64, seed=5)
+    qt = Int4(32, symmetric=False, scale_bits=8).quantize(w, np.float16)
+    half = 64 if dim == 1 else 32  # rows (2 blocks of 32 each) or columns per rank
+    plan = SimpleNamespace(hint=lambda name: SimpleNamespace(dim=dim),
+                           rank_range=lambda hint, rank: (rank * half, (rank + 1) * half))
+    parts = [shard_quantized(qt, plan, "x.weight", r) for r in range(2)]
+    axis = 0 if dim == 1 else 1  # HF dim 1 (in features) = graph rows
+    np.testing.assert_array_equal(np.concatenate([p.dequantize() for p in parts], axis=axis), qt.dequantize())
+    def f16(x):
+        return x.astype(np.float16).astype(np.float32)
+
+    for p in parts:  # the stored codes decode to the part's tables (one rounding to float16)
+        np.testing.assert_array_equal(f16((p.scale_codes.astype(np.float32) + 128) * p.scale_step), p.scale)
+        np.testing.assert_array_equal(f16(p.offset_codes.astype(np.float32) * p.offset_step), p.offset)
+        assert p.scale_step.shape == (p.data.shape[1],)
