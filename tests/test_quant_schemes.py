@@ -455,10 +455,11 @@ def test_gptq_asymmetric_and_partial_block():
     assert output_error(x, w, gptq.dequantize()) < output_error(x, w, scheme.quantize(w, np.float32).dequantize())
 
 
-def test_awq_scales_and_clipping_beat_round_to_nearest():
+@pytest.mark.parametrize("scheme", [Int4(32), Int4(32, symmetric=False, scale_bits=8)], ids=["sym", "asym-s8"])
+def test_awq_scales_and_clipping_beat_round_to_nearest(scheme):
+    """(also on 8-bit scale codes: AWQ's searches quantize through the scheme, codes included)"""
     x, w = correlated_inputs(), weight(k=128, n=64, seed=5)
     h = x.T @ x
-    scheme = Int4(32)
     s, info = awq_search_scales(h, np.abs(x).mean(0), [w], scheme, np.float32)
     assert info["loss"] <= info["loss_alpha0"] and s.shape == (128,)
     assert info["loss"] == pytest.approx(x.shape[0] * w.shape[1] * output_error(  # tr(ΔᵀHΔ) = Σ ‖xΔ‖²
