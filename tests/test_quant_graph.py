@@ -32,6 +32,7 @@ CASES = {
     "int4-g64-asym-s8": {"scheme": "int4", "group_size": 64, "symmetric": False, "scale_bits": 8},
     "fp8": {"scheme": "fp8"},
     "int4-awq": {"scheme": "int4", "group_size": 32, "algorithm": "awq"},
+    "int4-awq-asym-s8": {"scheme": "int4", "group_size": 32, "algorithm": "awq", "symmetric": False, "scale_bits": 8},
     "int4-gptq": {"scheme": "int4", "group_size": 32, "algorithm": "gptq"},
 }
 OVERRIDES = {"int4-g32": [{"match": "lm_head", "scheme": "none"}, {"layers": [-1], "match": "*.down_proj",
