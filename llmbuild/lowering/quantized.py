@@ -275,7 +275,7 @@ def lower_quantized_matmuls(model: ir.Model, *, int4_accuracy_level: int = 4, in
         for use in users:
             mm = use.node
             a, width = mm.inputs[0], k
-            # int4: the offset term becomes float zero points; int8's stays (see the module doc)
+            # asymmetric: the offset term stays, unless int4 is asked for float zero points (module doc)
             fold = bits == 4 and int4_float_zero_points and a is not None
             term = _offset_term(mm.outputs[0], a, k, blk) if fold else None
             found = _block_pad(a, k) if a is not None else None

@@ -59,10 +59,12 @@ GAIN_SEQUENCES = 1
 GAIN_TOKENS = 128
 
 
-def candidate_specs() -> list[ModuleSpec]:
+def candidate_specs(algorithm: str = "rtn") -> list[ModuleSpec]:
     """Every distinct setting of the scheme registry (llmbuild.quantize.schemes.SCHEMES, and
     `none`) that needs no calibration: each scheme at each of its `GROUP_SIZES` and, if its
-    constructor takes `symmetric`, both ways; normalised as an override would resolve."""
+    constructor takes `symmetric`, both ways (and each of its `SCALE_BITS`); normalised as
+    an override would resolve. `algorithm` (target.algorithm): the settings its int4
+    linears will be quantized with can take (GPTQ: no 8-bit scale codes, quantize.plan)."""
     import inspect
 
     from llmbuild.quantize.schemes import SCHEMES  # numpy: only for a recipe with a target
@@ -78,6 +80,8 @@ def candidate_specs() -> list[ModuleSpec]:
                 for bits in getattr(cls, "SCALE_BITS", (None,)) if "scale_bits" in params else (None,):
                     ov = {"match": "x", "scheme": name, "group_size": group, "symmetric": sym, "scale_bits": bits}
                     spec = resolve_plan({"weights": {"scheme": "none"}, "overrides": [ov]}, ["x.weight"], 1)["x.weight"]
+                    if algorithm == "gptq" and spec.scale_bits is not None:
+                        continue
                     if not spec.calibrated and spec not in found:
                         found.append(spec)
     return [*found, ModuleSpec("none")]
@@ -404,9 +408,7 @@ def allocate_target(job, target: dict, calibration: dict, prepare: Callable, eva
         t_ref = time.perf_counter() - t0
         update(0, 1, "sensitivities")
         slices = graph_slices(ref)
-        candidates = candidate_specs()
-        if (target.get("algorithm") or "rtn") == "gptq":  # GPTQ takes no 8-bit scale codes (quantize.plan)
-            candidates = [c for c in candidates if c.scale_bits is None]
+        candidates = candidate_specs(target.get("algorithm") or "rtn")
         costs, report = sensitivities(slices, tokens, lambda n: job.loaders[n](), list(job.shapes), candidates,
                                       job.scale_dtype, kv_heads=job.dims.kv_heads, head_dim=job.dims.head_dim,
                                       work_dir=ref.parent, threads=threads)

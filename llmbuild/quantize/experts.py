@@ -45,7 +45,8 @@ import onnx_ir as ir
 
 from llmbuild.graph.annotations import MOE, nodes_with
 from llmbuild.graph.builder import SOURCE_LOADER
-from llmbuild.quantize.graph import _const, _lazy, _SharedResult, block_indicator
+from llmbuild.lowering.rewrite import constant
+from llmbuild.quantize.graph import _lazy, _SharedResult, block_indicator
 from llmbuild.quantize.expert_plan import PROJECTIONS, expert_stored_bytes
 from llmbuild.quantize.plan import ModuleSpec
 from llmbuild.quantize.schemes import QuantizedTensor
@@ -202,8 +203,8 @@ def _padded_input(graph: ir.Graph, mm: ir.Node, pad: int, name: str, cache: dict
         return a
     key = (id(a), pad)
     if key not in cache:
-        pads = _const(name + ".input_pads", np.array([0, pad], np.int64))
-        axes = _const(name + ".input_pad_axes", np.array([-1], np.int64))
+        pads = constant(name + ".input_pads", np.array([0, pad], np.int64))
+        axes = constant(name + ".input_pad_axes", np.array([-1], np.int64))
         for c in (pads, axes):
             graph.register_initializer(c)
         node = ir.node("Pad", [a, pads, None, axes], name=name + ".input_pad")

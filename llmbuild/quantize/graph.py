@@ -57,6 +57,7 @@ import onnx_ir as ir
 from llmbuild.graph.annotations import LINEAR, annotate, annotation, nodes_with
 from llmbuild.graph.builder import SOURCE_LOADER
 from llmbuild.lowering.quantized import DECODE_MARK  # the mark the CPU lowering folds
+from llmbuild.lowering.rewrite import constant
 from llmbuild.quantize.plan import ModuleSpec, stored_bytes
 from llmbuild.quantize.schemes import QuantizedTensor, fp8_activation_scale
 
@@ -285,8 +286,7 @@ def _decoded_table(graph, new_nodes, name, shape, compute, codes, step, bias: fl
         graph.register_initializer(v)
     nodes = [ir.node("DequantizeLinear", [c, st], {"axis": 1}, name=name + "_decode")]
     if bias:
-        k = ir.Value(name=name + "_bias", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([]),
-                     const_value=ir.tensor(np.array(bias, np.float32)))
+        k = constant(name + "_bias", np.array(bias, np.float32))
         graph.register_initializer(k)
         offset = ir.node("Mul", [st, k], name=name + "_decode_bias")
         nodes += [offset, ir.node("Add", [nodes[0].outputs[0], offset.outputs[0]], name=name + "_decode_add")]
@@ -310,9 +310,9 @@ def block_indicator(graph, new_nodes, name, k, block, compute) -> ir.Value:
     Constants only: ONNX Runtime and TensorRT fold it; so does the CPU lowering
     (`fold_decoded_tables`, the nodes carry its DECODE_MARK)."""
     g = k // block
-    eye = _const(name + ".block_eye", np.eye(g, dtype=compute.numpy())[:, None, :])
-    expand_to = _const(name + ".block_expand", np.array([g, block, g], np.int64))
-    flat = _const(name + ".block_shape", np.array([k, g], np.int64))
+    eye = constant(name + ".block_eye", np.eye(g, dtype=compute.numpy())[:, None, :])
+    expand_to = constant(name + ".block_expand", np.array([g, block, g], np.int64))
+    flat = constant(name + ".block_shape", np.array([k, g], np.int64))
     for v in (eye, expand_to, flat):
         graph.register_initializer(v)
     expand = ir.node("Expand", [eye, expand_to], name=name + ".block_indicator_expand")
@@ -323,11 +323,6 @@ def block_indicator(graph, new_nodes, name, k, block, compute) -> ir.Value:
     out = reshape.outputs[0]
     out.name, out.dtype, out.shape = name + ".block_indicator", compute, ir.Shape([k, g])
     return out
-
-
-def _const(name: str, array: np.ndarray) -> ir.Value:
-    return ir.Value(name=name, type=ir.TensorType(ir.DataType.from_numpy(array.dtype)), shape=ir.Shape(array.shape),
-                    const_value=ir.tensor(array))
 
 
 def _add_offset_term(graph, matmul, name, k, n, block, compute, shared, sums_cache, coded=False):

@@ -104,6 +104,12 @@ def resolved_symmetric(scheme: str, group_size: int | None, symmetric: bool) -> 
     return symmetric or (scheme == "int8" and group_size is None)
 
 
+def resolved_scale_bits(scheme: str, scale_bits: int | None) -> int | None:
+    """The `scale_bits` a module resolves to: 8 (int4's scales as 8-bit codes) or None,
+    the graph dtype, which a recipe writes as 16 (or leaves out); other schemes have none."""
+    return scale_bits if scheme == "int4" and scale_bits not in (None, 16) else None
+
+
 def default_spec(weights: dict) -> ModuleSpec:
     scheme = weights["scheme"]
     group_size = (weights.get("group_size") or 128) if scheme == "int4" else (
@@ -113,7 +119,7 @@ def default_spec(weights: dict) -> ModuleSpec:
         algorithm=weights.get("algorithm") or "rtn",
         group_size=group_size,
         symmetric=resolved_symmetric(scheme, group_size, weights.get("symmetric") is not False),
-        scale_bits=weights.get("scale_bits") if scheme == "int4" and weights.get("scale_bits") != 16 else None,
+        scale_bits=resolved_scale_bits(scheme, weights.get("scale_bits")),
     )
 
 
@@ -134,10 +140,7 @@ def resolve_plan(quantization: dict, weight_names: list[str], num_layers: int) -
                 spec = ModuleSpec(scheme=changes["scheme"], algorithm="rtn",
                                   group_size=128 if changes["scheme"] == "int4" else None)
             spec = replace(spec, **changes)
-            if changes.get("scale_bits") == 16:  # an override back to scales in the graph dtype
-                spec = replace(spec, scale_bits=None)
-            if spec.scheme != "int4":
-                spec = replace(spec, scale_bits=None)
+            spec = replace(spec, scale_bits=resolved_scale_bits(spec.scheme, spec.scale_bits))
             if spec.scheme == "int4" and spec.group_size is None:
                 spec = replace(spec, group_size=128)
             if spec.scheme not in ("int4", "int8"):  # schemes without these settings
