@@ -158,3 +158,23 @@ def test_scale_bits_is_an_int4_setting_not_for_gptq(tmp_path):
     assert "scale_bits" not in r.to_dict()["quantization"]["weights"]
     r = load(tmp_path, "quantization: {weights: {scheme: int4}}\n", ["quantization.weights.scale_bits=8"])
     assert r.to_dict()["quantization"]["weights"]["scale_bits"] == 8
+
+
+def test_inherited_scale_bits_with_gptq_is_refused_at_validate(tmp_path):
+    """scale_bits 8 in `weights` and algorithm gptq in an override are each valid; together
+    on a module they are not: validate reports it at the overrides (not compile, later)."""
+    path = tmp_path / "r.yaml"
+    path.write_text(HEAD + "quantization:\n  weights: {scheme: int4, group_size: 32, scale_bits: 8}\n"
+                    "  overrides:\n    - {match: '*.q_proj', algorithm: gptq}\n")
+    (tmp_path / "m").mkdir()
+    config = {"architectures": ["LlamaForCausalLM"], "tie_word_embeddings": False, "num_hidden_layers": 2,
+              "max_position_embeddings": 4096, "hidden_size": 64, "intermediate_size": 128,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256}
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(RecipeError) as e:
+        load_recipe(path)
+    [p] = e.value.problems
+    assert (p.path, p.line) == ("quantization.overrides", 6)
+    assert "model.layers.0.self_attn.q_proj: scale_bits 8 does not apply to algorithm gptq" in p.message
+    path.write_text(path.read_text().replace("algorithm: gptq}", "algorithm: gptq, scale_bits: 16}"))
+    assert load_recipe(path).to_dict()["quantization"]["overrides"][0]["scale_bits"] == 16

@@ -119,6 +119,7 @@ def _check_model(path: Path, tree: Tree, problems: list[Problem]) -> None:
         _check_parallel(config, tree, problems)
         _check_tied_lm_head(config, tree, problems)
         _check_target_bits(config, tree, problems)
+        _check_plan_resolves(config, tree, problems)
 
 
 def _check_parallel(config: dict, tree: Tree, problems: list[Problem]) -> None:
@@ -154,6 +155,26 @@ def _check_tied_lm_head(config: dict, tree: Tree, problems: list[Problem]) -> No
         index = named[1]
         problems.append(Problem(f"quantization.overrides[{index}]", refusal,
                                 *tree.where(("quantization", "overrides", index))))
+
+
+def _check_plan_resolves(config: dict, tree: Tree, problems: list[Problem]) -> None:
+    """The weights + overrides must resolve on this model's linears: a setting one section
+    allows can meet another's it inherits (scale_bits 8 from `weights`, algorithm gptq from
+    an override), which the schema, field by field, cannot see."""
+    q = tree.get(("quantization",))
+    if not isinstance(q, dict) or not isinstance(q.get("weights"), dict) or not q.get("overrides"):
+        return
+    from llmbuild.quantize.allocate import linear_shapes
+    from llmbuild.quantize.plan import resolve_plan
+
+    try:
+        names = list(linear_shapes(config))
+        resolve_plan(q, names, int(config.get("num_hidden_layers") or 1))
+    except UserError as e:
+        problems.append(Problem("quantization.overrides", str(e).removeprefix("quantization: "),
+                                *tree.where(("quantization", "overrides"))))
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return  # a malformed section or config: the schema / config_problems report it
 
 
 def _check_target_bits(config: dict, tree: Tree, problems: list[Problem]) -> None:
