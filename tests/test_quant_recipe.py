@@ -178,3 +178,22 @@ def test_inherited_scale_bits_with_gptq_is_refused_at_validate(tmp_path):
     assert "model.layers.0.self_attn.q_proj: scale_bits 8 does not apply to algorithm gptq" in p.message
     path.write_text(path.read_text().replace("algorithm: gptq}", "algorithm: gptq, scale_bits: 16}"))
     assert load_recipe(path).to_dict()["quantization"]["overrides"][0]["scale_bits"] == 16
+
+
+def test_scale_bits_on_routed_experts_is_refused_at_validate(tmp_path):
+    """Routed experts take no 8-bit scale codes: validate says so at `weights` and names the
+    override that keeps them on float scales, which then validates."""
+    path = tmp_path / "r.yaml"
+    path.write_text(HEAD + "quantization:\n  weights: {scheme: int4, group_size: 32, scale_bits: 8}\n")
+    (tmp_path / "m").mkdir()
+    config = {"architectures": ["MixtralForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256,
+              "num_local_experts": 4, "num_experts_per_tok": 2, "max_position_embeddings": 4096}
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(RecipeError) as e:
+        load_recipe(path)
+    [p] = e.value.problems
+    assert (p.path, p.line) == ("quantization.weights", 4)
+    assert "scale_bits 8 applies to dense linears only" in p.message and "{match: '*.experts.*'" in p.message
+    path.write_text(path.read_text() + "  overrides: [{match: '*.experts.*', scale_bits: 16}]\n")
+    assert load_recipe(path).to_dict()["quantization"]["weights"]["scale_bits"] == 8

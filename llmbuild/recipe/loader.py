@@ -158,21 +158,27 @@ def _check_tied_lm_head(config: dict, tree: Tree, problems: list[Problem]) -> No
 
 
 def _check_plan_resolves(config: dict, tree: Tree, problems: list[Problem]) -> None:
-    """The weights + overrides must resolve on this model's linears: a setting one section
-    allows can meet another's it inherits (scale_bits 8 from `weights`, algorithm gptq from
-    an override), which the schema, field by field, cannot see."""
+    """The weights + overrides must resolve on this model's linears and routed experts: a
+    setting one section allows can meet another's it inherits (scale_bits 8 from `weights`,
+    algorithm gptq from an override), or a kind of weight that refuses it (scale_bits 8 on
+    routed experts), which the schema, field by field, cannot see."""
     q = tree.get(("quantization",))
-    if not isinstance(q, dict) or not isinstance(q.get("weights"), dict) or not q.get("overrides"):
+    if not isinstance(q, dict) or not isinstance(q.get("weights"), dict):
         return
-    from llmbuild.quantize.allocate import linear_shapes
+    from llmbuild.models import spec_for
+    from llmbuild.quantize.expert_plan import resolve_expert_plan, stacked_expert_shapes
     from llmbuild.quantize.plan import resolve_plan
 
+    at = ("quantization", "overrides") if q.get("overrides") else ("quantization", "weights")
     try:
-        names = list(linear_shapes(config))
-        resolve_plan(q, names, int(config.get("num_hidden_layers") or 1))
+        spec = spec_for(config, check=False)
+        d = spec.dims(config)
+        layers = int(config.get("num_hidden_layers") or 1)
+        resolve_plan(q, list(spec.linear_weights(d)), layers)
+        if hasattr(d, "top_k"):  # an MoE model: its stacked routed experts
+            resolve_expert_plan(q, list(stacked_expert_shapes(spec, d)), layers)
     except UserError as e:
-        problems.append(Problem("quantization.overrides", str(e).removeprefix("quantization: "),
-                                *tree.where(("quantization", "overrides"))))
+        problems.append(Problem(".".join(at), str(e).removeprefix("quantization: "), *tree.where(at)))
     except (KeyError, TypeError, ValueError, AttributeError):
         return  # a malformed section or config: the schema / config_problems report it
 
