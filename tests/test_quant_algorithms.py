@@ -187,13 +187,17 @@ def test_calibration_in_chunks_equals_one_sample_at_a_time(tiny_graph, algorithm
         np.testing.assert_allclose(a.floats[name], b.floats[name], rtol=1e-4, atol=1e-6)
 
 
-def test_statistics_in_the_slice_equal_numpy_on_the_activations(tiny_graph, tmp_path):
+@pytest.mark.parametrize("partial", [False, True])
+def test_statistics_in_the_slice_equal_numpy_on_the_activations(tiny_graph, tmp_path, partial):
     """max |x|, Σ|x| and XᵀX computed by the nodes calibration adds to a layer slice
-    equal ActStats.update (numpy) on the same activations fetched from the slice."""
-    from llmbuild.quantize.calibration import (ActStats, GraphSlices, decoder_feeds, ort_session,
+    equal ActStats.update (numpy) on the same activations fetched from the slice; Σ|x|
+    also when summed in float32 over runs of rows first (what calibrate does)."""
+    from llmbuild.quantize.calibration import (ActStats, GraphSlices, abs_sum_rows, decoder_feeds, ort_session,
                                                statistics_names)
 
     path, loaders, tokens = tiny_graph
+    rows = abs_sum_rows(tokens.shape[1]) if partial else 1
+    assert rows == (32 if partial else 1)  # 32-token sequences: runs of 32 rows
     slices = GraphSlices(path, lambda name: name in loaders)
     prefix, _ = slices.slice([slices.layer_inputs[0]], None, path.parent / "stats-prefix.onnx")
     sess = ort_session(prefix, 1)
@@ -201,8 +205,8 @@ def test_statistics_in_the_slice_equal_numpy_on_the_activations(tiny_graph, tmp_
     acts = sorted(set(slices.linear_inputs(0).values()))
     assert len(acts) == 4  # q/k/v, o, gate/up, down
     statistics = {a: i % 2 == 0 for i, a in enumerate(acts)}  # with and without XᵀX
-    p, weights = slices.slice(acts, slices.layer_inputs[0], path.parent / "stats-layer0.onnx",
-                              statistics=statistics)
+    p, weights = slices.slice(acts, slices.layer_inputs[0], path.parent / f"stats-layer0-{rows}.onnx",
+                              statistics=statistics, partial_rows=rows)
     sess = ort_session(p, 1)
     feeds = decoder_feeds(sess, tokens, 2, 16)
     feeds[slices.layer_inputs[0]] = h0
@@ -225,6 +229,14 @@ def test_statistics_in_the_slice_equal_numpy_on_the_activations(tiny_graph, tmp_
             np.testing.assert_allclose(st.xtx, ref.xtx, rtol=1e-4, atol=1e-4 * np.abs(ref.xtx).max())
         else:
             assert st.xtx is None and not blocks
+
+
+def test_abs_sum_rows_divide_the_sequence():
+    from llmbuild.quantize.calibration import ABS_SUM_ROWS, abs_sum_rows
+
+    assert abs_sum_rows(512) == ABS_SUM_ROWS == 64
+    assert abs_sum_rows(96) == 32 and abs_sum_rows(40) == 8 and abs_sum_rows(7) == 1
+    assert all(s % abs_sum_rows(s) == 0 for s in range(1, 600))
 
 
 def test_xtx_in_block_rows_of_the_upper_triangle_is_the_whole_product(monkeypatch, tmp_path):
