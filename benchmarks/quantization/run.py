@@ -62,8 +62,8 @@ ROWS = {  # name -> quantization.weights
     "int8-asym-g128": {"scheme": "int8", "group_size": 128, "symmetric": False},
     "fp8": {"scheme": "fp8"},
 }
-for _alg in ("rtn", "awq", "gptq"):  # int4: sym/asym × g32/g128 × rtn/awq/gptq (asym g32 is Q4_1's grid)
-    for _g in (32, 128):
+for _alg in ("rtn", "awq", "gptq"):  # int4: sym/asym × g32/g64/g128 × rtn/awq/gptq (asym g32 is Q4_1's grid)
+    for _g in (32, 64, 128):
         ROWS[f"int4-{_alg}-g{_g}"] = {"scheme": "int4", "algorithm": _alg, "group_size": _g}
         ROWS[f"int4-asym-{_alg}-g{_g}"] = {"scheme": "int4", "algorithm": _alg, "group_size": _g, "symmetric": False}
 # int4 with 8-bit scale (+ offset) codes per block and a float32 step per column
@@ -77,6 +77,14 @@ for _name, _w in (("int4-rtn-g32-s8", {"scheme": "int4", "group_size": 32}),
 OVERRIDES = {  # name -> quantization.overrides (the tied lm_head gets its own quantized copy)
     "int4-awq-g128-head8": [{"match": "lm_head", "scheme": "int8"}],
     "int4-rtn-g32-head4": [{"match": "lm_head", "scheme": "int4", "group_size": 32}],
+    # int4 g64/g128 layers: fewer bytes per weight in ONNX Runtime's packed int8-compute
+    # layout (4 bits + a float32 scale and a float32 block sum per block: 6.0 bits at g32,
+    # 5.0 at g64, 4.5 at g128), the lm_head int8 or int4 at the same group
+    "int4-awq-g64-head8": [{"match": "lm_head", "scheme": "int8"}],
+    "int4-awq-g64-head4": [{"match": "lm_head", "scheme": "int4", "group_size": 64, "algorithm": "rtn"}],
+    "int4-awq-g64-head4g32": [{"match": "lm_head", "scheme": "int4", "group_size": 32, "algorithm": "rtn"}],
+    "int4-rtn-g64-head4": [{"match": "lm_head", "scheme": "int4", "group_size": 64}],
+    "int4-gptq-g64-head8": [{"match": "lm_head", "scheme": "int8"}],
     "int8-head8": [{"match": "lm_head", "scheme": "int8"}],
     "int4-asym-rtn-g32-s8-head8": [{"match": "lm_head", "scheme": "int8"}],
 }
@@ -86,6 +94,9 @@ OPTIONS = {  # name -> extra quantization keys (the algorithms' settings)
     "int4-gptq-g128-actorder": {"gptq": {"act_order": True}},  # the default since 2026-12-01
     "int4-gptq-g128-natural": {"gptq": {"act_order": False}},
 }
+ROWS |= {"int4-awq-g64-head8": ROWS["int4-awq-g64"], "int4-awq-g64-head4": ROWS["int4-awq-g64"],
+         "int4-awq-g64-head4g32": ROWS["int4-awq-g64"],
+         "int4-rtn-g64-head4": ROWS["int4-rtn-g64"], "int4-gptq-g64-head8": ROWS["int4-gptq-g64"]}
 ROWS |= {"int4-asym-rtn-g32-s8-head8": ROWS["int4-asym-rtn-g32-s8"], "int4-awq-g128-head8": ROWS["int4-awq-g128"], "int4-rtn-g32-head4": ROWS["int4-rtn-g32"],
          "int8-head8": ROWS["int8"], "int4-awq-g128-noclip": ROWS["int4-awq-g128"],
          "int4-awq-g128-qprop": ROWS["int4-awq-g128"], "int4-gptq-g128-actorder": ROWS["int4-gptq-g128"],
@@ -99,7 +110,9 @@ ROWS |= {name: None for name in TARGETS}
 # weights + overrides) with more overrides, e.g. the tied lm_head quantized too
 DERIVED = {"auto-4.5bpw-head8": ("auto-4.5bpw", [{"match": "lm_head", "scheme": "int8"}])}
 ROWS |= {name: None for name in DERIVED}
-LLAMA_CPP = ("F16", "Q8_0", "Q4_0", "Q4_1", "Q4_K_M")
+# "-pure": every matrix in that type, the output tensor too (llama.cpp's --pure; by
+# default Q4_0 keeps the output tensor in Q6_K)
+LLAMA_CPP = ("F16", "Q8_0", "Q4_0", "Q4_1", "Q4_K_M", "Q4_0-pure")
 # The full table (issue #17), cheap rows first: no calibration, then llama.cpp, then the
 # calibrated rows (the 4.5-bit ones first).
 TABLE = ["fp16", "int8", "int8-g32", "int8-g128", "int8-asym-g32", "int4-rtn-g32", "int4-asym-rtn-g32", "int4-rtn-g128",
@@ -317,7 +330,7 @@ def gguf_bits(path: Path) -> dict:
 
 def llama_cpp_ggufs(work: Path) -> dict[str, Path]:
     """F16 GGUF of the dequantized source (all metadata kept), then llama.cpp's own
-    quantizer (llama_model_quantize) for Q8_0, Q4_0, Q4_1, Q4_K_M."""
+    quantizer (llama_model_quantize) for Q8_0, Q4_0, Q4_1, Q4_K_M and Q4_0 --pure."""
     import gguf
     import llama_cpp
 
@@ -352,7 +365,8 @@ def llama_cpp_ggufs(work: Path) -> dict[str, Path]:
         dst = work / f"smollm2-{name}.gguf"
         if not dst.is_file():
             params = llama_cpp.llama_model_quantize_default_params()
-            params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{name}")
+            params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{name.removesuffix('-pure')}")
+            params.pure = name.endswith("-pure")
             params.nthread = 2
             rc = llama_cpp.llama_model_quantize(str(f16).encode(), str(dst).encode(), params)
             if rc != 0:

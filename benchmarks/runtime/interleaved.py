@@ -141,6 +141,8 @@ def main():
     parser.add_argument("--quantized", type=Path, default=Path("/tmp/llmbuild-quant-bench/artifacts"),
                         help="quantized artifacts (benchmarks/quantization/run.py); rows run when present")
     parser.add_argument("--only", help="comma-separated substrings: run the rows whose name contains one")
+    parser.add_argument("--no-sleeping", action="store_true",
+                        help="leave out the `spinning=False` runs of our quantized artifacts")
     args = parser.parse_args()
     m, t, q = args.models, args.threads, args.quantized
     quantized = {  # bits per weight over every matrix (the manifest's quantization summary)
@@ -151,6 +153,10 @@ def main():
         for kind, path in (("AWQ g128 + int8 lm_head", q / "smollm2-int4-awq-g128-head8"),
                            ("RTN g128 + int8 lm_head", q / "smollm2-int4-rtn-g128-head8"),
                            ("g32 + int4 g32 lm_head", q / "smollm2-int4-rtn-g32-head4"),
+                           # g64: 5.0 bits per weight in ONNX Runtime's packed layout against
+                           # g32's 6.0 (weight_bytes.py); AWQ holds the accuracy
+                           ("AWQ g64 + int4 g64 lm_head", q / "smollm2-int4-awq-g64-head4"),
+                           ("AWQ g64 + int8 lm_head", q / "smollm2-int4-awq-g64-head8"),
                            # 8-bit scale codes (scale_bits: 8): Q4_K-like, asym g32
                            ("asym g32 scales 8-bit", q / "smollm2-int4-asym-rtn-g32-s8"),
                            ("asym g32 scales 8-bit + int8 lm_head", q / "smollm2-int4-asym-rtn-g32-s8-head8"),
@@ -158,7 +164,7 @@ def main():
     }
     # llama.cpp GGUFs of the quantization benchmark (same weights; its WORK, next to `artifacts`)
     quant_ggufs = {f"llama.cpp {kind} (quantization benchmark's GGUF)": q.parent / f"smollm2-{kind}.gguf"
-                   for kind in ("Q4_K_M", "Q4_1", "Q4_0", "Q8_0")}
+                   for kind in ("Q4_K_M", "Q4_1", "Q4_0", "Q4_0-pure", "Q8_0")}
     runtimes = {
         "llmbuild ORT executor, fp32 artifact (CPU lowering)": lambda: ours(m / "smollm2-135m-instruct-fp32", t),
         "llmbuild ORT executor, fp16 artifact (CPU lowering)": lambda: ours(m / "smollm2-135m-instruct-fp16", t),
@@ -170,7 +176,7 @@ def main():
         "HF transformers (torch) fp32": lambda: transformers(m / "hf", t),
         **{name: (lambda path=path: ours(path, t)) for name, path in quantized.items() if (path / "manifest.json").is_file()},
         **{f"{name}, threads sleep (no spinning)": (lambda path=path: ours(path, t, spinning=False))
-           for name, path in quantized.items() if (path / "manifest.json").is_file()},
+           for name, path in quantized.items() if (path / "manifest.json").is_file() and not args.no_sleeping},
         **{name: (lambda path=path: llama_cpp(path, t)) for name, path in quant_ggufs.items() if path.is_file()},
         **({"onnxruntime-genai int4 (g32, float32 scales, lm_head too: 5.0 bpw)": lambda: genai(m / "genai-int4", t)}
            if (m / "genai-int4").is_dir() else {}),
