@@ -13,8 +13,10 @@ HERE = Path(__file__).parent
 ORDER = ["fp16", "int8", "int8-g32", "int8-g128", "int8-asym-g32", "int8-asym-g128", "int8-head8", "fp8",
          "int4-rtn-g32", "int4-awq-g32", "int4-gptq-g32", "int4-asym-rtn-g32", "int4-asym-awq-g32", "int4-asym-gptq-g32",
          "int4-rtn-g128", "int4-awq-g128", "int4-gptq-g128", "int4-asym-rtn-g128", "int4-asym-awq-g128",
-         "int4-asym-gptq-g128", "int4-awq-g128-head8", "int4-rtn-g32-head4", "auto-4.5bpw", "auto-4.5bpw-gptq",
-         "llama.cpp F16", "llama.cpp Q8_0", "llama.cpp Q4_0", "llama.cpp Q4_1", "llama.cpp Q4_K_M"]
+         "int4-asym-gptq-g128", "int4-rtn-g32-s8", "int4-asym-rtn-g32-s8", "int4-asym-rtn-g64-s8", "int4-awq-g128-head8",
+         "int4-rtn-g32-head4", "auto-4.5bpw", "auto-4.5bpw-head8", "auto-4.5bpw-gptq",
+         "int4-awq-g64-head4", "int4-awq-g64-head8",
+         "llama.cpp F16", "llama.cpp Q8_0", "llama.cpp Q4_0", "llama.cpp Q4_0-pure", "llama.cpp Q4_1", "llama.cpp Q4_K_M"]
 LABELS = {
     "fp16": "llmbuild fp16 (reference)",
     "int8": "llmbuild int8 per-channel",
@@ -32,13 +34,20 @@ LABELS = {
     "auto-4.5bpw-gptq": "llmbuild auto 4.5 bpw, int4 linears by GPTQ (`target.algorithm: gptq`)",
     "llama.cpp F16": "llama.cpp F16",
     "llama.cpp Q8_0": "llama.cpp Q8_0",
-    "llama.cpp Q4_0": "llama.cpp Q4_0",
+    "llama.cpp Q4_0": "llama.cpp Q4_0 (output tensor Q6_K, llama.cpp's default)",
+    "llama.cpp Q4_0-pure": "llama.cpp Q4_0 --pure (every matrix Q4_0, the output too)",
+    "int4-awq-g64-head4": "llmbuild int4 g64 AWQ + lm_head int4 g64 RTN",
+    "int4-awq-g64-head8": "llmbuild int4 g64 AWQ + lm_head int8",
+    "auto-4.5bpw-head8": "llmbuild auto 4.5 bpw + lm_head int8",
+    "int4-rtn-g32-s8": "llmbuild int4 g32 sym RTN, 8-bit scale codes",
+    "int4-asym-rtn-g32-s8": "llmbuild int4 g32 asym RTN, 8-bit scale + offset codes",
+    "int4-asym-rtn-g64-s8": "llmbuild int4 g64 asym RTN, 8-bit scale + offset codes",
     "llama.cpp Q4_1": "llama.cpp Q4_1 (the source's own format)",
     "llama.cpp Q4_K_M": "llama.cpp Q4_K_M (falls back to Q5_0/Q6_K/Q8_0 here: ~6.2 bits, see notes)",
 }
 for _sym, _tag in (("", "sym"), ("asym-", "asym")):
     for _alg in ("rtn", "awq", "gptq"):
-        for _g in (32, 128):
+        for _g in (32, 64, 128):
             LABELS.setdefault(f"int4-{_sym}{_alg}-g{_g}", f"llmbuild int4 g{_g} {_tag} {_alg.upper()}")
 
 
