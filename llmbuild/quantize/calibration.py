@@ -127,9 +127,9 @@ def statistics_names(activation: str, width: int, xtx: bool = True) -> dict:
 
 
 # Σ|x| is summed in float32 over runs of this many consecutive rows first, then in
-# float64 (`statistics_nodes`): the float64 Cast of a whole [4096, 1536] chunk cost 8-20 ms,
-# more than its Gemm's share, and 64-term float32 sums of non-negative values keep a
-# relative error below ~4e-6 (3e-8 measured on 4096 rows).
+# float64 (`statistics_nodes`): the float64 Cast of a whole [4096, 1536] chunk cost 8-20 ms
+# (9 % of a SmolLM2 layer's statistics pass), and 64-term float32 sums of non-negative
+# values keep a relative error below ~4e-6 (3e-8 measured on 4096 rows).
 ABS_SUM_ROWS = 64
 
 
