@@ -24,8 +24,10 @@ def tiny_dir(tmp_path_factory):
 
 
 def _start_compile(recipe: Path, out: Path) -> subprocess.Popen:
-    # LLMBUILD_TEST_STAGE_DELAY makes each stage linger so the signal lands mid-compile.
-    env = dict(os.environ, LLMBUILD_TEST_STAGE_DELAY="1.5")
+    # LLMBUILD_TEST_STAGE_DELAY makes each stage linger so the signal lands mid-compile:
+    # 8 s, so a test process starved of CPU for seconds (2 cores, a cold first compile)
+    # still signals before the compile ends; the signal cuts the sleep short.
+    env = dict(os.environ, LLMBUILD_TEST_STAGE_DELAY="8")
     return subprocess.Popen(
         [sys.executable, "-m", "llmbuild.cli", "compile", str(recipe), "-o", str(out), "--no-verify", "-q"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -51,9 +53,10 @@ def test_interrupted_compile_leaves_no_complete_artifact(tiny_dir, tmp_path, sig
                       "limits: {max_batch_size: 2, max_input_len: 32, max_seq_len: 64}\n")
     proc = _start_compile(recipe, out)
     _wait_for_stage_dir(out)
+    assert proc.poll() is None, "compile ended before the signal was sent"
     proc.send_signal(sig)
-    _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode != 0
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0, stderr
     assert "Traceback" not in stderr
     assert not (out / "tiny").exists()
     with pytest.raises(UserError, match="not a complete llmbuild artifact|does not exist"):
