@@ -27,6 +27,29 @@ def problems(tmp_path, body: str) -> dict[str, str]:
     return {p.path: f"{p.line}: {p.message}" for p in e.value.problems}
 
 
+# A small model's config for the checks that need the model (check_model=True).
+LLAMA = {"architectures": ["LlamaForCausalLM"], "tie_word_embeddings": False, "num_hidden_layers": 2,
+         "max_position_embeddings": 4096, "hidden_size": 64, "intermediate_size": 128,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256}
+
+
+def with_model(tmp_path, body: str, config: dict):
+    """The recipe HEAD + body at tmp_path/r.yaml, its model's config.json beside it."""
+    path = tmp_path / "r.yaml"
+    path.write_text(HEAD + body)
+    (tmp_path / "m").mkdir(exist_ok=True)
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def the_problem(path):
+    """The one problem load_recipe(path) reports."""
+    with pytest.raises(RecipeError) as e:
+        load_recipe(path)
+    [p] = e.value.problems
+    return p
+
+
 def test_issue_example_resolves_with_defaults(tmp_path):
     r = load(tmp_path, (
         "quantization:\n"
@@ -119,17 +142,10 @@ def test_quantization_composes_with_tensor_parallelism(tmp_path):
 
 
 def test_calibrated_override_of_a_tied_lm_head_is_refused_at_its_line(tmp_path):
-    path = tmp_path / "r.yaml"
-    path.write_text(HEAD + "quantization:\n  weights: {scheme: int4, algorithm: awq}\n"
-                    "  overrides:\n    - {layers: [0], scheme: int8}\n    - {match: lm_head, group_size: 64}\n")
-    (tmp_path / "m").mkdir()
-    config = {"architectures": ["LlamaForCausalLM"], "tie_word_embeddings": True, "num_hidden_layers": 2,
-              "max_position_embeddings": 4096, "hidden_size": 64, "intermediate_size": 128,
-              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256}
-    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(RecipeError) as e:
-        load_recipe(path)
-    [p] = e.value.problems
+    config = LLAMA | {"tie_word_embeddings": True}
+    path = with_model(tmp_path, "quantization:\n  weights: {scheme: int4, algorithm: awq}\n"
+                      "  overrides:\n    - {layers: [0], scheme: int8}\n    - {match: lm_head, group_size: 64}\n", config)
+    p = the_problem(path)
     assert (p.path, p.line) == ("quantization.overrides[1]", 7)
     assert "round-to-nearest only" in p.message and "int4 g64 sym awq" in p.message
     path.write_text(path.read_text().replace("group_size: 64", "scheme: int8"))
@@ -163,17 +179,9 @@ def test_scale_bits_is_an_int4_setting_not_for_gptq(tmp_path):
 def test_inherited_scale_bits_with_gptq_is_refused_at_validate(tmp_path):
     """scale_bits 8 in `weights` and algorithm gptq in an override are each valid; together
     on a module they are not: validate reports it at the overrides (not compile, later)."""
-    path = tmp_path / "r.yaml"
-    path.write_text(HEAD + "quantization:\n  weights: {scheme: int4, group_size: 32, scale_bits: 8}\n"
-                    "  overrides:\n    - {match: '*.q_proj', algorithm: gptq}\n")
-    (tmp_path / "m").mkdir()
-    config = {"architectures": ["LlamaForCausalLM"], "tie_word_embeddings": False, "num_hidden_layers": 2,
-              "max_position_embeddings": 4096, "hidden_size": 64, "intermediate_size": 128,
-              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256}
-    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(RecipeError) as e:
-        load_recipe(path)
-    [p] = e.value.problems
+    path = with_model(tmp_path, "quantization:\n  weights: {scheme: int4, group_size: 32, scale_bits: 8}\n"
+                      "  overrides:\n    - {match: '*.q_proj', algorithm: gptq}\n", LLAMA)
+    p = the_problem(path)
     assert (p.path, p.line) == ("quantization.overrides", 6)
     assert "model.layers.0.self_attn.q_proj: scale_bits 8 does not apply to algorithm gptq" in p.message
     path.write_text(path.read_text().replace("algorithm: gptq}", "algorithm: gptq, scale_bits: 16}"))
@@ -183,16 +191,11 @@ def test_inherited_scale_bits_with_gptq_is_refused_at_validate(tmp_path):
 def test_scale_bits_on_routed_experts_is_refused_at_validate(tmp_path):
     """Routed experts take no 8-bit scale codes: validate says so at `weights` and names the
     override that keeps them on float scales, which then validates."""
-    path = tmp_path / "r.yaml"
-    path.write_text(HEAD + "quantization:\n  weights: {scheme: int4, group_size: 32, scale_bits: 8}\n")
-    (tmp_path / "m").mkdir()
-    config = {"architectures": ["MixtralForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
-              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256,
-              "num_local_experts": 4, "num_experts_per_tok": 2, "max_position_embeddings": 4096}
-    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(RecipeError) as e:
-        load_recipe(path)
-    [p] = e.value.problems
+    mixtral = {"architectures": ["MixtralForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256,
+               "num_local_experts": 4, "num_experts_per_tok": 2, "max_position_embeddings": 4096}
+    path = with_model(tmp_path, "quantization:\n  weights: {scheme: int4, group_size: 32, scale_bits: 8}\n", mixtral)
+    p = the_problem(path)
     assert (p.path, p.line) == ("quantization.weights", 4)
     assert "scale_bits 8 applies to dense linears only" in p.message and "{match: '*.experts.*'" in p.message
     path.write_text(path.read_text() + "  overrides: [{match: '*.experts.*', scale_bits: 16}]\n")
