@@ -24,13 +24,14 @@ def tiny_dir(tmp_path_factory):
 
 
 def _start_compile(recipe: Path, out: Path) -> subprocess.Popen:
-    # LLMBUILD_TEST_STAGE_DELAY makes each stage linger so the signal lands mid-compile:
-    # 8 s, so a test process starved of CPU for seconds (2 cores, a cold first compile)
-    # still signals before the compile ends; the signal cuts the sleep short.
-    env = dict(os.environ, LLMBUILD_TEST_STAGE_DELAY="8")
+    # LLMBUILD_TEST_STAGE_DELAY makes each stage linger so the signal lands mid-compile.
+    env = dict(os.environ, LLMBUILD_TEST_STAGE_DELAY="1.5")
     return subprocess.Popen(
         [sys.executable, "-m", "llmbuild.cli", "compile", str(recipe), "-o", str(out), "--no-verify", "-q"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # Ctrl-C as a terminal delivers it: a suite run in the background (`make test &`,
+        # nohup) inherits SIGINT ignored, and Python then never raises KeyboardInterrupt.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
