@@ -105,6 +105,14 @@ def build_quantize(sdist_dir: Path, dst: Path) -> Path:
     no OpenMP; -O0: the tiny models quantize in milliseconds, and it compiles in a fraction
     of a Release build's CPU time) from the llama-cpp-python sdist `fetch_llama_cpp` left in `sdist_dir`;
     returns the binary. Takes a few minutes on 2 cores (benchmarks/families/RESULTS.md)."""
+    return build_tool(sdist_dir, dst, "llama-quantize")
+
+
+def build_tool(sdist_dir: Path, dst: Path, target: str, optimized: bool = False) -> Path:
+    """Build one llama.cpp tool (`target`, e.g. llama-quantize, llama-perplexity) from the
+    one llama-cpp-python sdist in `sdist_dir`, into `dst`; returns the binary. Static, no
+    curl, no OpenMP, no tests/examples/server. `optimized`: a Release build for this CPU
+    (-DGGML_NATIVE=ON, for measurements); else portable -O0 code (fast to compile)."""
     [sdist] = sorted(Path(sdist_dir).glob("llama_cpp_python-*.tar.gz"))
     src, build = dst / "src", dst / "build"
     with tarfile.open(sdist) as tar:
@@ -115,19 +123,21 @@ def build_quantize(sdist_dir: Path, dst: Path) -> Path:
                 m.name = rel[len(VENDOR):]
                 members.append(m)
         tar.extractall(src, members=members, filter="data")
-    steps = [["cmake", "-S", str(src), "-B", str(build), "-DCMAKE_BUILD_TYPE=Debug", "-DCMAKE_C_FLAGS_DEBUG=-O0",
-              "-DCMAKE_CXX_FLAGS_DEBUG=-O0", "-DGGML_NATIVE=OFF",
+    mode = (["-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON"] if optimized else
+            ["-DCMAKE_BUILD_TYPE=Debug", "-DCMAKE_C_FLAGS_DEBUG=-O0", "-DCMAKE_CXX_FLAGS_DEBUG=-O0",
+             "-DGGML_NATIVE=OFF"])
+    steps = [["cmake", "-S", str(src), "-B", str(build), *mode,
               "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_CURL=OFF", "-DGGML_OPENMP=OFF", "-DLLAMA_BUILD_TESTS=OFF",
               "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF"],
-             ["cmake", "--build", str(build), "--target", "llama-quantize", "-j2"]]
+             ["cmake", "--build", str(build), "--target", target, "-j2"]]
     for cmd in steps:
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd[:3])} failed (exit {result.returncode}):\n"
                                f"{result.stdout[-3000:]}{result.stderr[-3000:]}")
-    binary = build / "bin" / "llama-quantize"
+    binary = build / "bin" / target
     if not binary.is_file():
-        raise RuntimeError(f"the llama-quantize build left no {binary}")
+        raise RuntimeError(f"the {target} build left no {binary}")
     return binary
 
 

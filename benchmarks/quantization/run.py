@@ -173,11 +173,14 @@ def reference_logits(runner, chunks: np.ndarray, work: Path) -> np.memmap:
     return np.memmap(path, np.float32, "r", shape=shape)
 
 
-def measure(logits_fn, chunks: np.ndarray, ref: np.memmap) -> dict:
+def measure(logits_fn, chunks: np.ndarray, ref: np.memmap, start: int = 0) -> dict:
+    """Metrics of `logits_fn` over `chunks` against the reference logits `ref`, on the
+    logits at positions start..S−2 of each chunk (the next tokens start+1..S−1; start 0:
+    every position; S/2: what llama-perplexity scores)."""
     totals = {"nll": 0.0, "positions": 0, "kl": 0.0, "top1": 0, "ref_nll": 0.0}
     t0 = time.perf_counter()
     for i, ids in enumerate(chunks):
-        m = chunk_metrics(logits_fn(ids), ids, np.asarray(ref[i]))
+        m = chunk_metrics(logits_fn(ids)[start:], ids[start:], np.asarray(ref[i][start:]))
         for k, v in m.items():
             totals[k] += v
     out = summarize(totals)
