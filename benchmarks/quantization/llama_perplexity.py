@@ -24,7 +24,7 @@ If the two llama.cpp measurements agree, run.py's llama.cpp rows (every position
 llama-perplexity's; the llmbuild rows then compare with llama.cpp on llama-perplexity's own
 positions. `--binary`: a llama-perplexity already built (else it is built from the sdist of
 the installed llama-cpp-python, the one that wrote the GGUFs: tests/llama_cpp.py's
-`build_tool`, Release, this CPU's instructions; ~15 min on 2 cores).
+`build_tool`, Release, this CPU's instructions; about 10 min on 2 cores).
 """
 
 from __future__ import annotations
@@ -119,13 +119,14 @@ def main():
     fp16 = run.compile_row("fp16", None, work)
     ids = dataset_tokens(fp16 / "tokenizer" / "tokenizer.json", "kjv", "evaluation")
     chunks = token_chunks(ids, run.SEQ_LEN, args.chunks)
+    text = read_text("kjv", "evaluation").encode("utf-8")
     text_path = work / "kjv-evaluation.txt"
-    text_path.write_text(read_text("kjv", "evaluation"), encoding="utf-8")
+    text_path.write_bytes(text)
     ggufs = run.llama_cpp_ggufs(work)
     from llama_cpp import Llama
 
     vocab = Llama(str(ggufs["F16"]), vocab_only=True, verbose=False)
-    theirs = vocab.tokenize(text_path.read_bytes(), add_bos=True, special=False)
+    theirs = vocab.tokenize(text, add_bos=True, special=False)
     n = chunks.size
     same = np.asarray(theirs[:n]) == chunks.reshape(-1)
     results["token_check"] = {"compared": int(n), "identical": int(same.sum()),

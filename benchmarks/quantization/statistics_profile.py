@@ -7,8 +7,8 @@
    calibration_speed.py: the layer's float32 forward plus max|x|, Σ|x| and XᵀX of every
    linear input) on one chunk of 8 × 512 tokens with ONNX Runtime's profiler: wall and CPU
    seconds per chunk, kernel time per op type. Weights and the hidden state are random
-   (timing does not depend on their values); the session is made as calibration makes it
-   (`ort_session`'s options).
+   (timing does not depend on their values); the session is calibration's own
+   (`ort_session`, with ONNX Runtime's profiler on).
 2. GEMM throughput of [4096, 576] × [576, 3072] (a chunk through gate/up) in GFLOPS, in
    one process, one after the other: ONNX Runtime's MatMul (MLAS, float32), numpy's BLAS,
    and torch float32 / bfloat16 if torch is installed (bf16: what AVX512_BF16 would give;
@@ -32,18 +32,9 @@ sys.path.insert(0, str(ROOT))
 
 
 def profile_slice(path: Path, threads: int, rounds: int) -> dict:
-    import onnxruntime as ort
+    from llmbuild.quantize.calibration import decoder_feeds, ort_session
 
-    from llmbuild.eval.runners import float_matmuls
-    from llmbuild.quantize.calibration import decoder_feeds
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads, opts.log_severity_level = threads, 1, 3
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    float_matmuls(opts)
-    opts.enable_profiling = True
-    opts.profile_file_prefix = str(Path(tempfile.mkdtemp()) / "slice")
-    sess = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    sess = ort_session(path, threads, profile_prefix=str(Path(tempfile.mkdtemp()) / "slice"))
     rng = np.random.default_rng(0)
     feeds = decoder_feeds(sess, rng.integers(0, 1000, (8, 512)), 3, 64)
     for inp in sess.get_inputs():

@@ -320,10 +320,14 @@ class GraphSlices:
         return dst, weight_inputs
 
 
-def ort_session(path: Path, threads: int | None):
+def ort_session(path: Path, threads: int | None, profile_prefix: str | None = None):
+    """The ONNX Runtime session calibration runs a slice in (`profile_prefix`: ONNX
+    Runtime's profiler on, its JSON written there; benchmarks/quantization/statistics_profile.py)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
+    if profile_prefix is not None:
+        opts.enable_profiling, opts.profile_file_prefix = True, profile_prefix
     opts.intra_op_num_threads = threads or min(os.cpu_count() or 1, 8)
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
