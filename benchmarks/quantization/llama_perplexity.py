@@ -109,8 +109,16 @@ def main():
     args = ap.parse_args()
     work = Path(args.work)
     if args.table_only:
+        if not (work / args.results).is_file():
+            raise SystemExit(f"{work / args.results} not found: run this script without --table-only first")
         print(table(json.loads((work / args.results).read_text()), work))
         return
+    rows = [r for r in args.rows.split(",") if r]
+    unknown = [r for r in rows if r not in run.ROWS]
+    if unknown:
+        raise SystemExit(f"unknown rows {unknown}; expected some of {sorted(run.ROWS)}")
+    if args.binary and not Path(args.binary).is_file():
+        raise SystemExit(f"--binary {args.binary}: no such file")
     binary = Path(args.binary) if args.binary else build_binary(work)
     results: dict = {"binary": str(binary), "chunks": args.chunks, "seq_len": run.SEQ_LEN, "first": FIRST,
                      "llama_perplexity": {}, "harness": {}}
@@ -159,7 +167,7 @@ def main():
         results["harness"][f"llama.cpp {name}"] = run.measure(fn, chunks, ref, start=FIRST)
         del llm
         print(json.dumps({f"llama.cpp {name}": results["harness"][f"llama.cpp {name}"]}), flush=True)
-    for name in [r for r in args.rows.split(",") if r]:
+    for name in rows:
         art = work / "artifacts" / f"smollm2-{name}"
         if not (art / "manifest.json").is_file():
             art = run.compile_row(name, run.ROWS[name], work)
