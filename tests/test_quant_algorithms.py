@@ -49,7 +49,9 @@ def test_awq_grid_loss_is_the_output_error_at_every_point():
     x, w = inputs(), weight()
     scheme = Int4(64)
     s, info = awq_search_scales(x.T @ x, np.abs(x).mean(0), [w], scheme, np.float32)
-    deq = scheme.quantize(w * s[:, None], np.float32).dequantize() / s[:, None]
+    # scored under the plain quantizer (shrink 1: the tight range, no searched factor)
+    plain = np.ones((scheme.num_groups(w.shape[0]), w.shape[1]), np.float32)
+    deq = scheme.quantize(w * s[:, None], np.float32, shrink=plain).dequantize() / s[:, None]
     assert info["loss"] == pytest.approx(column_errors(x, w, deq).sum(), rel=1e-3)
     alpha0 = scheme.quantize(w, np.float32).dequantize()  # α = 0 with w_mean's normalisation ≈ RTN of a scaled w
     assert info["loss"] <= info["loss_alpha0"] and 0 <= info["alpha"] < 1 and AWQ_GRID * info["alpha"] % 1 == 0
@@ -131,6 +133,29 @@ def test_statistics_of_all_samples_at_once_equal_the_per_sample_sums():
     np.testing.assert_allclose(batched.xtx, per_sample.xtx, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("scheme", [Int4(32), Int4(64, symmetric=False), Int4(128, scale_bits=8),
+                                    Int4(32, symmetric=False, scale_bits=8)], ids=lambda s: s.describe())
+@pytest.mark.parametrize("clipped", [False, True])
+def test_fake_quantize_is_quantize_then_dequantize_bitwise(scheme, clipped):
+    w = weight(k=200, n=24)  # a short last block
+    w[5, 3] = 0.9  # an outlier: the scale search and the clip have something to do
+    shrink = np.random.default_rng(3).uniform(0.5, 1.0, (scheme.num_groups(200), 24)).astype(np.float32)
+    sh = shrink if clipped else None
+    fake = scheme.fake_quantize(w, np.float16, shrink=sh)
+    assert fake.dtype == np.float32 and fake.shape == w.shape
+    np.testing.assert_array_equal(fake, scheme.quantize(w, np.float16, shrink=sh).dequantize())
+
+
+def test_xtx_stride_is_every_row_wherever_gptq_reads_the_input():
+    from llmbuild.quantize.plan import ModuleSpec
+
+    awq, gptq, rtn = ModuleSpec("int4", "awq", 32), ModuleSpec("int4", "gptq", 32), ModuleSpec("int4", "rtn", 32)
+    options = AlgorithmOptions(awq_hessian_stride=4)
+    assert options.xtx_stride([awq, rtn]) == 4 and options.xtx_stride([awq, gptq]) == 1
+    assert options.xtx_stride([rtn]) == 0 and options.xtx_stride([ModuleSpec("none")]) == 0
+    assert AlgorithmOptions.from_recipe({"awq": {"hessian_stride": 8}}).awq_hessian_stride == 8
+
+
 def test_auto_propagation_is_quantized_only_for_gptq():
     from llmbuild.quantize.plan import ModuleSpec
 
@@ -187,13 +212,14 @@ def test_calibration_in_chunks_equals_one_sample_at_a_time(tiny_graph, algorithm
         np.testing.assert_allclose(a.floats[name], b.floats[name], rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("partial", [False, True])
-def test_statistics_in_the_slice_equal_numpy_on_the_activations(tiny_graph, tmp_path, partial):
+@pytest.mark.parametrize("partial,stride", [(False, 1), (True, 1), (True, 3)])
+def test_statistics_in_the_slice_equal_numpy_on_the_activations(tiny_graph, tmp_path, partial, stride):
     """max |x|, Σ|x| and XᵀX computed by the nodes calibration adds to a layer slice
     equal ActStats.update (numpy) on the same activations fetched from the slice; Σ|x|
-    also when summed in float32 over runs of rows first (what calibrate does)."""
+    also when summed in float32 over runs of rows first (what calibrate does), XᵀX also
+    over every 3rd row (AWQ's `hessian_stride`)."""
     from llmbuild.quantize.calibration import (ActStats, GraphSlices, abs_sum_rows, decoder_feeds, ort_session,
-                                               statistics_names)
+                                               statistics_names, xtx_rows)
 
     path, loaders, tokens = tiny_graph
     rows = abs_sum_rows(tokens.shape[1]) if partial else 1
@@ -204,8 +230,8 @@ def test_statistics_in_the_slice_equal_numpy_on_the_activations(tiny_graph, tmp_
     h0 = sess.run(None, decoder_feeds(sess, tokens, 2, 16))[0]
     acts = sorted(set(slices.linear_inputs(0).values()))
     assert len(acts) == 4  # q/k/v, o, gate/up, down
-    statistics = {a: i % 2 == 0 for i, a in enumerate(acts)}  # with and without XᵀX
-    p, weights = slices.slice(acts, slices.layer_inputs[0], path.parent / f"stats-layer0-{rows}.onnx",
+    statistics = {a: stride * (i % 2 == 0) for i, a in enumerate(acts)}  # with and without XᵀX
+    p, weights = slices.slice(acts, slices.layer_inputs[0], path.parent / f"stats-layer0-{rows}-{stride}.onnx",
                               statistics=statistics, partial_rows=rows)
     sess = ort_session(p, 1)
     feeds = decoder_feeds(sess, tokens, 2, 16)
@@ -216,13 +242,14 @@ def test_statistics_in_the_slice_equal_numpy_on_the_activations(tiny_graph, tmp_
         width = got[a].shape[-1]
         assert slices.input_width[a] == width
         ref, st = ActStats(width), ActStats(width)
-        ref.update(got[a], with_xtx)
+        ref.update(got[a], with_xtx, stride)
         out = statistics_names(a, width, with_xtx)
         assert got[out["abs_sum"]].dtype == np.float64 and all(nm in got for nm in out["xtx"].values())
         blocks = {r0: got[nm] for r0, nm in out["xtx"].items()}
-        st.add(got[out["amax"]], got[out["abs_sum"]], tokens.size, blocks or None)
+        st.add(got[out["amax"]], got[out["abs_sum"]], tokens.size, blocks or None, xtx_rows(tokens.size, stride))
         st.mirror()
         assert st.amax == ref.amax and st.rows == ref.rows == tokens.size
+        assert st.xtx_rows == ref.xtx_rows == (-(-tokens.size // stride) if with_xtx else 0)
         np.testing.assert_allclose(st.abs_sum, ref.abs_sum, rtol=1e-6)
         if with_xtx:
             np.testing.assert_array_equal(st.xtx, st.xtx.T)

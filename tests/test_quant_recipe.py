@@ -68,7 +68,7 @@ def test_issue_example_resolves_with_defaults(tmp_path):
     r = load(tmp_path, "", ["quantization={weights: {scheme: fp8}}"])
     q = r.to_dict()["quantization"]
     assert q["calibration"] == {"dataset": "kjv", "samples": 128, "seq_len": 512, "seed": 0, "propagate": "auto"}
-    assert q["awq"] == {"clip": True} and q["gptq"] == {"act_order": True, "damp": 0.01}
+    assert q["awq"] == {"clip": True, "hessian_stride": 1} and q["gptq"] == {"act_order": True, "damp": 0.01}
 
 
 def test_algorithm_options_are_validated_where_they_are(tmp_path):
@@ -76,21 +76,24 @@ def test_algorithm_options_are_validated_where_they_are(tmp_path):
         "quantization:\n"
         "  weights: {scheme: int4, algorithm: gptq}\n"
         "  gptq: {act_order: true, damp: 0.05}\n"
-        "  awq: {clip: false}\n"
+        "  awq: {clip: false, hessian_stride: 4}\n"
         "  calibration: {propagate: float}\n"))
     from llmbuild.quantize.calibration import AlgorithmOptions
 
     opts = AlgorithmOptions.from_recipe(r.to_dict()["quantization"])
-    assert opts == AlgorithmOptions(awq_clip=False, gptq_act_order=True, gptq_damp=0.05, propagate="float")
+    assert opts == AlgorithmOptions(awq_clip=False, awq_hessian_stride=4, gptq_act_order=True, gptq_damp=0.05,
+                                    propagate="float")
     errors = problems(tmp_path, (
         "quantization:\n"
         "  weights: {scheme: int4, algorithm: gptq}\n"
         "  gptq: {damp: 0, order: 1}\n"
-        "  calibration: {propagate: sideways}\n"))
+        "  calibration: {propagate: sideways}\n"
+        "  awq: {hessian_stride: 0}\n"))
     assert errors["quantization.gptq.damp"].startswith("5:")
     assert errors["quantization.gptq.order"].startswith("5:")
     assert errors["quantization.calibration.propagate"].startswith("6:") and "auto, quantized, float" in errors[
         "quantization.calibration.propagate"]
+    assert errors["quantization.awq.hessian_stride"].startswith("7:")
 
 
 def test_mistakes_are_reported_where_they_are(tmp_path):

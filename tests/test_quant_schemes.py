@@ -462,8 +462,9 @@ def test_awq_scales_and_clipping_beat_round_to_nearest(scheme):
     h = x.T @ x
     s, info = awq_search_scales(h, np.abs(x).mean(0), [w], scheme, np.float32)
     assert info["loss"] <= info["loss_alpha0"] and s.shape == (128,)
+    plain = np.ones((4, 64), np.float32)  # α is scored under the plain quantizer (shrink 1)
     assert info["loss"] == pytest.approx(x.shape[0] * w.shape[1] * output_error(  # tr(ΔᵀHΔ) = Σ ‖xΔ‖²
-        x, w, scheme.quantize(w * s[:, None], np.float32).dequantize() / s[:, None]), rel=1e-3)
+        x, w, scheme.quantize(w * s[:, None], np.float32, shrink=plain).dequantize() / s[:, None]), rel=1e-3)
     # the scaled problem: (x / s) @ Q(s * w)
     awq = scheme.quantize(w * s[:, None], np.float32).dequantize() / s[:, None]
     rtn = scheme.quantize(w, np.float32).dequantize()

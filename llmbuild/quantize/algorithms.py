@@ -91,7 +91,7 @@ def _side_by_side(scheme, variants: np.ndarray, scale_dtype, shrink: np.ndarray 
     each variant gets exactly what quantizing it alone gives); `shrink` [G, R, out]."""
     k, r, n = variants.shape
     flat = None if shrink is None else shrink.reshape(shrink.shape[0], r * n)
-    return scheme.quantize(variants.reshape(k, r * n), scale_dtype, shrink=flat).dequantize().reshape(k, r, n)
+    return scheme.fake_quantize(variants.reshape(k, r * n), scale_dtype, shrink=flat).reshape(k, r, n)
 
 
 def awq_search_scales(h: np.ndarray, x_mean_abs: np.ndarray, weights: list[np.ndarray], scheme: Int4,
@@ -111,10 +111,15 @@ def awq_search_scales(h: np.ndarray, x_mean_abs: np.ndarray, weights: list[np.nd
     s = np.power(np.maximum(x_mean_abs, 1e-8), alphas) / (np.power(w_mean, 1 - alphas) + 1e-4)
     s = np.maximum(s, 1e-4)
     s = (s / np.sqrt(s.max(axis=1, keepdims=True) * s.min(axis=1, keepdims=True))).astype(np.float32)  # [R, in]
+    # each α is scored under the plain quantizer (the tight range, shrink 1), as AutoAWQ
+    # scores it before its clip search picks the final ranges; not under the searched
+    # scale factors of `Int4.quantize`, which would cost 16 passes over the weight per
+    # point instead of one (measured: benchmarks/quantization/RESULTS.md, 2026-12-03)
+    unclipped = np.ones((scheme.num_groups(w.shape[0]), batch, w.shape[1]), np.float32)
 
     def batch_losses(r0: int) -> list[float]:
         sc = s[r0:r0 + batch].T[:, :, None]  # [in, b, 1]
-        wq = _side_by_side(scheme, w[:, None, :] * sc, scale_dtype) / sc
+        wq = _side_by_side(scheme, w[:, None, :] * sc, scale_dtype, unclipped[:, :sc.shape[1]]) / sc
         delta = (w[:, None, :] - wq).reshape(w.shape[0], -1)
         return _output_errors(h, delta).reshape(-1, w.shape[1]).sum(axis=1).tolist()
 
@@ -153,7 +158,7 @@ def awq_search_clip(h: np.ndarray, w: np.ndarray, scheme: Int4, scale_dtype=np.f
     errs = _grid_map(batch_errors, range(0, len(ratios), batch))
     best = ratios[np.argmin(np.concatenate(errs, axis=1), axis=1)]  # [G, out]; ties: the larger ratio
     default = scheme.default_shrink(w, scale_dtype)  # what quantizing without a clip does
-    deltas = np.stack(_grid_map(lambda sh: scheme.quantize(w, scale_dtype, shrink=sh).dequantize() - w,
+    deltas = np.stack(_grid_map(lambda sh: scheme.fake_quantize(w, scale_dtype, shrink=sh) - w,
                                 (default, best)), axis=1)
     whole = _output_errors(h, deltas.reshape(k, -1)).reshape(2, n)
     return np.where(whole[1] <= whole[0], best, default).astype(np.float32)

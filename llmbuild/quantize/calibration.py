@@ -51,6 +51,9 @@ from llmbuild.quantize.plan import ModuleSpec, module_name
 from llmbuild.quantize.schemes import QuantizedTensor
 
 CHUNK_TOKENS = 4096
+# AWQ's searches take H = XᵀX from every k-th calibration row (`quantization.awq.hessian_stride`);
+# max |x|, mean |x| and the propagated hidden states always use every row.
+AWQ_HESSIAN_STRIDE = 1
 PROPAGATE = ("auto", "quantized", "float")
 # Roles of the linears whose outputs form attention scores: AWQ's clipping search skips
 # them (as AutoAWQ).
@@ -66,22 +69,28 @@ class ActStats:
     abs_sum: np.ndarray | None = None
     rows: int = 0
     xtx: np.ndarray | None = None
+    xtx_rows: int = 0  # the rows summed into xtx (every `stride`-th row of each chunk)
     _upper_only: bool = False  # xtx holds block rows of the upper triangle until `mirror`
 
-    def update(self, x: np.ndarray, need_xtx: bool) -> None:
-        """Add the rows of `x` [..., width] (the numpy reference of `statistics_nodes`)."""
+    def update(self, x: np.ndarray, need_xtx: bool | int, stride: int = 1) -> None:
+        """Add the rows of `x` [..., width] (the numpy reference of `statistics_nodes`):
+        XᵀX over every `stride`-th of them, from the first."""
         x = x.reshape(-1, self.width)
+        xs = x[::stride]
         self.add(np.abs(x).max(), np.abs(x).sum(axis=0, dtype=np.float64), x.shape[0],
-                 (x.T @ x) if need_xtx else None)
+                 (xs.T @ xs) if need_xtx else None, xs.shape[0])
 
-    def add(self, amax, abs_sum: np.ndarray, rows: int, xtx: np.ndarray | dict[int, np.ndarray] | None) -> None:
+    def add(self, amax, abs_sum: np.ndarray, rows: int, xtx: np.ndarray | dict[int, np.ndarray] | None,
+            xtx_rows: int | None = None) -> None:
         """Add one chunk's max |x|, Σ|x| [width] (float64), row count and XᵀX (float32,
-        summed here in float64): the whole [width, width], or its block rows of the upper
-        triangle {r0: XᵀX[r0:r1, r0:]} as `statistics_nodes` computes them (then call
-        `mirror` once after the last chunk)."""
+        summed here in float64) over `xtx_rows` of those rows (default: all): the whole
+        [width, width], or its block rows of the upper triangle {r0: XᵀX[r0:r1, r0:]} as
+        `statistics_nodes` computes them (then call `mirror` once after the last chunk)."""
         self.amax = max(self.amax, float(amax))
         self.abs_sum = abs_sum if self.abs_sum is None else self.abs_sum + abs_sum
         self.rows += int(rows)
+        if xtx is not None:
+            self.xtx_rows += int(rows if xtx_rows is None else xtx_rows)
         if isinstance(xtx, dict):
             if self.xtx is None:
                 self.xtx, self._upper_only = np.zeros((self.width, self.width), np.float64), True
@@ -93,8 +102,12 @@ class ActStats:
 
     def mirror(self) -> None:
         """Complete XᵀX from its upper triangle (exactly symmetric) after block rows."""
-        if self._upper_only:
-            self.xtx = np.triu(self.xtx) + np.triu(self.xtx, 1).T
+        if self._upper_only:  # block rows [r0, r1) hold XᵀX[r0:r1, r0:]
+            x = self.xtx
+            for r0, r1 in xtx_row_blocks(self.width):
+                d = x[r0:r1, r0:r1]  # the diagonal block: its upper triangle, mirrored
+                x[r0:r1, r0:r1] = np.triu(d) + np.triu(d, 1).T
+                x[r1:, r0:r1] = x[r0:r1, r1:].T  # below it: the block row's right part
             self._upper_only = False
 
     @property
@@ -142,17 +155,24 @@ def abs_sum_rows(seq_len: int) -> int:
     return r
 
 
-def statistics_nodes(activation: str, width: int, xtx: bool, axis0: str, partial_rows: int = 1) -> list[onnx.NodeProto]:
+def xtx_rows(rows: int, stride: int) -> int:
+    """How many of a chunk's `rows` enter XᵀX at `stride` (rows 0, stride, 2·stride, …)."""
+    return -(-rows // stride)
+
+
+def statistics_nodes(activation: str, width: int, xtx: int, axis0: str, partial_rows: int = 1) -> list[onnx.NodeProto]:
     """Nodes computing one chunk's statistics of a linear input x [..., W] inside the
     slice (`axis0`: the name of an int64 [0] constant; `partial_rows`: r, which must divide
-    the chunk's rows T, see `abs_sum_rows`):
+    the chunk's rows T, see `abs_sum_rows`; `xtx`: 0 = no XᵀX, else k: XᵀX over every
+    k-th row, from the first):
 
         x ─► Flatten(axis=-1) ─► xf [T, W] ─► Abs ─┬─► ReduceMax ─────────────► ::amax []
                                   │                 └─► Reshape [T/r, r, W] ─► ReduceSum(axis 1)
                                   │                     ─► Cast(double) ─► ReduceSum(axis 0) ─► ::abs_sum [W]
-                                  ├─► Slice(cols r0:r1) ─► a [T, r1−r0] ─┐
-                                  └─► Slice(cols r0:W) ──► b [T, W−r0] ──┴─► Gemm(a, b, transA=1) ─► ::xtx{r0}
-                                                                             [r1−r0, W−r0] per block row (if xtx)
+                                  └─► (Slice rows ::k, if k > 1) ─► xk [⌈T/k⌉, W]
+                                        ├─► Slice(cols r0:r1) ─► a ─┐
+                                        └─► Slice(cols r0:W) ──► b ─┴─► Gemm(a, b, transA=1) ─► ::xtx{r0}
+                                                                        [r1−r0, W−r0] per block row (if xtx)
 
     Σ|x| is summed in float64 as ActStats.update does, over float32 sums of r rows (r = 1:
     no Reshape, the whole |x| cast); XᵀX in float32 (one chunk of ≤ CHUNK_TOKENS rows;
@@ -183,14 +203,18 @@ def statistics_nodes(activation: str, width: int, xtx: bool, axis0: str, partial
     nodes += [helper.make_node("Cast", [summed], [absd], to=TensorProto.DOUBLE),
               helper.make_node("ReduceSum", [absd, axis0], [out["abs_sum"]], keepdims=0)]
 
+    src = flat
+    if xtx > 1:
+        src = f"{activation}::rows{xtx}"
+        nodes.append(helper.make_node("Slice", [flat, at(0), at(2**62), at(0), at(xtx)], [src]))
     for r0, r1 in xtx_row_blocks(width) if xtx else []:
-        a = b = flat  # one block: the whole product
+        a = b = src  # one block: the whole product
         if r1 - r0 < width:
             a = f"{activation}::cols{r0}_{r1}"
-            nodes.append(helper.make_node("Slice", [flat, at(r0), at(r1), at(1)], [a]))
+            nodes.append(helper.make_node("Slice", [src, at(r0), at(r1), at(1)], [a]))
             if r0:  # the first block row has all of x on its right
                 b = f"{activation}::cols{r0}_"
-                nodes.append(helper.make_node("Slice", [flat, at(r0), at(width), at(1)], [b]))
+                nodes.append(helper.make_node("Slice", [src, at(r0), at(width), at(1)], [b]))
         nodes.append(helper.make_node("Gemm", [a, b], [out["xtx"][r0]], transA=1))
     return nodes
 
@@ -270,10 +294,11 @@ class GraphSlices:
 
     def slice(self, outputs: list[str], cut: str | None, dst: Path,
               as_input: Callable[[str], bool] = lambda name: False,
-              statistics: dict[str, bool] | None = None, partial_rows: int = 1) -> tuple[Path, list[str]]:
+              statistics: dict[str, int] | None = None, partial_rows: int = 1) -> tuple[Path, list[str]]:
         """Write the subgraph computing `outputs` from `cut` (an input) to `dst` (next to
         the full model, so external weights resolve). Weights for which `as_input(name)`
-        holds become graph inputs. `statistics`: activation → with XᵀX; each such
+        holds become graph inputs. `statistics`: activation → its XᵀX row stride (0 or
+        False: no XᵀX; True = 1: every row; see `statistics_nodes`); each such
         activation's `statistics_nodes` are added (Σ|x| over float32 runs of
         `partial_rows` rows) and their outputs (`statistics_names`) appended to
         `outputs`. Returns the path and the names of the weight inputs."""
@@ -362,6 +387,7 @@ class AlgorithmOptions:
     """The recipe's `quantization.awq` / `quantization.gptq` / `calibration.propagate`."""
 
     awq_clip: bool = True
+    awq_hessian_stride: int = AWQ_HESSIAN_STRIDE
     gptq_act_order: bool = True
     gptq_damp: float = GPTQ_DAMP
     propagate: str = "auto"
@@ -369,9 +395,19 @@ class AlgorithmOptions:
     @classmethod
     def from_recipe(cls, quantization: dict) -> AlgorithmOptions:
         awq, gptq = quantization.get("awq") or {}, quantization.get("gptq") or {}
-        return cls(awq_clip=awq.get("clip", True), gptq_act_order=gptq.get("act_order", True),
-                   gptq_damp=gptq.get("damp", GPTQ_DAMP),
+        return cls(awq_clip=awq.get("clip", True), awq_hessian_stride=awq.get("hessian_stride", AWQ_HESSIAN_STRIDE),
+                   gptq_act_order=gptq.get("act_order", True), gptq_damp=gptq.get("damp", GPTQ_DAMP),
                    propagate=(quantization.get("calibration") or {}).get("propagate", "auto"))
+
+    def xtx_stride(self, specs: list[ModuleSpec]) -> int:
+        """The XᵀX row stride of one linear input read by the linears planned as `specs`: 0
+        (no XᵀX) unless one is calibrated; every row (1) when one uses GPTQ, whose
+        compensation inverts H; else AWQ's `hessian_stride` (its searches only rank grid
+        points by tr(ΔᵀHΔ))."""
+        algorithms = {sp.algorithm for sp in specs if sp.scheme != "none"}
+        if "gptq" in algorithms:
+            return 1
+        return self.awq_hessian_stride if "awq" in algorithms else 0
 
     def float_propagation(self, plan: dict[str, ModuleSpec]) -> bool:
         if self.propagate not in PROPAGATE:
@@ -478,8 +514,7 @@ def calibrate(
         st = step_of(layer)
         lin, cut, last = st.lin, st.cut, st.last
         acts = sorted(set(lin.values()))
-        needs_xtx = {a for w, a in lin.items() if plan[w].algorithm in ("gptq", "awq")}
-        statistics = {a: a in needs_xtx for a in acts}
+        statistics = {a: options.xtx_stride([plan[w] for w, b in lin.items() if b == a]) for a in acts}
         # hᵢ₊₁ from this pass only with float propagation (else pass 2 computes it, from a
         # slice without the statistics: ONNX Runtime runs every node of a graph whatever
         # outputs are asked for)
@@ -509,7 +544,8 @@ def calibrate(
                 nxt[c0:c0 + chunk] = got[nxt_name]
             for a in acts:
                 stats[a].add(got[names[a]["amax"]], got[names[a]["abs_sum"]], rows,
-                             {r0: got[nm] for r0, nm in names[a]["xtx"].items()} or None)
+                             {r0: got[nm] for r0, nm in names[a]["xtx"].items()} or None,
+                             xtx_rows(rows, statistics[a] or 1))
             # what the chunk's linear inputs occupy inside ONNX Runtime (they never leave it)
             act_bytes_chunk = max(act_bytes_chunk, 4 * rows * sum(x.width for x in stats.values()))
             del got

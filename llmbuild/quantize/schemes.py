@@ -299,15 +299,17 @@ class Int4:
         decodes them; `shrink` [G, out] in (0, 1] narrows the range (AWQ's clipping search)."""
         return self._params(w, scale_dtype, shrink)[:2]
 
-    def _params(self, w: np.ndarray, scale_dtype, shrink: np.ndarray | None):
-        """(scale, offset, scale_step, offset_step): the steps are None unless `scale_bits`."""
-        scale, offset = self._float_params(w, scale_dtype, shrink)
+    def _params(self, w: np.ndarray, scale_dtype, shrink: np.ndarray | None, blocks: np.ndarray | None = None):
+        """(scale, offset, scale_step, offset_step): the steps are None unless `scale_bits`
+        (`blocks`: `w` already cut into blocks, unchecked)."""
+        scale, offset = self._float_params(w, scale_dtype, shrink, blocks)
         if self.scale_bits is None:
             return scale, offset, None, None
         return coded_params(scale, offset, scale_dtype)
 
-    def _float_params(self, w: np.ndarray, scale_dtype, shrink: np.ndarray | None):
-        blocks = _blocks(_check_matrix(w), self.group_size)
+    def _float_params(self, w: np.ndarray, scale_dtype, shrink: np.ndarray | None, blocks: np.ndarray | None = None):
+        if blocks is None:
+            blocks = _blocks(_check_matrix(w), self.group_size)
         if self.symmetric:
             # the tightest positive scale that reaches both sides: max w at code 7, min w at -8
             tight = np.maximum(blocks.max(axis=1) / 7.0, -blocks.min(axis=1) / 8.0)
@@ -364,6 +366,26 @@ class Int4:
         scale, offset, sstep, ostep = self._params(w, scale_dtype, shrink)
         return QuantizedTensor(self.name, self.codes(w, scale, offset), scale, offset, axis=0,
                                block_size=self.group_size, scale_step=sstep, offset_step=ostep)
+
+    def fake_quantize(self, w: np.ndarray, scale_dtype=np.float16, shrink: np.ndarray | None = None) -> np.ndarray:
+        """`quantize(w, scale_dtype, shrink).dequantize()`, bitwise, without the int8 codes
+        or the per-row copies of the block parameters (the same float32 operations on each
+        element, the parameters broadcast over their block): what the calibrated searches
+        score, once per grid point. `w` must be finite (no check: the searches' variants of
+        an already checked weight)."""
+        w = np.asarray(w, np.float32)
+        rows = w.shape[0]
+        blocks = _blocks(w, self.group_size)  # [G, group, out]
+        scale, offset, _, _ = self._params(w, scale_dtype, shrink, blocks)
+        s = scale[:, None, :]
+        q = np.subtract(blocks, offset[:, None, :]) if offset is not None else blocks.copy()
+        np.divide(q, s, out=q)
+        np.rint(q, out=q)
+        np.clip(q, -8, 7, out=q)
+        np.multiply(q, s, out=q)
+        if offset is not None:
+            q += offset[:, None, :]
+        return q.reshape(-1, w.shape[1])[:rows]
 
     def describe(self) -> str:
         coded = f" scales {self.scale_bits}-bit" if self.scale_bits else ""
