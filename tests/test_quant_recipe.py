@@ -68,7 +68,7 @@ def test_issue_example_resolves_with_defaults(tmp_path):
     r = load(tmp_path, "", ["quantization={weights: {scheme: fp8}}"])
     q = r.to_dict()["quantization"]
     assert q["calibration"] == {"dataset": "kjv", "samples": 128, "seq_len": 512, "seed": 0, "propagate": "auto"}
-    assert q["awq"] == {"clip": True, "hessian_stride": 1} and q["gptq"] == {"act_order": True, "damp": 0.01}
+    assert q["awq"] == {"clip": True, "hessian_stride": 4} and q["gptq"] == {"act_order": True, "damp": 0.01}
 
 
 def test_algorithm_options_are_validated_where_they_are(tmp_path):

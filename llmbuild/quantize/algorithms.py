@@ -12,10 +12,13 @@ RMSNorm weight, or the output columns of the linear before it). Then, per linear
 except q/k, search a clipping ratio per block and output channel that minimises that
 block's output error (a channel the chosen ratios would hurt as a whole keeps 1.0).
 RTN is the same quantizer without either search. Output errors are computed from
-H = Σ xᵀx over every calibration row (‖xΔ‖² summed = tr(ΔᵀHΔ)), not from a sample of
-rows; α is scored on a fixed sample of the output columns (SEARCH_COLUMNS). Grid points
-are evaluated side by side: R variants of a weight quantized as one [in, R·out] matrix,
-their errors in one H·Δ product on ONNX Runtime (`quantize.quadratic`).
+H = Σ xᵀx over the calibration rows calibration gives (‖xΔ‖² summed = tr(ΔᵀHΔ); every
+`quantization.awq.hessian_stride`-th token, calibration.AWQ_HESSIAN_STRIDE); each α is
+scored under the plain quantizer (the tight range, as AutoAWQ's scale search), on a
+fixed sample of the output columns (SEARCH_COLUMNS). Grid points are evaluated side by
+side: R variants of a weight fake-quantized as one [in, R·out] matrix
+(`Int4.fake_quantize`), their errors in one H·Δ product on ONNX Runtime
+(`quantize.quadratic`).
 
 GPTQ (Frantar et al. 2022): quantize input rows one at a time, and push each row's
 rounding error onto the rows not yet quantized through the inverse Hessian
@@ -44,8 +47,9 @@ GPTQ_BLOCK = 128
 GRID_BATCH = 5  # grid points quantized side by side (memory: 5 copies of the weight)
 # AWQ's α search scores every α on evenly strided output columns, at least this many
 # (a column's error depends on that column alone, so this is a fixed sample of the sum
-# every α is scored on); the scales then quantize every column.
-SEARCH_COLUMNS = 256
+# every α is scored on); the scales then quantize every column. 128 (256 before
+# 2026-12-03): half the search's H·Δ work, measured in RESULTS.md.
+SEARCH_COLUMNS = 128
 
 
 _POOL: ThreadPoolExecutor | None = None
@@ -81,7 +85,7 @@ def _block_normalized_mean(w: np.ndarray, group: int) -> np.ndarray:
 
 def _output_errors(h: np.ndarray, delta: np.ndarray) -> np.ndarray:
     """Per output column of Δ [in, cols]: Σ over calibration rows of (x·δ_j)² = δ_jᵀ H δ_j
-    (H = Σ xᵀx, exact over all rows) → [cols]."""
+    (H = Σ xᵀx over those rows) → [cols]."""
     return column_quadratic_forms(h, delta)
 
 

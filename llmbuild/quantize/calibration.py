@@ -52,8 +52,10 @@ from llmbuild.quantize.schemes import QuantizedTensor
 
 CHUNK_TOKENS = 4096
 # AWQ's searches take H = XᵀX from every k-th calibration row (`quantization.awq.hessian_stride`);
-# max |x|, mean |x| and the propagated hidden states always use every row.
-AWQ_HESSIAN_STRIDE = 1
+# max |x|, mean |x| and the propagated hidden states always use every row. At 4, 64 × 512
+# tokens give H 8192 rows (AutoAWQ's clip search takes 512); measured on SmolLM2 against
+# every row: calibration 1.3× faster, KL and perplexity no worse (RESULTS.md, 2026-12-03).
+AWQ_HESSIAN_STRIDE = 4
 PROPAGATE = ("auto", "quantized", "float")
 # Roles of the linears whose outputs form attention scores: AWQ's clipping search skips
 # them (as AutoAWQ).

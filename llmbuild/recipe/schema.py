@@ -398,8 +398,9 @@ class QuantTarget(_Section):
 class AwqOptions(_Section):
     clip: bool = True  # per block and output channel clipping search after the scales (AutoAWQ auto_clip)
     # H = XᵀX (the searches' output-error matrix) from every k-th calibration token; mean |x|
-    # and the propagated hidden states use every token. Measured: benchmarks/quantization/RESULTS.md
-    hessian_stride: Annotated[int, Field(ge=1, le=64)] = 1
+    # and the propagated hidden states use every token, and so does H of an input a GPTQ
+    # linear reads, or a routed expert's (few tokens each). Measured: benchmarks/quantization/RESULTS.md
+    hessian_stride: Annotated[int, Field(ge=1, le=64)] = 4
 
 
 class GptqOptions(_Section):
