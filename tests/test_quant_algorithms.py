@@ -202,6 +202,7 @@ def test_calibration_in_chunks_equals_one_sample_at_a_time(tiny_graph, algorithm
                                 scale_dtype=np.float32, threads=1, chunk_tokens=chunk)
     a, b = runs["batched"], runs["per_sample"]
     assert a.report["chunk_sequences"] == 8 and b.report["chunk_sequences"] == 1
+    assert a.report["awq_hessian_stride"] == 4  # the default (chunks of whole sequences: the same rows)
     assert a.report["propagate"] == ("float" if algorithm == "awq" else "quantized")
     assert set(a.results) == set(plan) == set(b.results)
     for w in plan:

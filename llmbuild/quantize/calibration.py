@@ -629,6 +629,8 @@ def calibrate(
     note_rss()
     report = {
         "samples": int(n), "seq_len": int(s), "tokens": int(n * s), "chunk_sequences": int(chunk),
+        # H of an input only AWQ linears read: every k-th token (GPTQ's inputs: every token)
+        "awq_hessian_stride": int(options.awq_hessian_stride),
         "propagate": "float" if float_prop else "quantized", "overlap": bool(overlap),
         "seconds": round(time.perf_counter() - start, 2),
         "cpu_seconds": round(time.process_time() - cpu0, 2),  # every thread of the process
