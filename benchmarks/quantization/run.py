@@ -95,7 +95,10 @@ OPTIONS = {  # name -> extra quantization keys (the algorithms' settings)
     "int4-gptq-g128-natural": {"gptq": {"act_order": False}},
     "int4-awq-g128-h1": {"awq": {"hessian_stride": 1}},  # H from every calibration token
     "int4-awq-g128-h4": {"awq": {"hessian_stride": 4}},  # from every 4th
+    "int4-awq-g64-head4-h1": {"awq": {"hessian_stride": 1}},
+    "int4-asym-awq-g128-h1": {"awq": {"hessian_stride": 1}},
 }
+OVERRIDES["int4-awq-g64-head4-h1"] = OVERRIDES["int4-awq-g64-head4"]
 ROWS |= {"int4-awq-g64-head8": ROWS["int4-awq-g64"], "int4-awq-g64-head4": ROWS["int4-awq-g64"],
          "int4-awq-g64-head4g32": ROWS["int4-awq-g64"],
          "int4-rtn-g64-head4": ROWS["int4-rtn-g64"], "int4-gptq-g64-head8": ROWS["int4-gptq-g64"]}
@@ -103,7 +106,8 @@ ROWS |= {"int4-asym-rtn-g32-s8-head8": ROWS["int4-asym-rtn-g32-s8"], "int4-awq-g
          "int8-head8": ROWS["int8"], "int4-awq-g128-noclip": ROWS["int4-awq-g128"],
          "int4-awq-g128-qprop": ROWS["int4-awq-g128"], "int4-gptq-g128-actorder": ROWS["int4-gptq-g128"],
          "int4-gptq-g128-natural": ROWS["int4-gptq-g128"], "int4-awq-g128-h1": ROWS["int4-awq-g128"],
-         "int4-awq-g128-h4": ROWS["int4-awq-g128"]}
+         "int4-awq-g128-h4": ROWS["int4-awq-g128"], "int4-awq-g64-head4-h1": ROWS["int4-awq-g64"],
+         "int4-asym-awq-g128-h1": ROWS["int4-asym-awq-g128"]}
 # name -> quantization.target: automatic bit allocation (llmbuild.quantize.allocate)
 TARGETS = {"auto-4.5bpw": {"bits_per_weight": 4.5},
            # the same allocation, its int4 linears by GPTQ (target.algorithm)
