@@ -47,9 +47,9 @@ GPTQ_BLOCK = 128
 GRID_BATCH = 5  # grid points quantized side by side (memory: 5 copies of the weight)
 # AWQ's α search scores every α on evenly strided output columns, at least this many
 # (a column's error depends on that column alone, so this is a fixed sample of the sum
-# every α is scored on); the scales then quantize every column. 128 (256 before
-# 2026-12-03): half the search's H·Δ work, measured in RESULTS.md.
-SEARCH_COLUMNS = 128
+# every α is scored on); the scales then quantize every column. 128 would halve the
+# search's H·Δ work but measured worse (int4 g64: KL 0.454 against 0.429; RESULTS.md, 2026-12-03).
+SEARCH_COLUMNS = 256
 
 
 _POOL: ThreadPoolExecutor | None = None
