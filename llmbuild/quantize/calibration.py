@@ -71,28 +71,25 @@ class ActStats:
     abs_sum: np.ndarray | None = None
     rows: int = 0
     xtx: np.ndarray | None = None
-    xtx_rows: int = 0  # the rows summed into xtx (every `stride`-th row of each chunk)
     _upper_only: bool = False  # xtx holds block rows of the upper triangle until `mirror`
 
-    def update(self, x: np.ndarray, need_xtx: bool | int, stride: int = 1) -> None:
+    def update(self, x: np.ndarray, need_xtx: bool, stride: int = 1) -> None:
         """Add the rows of `x` [..., width] (the numpy reference of `statistics_nodes`):
         XᵀX over every `stride`-th of them, from the first."""
         x = x.reshape(-1, self.width)
         xs = x[::stride]
         self.add(np.abs(x).max(), np.abs(x).sum(axis=0, dtype=np.float64), x.shape[0],
-                 (xs.T @ xs) if need_xtx else None, xs.shape[0])
+                 (xs.T @ xs) if need_xtx else None)
 
-    def add(self, amax, abs_sum: np.ndarray, rows: int, xtx: np.ndarray | dict[int, np.ndarray] | None,
-            xtx_rows: int | None = None) -> None:
+    def add(self, amax, abs_sum: np.ndarray, rows: int, xtx: np.ndarray | dict[int, np.ndarray] | None) -> None:
         """Add one chunk's max |x|, Σ|x| [width] (float64), row count and XᵀX (float32,
-        summed here in float64) over `xtx_rows` of those rows (default: all): the whole
-        [width, width], or its block rows of the upper triangle {r0: XᵀX[r0:r1, r0:]} as
-        `statistics_nodes` computes them (then call `mirror` once after the last chunk)."""
+        summed here in float64; over every row, or every k-th one as the slice computed
+        it): the whole [width, width], or its block rows of the upper triangle
+        {r0: XᵀX[r0:r1, r0:]} as `statistics_nodes` computes them (then call `mirror`
+        once after the last chunk)."""
         self.amax = max(self.amax, float(amax))
         self.abs_sum = abs_sum if self.abs_sum is None else self.abs_sum + abs_sum
         self.rows += int(rows)
-        if xtx is not None:
-            self.xtx_rows += int(rows if xtx_rows is None else xtx_rows)
         if isinstance(xtx, dict):
             if self.xtx is None:
                 self.xtx, self._upper_only = np.zeros((self.width, self.width), np.float64), True
@@ -155,11 +152,6 @@ def abs_sum_rows(seq_len: int) -> int:
     while r > 1 and seq_len % r:
         r //= 2
     return r
-
-
-def xtx_rows(rows: int, stride: int) -> int:
-    """How many of a chunk's `rows` enter XᵀX at `stride` (rows 0, stride, 2·stride, …)."""
-    return -(-rows // stride)
 
 
 def statistics_nodes(activation: str, width: int, xtx: int, axis0: str, partial_rows: int = 1) -> list[onnx.NodeProto]:
@@ -546,8 +538,7 @@ def calibrate(
                 nxt[c0:c0 + chunk] = got[nxt_name]
             for a in acts:
                 stats[a].add(got[names[a]["amax"]], got[names[a]["abs_sum"]], rows,
-                             {r0: got[nm] for r0, nm in names[a]["xtx"].items()} or None,
-                             xtx_rows(rows, statistics[a] or 1))
+                             {r0: got[nm] for r0, nm in names[a]["xtx"].items()} or None)
             # what the chunk's linear inputs occupy inside ONNX Runtime (they never leave it)
             act_bytes_chunk = max(act_bytes_chunk, 4 * rows * sum(x.width for x in stats.values()))
             del got
