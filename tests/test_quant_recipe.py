@@ -68,6 +68,9 @@ def test_issue_example_resolves_with_defaults(tmp_path):
     r = load(tmp_path, "", ["quantization={weights: {scheme: fp8}}"])
     q = r.to_dict()["quantization"]
     assert q["calibration"] == {"dataset": "kjv", "samples": 128, "seq_len": 512, "seed": 0, "propagate": "auto"}
+    from llmbuild.quantize.calibration import AWQ_HESSIAN_STRIDE  # the schema's default is calibration's
+
+    assert AWQ_HESSIAN_STRIDE == 4
     assert q["awq"] == {"clip": True, "hessian_stride": 4} and q["gptq"] == {"act_order": True, "damp": 0.01}
 
 
