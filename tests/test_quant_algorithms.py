@@ -69,6 +69,50 @@ def test_awq_alpha_from_strided_columns_is_the_alpha_of_all_columns():
 
 
 @pytest.mark.parametrize("seed", range(4))
+def test_awq_coarse_to_fine_alpha_is_the_full_grids(seed):
+    """Every 4th α, then the neighbours of the best: 11 of the 20 points scored, the
+    same α, scales and loss as scoring all 20 (on a valley with quantization noise)."""
+    x, w = inputs(seed=seed, k=192), weight(k=192, n=96, seed=30 + seed)
+    h, mean = x.T @ x, np.abs(x).mean(0)
+    scheme = Int4(64)
+    s_full, full = awq_search_scales(h, mean, [w], scheme, np.float16, coarse=1)
+    s_fast, fast = awq_search_scales(h, mean, [w], scheme, np.float16)
+    assert full["points_scored"] == AWQ_GRID and fast["points_scored"] <= 11
+    assert fast["alpha"] == full["alpha"] and fast["loss"] == full["loss"]
+    assert fast["loss_alpha0"] == full["loss_alpha0"]
+    np.testing.assert_array_equal(s_fast, s_full)
+
+
+def test_awq_coarse_search_refines_around_its_best_coarse_point(monkeypatch):
+    """The refinement scores exactly the unscored grid points within 3 of the best coarse
+    point, whatever the losses; with a loss whose minimum is off the coarse points, it
+    is found."""
+    from llmbuild.quantize import algorithms
+
+    x, w = inputs(k=128, tokens=512), weight(k=128, n=16)
+    scored = []
+    target = 13  # α = 0.65: between the coarse points 12 and 16
+
+    def fake_errors(h, delta):  # a valley at `target`, from each point's own scale
+        n = delta.shape[1] // w.shape[1]
+        scored.extend(pending.pop(0))
+        return np.repeat([abs(p - target) + 1.0 for p in scored[-n:]], w.shape[1]) / w.shape[1]
+
+    pending = []  # the batches in the order they are scored
+
+    def grid_map(fn, parts):
+        pending.extend(list(p) for p in parts)
+        return [fn(p) for p in list(parts)]
+
+    monkeypatch.setattr(algorithms, "_output_errors", fake_errors)
+    monkeypatch.setattr(algorithms, "_grid_map", grid_map)
+    _, info = awq_search_scales(x.T @ x, np.abs(x).mean(0), [w], Int4(64), np.float32)
+    assert scored[:5] == [0, 4, 8, 12, 16]
+    assert sorted(scored[5:]) == [9, 10, 11, 13, 14, 15]
+    assert info["alpha"] == target / AWQ_GRID and info["points_scored"] == 11
+
+
+@pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_clip_search_never_increases_any_channels_output_error(seed, symmetric):
     x, w = inputs(seed=seed, k=192), weight(k=192, seed=10 + seed)

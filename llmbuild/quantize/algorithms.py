@@ -15,7 +15,10 @@ RTN is the same quantizer without either search. Output errors are computed from
 H = Σ xᵀx over the calibration rows calibration gives (‖xΔ‖² summed = tr(ΔᵀHΔ); every
 `quantization.awq.hessian_stride`-th token, calibration.AWQ_HESSIAN_STRIDE); each α is
 scored under the plain quantizer (the tight range, as AutoAWQ's scale search), on a
-fixed sample of the output columns (SEARCH_COLUMNS). Grid points are evaluated side by
+fixed sample of the output columns (SEARCH_COLUMNS), coarse to fine: every
+AWQ_COARSE-th α first, then the grid points within AWQ_COARSE − 1 of the best of those
+(11 of the 20 points; the same α as all 20 in 90 of 90 searches of SmolLM2 at g128, and
+see AWQ_COARSE). Grid points are evaluated side by
 side: R variants of a weight fake-quantized as one [in, R·out] matrix
 (`Int4.fake_quantize`), their errors in one H·Δ product on ONNX Runtime
 (`quantize.quadratic`).
@@ -45,6 +48,11 @@ CLIP_MAX_SHRINK = 0.5
 GPTQ_DAMP = 0.01
 GPTQ_BLOCK = 128
 GRID_BATCH = 5  # grid points quantized side by side (memory: 5 copies of the weight)
+# AWQ's α: the loss over α is a wide valley with a few per cent of quantization noise on
+# it; scoring every 4th point and then the 6 neighbours of the best (within 3 points)
+# finds the grid's minimum unless the noise outweighs the valley's rise over 4 points.
+# Measured against the full grid: benchmarks/quantization/RESULTS.md, 2026-12-03 (later).
+AWQ_COARSE = 4
 # AWQ's α search scores every α on evenly strided output columns, at least this many
 # (a column's error depends on that column alone, so this is a fixed sample of the sum
 # every α is scored on); the scales then quantize every column. 128 would halve the
@@ -100,12 +108,13 @@ def _side_by_side(scheme, variants: np.ndarray, scale_dtype, shrink: np.ndarray 
 
 def awq_search_scales(h: np.ndarray, x_mean_abs: np.ndarray, weights: list[np.ndarray], scheme: Int4,
                       scale_dtype=np.float16, batch: int = GRID_BATCH,
-                      columns: int | None = SEARCH_COLUMNS) -> tuple[np.ndarray, dict]:
+                      columns: int | None = SEARCH_COLUMNS, coarse: int = AWQ_COARSE) -> tuple[np.ndarray, dict]:
     """Best per-input-channel scales [in] for the linears `weights` sharing one input,
     whose rows give H = Σ xᵀx [in, in] and mean |x| [in]. The grid's points are
-    evaluated `batch` at a time, side by side in one quantization and one H·Δ product,
-    on every ⌊out / columns⌋-th output column (`columns` None: all); the reported losses
-    are of those columns."""
+    evaluated at most `batch` at a time, side by side in one quantization and one H·Δ
+    product, on every ⌊out / columns⌋-th output column (`columns` None: all); the
+    reported losses are of those columns. `coarse` > 1: every coarse-th point, then the
+    points within coarse − 1 of the best of them (1: all 20)."""
     w = np.concatenate(weights, axis=1).astype(np.float32)
     h = np.asarray(h, np.float32)
     w_mean = _block_normalized_mean(w, scheme.group_size)
@@ -121,15 +130,29 @@ def awq_search_scales(h: np.ndarray, x_mean_abs: np.ndarray, weights: list[np.nd
     # point instead of one (measured: benchmarks/quantization/RESULTS.md, 2026-12-03)
     unclipped = np.ones((scheme.num_groups(w.shape[0]), batch, w.shape[1]), np.float32)
 
-    def batch_losses(r0: int) -> list[float]:
-        sc = s[r0:r0 + batch].T[:, :, None]  # [in, b, 1]
+    def batch_losses(points: list[int]) -> list[float]:
+        sc = s[points].T[:, :, None]  # [in, b, 1]
         wq = _side_by_side(scheme, w[:, None, :] * sc, scale_dtype, unclipped[:, :sc.shape[1]]) / sc
         delta = (w[:, None, :] - wq).reshape(w.shape[0], -1)
         return _output_errors(h, delta).reshape(-1, w.shape[1]).sum(axis=1).tolist()
 
-    losses = [x for part in _grid_map(batch_losses, range(0, AWQ_GRID, batch)) for x in part]
-    best = int(np.argmin(losses))
-    return s[best], {"alpha": best / AWQ_GRID, "loss": losses[best], "loss_alpha0": losses[0]}
+    losses: dict[int, float] = {}
+
+    def score(points: list[int]) -> None:  # in batches of at most `batch`, one per core
+        per = min(batch, -(-len(points) // min(os.cpu_count() or 1, 4)))
+        parts = [points[i:i + per] for i in range(0, len(points), per)]
+        for part, got in zip(parts, _grid_map(batch_losses, parts)):
+            losses.update(zip(part, got))
+
+    if coarse > 1:
+        score(list(range(0, AWQ_GRID, coarse)))
+        c = min(losses, key=losses.__getitem__)
+        score([i for i in range(max(0, c - coarse + 1), min(AWQ_GRID, c + coarse)) if i not in losses])
+    else:
+        score(list(range(AWQ_GRID)))
+    best = min(sorted(losses), key=losses.__getitem__)  # ties: the smaller α, as argmin over the grid
+    return s[best], {"alpha": best / AWQ_GRID, "loss": losses[best], "loss_alpha0": losses[0],
+                     "points_scored": len(losses)}
 
 
 def awq_search_clip(h: np.ndarray, w: np.ndarray, scheme: Int4, scale_dtype=np.float16,
