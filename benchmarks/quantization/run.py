@@ -97,6 +97,8 @@ OPTIONS = {  # name -> extra quantization keys (the algorithms' settings)
     "int4-awq-g128-h4": {"awq": {"hessian_stride": 4}},  # from every 4th
     "int4-awq-g64-head4-h1": {"awq": {"hessian_stride": 1}},
     "int4-asym-awq-g128-h1": {"awq": {"hessian_stride": 1}},
+    "int4-awq-g128-h8": {"awq": {"hessian_stride": 8}},  # from every 8th
+    "int4-awq-g32-h8": {"awq": {"hessian_stride": 8}},
 }
 OVERRIDES["int4-awq-g64-head4-h1"] = OVERRIDES["int4-awq-g64-head4"]
 ROWS |= {"int4-awq-g64-head8": ROWS["int4-awq-g64"], "int4-awq-g64-head4": ROWS["int4-awq-g64"],
@@ -107,7 +109,8 @@ ROWS |= {"int4-asym-rtn-g32-s8-head8": ROWS["int4-asym-rtn-g32-s8"], "int4-awq-g
          "int4-awq-g128-qprop": ROWS["int4-awq-g128"], "int4-gptq-g128-actorder": ROWS["int4-gptq-g128"],
          "int4-gptq-g128-natural": ROWS["int4-gptq-g128"], "int4-awq-g128-h1": ROWS["int4-awq-g128"],
          "int4-awq-g128-h4": ROWS["int4-awq-g128"], "int4-awq-g64-head4-h1": ROWS["int4-awq-g64"],
-         "int4-asym-awq-g128-h1": ROWS["int4-asym-awq-g128"]}
+         "int4-asym-awq-g128-h1": ROWS["int4-asym-awq-g128"], "int4-awq-g128-h8": ROWS["int4-awq-g128"],
+         "int4-awq-g32-h8": ROWS["int4-awq-g32"]}
 # name -> quantization.target: automatic bit allocation (llmbuild.quantize.allocate)
 TARGETS = {"auto-4.5bpw": {"bits_per_weight": 4.5},
            # the same allocation, its int4 linears by GPTQ (target.algorithm)

@@ -17,8 +17,8 @@ H = Σ xᵀx over the calibration rows calibration gives (‖xΔ‖² summed = t
 scored under the plain quantizer (the tight range, as AutoAWQ's scale search), on a
 fixed sample of the output columns (SEARCH_COLUMNS), coarse to fine: every
 AWQ_COARSE-th α first, then the grid points within AWQ_COARSE − 1 of the best of those
-(11 of the 20 points; the same α as all 20 in 90 of 90 searches of SmolLM2 at g128, and
-see AWQ_COARSE). Grid points are evaluated side by
+(11 of the 20 points; the same α as all 20 in each of 270 searches of SmolLM2 at
+g32/g64/g128, see AWQ_COARSE). Grid points are evaluated side by
 side: R variants of a weight fake-quantized as one [in, R·out] matrix
 (`Int4.fake_quantize`), their errors in one H·Δ product on ONNX Runtime
 (`quantize.quadratic`).
