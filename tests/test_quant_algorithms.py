@@ -198,6 +198,17 @@ def test_xtx_stride_is_every_row_wherever_gptq_reads_the_input():
     assert options.xtx_stride([awq, rtn]) == 4 and options.xtx_stride([awq, gptq]) == 1
     assert options.xtx_stride([rtn]) == 0 and options.xtx_stride([ModuleSpec("none")]) == 0
     assert AlgorithmOptions.from_recipe({"awq": {"hessian_stride": 8}}).awq_hessian_stride == 8
+    with pytest.raises(ValueError, match="unresolved"):  # unset: calibrate() resolves it first
+        AlgorithmOptions().xtx_stride([awq])
+    assert AlgorithmOptions().xtx_stride([gptq]) == 1
+
+
+def test_auto_hessian_stride_keeps_4096_rows_up_to_every_8th():
+    from llmbuild.quantize.calibration import auto_hessian_stride
+
+    assert [auto_hessian_stride(t) for t in (256, 4096, 8191, 8192, 16384, 32768, 65536, 10**6)] == \
+        [1, 1, 1, 2, 4, 8, 8, 8]
+    assert all(t // auto_hessian_stride(t) >= 4096 for t in (4096, 12288, 32768, 40000))
 
 
 def test_auto_propagation_is_quantized_only_for_gptq():
@@ -246,7 +257,7 @@ def test_calibration_in_chunks_equals_one_sample_at_a_time(tiny_graph, algorithm
                                 scale_dtype=np.float32, threads=1, chunk_tokens=chunk)
     a, b = runs["batched"], runs["per_sample"]
     assert a.report["chunk_sequences"] == 8 and b.report["chunk_sequences"] == 1
-    assert a.report["awq_hessian_stride"] == 4  # the default (chunks of whole sequences: the same rows)
+    assert a.report["awq_hessian_stride"] == 1  # unset: 256 tokens keep every row (auto_hessian_stride)
     assert a.report["propagate"] == ("float" if algorithm == "awq" else "quantized")
     assert set(a.results) == set(plan) == set(b.results)
     for w in plan:

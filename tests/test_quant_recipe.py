@@ -68,10 +68,10 @@ def test_issue_example_resolves_with_defaults(tmp_path):
     r = load(tmp_path, "", ["quantization={weights: {scheme: fp8}}"])
     q = r.to_dict()["quantization"]
     assert q["calibration"] == {"dataset": "kjv", "samples": 128, "seq_len": 512, "seed": 0, "propagate": "auto"}
-    from llmbuild.quantize.calibration import AWQ_HESSIAN_STRIDE  # the schema's default is calibration's
+    from llmbuild.quantize.calibration import AlgorithmOptions  # unset: calibration chooses it
 
-    assert AWQ_HESSIAN_STRIDE == 4
-    assert q["awq"] == {"clip": True, "hessian_stride": 4} and q["gptq"] == {"act_order": True, "damp": 0.01}
+    assert q["awq"] == {"clip": True, "hessian_stride": None} and q["gptq"] == {"act_order": True, "damp": 0.01}
+    assert AlgorithmOptions.from_recipe(q).awq_hessian_stride is None
 
 
 def test_algorithm_options_are_validated_where_they_are(tmp_path):

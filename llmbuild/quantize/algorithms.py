@@ -13,7 +13,7 @@ except q/k, search a clipping ratio per block and output channel that minimises 
 block's output error (a channel the chosen ratios would hurt as a whole keeps 1.0).
 RTN is the same quantizer without either search. Output errors are computed from
 H = Σ xᵀx over the calibration rows calibration gives (‖xΔ‖² summed = tr(ΔᵀHΔ); every
-`quantization.awq.hessian_stride`-th token, calibration.AWQ_HESSIAN_STRIDE); each α is
+`quantization.awq.hessian_stride`-th token, calibration.auto_hessian_stride); each α is
 scored under the plain quantizer (the tight range, as AutoAWQ's scale search), on a
 fixed sample of the output columns (SEARCH_COLUMNS), coarse to fine: every
 AWQ_COARSE-th α first, then the grid points within AWQ_COARSE − 1 of the best of those

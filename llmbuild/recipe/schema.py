@@ -399,8 +399,9 @@ class AwqOptions(_Section):
     clip: bool = True  # per block and output channel clipping search after the scales (AutoAWQ auto_clip)
     # H = XᵀX (the searches' output-error matrix) from every k-th calibration token; mean |x|
     # and the propagated hidden states use every token, and so does H of an input a GPTQ
-    # linear reads, or a routed expert's (few tokens each). Measured: benchmarks/quantization/RESULTS.md
-    hessian_stride: Annotated[int, Field(ge=1, le=64)] = 4
+    # linear reads, or a routed expert's (few tokens each). Unset: the largest k ≤ 8 that
+    # keeps 4096 rows (quantize.calibration.auto_hessian_stride). Measured: benchmarks/quantization/RESULTS.md
+    hessian_stride: Annotated[int, Field(ge=1, le=64)] | None = None
 
 
 class GptqOptions(_Section):
