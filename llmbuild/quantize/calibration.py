@@ -57,8 +57,8 @@ CHUNK_TOKENS = 4096
 # largest stride up to AWQ_HESSIAN_STRIDE that leaves H at least AWQ_HESSIAN_MIN_ROWS rows
 # (`auto_hessian_stride`): 8 for 64 × 512 tokens, H from 4096 rows (AutoAWQ's clip search
 # takes 512). Measured on SmolLM2 (RESULTS.md, 2026-12-03): every 4th row against every
-# row, 1.3× faster, KL no worse; every 8th against every 4th, 1.13× faster, KL −2 % at g128
-# and +1.4 % at g32 (the noise of re-running a calibration).
+# row, 1.3× faster, KL no worse; every 8th against every 4th, 1.13× faster, KL from −2 %
+# to +4 % on six int4 rows (an explicit 4 buys those last per cent).
 AWQ_HESSIAN_STRIDE = 8
 AWQ_HESSIAN_MIN_ROWS = 4096
 
