@@ -63,16 +63,21 @@ SEARCH_COLUMNS = 256
 _POOL: ThreadPoolExecutor | None = None
 
 
+def _grid_workers() -> int:
+    """Threads `_grid_map` runs a grid's batches on."""
+    return min(os.cpu_count() or 1, 4)
+
+
 def _grid_map(fn, items) -> list:
     """`[fn(x) for x in items]`, the items on a thread per core: the grid's batches are
     independent and numpy's elementwise work (most of a quantization) and ONNX Runtime
     release the GIL, so the searches use every core, not only BLAS's."""
     global _POOL
     items = list(items)
-    if len(items) < 2 or (os.cpu_count() or 1) < 2:
+    if len(items) < 2 or _grid_workers() < 2:
         return [fn(x) for x in items]
     if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=min(os.cpu_count() or 1, 4), thread_name_prefix="llmbuild-grid")
+        _POOL = ThreadPoolExecutor(max_workers=_grid_workers(), thread_name_prefix="llmbuild-grid")
     return list(_POOL.map(fn, items))
 
 
@@ -139,7 +144,7 @@ def awq_search_scales(h: np.ndarray, x_mean_abs: np.ndarray, weights: list[np.nd
     losses: dict[int, float] = {}
 
     def score(points: list[int]) -> None:  # in batches of at most `batch`, one per core
-        per = min(batch, -(-len(points) // min(os.cpu_count() or 1, 4)))
+        per = min(batch, -(-len(points) // _grid_workers()))
         parts = [points[i:i + per] for i in range(0, len(points), per)]
         for part, got in zip(parts, _grid_map(batch_losses, parts)):
             losses.update(zip(part, got))

@@ -34,9 +34,8 @@ from __future__ import annotations
 import os
 import threading
 import time
-import dataclasses
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -66,6 +65,8 @@ AWQ_HESSIAN_MIN_ROWS = 4096
 def auto_hessian_stride(tokens: int) -> int:
     """AWQ's H row stride when the recipe does not set one, for `tokens` calibration tokens."""
     return max(1, min(AWQ_HESSIAN_STRIDE, tokens // AWQ_HESSIAN_MIN_ROWS))
+
+
 PROPAGATE = ("auto", "quantized", "float")
 # Roles of the linears whose outputs form attention scores: AWQ's clipping search skips
 # them (as AutoAWQ).
@@ -482,7 +483,7 @@ def calibrate(
     slices = GraphSlices(model_path, lambda name: name in loaders)
     n, s = tokens.shape
     if options.awq_hessian_stride is None:
-        options = dataclasses.replace(options, awq_hessian_stride=auto_hessian_stride(n * s))
+        options = replace(options, awq_hessian_stride=auto_hessian_stride(n * s))
     chunk = max(1, chunk_tokens // s)
     float_prop = options.float_propagation(plan)
     if overlap is None:
