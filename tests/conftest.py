@@ -20,11 +20,14 @@ CLI = BUILD / "llmbuild-generate"  # the C++ runtime's command line
 
 def pytest_configure(config):
     """The engine cache (llmbuild.engine.cache) of a test session is a fresh temporary
-    directory, never the user's ~/.cache/llmbuild."""
+    directory, never the user's ~/.cache/llmbuild; see below for the CPU kernels."""
     import tempfile
 
     config._llmbuild_cache = tempfile.mkdtemp(prefix="llmbuild-test-cache-")
     os.environ["LLMBUILD_CACHE_DIR"] = config._llmbuild_cache
+    # ONNX Runtime's kernels everywhere, whether or not cpp/build has llmbuild's (the tests of
+    # those, tests/test_cpu_kernels.py, point the variable at the library they build).
+    os.environ["LLMBUILD_CPU_KERNELS"] = "0"
 
 
 def pytest_unconfigure(config):

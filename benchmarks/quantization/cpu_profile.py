@@ -98,11 +98,11 @@ def one(artifact: Path, threads: int, steps: int) -> None:
     decode(ex, 8)  # warm-up
     forward = decode(ex, steps)
     # The session call alone, on the executor's last binding (a decode step's).
-    binding = ex._binding(0, 1, 1, 1).binding
+    bound = ex._binding(0, 1, 1, 1)
     session = []
     for _ in range(steps):
         start = time.perf_counter()
-        ex.session.run_with_iobinding(binding)
+        bound.session.run_with_iobinding(bound.binding)
         session.append(time.perf_counter() - start)
     ex.close()
 

@@ -13,6 +13,11 @@ ONNX Runtime's fused GroupQueryAttention, 16-bit weights promoted to float32): t
 artifact's CPU-ready graph when it has one (written at compile, loaded as is;
 llmbuild.lowering.cpu_graph), else the standard graph lowered in memory at load.
 `cpu_lowering=False` runs the standard graph exactly as TensorRT would parse it.
+
+On a lowered graph, passes of at most `kernels.MAX_ROWS` rows (decode steps) run on a
+second session whose MatMulNBits nodes use llmbuild's own CPU kernels when their library is
+built and the CPU can run them (llmbuild.runtime.kernels); both sessions read one copy of
+the weights and bind the same cache buffers. `kernels` says which ran decode steps.
 """
 
 from __future__ import annotations
@@ -69,6 +74,7 @@ def session_options(threads: int | None, log_severity: int = 3, *, spinning: boo
 
 
 class _Binding(NamedTuple):
+    session: object  # the onnxruntime.InferenceSession it binds
     binding: object  # onnxruntime.IOBinding
     logits: np.ndarray | None  # the bound logits output (one logit per row)
     inputs: dict[str, np.ndarray] | None  # the bound input arrays (decode steps)
@@ -80,14 +86,17 @@ class OnnxRuntimeExecutor:
 
     def __init__(self, model_path: Path, *, num_layers: int, cache_len: int, batch_size: int = 1,
                  threads: int | None = None, cpu_lowering: bool | None = None, log_severity: int = 3,
-                 cpu_graph: Path | None = None, profile: str | None = None, spinning: bool = True):
+                 cpu_graph: Path | None = None, profile: str | None = None, spinning: bool = True,
+                 cpu_kernels: bool | None = None):
         """cpu_lowering: True = lowered graph or an error, False = the standard graph,
         None = lowered when the graph allows it (else the standard graph, logged).
         cpu_graph: the artifact's CPU-ready graph file (already lowered), used unless
         cpu_lowering is False. `graph_source` says which graph runs: "cpu_graph",
         "lowered at load" or "standard". profile: a file prefix; ONNX Runtime then records
         every node's run time (`end_profiling()` writes the JSON trace and returns its path).
-        spinning: see session_options."""
+        spinning: see session_options. cpu_kernels: True = decode steps on llmbuild's CPU
+        kernels or an error (KernelsUnavailable), False = ONNX Runtime's kernels only, None =
+        llmbuild's where they can run (else logged at debug level)."""
         import onnxruntime as ort
 
         self._ort = ort
@@ -116,7 +125,28 @@ class OnnxRuntimeExecutor:
                 if cpu_lowering:
                     raise
                 log.warning("CPU lowering not applied (%s); running the standard graph (slower)", e)
+        folder = Path(source).parent if isinstance(source, str) else model_path.parent
+        self.kernels = "onnxruntime"
+        decode = self._llmbuild_kernels(source, folder, cpu_kernels) if self.lowered and cpu_kernels is not False else None
+        self._shared = {}
+        if decode is not None:  # both sessions read the weights from one memory map
+            model_bytes, library, arrays = decode
+            self._shared = {name: ort.OrtValue.ortvalue_from_numpy(a) for name, a in arrays.items()}
+            for name, value in self._shared.items():
+                opts.add_initializer(name, value)
         self.session = ort.InferenceSession(source, sess_options=opts, providers=["CPUExecutionProvider"])
+        self._decode_session = self.session
+        if decode is not None:
+            dopts = session_options(threads, log_severity, spinning=spinning)
+            if profile:
+                dopts.enable_profiling = True
+                dopts.profile_file_prefix = f"{profile}-decode"
+            dopts.register_custom_ops_library(str(library))
+            dopts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
+            for name, value in self._shared.items():
+                dopts.add_initializer(name, value)
+            self._decode_session = ort.InferenceSession(model_bytes, sess_options=dopts,
+                                                        providers=["CPUExecutionProvider"])
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.num_layers = num_layers
         cache_in = inputs[io.past_key(0)]
@@ -131,6 +161,29 @@ class OnnxRuntimeExecutor:
         self.cache_len = cache_len
         self.batch_size = 0
         self.reset(batch_size)
+
+    def _llmbuild_kernels(self, source: str | bytes, folder: Path, required: bool | None):
+        """(decode graph bytes, kernel library, shared weight arrays) when llmbuild's kernels
+        can run this graph's MatMulNBits nodes, else None (or KernelsUnavailable if required)."""
+        import onnx
+
+        from llmbuild.runtime import kernels
+
+        try:
+            library = kernels.library()
+        except kernels.KernelsUnavailable as e:
+            if required:
+                raise
+            log.debug("llmbuild CPU kernels not used: %s", e)
+            return None
+        model = onnx.load_from_string(source) if isinstance(source, bytes) else onnx.load(source, load_external_data=False)
+        swapped = kernels.swap_matmulnbits(model)
+        if not swapped:
+            if required:
+                raise kernels.KernelsUnavailable("the graph has no MatMulNBits node llmbuild's kernels compute")
+            return None
+        self.kernels = f"llmbuild ({swapped} MatMulNBits nodes, passes of <= {kernels.MAX_ROWS} rows)"
+        return model.SerializeToString(), library, kernels.shared_initializers(model, folder)
 
     @property
     def cache_bytes(self) -> int:
@@ -149,12 +202,15 @@ class OnnxRuntimeExecutor:
         theirs, with a preallocated logits output; decode steps (one token per row) also
         have their inputs in preallocated arrays bound once: a step only writes its token
         ids and positions into them."""
+        from llmbuild.runtime.kernels import MAX_ROWS
+
         decode = tokens == 1 and num_logits == 1
         key = (first_slot, batch, decode)
         if num_logits == 1 and key in self._bindings:
             return self._bindings[key]
         ort = self._ort
-        binding = self.session.io_binding()
+        session = self._decode_session if batch * tokens <= MAX_ROWS else self.session
+        binding = session.io_binding()
         # Logits first: get_outputs() lists outputs in binding order.
         logits = inputs = None
         if num_logits == 1:
@@ -171,7 +227,7 @@ class OnnxRuntimeExecutor:
             value = ort.OrtValue.ortvalue_from_numpy(buf[first_slot : first_slot + batch])
             binding.bind_ortvalue_input(past, value)
             binding.bind_ortvalue_output(present, value)
-        bound = _Binding(binding, logits, inputs)
+        bound = _Binding(session, binding, logits, inputs)
         if num_logits == 1:
             self._bindings[key] = bound
         return bound
@@ -188,7 +244,7 @@ class OnnxRuntimeExecutor:
                 bound.inputs[name][...] = value
             else:
                 b.bind_cpu_input(name, np.ascontiguousarray(value, np.int64))
-        self.session.run_with_iobinding(b)
+        bound.session.run_with_iobinding(b)
         if bound.logits is not None:
             return bound.logits.copy()
         return b.get_outputs()[0].numpy()
@@ -198,9 +254,15 @@ class OnnxRuntimeExecutor:
         return self._buffers
 
     def end_profiling(self) -> str:
-        """Stop ONNX Runtime's profiler (see `profile`); the trace file's path."""
-        return self.session.end_profiling()
+        """Stop ONNX Runtime's profiler (see `profile`); the trace file's path (the decode
+        session's when decode steps ran on llmbuild's kernels; the other's is logged)."""
+        path = self.session.end_profiling()
+        if self._decode_session is not self.session:
+            log.info("profile of the passes on ONNX Runtime's kernels: %s", path)
+            path = self._decode_session.end_profiling()
+        return path
 
     def close(self) -> None:
         self._bindings = {}
-        self.session = None
+        self.session = self._decode_session = None
+        self._shared = {}

@@ -1,0 +1,109 @@
+"""llmbuild's own CPU kernels for the ONNX Runtime executor (cpp/kernels, a custom-op library).
+
+`ai.llmbuild::MatMulNBits` computes what `com.microsoft.MatMulNBits` computes at accuracy
+level 4 (int8 activations per block, the same rounding; tests/test_cpu_kernels.py compares
+them to float32 rounding) for the layouts the CPU lowering writes: 4 or 8 bits, blocks of 32,
+64 or 128, no zero points. It reads each weight column in order with software prefetch and
+streams a decode step's weights faster than MLAS does on the machines measured
+(benchmarks/quantization/kernel_speed.py). It is a matrix-vector kernel: with many rows
+(prefill) MLAS's tiled GEMM is faster, so the executor runs passes of at most
+`MAX_ROWS` rows (decode steps) on a second session whose MatMulNBits nodes are swapped to
+ours, and everything else on the unchanged graph; both sessions share the weights
+(`shared_initializers`) and the KV cache buffers.
+
+Where the library comes from: `$LLMBUILD_CPU_KERNELS` (a path; `0` turns the kernels off),
+else `cpp/build/libllmbuild_cpu_kernels.so` of this checkout (built by cpp/build.sh). It is
+used only when the CPU has AVX-512 F/BW/VL/DQ and VNNI (the library's own check).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+ENV = "LLMBUILD_CPU_KERNELS"
+DOMAIN = "ai.llmbuild"
+LIBRARY = "libllmbuild_cpu_kernels.so"
+MAX_ROWS = 1  # rows per pass (batch x tokens) run on llmbuild's kernels; more go to MLAS
+_BITS = (4, 8)
+_BLOCKS = (32, 64, 128)
+_CHECKOUT_LIBRARY = Path(__file__).resolve().parents[2] / "cpp" / "build" / LIBRARY
+
+
+class KernelsUnavailable(RuntimeError):
+    """The kernels were asked for but cannot run here (no library, or a CPU without AVX-512 VNNI)."""
+
+
+@lru_cache(maxsize=None)
+def _supported(path: str) -> bool:
+    try:
+        lib = ctypes.CDLL(path)
+    except OSError as e:
+        raise KernelsUnavailable(f"cannot load {path}: {e}") from None
+    return bool(lib.llmbuild_cpu_kernels_supported())
+
+
+def library() -> Path:
+    """The kernel library this process can use; KernelsUnavailable says why there is none."""
+    setting = os.environ.get(ENV, "")
+    if setting.lower() in ("0", "off", "false", "no"):
+        raise KernelsUnavailable(f"turned off by {ENV}={setting}")
+    path = Path(setting) if setting else _CHECKOUT_LIBRARY
+    if not path.is_file():
+        hint = f"{ENV}={setting} is not a file" if setting else f"{path} is not built (cpp/build.sh builds it)"
+        raise KernelsUnavailable(hint)
+    if not _supported(str(path)):
+        raise KernelsUnavailable("this CPU lacks AVX-512 (F, BW, VL, DQ) or VNNI, which the kernels need")
+    return path
+
+
+def _attrs(node) -> dict:
+    from onnx import helper
+
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def swap_matmulnbits(model) -> int:
+    """Point every MatMulNBits node of `model` (an onnx.ModelProto, changed in place) that
+    llmbuild's kernel computes to `ai.llmbuild`; the number swapped. Kept: nodes with zero
+    points, g_idx or bias, other bit widths or block sizes, accuracy levels other than 4."""
+    swapped = 0
+    for node in model.graph.node:
+        if node.op_type != "MatMulNBits" or node.domain != "com.microsoft":
+            continue
+        a = _attrs(node)
+        if (len(node.input) == 3 and all(node.input) and a.get("bits", 4) in _BITS
+                and a.get("block_size") in _BLOCKS and a.get("accuracy_level", 0) == 4):
+            node.domain = DOMAIN
+            swapped += 1
+    if swapped and not any(o.domain == DOMAIN for o in model.opset_import):
+        model.opset_import.add(domain=DOMAIN, version=1)
+    return swapped
+
+
+def shared_initializers(model, folder: Path) -> dict[str, np.ndarray]:
+    """The external-data initializers of `model` as read-only memory maps of their files
+    (relative to `folder`), for SessionOptions.add_initializer: sessions given the same
+    arrays read one copy of the weights (the page cache's)."""
+    from onnx import TensorProto, helper
+
+    arrays = {}
+    for t in model.graph.initializer:
+        if t.data_location != TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
+        count = int(np.prod(t.dims, dtype=np.int64)) if t.dims else 1
+        offset, length = int(info.get("offset", 0)), info.get("length")
+        if length is not None and int(length) != count * np.dtype(dtype).itemsize:
+            raise ValueError(f"initializer {t.name}: external length {length} does not match its shape")
+        arrays[t.name] = np.memmap(folder / info["location"], dtype=dtype, mode="r", offset=offset,
+                                   shape=tuple(t.dims))
+    return arrays
