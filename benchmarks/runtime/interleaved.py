@@ -36,7 +36,7 @@ def bpw(artifact: Path) -> str:
     return f"{read_manifest(artifact)['quantization']['summary']['bits_per_weight']:.2f}"
 
 
-def ours(artifact: Path, threads: int, spinning: bool = True):
+def ours(artifact: Path, threads: int, spinning: bool = True, cpu_kernels: bool | None = None):
     from llmbuild.artifact import read_manifest
     from llmbuild.lowering.cpu_graph import cpu_graph_file
     from llmbuild.runtime.executors.base import StepInputs
@@ -48,8 +48,9 @@ def ours(artifact: Path, threads: int, spinning: bool = True):
     ex = OnnxRuntimeExecutor(artifact / m["graph"]["file"], num_layers=m["model"]["num_layers"],
                              cache_len=m["limits"]["max_seq_len"], threads=threads,
                              cpu_graph=cpu_graph_file(artifact, m),  # the artifact's CPU-ready graph, if shipped
-                             spinning=spinning)
+                             spinning=spinning, cpu_kernels=cpu_kernels)
     chunk = m["limits"]["max_input_len"]
+    print(f"- {artifact.name} (spinning={spinning}): decode kernels {ex.kernels}", flush=True)
 
     def prefill(ids):
         return chunked_prefill(ex, ids, chunk)
@@ -141,6 +142,8 @@ def main():
     parser.add_argument("--quantized", type=Path, default=Path("/tmp/llmbuild-quant-bench/artifacts"),
                         help="quantized artifacts (benchmarks/quantization/run.py); rows run when present")
     parser.add_argument("--only", help="comma-separated substrings: run the rows whose name contains one")
+    parser.add_argument("--mlas-rows", action="store_true",
+                        help="also run each quantized artifact of ours on ONNX Runtime's kernels only")
     parser.add_argument("--no-sleeping", action="store_true",
                         help="leave out the `spinning=False` runs of our quantized artifacts")
     args = parser.parse_args()
@@ -177,6 +180,10 @@ def main():
         **{name: (lambda path=path: ours(path, t)) for name, path in quantized.items() if (path / "manifest.json").is_file()},
         **{f"{name}, threads sleep (no spinning)": (lambda path=path: ours(path, t, spinning=False))
            for name, path in quantized.items() if (path / "manifest.json").is_file() and not args.no_sleeping},
+        # the same artifact with decode steps on ONNX Runtime's MatMulNBits (MLAS) instead of
+        # llmbuild's kernels (llmbuild/runtime/kernels.py; the rows above use them when built)
+        **{f"{name}, ONNX Runtime's kernels only": (lambda path=path: ours(path, t, cpu_kernels=False))
+           for name, path in quantized.items() if (path / "manifest.json").is_file() and args.mlas_rows},
         **{name: (lambda path=path: llama_cpp(path, t)) for name, path in quant_ggufs.items() if path.is_file()},
         **({"onnxruntime-genai int4 (g32, float32 scales, lm_head too: 5.0 bpw)": lambda: genai(m / "genai-int4", t)}
            if (m / "genai-int4").is_dir() else {}),

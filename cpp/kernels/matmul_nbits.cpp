@@ -34,8 +34,16 @@
 namespace {
 
 constexpr const char* kDomain = "ai.llmbuild";
-constexpr size_t kPrefetch = 4096;  // bytes ahead in the column stream (4096-8192 measured alike)
-constexpr int64_t kColumnsPerTask = 32;
+#ifndef LLMBUILD_PREFETCH
+#define LLMBUILD_PREFETCH 8192
+#endif
+#ifndef LLMBUILD_TASK_COLUMNS
+#define LLMBUILD_TASK_COLUMNS 64
+#endif
+// Bytes ahead in the column stream, and columns per task of ONNX Runtime's pool: 8192 and 64
+// streamed fastest of 2048-8192 and 16-64 (benchmarks/quantization/kernel_speed.py, 2026-12-03).
+constexpr size_t kPrefetch = LLMBUILD_PREFETCH;
+constexpr int64_t kColumnsPerTask = LLMBUILD_TASK_COLUMNS;
 constexpr int64_t kRowTile = 4;
 
 #define LLMBUILD_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512dq,fma,avx2")))
@@ -229,6 +237,12 @@ void rows_and_columns(const Problem& p, int64_t n0, int64_t n1) {
 void task(void* data, size_t index) {
   const Problem& p = *static_cast<const Problem*>(data);
   const int64_t n0 = static_cast<int64_t>(index) * kColumnsPerTask, n1 = std::min(p.n, n0 + kColumnsPerTask);
+  // The columns' loop prefetches kPrefetch bytes ahead of itself; the task's first bytes
+  // are asked for here, before its first column is read.
+  const int64_t col_bytes = p.g * p.block * p.bits / 8;
+  const uint8_t* first = p.b + n0 * col_bytes;
+  const int64_t head = std::min<int64_t>(kPrefetch, (n1 - n0) * col_bytes);
+  for (int64_t off = 0; off < head; off += 64) _mm_prefetch(reinterpret_cast<const char*>(first + off), _MM_HINT_T0);
   switch (p.block * 10 + p.bits) {
     case 324: rows_and_columns<32, 4>(p, n0, n1); break;
     case 644: rows_and_columns<64, 4>(p, n0, n1); break;
