@@ -134,6 +134,9 @@ class OnnxRuntimeExecutor:
             self._shared = {name: ort.OrtValue.ortvalue_from_numpy(a) for name, a in arrays.items()}
             for name, value in self._shared.items():
                 opts.add_initializer(name, value)
+            # Two pools: each stops spinning when its Run() returns, or its workers would spin
+            # on (ONNX Runtime: up to ~2^20 pauses) through the other session's passes.
+            opts.add_session_config_entry("session.force_spinning_stop", "1")
         self.session = ort.InferenceSession(source, sess_options=opts, providers=["CPUExecutionProvider"])
         self._decode_session = self.session
         if decode is not None:
@@ -141,6 +144,7 @@ class OnnxRuntimeExecutor:
             if profile:
                 dopts.enable_profiling = True
                 dopts.profile_file_prefix = f"{profile}-decode"
+            dopts.add_session_config_entry("session.force_spinning_stop", "1")
             dopts.register_custom_ops_library(str(library))
             dopts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
             for name, value in self._shared.items():
