@@ -79,8 +79,8 @@ def run(model: onnx.ModelProto, x: np.ndarray, library: Path | None = None) -> n
 def test_kernel_computes_what_matmulnbits_level_4_does(library, bits, block, k, n):
     """Both quantize activations to int8 per block (max|a|/127, nearest even): ours equals
     ONNX Runtime's to float32 summation order (1e-5 of the output's range, measured ≤ 5e-7),
-    and both are as far from the float64 product of the same weights. Rows: 1 (decode), 3
-    and 9 (a tile of 4 and the rest); block 0 of row 1 all zeros (scale 0)."""
+    and both are as far from the float64 product of the same weights. Rows: 1 (decode), 2, 3,
+    6 and 9 (tiles of 4 and the rest as one tile); block 0 of row 1 all zeros (scale 0)."""
     rng = np.random.default_rng(bits * 100000 + block * 1000 + k + n)
     half = 1 << (bits - 1)
     codes = rng.integers(-half, half, (k, n))
@@ -88,7 +88,7 @@ def test_kernel_computes_what_matmulnbits_level_4_does(library, bits, block, k, 
     weights = codes * np.repeat(scales, block, axis=0)[:k].astype(np.float64)
     theirs_model = matmulnbits_model("com.microsoft", codes, scales, bits, block)
     ours_model = matmulnbits_model(kernels.DOMAIN, codes, scales, bits, block)
-    for m in (1, 3, 9):
+    for m in (1, 2, 3, 6, 9):
         x = (rng.standard_normal((m, k)) * rng.choice([0.1, 1.0, 30.0], (m, 1))).astype(np.float32)
         if m > 1:
             x[1, :block] = 0
@@ -165,8 +165,9 @@ def artifacts(tmp_path_factory) -> dict[str, Path]:
 
 
 def trace(ex) -> list[np.ndarray]:
-    """Prefills in slots 0 and 1, then decode steps: two of both slots together (2 rows: ONNX
-    Runtime's kernels), then four of slot 0 alone (1 row: llmbuild's when in use)."""
+    """Prefills in slots 0 and 1 (9 and 5 rows: ONNX Runtime's kernels), then decode steps:
+    two of both slots together (2 rows) and four of slot 0 alone (1 row): llmbuild's when
+    in use."""
     out = []
     for slot, ids in enumerate(PROMPTS):
         n = len(ids)
@@ -198,6 +199,12 @@ def test_executor_decodes_on_llmbuild_kernels(case, artifacts, library):
     ours, theirs = executor(True), executor(False)
     assert ours.kernels.startswith("llmbuild (") and theirs.kernels == "onnxruntime"
     assert ours._decode_session is not ours.session and ours._shared  # weights shared, not copied
+    # passes of at most MAX_ROWS rows (batch x tokens) on ours, longer ones on ONNX Runtime's,
+    # whichever came first for that slot range
+    for tokens, session in ((3, ours._decode_session), (12, ours.session), (1, ours._decode_session)):
+        assert ours._binding(0, 1, tokens, 1).session is session
+    assert ours._binding(0, 2, 2, 1).session is ours._decode_session and kernels.MAX_ROWS == 4
+    assert ours._binding(0, 2, 3, 1).session is ours.session
     for got, want in zip(trace(ours), trace(theirs)):
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
     ours.close()

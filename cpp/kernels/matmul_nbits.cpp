@@ -231,7 +231,12 @@ template <int BLOCK, int BITS>
 void rows_and_columns(const Problem& p, int64_t n0, int64_t n1) {
   int64_t r = 0;
   for (; r + kRowTile <= p.m; r += kRowTile) columns<kRowTile, BLOCK, BITS>(p, n0, n1, r);
-  for (; r < p.m; ++r) columns<1, BLOCK, BITS>(p, n0, n1, r);
+  switch (p.m - r) {  // the last 1-3 rows as one tile: the columns are read once more, not 1-3 times
+    case 3: columns<3, BLOCK, BITS>(p, n0, n1, r); break;
+    case 2: columns<2, BLOCK, BITS>(p, n0, n1, r); break;
+    case 1: columns<1, BLOCK, BITS>(p, n0, n1, r); break;
+    default: break;
+  }
 }
 
 void task(void* data, size_t index) {

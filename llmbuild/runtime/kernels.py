@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 ENV = "LLMBUILD_CPU_KERNELS"
 DOMAIN = "ai.llmbuild"
 LIBRARY = "libllmbuild_cpu_kernels.so"
-MAX_ROWS = 1  # rows per pass (batch x tokens) run on llmbuild's kernels; more go to MLAS
+MAX_ROWS = 4  # rows per pass (batch x tokens) run on llmbuild's kernels; more go to MLAS
+# (kernel_speed.py --rows N, 2026-12-03: ours 1.16-1.39x MLAS at 1-4 rows, 0.75-1.08x at 8)
 _BITS = (4, 8)
 _BLOCKS = (32, 64, 128)
 _CHECKOUT_LIBRARY = Path(__file__).resolve().parents[2] / "cpp" / "build" / LIBRARY

@@ -197,7 +197,7 @@ class OnnxRuntimeExecutor:
         """Fresh zeroed cache buffers for `batch_size` slots, bound as past and present."""
         shape = (batch_size, self.kv_heads, self.cache_len, self.head_dim)
         self._buffers = [np.zeros(shape, self.cache_dtype) for _ in range(2 * self.num_layers)]
-        self._bindings: dict[tuple[int, int, bool], _Binding] = {}
+        self._bindings: dict[tuple[int, int, bool, bool], _Binding] = {}
         self.batch_size = batch_size
 
     def _binding(self, first_slot: int, batch: int, tokens: int, num_logits: int) -> _Binding:
@@ -209,11 +209,12 @@ class OnnxRuntimeExecutor:
         from llmbuild.runtime.kernels import MAX_ROWS
 
         decode = tokens == 1 and num_logits == 1
-        key = (first_slot, batch, decode)
+        few_rows = batch * tokens <= MAX_ROWS  # these passes run on the decode session
+        key = (first_slot, batch, decode, few_rows)
         if num_logits == 1 and key in self._bindings:
             return self._bindings[key]
         ort = self._ort
-        session = self._decode_session if batch * tokens <= MAX_ROWS else self.session
+        session = self._decode_session if few_rows else self.session
         binding = session.io_binding()
         # Logits first: get_outputs() lists outputs in binding order.
         logits = inputs = None
