@@ -150,7 +150,8 @@ PROMPTS = ([5, 40, 77, 12, 90, 33, 61, 7, 88], [17, 18, 200, 4, 9])
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory) -> dict[str, Path]:
-    """Tiny Llamas, int4 g64 (short last blocks at 96 and 160 inputs) and int8 per channel."""
+    """Tiny Llamas, int4 g64 (short last blocks at 96 and 160 inputs) and int8 per channel;
+    float32, and float16 (its float weights Cast to float32: share_casts)."""
     from llmbuild.compile import compile_recipe
     from tests.test_quant_graph import write_recipe
     from tests.tiny import make_tiny_hf
@@ -158,10 +159,11 @@ def artifacts(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("cpu_kernels")
     hf = make_tiny_hf(root / "hf", hidden=HIDDEN, num_heads=6, num_kv_heads=2, layers=LAYERS,
                       intermediate=INTER, tie=False, seed=0)
-    cases = {"int4-g64": {"scheme": "int4", "group_size": 64}, "int8": {"scheme": "int8"}}
-    return {name: compile_recipe(write_recipe(root, name, hf, q, precision="float32", verify={"enabled": False}),
+    cases = {"int4-g64": ({"scheme": "int4", "group_size": 64}, "float32"), "int8": ({"scheme": "int8"}, "float32"),
+             "int4-g64-fp16": ({"scheme": "int4", "group_size": 64}, "float16")}
+    return {name: compile_recipe(write_recipe(root, name, hf, q, precision=p, verify={"enabled": False}),
                                  out_dir=root / "out", quiet=True)
-            for name, q in cases.items()}
+            for name, (q, p) in cases.items()}
 
 
 def trace(ex) -> list[np.ndarray]:
@@ -183,7 +185,7 @@ def trace(ex) -> list[np.ndarray]:
     return out
 
 
-@pytest.mark.parametrize("case", ["int4-g64", "int8"])
+@pytest.mark.parametrize("case", ["int4-g64", "int8", "int4-g64-fp16"])
 def test_executor_decodes_on_llmbuild_kernels(case, artifacts, library):
     from llmbuild.artifact import read_manifest
     from llmbuild.lowering.cpu_graph import cpu_graph_file
@@ -199,6 +201,9 @@ def test_executor_decodes_on_llmbuild_kernels(case, artifacts, library):
     ours, theirs = executor(True), executor(False)
     assert ours.kernels.startswith("llmbuild (") and theirs.kernels == "onnxruntime"
     assert ours._decode_session is not ours.session and ours._shared  # weights shared, not copied
+    casts = [n for n in ours._shared if np.asarray(ours._shared[n].numpy()).dtype == np.float32
+             and n not in {t.name for t in onnx.load(str(cpu_graph_file(art, m)), load_external_data=False).graph.initializer}]
+    assert bool(casts) == case.endswith("fp16")  # the float16 weights' float32 copies, made once
     # passes of at most MAX_ROWS rows (batch x tokens) on ours, longer ones on ONNX Runtime's,
     # whichever came first for that slot range
     for tokens, session in ((3, ours._decode_session), (12, ours.session), (1, ours._decode_session)):
@@ -238,3 +243,30 @@ def test_required_kernels_fail_clearly(artifacts, monkeypatch):
     with pytest.raises(kernels.KernelsUnavailable, match="turned off"):
         OnnxRuntimeExecutor(art / m["graph"]["file"], num_layers=LAYERS, cache_len=CACHE_LEN, threads=2,
                             cpu_graph=cpu_graph_file(art, m), cpu_kernels=True)
+
+
+def test_share_casts_makes_each_float32_copy_once():
+    """Cast(float16 initializer) → a float32 initializer of the Cast's output; the float16
+    one is dropped unless another node reads it; Casts of inputs or to other types stay."""
+    e16 = np.arange(12, dtype=np.float16).reshape(3, 4)
+    inits = [helper.make_tensor(n, TensorProto.FLOAT16, e16.shape, e16.tobytes(), raw=True) for n in ("E", "G")]
+    ext = helper.make_tensor("W", TensorProto.FLOAT, [1], [0.0])
+    ext.ClearField("float_data")
+    ext.data_location = TensorProto.EXTERNAL
+    ext.external_data.add(key="location", value="model.data")
+    nodes = [helper.make_node("Cast", ["E"], ["e32"], to=TensorProto.FLOAT),
+             helper.make_node("Cast", ["G"], ["g32"], to=TensorProto.FLOAT),
+             helper.make_node("Identity", ["G"], ["g16"]),
+             helper.make_node("Cast", ["x"], ["x32"], to=TensorProto.FLOAT),
+             helper.make_node("Cast", ["E"], ["e_int"], to=TensorProto.INT32)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [2])],
+                              [helper.make_tensor_value_info(v, TensorProto.UNDEFINED, None)
+                               for v in ("e32", "g32", "g16", "x32", "e_int")], inits + [ext])
+    model = helper.make_model(graph)
+    made = kernels.share_casts(model, {})
+    assert set(made) == {"e32", "g32"} and made["e32"].dtype == np.float32
+    np.testing.assert_array_equal(made["g32"], e16.astype(np.float32))
+    assert [n.op_type for n in model.graph.node] == ["Identity", "Cast", "Cast"]  # x's and the int32 one
+    names = {t.name: t for t in model.graph.initializer}
+    assert "G" in names and "E" in names  # E: still read by the Cast to int32
+    assert names["e32"].data_location == TensorProto.EXTERNAL and list(names["e32"].dims) == [3, 4]

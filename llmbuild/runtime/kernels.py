@@ -9,7 +9,10 @@ streams a decode step's weights faster than MLAS does on the machines measured
 (prefill) MLAS's tiled GEMM is faster, so the executor runs passes of at most
 `MAX_ROWS` rows (decode steps) on a second session whose MatMulNBits nodes are swapped to
 ours, and everything else on the unchanged graph; both sessions share the weights
-(`shared_initializers`) and the KV cache buffers.
+(`shared_initializers`: memory maps of the artifact's files; `share_casts`: the float32 copies
+of 16-bit weights, made once instead of once per session) and the KV cache buffers. The
+quantized weights are still held twice: as stored (ours read them in place) and as MLAS
+packs them for the other session.
 
 Where the library comes from: `$LLMBUILD_CPU_KERNELS` (a path; `0` turns the kernels off),
 else `cpp/build/libllmbuild_cpu_kernels.so` of this checkout (built by cpp/build.sh). It is
@@ -108,3 +111,54 @@ def shared_initializers(model, folder: Path) -> dict[str, np.ndarray]:
         arrays[t.name] = np.memmap(folder / info["location"], dtype=dtype, mode="r", offset=offset,
                                    shape=tuple(t.dims))
     return arrays
+
+
+def share_casts(model, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Replace every Cast to float32 of a float16 initializer in `model` (changed in place) by
+    a float32 initializer of the Cast's output, made here once: ONNX Runtime would fold each
+    Cast into a float32 copy per session. Returns those arrays (for add_initializer); the
+    float16 initializers only those Casts read are dropped from `model` and from `arrays`.
+    The new initializers are declared external, located in an existing weights file of the
+    model, which ONNX Runtime never reads for them (add_initializer supplies the data); it
+    only checks that the file exists."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    location = next((e.value for t in inits.values() if t.data_location == TensorProto.EXTERNAL
+                     for e in t.external_data if e.key == "location"), None)
+    if location is None:
+        return {}
+    readers: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    made, keep, dropped = {}, [], set()
+    for node in model.graph.node:
+        source = node.input[0] if node.op_type == "Cast" and node.domain in ("", "ai.onnx") else None
+        to = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "to"), None)
+        t = inits.get(source) if source is not None else None
+        if t is None or to != TensorProto.FLOAT or t.data_type != TensorProto.FLOAT16:
+            keep.append(node)
+            continue
+        half = arrays[source] if source in arrays else numpy_helper.to_array(t)
+        made[node.output[0]] = np.asarray(half, np.float32)
+        readers[source] -= 1
+        if readers[source] == 0 and not any(o.name == source for o in model.graph.output):
+            dropped.add(source)
+    if not made:
+        return {}
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+    kept = [t for t in model.graph.initializer if t.name not in dropped]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    for name in dropped:
+        arrays.pop(name, None)
+    for name, array in made.items():
+        t = model.graph.initializer.add()
+        t.name, t.data_type, t.data_location = name, TensorProto.FLOAT, TensorProto.EXTERNAL
+        t.dims.extend(array.shape)
+        for key, value in (("location", location), ("offset", "0"), ("length", str(array.nbytes))):
+            entry = t.external_data.add()
+            entry.key, entry.value = key, value
+    return made

@@ -129,9 +129,10 @@ class OnnxRuntimeExecutor:
         self.kernels = "onnxruntime"
         decode = self._llmbuild_kernels(source, folder, cpu_kernels) if self.lowered and cpu_kernels is not False else None
         self._shared = {}
-        if decode is not None:  # both sessions read the weights from one memory map
-            model_bytes, library, arrays = decode
+        if decode is not None:  # both sessions read one copy of the weights
+            source, model_bytes, library, arrays = decode
             self._shared = {name: ort.OrtValue.ortvalue_from_numpy(a) for name, a in arrays.items()}
+            opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
             for name, value in self._shared.items():
                 opts.add_initializer(name, value)
             # Two pools: each stops spinning when its Run() returns, or its workers would spin
@@ -167,8 +168,9 @@ class OnnxRuntimeExecutor:
         self.reset(batch_size)
 
     def _llmbuild_kernels(self, source: str | bytes, folder: Path, required: bool | None):
-        """(decode graph bytes, kernel library, shared weight arrays) when llmbuild's kernels
-        can run this graph's MatMulNBits nodes, else None (or KernelsUnavailable if required)."""
+        """(graph bytes, decode graph bytes, kernel library, shared weight arrays) when
+        llmbuild's kernels can run this graph's MatMulNBits nodes, else None (or
+        KernelsUnavailable if required). Both graphs read the shared arrays."""
         import onnx
 
         from llmbuild.runtime import kernels
@@ -187,7 +189,16 @@ class OnnxRuntimeExecutor:
                 raise kernels.KernelsUnavailable("the graph has no MatMulNBits node llmbuild's kernels compute")
             return None
         self.kernels = f"llmbuild ({swapped} MatMulNBits nodes, passes of <= {kernels.MAX_ROWS} rows)"
-        return model.SerializeToString(), library, kernels.shared_initializers(model, folder)
+        arrays = kernels.shared_initializers(model, folder)
+        arrays |= kernels.share_casts(model, arrays)
+        decode = model.SerializeToString()
+        for node in model.graph.node:  # the same graph with ONNX Runtime's MatMulNBits
+            if node.domain == kernels.DOMAIN:
+                node.domain = "com.microsoft"
+        kept = [o for o in model.opset_import if o.domain != kernels.DOMAIN]
+        del model.opset_import[:]
+        model.opset_import.extend(kept)
+        return model.SerializeToString(), decode, library, arrays
 
     @property
     def cache_bytes(self) -> int:
