@@ -142,6 +142,10 @@ def main():
     parser.add_argument("--quantized", type=Path, default=Path("/tmp/llmbuild-quant-bench/artifacts"),
                         help="quantized artifacts (benchmarks/quantization/run.py); rows run when present")
     parser.add_argument("--only", help="comma-separated substrings: run the rows whose name contains one")
+    parser.add_argument("--settle", type=float, default=0.1,
+                        help="seconds of sleep before each runtime's turn: ONNX Runtime's and OpenMP's "
+                             "workers spin for milliseconds after their last work, which slowed the next "
+                             "runtime's first prefill (0 = the tables before 2026-12-03)")
     parser.add_argument("--mlas-rows", action="store_true",
                         help="also run each quantized artifact of ours on ONNX Runtime's kernels only")
     parser.add_argument("--no-sleeping", action="store_true",
@@ -196,6 +200,7 @@ def main():
     for _ in range(args.rounds):
         p128, p1024 = (rng.integers(20, 40000, n).tolist() for n in (128, 1024))
         for name, (prefill, step) in loaded.items():
+            time.sleep(args.settle)  # the previous runtime's spinning workers go to sleep first
             for key, ids in (("p128", p128), ("p1024", p1024)):
                 start = time.perf_counter()
                 prefill(ids)

@@ -3,7 +3,7 @@
 `ai.llmbuild::MatMulNBits` computes what `com.microsoft.MatMulNBits` computes at accuracy
 level 4 (int8 activations per block, the same rounding; tests/test_cpu_kernels.py compares
 them to float32 rounding) for the layouts the CPU lowering writes: 4 or 8 bits, blocks of 32,
-64 or 128, no zero points. It reads each weight column in order with software prefetch and
+64 or 128, no zero points; the executor uses it for the `LAYOUTS` where it is the faster. It reads each weight column in order with software prefetch and
 streams a decode step's weights faster than MLAS does on the machines measured
 (benchmarks/quantization/kernel_speed.py). It is a matrix-vector kernel: with many rows
 (prefill) MLAS's tiled GEMM is faster, so the executor runs passes of at most
@@ -36,8 +36,11 @@ DOMAIN = "ai.llmbuild"
 LIBRARY = "libllmbuild_cpu_kernels.so"
 MAX_ROWS = 4  # rows per pass (batch x tokens) run on llmbuild's kernels; more go to MLAS
 # (kernel_speed.py --rows N, 2026-12-03: ours 1.16-1.39x MLAS at 1-4 rows, 0.75-1.08x at 8)
-_BITS = (4, 8)
-_BLOCKS = (32, 64, 128)
+# (bits, block size) swapped: where the kernel is the faster one (kernel_speed.py, 2026-12-03,
+# median pass of a SmolLM2 step's 121 nodes, 1 / 4 rows: 4:64 1.27 / 1.29x MLAS, 4:128 1.16-1.25
+# / 0.85-0.99x, 8:32 1.49 / 1.04x, 8:64 1.25 / 1.25x, 8:128 1.54 / 1.05x). Not 4-bit blocks of
+# 32: 0.82 / 0.79x (the kernel computes them, tests/test_cpu_kernels.py; MLAS is faster).
+LAYOUTS = frozenset({(4, 64), (4, 128), (8, 32), (8, 64), (8, 128)})
 _CHECKOUT_LIBRARY = Path(__file__).resolve().parents[2] / "cpp" / "build" / LIBRARY
 
 
@@ -75,16 +78,16 @@ def _attrs(node) -> dict:
 
 
 def swap_matmulnbits(model) -> int:
-    """Point every MatMulNBits node of `model` (an onnx.ModelProto, changed in place) that
-    llmbuild's kernel computes to `ai.llmbuild`; the number swapped. Kept: nodes with zero
-    points, g_idx or bias, other bit widths or block sizes, accuracy levels other than 4."""
+    """Point every MatMulNBits node of `model` (an onnx.ModelProto, changed in place) in one
+    of `LAYOUTS` to `ai.llmbuild`; the number swapped. Kept: nodes with zero points, g_idx or
+    bias, other bit widths or block sizes, accuracy levels other than 4."""
     swapped = 0
     for node in model.graph.node:
         if node.op_type != "MatMulNBits" or node.domain != "com.microsoft":
             continue
         a = _attrs(node)
-        if (len(node.input) == 3 and all(node.input) and a.get("bits", 4) in _BITS
-                and a.get("block_size") in _BLOCKS and a.get("accuracy_level", 0) == 4):
+        if (len(node.input) == 3 and all(node.input) and (a.get("bits", 4), a.get("block_size")) in LAYOUTS
+                and a.get("accuracy_level", 0) == 4):
             node.domain = DOMAIN
             swapped += 1
     if swapped and not any(o.domain == DOMAIN for o in model.opset_import):

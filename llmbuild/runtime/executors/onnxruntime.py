@@ -150,8 +150,14 @@ class OnnxRuntimeExecutor:
             dopts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
             for name, value in self._shared.items():
                 dopts.add_initializer(name, value)
-            self._decode_session = ort.InferenceSession(model_bytes, sess_options=dopts,
-                                                        providers=["CPUExecutionProvider"])
+            try:
+                self._decode_session = ort.InferenceSession(model_bytes, sess_options=dopts,
+                                                            providers=["CPUExecutionProvider"])
+            except Exception as e:  # noqa: BLE001 - ONNX Runtime raises its own Fail/InvalidGraph types
+                if cpu_kernels:
+                    raise
+                log.warning("llmbuild CPU kernels not used: ONNX Runtime refused the decode graph (%s)", e)
+                self.kernels = "onnxruntime"
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.num_layers = num_layers
         cache_in = inputs[io.past_key(0)]
