@@ -12,9 +12,10 @@
 // Why a kernel of our own: a decode step reads every weight once, and ONNX Runtime's MLAS
 // kernel streams them at about 24 GB/s on this project's 2-core machine where the memory
 // delivers 35-44. This one reads each column's codes in order, prefetches `kPrefetch` bytes
-// ahead, and reads B and the scales in place (no packed copy): 1.25-1.54x MLAS on a SmolLM2
-// decode step's MatMulNBits (benchmarks/quantization/kernel_speed.py; RESULTS.md there,
-// "llmbuild's CPU kernels"). With many rows (prefill) MLAS's tiled GEMM is the faster.
+// ahead, and reads B and the scales in place (no packed copy): 1.16-1.54x MLAS on a SmolLM2
+// decode step's MatMulNBits at one row, int4 g32 excepted (0.82x; benchmarks/quantization/
+// kernel_speed.py, RESULTS.md there, "llmbuild's CPU kernels"). With many rows (prefill)
+// MLAS's tiled GEMM is the faster.
 //
 // Needs AVX-512 F/BW/VL and VNNI; RegisterCustomOps refuses (an error status, the session
 // is not made) on a CPU without them, and llmbuild only loads the library where the CPU
