@@ -102,14 +102,13 @@ def test_kernel_computes_what_matmulnbits_level_4_does(library, bits, block, k, 
 
 
 def test_only_the_layouts_the_kernel_computes_are_swapped():
-    """Zero points, other bit widths or block sizes (int4 in blocks of 32: MLAS is the faster
-    there) and accuracy levels other than 4 stay ONNX Runtime's; the ai.llmbuild opset is
-    added once."""
+    """Zero points, other bit widths or block sizes and accuracy levels other than 4 stay
+    ONNX Runtime's; the ai.llmbuild opset is added once."""
     rng = np.random.default_rng(0)
     nodes, inits = [], []
     variants = {"ok4": (4, 64, False, 4), "ok8": (8, 128, False, 4), "zp": (4, 64, True, 4),
                 "bits2": (2, 64, False, 4), "block16": (4, 16, False, 4), "level1": (4, 64, False, 1),
-                "int4-g32": (4, 32, False, 4)}
+                "int4-g32": (4, 32, False, 4), "int8-g16": (8, 16, False, 4)}
     for name, (bits, block, zp, level) in variants.items():
         m = matmulnbits_model("com.microsoft", rng.integers(-2, 2, (64, 8)),
                               np.ones((-(-64 // block), 8), np.float32), bits, block, zero_points=zp, level=level)
@@ -123,10 +122,10 @@ def test_only_the_layouts_the_kernel_computes_are_swapped():
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
                               [helper.make_tensor_value_info(v, TensorProto.FLOAT, [1, 8]) for v in variants], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
-    assert kernels.swap_matmulnbits(model) == 2
+    assert kernels.swap_matmulnbits(model) == 3
     assert {n.output[0]: n.domain for n in model.graph.node} == {
         "ok4": kernels.DOMAIN, "ok8": kernels.DOMAIN, "zp": "com.microsoft", "bits2": "com.microsoft",
-        "block16": "com.microsoft", "level1": "com.microsoft", "int4-g32": "com.microsoft"}
+        "block16": "com.microsoft", "level1": "com.microsoft", "int4-g32": kernels.DOMAIN, "int8-g16": "com.microsoft"}
     assert kernels.swap_matmulnbits(model) == 0
     assert [o.domain for o in model.opset_import].count(kernels.DOMAIN) == 1
 

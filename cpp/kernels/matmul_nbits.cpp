@@ -13,9 +13,8 @@
 // kernel streams them at about 24 GB/s on this project's 2-core machine where the memory
 // delivers 35-44. This one reads each column's codes in order, prefetches `kPrefetch` bytes
 // ahead, and reads B and the scales in place (no packed copy): 1.16-1.54x MLAS on a SmolLM2
-// decode step's MatMulNBits at one row, int4 g32 excepted (0.82x; benchmarks/quantization/
-// kernel_speed.py, RESULTS.md there, "llmbuild's CPU kernels"). With many rows (prefill)
-// MLAS's tiled GEMM is the faster.
+// decode step's MatMulNBits at one row (benchmarks/quantization/kernel_speed.py, RESULTS.md
+// there, "llmbuild's CPU kernels"). With many rows (prefill) MLAS's tiled GEMM is the faster.
 //
 // Needs AVX-512 F/BW/VL and VNNI; RegisterCustomOps refuses (an error status, the session
 // is not made) on a CPU without them, and llmbuild only loads the library where the CPU
@@ -159,6 +158,14 @@ LLMBUILD_AVX512 inline __m512i dot64_q8(const uint8_t* w, const int8_t* a, const
   return _mm512_dpbusd_epi32(acc, _mm512_loadu_si512(w), _mm512_loadu_si512(a));
 }
 
+// Two blocks of 32 at 4 bits (32 bytes) → their 64 nibbles in the activations' order: block
+// b's low then high nibbles, then block b+1's.
+LLMBUILD_AVX512 inline __m512i codes2x32_q4(const uint8_t* w) {
+  const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+  const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(x), _mm256_srli_epi16(x, 4), 1);  // lo b, lo b+1, hi b, hi b+1
+  return _mm512_and_si512(_mm512_shuffle_i64x2(v, v, _MM_SHUFFLE(3, 1, 2, 0)), _mm512_set1_epi8(0x0F));
+}
+
 // 32 inputs (blocks of 32): 4 bits = 16 bytes → 32 nibbles; 8 bits = 32 bytes.
 LLMBUILD_AVX512 inline __m256i dot32(const uint8_t* w, const int8_t* a, const int32_t* corr, int bits) {
   __m256i v;
@@ -198,14 +205,30 @@ LLMBUILD_AVX512 void columns(const Problem& p, int64_t n0, int64_t n1, int64_t r
     __m512 acc[R];
     __m256 acc32[R];
     for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps(), acc32[r] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < p.g; ++b) {
+    int64_t b = 0;
+    if constexpr (BLOCK == 32) {  // two blocks per 512-bit product, the lanes of each scaled by its own scale
+      for (; b + 2 <= p.g; b += 2) {
+        const uint8_t* wb = w + b * block_bytes;
+        const __m512i v = BITS == 4 ? codes2x32_q4(wb) : _mm512_loadu_si512(wb);
+        for (int r = 0; r < R; ++r) {
+          const int64_t row = r0 + r;
+          const float* sa = p.a_scale + row * p.g + b;
+          const __m512i d = _mm512_dpbusd_epi32(_mm512_loadu_si512(p.corr + (row * width + b * BLOCK) / 4), v,
+                                                _mm512_loadu_si512(p.a + row * width + b * BLOCK));
+          const __m512 scale = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_set1_ps(s[b] * sa[0])),
+                                                  _mm256_set1_ps(s[b + 1] * sa[1]), 1);
+          acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), scale, acc[r]);
+        }
+      }
+    }
+    for (; b < p.g; ++b) {
       const uint8_t* wb = w + b * block_bytes;
       for (int r = 0; r < R; ++r) {
         const int64_t row = r0 + r;
         const int8_t* a = p.a + row * width + b * BLOCK;
         const int32_t* c = p.corr + (row * width + b * BLOCK) / 4;
         const __m512 scale = _mm512_set1_ps(s[b] * p.a_scale[row * p.g + b]);
-        if constexpr (BLOCK == 32) {
+        if constexpr (BLOCK == 32) {  // an odd last block
           acc32[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32(wb, a, c, BITS)), _mm512_castps512_ps256(scale), acc32[r]);
         } else {
           __m512i d = _mm512_setzero_si512();
@@ -217,12 +240,11 @@ LLMBUILD_AVX512 void columns(const Problem& p, int64_t n0, int64_t n1, int64_t r
     }
     for (int r = 0; r < R; ++r) {
       float sum;
+      sum = _mm512_reduce_add_ps(acc[r]);
       if constexpr (BLOCK == 32) {
         __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc32[r]), _mm256_extractf128_ps(acc32[r], 1));
         h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-        sum = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
-      } else {
-        sum = _mm512_reduce_add_ps(acc[r]);
+        sum += _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
       }
       p.y[(r0 + r) * p.n + n] = sum;
     }
