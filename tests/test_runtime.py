@@ -449,3 +449,4 @@ def test_cli_bench_reports_every_figure(tmp_path):
     assert 0 < r["itl_batch1_median_ms"] <= r["itl_batch1_p90_ms"]
     assert r["python_overhead_ms_batch1"] >= 0 and 0 <= r["staggered_padding_fraction"] < 1
     assert r["peak_rss_mib"] > 0
+    assert r["cpu_kernels"] == "onnxruntime"  # the test session turns llmbuild's off (conftest)

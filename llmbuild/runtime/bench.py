@@ -51,6 +51,8 @@ def run_bench(model, *, new_tokens: int = 64, batch: int = 8, repeats: int = 3, 
     results: dict = {"artifact": str(model.path), "executor": model.executor.name,
                      "threads": getattr(model.executor, "threads", None),
                      "cpu_lowering": getattr(model.executor, "lowered", None),
+                     # ONNX Runtime executor: whose kernels decode ("llmbuild (...)" or "onnxruntime")
+                     "cpu_kernels": getattr(model.executor, "kernels", None),
                      "slots": engine.scheduler.num_slots, "max_num_tokens": engine.scheduler.max_num_tokens,
                      "precision": model.manifest["model"]["precision"], "new_tokens": new_tokens}
     model.generate_ids([_prompt(model, 16, 0)], max_new_tokens=4)  # warm-up: allocations, kernels
@@ -126,7 +128,7 @@ FIGURES = [
 
 def format_results(r: dict) -> str:
     lines = [f"{r['artifact']}  ({r['executor']}, {r['precision']}, threads {r['threads']}, "
-             f"cpu lowering {r['cpu_lowering']}, {r['slots']} slots)"]
+             f"cpu lowering {r['cpu_lowering']}, decode kernels {r.get('cpu_kernels')}, {r['slots']} slots)"]
     for key, label, unit in FIGURES:
         value = r.get(key)
         text = "n/a" if value is None else f"{value:.3f}" if unit in ("s", "fraction") else f"{value:.1f}"
