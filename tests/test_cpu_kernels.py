@@ -271,3 +271,34 @@ def test_share_casts_makes_each_float32_copy_once():
     names = {t.name: t for t in model.graph.initializer}
     assert "G" in names and "E" in names  # E: still read by the Cast to int32
     assert names["e32"].data_location == TensorProto.EXTERNAL and list(names["e32"].dims) == [3, 4]
+
+
+def test_kernels_onnx_runtime_refuses_fall_back(artifacts, library, monkeypatch, caplog):
+    """If ONNX Runtime refuses the library (here: a shared object that is no custom-op
+    library, as a stale or foreign build would be), the default falls back to ONNX Runtime's
+    kernels with a warning and decodes as before; cpu_kernels=True raises instead."""
+    import ctypes.util
+
+    from llmbuild.artifact import read_manifest
+    from llmbuild.lowering.cpu_graph import cpu_graph_file
+    from llmbuild.runtime.executors.onnxruntime import OnnxRuntimeExecutor
+
+    foreign = ctypes.util.find_library("m")
+    assert foreign, "libm not found"
+    monkeypatch.setattr(kernels, "library", lambda: Path(foreign))
+    art = artifacts["int8"]
+    m = read_manifest(art)
+
+    def executor(cpu_kernels):
+        return OnnxRuntimeExecutor(art / m["graph"]["file"], num_layers=LAYERS, cache_len=CACHE_LEN, batch_size=2,
+                                   threads=2, cpu_graph=cpu_graph_file(art, m), cpu_kernels=cpu_kernels)
+
+    with caplog.at_level("WARNING"):
+        ex = executor(None)
+    assert ex.kernels == "onnxruntime" and ex._decode_session is ex.session
+    assert "ONNX Runtime refused them" in caplog.text
+    reference = executor(False)
+    for got, want in zip(trace(ex), trace(reference)):
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    with pytest.raises(Exception, match="RegisterCustomOps|symbol|libm"):
+        executor(True)

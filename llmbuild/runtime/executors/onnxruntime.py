@@ -146,17 +146,17 @@ class OnnxRuntimeExecutor:
                 dopts.enable_profiling = True
                 dopts.profile_file_prefix = f"{profile}-decode"
             dopts.add_session_config_entry("session.force_spinning_stop", "1")
-            dopts.register_custom_ops_library(str(library))
             dopts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
             for name, value in self._shared.items():
                 dopts.add_initializer(name, value)
             try:
+                dopts.register_custom_ops_library(str(library))
                 self._decode_session = ort.InferenceSession(model_bytes, sess_options=dopts,
                                                             providers=["CPUExecutionProvider"])
             except Exception as e:  # noqa: BLE001 - ONNX Runtime raises its own Fail/InvalidGraph types
                 if cpu_kernels:
                     raise
-                log.warning("llmbuild CPU kernels not used: ONNX Runtime refused the decode graph (%s)", e)
+                log.warning("llmbuild CPU kernels not used: ONNX Runtime refused them (%s)", e)
                 self.kernels = "onnxruntime"
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.num_layers = num_layers
