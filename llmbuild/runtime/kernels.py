@@ -2,9 +2,9 @@
 
 `ai.llmbuild::MatMulNBits` computes what `com.microsoft.MatMulNBits` computes at accuracy
 level 4 (int8 activations per block, the same rounding; tests/test_cpu_kernels.py compares
-them to float32 rounding) for the layouts the CPU lowering writes: 4 or 8 bits, blocks of 32,
-64 or 128, no zero points; the executor uses it for the `LAYOUTS` where it is the faster. It reads each weight column in order with software prefetch and
-streams a decode step's weights faster than MLAS does on the machines measured
+them to float32 rounding) for the layouts the CPU lowering writes (`LAYOUTS`: 4 or 8 bits,
+blocks of 32, 64 or 128, no zero points). It reads each weight column in order with software
+prefetch and streams a decode step's weights faster than MLAS does on the machine measured
 (benchmarks/quantization/kernel_speed.py). It is a matrix-vector kernel: with many rows
 (prefill) MLAS's tiled GEMM is faster, so the executor runs passes of at most
 `MAX_ROWS` rows (decode steps) on a second session whose MatMulNBits nodes are swapped to
@@ -35,7 +35,7 @@ ENV = "LLMBUILD_CPU_KERNELS"
 DOMAIN = "ai.llmbuild"
 LIBRARY = "libllmbuild_cpu_kernels.so"
 MAX_ROWS = 4  # rows per pass (batch x tokens) run on llmbuild's kernels; more go to MLAS
-# (kernel_speed.py --rows N, 2026-12-03: ours 1.16-1.39x MLAS at 1-4 rows, 0.75-1.08x at 8)
+# (kernel_speed.py --rows N, 2026-12-03: ahead or level at 1-4 rows, see LAYOUTS; 0.75-1.08x at 8)
 # (bits, block size) swapped: every layout the kernel takes (kernel_speed.py, 2026-12-03, median
 # pass of a SmolLM2 step's 121 nodes against MLAS, 1 row / 4 rows: 4:32 1.43 / 0.90-0.98x, 4:64
 # 1.27-1.28 / 0.96-1.29x, 4:128 1.16-1.25 / 0.85-1.03x, 8:32 1.43-1.49 / 1.04-1.48x, 8:64 1.25 /
