@@ -111,7 +111,7 @@ LLMBUILD_AVX512 void quantize_block(const float* x, int8_t* q, float* scale, int
 }
 
 template <int BLOCK, int BITS>
-void quantize_rows_t(const float* a, int64_t m, int64_t k, QuantizedRows& out) {
+void quantize_rows(const float* a, int64_t m, int64_t k, QuantizedRows& out) {
   const int64_t g = (k + BLOCK - 1) / BLOCK, width = g * BLOCK;
   out.q.resize(static_cast<size_t>(m * width));
   out.scale.resize(static_cast<size_t>(m * g));
@@ -129,17 +129,6 @@ void quantize_rows_t(const float* a, int64_t m, int64_t k, QuantizedRows& out) {
       quantize_block<BLOCK, BITS>(xb, out.q.data() + r * width + b * BLOCK, out.scale.data() + r * g + b,
                                   out.corr.data() + (r * width + b * BLOCK) / 4);
     }
-  }
-}
-
-void quantize_rows(const float* a, int64_t m, int64_t k, int64_t block, int bits, QuantizedRows& out) {
-  switch (block * 10 + bits) {
-    case 324: quantize_rows_t<32, 4>(a, m, k, out); break;
-    case 644: quantize_rows_t<64, 4>(a, m, k, out); break;
-    case 1284: quantize_rows_t<128, 4>(a, m, k, out); break;
-    case 328: quantize_rows_t<32, 8>(a, m, k, out); break;
-    case 648: quantize_rows_t<64, 8>(a, m, k, out); break;
-    default: quantize_rows_t<128, 8>(a, m, k, out); break;
   }
 }
 
@@ -167,9 +156,10 @@ LLMBUILD_AVX512 inline __m512i codes2x32_q4(const uint8_t* w) {
 }
 
 // 32 inputs (blocks of 32): 4 bits = 16 bytes → 32 nibbles; 8 bits = 32 bytes.
-LLMBUILD_AVX512 inline __m256i dot32(const uint8_t* w, const int8_t* a, const int32_t* corr, int bits) {
+template <int BITS>
+LLMBUILD_AVX512 inline __m256i dot32(const uint8_t* w, const int8_t* a, const int32_t* corr) {
   __m256i v;
-  if (bits == 4) {
+  if constexpr (BITS == 4) {
     const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
     v = _mm256_inserti128_si256(_mm256_castsi128_si256(x), _mm_srli_epi16(x, 4), 1);
     v = _mm256_and_si256(v, _mm256_set1_epi8(0x0F));
@@ -187,8 +177,7 @@ struct Problem {
   const uint8_t* b;       // [N, G, block·bits/8]
   const float* scales;    // [N, G]
   float* y;               // [M, N]
-  int64_t m, n, g, block;
-  int bits;
+  int64_t m, n, g;
 };
 
 // Columns n0..n1 for rows r0..r0+R-1; the rows' activations stay in L1 while each column's
@@ -229,7 +218,7 @@ LLMBUILD_AVX512 void columns(const Problem& p, int64_t n0, int64_t n1, int64_t r
         const int32_t* c = p.corr + (row * width + b * BLOCK) / 4;
         const __m512 scale = _mm512_set1_ps(s[b] * p.a_scale[row * p.g + b]);
         if constexpr (BLOCK == 32) {  // an odd last block
-          acc32[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32(wb, a, c, BITS)), _mm512_castps512_ps256(scale), acc32[r]);
+          acc32[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32<BITS>(wb, a, c)), _mm512_castps512_ps256(scale), acc32[r]);
         } else {
           __m512i d = _mm512_setzero_si512();
           for (int u = 0; u < BLOCK; u += 64)
@@ -239,8 +228,7 @@ LLMBUILD_AVX512 void columns(const Problem& p, int64_t n0, int64_t n1, int64_t r
       }
     }
     for (int r = 0; r < R; ++r) {
-      float sum;
-      sum = _mm512_reduce_add_ps(acc[r]);
+      float sum = _mm512_reduce_add_ps(acc[r]);
       if constexpr (BLOCK == 32) {
         __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc32[r]), _mm256_extractf128_ps(acc32[r], 1));
         h = _mm_add_ps(h, _mm_movehl_ps(h, h));
@@ -263,23 +251,29 @@ void rows_and_columns(const Problem& p, int64_t n0, int64_t n1) {
   }
 }
 
+// One task of ONNX Runtime's pool: kColumnsPerTask columns for every row.
+template <int BLOCK, int BITS>
 void task(void* data, size_t index) {
   const Problem& p = *static_cast<const Problem*>(data);
   const int64_t n0 = static_cast<int64_t>(index) * kColumnsPerTask, n1 = std::min(p.n, n0 + kColumnsPerTask);
   // The columns' loop prefetches kPrefetch bytes ahead of itself; the task's first bytes
   // are asked for here, before its first column is read.
-  const int64_t col_bytes = p.g * p.block * p.bits / 8;
+  const int64_t col_bytes = p.g * BLOCK * BITS / 8;
   const uint8_t* first = p.b + n0 * col_bytes;
   const int64_t head = std::min<int64_t>(kPrefetch, (n1 - n0) * col_bytes);
   for (int64_t off = 0; off < head; off += 64) _mm_prefetch(reinterpret_cast<const char*>(first + off), _MM_HINT_T0);
-  switch (p.block * 10 + p.bits) {
-    case 324: rows_and_columns<32, 4>(p, n0, n1); break;
-    case 644: rows_and_columns<64, 4>(p, n0, n1); break;
-    case 1284: rows_and_columns<128, 4>(p, n0, n1); break;
-    case 328: rows_and_columns<32, 8>(p, n0, n1); break;
-    case 648: rows_and_columns<64, 8>(p, n0, n1); break;
-    default: rows_and_columns<128, 8>(p, n0, n1); break;
-  }
+  rows_and_columns<BLOCK, BITS>(p, n0, n1);
+}
+
+// A's rows quantized once, then the columns in tasks.
+template <int BLOCK, int BITS>
+void multiply(const Ort::KernelContext& ctx, const float* a, const uint8_t* b, const float* scales, float* y,
+              int64_t m, int64_t n, int64_t k) {
+  thread_local QuantizedRows rows;
+  quantize_rows<BLOCK, BITS>(a, m, k, rows);
+  Problem p{rows.scale.data(), rows.q.data(), rows.corr.data(), b, scales, y, m, n, (k + BLOCK - 1) / BLOCK};
+  const size_t tasks = static_cast<size_t>((n + kColumnsPerTask - 1) / kColumnsPerTask);
+  ctx.ParallelFor(task<BLOCK, BITS>, tasks, 0, &p);  // ONNX Runtime's pool takes the tasks as its threads free up
 }
 
 struct Kernel {
@@ -315,12 +309,18 @@ struct Kernel {
     shape.back() = n_;
     auto y = ctx.GetOutput(0, shape);
     if (m == 0) return;
-    thread_local QuantizedRows rows;
-    quantize_rows(a.GetTensorData<float>(), m, k_, block_, bits_, rows);
-    Problem p{rows.scale.data(), rows.q.data(), rows.corr.data(), b.GetTensorData<uint8_t>(),
-              scales.GetTensorData<float>(), y.GetTensorMutableData<float>(), m, n_, g, block_, bits_};
-    const size_t tasks = static_cast<size_t>((n_ + kColumnsPerTask - 1) / kColumnsPerTask);
-    ctx.ParallelFor(task, tasks, 0, &p);  // ONNX Runtime's pool takes the tasks as its threads free up
+    const float* x = a.GetTensorData<float>();
+    const uint8_t* codes = b.GetTensorData<uint8_t>();
+    const float* s = scales.GetTensorData<float>();
+    float* out = y.GetTensorMutableData<float>();
+    switch (block_ * 10 + bits_) {  // the constructor admitted only these
+      case 324: multiply<32, 4>(ctx, x, codes, s, out, m, n_, k_); break;
+      case 644: multiply<64, 4>(ctx, x, codes, s, out, m, n_, k_); break;
+      case 1284: multiply<128, 4>(ctx, x, codes, s, out, m, n_, k_); break;
+      case 328: multiply<32, 8>(ctx, x, codes, s, out, m, n_, k_); break;
+      case 648: multiply<64, 8>(ctx, x, codes, s, out, m, n_, k_); break;
+      default: multiply<128, 8>(ctx, x, codes, s, out, m, n_, k_); break;
+    }
   }
 
   int64_t k_, n_, block_;
