@@ -96,23 +96,29 @@ def swap_matmulnbits(model) -> int:
 
 
 def shared_initializers(model, folder: Path) -> dict[str, np.ndarray]:
-    """The external-data initializers of `model` as read-only memory maps of their files
-    (relative to `folder`), for SessionOptions.add_initializer: sessions given the same
-    arrays read one copy of the weights (the page cache's)."""
+    """The external-data initializers of `model` as read-only views of their files
+    (relative to `folder`; one memory map per file), for SessionOptions.add_initializer:
+    sessions given the same arrays read one copy of the weights (the page cache's)."""
     from onnx import TensorProto, helper
 
+    files: dict[str, np.ndarray] = {}
     arrays = {}
     for t in model.graph.initializer:
         if t.data_location != TensorProto.EXTERNAL:
             continue
         info = {e.key: e.value for e in t.external_data}
-        dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
-        count = int(np.prod(t.dims, dtype=np.int64)) if t.dims else 1
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type))
+        nbytes = int(np.prod(t.dims, dtype=np.int64)) * dtype.itemsize
         offset, length = int(info.get("offset", 0)), info.get("length")
-        if length is not None and int(length) != count * np.dtype(dtype).itemsize:
+        if length is not None and int(length) != nbytes:
             raise ValueError(f"initializer {t.name}: external length {length} does not match its shape")
-        arrays[t.name] = np.memmap(folder / info["location"], dtype=dtype, mode="r", offset=offset,
-                                   shape=tuple(t.dims))
+        location = info["location"]
+        if location not in files:  # a plain ndarray over the map: its views skip memmap's Python hooks
+            files[location] = np.asarray(np.memmap(folder / location, dtype=np.uint8, mode="r"))
+        data = files[location]
+        if offset + nbytes > data.size:
+            raise ValueError(f"initializer {t.name}: bytes {offset}..{offset + nbytes} lie past the end of {location}")
+        arrays[t.name] = data[offset:offset + nbytes].view(dtype).reshape(tuple(t.dims))
     return arrays
 
 
@@ -137,12 +143,12 @@ def share_casts(model, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             readers[name] = readers.get(name, 0) + 1
     made, keep, dropped = {}, [], set()
     for node in model.graph.node:
-        source = node.input[0] if node.op_type == "Cast" and node.domain in ("", "ai.onnx") else None
-        to = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "to"), None)
-        t = inits.get(source) if source is not None else None
-        if t is None or to != TensorProto.FLOAT or t.data_type != TensorProto.FLOAT16:
+        t = inits.get(node.input[0]) if node.op_type == "Cast" and node.domain in ("", "ai.onnx") else None
+        if t is None or t.data_type != TensorProto.FLOAT16 or next(
+                helper.get_attribute_value(a) for a in node.attribute if a.name == "to") != TensorProto.FLOAT:
             keep.append(node)
             continue
+        source = node.input[0]
         half = arrays[source] if source in arrays else numpy_helper.to_array(t)
         made[node.output[0]] = np.asarray(half, np.float32)
         readers[source] -= 1

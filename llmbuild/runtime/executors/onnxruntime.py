@@ -30,6 +30,7 @@ from typing import NamedTuple
 import numpy as np
 
 from llmbuild.graph import io
+from llmbuild.runtime import kernels
 from llmbuild.runtime.executors.base import StepInputs, check_slots
 
 log = logging.getLogger(__name__)
@@ -101,10 +102,15 @@ class OnnxRuntimeExecutor:
 
         self._ort = ort
         model_path = Path(model_path)
-        opts = session_options(threads, log_severity, spinning=spinning)
-        if profile:
-            opts.enable_profiling = True
-            opts.profile_file_prefix = profile
+
+        def options(prefix: str | None):
+            opts = session_options(threads, log_severity, spinning=spinning)
+            if prefix:
+                opts.enable_profiling = True
+                opts.profile_file_prefix = prefix
+            return opts
+
+        opts = options(profile)
         self.threads = opts.intra_op_num_threads
         self.lowered = False
         self.graph_source = "standard"
@@ -126,38 +132,34 @@ class OnnxRuntimeExecutor:
                     raise
                 log.warning("CPU lowering not applied (%s); running the standard graph (slower)", e)
         folder = Path(source).parent if isinstance(source, str) else model_path.parent
-        self.kernels = "onnxruntime"
         decode = self._llmbuild_kernels(source, folder, cpu_kernels) if self.lowered and cpu_kernels is not False else None
         self._shared = {}
         if decode is not None:  # both sessions read one copy of the weights
-            source, model_bytes, library, arrays = decode
+            source, decode_bytes, library, arrays, swapped = decode
             self._shared = {name: ort.OrtValue.ortvalue_from_numpy(a) for name, a in arrays.items()}
-            opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
-            for name, value in self._shared.items():
-                opts.add_initializer(name, value)
-            # Two pools: each stops spinning when its Run() returns, or its workers would spin
-            # on (ONNX Runtime: up to ~2^20 pauses) through the other session's passes.
-            opts.add_session_config_entry("session.force_spinning_stop", "1")
+            dopts = options(f"{profile}-decode" if profile else None)
+            for o in (opts, dopts):
+                o.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
+                for name, value in self._shared.items():
+                    o.add_initializer(name, value)
+                # Two pools: each stops spinning when its Run() returns, or its workers would
+                # spin on (ONNX Runtime: up to ~2^20 pauses) through the other session's passes.
+                o.add_session_config_entry("session.force_spinning_stop", "1")
         self.session = ort.InferenceSession(source, sess_options=opts, providers=["CPUExecutionProvider"])
         self._decode_session = self.session
+        self.kernels = "onnxruntime"
         if decode is not None:
-            dopts = session_options(threads, log_severity, spinning=spinning)
-            if profile:
-                dopts.enable_profiling = True
-                dopts.profile_file_prefix = f"{profile}-decode"
-            dopts.add_session_config_entry("session.force_spinning_stop", "1")
-            dopts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
-            for name, value in self._shared.items():
-                dopts.add_initializer(name, value)
             try:
                 dopts.register_custom_ops_library(str(library))
-                self._decode_session = ort.InferenceSession(model_bytes, sess_options=dopts,
+                self._decode_session = ort.InferenceSession(decode_bytes, sess_options=dopts,
                                                             providers=["CPUExecutionProvider"])
+                self.kernels = f"llmbuild ({swapped} MatMulNBits nodes, passes of <= {kernels.MAX_ROWS} rows)"
             except Exception as e:  # noqa: BLE001 - ONNX Runtime raises its own Fail/InvalidGraph types
                 if cpu_kernels:
                     raise
                 log.warning("llmbuild CPU kernels not used: ONNX Runtime refused them (%s)", e)
-                self.kernels = "onnxruntime"
+        # passes of at most this many rows (batch x tokens) run on the decode session
+        self._max_rows = kernels.MAX_ROWS if self._decode_session is not self.session else 0
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.num_layers = num_layers
         cache_in = inputs[io.past_key(0)]
@@ -173,13 +175,12 @@ class OnnxRuntimeExecutor:
         self.batch_size = 0
         self.reset(batch_size)
 
-    def _llmbuild_kernels(self, source: str | bytes, folder: Path, required: bool | None):
-        """(graph bytes, decode graph bytes, kernel library, shared weight arrays) when
-        llmbuild's kernels can run this graph's MatMulNBits nodes, else None (or
+    @staticmethod
+    def _llmbuild_kernels(source: str | bytes, folder: Path, required: bool | None):
+        """(graph bytes, decode graph bytes, kernel library, shared weight arrays, nodes
+        swapped) when llmbuild's kernels can run this graph's MatMulNBits nodes, else None (or
         KernelsUnavailable if required). Both graphs read the shared arrays."""
         import onnx
-
-        from llmbuild.runtime import kernels
 
         try:
             library = kernels.library()
@@ -194,7 +195,6 @@ class OnnxRuntimeExecutor:
             if required:
                 raise kernels.KernelsUnavailable("the graph has no MatMulNBits node llmbuild's kernels compute")
             return None
-        self.kernels = f"llmbuild ({swapped} MatMulNBits nodes, passes of <= {kernels.MAX_ROWS} rows)"
         arrays = kernels.shared_initializers(model, folder)
         arrays |= kernels.share_casts(model, arrays)
         decode = model.SerializeToString()
@@ -204,7 +204,7 @@ class OnnxRuntimeExecutor:
         kept = [o for o in model.opset_import if o.domain != kernels.DOMAIN]
         del model.opset_import[:]
         model.opset_import.extend(kept)
-        return model.SerializeToString(), decode, library, arrays
+        return model.SerializeToString(), decode, library, arrays, swapped
 
     @property
     def cache_bytes(self) -> int:
@@ -223,10 +223,8 @@ class OnnxRuntimeExecutor:
         theirs, with a preallocated logits output; decode steps (one token per row) also
         have their inputs in preallocated arrays bound once: a step only writes its token
         ids and positions into them."""
-        from llmbuild.runtime.kernels import MAX_ROWS
-
         decode = tokens == 1 and num_logits == 1
-        few_rows = batch * tokens <= MAX_ROWS  # these passes run on the decode session
+        few_rows = batch * tokens <= self._max_rows  # these passes run on the decode session
         key = (first_slot, batch, decode, few_rows)
         if num_logits == 1 and key in self._bindings:
             return self._bindings[key]
