@@ -233,6 +233,21 @@ def test_llmbuild_load_generates_the_same_tokens_on_either_kernels(artifacts, li
     assert len(tokens["0"]) == 12 and tokens[str(library)] == tokens["0"]
 
 
+def test_a_named_library_that_cannot_run_is_a_warning(artifacts, monkeypatch, caplog, tmp_path):
+    """LLMBUILD_CPU_KERNELS naming a missing file: ONNX Runtime's kernels, with a warning
+    that says why (an unbuilt checkout library is only a debug message)."""
+    from llmbuild.runtime import load
+
+    monkeypatch.setenv(kernels.ENV, str(tmp_path / "missing.so"))
+    with caplog.at_level("WARNING"):
+        model = load(artifacts["int8"], backend="onnxruntime", threads=2)
+    try:
+        assert model.executor.kernels == "onnxruntime"
+        assert "missing.so is not a file" in caplog.text
+    finally:
+        model.close()
+
+
 def test_required_kernels_fail_clearly(artifacts, monkeypatch):
     from llmbuild.artifact import read_manifest
     from llmbuild.lowering.cpu_graph import cpu_graph_file

@@ -32,6 +32,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 ENV = "LLMBUILD_CPU_KERNELS"
+OFF = ("0", "off", "false", "no")  # values of ENV that turn the kernels off
 DOMAIN = "ai.llmbuild"
 LIBRARY = "libllmbuild_cpu_kernels.so"
 MAX_ROWS = 4  # rows per pass (batch x tokens) run on llmbuild's kernels; more go to MLAS
@@ -60,7 +61,7 @@ def _supported(path: str) -> bool:
 def library() -> Path:
     """The kernel library this process can use; KernelsUnavailable says why there is none."""
     setting = os.environ.get(ENV, "")
-    if setting.lower() in ("0", "off", "false", "no"):
+    if setting.lower() in OFF:
         raise KernelsUnavailable(f"turned off by {ENV}={setting}")
     path = Path(setting) if setting else _CHECKOUT_LIBRARY
     if not path.is_file():

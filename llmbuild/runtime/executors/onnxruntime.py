@@ -187,7 +187,9 @@ class OnnxRuntimeExecutor:
         except kernels.KernelsUnavailable as e:
             if required:
                 raise
-            log.debug("llmbuild CPU kernels not used: %s", e)
+            # a library the user named but that cannot run is worth a warning; an unbuilt one is not
+            asked = os.environ.get(kernels.ENV, "").lower() not in ("", *kernels.OFF)
+            (log.warning if asked else log.debug)("llmbuild CPU kernels not used: %s", e)
             return None
         model = onnx.load_from_string(source) if isinstance(source, bytes) else onnx.load(source, load_external_data=False)
         swapped = kernels.swap_matmulnbits(model)
